@@ -1,0 +1,25 @@
+# Two commands from a fresh clone:  `make demo`  and  `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/privmed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, exactly this version: it is a local CPU wheel (any other spec pulls CUDA).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[ml,dev]"
+	touch $(BIN)/privmed
+
+install: $(BIN)/privmed
+
+demo: install
+	$(BIN)/privmed demo
+
+test: install
+	$(BIN)/python -m pytest -q -ra tests
+
+bench: install
+	$(BIN)/python benchmarks/densenet121_infer.py
+
+.PHONY: install demo test bench

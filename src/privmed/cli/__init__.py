@@ -1,0 +1,1 @@
+"""Command-line entry point: argument parsing only, then calls the layers."""
