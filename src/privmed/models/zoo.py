@@ -133,7 +133,7 @@ def _resnet18(spatial_dims: int, in_channels: int, num_outputs: int, norm: str) 
     if norm == "none":
         raise InputError("resnet18 needs norm 'batch' or 'group', got 'none'")
     # MONAI defaults the stem stride to 1 (for small 3D crops); 2 is the ResNet-18 of He et al.
-    return resnet18(
+    net = resnet18(
         spatial_dims=spatial_dims,
         n_input_channels=in_channels,
         num_classes=num_outputs,
@@ -141,6 +141,19 @@ def _resnet18(spatial_dims: int, in_channels: int, num_outputs: int, norm: str) 
         norm=norm_spec(norm, (64,)),
         act="relu",
     )
+    if norm == "group":
+        # MONAI 1.6 ResNet passes `norm` to the stem only; its residual layers keep BatchNorm.
+        _replace_batchnorm_with_groupnorm(net)
+    return net
+
+
+def _replace_batchnorm_with_groupnorm(net: nn.Module) -> None:
+    """Swap every BatchNorm in ``net`` (in place) for a GroupNorm with gcd(8, C) groups."""
+    for parent in net.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                channels = child.num_features
+                setattr(parent, child_name, nn.GroupNorm(math.gcd(8, channels), channels))
 
 
 def _unet(
