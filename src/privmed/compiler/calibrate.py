@@ -1,0 +1,97 @@
+"""Choose the fixed-point scale and comparison widths from a calibration input.
+
+For every node we record the largest |value| seen in float on the calibration input (bound B).
+The ring holds values up to 2^62 safely (``privmed.mpc.nonlinear`` needs |x| < 2^62), so with a
+safety margin of ``margin`` bits (a factor 2^margin over calibration) the fractional bits f
+must satisfy log2(B) + margin + k f <= 61 for every node at scale k f. The comparison width of a
+ReLU / max is l = ceil(log2(B * 2^scale)) + margin bits: an input beyond 2^l would get the wrong
+sign, so the margin is the worst-case bound reported to the user.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from privmed.compiler.plan import Node, Plan, PrivateWeights
+from privmed.compiler.walk import run_plan
+from privmed.errors import ModelError
+from privmed.reference.executors import FloatBackend
+
+CHUNK_BITS = 4
+MAX_FRAC_BITS = 20
+
+
+def float_bounds(plan: Plan, weights: PrivateWeights, x: np.ndarray) -> dict[str, float]:
+    """max |value| of every node's output on input x (float execution)."""
+    _, values = run_plan(plan, FloatBackend(weights, x), batch=x.shape[0], keep=True)
+    return {nid: float(np.max(np.abs(v))) if v.size else 0.0 for nid, v in values.items()}
+
+
+def _log2(v: float) -> float:
+    return math.log2(max(v, 2.0**-30))
+
+
+def choose_frac_bits(nodes: list[Node], bounds: dict[str, float], margin: int, target: int) -> tuple[int, str]:
+    limit, worst = target, ""
+    for n in nodes:
+        if n.op == "output":
+            continue
+        fmax = math.floor((61 - margin - _log2(bounds.get(n.id, 0.0))) / n.scale)
+        if fmax < limit:
+            limit, worst = fmax, n.id
+    if limit < 6:
+        raise ModelError(f"activations too large for 64-bit fixed point at node {worst} (bound {bounds.get(worst):.3g}); rescale the model input")
+    return min(limit, MAX_FRAC_BITS), worst
+
+
+def _width(bound_scaled: float, margin: int, drop: int) -> int:
+    need = math.ceil(_log2(bound_scaled + 1.0)) + margin
+    l = drop + CHUNK_BITS * max(1, math.ceil((need - drop) / CHUNK_BITS))
+    if l > 60:
+        raise ModelError(f"comparison needs {l} bits (> 60); activations are too large for the chosen scale")
+    return l
+
+
+def finalize(nodes: list[Node], bounds: dict[str, float], f: int, margin: int) -> dict[str, Any]:
+    """Turn scale multiples into bits and set comparison widths. Returns report numbers."""
+    by_id = {n.id: n for n in nodes}
+    compared = 0
+    headroom = (64, "")
+    for n in nodes:
+        k_in = by_id[n.inputs[0]].scale if n.inputs else 1
+        n.bound = bounds.get(n.id, 0.0)
+        for key in ("shift_k",):
+            if key in n.attrs:
+                n.attrs["shift"] = n.attrs.pop(key) * f
+        in_bound = bounds.get(n.inputs[0], 0.0) if n.inputs else 0.0
+        if n.op in ("relu", "leaky_relu"):
+            n.attrs["bits"] = _width(in_bound * 2.0 ** (k_in * f), margin, n.attrs["shift"])
+            n.attrs["drop"] = n.attrs["shift"]
+            compared += int(np.prod(n.shape))
+        elif n.op == "maxpool":
+            n.attrs["bits"] = _width(2 * in_bound * 2.0 ** (k_in * f), margin, 0)
+            n.attrs["drop"] = 0
+            compared += int(np.prod(n.shape)) * (int(np.prod(n.attrs["kernel"])) - 1)
+    for n in nodes:
+        n.scale = n.scale * f
+        if n.op != "output":
+            room = 62 - (_log2(n.bound) + n.scale)
+            if room < headroom[0]:
+                headroom = (room, n.id)
+    return {"comparisons": compared, "headroom_bits": round(headroom[0], 1), "headroom_node": headroom[1]}
+
+
+def encode_weights(nodes: list[Node], weights: PrivateWeights, f: int) -> None:
+    from privmed.ring.fixed import encode
+
+    for n in nodes:
+        if n.id in weights.float_weight:
+            w = weights.float_weight[n.id]
+            wq = encode(w, f)
+            weights.weight[n.id] = wq
+            weights.weight_bits[n.id] = int(math.ceil(math.log2(float(np.max(np.abs(wq.view(np.int64)))) + 2))) + 1
+        if n.id in weights.float_bias:
+            weights.bias[n.id] = encode(weights.float_bias[n.id], n.scale)

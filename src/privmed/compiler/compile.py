@@ -1,0 +1,58 @@
+"""The compiler pipeline: ONNX file -> (public Plan, PrivateWeights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from privmed.compiler import calibrate, onnx_front
+from privmed.compiler.lower import Lowerer
+from privmed.compiler.plan import Plan, PrivateWeights
+
+DEFAULT_FRAC_BITS = 16
+DEFAULT_MARGIN_BITS = 4
+
+
+def default_calibration(shape: list[int], seed: int = 0) -> np.ndarray:
+    """A standard-normal calibration input (used when the model owner gives none)."""
+    return np.random.default_rng(seed).standard_normal((1, *shape)).astype(np.float64)
+
+
+def compile_model(
+    path: Path,
+    *,
+    calibration: np.ndarray | None = None,
+    frac_bits: int | None = None,
+    margin_bits: int = DEFAULT_MARGIN_BITS,
+    input_shape: list[int] | None = None,
+) -> tuple[Plan, PrivateWeights]:
+    """Compile an ONNX model for secure inference.
+
+    Raises ModelError (one line, listing all unsupported ops) on a bad model.
+    """
+    graph = onnx_front.load(Path(path), input_shape)
+    low = Lowerer(graph)
+    low.run()
+    weights = PrivateWeights(float_weight=low.float_weight, float_bias=low.float_bias)
+    plan = Plan(low.nodes, 0, graph.input_name, list(graph.input_shape), low.nodes[-1].id, graph.name)
+    cal = default_calibration(plan.input_shape) if calibration is None else np.asarray(calibration, dtype=np.float64)
+    if cal.ndim == len(plan.input_shape):
+        cal = cal[None]
+    bounds = calibrate.float_bounds(plan, weights, cal)  # scales still multiples: float ignores them
+    f, limiting = calibrate.choose_frac_bits(plan.nodes, bounds, margin_bits, frac_bits or DEFAULT_FRAC_BITS)
+    report = calibrate.finalize(plan.nodes, bounds, f, margin_bits)
+    plan.frac_bits = f
+    calibrate.encode_weights(plan.nodes, weights, f)
+    report.update(
+        frac_bits=f,
+        margin_bits=margin_bits,
+        calibration="given" if calibration is not None else "standard normal (seed 0)",
+        nodes=len(plan.nodes),
+        linear_layers=sum(n.op == "linear" for n in plan.nodes),
+        opset=graph.opset,
+    )
+    if limiting and f < (frac_bits or DEFAULT_FRAC_BITS):
+        report["frac_bits_limited_by"] = limiting
+    plan.report = report
+    return plan, weights

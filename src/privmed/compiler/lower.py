@@ -1,0 +1,434 @@
+"""Lower ONNX nodes to IR nodes.
+
+Scales are tracked as multiples ``k`` of the (not yet chosen) fractional bits f: the input is
+at k=1, a linear layer multiplies by weights at k=1 so its output is at k+1. Consumers that
+need k=1 (linear layers, pooling, concat of mixed scales) get a truncation; a ReLU at k=2
+becomes one fused truncate-and-ReLU (ReLU commutes with the floor shift). ``calibrate``
+turns multiples into bits once f is chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from privmed.compiler.onnx_front import FINAL_ONLY, OnnxGraph, OnnxNode, consumers
+from privmed.compiler.plan import Node
+from privmed.errors import ModelError
+from privmed.ring.layout import resize_nearest_index
+from privmed.ring.linalg import ConvSpec
+
+
+@dataclass
+class Ref:
+    id: str
+    shape: list[int]  # per sample
+    k: int
+
+
+Value = np.ndarray | Ref
+
+
+def _conv_spec(attrs: dict[str, Any], kernel: tuple[int, ...], spatial: list[int], transpose: bool = False) -> ConvSpec:
+    n = len(kernel)
+    strides = tuple(attrs.get("strides", [1] * n))
+    dil = tuple(attrs.get("dilations", [1] * n))
+    pads = list(attrs.get("pads", [0] * 2 * n))
+    auto = attrs.get("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER") and not transpose:
+        pads = [0] * 2 * n
+        for d in range(n):
+            out = -(-spatial[d] // strides[d])
+            total = max(0, (out - 1) * strides[d] + dil[d] * (kernel[d] - 1) + 1 - spatial[d])
+            lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
+            pads[d], pads[n + d] = lo, total - lo
+    elif auto == "VALID":
+        pads = [0] * 2 * n
+    elif auto not in ("NOTSET", ""):
+        raise ModelError(f"auto_pad={auto} is not supported")
+    return ConvSpec(tuple(int(k) for k in kernel), strides, tuple(pads), dil, int(attrs.get("group", 1)), tuple(attrs.get("output_padding", [])))
+
+
+def _spec_attrs(spec: ConvSpec) -> dict[str, Any]:
+    return {
+        "kernel": list(spec.kernel), "strides": list(spec.strides), "pads": list(spec.pads),
+        "dilations": list(spec.dilations), "groups": spec.groups, "output_padding": list(spec.output_padding),
+    }
+
+
+def _pool_out(spatial: list[int], kernel: list[int], strides: list[int], pads: list[int], dil: list[int], ceil_mode: int) -> tuple[list[int], list[int]]:
+    """Output size and (possibly extended) pads for pooling with ceil_mode."""
+    n = len(kernel)
+    pads = list(pads)
+    out = []
+    for d in range(n):
+        span = spatial[d] + pads[d] + pads[n + d] - dil[d] * (kernel[d] - 1) - 1
+        o = (-(-span // strides[d]) if ceil_mode else span // strides[d]) + 1
+        if ceil_mode and (o - 1) * strides[d] >= spatial[d] + pads[d]:
+            o -= 1  # last window must start inside the input or left padding
+        need = (o - 1) * strides[d] + dil[d] * (kernel[d] - 1) + 1 - (spatial[d] + pads[d] + pads[n + d])
+        pads[n + d] += max(0, need)
+        out.append(o)
+    return out, pads
+
+
+class Lowerer:
+    """Walks the ONNX graph once, emitting IR nodes and collecting private float weights."""
+
+    def __init__(self, graph: OnnxGraph) -> None:
+        self.g = graph
+        self.nodes: list[Node] = []
+        self.float_weight: dict[str, np.ndarray] = {}
+        self.float_bias: dict[str, np.ndarray] = {}
+        self.env: dict[str, Value] = {k: v for k, v in graph.consts.items()}
+        self.cons = consumers(graph)
+        self.post: dict[str, Any] = {"kind": "none"}
+        self._n = 0
+
+    # -- helpers ---------------------------------------------------------------------
+    def emit(self, op: str, inputs: list[Ref], shape: list[int], k: int, name: str, **attrs: Any) -> Ref:
+        self._n += 1
+        nid = f"n{self._n}_{op}"
+        attrs["onnx"] = name
+        self.nodes.append(Node(nid, op, [r.id for r in inputs], [int(s) for s in shape], k, attrs))
+        return Ref(nid, [int(s) for s in shape], k)
+
+    def at_k1(self, ref: Ref, name: str) -> Ref:
+        if ref.k == 1:
+            return ref
+        return self.emit("trunc", [ref], ref.shape, 1, name, shift_k=ref.k - 1)
+
+    def const(self, name: str, node: OnnxNode) -> np.ndarray:
+        v = self.env.get(name)
+        if not isinstance(v, np.ndarray):
+            raise ModelError(f"node {node.name} ({node.op}): input {name!r} must be a constant (model weights), got a secret tensor")
+        return v
+
+    def ref(self, name: str, node: OnnxNode) -> Ref:
+        v = self.env.get(name)
+        if not isinstance(v, Ref):
+            raise ModelError(f"node {node.name} ({node.op}): input {name!r} must be the data tensor")
+        return v
+
+    def _axis(self, axis: int, rank: int, node: OnnxNode) -> int:
+        axis = axis + rank if axis < 0 else axis
+        if axis == 0:
+            raise ModelError(f"node {node.name} ({node.op}) acts on the batch axis, which is not supported")
+        return axis - 1
+
+    # -- main ------------------------------------------------------------------------
+    def run(self) -> None:
+        self.env[self.g.input_name] = self.emit("input", [], self.g.input_shape, 1, self.g.input_name)
+        for node in self.g.nodes:
+            ins = [self.env.get(i) if i else None for i in node.inputs]
+            missing = [i for i, v in zip(node.inputs, ins, strict=True) if i and v is None]
+            if missing:
+                raise ModelError(f"node {node.name} ({node.op}): inputs {missing} are not produced by the graph")
+            if all(isinstance(v, np.ndarray) or v is None for v in ins) and node.op not in ("Shape",):
+                self._fold_const(node, ins)
+                continue
+            method = getattr(self, f"op_{node.op}", None)
+            if method is None:
+                raise ModelError(f"node {node.name}: {node.op} on a secret tensor is not supported")
+            out = method(node, ins)
+            self.env[node.outputs[0]] = out
+        final = self.env.get(self.g.output_name)
+        if not isinstance(final, Ref):
+            raise ModelError("the model output does not depend on its input")
+        self.emit("output", [final], final.shape, final.k, self.g.output_name, post=self.post)
+
+    # -- constant folding (shapes are static) ----------------------------------------
+    def _fold_const(self, node: OnnxNode, ins: list[Any]) -> None:
+        from privmed.compiler.constfold import evaluate
+
+        try:
+            outs = evaluate(node.op, ins, node.attrs)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(f"node {node.name} ({node.op}): cannot fold constant: {exc}") from exc
+        for name, val in zip(node.outputs, outs, strict=False):
+            self.env[name] = np.asarray(val)
+
+    def op_Shape(self, node: OnnxNode, ins: list[Any]) -> np.ndarray:
+        v = ins[0]
+        full = [1] + v.shape if isinstance(v, Ref) else list(np.shape(v))
+        start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
+        return np.array(full[start:end], dtype=np.int64)
+
+    # -- linear layers -----------------------------------------------------------------
+    def _linear(self, node: OnnxNode, x: Ref, kind: str, w: np.ndarray, b: np.ndarray | None, shape: list[int], **attrs: Any) -> Ref:
+        x = self.at_k1(x, node.name)
+        out = self.emit("linear", [x], shape, x.k + 1, node.name, kind=kind, w_shape=list(w.shape), **attrs)
+        self.float_weight[out.id] = w.astype(np.float64)
+        if b is not None:
+            self.float_bias[out.id] = b.astype(np.float64)
+        return out
+
+    def op_Conv(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.ref(node.inputs[0], node)
+        w = self.const(node.inputs[1], node)
+        b = self.const(node.inputs[2], node) if len(node.inputs) > 2 and node.inputs[2] else None
+        spec = _conv_spec(node.attrs, tuple(w.shape[2:]), x.shape[1:])
+        shape = [w.shape[0], *spec.out_shape(x.shape[1:])]
+        bias = None if b is None else b.reshape((-1,) + (1,) * (len(shape) - 1))
+        return self._linear(node, x, "conv", w, bias, shape, spec=_spec_attrs(spec))
+
+    def op_ConvTranspose(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.ref(node.inputs[0], node)
+        w = self.const(node.inputs[1], node)
+        b = self.const(node.inputs[2], node) if len(node.inputs) > 2 and node.inputs[2] else None
+        if "output_shape" in node.attrs:
+            raise ModelError(f"node {node.name}: ConvTranspose with output_shape is not supported; give pads")
+        spec = _conv_spec(node.attrs, tuple(w.shape[2:]), x.shape[1:], transpose=True)
+        shape = [w.shape[1] * spec.groups, *spec.transpose_out_shape(x.shape[1:])]
+        bias = None if b is None else b.reshape((-1,) + (1,) * (len(shape) - 1))
+        return self._linear(node, x, "conv_transpose", w, bias, shape, spec=_spec_attrs(spec))
+
+    def op_Gemm(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.ref(node.inputs[0], node)
+        if node.attrs.get("transA", 0) or len(x.shape) != 1:
+            raise ModelError(f"node {node.name}: Gemm needs a 2-D data input without transA")
+        w = self.const(node.inputs[1], node).astype(np.float64)
+        w = (w.T if node.attrs.get("transB", 0) else w) * float(node.attrs.get("alpha", 1.0))
+        b = None
+        if len(node.inputs) > 2 and node.inputs[2]:
+            b = np.broadcast_to(self.const(node.inputs[2], node).astype(np.float64) * float(node.attrs.get("beta", 1.0)), (w.shape[1],)).copy()
+        return self._linear(node, x, "matmul", w, b, [w.shape[1]])
+
+    def op_MatMul(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.ref(node.inputs[0], node)
+        w = self.const(node.inputs[1], node)
+        if w.ndim != 2:
+            raise ModelError(f"node {node.name}: MatMul needs a 2-D constant right operand")
+        return self._linear(node, x, "matmul", w, None, x.shape[:-1] + [w.shape[1]])
+
+    def _channel_affine(self, node: OnnxNode, x: Ref, a: np.ndarray, b: np.ndarray | None) -> Ref:
+        c = x.shape[0]
+        a = np.broadcast_to(np.asarray(a, dtype=np.float64).reshape(-1), (c,)).copy()
+        bias = None if b is None else np.broadcast_to(np.asarray(b, np.float64).reshape(-1), (c,)).reshape((c,) + (1,) * (len(x.shape) - 1)).copy()
+        return self._linear(node, x, "channel_scale", a, bias, x.shape)
+
+    def op_BatchNormalization(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.ref(node.inputs[0], node)
+        gamma, beta, mean, var = (self.const(i, node).astype(np.float64) for i in node.inputs[1:5])
+        a = gamma / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+        return self._channel_affine(node, x, a, beta - mean * a)
+
+    def _per_channel(self, node: OnnxNode, c: np.ndarray, x: Ref) -> np.ndarray:
+        c = np.asarray(c, dtype=np.float64)
+        if c.size == 1:
+            return c.reshape(1)
+        squeezed = c.reshape(c.shape[1:]) if c.ndim == len(x.shape) + 1 else c
+        if squeezed.ndim == len(x.shape) and squeezed.shape[0] == x.shape[0] and all(s == 1 for s in squeezed.shape[1:]):
+            return squeezed.reshape(-1)
+        raise ModelError(f"node {node.name} ({node.op}): only scalar or per-channel constants are supported, got shape {c.shape}")
+
+    def op_Mul(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x, c = (ins[0], ins[1]) if isinstance(ins[0], Ref) else (ins[1], ins[0])
+        if isinstance(c, Ref):
+            raise ModelError(f"node {node.name}: Mul of two secret tensors is not supported")
+        return self._channel_affine(node, x, self._per_channel(node, c, x), None)
+
+    def op_Div(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.ref(node.inputs[0], node)
+        c = self.const(node.inputs[1], node)
+        return self._channel_affine(node, x, 1.0 / self._per_channel(node, c, x), None)
+
+    def _add(self, node: OnnxNode, ins: list[Any], sign: int) -> Ref:
+        a, b = ins
+        if isinstance(a, Ref) and isinstance(b, Ref):
+            k = max(a.k, b.k)
+            a = a if a.k == k else self.emit("upscale", [a], a.shape, k, node.name, shift_k=k - a.k)
+            b = b if b.k == k else self.emit("upscale", [b], b.shape, k, node.name, shift_k=k - b.k)
+            shape = list(np.broadcast_shapes(tuple(a.shape), tuple(b.shape)))
+            if shape != a.shape or shape != b.shape:
+                raise ModelError(f"node {node.name}: broadcasting Add of two secret tensors is not supported")
+            return self.emit("add", [a, b], shape, k, node.name, signs=[1, sign])
+        x, c = (a, b) if isinstance(a, Ref) else (b, a)
+        c = np.asarray(c, dtype=np.float64) * (sign if isinstance(a, Ref) else 1)
+        if not isinstance(a, Ref) and sign < 0:
+            raise ModelError(f"node {node.name}: constant minus secret is not supported")
+        c = c.reshape(c.shape[1:]) if c.ndim == len(x.shape) + 1 else c
+        np.broadcast_shapes(c.shape, tuple(x.shape))
+        out = self.emit("bias", [x], x.shape, x.k, node.name)
+        self.float_bias[out.id] = c
+        return out
+
+    def op_Add(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        return self._add(node, ins, 1)
+
+    def op_Sub(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        return self._add(node, ins, -1)
+
+    # -- non-linear ------------------------------------------------------------------------
+    def op_Relu(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.ref(node.inputs[0], node)
+        return self.emit("relu", [x], x.shape, 1, node.name, shift_k=x.k - 1)
+
+    def op_LeakyRelu(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.ref(node.inputs[0], node)
+        alpha = float(node.attrs.get("alpha", 0.01))
+        return self.emit("leaky_relu", [x], x.shape, 2, node.name, shift_k=x.k - 1, alpha=alpha)
+
+    def op_MaxPool(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.at_k1(self.ref(node.inputs[0], node), node.name)
+        kernel = list(node.attrs["kernel_shape"])
+        n = len(kernel)
+        strides = list(node.attrs.get("strides", [1] * n))
+        dil = list(node.attrs.get("dilations", [1] * n))
+        spec = _conv_spec({**node.attrs, "strides": strides}, tuple(kernel), x.shape[1:])
+        out, pads = _pool_out(x.shape[1:], kernel, strides, list(spec.pads), dil, int(node.attrs.get("ceil_mode", 0)))
+        return self.emit("maxpool", [x], [x.shape[0], *out], 1, node.name, kernel=kernel, strides=strides, pads=pads, dilations=dil)
+
+    def op_AveragePool(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.at_k1(self.ref(node.inputs[0], node), node.name)
+        kernel = list(node.attrs["kernel_shape"])
+        n = len(kernel)
+        strides = list(node.attrs.get("strides", [1] * n))
+        spec = _conv_spec({**node.attrs, "strides": strides}, tuple(kernel), x.shape[1:])
+        out, pads = _pool_out(x.shape[1:], kernel, strides, list(spec.pads), [1] * n, int(node.attrs.get("ceil_mode", 0)))
+        include = bool(node.attrs.get("count_include_pad", 0)) and not node.attrs.get("ceil_mode", 0)
+        return self.emit("avgpool", [x], [x.shape[0], *out], 2, node.name, kernel=kernel, strides=strides, pads=pads, count_include_pad=include)
+
+    def op_GlobalAveragePool(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.at_k1(self.ref(node.inputs[0], node), node.name)
+        sp = x.shape[1:]
+        return self.emit("avgpool", [x], [x.shape[0]] + [1] * len(sp), 2, node.name, kernel=sp, strides=[1] * len(sp), pads=[0] * 2 * len(sp), count_include_pad=True)
+
+    # -- data movement ---------------------------------------------------------------------
+    def op_Concat(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        refs = [v for v in ins if v is not None]
+        if not all(isinstance(r, Ref) for r in refs):
+            raise ModelError(f"node {node.name}: Concat of a secret with a constant is not supported")
+        if len({r.k for r in refs}) > 1:
+            refs = [self.at_k1(r, node.name) for r in refs]
+        axis = self._axis(int(node.attrs["axis"]), len(refs[0].shape) + 1, node)
+        shape = list(refs[0].shape)
+        shape[axis] = sum(r.shape[axis] for r in refs)
+        return self.emit("concat", refs, shape, refs[0].k, node.name, axis=axis)
+
+    def _reshape(self, node: OnnxNode, x: Ref, shape: list[int]) -> Ref:
+        if int(np.prod(shape)) != int(np.prod(x.shape)):
+            raise ModelError(f"node {node.name}: cannot reshape {x.shape} to {shape}")
+        return self.emit("reshape", [x], shape, x.k, node.name)
+
+    def op_Flatten(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.ref(node.inputs[0], node)
+        axis = int(node.attrs.get("axis", 1))
+        axis = axis + len(x.shape) + 1 if axis < 0 else axis
+        if axis != 1:
+            raise ModelError(f"node {node.name}: Flatten axis {axis} mixes the batch axis; only axis=1 is supported")
+        return self._reshape(node, x, [int(np.prod(x.shape))])
+
+    def op_Reshape(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.ref(node.inputs[0], node)
+        target = [int(t) for t in self.const(node.inputs[1], node)]
+        full_in = [1] + x.shape
+        target = [full_in[i] if t == 0 and not node.attrs.get("allowzero", 0) else t for i, t in enumerate(target)]
+        if -1 in target:
+            known = int(np.prod([t for t in target if t != -1]))
+            target[target.index(-1)] = int(np.prod(full_in)) // max(known, 1)
+        if not target or target[0] != 1:
+            raise ModelError(f"node {node.name}: Reshape to {target} changes the batch axis")
+        return self._reshape(node, x, target[1:])
+
+    def _axes(self, node: OnnxNode) -> list[int]:
+        if len(node.inputs) > 1 and node.inputs[1]:
+            return [int(a) for a in self.const(node.inputs[1], node)]
+        return [int(a) for a in node.attrs.get("axes", [])]
+
+    def op_Squeeze(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.ref(node.inputs[0], node)
+        full = [1] + x.shape
+        axes = [a + len(full) if a < 0 else a for a in self._axes(node)] or [i for i, s in enumerate(full) if s == 1 and i > 0]
+        if 0 in axes:
+            raise ModelError(f"node {node.name}: Squeeze of the batch axis is not supported")
+        return self._reshape(node, x, [s for i, s in enumerate(full) if i not in axes][1:])
+
+    def op_Unsqueeze(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.ref(node.inputs[0], node)
+        full = [1] + x.shape
+        rank = len(full) + len(self._axes(node))
+        for a in sorted(a + rank if a < 0 else a for a in self._axes(node)):
+            if a == 0:
+                raise ModelError(f"node {node.name}: Unsqueeze before the batch axis is not supported")
+            full.insert(a, 1)
+        return self._reshape(node, x, full[1:])
+
+    def op_Transpose(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.ref(node.inputs[0], node)
+        perm = list(node.attrs.get("perm", list(range(len(x.shape), -1, -1))))
+        if perm[0] != 0:
+            raise ModelError(f"node {node.name}: Transpose that moves the batch axis is not supported")
+        p = [q - 1 for q in perm[1:]]
+        return self.emit("transpose", [x], [x.shape[i] for i in p], x.k, node.name, perm=p)
+
+    def op_Pad(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.ref(node.inputs[0], node)
+        pads = [int(p) for p in self.const(node.inputs[1], node)]
+        value = float(self.const(node.inputs[2], node)) if len(node.inputs) > 2 and node.inputs[2] else 0.0
+        if len(node.inputs) > 3 and node.inputs[3]:
+            raise ModelError(f"node {node.name}: Pad with axes input is not supported")
+        r = len(x.shape) + 1
+        if pads[0] or pads[r] or any(p < 0 for p in pads):
+            raise ModelError(f"node {node.name}: Pad of the batch axis or negative pads are not supported")
+        per = pads[1:r] + pads[r + 1 :]
+        shape = [s + per[i] + per[len(x.shape) + i] for i, s in enumerate(x.shape)]
+        return self.emit("pad", [x], shape, x.k, node.name, pads=per, mode=node.attrs.get("mode", "constant"), value=value)
+
+    def op_Resize(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.ref(node.inputs[0], node)
+        mode = node.attrs.get("mode", "nearest")
+        if mode != "nearest":
+            raise ModelError(f"node {node.name}: Resize mode {mode!r} is not supported (nearest only)")
+        full = [1] + x.shape
+        sizes = self.env.get(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else None
+        if sizes is not None and np.size(sizes):
+            out = [int(s) for s in sizes]
+        else:
+            scales = self.const(node.inputs[2], node)
+            out = [int(np.floor(full[i] * float(scales[i]))) for i in range(len(full))]
+        if out[:2] != full[:2]:
+            raise ModelError(f"node {node.name}: Resize of batch or channel axes is not supported")
+        ctm = node.attrs.get("coordinate_transformation_mode", "half_pixel")
+        nm = node.attrs.get("nearest_mode", "round_prefer_floor")
+        idx = [resize_nearest_index(full[d], out[d], ctm, nm).tolist() for d in range(2, len(full))]
+        return self.emit("resize", [x], out[1:], x.k, node.name, indices=idx)
+
+    def op_Slice(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.ref(node.inputs[0], node)
+        starts, ends = (self.const(i, node).astype(np.int64) for i in node.inputs[1:3])
+        full = [1] + x.shape
+        axes = self.const(node.inputs[3], node) if len(node.inputs) > 3 and node.inputs[3] else np.arange(len(starts))
+        steps = self.const(node.inputs[4], node) if len(node.inputs) > 4 and node.inputs[4] else np.ones(len(starts), np.int64)
+        sl: list[list[int]] = [[0, s, 1] for s in x.shape]
+        for st, en, ax, sp in zip(starts, ends, axes, steps, strict=True):
+            a = self._axis(int(ax), len(full), node)
+            start, stop, step = slice(int(st), int(en), int(sp)).indices(x.shape[a])
+            sl[a] = [start, stop, step]
+        shape = [len(range(*s)) for s in sl]
+        return self.emit("slice", [x], shape, x.k, node.name, slices=sl)
+
+    def op_Identity(self, node: OnnxNode, ins: list[Any]) -> Value:
+        return ins[0]
+
+    def op_Dropout(self, node: OnnxNode, ins: list[Any]) -> Value:
+        return ins[0]
+
+    def _final(self, node: OnnxNode, kind: str) -> Ref:
+        x = self.ref(node.inputs[0], node)
+        if node.outputs[0] != self.g.output_name:
+            raise ModelError(f"node {node.name}: {node.op} is supported only as the model's final op (applied by the data owner in clear)")
+        axis = int(node.attrs.get("axis", -1))
+        self.post = {"kind": kind, "axis": axis}
+        return x
+
+    def op_Sigmoid(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        return self._final(node, "sigmoid")
+
+    def op_Softmax(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        return self._final(node, "softmax")
+
+
+assert FINAL_ONLY <= {name[3:] for name in dir(Lowerer) if name.startswith("op_")}

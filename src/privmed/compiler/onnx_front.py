@@ -1,0 +1,153 @@
+"""Load and check an ONNX model; fold what is exact before lowering.
+
+Every unsupported op in the graph is reported at once, with node names, before any party
+starts. Exact rewrites done here, in float64 on the model owner's machine:
+
+- Identity / Dropout / Cast-to-float are removed;
+- BatchNormalization directly after a Conv, ConvTranspose or Gemm whose output has no other
+  consumer is folded into that layer's weights and bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from privmed.errors import ModelError
+
+OPSET_MIN, OPSET_MAX = 13, 21
+
+# Ops that may act on a secret tensor.
+SECRET_OPS = {
+    "Conv", "ConvTranspose", "BatchNormalization", "Relu", "LeakyRelu", "MaxPool", "AveragePool",
+    "GlobalAveragePool", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Concat", "Flatten", "Reshape",
+    "Squeeze", "Unsqueeze", "Transpose", "Pad", "Resize", "Upsample", "Identity", "Dropout",
+    "Sigmoid", "Softmax", "Slice",
+}
+# Ops evaluated at compile time; allowed only on constants (shapes are static).
+CONST_OPS = {
+    "Constant", "Shape", "Gather", "Cast", "Slice", "ConstantOfShape", "Range", "Concat", "Unsqueeze",
+    "Squeeze", "Reshape", "Mul", "Add", "Sub", "Div", "Equal", "Where", "Expand", "Identity",
+    "ReduceProd", "Floor", "Sqrt", "Neg",
+}
+FINAL_ONLY = {"Sigmoid", "Softmax"}
+
+
+@dataclass
+class OnnxNode:
+    op: str
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OnnxGraph:
+    nodes: list[OnnxNode]
+    consts: dict[str, np.ndarray]
+    input_name: str
+    input_shape: list[int]
+    output_name: str
+    opset: int
+    name: str
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for a in node.attribute:
+        v = onnx.helper.get_attribute_value(a)
+        if isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, onnx.TensorProto):
+            v = numpy_helper.to_array(v)
+        elif isinstance(v, list | tuple):
+            v = [x.decode() if isinstance(x, bytes) else x for x in v]
+        out[a.name] = v
+    return out
+
+
+def load(path: Path, input_shape: list[int] | None = None) -> OnnxGraph:
+    """Read and validate ``path``; raise ModelError listing every problem found."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: model file not found")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - onnx raises many kinds (DecodeError, ...)
+        raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]})") from exc
+    if not model.graph.node:
+        raise ModelError(f"{path}: ONNX graph has no nodes (corrupt or empty model)")
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if not OPSET_MIN <= opset <= OPSET_MAX:
+        raise ModelError(f"{path}: ONNX opset {opset} is not supported (expected {OPSET_MIN}-{OPSET_MAX})")
+    g = model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    inputs = [i for i in g.input if i.name not in consts]
+    if len(inputs) != 1 or len(g.output) != 1:
+        raise ModelError(f"{path}: expected one input and one output, got {len(inputs)} inputs and {len(g.output)} outputs")
+    inp = inputs[0]
+    dims = [d.dim_value if d.dim_value > 0 else -1 for d in inp.type.tensor_type.shape.dim]
+    if input_shape is not None:
+        shape = list(input_shape)
+    else:
+        if any(d < 0 for d in dims[1:]):
+            raise ModelError(f"{path}: input {inp.name!r} has symbolic dims {dims}; give --input-shape")
+        shape = dims[1:]
+    nodes = [OnnxNode(n.op_type, n.name or f"{n.op_type}_{i}", list(n.input), list(n.output), _attrs(n)) for i, n in enumerate(g.node)]
+    bad = sorted({f"{n.op} ({n.name})" for n in nodes if n.op not in SECRET_OPS | CONST_OPS})
+    if bad:
+        ops = sorted({n.op for n in nodes if n.op not in SECRET_OPS | CONST_OPS})
+        raise ModelError(f"{path}: unsupported ONNX ops {', '.join(ops)} in nodes: {'; '.join(bad[:20])}" + (" ..." if len(bad) > 20 else ""))
+    graph = OnnxGraph(nodes, consts, inp.name, shape, g.output[0].name, opset, g.name or path.stem)
+    _fold_batchnorm(graph)
+    return graph
+
+
+def consumers(graph: OnnxGraph) -> dict[str, list[OnnxNode]]:
+    out: dict[str, list[OnnxNode]] = {}
+    for n in graph.nodes:
+        for i in n.inputs:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def _fold_batchnorm(graph: OnnxGraph) -> None:
+    """Fold BN into the preceding Conv/ConvTranspose/Gemm when exact (sole consumer)."""
+    cons = consumers(graph)
+    producer = {o: n for n in graph.nodes for o in n.outputs}
+    drop: set[int] = set()
+    for bn in graph.nodes:
+        if bn.op != "BatchNormalization" or any(i not in graph.consts for i in bn.inputs[1:5]):
+            continue
+        prev = producer.get(bn.inputs[0])
+        if prev is None or prev.op not in ("Conv", "ConvTranspose", "Gemm") or len(cons.get(bn.inputs[0], [])) != 1:
+            continue
+        if bn.inputs[0] == graph.output_name or len(prev.inputs) < 2 or prev.inputs[1] not in graph.consts:
+            continue
+        if prev.op == "Gemm" and (prev.attrs.get("transA", 0) or prev.attrs.get("alpha", 1.0) != 1.0 or prev.attrs.get("beta", 1.0) != 1.0):
+            continue
+        gamma, beta, mean, var = (graph.consts[i].astype(np.float64) for i in bn.inputs[1:5])
+        a = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+        w = graph.consts[prev.inputs[1]].astype(np.float64)
+        if prev.op == "Conv":
+            w = w * a.reshape((-1,) + (1,) * (w.ndim - 1))
+        elif prev.op == "ConvTranspose":
+            g = int(prev.attrs.get("group", 1))
+            cin, mg = w.shape[0], w.shape[1]
+            w = (w.reshape((g, cin // g, mg) + w.shape[2:]) * a.reshape((g, 1, mg) + (1,) * (w.ndim - 2))).reshape(w.shape)
+        else:  # Gemm: y = x W^T (transB) or x W
+            w = w * (a.reshape(-1, 1) if prev.attrs.get("transB", 0) else a.reshape(1, -1))
+        b = graph.consts[prev.inputs[2]].astype(np.float64) if len(prev.inputs) > 2 and prev.inputs[2] else np.zeros_like(a)
+        b = (b - mean) * a + beta
+        wname, bname = f"{prev.name}__bnfold_w", f"{prev.name}__bnfold_b"
+        graph.consts[wname], graph.consts[bname] = w, b
+        prev.inputs = [prev.inputs[0], wname, bname]
+        prev.outputs = [bn.outputs[0]]
+        drop.add(id(bn))
+    graph.nodes = [n for n in graph.nodes if id(n) not in drop]

@@ -1,0 +1,159 @@
+"""A ``Channel`` carries checked, framed numpy arrays to one peer.
+
+``send`` never blocks on the peer (frames go to a sender thread or queue), so two parties can
+exchange large messages at the same time without deadlock. ``recv`` states what it expects
+and has a deadline; a silent, dead or misbehaving peer raises ``PeerError`` / ``ProtocolError``
+naming the peer and the current step (``channel.step``, set by the runtime per layer).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from privmed.errors import PeerError
+from privmed.net.frame import HEADER_BYTES, Header, check_header, pack_header, unpack_header
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Counters:
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    messages_sent: int = 0
+    messages_recv: int = 0
+    wait_s: float = 0.0
+    by_step: dict[str, int] = field(default_factory=dict)
+
+
+class Channel:
+    """Base class: framing, checking and counting; subclasses move bytes."""
+
+    def __init__(self, me: str, peer: str, session: bytes, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.me = me
+        self.peer = peer
+        self.session = session
+        self.timeout_s = timeout_s
+        self.step = "session setup"
+        self.counters = Counters()
+        self._send_seq = 0
+        self._recv_seq = 0
+
+    # -- transport hooks -------------------------------------------------------------
+    def _put(self, header: bytes, payload: memoryview) -> None:
+        raise NotImplementedError
+
+    def _get_header(self, deadline: float) -> bytes:
+        raise NotImplementedError
+
+    def _get_payload(self, nbytes: int, deadline: float) -> bytearray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the transport (idempotent)."""
+
+    # -- public API ------------------------------------------------------------------
+    def send(self, tag: str, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr)
+        header = pack_header(self.session, self._send_seq, tag, arr)
+        self._send_seq += 1
+        self._put(header, memoryview(arr).cast("B") if arr.nbytes else memoryview(b""))
+        nbytes = HEADER_BYTES + arr.nbytes
+        self.counters.bytes_sent += nbytes
+        self.counters.messages_sent += 1
+        self.counters.by_step[self.step] = self.counters.by_step.get(self.step, 0) + nbytes
+
+    def recv(
+        self,
+        tag: str,
+        dtype: np.dtype | type,
+        shape: tuple[int, ...] | None,
+        timeout_s: float | None = None,
+    ) -> np.ndarray:
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        start = time.monotonic()
+        deadline = start + timeout
+        hdr: Header = unpack_header(self._get_header(deadline))
+        check_header(
+            hdr, peer=self.peer, session=self.session, seq=self._recv_seq, tag=tag, dtype=np.dtype(dtype), shape=shape
+        )
+        payload = self._get_payload(hdr.length, deadline)
+        self._recv_seq += 1
+        self.counters.bytes_recv += HEADER_BYTES + hdr.length
+        self.counters.messages_recv += 1
+        self.counters.wait_s += time.monotonic() - start
+        if hdr.tag == "abort" and tag != "abort":
+            reason = bytes(payload).decode("utf-8", "replace")
+            raise PeerError(f"{self.peer} aborted the session: {reason}")
+        return np.frombuffer(payload, dtype=hdr.dtype).reshape(hdr.shape)
+
+    def send_text(self, tag: str, text: str) -> None:
+        self.send(tag, np.frombuffer(text.encode("utf-8"), dtype=np.uint8))
+
+    def recv_text(self, tag: str, timeout_s: float | None = None) -> str:
+        return bytes(self.recv(tag, np.uint8, None, timeout_s)).decode("utf-8")
+
+    def abort(self, reason: str) -> None:
+        """Tell the peer this party is giving up (best effort)."""
+        try:
+            self.send_text("abort", reason[:2000])
+        except Exception:  # noqa: BLE001 - the peer may already be gone
+            pass
+
+    def _timeout_error(self, what: str) -> PeerError:
+        return PeerError(
+            f"{self.peer} did not send {what} within {self.timeout_s:.0f}s (during {self.step})"
+        )
+
+    def _lost_error(self) -> PeerError:
+        return PeerError(f"lost connection to {self.peer} (during {self.step})")
+
+
+class InProcessChannel(Channel):
+    """Thread-to-thread transport over queues (tests). Frames are real packed bytes."""
+
+    def __init__(self, me: str, peer: str, session: bytes, outbox: queue.Queue, inbox: queue.Queue, timeout_s: float) -> None:
+        super().__init__(me, peer, session, timeout_s)
+        self._outbox = outbox
+        self._inbox = inbox
+        self._pending_payload: bytes | None = None
+        self._closed = threading.Event()
+
+    def _put(self, header: bytes, payload: memoryview) -> None:
+        self._outbox.put((header, bytes(payload)))
+
+    def _get_header(self, deadline: float) -> bytes:
+        try:
+            item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise self._timeout_error("a message") from None
+        if item is None:
+            raise self._lost_error()
+        header, payload = item
+        self._pending_payload = payload
+        return header
+
+    def _get_payload(self, nbytes: int, deadline: float) -> bytearray:
+        payload, self._pending_payload = self._pending_payload, None
+        assert payload is not None and len(payload) == nbytes
+        return bytearray(payload)
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            self._outbox.put(None)
+
+
+def in_process_pair(a: str, b: str, session: bytes, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Channel, Channel]:
+    """Two connected in-process channels (a's end, b's end)."""
+    q_ab: queue.Queue = queue.Queue()
+    q_ba: queue.Queue = queue.Queue()
+    return (
+        InProcessChannel(a, b, session, q_ab, q_ba, timeout_s),
+        InProcessChannel(b, a, session, q_ba, q_ab, timeout_s),
+    )

@@ -1,0 +1,274 @@
+"""TCP + mutual TLS 1.3 transport.
+
+Both ends present a certificate signed by the session CA (``privmed.crypto.certs``); each side
+checks that the peer's certificate names the role it expects (``data-owner``, ``model-owner``,
+``dealer``). A certificate from another CA fails the handshake: the connection is refused.
+
+Each ``TlsChannel`` owns one I/O thread that does every SSL call (OpenSSL objects are not used
+from two threads) with a non-blocking socket: it writes queued frames and reads into a bounded
+buffer, so two parties can send large messages to each other at once without deadlock, and a
+party that reads slowly pushes back on its sender through TCP.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+
+from privmed.crypto.certs import Identity
+from privmed.errors import ConfigError, PeerError
+from privmed.net.channel import DEFAULT_TIMEOUT_S, Channel
+
+READ_CHUNK = 1 << 20
+MAX_BUFFERED = 256 << 20  # stop reading from the socket beyond this (TCP backpressure)
+
+
+def _context(identity: Identity, server: bool) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        ctx.load_cert_chain(str(identity.cert), str(identity.key))
+        ctx.load_verify_locations(str(identity.ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS files for {identity.name} ({identity.cert}, {identity.key}, {identity.ca}): {exc}") from exc
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if not server:
+        ctx.check_hostname = True
+    return ctx
+
+
+def _peer_name(sock: ssl.SSLSocket) -> str:
+    cert = sock.getpeercert() or {}
+    for field in cert.get("subject", ()):
+        for key, value in field:
+            if key == "commonName":
+                return str(value)
+    return "?"
+
+
+class Listener:
+    """A bound, listening TCP socket that accepts mutually authenticated TLS peers."""
+
+    def __init__(self, identity: Identity, host: str, port: int) -> None:
+        self.identity = identity
+        self._ctx = _context(identity, server=True)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self._sock.bind((host, port))
+        except OSError as exc:
+            self._sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"{identity.name}: port {port} on {host} is already in use") from exc
+            raise ConfigError(f"{identity.name}: cannot listen on {host}:{port}: {exc.strerror}") from exc
+        self._sock.listen(8)
+        self.host, self.port = self._sock.getsockname()[:2]
+
+    def accept(self, expected: set[str], timeout_s: float) -> tuple[str, ssl.SSLSocket]:
+        """Accept one peer whose certificate names one of ``expected``; others are dropped."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PeerError(f"{' / '.join(sorted(expected))} did not connect to {self.identity.name} at {self.host}:{self.port} within {timeout_s:.0f}s")
+            self._sock.settimeout(remaining)
+            try:
+                raw, _addr = self._sock.accept()
+            except TimeoutError:
+                continue
+            raw.settimeout(max(1.0, min(10.0, remaining)))
+            try:
+                tls = self._ctx.wrap_socket(raw, server_side=True)
+            except (ssl.SSLError, OSError):
+                raw.close()  # e.g. certificate not signed by the session CA: refused
+                continue
+            name = _peer_name(tls)
+            if name not in expected:
+                tls.close()
+                continue
+            return name, tls
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def connect(identity: Identity, peer: str, host: str, port: int, timeout_s: float) -> ssl.SSLSocket:
+    """Connect to ``peer`` at host:port, retrying (bounded by ``timeout_s``) while it is not up."""
+    ctx = _context(identity, server=False)
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    last = "no attempt"
+    while time.monotonic() < deadline:
+        try:
+            raw = socket.create_connection((host, port), timeout=max(0.5, min(10.0, deadline - time.monotonic())))
+        except OSError as exc:
+            last = exc.strerror or str(exc)
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 1.0)
+            continue
+        try:
+            return ctx.wrap_socket(raw, server_hostname=peer)
+        except ssl.SSLCertVerificationError as exc:
+            raw.close()
+            raise PeerError(f"{peer} at {host}:{port} presented a certificate not valid for the session CA/role: {exc.verify_message}") from exc
+        except (ssl.SSLError, OSError) as exc:
+            raw.close()
+            raise PeerError(f"TLS handshake with {peer} at {host}:{port} failed (is our certificate from the session CA?): {exc}") from exc
+    raise PeerError(f"{peer} is not reachable at {host}:{port} after {timeout_s:.0f}s ({last})")
+
+
+class TlsChannel(Channel):
+    """A ``Channel`` over one TLS socket, driven by a private I/O thread."""
+
+    def __init__(self, me: str, peer: str, session: bytes, sock: ssl.SSLSocket, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        super().__init__(me, peer, session, timeout_s)
+        self._sock = sock
+        sock.setblocking(False)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._lock = threading.Condition()
+        self._out: deque[memoryview] = deque()
+        self._inbuf = bytearray()
+        self._inpos = 0
+        self._eof = False
+        self._error: BaseException | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._io_loop, name=f"tls-{me}->{peer}", daemon=True)
+        self._thread.start()
+
+    # -- I/O thread --------------------------------------------------------------
+    def _io_loop(self) -> None:
+        chunk = bytearray(READ_CHUNK)
+        view = memoryview(chunk)
+        try:
+            while True:
+                with self._lock:
+                    want_write = bool(self._out)
+                    buffered = len(self._inbuf) - self._inpos
+                    closing = self._closing
+                if closing and not want_write:
+                    return
+                want_read = not self._eof and buffered < MAX_BUFFERED
+                rlist = [self._wake_r] + ([self._sock] if want_read else [])
+                wlist = [self._sock] if want_write else []
+                if not (want_read and self._sock.pending()):
+                    select.select(rlist, wlist, [], 1.0)
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except (BlockingIOError, InterruptedError):
+                    pass
+                if want_read:
+                    self._read_some(view)
+                if want_write:
+                    self._write_some()
+        except BaseException as exc:  # noqa: BLE001 - reported to the waiting caller
+            with self._lock:
+                self._error = exc
+                self._lock.notify_all()
+
+    def _read_some(self, view: memoryview) -> None:
+        for _ in range(64):
+            try:
+                n = self._sock.recv_into(view)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                return
+            except (ssl.SSLError, OSError):
+                n = 0
+            with self._lock:
+                if n == 0:
+                    self._eof = True
+                else:
+                    if self._inpos > (64 << 20):
+                        del self._inbuf[: self._inpos]
+                        self._inpos = 0
+                    self._inbuf += view[:n]
+                self._lock.notify_all()
+            if n == 0:
+                return
+
+    def _write_some(self) -> None:
+        while True:
+            with self._lock:
+                if not self._out:
+                    self._lock.notify_all()
+                    return
+                head = self._out[0]
+            try:
+                sent = self._sock.send(head[:READ_CHUNK])
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                return
+            with self._lock:
+                if sent >= len(head):
+                    self._out.popleft()
+                else:
+                    self._out[0] = head[sent:]
+
+    # -- Channel hooks -------------------------------------------------------------
+    def _put(self, header: bytes, payload: memoryview) -> None:
+        with self._lock:
+            if self._error is not None or self._eof:
+                raise self._lost_error()
+            self._out.append(memoryview(header))
+            if len(payload):
+                self._out.append(payload)
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _take(self, nbytes: int, deadline: float, what: str) -> bytearray:
+        with self._lock:
+            while len(self._inbuf) - self._inpos < nbytes:
+                if self._error is not None or self._eof:
+                    raise self._lost_error()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._timeout_error(what)
+                self._lock.wait(min(remaining, 1.0))
+            out = self._inbuf[self._inpos : self._inpos + nbytes]
+            self._inpos += nbytes
+        try:
+            self._wake_w.send(b"x")  # buffer space freed: the I/O thread may read again
+        except OSError:
+            pass
+        return out
+
+    def _get_header(self, deadline: float) -> bytes:
+        from privmed.net.frame import HEADER_BYTES
+
+        return bytes(self._take(HEADER_BYTES, deadline, "a message"))
+
+    def _get_payload(self, nbytes: int, deadline: float) -> bytearray:
+        return self._take(nbytes, deadline, f"{nbytes} bytes of payload")
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until every queued frame has been handed to the kernel."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._out and self._error is None:
+                if time.monotonic() > deadline:
+                    raise self._timeout_error("(flush)")
+                self._lock.wait(0.5)
+
+    def close(self) -> None:
+        try:
+            self.flush(timeout_s=10.0)
+        except PeerError:
+            pass
+        with self._lock:
+            self._closing = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        self._thread.join(timeout=5.0)
+        for s in (self._sock, self._wake_r, self._wake_w):
+            try:
+                s.close()
+            except OSError:
+                pass

@@ -1,0 +1,8 @@
+"""Plaintext executors of a plan: the living definition of every op and the test oracle.
+
+Modules, in dependency order:
+
+- ``executors``  ``FloatBackend`` (float64, used for calibration) and ``FixedBackend``
+                 (exact fixed-point in Z_2^64 with floor truncation: the secure result must
+                 equal it up to the documented +1-ulp truncation error per truncation).
+"""

@@ -1,0 +1,134 @@
+"""Float and fixed-point plaintext backends for ``privmed.compiler.walk.run_plan``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from privmed.compiler.plan import Node, Plan, PrivateWeights
+from privmed.ring import layout
+from privmed.ring.fixed import U64, arith_shift, decode, encode, signed
+from privmed.ring.linalg import ConvSpec, linear
+
+
+def conv_spec(attrs: dict[str, Any]) -> ConvSpec:
+    s = attrs["spec"]
+    return ConvSpec(tuple(s["kernel"]), tuple(s["strides"]), tuple(s["pads"]), tuple(s["dilations"]), s["groups"], tuple(s["output_padding"]))
+
+
+def postprocess(logits: np.ndarray, post: dict[str, Any]) -> np.ndarray:
+    """The final op applied by the data owner in clear."""
+    kind = post.get("kind", "none")
+    if kind == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-logits))
+    if kind == "softmax":
+        z = logits - logits.max(axis=post.get("axis", -1), keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=post.get("axis", -1), keepdims=True)
+    return logits
+
+
+def _avg_divisor(node: Node, x_shape: tuple[int, ...]) -> np.ndarray | float:
+    a = node.attrs
+    if a["count_include_pad"] or not any(a["pads"]):
+        return float(np.prod(a["kernel"]))
+    return layout.pool_counts(x_shape[2:], a["kernel"], a["strides"], a["pads"]).astype(np.float64)
+
+
+class FloatBackend:
+    """float64 semantics of the plan (what onnxruntime computes, up to float rounding)."""
+
+    def __init__(self, weights: PrivateWeights, x: np.ndarray) -> None:
+        self.w = weights
+        self.x = np.asarray(x, dtype=np.float64)
+
+    def input(self, node: Node, batch: int) -> np.ndarray:
+        return self.x
+
+    def linear(self, node: Node, x: np.ndarray) -> np.ndarray:
+        kind = node.attrs["kind"]
+        y = linear(kind, conv_spec(node.attrs) if "spec" in node.attrs else None, self.w.float_weight[node.id], x)
+        b = self.w.float_bias.get(node.id)
+        return y if b is None else y + b
+
+    def bias(self, node: Node, x: np.ndarray) -> np.ndarray:
+        return x + self.w.float_bias[node.id]
+
+    def relu(self, node: Node, x: np.ndarray) -> np.ndarray:
+        return np.maximum(x, 0.0)
+
+    def leaky_relu(self, node: Node, x: np.ndarray) -> np.ndarray:
+        return np.where(x > 0, x, node.attrs["alpha"] * x)
+
+    def trunc(self, node: Node, x: np.ndarray) -> np.ndarray:
+        return x
+
+    upscale = trunc
+
+    def maxpool(self, node: Node, x: np.ndarray) -> np.ndarray:
+        a = node.attrs
+        return layout.windows(x, a["kernel"], a["strides"], a["pads"], a["dilations"], pad_mode="edge").max(axis=-1)
+
+    def avgpool(self, node: Node, x: np.ndarray) -> np.ndarray:
+        a = node.attrs
+        return layout.pool_sum(x, a["kernel"], a["strides"], a["pads"]) / _avg_divisor(node, x.shape)
+
+    def pad_value(self, node: Node, dtype: np.dtype) -> Any:
+        return node.attrs["value"]
+
+    def output(self, node: Node, x: np.ndarray) -> np.ndarray:
+        return x
+
+
+class FixedBackend:
+    """Exact fixed-point semantics in Z_2^64 (floor truncation, exact comparisons)."""
+
+    def __init__(self, plan: Plan, weights: PrivateWeights, x: np.ndarray) -> None:
+        self.plan = plan
+        self.w = weights
+        self.x = encode(x, plan.frac_bits)
+        self.f = plan.frac_bits
+        self.scales = {n.id: n.scale for n in plan.nodes}
+
+    def input(self, node: Node, batch: int) -> np.ndarray:
+        return self.x
+
+    def linear(self, node: Node, x: np.ndarray) -> np.ndarray:
+        y = linear(node.attrs["kind"], conv_spec(node.attrs) if "spec" in node.attrs else None, self.w.weight[node.id], x)
+        b = self.w.bias.get(node.id)
+        return y if b is None else y + b
+
+    def bias(self, node: Node, x: np.ndarray) -> np.ndarray:
+        return x + self.w.bias[node.id]
+
+    def relu(self, node: Node, x: np.ndarray) -> np.ndarray:
+        t = arith_shift(x, node.attrs["shift"])
+        return np.where(signed(t) > 0, t, U64(0))
+
+    def leaky_relu(self, node: Node, x: np.ndarray) -> np.ndarray:
+        t = arith_shift(x, node.attrs["shift"])
+        r = np.where(signed(t) > 0, t, U64(0))
+        return r * U64(1 << self.f) + (t - r) * encode(np.array(node.attrs["alpha"]), self.f)
+
+    def trunc(self, node: Node, x: np.ndarray) -> np.ndarray:
+        return arith_shift(x, node.attrs["shift"])
+
+    def upscale(self, node: Node, x: np.ndarray) -> np.ndarray:
+        return x << U64(node.attrs["shift"])
+
+    def maxpool(self, node: Node, x: np.ndarray) -> np.ndarray:
+        a = node.attrs
+        w = layout.windows(signed(x), a["kernel"], a["strides"], a["pads"], a["dilations"], pad_mode="edge")
+        return w.max(axis=-1).view(U64)
+
+    def avgpool(self, node: Node, x: np.ndarray) -> np.ndarray:
+        a = node.attrs
+        s = layout.pool_sum(x, a["kernel"], a["strides"], a["pads"])
+        return s * encode(1.0 / np.asarray(_avg_divisor(node, x.shape)), self.f)
+
+    def pad_value(self, node: Node, dtype: np.dtype) -> Any:
+        return encode(np.array(node.attrs["value"]), self.scales[node.id])
+
+    def output(self, node: Node, x: np.ndarray) -> np.ndarray:
+        return decode(x, node.scale)

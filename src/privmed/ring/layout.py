@@ -1,0 +1,87 @@
+"""Public data movement on arrays of any dtype: pad, window extraction, pooling sums,
+concatenation, nearest-neighbour resize.
+
+These maps are linear and public, so each party applies them to its own share and the shares
+still add up to the map applied to the secret. The same functions serve the float executor
+(calibration), the fixed-point reference and the secure runtime, so the three agree by
+construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def pad(x: np.ndarray, pads: Sequence[int], mode: str = "constant", value: object = 0) -> np.ndarray:
+    """ONNX Pad on the trailing len(pads)//2 axes (pads = begin..., end...)."""
+    n = len(pads) // 2
+    width = [(0, 0)] * (x.ndim - n) + [(int(pads[d]), int(pads[n + d])) for d in range(n)]
+    if not any(p for pair in width for p in pair):
+        return x
+    np_mode = {"constant": "constant", "reflect": "reflect", "edge": "edge"}[mode]
+    if np_mode == "constant":
+        return np.pad(x, width, mode="constant", constant_values=np.asarray(value, dtype=x.dtype))
+    return np.pad(x, width, mode=np_mode)
+
+
+def windows(
+    x: np.ndarray,
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    pads: Sequence[int],
+    dilations: Sequence[int] | None = None,
+    pad_mode: str = "constant",
+) -> np.ndarray:
+    """Pooling windows of x (N, C, *S) as (N, C, *O, prod(kernel))."""
+    n = len(kernel)
+    dil = tuple(dilations or (1,) * n)
+    xp = pad(x, pads, mode=pad_mode)
+    extent = tuple(dil[d] * (kernel[d] - 1) + 1 for d in range(n))
+    win = np.lib.stride_tricks.sliding_window_view(xp, extent, axis=tuple(range(2, 2 + n)))
+    sl = (slice(None), slice(None))
+    sl += tuple(slice(None, None, strides[d]) for d in range(n))
+    sl += tuple(slice(None, None, dil[d]) for d in range(n))
+    win = win[sl]
+    return win.reshape(win.shape[: 2 + n] + (-1,))
+
+
+def pool_sum(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int]) -> np.ndarray:
+    """Sum over each pooling window (zero padding)."""
+    return windows(x, kernel, strides, pads).sum(axis=-1, dtype=x.dtype)
+
+
+def pool_counts(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int]) -> np.ndarray:
+    """Number of non-padding elements in each window (for count_include_pad=0)."""
+    ones = np.ones((1, 1) + tuple(spatial), dtype=np.int64)
+    return pool_sum(ones, kernel, strides, pads)[0, 0]
+
+
+def resize_nearest_index(in_size: int, out_size: int, mode: str = "asymmetric", rounding: str = "floor") -> np.ndarray:
+    """Source index per output index for ONNX Resize(mode=nearest) on one axis."""
+    scale = out_size / in_size
+    o = np.arange(out_size, dtype=np.float64)
+    if mode == "half_pixel":
+        src = (o + 0.5) / scale - 0.5
+    elif mode == "align_corners":
+        src = o * (in_size - 1) / max(out_size - 1, 1)
+    else:  # asymmetric
+        src = o / scale
+    if rounding == "round_prefer_ceil":
+        idx = np.floor(src + 0.5)
+    elif rounding == "round_prefer_floor":
+        idx = np.ceil(src - 0.5)
+    elif rounding == "ceil":
+        idx = np.ceil(src)
+    else:
+        idx = np.floor(src)
+    return np.clip(idx.astype(np.int64), 0, in_size - 1)
+
+
+def resize_nearest(x: np.ndarray, indices: Sequence[np.ndarray]) -> np.ndarray:
+    """Gather along the trailing axes with per-axis source indices."""
+    n = len(indices)
+    for d, idx in enumerate(indices):
+        x = np.take(x, idx, axis=x.ndim - n + d)
+    return x

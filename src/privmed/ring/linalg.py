@@ -1,0 +1,214 @@
+"""Exact linear algebra in Z_2^64 with float64 BLAS.
+
+numpy has no BLAS for integer matmul (uint64 matmul runs ~100x slower than float64 GEMM on
+this machine), so a product mod 2^64 is assembled from float64 GEMMs on limbs:
+
+- general case (both operands uniform in Z_2^64): split each into four 16-bit limbs;
+  a*b mod 2^64 = sum_{i+j<=3} a_i b_j 2^(16(i+j)). One dot product of limbs over K terms is
+  below K * 2^32 and the sum over i+j = s of at most four such is below K * 2^34, exact in
+  float64 when K < 2^19 (larger K is split into chunks). Ten GEMMs.
+- small-weight case (one operand signed with |w| < 2^wb, e.g. the model owner's plaintext
+  fixed-point weights): split the other into L-bit limbs with K * 2^(wb+L) < 2^52; usually four
+  GEMMs.
+
+``linear(kind, spec, weight, x)`` is the one bilinear map L(W, x) that the Beaver protocol in
+``privmed.mpc.linear`` uses for every linear layer kind.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+U64 = np.uint64
+_MAX_K_UNIFORM = 1 << 18  # chunk K so that 4 * K * 2^32 < 2^53 with margin
+
+
+def _limbs(x: np.ndarray, bits: int, count: int) -> list[np.ndarray]:
+    mask = U64((1 << bits) - 1)
+    return [((x >> U64(bits * i)) & mask).astype(np.float64) for i in range(count)]
+
+
+def _matmul_uniform(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    out = np.zeros(a.shape[:-1] + b.shape[-1:], dtype=U64)
+    k = a.shape[-1]
+    for start in range(0, k, _MAX_K_UNIFORM):
+        stop = min(k, start + _MAX_K_UNIFORM)
+        al = _limbs(a[..., start:stop], 16, 4)
+        bl = _limbs(b[start:stop], 16, 4)
+        for s in range(4):
+            acc = al[0] @ bl[s]
+            for i in range(1, s + 1):
+                acc += al[i] @ bl[s - i]
+            out += acc.astype(U64) << U64(16 * s)
+    return out
+
+
+def _matmul_small_right(a: np.ndarray, b_signed: np.ndarray, b_bits: int) -> np.ndarray:
+    """a uniform uint64 (..., K); b signed int64 (K, N) with |b| < 2^b_bits."""
+    k = a.shape[-1]
+    limb = 52 - b_bits - max(1, math.ceil(math.log2(max(k, 2))))
+    if limb < 8:  # weights too wide for a cheap split: fall back to the uniform path
+        return _matmul_uniform(a, b_signed.view(U64))
+    count = math.ceil(64 / limb)
+    bf = b_signed.astype(np.float64)
+    out = np.zeros(a.shape[:-1] + b_signed.shape[-1:], dtype=U64)
+    for i, al in enumerate(_limbs(a, limb, count)):
+        out += (al @ bf).astype(np.int64).view(U64) << U64(limb * i)
+    return out
+
+
+def matmul(a: np.ndarray, b: np.ndarray, *, b_bits: int | None = None) -> np.ndarray:
+    """a @ b mod 2^64 for uint64 a (..., K) and b (K, N).
+
+    If ``b_bits`` is given, b holds signed values with |b| < 2^b_bits (two's complement in
+    uint64) and a cheaper limb split is used; the result is identical.
+    """
+    if a.dtype == np.float64:  # plaintext float path (calibration), same layout code
+        return a @ b
+    a = np.ascontiguousarray(a, dtype=U64)
+    b = np.ascontiguousarray(b, dtype=U64)
+    if b_bits is not None:
+        return _matmul_small_right(a, b.view(np.int64), b_bits)
+    return _matmul_uniform(a, b)
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Public geometry of an N-d convolution (ONNX Conv / ConvTranspose attributes)."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]  # begin..., end... (ONNX order)
+    dilations: tuple[int, ...]
+    groups: int = 1
+    output_padding: tuple[int, ...] = ()
+
+    @property
+    def ndim(self) -> int:
+        return len(self.kernel)
+
+    def out_shape(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        n = self.ndim
+        return tuple(
+            (spatial[d] + self.pads[d] + self.pads[n + d] - self.dilations[d] * (self.kernel[d] - 1) - 1)
+            // self.strides[d]
+            + 1
+            for d in range(n)
+        )
+
+    def transpose_out_shape(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        n = self.ndim
+        op = self.output_padding or (0,) * n
+        return tuple(
+            self.strides[d] * (spatial[d] - 1)
+            + op[d]
+            + (self.kernel[d] - 1) * self.dilations[d]
+            + 1
+            - self.pads[d]
+            - self.pads[n + d]
+            for d in range(n)
+        )
+
+
+def pad_spatial(x: np.ndarray, pads: Sequence[int], mode: str = "constant") -> np.ndarray:
+    n = len(pads) // 2
+    width = [(0, 0)] * (x.ndim - n) + [(pads[d], pads[n + d]) for d in range(n)]
+    if not any(p for pair in width for p in pair):
+        return x
+    return np.pad(x, width, mode=mode)
+
+
+def im2col(x: np.ndarray, spec: ConvSpec) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Patches of x (N, C, *S) as (N, *O, C, *k) plus the output spatial shape O."""
+    n = spec.ndim
+    xp = pad_spatial(x, spec.pads)
+    extent = tuple(spec.dilations[d] * (spec.kernel[d] - 1) + 1 for d in range(n))
+    win = np.lib.stride_tricks.sliding_window_view(xp, extent, axis=tuple(range(2, 2 + n)))
+    # win: (N, C, *O_full, *extent) -> apply stride on O and dilation on extent
+    sl = (slice(None), slice(None))
+    sl += tuple(slice(None, None, spec.strides[d]) for d in range(n))
+    sl += tuple(slice(None, None, spec.dilations[d]) for d in range(n))
+    win = win[sl]
+    out_spatial = win.shape[2 : 2 + n]
+    # (N, C, *O, *k) -> (N, *O, C, *k)
+    order = (0,) + tuple(range(2, 2 + n)) + (1,) + tuple(range(2 + n, 2 + 2 * n))
+    return np.ascontiguousarray(win.transpose(order)), out_spatial
+
+
+def conv(x: np.ndarray, weight: np.ndarray, spec: ConvSpec, *, w_bits: int | None = None) -> np.ndarray:
+    """ONNX Conv without bias in Z_2^64: x (N, C, *S), weight (M, C/groups, *k) -> (N, M, *O)."""
+    n_batch, channels = x.shape[:2]
+    m_out = weight.shape[0]
+    g = spec.groups
+    cg, mg = channels // g, m_out // g
+    patches, out_spatial = im2col(x, spec)
+    kg = cg * int(np.prod(spec.kernel))
+    rows = n_batch * int(np.prod(out_spatial))
+    patches = patches.reshape(rows, channels * int(np.prod(spec.kernel)))
+    outs = []
+    for gi in range(g):
+        cols = patches[:, gi * kg : (gi + 1) * kg]
+        wmat = weight[gi * mg : (gi + 1) * mg].reshape(mg, kg).T
+        outs.append(matmul(cols, wmat, b_bits=w_bits))
+    y = outs[0] if g == 1 else np.concatenate(outs, axis=1)
+    y = y.reshape((n_batch,) + tuple(out_spatial) + (m_out,))
+    return np.ascontiguousarray(np.moveaxis(y, -1, 1))
+
+
+def conv_transpose(
+    x: np.ndarray, weight: np.ndarray, spec: ConvSpec, *, w_bits: int | None = None
+) -> np.ndarray:
+    """ONNX ConvTranspose without bias: x (N, C, *S), weight (C, M/groups, *k) -> (N, M, *O).
+
+    Computed as a stride-1 convolution of the zero-upsampled input with the flipped kernel.
+    """
+    n = spec.ndim
+    n_batch, channels = x.shape[:2]
+    g = spec.groups
+    cg = channels // g
+    mg = weight.shape[1]
+    up_shape = tuple((x.shape[2 + d] - 1) * spec.strides[d] + 1 for d in range(n))
+    up = np.zeros((n_batch, channels) + up_shape, dtype=x.dtype)
+    up[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in spec.strides)] = x
+    op = spec.output_padding or (0,) * n
+    full = tuple(spec.dilations[d] * (spec.kernel[d] - 1) for d in range(n))
+    begin = [full[d] - spec.pads[d] for d in range(n)]
+    end = [full[d] - spec.pads[n + d] + op[d] for d in range(n)]
+    # negative pads crop
+    crop = tuple(slice(max(0, -begin[d]), up.shape[2 + d] - max(0, -end[d]) or None) for d in range(n))
+    up = up[(slice(None), slice(None)) + crop]
+    pads = tuple(max(0, b) for b in begin) + tuple(max(0, e) for e in end)
+    # weight (C, M/g, *k) -> per group (M/g, C/g, *k) flipped
+    flip = (slice(None), slice(None)) + (slice(None, None, -1),) * n
+    w = weight.reshape((g, cg, mg) + spec.kernel)
+    w = np.swapaxes(w, 1, 2).reshape((g * mg, cg) + spec.kernel)[flip]
+    inner = ConvSpec(spec.kernel, (1,) * n, pads, spec.dilations, g)
+    return conv(up, np.ascontiguousarray(w), inner, w_bits=w_bits)
+
+
+def channel_scale(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """y[n, c, ...] = weight[c] * x[n, c, ...] mod 2^64 (a private per-channel affine's linear part)."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return x * weight.reshape(shape)
+
+
+def linear(kind: str, spec: ConvSpec | None, weight: np.ndarray, x: np.ndarray, *, w_bits: int | None = None) -> np.ndarray:
+    """The bilinear map L(W, x) of one linear layer, exact in Z_2^64.
+
+    kind: "conv" | "conv_transpose" | "matmul" (x (..., K) @ W (K, N)) | "channel_scale".
+    """
+    if kind == "conv":
+        assert spec is not None
+        return conv(x, weight, spec, w_bits=w_bits)
+    if kind == "conv_transpose":
+        assert spec is not None
+        return conv_transpose(x, weight, spec, w_bits=w_bits)
+    if kind == "matmul":
+        return matmul(x, weight, b_bits=w_bits)
+    if kind == "channel_scale":
+        return channel_scale(x, weight)
+    raise ValueError(f"unknown linear kind {kind!r}")
