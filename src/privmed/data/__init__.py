@@ -1,0 +1,21 @@
+"""Medical-imaging data in clear, on the data owner's side: readers, layouts, preprocessing, synthetic studies.
+
+Modules in dependency order (each imports only those above it):
+
+- ``writers``    PNG, CR DICOM and NIfTI writers (deterministic bytes).
+- ``synth_ct``   CT phantoms (HU volumes, lung/lesion masks) and MSD-style NIfTI studies.
+- ``synth``      chest-radiograph phantoms with multi-label findings and per-site styles;
+                 ChestX-ray14-style studies in PNG or DICOM; re-exports the CT generators.
+- ``readers``    ``read_image`` (DICOM, PNG/JPEG, .npy, NIfTI) -> (array, metadata),
+                 ``read_dicom_series``, ``write_nifti``.
+- ``preprocess`` ``Preprocess``: the one preprocessing description stored next to a model
+                 (``<model>.preprocess.json``); ``load_for_model``.
+- ``labels``     label-table parsing: ChestX-ray14 pipe-separated findings, CheXpert columns
+                 with an uncertain-label policy.
+- ``datasets``   ``load_study`` -> ``Study`` (records, findings, sites, skipped files) with
+                 layout auto-detection.
+
+Heavy readers (pydicom, nibabel, Pillow) are imported inside the functions that use them.
+"""
+
+from __future__ import annotations
