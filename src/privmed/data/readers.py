@@ -97,7 +97,9 @@ def read_image(
     if not p.exists():
         raise InputError(f"{p}: no such file")
     if p.is_dir():
-        raise InputError(f"{p}: is a folder, expected an image file (use read_dicom_series for a DICOM series)")
+        raise InputError(
+            f"{p}: is a folder, expected an image file (use read_dicom_series for a DICOM series)"
+        )
     kind = image_kind(p)
     if kind is None:
         raise InputError(f"{p}: unknown image format (expected one of {', '.join(IMAGE_SUFFIXES)})")
@@ -114,7 +116,9 @@ def read_image(
     if modalities is not None and meta.get("modality") is not None:
         allowed = [m.upper() for m in modalities]
         if str(meta["modality"]).upper() not in allowed:
-            raise InputError(f"{p}: expected modality {' or '.join(allowed)}, got {meta['modality']}")
+            raise InputError(
+                f"{p}: expected modality {' or '.join(allowed)}, got {meta['modality']}"
+            )
     meta["shape"] = tuple(array.shape)
     return array, meta
 
@@ -157,7 +161,9 @@ def _read_pil(p: Path) -> tuple[np.ndarray, dict[str, Any]]:
     else:
         channels = len(mode)
     if channels not in (1, 3):
-        raise InputError(f"{p}: expected a grayscale or RGB image, got {channels} channels ({mode})")
+        raise InputError(
+            f"{p}: expected a grayscale or RGB image, got {channels} channels ({mode})"
+        )
     if arr.dtype == np.uint8 or mode == "1":
         scale = 255.0 if arr.dtype == np.uint8 else 1.0
     elif arr.dtype == np.uint16 or mode.startswith("I;16"):
@@ -167,8 +173,13 @@ def _read_pil(p: Path) -> tuple[np.ndarray, dict[str, Any]]:
     else:
         scale = 1.0
     array = arr.astype(np.float32) / np.float32(scale)
-    return array, {"format": "png" if p.suffix.lower() == ".png" else "pil", "modality": None,
-                   "channels": channels, "bit_depth": 8 if scale == 255.0 else 16, "spacing": None}
+    return array, {
+        "format": "png" if p.suffix.lower() == ".png" else "pil",
+        "modality": None,
+        "channels": channels,
+        "bit_depth": 8 if scale == 255.0 else 16,
+        "spacing": None,
+    }
 
 
 def _read_npy(p: Path) -> tuple[np.ndarray, dict[str, Any]]:
@@ -191,8 +202,12 @@ def _read_nifti(p: Path) -> tuple[np.ndarray, dict[str, Any]]:
     except (ImageFileError, OSError, EOFError, ValueError) as exc:
         raise InputError(f"{p}: not a readable NIfTI file ({exc})") from None
     zooms = tuple(float(z) for z in img.header.get_zooms()[: arr.ndim])
-    return arr, {"format": "nifti", "modality": None, "spacing": zooms,
-                 "affine": np.asarray(img.affine, dtype=np.float64)}
+    return arr, {
+        "format": "nifti",
+        "modality": None,
+        "spacing": zooms,
+        "affine": np.asarray(img.affine, dtype=np.float64),
+    }
 
 
 def _dcmread(p: Path, stop_before_pixels: bool = False) -> Any:
@@ -223,7 +238,9 @@ def _modality_values(ds: Any, p: Path) -> np.ndarray:
     try:
         stored = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for broken/unsupported pixel data
-        raise InputError(f"{p}: cannot decode DICOM pixel data ({exc.__class__.__name__}: {exc})") from None
+        raise InputError(
+            f"{p}: cannot decode DICOM pixel data ({exc.__class__.__name__}: {exc})"
+        ) from None
     return np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
 
 
@@ -242,16 +259,25 @@ def _dicom_geometry(ds: Any, n_frames: int | None) -> dict[str, Any]:
     spacing_tag = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     row_sp, col_sp = (float(spacing_tag[0]), float(spacing_tag[1])) if spacing_tag else (1.0, 1.0)
     position = [float(v) for v in ds.ImagePositionPatient] if "ImagePositionPatient" in ds else None
-    orient = [float(v) for v in ds.ImageOrientationPatient] if "ImageOrientationPatient" in ds else None
-    geo: dict[str, Any] = {"spacing": (row_sp, col_sp) if spacing_tag else None,
-                           "position": position, "orientation": orient}
+    orient = (
+        [float(v) for v in ds.ImageOrientationPatient] if "ImageOrientationPatient" in ds else None
+    )
+    geo: dict[str, Any] = {
+        "spacing": (row_sp, col_sp) if spacing_tag else None,
+        "position": position,
+        "orientation": orient,
+    }
     if orient is not None and position is not None and n_frames is None:
         geo["affine"] = _affine_lps_to_ras(np.array(orient), np.array(position), (row_sp, col_sp))
     return geo
 
 
-def _affine_lps_to_ras(orient: np.ndarray, origin: np.ndarray, spacing: tuple[float, float],
-                       slice_step: np.ndarray | None = None) -> np.ndarray:
+def _affine_lps_to_ras(
+    orient: np.ndarray,
+    origin: np.ndarray,
+    spacing: tuple[float, float],
+    slice_step: np.ndarray | None = None,
+) -> np.ndarray:
     """4x4 affine: array index -> RAS mm; index order (slice, row, col) or, for 2D, (row, col).
 
     DICOM: position(r, c) = IPP + c * colsp * X + r * rowsp * Y with X, Y the row and column
@@ -282,7 +308,10 @@ def _read_dicom(p: Path, window: Window | str | None) -> tuple[np.ndarray, dict[
         "format": "dicom",
         "modality": str(ds.get("Modality", "")) or None,
         "photometric": photometric,
-        "rescale": (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)),
+        "rescale": (
+            float(ds.get("RescaleSlope", 1) or 1),
+            float(ds.get("RescaleIntercept", 0) or 0),
+        ),
         "bits_stored": int(ds.get("BitsStored", 0) or 0),
         "sop_class": str(ds.get("SOPClassUID", "")),
         **_dicom_geometry(ds, frames if frames > 1 else None),
@@ -337,7 +366,11 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     if all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for _, ds in slices):
         orient = np.array([float(v) for v in first.ImageOrientationPatient])
         normal = np.cross(orient[:3], orient[3:])
-        slices.sort(key=lambda item: float(normal @ np.array([float(v) for v in item[1].ImagePositionPatient])))
+        slices.sort(
+            key=lambda item: float(
+                normal @ np.array([float(v) for v in item[1].ImagePositionPatient])
+            )
+        )
     else:
         orient = None
         slices.sort(key=lambda item: int(item[1].get("InstanceNumber", 0) or 0))
@@ -348,9 +381,13 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     volume = np.stack(arrays).astype(np.float32)
     geo = _dicom_geometry(first, None)
     row_sp, col_sp = geo["spacing"] or (1.0, 1.0)
-    meta: dict[str, Any] = {"format": "dicom-series", "modality": str(first.get("Modality", "")) or None,
-                            "n_slices": len(slices), "files": [str(f) for f, _ in slices],
-                            "shape": tuple(volume.shape)}
+    meta: dict[str, Any] = {
+        "format": "dicom-series",
+        "modality": str(first.get("Modality", "")) or None,
+        "n_slices": len(slices),
+        "files": [str(f) for f, _ in slices],
+        "shape": tuple(volume.shape),
+    }
     if orient is not None:
         positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in slices])
         step = (positions[-1] - positions[0]) / max(len(slices) - 1, 1)

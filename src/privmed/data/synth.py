@@ -84,7 +84,9 @@ class SiteStyle:
     brightness: float = 0.0
     noise: float = 0.02
     blur: float = 0.0
-    prevalence: Mapping[str, float] = field(default_factory=lambda: _prevalence(0.3, 0.25, 0.2, 0.25))
+    prevalence: Mapping[str, float] = field(
+        default_factory=lambda: _prevalence(0.3, 0.25, 0.2, 0.25)
+    )
     monochrome1: bool = False
     rescale: tuple[float, float] = (1.0, 0.0)
     pixel_spacing: float = 0.5
@@ -93,17 +95,37 @@ class SiteStyle:
 _PRESET_SITES = (
     SiteStyle("site_a"),
     SiteStyle(
-        "site_b", gamma=1.35, contrast=0.8, brightness=0.06, noise=0.04, blur=0.8,
-        prevalence=_prevalence(0.4, 0.2, 0.3, 0.2), monochrome1=True, rescale=(2.0, -1024.0),
+        "site_b",
+        gamma=1.35,
+        contrast=0.8,
+        brightness=0.06,
+        noise=0.04,
+        blur=0.8,
+        prevalence=_prevalence(0.4, 0.2, 0.3, 0.2),
+        monochrome1=True,
+        rescale=(2.0, -1024.0),
         pixel_spacing=0.7,
     ),
     SiteStyle(
-        "site_c", gamma=0.8, contrast=1.15, brightness=-0.05, noise=0.03, blur=0.4,
-        prevalence=_prevalence(0.25, 0.3, 0.15, 0.35), rescale=(0.5, 100.0), pixel_spacing=0.4,
+        "site_c",
+        gamma=0.8,
+        contrast=1.15,
+        brightness=-0.05,
+        noise=0.03,
+        blur=0.4,
+        prevalence=_prevalence(0.25, 0.3, 0.15, 0.35),
+        rescale=(0.5, 100.0),
+        pixel_spacing=0.4,
     ),
     SiteStyle(
-        "site_d", gamma=1.15, contrast=0.9, brightness=0.0, noise=0.05, blur=1.2,
-        prevalence=_prevalence(0.35, 0.25, 0.25, 0.3), pixel_spacing=0.9,
+        "site_d",
+        gamma=1.15,
+        contrast=0.9,
+        brightness=0.0,
+        noise=0.05,
+        blur=1.2,
+        prevalence=_prevalence(0.35, 0.25, 0.25, 0.3),
+        pixel_spacing=0.9,
     ),
 )
 
@@ -130,7 +152,10 @@ def site_styles(n: int) -> list[SiteStyle]:
                 blur=float(rng.uniform(0.0, 1.2)),
                 prevalence=_prevalence(*(float(p) for p in prev)),
                 monochrome1=bool(i % 2),
-                rescale=(float(rng.choice([0.5, 1.0, 2.0])), float(rng.choice([-1024.0, 0.0, 100.0]))),
+                rescale=(
+                    float(rng.choice([0.5, 1.0, 2.0])),
+                    float(rng.choice([-1024.0, 0.0, 100.0])),
+                ),
                 pixel_spacing=float(rng.uniform(0.4, 0.9)),
             )
         )
@@ -142,7 +167,9 @@ def _soft_inside(signed_dist: np.ndarray, edge: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(np.clip(signed_dist / edge, -50.0, 50.0)))
 
 
-def _ellipse(y: np.ndarray, x: np.ndarray, cy: float, cx: float, ay: float, ax: float) -> np.ndarray:
+def _ellipse(
+    y: np.ndarray, x: np.ndarray, cy: float, cx: float, ay: float, ax: float
+) -> np.ndarray:
     """Approximate signed distance to an ellipse boundary (negative inside)."""
     r = np.sqrt(((y - cy) / ay) ** 2 + ((x - cx) / ax) ** 2)
     return (r - 1.0) * min(ay, ax)
@@ -225,10 +252,14 @@ def chest_phantom(
     img += 0.07 * np.clip(ribs, 0.0, 1.0) * body
 
     # mediastinum and heart: soft tissue laid over the lungs
-    media = _soft_inside(np.abs(x - dx) - 0.11 * s, 2 * edge) * _soft_inside(y - (0.3 + dy), 2 * edge)
+    media = _soft_inside(np.abs(x - dx) - 0.11 * s, 2 * edge) * _soft_inside(
+        y - (0.3 + dy), 2 * edge
+    )
     ctr = rng.uniform(1.3, 1.5) if findings.get("cardiomegaly", False) else rng.uniform(0.88, 1.03)
     heart = _soft_inside(
-        _ellipse(y, x, dy + 0.33 * s, dx + 0.07 * s, 0.22 * s * (1 + 0.3 * (ctr - 1)), 0.27 * s * ctr),
+        _ellipse(
+            y, x, dy + 0.33 * s, dx + 0.07 * s, 0.22 * s * (1 + 0.3 * (ctr - 1)), 0.27 * s * ctr
+        ),
         2 * edge,
     )
     cover = np.clip(media + heart, 0.0, 1.0)
@@ -262,7 +293,9 @@ def chest_phantom(
     return _site_response(rng, np.clip(img, 0.0, 1.0), site, size)
 
 
-def _site_response(rng: np.random.Generator, img: np.ndarray, site: SiteStyle, size: int) -> np.ndarray:
+def _site_response(
+    rng: np.random.Generator, img: np.ndarray, site: SiteStyle, size: int
+) -> np.ndarray:
     if site.blur > 0:
         img = ndimage.gaussian_filter(img, site.blur * size / 64, mode="nearest")
     img = np.clip(img, 0.0, 1.0) ** site.gamma
@@ -326,18 +359,25 @@ def synth_chest_study(
             if fmt == "png":
                 write_png(out / "images" / name, img)
             else:
-                write_chest_dicom(out / "images" / name, img, style, patient_id=f"{patient:08d}",
-                                  uid_entropy=[str(seed), style.name, str(i)])
-            rows.append({
-                "Image Index": name,
-                "Finding Labels": _label_string([f for f in FINDINGS if present[f]]),
-                "Follow-up #": "0",
-                "Patient ID": str(patient),
-                "Patient Age": str(int(ages[i])),
-                "Patient Gender": str(sexes[i]),
-                "View Position": "PA",
-                "site": style.name,
-            })
+                write_chest_dicom(
+                    out / "images" / name,
+                    img,
+                    style,
+                    patient_id=f"{patient:08d}",
+                    uid_entropy=[str(seed), style.name, str(i)],
+                )
+            rows.append(
+                {
+                    "Image Index": name,
+                    "Finding Labels": _label_string([f for f in FINDINGS if present[f]]),
+                    "Follow-up #": "0",
+                    "Patient ID": str(patient),
+                    "Patient Age": str(int(ages[i])),
+                    "Patient Gender": str(sexes[i]),
+                    "View Position": "PA",
+                    "site": style.name,
+                }
+            )
             done += 1
             if progress is not None:
                 progress(done, total)

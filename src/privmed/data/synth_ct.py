@@ -44,8 +44,12 @@ class CTSiteStyle:
 
 CT_SITES = (
     CTSiteStyle("site_a"),
-    CTSiteStyle("site_b", noise=35.0, contrast=0.92, offset=15.0, blur=0.7, spacing=(2.5, 0.7, 0.7)),
-    CTSiteStyle("site_c", noise=25.0, contrast=1.08, offset=-20.0, blur=0.3, spacing=(1.5, 0.9, 0.9)),
+    CTSiteStyle(
+        "site_b", noise=35.0, contrast=0.92, offset=15.0, blur=0.7, spacing=(2.5, 0.7, 0.7)
+    ),
+    CTSiteStyle(
+        "site_c", noise=25.0, contrast=1.08, offset=-20.0, blur=0.3, spacing=(1.5, 0.9, 0.9)
+    ),
 )
 
 
@@ -55,7 +59,9 @@ def _grid(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return z, y, x
 
 
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], sigma: float) -> np.ndarray:
+def _smooth_field(
+    rng: np.random.Generator, shape: tuple[int, int, int], sigma: float
+) -> np.ndarray:
     f = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
     return f / (f.std() + 1e-12)
 
@@ -95,11 +101,18 @@ def ct_phantom(
     lung = np.zeros(shape, dtype=bool)
     for side in (-1.0, 1.0):
         cx = side * 0.42 * s
-        r = np.sqrt(((x - cx) / (0.3 * s)) ** 2 + ((y + 0.02) / (0.44 * s)) ** 2
-                    + ((z - 0.1) / 0.88) ** 2)
+        r = np.sqrt(
+            ((x - cx) / (0.3 * s)) ** 2 + ((y + 0.02) / (0.44 * s)) ** 2 + ((z - 0.1) / 0.88) ** 2
+        )
         lung |= r < 1.0
-    heart = np.sqrt(((x - 0.1 * s) / (0.33 * s)) ** 2 + ((y + 0.18 * s) / (0.3 * s)) ** 2
-                    + ((z + 0.4) / 0.4) ** 2) < 1.0
+    heart = (
+        np.sqrt(
+            ((x - 0.1 * s) / (0.33 * s)) ** 2
+            + ((y + 0.18 * s) / (0.3 * s)) ** 2
+            + ((z + 0.4) / 0.4) ** 2
+        )
+        < 1.0
+    )
     lung &= ~heart & (spine_r > 1.3)
     vessels = _smooth_field(rng, shape, min(shape) / 40)
     vol[lung] = -850.0 + 60.0 * np.clip(vessels[lung], -1.0, 3.0)
@@ -142,12 +155,14 @@ def ct_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) 
     ImageOrientationPatient (1,0,0,0,1,0) gives (LPS converted to RAS).
     """
     sz, sy, sx = spacing
-    aff = np.array([
-        [0.0, 0.0, -sx, 0.0],
-        [0.0, -sy, 0.0, 0.0],
-        [sz, 0.0, 0.0, 0.0],
-        [0.0, 0.0, 0.0, 1.0],
-    ])
+    aff = np.array(
+        [
+            [0.0, 0.0, -sx, 0.0],
+            [0.0, -sy, 0.0, 0.0],
+            [sz, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
     centre = aff[:3, :3] @ ((np.array(shape) - 1) / 2.0)
     aff[:3, 3] = -centre
     return aff
@@ -187,8 +202,9 @@ def synth_ct_study(
         name = f"lung_{i + 1:03d}.nii.gz"
         write_nifti(out / "imagesTr" / name, np.rint(vol).astype(np.int16), aff)  # CT is int16 HU
         write_nifti(out / "labelsTr" / name, mask, aff)
-        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}",
-                         "site": style.name})
+        training.append(
+            {"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}", "site": style.name}
+        )
         if progress is not None:
             progress(i + 1, n_volumes)
     dataset = {
