@@ -26,6 +26,7 @@ from privmed.net.channel import DEFAULT_TIMEOUT_S, Channel
 
 READ_CHUNK = 1 << 20
 MAX_BUFFERED = 256 << 20  # stop reading from the socket beyond this (TCP backpressure)
+MAX_QUEUED = 256 << 20  # a sender blocks (bounded by its deadline) beyond this many unsent bytes
 
 
 def _context(identity: Identity, server: bool) -> ssl.SSLContext:
@@ -132,6 +133,7 @@ class TlsChannel(Channel):
         self._wake_r.setblocking(False)
         self._lock = threading.Condition()
         self._out: deque[memoryview] = deque()
+        self._queued = 0
         self._inbuf = bytearray()
         self._inpos = 0
         self._eof = False
@@ -203,17 +205,27 @@ class TlsChannel(Channel):
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
                 return
             with self._lock:
+                self._queued -= sent
                 if sent >= len(head):
                     self._out.popleft()
                 else:
                     self._out[0] = head[sent:]
+                self._lock.notify_all()
 
     # -- Channel hooks -------------------------------------------------------------
     def _put(self, header: bytes, payload: memoryview) -> None:
+        deadline = time.monotonic() + self.timeout_s
         with self._lock:
+            while self._queued > MAX_QUEUED:
+                if self._error is not None or self._eof:
+                    raise self._lost_error()
+                if time.monotonic() > deadline:
+                    raise PeerError(f"{self.peer} stopped reading for {self.timeout_s:.0f}s (during {self.step})")
+                self._lock.wait(0.5)
             if self._error is not None or self._eof:
                 raise self._lost_error()
             self._out.append(memoryview(header))
+            self._queued += len(header) + len(payload)
             if len(payload):
                 self._out.append(payload)
         try:

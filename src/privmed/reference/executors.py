@@ -29,7 +29,7 @@ def postprocess(logits: np.ndarray, post: dict[str, Any]) -> np.ndarray:
     return logits
 
 
-def _avg_divisor(node: Node, x_shape: tuple[int, ...]) -> np.ndarray | float:
+def avg_divisor(node: Node, x_shape: tuple[int, ...]) -> np.ndarray | float:
     a = node.attrs
     if a["count_include_pad"] or not any(a["pads"]):
         return float(np.prod(a["kernel"]))
@@ -72,7 +72,7 @@ class FloatBackend:
 
     def avgpool(self, node: Node, x: np.ndarray) -> np.ndarray:
         a = node.attrs
-        return layout.pool_sum(x, a["kernel"], a["strides"], a["pads"]) / _avg_divisor(node, x.shape)
+        return layout.pool_sum(x, a["kernel"], a["strides"], a["pads"]) / avg_divisor(node, x.shape)
 
     def pad_value(self, node: Node, dtype: np.dtype) -> Any:
         return node.attrs["value"]
@@ -125,7 +125,7 @@ class FixedBackend:
     def avgpool(self, node: Node, x: np.ndarray) -> np.ndarray:
         a = node.attrs
         s = layout.pool_sum(x, a["kernel"], a["strides"], a["pads"])
-        return s * encode(1.0 / np.asarray(_avg_divisor(node, x.shape)), self.f)
+        return s * encode(1.0 / np.asarray(avg_divisor(node, x.shape)), self.f)
 
     def pad_value(self, node: Node, dtype: np.dtype) -> Any:
         return encode(np.array(node.attrs["value"]), self.scales[node.id])

@@ -1,0 +1,13 @@
+"""Two-party computation on additive shares over Z_2^64 with a dealer.
+
+Modules, in dependency order:
+
+- ``party``       ``Party``: index (0 = data owner, 1 = model owner), peer channel, correlation
+                  source, round counter; ``exchange`` helpers.
+- ``correlated``  the correlated-randomness interface (``CorrelationSource``), the seed-expanded
+                  material each protocol consumes, and the dealer that produces it
+                  (a dealer-free source implements the same interface).
+- ``linear``      linear layers with the model owner's private weights (Beaver-style masking).
+- ``nonlinear``   masked opening, exact truncation, ReLU / LeakyReLU / max via chunked
+                  comparison, and the reveal to the data owner.
+"""

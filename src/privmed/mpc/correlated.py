@@ -1,0 +1,265 @@
+"""Correlated randomness: what each protocol consumes, and the dealer that makes it.
+
+The dealer is a third party that only produces input-independent randomness (it never sees a
+share of the image, the weights or the output). At session start it sends a fresh 16-byte seed
+to each party over mutual TLS (seed agreement). Everything a party can expand from its own seed
+it expands locally; the dealer computes the remaining *correction* terms, which only the model
+owner (party 1) receives. So the data owner gets nothing but a seed, and the dealer's traffic is
+one message per layer to the model owner.
+
+``CorrelationSource`` is the interface the protocols see. ``DealerSource`` implements it from a
+seed plus the dealer's corrections; a dealer-free source (OT extension / HE, as in CrypTFlow2)
+would implement the same two methods. The order in which material is consumed is fixed by
+``requests(plan, batch)``, which the dealer iterates and the runtime follows.
+
+Material per request (n elements, m = (bits - drop) / 4 comparison chunks):
+
+- linear layer L(W, x): party 0 gets A (input mask) and C0; party 1 gets B (weight mask, seed)
+  and C1 = L(B, A) - C0 (correction, |out| ring elements).
+- truncation by s: r (both seeded, r = r0 + r1), shares of R = r >> s and M = msb(r);
+  correction to party 1: 2n ring elements.
+- ReLU (with optional truncation): additionally a random bit c_hat shared arithmetically, shares
+  of c_hat*R and c_hat*M, XOR-shared truth tables for [v < r_j] and [v == r_j] of every 4-bit
+  chunk r_j of r's bits [drop, bits), the bit r_bits XOR c_hat, and AND triples for the
+  comparison tree. Correction to party 1: 5n ring elements (3n when s = 0) + 4m n bytes of
+  tables + about (2m + 1) n / 8 bytes of bits.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from privmed.compiler.plan import Node, Plan
+from privmed.crypto.prg import PRG, Stream
+from privmed.net.channel import Channel
+from privmed.ring.linalg import linear
+from privmed.reference.executors import conv_spec
+
+U64 = np.uint64
+CHUNK = 4
+
+
+@dataclass(frozen=True)
+class NonlinearSpec:
+    n: int
+    shift: int
+    bits: int = 0  # comparison width l (|x| < 2^l)
+    drop: int = 0  # low bits ignored by the comparison
+    relu: bool = False
+
+    @property
+    def chunks(self) -> int:
+        return (self.bits - self.drop) // CHUNK if self.relu else 0
+
+
+def merge_schedule(m: int) -> list[list[tuple[int, int, bool]]]:
+    """Levels of the comparison tree: (lo, hi, need_eq) pairs over the current list.
+
+    Element 0 of each level is only ever a low half, so its 'equal' bit is never needed.
+    """
+    levels, count = [], m
+    while count > 1:
+        levels.append([(2 * p, 2 * p + 1, p > 0) for p in range(count // 2)])
+        count = count // 2 + count % 2
+    return levels
+
+
+def ands_per_level(m: int) -> list[int]:
+    return [sum(1 + int(eq) for _, _, eq in lvl) for lvl in merge_schedule(m)]
+
+
+@dataclass
+class LinearShares:
+    mask: np.ndarray  # party 0: A (input mask); party 1: B (weight mask)
+    product: np.ndarray  # party 0: C0; party 1: C1 with C0 + C1 = L(B, A)
+
+
+@dataclass
+class NonlinearShares:
+    r: np.ndarray
+    R: np.ndarray
+    M: np.ndarray | None = None
+    chat: np.ndarray | None = None
+    chatR: np.ndarray | None = None
+    chatM: np.ndarray | None = None
+    lt: np.ndarray | None = None  # (m, n) uint16 truth tables, XOR-shared
+    eq: np.ndarray | None = None
+    q: np.ndarray | None = None  # (n,) uint8
+    triples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+# -- seed expansion (identical in the party and the dealer) ------------------------------
+def expand_linear(stream: Stream, index: int, x_shape: tuple[int, ...], w_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> LinearShares:
+    if index == 0:
+        return LinearShares(stream.uint64(x_shape), stream.uint64(out_shape))
+    return LinearShares(stream.uint64(w_shape), np.zeros(0, dtype=U64))
+
+
+def expand_nonlinear(stream: Stream, index: int, spec: NonlinearSpec) -> NonlinearShares:
+    n = spec.n
+    sh = NonlinearShares(r=stream.uint64(n), R=np.zeros(0, U64))
+    m = spec.chunks
+    if index == 0:
+        sh.R = stream.uint64(n)
+        sh.M = stream.uint64(n) if spec.shift else None
+        if spec.relu:
+            sh.chat, sh.chatR = stream.uint64(n), stream.uint64(n)
+            sh.chatM = stream.uint64(n) if spec.shift else None
+            sh.lt, sh.eq = stream.uint16((m, n)), stream.uint16((m, n))
+            sh.q = stream.bits(n)
+    for k in ands_per_level(m):
+        a, b = stream.bits((k, n)), stream.bits((k, n))
+        z = stream.bits((k, n)) if index == 0 else np.zeros((k, n), np.uint8)
+        sh.triples.append((a, b, z))
+    return sh
+
+
+def _arith_fields(spec: NonlinearSpec) -> list[str]:
+    names = ["R"] + (["M"] if spec.shift else [])
+    if spec.relu:
+        names += ["chat", "chatR"] + (["chatM"] if spec.shift else [])
+    return names
+
+
+# -- the dealer's corrections ------------------------------------------------------------
+def linear_correction(node: Node, s0: Stream, s1: Stream, x_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> np.ndarray:
+    w_shape = tuple(node.attrs["w_shape"])
+    p0 = expand_linear(s0, 0, x_shape, w_shape, out_shape)
+    p1 = expand_linear(s1, 1, x_shape, w_shape, out_shape)
+    spec = conv_spec(node.attrs) if "spec" in node.attrs else None
+    return linear(node.attrs["kind"], spec, p1.mask, p0.mask) - p0.product
+
+
+def nonlinear_correction(spec: NonlinearSpec, s0: Stream, s1: Stream, private: Stream) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(arithmetic corrections (k, n) u64, tables (2, m, n) u16 or None, packed bits u8)."""
+    p0, p1 = expand_nonlinear(s0, 0, spec), expand_nonlinear(s1, 1, spec)
+    r = p0.r + p1.r
+    full = {"R": r >> U64(spec.shift), "M": r >> U64(63)}
+    bits: list[np.ndarray] = []
+    tables = None
+    if spec.relu:
+        chat = private.bits(spec.n).astype(U64)
+        full.update(chat=chat, chatR=chat * full["R"], chatM=chat * full["M"])
+        shifts = (U64(spec.drop) + U64(CHUNK) * np.arange(spec.chunks, dtype=U64))[:, None]
+        rj = ((r[None, :] >> shifts) & U64(15)).astype(np.uint16)
+        lt = ((np.uint16(1) << rj) - np.uint16(1)).astype(np.uint16)
+        eq = (np.uint16(1) << rj).astype(np.uint16)
+        tables = np.stack([lt ^ p0.lt, eq ^ p0.eq])  # type: ignore[operator]
+        r_top = ((r >> U64(spec.bits)) & U64(1)).astype(np.uint8)
+        bits.append((r_top ^ chat.astype(np.uint8)) ^ p0.q)  # type: ignore[operator]
+    arith = np.stack([full[name] - getattr(p0, name) for name in _arith_fields(spec)])
+    for (a0, b0, z0), (a1, b1, _) in zip(p0.triples, p1.triples, strict=True):
+        bits.append((((a0 ^ a1) & (b0 ^ b1)) ^ z0).reshape(-1))
+    packed = np.packbits(np.concatenate(bits)) if bits else np.zeros(0, np.uint8)
+    return arith, tables, packed
+
+
+# -- the order of consumption --------------------------------------------------------------
+@dataclass(frozen=True)
+class Request:
+    label: str
+    node: Node
+    nonlinear: NonlinearSpec | None = None
+    x_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+
+
+def maxpool_levels(node: Node, batch: int) -> list[int]:
+    """Element counts of each pairwise-max level for a max-pool node."""
+    outer = batch * int(np.prod(node.shape))
+    k, sizes = int(np.prod(node.attrs["kernel"])), []
+    while k > 1:
+        sizes.append(outer * (k // 2))
+        k = k // 2 + k % 2
+    return sizes
+
+
+def requests(plan: Plan, batch: int) -> Iterator[Request]:
+    shapes = {n.id: n.shape for n in plan.nodes}
+    for node in plan.nodes:
+        n = batch * int(np.prod(node.shape))
+        a = node.attrs
+        if node.op == "linear":
+            yield Request(node.id, node, None, (batch, *shapes[node.inputs[0]]), (batch, *node.shape))
+        elif node.op in ("relu", "leaky_relu"):
+            yield Request(node.id, node, NonlinearSpec(n, a["shift"], a["bits"], a["drop"], True))
+        elif node.op == "trunc":
+            yield Request(node.id, node, NonlinearSpec(n, a["shift"]))
+        elif node.op == "maxpool":
+            for lvl, size in enumerate(maxpool_levels(node, batch)):
+                yield Request(f"{node.id}/{lvl}", node, NonlinearSpec(size, 0, a["bits"], 0, True))
+
+
+# -- the interface the protocols use --------------------------------------------------------
+class CorrelationSource(ABC):
+    """Where a party's correlated randomness comes from (dealer now, dealer-free later)."""
+
+    @abstractmethod
+    def linear(self, req: Request) -> LinearShares: ...
+
+    @abstractmethod
+    def nonlinear(self, req: Request) -> NonlinearShares: ...
+
+
+class DealerSource(CorrelationSource):
+    """Party side of the dealer: expand from the seed, receive corrections (party 1 only)."""
+
+    def __init__(self, index: int, seed: bytes, dealer: Channel | None) -> None:
+        self.index = index
+        self.prg = PRG(seed)
+        self.dealer = dealer
+
+    def linear(self, req: Request) -> LinearShares:
+        sh = expand_linear(self.prg.stream(req.label), self.index, req.x_shape, tuple(req.node.attrs["w_shape"]), req.out_shape)
+        if self.index == 1:
+            assert self.dealer is not None
+            sh.product = self.dealer.recv(f"{req.label}/C", U64, req.out_shape)
+        return sh
+
+    def nonlinear(self, req: Request) -> NonlinearShares:
+        spec = req.nonlinear
+        assert spec is not None
+        sh = expand_nonlinear(self.prg.stream(req.label), self.index, spec)
+        if self.index == 0:
+            return sh
+        assert self.dealer is not None
+        names = _arith_fields(spec)
+        arith = self.dealer.recv(f"{req.label}/A", U64, (len(names), spec.n))
+        for i, name in enumerate(names):
+            setattr(sh, name, arith[i])
+        levels = ands_per_level(spec.chunks)
+        nbits = (spec.n if spec.relu else 0) + sum(levels) * spec.n
+        packed = self.dealer.recv(f"{req.label}/B", np.uint8, ((nbits + 7) // 8,))
+        flat = np.unpackbits(packed, count=nbits)
+        pos = 0
+        if spec.relu:
+            tables = self.dealer.recv(f"{req.label}/T", np.uint16, (2, spec.chunks, spec.n))
+            sh.lt, sh.eq = tables[0], tables[1]
+            sh.q, pos = flat[: spec.n], spec.n
+        for lvl, k in enumerate(levels):
+            a, b, _ = sh.triples[lvl]
+            sh.triples[lvl] = (a, b, flat[pos : pos + k * spec.n].reshape(k, spec.n))
+            pos += k * spec.n
+        return sh
+
+
+def run_dealer(plan: Plan, batch: int, seed0: bytes, seed1: bytes, to_model_owner: Channel, on_request=None) -> None:  # type: ignore[no-untyped-def]
+    """Produce and send every correction of a session, in consumption order."""
+    prg0, prg1, private = PRG(seed0), PRG(seed1), PRG.fresh()
+    for req in requests(plan, batch):
+        if on_request:
+            on_request(req)
+        to_model_owner.step = f"dealer {req.label}"
+        s0, s1 = prg0.stream(req.label), prg1.stream(req.label)
+        if req.nonlinear is None:
+            to_model_owner.send(f"{req.label}/C", linear_correction(req.node, s0, s1, req.x_shape, req.out_shape))
+            continue
+        arith, tables, packed = nonlinear_correction(req.nonlinear, s0, s1, private.stream(req.label))
+        to_model_owner.send(f"{req.label}/A", arith)
+        to_model_owner.send(f"{req.label}/B", packed)
+        if tables is not None:
+            to_model_owner.send(f"{req.label}/T", tables)

@@ -1,0 +1,156 @@
+"""Truncation, ReLU, LeakyReLU, max-pooling and the reveal, on shares over Z_2^64.
+
+All comparisons follow one construction (a dealer-assisted variant of the masked comparison in
+"Improved Primitives for MPC over Mixed Arithmetic-Binary Circuits", Escudero et al., CRYPTO
+2020, with lookup-table chunks as in "One-time truth tables", Ishai et al., TCC 2013, and the
+log-depth prefix merge of Garay-Schoenmakers-Villegas, PKC 2007):
+
+1. Open c = x + 2^62 + r, with r uniform in Z_2^64 from the dealer (one round, one ring element
+   each way). c is uniform whatever x is: perfectly hiding.
+2. Exact truncation by s (Escudero et al. sec. 5.1 "probabilistic truncation" made exact with
+   msb(r)): for |x| < 2^62, x' = x + 2^62 is in [0, 2^63), so x' + r wraps iff msb(r) = 1 and
+   msb(c) = 0. Hence floor(x'/2^s) = (c >> s) - (r >> s) + msb(r)(1 - msb(c)) 2^(64-s) - borrow,
+   where borrow in {0, 1} comes from the low s bits. We drop the borrow: the result is
+   floor(x / 2^s) or that plus one unit in the last place, never anything else -- there is no
+   probabilistic wrap, so a catastrophic error has probability 0 (not merely < 2^-40) as long
+   as |x| < 2^62, which the compiler checks with a margin on calibration data.
+3. Sign: for |x| < 2^l, x < 0 iff bit l of (c - r) mod 2^(l+1) is 1, i.e. c_l XOR r_l XOR
+   [c mod 2^l < r mod 2^l]. The comparison of the public c with the dealer's r is done on bits
+   [d, l) only, in 4-bit chunks: the dealer provides XOR-shared truth tables of [v < r_j] and
+   [v == r_j] for each chunk (4 bytes per chunk), each party looks up its share at c_j, and a
+   log-depth tree of AND gates (Beaver triples on bits) merges chunk results. Ignoring the low d
+   bits can only misjudge the sign when |x| < 2^d; with d = s that is |x / 2^s| < 1 unit in the
+   last place, where ReLU's output is below one unit anyway.
+4. Open e = b XOR c_hat where b = [x >= 0] and c_hat is the dealer's random bit (one round,
+   one bit each way); then b = e + (1 - 2e) c_hat arithmetically, and
+   b * t (t the truncated value) is linear in the dealer's shares of c_hat, R, c_hat R, M, c_hat M:
+   no further multiplication round.
+
+Rounds per ReLU: 2 + ceil(log2 m) for m = (l - d) / 4 chunks. Bytes per element and party:
+8 (open c) + (2m - 1) * 2 / 8 (AND openings) + 1/8 (open e); dealer to model owner:
+40 (24 when s = 0) + 4m + about (2m + 1) / 8. Truncation alone: 1 round, 8 bytes per party,
+16 from the dealer.
+
+Security (semi-honest, non-colluding dealer): every opened value (c, the AND-gate maskings,
+e) is masked by fresh uniform dealer randomness the receiver does not know, so each party's
+view is simulatable from its own input and output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from privmed.mpc.correlated import CHUNK, NonlinearShares, Request, merge_schedule
+from privmed.mpc.party import Party
+from privmed.ring.fixed import U64, public_const
+
+OFFSET = U64(1 << 62)
+
+
+def _and(p: Party, tag: str, x: np.ndarray, y: np.ndarray, triple: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """XOR-shared x AND y with a Beaver bit triple (one round, 2 bits each way per gate)."""
+    a, b, z = triple
+    mine = np.concatenate([x ^ a, y ^ b])
+    theirs = p.exchange_bits(tag, mine)
+    both = mine ^ theirs
+    d, e = both[: len(x)], both[len(x) :]
+    out = z ^ (d & b) ^ (e & a)
+    if p.is_data_owner:
+        out ^= d & e
+    return out
+
+
+def _borrow(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, bits: int, drop: int) -> np.ndarray:
+    """XOR share of [c mod 2^bits < r mod 2^bits] on bits [drop, bits) (see step 3)."""
+    m = (bits - drop) // CHUNK
+    shifts = (U64(drop) + U64(CHUNK) * np.arange(m, dtype=U64))[:, None]
+    cj = ((c[None, :] >> shifts) & U64(15)).astype(np.uint16)
+    assert corr.lt is not None and corr.eq is not None
+    lt = ((corr.lt >> cj) & np.uint16(1)).astype(np.uint8)
+    eq = ((corr.eq >> cj) & np.uint16(1)).astype(np.uint8)
+    nodes: list[tuple[np.ndarray, np.ndarray | None]] = [(lt[j], eq[j]) for j in range(m)]
+    for lvl, pairs in enumerate(merge_schedule(m)):
+        xs, ys = [], []
+        for lo, hi, need_eq in pairs:
+            xs.append(nodes[hi][1])
+            ys.append(nodes[lo][0])
+            if need_eq:
+                xs.append(nodes[hi][1])
+                ys.append(nodes[lo][1])
+        prod = _and(p, f"{label}/and{lvl}", np.stack(xs), np.stack(ys), corr.triples[lvl])  # type: ignore[arg-type]
+        merged, k = [], 0
+        for lo, hi, need_eq in pairs:
+            new_lt = nodes[hi][0] ^ prod[k]
+            k += 1
+            new_eq = None
+            if need_eq:
+                new_eq, k = prod[k], k + 1
+            merged.append((new_lt, new_eq))
+        if len(nodes) % 2:
+            merged.append(nodes[-1])
+        nodes = merged
+    return nodes[0][0]
+
+
+def _open_masked(p: Party, label: str, x: np.ndarray, corr: NonlinearShares) -> np.ndarray:
+    """Step 1: c = x + 2^62 + r, opened to both parties (one round, 8 bytes each way)."""
+    mine = x.reshape(-1) + corr.r
+    if p.is_data_owner:
+        mine = mine + OFFSET
+    return mine + p.exchange(f"{label}/c", mine)
+
+
+def _truncated(p: Party, c: np.ndarray, corr: NonlinearShares, shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """Step 2: shares of t = x >> shift (+1 ulp at most), and the public part P of t."""
+    public = (c >> U64(shift)) - public_const(1 << (62 - shift))
+    t = -corr.R
+    if shift:
+        assert corr.M is not None
+        wrap_gate = (U64(1) - (c >> U64(63))) << U64(64 - shift)
+        t = t + corr.M * wrap_gate
+    if p.is_data_owner:
+        t = t + public
+    return t, public
+
+
+def truncate(p: Party, req: Request, x: np.ndarray) -> np.ndarray:
+    """Shares of floor(x / 2^s) or that + 1 (steps 1-2). 1 round; 8 B each way; 16 B dealer."""
+    assert req.nonlinear is not None
+    corr = p.source.nonlinear(req)
+    c = _open_masked(p, req.label, x, corr)
+    t, _ = _truncated(p, c, corr, req.nonlinear.shift)
+    return t.reshape(x.shape)
+
+
+def relu(p: Party, req: Request, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Shares of (ReLU(x >> s), x >> s) (steps 1-4); see the module docstring for costs."""
+    spec = req.nonlinear
+    assert spec is not None and spec.relu
+    corr = p.source.nonlinear(req)
+    c = _open_masked(p, req.label, x, corr)
+    t, public = _truncated(p, c, corr, spec.shift)
+    borrow = _borrow(p, req.label, c, corr, spec.bits, spec.drop)
+    assert corr.q is not None and corr.chat is not None and corr.chatR is not None
+    e_mine = borrow ^ corr.q
+    if p.is_data_owner:
+        e_mine ^= (1 ^ ((c >> U64(spec.bits)) & U64(1))).astype(np.uint8)
+    e = (e_mine ^ p.exchange_bits(f"{req.label}/e", e_mine)).astype(U64)
+    flip = U64(1) - U64(2) * e  # 1 - 2e in the ring
+    out = flip * public * corr.chat - (e * corr.R + flip * corr.chatR)
+    if spec.shift:
+        assert corr.M is not None and corr.chatM is not None
+        wrap_gate = (U64(1) - (c >> U64(63))) << U64(64 - spec.shift)
+        out = out + wrap_gate * (e * corr.M + flip * corr.chatM)
+    if p.is_data_owner:
+        out = out + public * e
+    return out.reshape(x.shape), t.reshape(x.shape)
+
+
+def reveal_to_data_owner(p: Party, label: str, x: np.ndarray) -> np.ndarray | None:
+    """Open x to the data owner only (one message, |x| ring elements from the model owner)."""
+    if p.is_data_owner:
+        theirs = p.peer.recv(f"{label}/reveal", U64, x.shape)
+        p.rounds += 1
+        return x + theirs
+    p.peer.send(f"{label}/reveal", x)
+    return None
