@@ -96,11 +96,11 @@ _PRESET_SITES = (
     SiteStyle("site_a"),
     SiteStyle(
         "site_b",
-        gamma=1.35,
+        gamma=1.3,
         contrast=0.8,
         brightness=0.06,
-        noise=0.04,
-        blur=0.8,
+        noise=0.035,
+        blur=0.7,
         prevalence=_prevalence(0.4, 0.2, 0.3, 0.2),
         monochrome1=True,
         rescale=(2.0, -1024.0),
@@ -278,9 +278,9 @@ def chest_phantom(
         # centre inside the lung, away from the heart and the base
         ny = cy + rng.uniform(-0.6, 0.35) * ay
         nx = cx + rng.uniform(-0.5, 0.5) * ax
-        radius = rng.uniform(0.055, 0.085) * s
+        radius = rng.uniform(0.065, 0.095) * s
         disc = _soft_inside(np.sqrt((y - ny) ** 2 + (x - nx) ** 2) - radius, edge)
-        img += rng.uniform(0.25, 0.33) * disc
+        img += rng.uniform(0.35, 0.45) * disc
     if findings.get("effusion", False):
         sides = [0, 1] if rng.random() < 0.3 else [int(rng.integers(2))]
         for i in sides:
