@@ -1,0 +1,148 @@
+"""`privmed infer`, `privmed party`, `privmed certs`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from privmed.errors import InputError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("infer", help="secure inference: three parties on this machine over mutual TLS")
+    p.add_argument("--model", required=True, type=Path, help="ONNX model (the model owner's secret)")
+    p.add_argument("--input", required=True, type=Path, help=".npy (N, C, H, W) or an image file (DICOM, PNG, NIfTI)")
+    p.add_argument("--output", required=True, type=Path, help="where the data owner writes the output (.npy float32)")
+    p.add_argument("--stats", type=Path, help="write time/bytes/rounds/memory per role and per layer (JSON)")
+    p.add_argument("--timeout", type=float, default=120.0, help="deadline of each receive, seconds (default 120)")
+    p.add_argument("--calibration", type=Path, help="model owner's calibration input (.npy) for the fixed-point scale")
+    p.add_argument("--frac-bits", type=int, help="fixed-point fractional bits (default: chosen from calibration, at most 16)")
+    p.add_argument("--preprocess", type=Path, help="preprocessing JSON for image inputs (default: <model>.preprocess.json)")
+    p.set_defaults(func=cmd_infer)
+
+    q = sub.add_parser("party", help="run one role of a secure session (for deployments on separate hosts)")
+    q.add_argument("--role", required=True, choices=["data-owner", "model-owner", "dealer"])
+    q.add_argument("--config", required=True, type=Path, help="session TOML (addresses, certificates, timeouts)")
+    q.add_argument("--model", type=Path, help="model owner: the ONNX model")
+    q.add_argument("--calibration", type=Path, help="model owner: calibration input (.npy)")
+    q.add_argument("--frac-bits", type=int)
+    q.add_argument("--input-shape", help="model owner: per-sample input shape C,H,W if the model's is symbolic")
+    q.add_argument("--input", type=Path, help="data owner: the input (.npy or image)")
+    q.add_argument("--preprocess", type=Path)
+    q.add_argument("--output", type=Path, help="data owner: output .npy")
+    q.add_argument("--stats", type=Path, help="this role's stats JSON")
+    q.add_argument("--progress-jsonl", action="store_true", help=argparse.SUPPRESS)
+    q.set_defaults(func=cmd_party)
+
+    c = sub.add_parser("certs", help="a small CA for the three parties")
+    csub = c.add_subparsers(dest="certs_cmd", required=True)
+    ci = csub.add_parser("init", help="create a CA (ca.key, ca.pem) in CA_DIR")
+    ci.add_argument("ca_dir", type=Path)
+    ci.set_defaults(func=cmd_certs_init)
+    cs = csub.add_parser("issue", help="issue a certificate for one party name")
+    cs.add_argument("ca_dir", type=Path)
+    cs.add_argument("--name", required=True, choices=["data-owner", "model-owner", "dealer"])
+    cs.add_argument("--out", type=Path, help="directory for NAME.pem / NAME.key (default CA_DIR)")
+    cs.set_defaults(func=cmd_certs_issue)
+
+
+def load_input(path: Path, model: Path | None, preprocess: Path | None) -> np.ndarray:
+    """A float32 batch from .npy, or from an image file through the model's preprocessing."""
+    if not path.exists():
+        raise InputError(f"{path}: input file not found")
+    if path.suffix == ".npy":
+        try:
+            x = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise InputError(f"{path}: not a readable .npy array ({exc})") from exc
+        if x.dtype.kind != "f":
+            raise InputError(f"{path}: expected a float32 array, got {x.dtype}")
+        return x.astype(np.float32)
+    from privmed.data.preprocess import Preprocess, load_for_model
+
+    pre_path = preprocess or (model.with_suffix(".preprocess.json") if model else None)
+    if pre_path is None or not pre_path.exists():
+        raise InputError(f"{path}: image input needs the model's preprocessing description ({pre_path or '--preprocess'} not found)")
+    pre = Preprocess.from_json(pre_path.read_text())
+    return np.asarray(load_for_model(path, pre), dtype=np.float32)
+
+
+def _batch(x: np.ndarray, model: Path) -> np.ndarray:
+    from privmed.compiler import onnx_front
+
+    shape = onnx_front.load(model).input_shape
+    if list(x.shape) == list(shape):
+        return x[None]
+    return x
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from privmed.cli.progress import LayerProgress, summary_table
+    from privmed.runtime.launch import run_local_session
+
+    x = _batch(load_input(args.input, args.model, args.preprocess), args.model)
+    result = run_local_session(
+        args.model, x, timeout_s=args.timeout, progress=LayerProgress(), calibration=args.calibration, frac_bits=args.frac_bits
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.output, result.outputs.astype(np.float32))
+    if args.stats:
+        args.stats.write_text(json.dumps(result.stats, indent=1))
+    print(f"output {tuple(result.outputs.shape)} written to {args.output} (known to the data owner only)")
+    print(summary_table(result.stats))
+    return 0
+
+
+def cmd_party(args: argparse.Namespace) -> int:
+    from privmed.runtime.config import load_config
+    from privmed.runtime.party import run_role
+
+    cfg = load_config(args.config)
+    kwargs: dict[str, Any] = {}
+    if args.role == "model-owner":
+        if not args.model:
+            raise InputError("the model owner needs --model")
+        from privmed.compiler.compile import compile_model
+
+        cal = np.load(args.calibration) if args.calibration else None
+        shape = [int(s) for s in args.input_shape.split(",")] if args.input_shape else None
+        kwargs["plan_and_weights"] = compile_model(args.model, calibration=cal, frac_bits=args.frac_bits, input_shape=shape)
+    if args.role == "data-owner":
+        if not args.input or not args.output:
+            raise InputError("the data owner needs --input and --output")
+        kwargs["x"] = load_input(args.input, None, args.preprocess)
+        if args.progress_jsonl:
+            def emit(done: int, total: int, node: Any) -> None:
+                sys.stdout.write(json.dumps({"done": done, "total": total, "op": node.op, "onnx": node.attrs.get("onnx", "")}) + "\n")
+                sys.stdout.flush()
+            kwargs["progress"] = emit
+    out, stats = run_role(args.role, cfg, **kwargs)
+    if out is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.output, out)
+    if args.stats:
+        args.stats.write_text(json.dumps(stats))
+    if args.role == "data-owner" and not args.progress_jsonl:
+        print(f"output {tuple(out.shape) if out is not None else ()} written to {args.output}")
+    return 0
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from privmed.crypto.certs import init_ca
+
+    pem = init_ca(args.ca_dir)
+    print(f"CA certificate {pem}; keep {args.ca_dir / 'ca.key'} private")
+    return 0
+
+
+def cmd_certs_issue(args: argparse.Namespace) -> int:
+    from privmed.crypto.certs import issue
+
+    ident = issue(args.ca_dir, args.name, args.out)
+    print(f"{args.name}: certificate {ident.cert}, key {ident.key}, CA {ident.ca}")
+    return 0

@@ -1,0 +1,56 @@
+"""Terminal output shared by the CLI commands: a layer progress line and the cost summary."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+class LayerProgress:
+    """One updating line on a terminal; a line every 10% of the layers otherwise."""
+
+    def __init__(self, stream: TextIO = sys.stderr, label: str = "secure inference") -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.label = label
+        self._last_decile = -1
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        i, total = event.get("done", 0), max(event.get("total", 1), 1)
+        text = f"{self.label}: layer {i}/{total} {event.get('op', '')} {event.get('onnx', '')}"[:110]
+        if self.tty:
+            self.stream.write("\r\033[K" + text)
+            if i == total:
+                self.stream.write("\n")
+        else:
+            decile = (10 * i) // total
+            if decile != self._last_decile:
+                self._last_decile = decile
+                self.stream.write(f"{self.label}: {i}/{total} layers ({100 * i // total}%)\n")
+        self.stream.flush()
+
+
+def summary_table(stats: dict[str, Any], top: int = 8) -> str:
+    """The cost summary printed at the end of a secure run."""
+    roles = ("data-owner", "model-owner", "dealer")
+    lines = [
+        f"wall {stats['wall_s']:.2f} s (online {stats['online_s']:.2f} s)   rounds {stats['rounds']}   total sent {human_bytes(stats['bytes_total'])}",
+        f"{'role':<12} {'sent':>10} {'peak RSS':>10}",
+    ]
+    for r in roles:
+        lines.append(f"{r:<12} {human_bytes(stats['bytes_sent'][r]):>10} {stats['peak_rss_mb'][r]:>7.0f} MB")
+    layers = sorted(stats.get("layers", []), key=lambda l: -l["time_s"])[:top]
+    if layers:
+        lines.append(f"slowest layers: {'layer':<28} {'op':<10} {'time':>8} {'bytes':>10} {'rounds':>6}")
+        for l in layers:
+            name = (l["onnx"] or l["id"])[:28]
+            lines.append(f"{'':<16}{name:<28} {l['op'] + ('/' + l['kind'] if l.get('kind') else ''):<10} {l['time_s']:>7.3f}s {human_bytes(l['bytes']):>10} {l['rounds']:>6}")
+    return "\n".join(lines)
