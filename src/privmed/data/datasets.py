@@ -12,7 +12,8 @@
    name in the table (anywhere below the table's folder) or by the relative path.
 3. ``dataset.json`` or ``imagesTr/``: **NIfTI image/label pairs** (Medical Segmentation
    Decathlon). ``Record.mask_path`` is the label volume; findings are the non-background mask
-   labels from ``dataset.json`` with image-level labels unknown (nan).
+   labels from ``dataset.json`` (``Study.mask_values`` their integers); the image-level label
+   says whether that value occurs in the mask (filled by ``verify``; nan without it).
 4. Sub-folders that are each a study of kinds 1-3 or 5: **site folders**; the sub-folder
    name is the site unless the table has a site column.
 5. Sub-folders of images: **folder-per-class**, one-hot over the sorted class names.
@@ -71,6 +72,7 @@ class Study:
     records: list[Record]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     layout: str = ""
+    mask_values: list[int] | None = None  # segmentation studies: mask value of each finding
     _arrays: dict[tuple[Path, str], np.ndarray] = field(
         default_factory=dict, repr=False, compare=False
     )
@@ -104,7 +106,10 @@ class Study:
     def select(self, sites: list[str]) -> Study:
         """A study with only the records of ``sites`` (same findings; shares the array cache)."""
         keep = [r for r in self.records if r.site in set(sites)]
-        return Study(self.root, self.findings, keep, list(self.skipped), self.layout, self._arrays)
+        return Study(
+            self.root, self.findings, keep, list(self.skipped), self.layout, self.mask_values,
+            self._arrays,
+        )  # fmt: skip
 
     def read(self, record: Record, **kwargs: Any) -> tuple[np.ndarray, dict[str, Any]]:
         """The record's image as ``read_image`` returns it (MedMNIST rows scaled to [0, 1])."""
@@ -172,8 +177,14 @@ def _verify(study: Study) -> None:
                     raise InputError(
                         f"{rec.mask_path}: mask shape {mask.shape} differs from image {image.shape}"
                     )
+                if study.mask_values is not None:  # image-level label = value present in mask
+                    present = np.isin(study.mask_values, np.unique(np.rint(mask)))
+                    rec.labels = present.astype(np.float32)
         except InputError as exc:
-            study.skipped.append((rec.path, str(exc)))
+            reason = str(exc)
+            for prefix in (f"{rec.path}: ", f"{rec.mask_path}: "):
+                reason = reason.removeprefix(prefix)
+            study.skipped.append((rec.path, reason))
             continue
         good.append(rec)
     study.records = good

@@ -165,9 +165,11 @@ def _nifti_pairs(p: Path, opts: dict[str, Any], site_default: str) -> Study | No
         return None
     body = read_msd_json(p) if has_json else {}
     label_names = body.get("labels", {}) if isinstance(body.get("labels"), dict) else {}
-    findings = [
-        str(v) for k, v in sorted(label_names.items(), key=lambda kv: int(kv[0])) if str(k) != "0"
-    ]
+    try:
+        named = sorted((int(k), str(v)) for k, v in label_names.items() if int(k) != 0)
+    except ValueError:
+        raise InputError(f"{p / 'dataset.json'}: 'labels' keys must be integers") from None
+    findings = [name for _, name in named]
     unknown = np.full(len(findings), np.nan, dtype=np.float32)
     records, skipped = [], []
     entries = body.get("training") if isinstance(body.get("training"), list) else None
@@ -191,7 +193,7 @@ def _nifti_pairs(p: Path, opts: dict[str, Any], site_default: str) -> Study | No
                 skipped.append((f, "no matching file in labelsTr/"))
                 continue
             records.append(Record(case, f, unknown.copy(), site_default, labels[case]))
-    return Study(p, findings, records, skipped, "nifti-pairs")
+    return Study(p, findings, records, skipped, "nifti-pairs", [v for v, _ in named])
 
 
 def _class_folders(p: Path, site_default: str) -> Study | None:

@@ -147,7 +147,9 @@ def _read_pil(p: Path) -> tuple[np.ndarray, dict[str, Any]]:
             im.load()
             mode = im.mode
             arr = np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise InputError(f"{p}: not a readable image (unknown or corrupt image data)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{p}: not a readable image ({exc.__class__.__name__}: {exc})") from None
     if mode in ("L", "P") or mode.startswith("I;16") or mode in ("I", "F", "1"):
         if mode == "P":
