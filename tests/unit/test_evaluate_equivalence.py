@@ -29,8 +29,12 @@ def test_ks_matches_scipy() -> None:
     assert res.statistic == pytest.approx(ref.statistic) and res.p == pytest.approx(ref.pvalue)
 
 
-@pytest.mark.parametrize(("bias", "noise", "expect_equiv"), [(0.0, 1e-3, True), (0.02, 1e-3, False), (0.0, 0.2, False)])
-def test_tost_matches_two_scipy_one_sided_t_tests(bias: float, noise: float, expect_equiv: bool) -> None:
+@pytest.mark.parametrize(
+    ("bias", "noise", "expect_equiv"), [(0.0, 1e-3, True), (0.02, 1e-3, False), (0.0, 0.2, False)]
+)
+def test_tost_matches_two_scipy_one_sided_t_tests(
+    bias: float, noise: float, expect_equiv: bool
+) -> None:
     # Prepare
     s, p = _pair(1, bias, noise)
     d = s - p

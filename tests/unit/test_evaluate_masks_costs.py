@@ -73,4 +73,6 @@ def test_summarize_matches_numpy() -> None:
 
 def test_projections() -> None:
     assert projected_study_seconds(np.array([2.0, 4.0]), 100, workers=2) == pytest.approx(150.0)
-    assert observed_study_seconds(np.array([0.0, 1.0]), np.array([3.0, 4.0]), 10) == pytest.approx(20.0)
+    assert observed_study_seconds(np.array([0.0, 1.0]), np.array([3.0, 4.0]), 10) == pytest.approx(
+        20.0
+    )

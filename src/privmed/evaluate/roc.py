@@ -66,7 +66,9 @@ def midranks(x: np.ndarray) -> np.ndarray:
     return group_rank[inverse.ravel()].astype(np.float64)
 
 
-def delong_covariance(pos_scores: np.ndarray, neg_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def delong_covariance(
+    pos_scores: np.ndarray, neg_scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """AUROCs of k correlated scores and their k x k DeLong covariance (Sun & Xu 2014).
 
     Parameters
@@ -104,7 +106,9 @@ def _split(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarr
     labels = np.asarray(labels, dtype=np.float64).ravel()
     scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     if scores.shape[1] != labels.shape[0]:
-        raise InputError(f"scores: expected {labels.shape[0]} cases per scorer, got {scores.shape[1]}")
+        raise InputError(
+            f"scores: expected {labels.shape[0]} cases per scorer, got {scores.shape[1]}"
+        )
     known = ~np.isnan(labels)
     if not np.all(np.isin(labels[known], (0.0, 1.0))):
         raise InputError("labels: expected 0, 1 or NaN (unknown)")
@@ -141,7 +145,9 @@ def delong_paired(
     z = (auc_b - auc_a) / sqrt(var_a + var_b - 2 cov_ab), two-sided p from N(0, 1)
     (DeLong et al. 1988, eq. for the contrast L = (-1, 1)).
     """
-    both = np.stack([np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)])
+    both = np.stack(
+        [np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)]
+    )
     pos, neg = _split(labels, both)
     m, n = pos.shape[1], neg.shape[1]
     nan = float("nan")
@@ -160,8 +166,9 @@ def delong_paired(
     else:
         z = diff / se
         p = float(2.0 * sps.norm.sf(abs(z)))
-    return PairedDelong(float(auc[0]), float(auc[1]), diff, se, float(z), p,
-                        diff - zq * se, diff + zq * se, m, n)
+    return PairedDelong(
+        float(auc[0]), float(auc[1]), diff, se, float(z), p, diff - zq * se, diff + zq * se, m, n
+    )
 
 
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,101 @@
+"""`privmed validate` (secure vs plaintext study on a dataset) and `privmed report`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``validate`` and ``report`` subcommands."""
+    v = subparsers.add_parser(
+        "validate",
+        help="run a model securely and in clear on a study; compare outputs, AUROC and cost",
+        description="For every image of STUDY_DIR: plaintext inference (onnxruntime) and secure "
+        "inference (three parties), stored in RESULTS_DIR/results.sqlite as each image finishes. "
+        "Rerunning resumes where the last run stopped. Ends by writing the report.",
+    )
+    v.add_argument("--model", required=True, type=Path, help="model.onnx (with model.preprocess.json next to it)")
+    v.add_argument("--data", required=True, type=Path, help="study folder (any layout privmed data inspect reads)")
+    v.add_argument("--out", required=True, type=Path, help="results folder (created; reused to resume)")
+    v.add_argument("--workers", type=int, default=1, help="secure sessions at once (default 1)")
+    v.add_argument("--limit", type=int, default=None, help="only the first N images of the study")
+    v.add_argument("--timeout", type=float, default=120.0, help="seconds per secure-session step (default 120)")
+    v.add_argument("--retry-errors", action="store_true", help="run images that failed before again")
+    v.add_argument("--margin", type=float, default=0.01, help="TOST equivalence margin (default 0.01)")
+    v.add_argument("--threshold", type=float, default=0.5, help="label threshold for agreement (default 0.5)")
+    v.add_argument("--no-report", action="store_true", help="skip writing report.html at the end")
+    v.set_defaults(func=run_validate)
+
+    r = subparsers.add_parser(
+        "report",
+        help="(re)build report.html and summary.json from a validation results folder",
+        description="Read RESULTS_DIR/results.sqlite and write RESULTS_DIR/report.html and summary.json.",
+    )
+    r.add_argument("results_dir", type=Path, metavar="RESULTS_DIR")
+    r.add_argument("--margin", type=float, default=None, help="override the stored TOST margin")
+    r.add_argument("--threshold", type=float, default=None, help="override the stored label threshold")
+    r.set_defaults(func=run_report)
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+
+
+def _progress_printer() -> Any:
+    tty = sys.stderr.isatty()
+
+    def show(p: Any) -> None:
+        rate = f"{60 * p.rate:.1f} img/min" if math.isfinite(p.rate) else "-"
+        line = (f"[{p.done}/{p.total}] {p.failed} failed | {rate} | elapsed {_hms(p.elapsed_s)} "
+                f"| ETA {_hms(p.eta_s)} | last {p.last.site}/{p.last.image_id} {p.last.status}")  # fmt: skip
+        if tty:
+            print("\r\033[K" + line, end="" if p.done < p.total else "\n", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    return show
+
+
+def _print_summary(summary: dict[str, Any], html: Path, js: Path) -> None:
+    st, c = summary["study"], summary["costs"]
+    print(f"{st['n_ok']} images ok, {st['n_error']} failed, {len(st['sites'])} sites")
+    for f in summary["findings"]:
+        print("  " + f["sentence"])
+    for name, m in (summary.get("masks") or {}).items():
+        print(f"  {name}: Dice median {m['dice']['median']:.4f}, HD95 median {m['hd95']['median']}")
+    med = c["secure_s"]["median"]
+    if med is not None:
+        print(f"cost per image: median {med:.2f} s, {(c['bytes_total']['median'] or 0) / 1e6:.2f} MB, "
+              f"{c["rounds"]["median"]:.0f} rounds; projected study time {_hms(c['projected_study_s'] or float('nan'))}")  # fmt: skip
+    print(f"report: {html}\nsummary: {js}")
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from privmed.evaluate.report import build_report
+    from privmed.evaluate.runner import ValidateOptions, run_validation
+
+    opts = ValidateOptions(workers=args.workers, limit=args.limit, timeout_s=args.timeout,
+                           retry_errors=args.retry_errors, margin=args.margin, threshold=args.threshold)  # fmt: skip
+    run = run_validation(args.model, args.data, args.out, opts, progress=_progress_printer())
+    print(f"validate: {run.processed} images run now ({run.ok} ok, {run.failed} failed), "
+          f"{run.already_done} already stored, {run.total} in study, {_hms(run.elapsed_s)} elapsed")  # fmt: skip
+    if args.no_report:
+        return 0
+    html, js, summary = build_report(args.out)
+    _print_summary(summary, html, js)
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from privmed.evaluate.report import build_report
+
+    html, js, summary = build_report(args.results_dir, margin=args.margin, threshold=args.threshold)
+    _print_summary(summary, html, js)
+    return 0

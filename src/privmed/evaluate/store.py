@@ -1,0 +1,269 @@
+"""Per-image results of a validation study in one SQLite file, written as each image finishes.
+
+Layout of ``RESULTS_DIR/results.sqlite``:
+
+- ``meta(key, value)``: JSON values describing the study (model path and SHA-256, data
+  directory, findings, output kind, margin, threshold). Fixed by the first run; a rerun
+  with another model or data directory is refused instead of mixing two studies.
+- ``results``: one row per image, primary key ``(site, image_id)``. Labels are JSON (null =
+  unknown); outputs are ``.npy`` bytes (dtype and shape included); costs are numbers or JSON
+  maps keyed by role. ``status`` is ``ok`` or ``error`` (then ``error`` says why).
+
+Crash safety: every row is written in its own transaction by a single writer, so a process
+killed at any instant leaves either the whole row or nothing (SQLite's rollback journal).
+A finished ``ok`` row is never overwritten, so resuming can count nothing twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import sqlite3
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from privmed.errors import InputError
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "results.sqlite"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS results (
+    site TEXT NOT NULL,
+    image_id TEXT NOT NULL,
+    path TEXT,
+    labels TEXT,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'error')),
+    error TEXT,
+    plain_output BLOB,
+    secure_output BLOB,
+    plain_s REAL,
+    secure_s REAL,
+    bytes_total INTEGER,
+    bytes_by_role TEXT,
+    rounds INTEGER,
+    peak_rss_mb TEXT,
+    started_at REAL,
+    finished_at REAL,
+    run_id TEXT,
+    PRIMARY KEY (site, image_id)
+);
+"""
+
+
+@dataclass
+class ImageResult:
+    """Everything measured for one image (one row of ``results``)."""
+
+    site: str
+    image_id: str
+    status: str
+    path: str = ""
+    labels: np.ndarray | None = None
+    error: str = ""
+    plain_output: np.ndarray | None = None
+    secure_output: np.ndarray | None = None
+    plain_s: float = float("nan")
+    secure_s: float = float("nan")
+    bytes_by_role: dict[str, int] = field(default_factory=dict)
+    rounds: int | None = None
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    started_at: float = float("nan")
+    finished_at: float = float("nan")
+    run_id: str = ""
+
+
+def _to_npy(a: np.ndarray | None) -> bytes | None:
+    if a is None:
+        return None
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _from_npy(b: bytes | None) -> np.ndarray | None:
+    if b is None:
+        return None
+    return np.load(io.BytesIO(b), allow_pickle=False)
+
+
+def _labels_json(labels: np.ndarray | None) -> str | None:
+    if labels is None:
+        return None
+    return json.dumps([None if np.isnan(v) else float(v) for v in np.asarray(labels, np.float64)])
+
+
+def _labels_array(text: str | None) -> np.ndarray | None:
+    if text is None:
+        return None
+    return np.array([np.nan if v is None else v for v in json.loads(text)], dtype=np.float32)
+
+
+def _real(x: float) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+class ResultStore:
+    """The results database of one study (open with :meth:`open`, close with :meth:`close`).
+
+    One connection, used from the thread that opened it; the validation runner funnels
+    every worker's result through that thread.
+    """
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self._conn = conn
+
+    @classmethod
+    def open(cls, results_dir: str | Path, *, create: bool = True) -> ResultStore:
+        """Open (and with ``create`` make) ``results_dir/results.sqlite``."""
+        results_dir = Path(results_dir)
+        path = results_dir / DB_NAME
+        if not create and not path.is_file():
+            raise InputError(f"{path}: no results database (run `privmed validate --out {results_dir}` first)")
+        results_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None)
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise InputError(f"{path}: not a privmed results database ({exc})") from exc
+        store = cls(path, conn)
+        version = store.meta().get("schema_version")
+        if version is None:
+            store.set_meta({"schema_version": SCHEMA_VERSION})
+        elif version != SCHEMA_VERSION:
+            raise InputError(f"{path}: expected schema version {SCHEMA_VERSION}, got {version}")
+        return store
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- meta ---------------------------------------------------------------------------
+
+    def meta(self) -> dict[str, Any]:
+        """All meta entries, JSON-decoded."""
+        rows = self._conn.execute("SELECT key, value FROM meta").fetchall()
+        return {k: json.loads(v) for k, v in rows}
+
+    def set_meta(self, entries: Mapping[str, Any]) -> None:
+        """Insert or replace meta entries in one transaction."""
+        with self._transaction():
+            for key, value in entries.items():
+                self._conn.execute(
+                    "INSERT INTO meta(key, value) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, json.dumps(value)),
+                )
+
+    def check_or_set_meta(self, fixed: Mapping[str, Any]) -> None:
+        """Record ``fixed`` on the first run; on later runs require the same values.
+
+        Raises InputError naming the first key whose value differs, so results of two
+        different models or datasets never end up in one study.
+        """
+        current = self.meta()
+        for key, value in fixed.items():
+            if key in current and current[key] != json.loads(json.dumps(value)):
+                raise InputError(
+                    f"{self.path}: study was started with {key} = {current[key]!r}, got {value!r}; "
+                    "use a new --out directory for a different study"
+                )
+        self.set_meta({k: v for k, v in fixed.items() if k not in current})
+
+    # -- rows ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK if the body raises."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def finished_keys(self, *, include_errors: bool = True) -> set[tuple[str, str]]:
+        """``(site, image_id)`` of every stored row (only ``ok`` rows if not include_errors)."""
+        sql = "SELECT site, image_id FROM results"
+        if not include_errors:
+            sql += " WHERE status = 'ok'"
+        return {(s, i) for s, i in self._conn.execute(sql)}
+
+    def put(self, r: ImageResult) -> bool:
+        """Store one image's result in its own transaction; returns False if already ``ok``.
+
+        An ``error`` row may be replaced (retrying a failed image); an ``ok`` row never is.
+        """
+        values = (
+            r.site, r.image_id, r.path, _labels_json(r.labels), r.status, r.error or None,
+            _to_npy(r.plain_output), _to_npy(r.secure_output), _real(r.plain_s), _real(r.secure_s),
+            int(sum(r.bytes_by_role.values())) if r.bytes_by_role else None,
+            json.dumps(r.bytes_by_role) if r.bytes_by_role else None,
+            r.rounds, json.dumps(r.peak_rss_mb) if r.peak_rss_mb else None,
+            _real(r.started_at), _real(r.finished_at), r.run_id,
+        )  # fmt: skip
+        columns = (
+            "site, image_id, path, labels, status, error, plain_output, secure_output, plain_s, "
+            "secure_s, bytes_total, bytes_by_role, rounds, peak_rss_mb, started_at, finished_at, run_id"
+        )
+        updates = ", ".join(f"{c.strip()} = excluded.{c.strip()}" for c in columns.split(",")[2:])
+        with self._transaction():
+            cur = self._conn.execute(
+                f"INSERT INTO results({columns}) VALUES ({', '.join('?' * len(values))}) "
+                f"ON CONFLICT(site, image_id) DO UPDATE SET {updates} WHERE results.status = 'error'",
+                values,
+            )
+            written = cur.rowcount == 1
+        if not written:
+            log.warning("result for %s/%s already stored; kept the first", r.site, r.image_id)
+        return written
+
+    def rows(self) -> Iterator[ImageResult]:
+        """Every stored row, in insertion order."""
+        cur = self._conn.execute(
+            "SELECT site, image_id, path, labels, status, error, plain_output, secure_output, "
+            "plain_s, secure_s, bytes_by_role, rounds, peak_rss_mb, started_at, finished_at, run_id "
+            "FROM results ORDER BY rowid"
+        )
+        for row in cur:
+            (site, image_id, path, labels, status, error, plain, secure, plain_s, secure_s,
+             bytes_json, rounds, rss_json, started, finished, run_id) = row  # fmt: skip
+            yield ImageResult(
+                site=site,
+                image_id=image_id,
+                status=status,
+                path=path or "",
+                labels=_labels_array(labels),
+                error=error or "",
+                plain_output=_from_npy(plain),
+                secure_output=_from_npy(secure),
+                plain_s=float("nan") if plain_s is None else plain_s,
+                secure_s=float("nan") if secure_s is None else secure_s,
+                bytes_by_role=json.loads(bytes_json) if bytes_json else {},
+                rounds=rounds,
+                peak_rss_mb=json.loads(rss_json) if rss_json else {},
+                started_at=float("nan") if started is None else started,
+                finished_at=float("nan") if finished is None else finished,
+                run_id=run_id or "",
+            )
+
+    def count(self) -> dict[str, int]:
+        """Number of rows per status."""
+        return dict(self._conn.execute("SELECT status, COUNT(*) FROM results GROUP BY status").fetchall())
