@@ -72,8 +72,12 @@ def _print_summary(summary: dict[str, Any], html: Path, js: Path) -> None:
         print(f"  {name}: Dice median {m['dice']['median']:.4f}, HD95 median {m['hd95']['median']}")
     med = c["secure_s"]["median"]
     if med is not None:
-        print(f"cost per image: median {med:.2f} s, {(c['bytes_total']['median'] or 0) / 1e6:.2f} MB, "
-              f"{c["rounds"]["median"]:.0f} rounds; projected study time {_hms(c['projected_study_s'] or float('nan'))}")  # fmt: skip
+        mb = (c["bytes_total"]["median"] or 0.0) / 1e6
+        rounds = c["rounds"]["median"]
+        projected = c["projected_study_s"] if c["projected_study_s"] is not None else float("nan")
+        print(f"cost per image: median {med:.2f} s, {mb:.2f} MB, "
+              f"{'-' if rounds is None else f'{rounds:.0f}'} rounds; "
+              f"projected study time {_hms(projected)} with {c['workers']} worker(s)")  # fmt: skip
     print(f"report: {html}\nsummary: {js}")
 
 
