@@ -36,7 +36,6 @@ import numpy as np
 
 from privmed.data.labels import (
     LabelTable,
-    canonical_order,
     detect_convention,
     parse_chestxray14,
     parse_chexpert,
@@ -45,7 +44,7 @@ from privmed.data.labels import (
 from privmed.data.readers import image_kind, read_image
 from privmed.errors import InputError
 
-__all__ = ["Record", "Study", "load_study"]
+__all__ = ["Record", "Study", "load_study", "demo_study_path"]
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +164,13 @@ def load_study(
     return study
 
 
+def demo_study_path() -> Path:
+    """Folder of the shipped synthetic demo study (12 PNGs, 3 sites; see its README.md)."""
+    from importlib.resources import files
+
+    return Path(str(files("privmed") / "assets" / "demo_study"))
+
+
 def _verify(study: Study) -> None:
     """Decode every file once; move failures to ``skipped`` with the reader's message."""
     good = []
@@ -244,10 +250,8 @@ def parse_table(path: Path, opts: dict[str, Any]) -> LabelTable | None:
 
 
 def merge_studies(root: Path, parts: list[Study], layout: str) -> Study:
-    """Concatenate studies; findings are the union in canonical order, absent ones nan."""
-    names = {f for s in parts for f in s.findings}
-    order = next((s.findings for s in parts if set(s.findings) == names), None)
-    order = list(order) if order is not None else canonical_order(names)
+    """Concatenate studies; findings in order of first appearance, absent ones nan (unknown)."""
+    order = list(dict.fromkeys(f for s in parts for f in s.findings))
     records, skipped = [], []
     for s in parts:
         index = [s.findings.index(f) if f in s.findings else -1 for f in order]

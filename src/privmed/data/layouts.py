@@ -6,6 +6,7 @@ Kept apart from ``datasets`` so each layout is one short function; the order of 
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ def load_medmnist(path: Path, site_default: str) -> Study:
             shapes = {k: npz[k].shape for k in keys if k.endswith("_labels")}
             labels = {k: np.asarray(npz[k]) for k in shapes}
             n_images = {k: npz[k].shape[0] for k in keys if k.endswith("_images")}
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path}: not a readable .npz ({exc.__class__.__name__}: {exc})") from None
     splits = [s for s in MEDMNIST_SPLITS if f"{s}_images" in keys and f"{s}_labels" in keys]
     if not splits:
