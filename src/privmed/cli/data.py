@@ -56,8 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 class CountProgress:
     """``label: done/total`` on one updating line on a terminal, every 10 % otherwise."""
 
-    def __init__(self, label: str, stream: TextIO = sys.stderr) -> None:
-        self.label, self.stream, self.tty = label, stream, stream.isatty()
+    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr  # looked up now, not at import
+        self.label, self.tty = label, self.stream.isatty()
         self.start = time.perf_counter()
         self._last = -1
 
