@@ -120,7 +120,8 @@ def parse_chestxray14(
     names = {t for labels in split for t in labels if t != "No Finding"}
     order = list(findings) if findings is not None else canonical_order(names)
     position = {f: i for i, f in enumerate(order)}
-    out, bad = [], []
+    out: list[LabelRow] = []
+    bad: list[tuple[int, str, str]] = []
     for n, (r, labels) in enumerate(zip(rows, split, strict=True), start=1):
         image = r.get(image_col, "")
         if not image:
@@ -170,7 +171,8 @@ def parse_chexpert(
         "": 0.0 if blank == "zeros" else np.nan,
     }  # fmt: skip
     value_of["-1.0"] = value_of["-1"]
-    out, bad = [], []
+    out: list[LabelRow] = []
+    bad: list[tuple[int, str, str]] = []
     for n, r in enumerate(rows, start=1):
         image = r.get(path_col, "")
         if not image:

@@ -199,7 +199,7 @@ def _read_nifti(p: Path) -> tuple[np.ndarray, dict[str, Any]]:
     from nibabel.filebasedimages import ImageFileError
 
     try:
-        img = nib.load(str(p))
+        img: Any = nib.load(str(p))  # a Nifti1Image / Nifti2Image for these suffixes
         arr = np.asarray(img.get_fdata(dtype=np.float32))
     except (ImageFileError, OSError, EOFError, ValueError) as exc:
         raise InputError(f"{p}: not a readable NIfTI file ({exc})") from None

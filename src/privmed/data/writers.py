@@ -18,7 +18,7 @@ from privmed.errors import InputError
 if TYPE_CHECKING:
     from privmed.data.synth import SiteStyle
 
-CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"  # SOP class: Computed Radiography Image Storage
 # a chest image in [0, 1] is stored as round(value * DETECTOR_RANGE) in 12 bits
 DETECTOR_RANGE = 4000
 BITS_STORED = 12
@@ -63,7 +63,7 @@ def write_chest_dicom(
     then applying the photometric inversion returns v (to 1/4000).
     """
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     arr = np.asarray(image01)
     if arr.ndim != 2:
@@ -75,7 +75,7 @@ def write_chest_dicom(
     sop_uid = generate_uid(entropy_srcs=[*entropy, "sop"])
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
+    meta.MediaStorageSOPClassUID = UID(CR_IMAGE_STORAGE)
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
