@@ -128,6 +128,8 @@ class TlsChannel(Channel):
     def __init__(self, me: str, peer: str, session: bytes, sock: ssl.SSLSocket, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         super().__init__(me, peer, session, timeout_s)
         self._sock = sock
+        # small protocol messages must not wait for Nagle + delayed ACK (~40 ms per round)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)

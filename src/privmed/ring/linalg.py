@@ -6,10 +6,9 @@ this machine), so a product mod 2^64 is assembled from float64 GEMMs on limbs:
 - general case (both operands uniform in Z_2^64): split each into four 16-bit limbs;
   a*b mod 2^64 = sum_{i+j<=3} a_i b_j 2^(16(i+j)). One dot product of limbs over K terms is
   below K * 2^32 and the sum over i+j = s of at most four such is below K * 2^34, exact in
-  float64 when K < 2^19 (larger K is split into chunks). Ten GEMMs.
+  float64 when K < 2^19 (larger K is split into chunks). Ten limb products in four GEMMs.
 - small-weight case (one operand signed with |w| < 2^wb, e.g. the model owner's plaintext
-  fixed-point weights): split the other into L-bit limbs with K * 2^(wb+L) < 2^52; usually four
-  GEMMs.
+  fixed-point weights): only the other operand is split, K * 2^(16+wb) < 2^52; one GEMM.
 
 ``linear(kind, spec, weight, x)`` is the one bilinear map L(W, x) that the Beaver protocol in
 ``privmed.mpc.linear`` uses for every linear layer kind.
@@ -27,37 +26,45 @@ U64 = np.uint64
 _MAX_K_UNIFORM = 1 << 18  # chunk K so that 4 * K * 2^32 < 2^53 with margin
 
 
-def _limbs(x: np.ndarray, bits: int, count: int) -> list[np.ndarray]:
-    mask = U64((1 << bits) - 1)
-    return [((x >> U64(bits * i)) & mask).astype(np.float64) for i in range(count)]
+def _limb_stack(x: np.ndarray) -> np.ndarray:
+    """The four 16-bit limbs of uint64 x (..., K) as float64 (4, ..., K), in one pass."""
+    u16 = np.ascontiguousarray(x).view(np.uint16).reshape(x.shape + (4,))  # little-endian limbs
+    out = np.empty((4,) + x.shape, dtype=np.float64)
+    np.copyto(out, np.moveaxis(u16, -1, 0), casting="unsafe")
+    return out
 
 
 def _matmul_uniform(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Both operands uniform: limb products a_i b_j with i + j <= 3 in four GEMMs."""
     out = np.zeros(a.shape[:-1] + b.shape[-1:], dtype=U64)
-    k = a.shape[-1]
+    k, n = a.shape[-1], b.shape[-1]
     for start in range(0, k, _MAX_K_UNIFORM):
         stop = min(k, start + _MAX_K_UNIFORM)
-        al = _limbs(a[..., start:stop], 16, 4)
-        bl = _limbs(b[start:stop], 16, 4)
-        for s in range(4):
-            acc = al[0] @ bl[s]
-            for i in range(1, s + 1):
-                acc += al[i] @ bl[s - i]
-            out += acc.astype(U64) << U64(16 * s)
+        al = _limb_stack(a[..., start:stop])
+        bl = _limb_stack(b[start:stop])  # (4, K, N)
+        for i in range(4):
+            # a_i times [b_0 | b_1 | ... | b_{3-i}] in one GEMM (wider N is faster)
+            wide = np.concatenate([bl[j] for j in range(4 - i)], axis=1)
+            prod = al[i] @ wide
+            for j in range(4 - i):
+                out += prod[..., j * n : (j + 1) * n].astype(U64) << U64(16 * (i + j))
     return out
 
 
 def _matmul_small_right(a: np.ndarray, b_signed: np.ndarray, b_bits: int) -> np.ndarray:
-    """a uniform uint64 (..., K); b signed int64 (K, N) with |b| < 2^b_bits."""
+    """a uniform uint64 (..., K); b signed int64 (K, N) with |b| < 2^b_bits: one GEMM.
+
+    Each limb product sums K terms below 2^(16 + b_bits), exact in float64 when
+    16 + b_bits + log2(K) <= 52.
+    """
     k = a.shape[-1]
-    limb = 52 - b_bits - max(1, math.ceil(math.log2(max(k, 2))))
-    if limb < 8:  # weights too wide for a cheap split: fall back to the uniform path
+    if 16 + b_bits + math.ceil(math.log2(max(k, 2))) > 52:
         return _matmul_uniform(a, b_signed.view(U64))
-    count = math.ceil(64 / limb)
-    bf = b_signed.astype(np.float64)
-    out = np.zeros(a.shape[:-1] + b_signed.shape[-1:], dtype=U64)
-    for i, al in enumerate(_limbs(a, limb, count)):
-        out += (al @ bf).astype(np.int64).view(U64) << U64(limb * i)
+    al = _limb_stack(a)  # (4, ..., K)
+    prod = al @ b_signed.astype(np.float64)  # (4, ..., N)
+    out = prod[0].astype(np.int64).view(U64)
+    for i in range(1, 4):
+        out += prod[i].astype(np.int64).view(U64) << U64(16 * i)
     return out
 
 

@@ -1,0 +1,93 @@
+"""Truncation and ReLU protocols on extreme inputs: no catastrophic error, ever.
+
+The truncation of ``privmed.mpc.nonlinear`` is exact up to +1 ulp for every |x| < 2^62 (no
+probabilistic wrap), so over a million inputs spread over the whole admissible range, including
+values next to +-2^61 and to 0, every result must be floor(x / 2^s) or floor(x / 2^s) + 1.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from privmed.compiler.plan import Node
+from privmed.crypto.prg import PRG
+from privmed.mpc import nonlinear as nl
+from privmed.mpc.correlated import DealerSource, NonlinearSpec, Request, nonlinear_correction
+from privmed.mpc.party import Party
+from privmed.net.channel import in_process_pair
+
+U64 = np.uint64
+
+
+def run_protocol(spec: NonlinearSpec, x: np.ndarray, relu: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Share x, run truncate or relu between two threads, return reconstructed (out, t)."""
+    sid = bytes(16)
+    p0_ch, p1_ch = in_process_pair("data-owner", "model-owner", sid, 30)
+    d_ch, p1_dealer = in_process_pair("dealer", "model-owner", sid, 30)
+    s0, s1 = PRG.fresh().seed, PRG.fresh().seed
+    req = Request("L", Node("L", "relu" if relu else "trunc", [], [x.size], 0), spec)
+    arith, tables, packed = nonlinear_correction(spec, PRG(s0).stream("L"), PRG(s1).stream("L"), PRG.fresh().stream("L"))
+    d_ch.send("L/A", arith)
+    d_ch.send("L/B", packed)
+    if tables is not None:
+        d_ch.send("L/T", tables)
+    x0 = PRG.fresh().stream("share").uint64(x.shape)
+    shares = {0: x0, 1: x - x0}
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def party(i: int) -> None:
+        p = Party(i, p0_ch if i == 0 else p1_ch, DealerSource(i, s0 if i == 0 else s1, None if i == 0 else p1_dealer))
+        if relu:
+            out[i] = nl.relu(p, req, shares[i])
+        else:
+            t = nl.truncate(p, req, shares[i])
+            out[i] = (t, t)
+
+    threads = [threading.Thread(target=party, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert set(out) == {0, 1}, "a party failed"
+    return out[0][0] + out[1][0], out[0][1] + out[1][1]
+
+
+def spread(rng: np.random.Generator, n: int, top: int) -> np.ndarray:
+    """Signed values with magnitudes spread log-uniformly up to 2^top, plus edge cases."""
+    mags = np.exp2(rng.uniform(0, top, n)).astype(np.float64)
+    vals = (np.floor(mags) * rng.choice([-1, 1], n)).astype(np.int64)
+    edges = np.array([0, 1, -1, 2**top - 1, -(2**top) + 1, 2**16, -(2**16), 2**16 - 1, -(2**16) + 1], dtype=np.int64)
+    return np.concatenate([edges, vals]).view(U64)
+
+
+@pytest.mark.parametrize("shift", [12, 16, 20])
+def test_truncation_never_wraps_over_the_full_range(shift: int) -> None:
+    rng = np.random.default_rng(shift)
+    x = spread(rng, 1_000_000, 61)
+    t, _ = run_protocol(NonlinearSpec(x.size, shift), x, relu=False)
+    floor = x.view(np.int64) >> shift
+    diff = t.view(np.int64) - floor
+    assert set(np.unique(diff)) <= {0, 1}
+
+
+def test_relu_with_truncation_is_exact_up_to_one_ulp() -> None:
+    rng = np.random.default_rng(7)
+    bits, shift = 40, 16  # |x| < 2^40 at scale 2f = 32: activations up to 256
+    x = spread(rng, 300_000, bits - 1)
+    out, t = run_protocol(NonlinearSpec(x.size, shift, bits, shift, True), x, relu=True)
+    floor = x.view(np.int64) >> shift
+    expected = np.maximum(floor, 0)
+    diff = out.view(np.int64) - expected
+    assert set(np.unique(diff)) <= {0, 1}
+    assert set(np.unique(t.view(np.int64) - floor)) <= {0, 1}
+
+
+def test_relu_without_truncation_is_exact() -> None:
+    rng = np.random.default_rng(8)
+    bits = 24
+    x = spread(rng, 200_000, bits - 1)
+    out, _ = run_protocol(NonlinearSpec(x.size, 0, bits, 0, True), x, relu=True)
+    assert np.array_equal(out.view(np.int64), np.maximum(x.view(np.int64), 0))

@@ -1,0 +1,173 @@
+"""Every supported op: secure vs the fixed-point reference and vs onnxruntime.
+
+Tolerances. With f fractional bits: the secure result differs from the reference only by the
+documented truncation error (each truncation or fused truncate-ReLU adds 0 or +1 ulp), so a
+single-op model is within 4 ulp = 4 * 2^-f of the reference. Against onnxruntime the extra
+error is the rounding of weights and input to 2^-(f+1): for an output summing K products with
+|x| <= X and |w| <= W that is at most K (X + W) 2^-(f+1), plus the same 4 ulp.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from privmed.compiler.compile import compile_model
+from privmed.compiler.walk import run_plan
+from privmed.reference.executors import FixedBackend, postprocess
+from tests.protocol.harness import run_three
+from tests.protocol.onnx_models import build, rand
+
+H = helper.make_node
+
+
+def _check(path: Path, x: np.ndarray, k_terms: int = 1, calibration: np.ndarray | None = None) -> dict:
+    plan, weights = compile_model(path, calibration=x if calibration is None else calibration)
+    f = plan.frac_bits
+    secure, stats = run_three(plan, weights, x)
+    ref_ring, _ = run_plan(plan, FixedBackend(plan, weights, x.astype(np.float64)), x.shape[0])
+    ref = postprocess(ref_ring, plan.node(plan.output_name).attrs.get("post", {}))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_out = sess.run(None, {"x": x})[0]
+    assert secure.shape == onnx_out.shape
+    ulp = 2.0**-f
+    np.testing.assert_allclose(secure, ref, rtol=0, atol=4 * ulp + 1e-6)  # 1e-6: float32 output
+    bound = 4 * ulp + k_terms * (float(np.abs(x).max()) + 2.0) * ulp + 1e-6
+    np.testing.assert_allclose(secure, onnx_out, rtol=0, atol=bound)
+    return stats
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+@pytest.mark.parametrize(
+    "attrs,w_shape,in_shape",
+    [
+        ({"strides": [2, 2], "pads": [1, 1, 1, 1]}, (4, 3, 3, 3), (2, 3, 9, 12)),  # stride 2 + padding, non-square, batch 2
+        ({"group": 2, "dilations": [2, 2], "pads": [2, 1, 2, 1]}, (6, 2, 3, 3), (1, 4, 10, 7)),  # groups + dilation
+        ({"strides": [1, 2], "pads": [0, 1, 1, 0]}, (3, 2, 2, 3), (1, 2, 6, 9)),  # asymmetric pads
+        ({"group": 4}, (4, 1, 3, 3), (1, 4, 6, 6)),  # depthwise
+    ],
+)
+def test_conv2d(tmp_path: Path, rng: np.random.Generator, attrs: dict, w_shape: tuple, in_shape: tuple) -> None:
+    inits = {"w": rand(rng, *w_shape), "b": rand(rng, w_shape[0])}
+    p = build(tmp_path / "m.onnx", [H("Conv", ["x", "w", "b"], ["y"], **attrs)], inits, list(in_shape))
+    _check(p, rand(rng, *in_shape, scale=1.0), k_terms=int(np.prod(w_shape[1:])))
+
+
+def test_conv1d_and_relu_fused_truncation(tmp_path: Path, rng: np.random.Generator) -> None:
+    inits = {"w": rand(rng, 5, 3, 3)}
+    nodes = [H("Conv", ["x", "w"], ["c"], pads=[1, 1], strides=[2]), H("Relu", ["c"], ["y"])]
+    p = build(tmp_path / "m.onnx", nodes, inits, [1, 3, 17])
+    stats = _check(p, rand(rng, 1, 3, 17, scale=1.0), k_terms=9)
+    assert stats["data-owner"]["rounds"] == 1 + 1 + 5  # plan-less count: linear 1, relu 2+ceil(log2 m), reveal 1
+
+
+def test_relu_on_input_scale_and_negative_values(tmp_path: Path, rng: np.random.Generator) -> None:
+    p = build(tmp_path / "m.onnx", [H("Relu", ["x"], ["y"])], {}, [2, 3, 4, 5])
+    x = rand(rng, 2, 3, 4, 5, scale=3.0)
+    x[0, 0, 0, :3] = [0.0, -(2.0**-16), 2.0**-16]  # values at one ulp around zero
+    _check(p, x)
+
+
+def test_gemm_after_flatten_and_matmul(tmp_path: Path, rng: np.random.Generator) -> None:
+    inits = {"w": rand(rng, 4, 24), "b": rand(rng, 4), "m": rand(rng, 4, 3)}
+    nodes = [H("Flatten", ["x"], ["f"]), H("Gemm", ["f", "w", "b"], ["g"], transB=1, alpha=0.5), H("MatMul", ["g", "m"], ["y"])]
+    p = build(tmp_path / "m.onnx", nodes, inits, [3, 2, 3, 4])
+    _check(p, rand(rng, 3, 2, 3, 4, scale=1.0), k_terms=24 * 4)
+
+
+def test_batchnorm_folded_into_conv_and_unfolded_after_concat(tmp_path: Path, rng: np.random.Generator) -> None:
+    c = 3
+    bn = {f"{n}{i}": v for i in (1, 2) for n, v in
+          (("s", rng.uniform(0.5, 1.5, 2 * c if i == 2 else c)), ("o", rng.normal(0, 0.3, 2 * c if i == 2 else c)),
+           ("m", rng.normal(0, 0.3, 2 * c if i == 2 else c)), ("v", rng.uniform(0.5, 2, 2 * c if i == 2 else c)))}
+    inits = {"w": rand(rng, c, 2, 3, 3), **{k: v.astype(np.float32) for k, v in bn.items()}}
+    nodes = [
+        H("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        H("BatchNormalization", ["c", "s1", "o1", "m1", "v1"], ["b1"]),  # folded into the conv
+        H("Relu", ["b1"], ["r"]),
+        H("Concat", ["r", "r"], ["cat"], axis=1),
+        H("BatchNormalization", ["cat", "s2", "o2", "m2", "v2"], ["y"]),  # private per-channel affine
+    ]
+    p = build(tmp_path / "m.onnx", nodes, inits, [1, 2, 5, 6])
+    plan, _ = compile_model(p)
+    assert [n.attrs.get("kind") for n in plan.nodes if n.op == "linear"] == ["conv", "channel_scale"]
+    _check(p, rand(rng, 1, 2, 5, 6, scale=1.0), k_terms=18 * 2)
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+        {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1},
+        {"kernel_shape": [3, 2], "strides": [1, 1]},
+    ],
+)
+def test_maxpool(tmp_path: Path, rng: np.random.Generator, attrs: dict) -> None:
+    p = build(tmp_path / "m.onnx", [H("MaxPool", ["x"], ["y"], **attrs)], {}, [2, 2, 7, 9])
+    _check(p, rand(rng, 2, 2, 7, 9, scale=2.0))
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"kernel_shape": [2, 2], "strides": [2, 2]},
+        {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "count_include_pad": 0},
+        {"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1], "count_include_pad": 1},
+    ],
+)
+def test_avgpool_and_global_avgpool(tmp_path: Path, rng: np.random.Generator, attrs: dict) -> None:
+    nodes = [H("AveragePool", ["x"], ["a"], **attrs), H("GlobalAveragePool", ["a"], ["y"])]
+    p = build(tmp_path / "m.onnx", nodes, {}, [1, 3, 8, 7])
+    _check(p, rand(rng, 1, 3, 8, 7, scale=2.0), k_terms=4)
+
+
+def test_add_sub_mul_div_pad_reshape_transpose(tmp_path: Path, rng: np.random.Generator) -> None:
+    inits = {"w": rand(rng, 3, 3, 1, 1), "b": rand(rng, 1, 3, 1, 1), "s": np.array([0.5, -2.0, 1.5], np.float32).reshape(1, 3, 1, 1),
+             "d": np.array(4.0, np.float32), "pads": np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64), "pv": np.array(0.75, np.float32),
+             "shape": np.array([0, 3, -1], np.int64)}
+    nodes = [
+        H("Conv", ["x", "w"], ["c"]),
+        H("Add", ["c", "x"], ["a"]),  # secret + secret at different scales (upscale)
+        H("Sub", ["a", "b"], ["s1"]),  # private bias
+        H("Mul", ["s1", "s"], ["m"]),  # private per-channel scale
+        H("Div", ["m", "d"], ["dv"]),
+        H("Pad", ["dv", "pads", "pv"], ["pd"]),
+        H("Reshape", ["pd", "shape"], ["rs"]),
+        H("Transpose", ["rs"], ["y"], perm=[0, 2, 1]),
+    ]
+    p = build(tmp_path / "m.onnx", nodes, inits, [2, 3, 4, 5])
+    _check(p, rand(rng, 2, 3, 4, 5, scale=1.0), k_terms=8)
+
+
+@pytest.mark.parametrize("final", ["Sigmoid", "Softmax"])
+def test_final_sigmoid_softmax_in_clear(tmp_path: Path, rng: np.random.Generator, final: str) -> None:
+    inits = {"w": rand(rng, 12, 5)}
+    nodes = [H("Flatten", ["x"], ["f"]), H("MatMul", ["f", "w"], ["l"]), H(final, ["l"], ["y"])]
+    p = build(tmp_path / "m.onnx", nodes, inits, [2, 3, 4])
+    _check(p, rand(rng, 2, 3, 4), k_terms=12)
+
+
+def test_resize_nearest_convtranspose_leakyrelu(tmp_path: Path, rng: np.random.Generator) -> None:
+    inits = {"w": rand(rng, 3, 2, 2, 2), "sc": np.array([1, 1, 2, 2], np.float32), "roi": np.zeros(0, np.float32)}
+    nodes = [
+        H("ConvTranspose", ["x", "w"], ["t"], strides=[2, 2]),
+        H("LeakyRelu", ["t"], ["l"], alpha=0.1),
+        H("Resize", ["l", "roi", "sc"], ["y"], mode="nearest"),
+    ]
+    p = build(tmp_path / "m.onnx", nodes, inits, [1, 3, 4, 5])
+    _check(p, rand(rng, 1, 3, 4, 5, scale=1.0), k_terms=12)
+
+
+def test_conv3d_and_maxpool3d(tmp_path: Path, rng: np.random.Generator) -> None:
+    inits = {"w": rand(rng, 2, 1, 3, 3, 3)}
+    nodes = [H("Conv", ["x", "w"], ["c"], pads=[1] * 6), H("Relu", ["c"], ["r"]), H("MaxPool", ["r"], ["y"], kernel_shape=[2, 2, 2], strides=[2, 2, 2])]
+    p = build(tmp_path / "m.onnx", nodes, inits, [1, 1, 6, 6, 4])
+    _check(p, rand(rng, 1, 1, 6, 6, 4, scale=1.0), k_terms=27)

@@ -1,0 +1,61 @@
+"""Compiler: clear errors for bad models, exact folding, scale selection and reporting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from privmed.compiler.compile import compile_model
+from privmed.errors import ModelError
+from tests.protocol.onnx_models import build, rand
+
+H = helper.make_node
+
+
+def test_all_unsupported_ops_are_listed_at_once(tmp_path: Path) -> None:
+    nodes = [H("Tanh", ["x"], ["a"], name="t1"), H("Erf", ["a"], ["b"], name="e1"), H("Sin", ["b"], ["y"], name="s1")]
+    p = build(tmp_path / "m.onnx", nodes, {}, [1, 4])
+    with pytest.raises(ModelError) as err:
+        compile_model(p)
+    msg = str(err.value)
+    assert "Erf, Sin, Tanh" in msg and "t1" in msg and "e1" in msg and "s1" in msg
+
+
+def test_sigmoid_only_as_final_op(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    nodes = [H("Sigmoid", ["x"], ["s"], name="mid"), H("MatMul", ["s", "w"], ["y"])]
+    p = build(tmp_path / "m.onnx", nodes, {"w": rand(rng, 4, 2)}, [1, 4])
+    with pytest.raises(ModelError, match="mid: Sigmoid is supported only as the model's final op"):
+        compile_model(p)
+
+
+def test_missing_and_corrupt_model_files(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="not found"):
+        compile_model(tmp_path / "nope.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(np.random.default_rng(0).bytes(4000))
+    with pytest.raises(ModelError, match="bad.onnx: not a readable ONNX model"):
+        compile_model(bad)
+
+
+def test_scale_is_lowered_when_activations_are_large(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    p = build(tmp_path / "m.onnx", [H("MatMul", ["x", "w"], ["y"])], {"w": rand(rng, 8, 3)}, [1, 8])
+    small, _ = compile_model(p, calibration=np.ones((1, 8)))
+    big, _ = compile_model(p, calibration=np.full((1, 8), 2.0**20))
+    assert small.frac_bits == 16
+    assert big.frac_bits < 16 and big.report["frac_bits_limited_by"]
+    assert big.report["headroom_bits"] >= 4  # the margin is kept
+
+
+def test_plan_is_public_json_without_weights(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    w = rand(rng, 8, 3)
+    p = build(tmp_path / "m.onnx", [H("MatMul", ["x", "w"], ["y"])], {"w": w}, [1, 8])
+    plan, weights = compile_model(p)
+    text = plan.to_json()
+    assert "w_shape" in text and str(float(w[0, 0]))[:8] not in text
+    assert set(weights.weight) == {n.id for n in plan.nodes if n.op == "linear"}
