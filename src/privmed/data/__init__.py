@@ -1,6 +1,7 @@
 """Medical-imaging data in clear, on the data owner's side: readers, layouts, preprocessing, synthetic studies.
 
-Modules in dependency order (each imports only those above it):
+Modules in dependency order (each imports only those above it; the one exception,
+``datasets.load_study`` importing ``layouts`` inside the function, keeps the detectors apart):
 
 - ``writers``    PNG, CR DICOM and NIfTI writers (deterministic bytes).
 - ``synth_ct``   CT phantoms (HU volumes, lung/lesion masks) and MSD-style NIfTI studies.
@@ -12,8 +13,10 @@ Modules in dependency order (each imports only those above it):
                  (``<model>.preprocess.json``); ``load_for_model``.
 - ``labels``     label-table parsing: ChestX-ray14 pipe-separated findings, CheXpert columns
                  with an uncertain-label policy.
-- ``datasets``   ``load_study`` -> ``Study`` (records, findings, sites, skipped files) with
-                 layout auto-detection.
+- ``datasets``   ``Record``, ``Study`` (records, findings, sites, skipped files),
+                 ``load_study`` and the documented order of layout detection.
+- ``layouts``    one detector per layout (MedMNIST, label tables, NIfTI pairs, site folders,
+                 class folders, unlabelled images), called by ``load_study``.
 
 Heavy readers (pydicom, nibabel, Pillow) are imported inside the functions that use them.
 """
