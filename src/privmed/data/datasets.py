@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 PREFERRED_TABLES = ("labels.csv", "Data_Entry_2017.csv", "train.csv")
 
 
-@dataclass
+@dataclass(eq=False)  # labels is an array: compare records by identity
 class Record:
     """One image: ``labels`` is float32 over ``Study.findings`` with nan = unknown."""
 
@@ -64,7 +64,7 @@ class Record:
     index: int | None = None  # MedMNIST: row in that array
 
 
-@dataclass
+@dataclass(eq=False)
 class Study:
     root: Path
     findings: list[str]
