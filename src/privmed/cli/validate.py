@@ -18,15 +18,35 @@ def register(subparsers: Any) -> None:
         "inference (three parties), stored in RESULTS_DIR/results.sqlite as each image finishes. "
         "Rerunning resumes where the last run stopped. Ends by writing the report.",
     )
-    v.add_argument("--model", required=True, type=Path, help="model.onnx (with model.preprocess.json next to it)")
-    v.add_argument("--data", required=True, type=Path, help="study folder (any layout privmed data inspect reads)")
-    v.add_argument("--out", required=True, type=Path, help="results folder (created; reused to resume)")
+    v.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="model.onnx (with model.preprocess.json next to it)",
+    )
+    v.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="study folder (any layout privmed data inspect reads)",
+    )
+    v.add_argument(
+        "--out", required=True, type=Path, help="results folder (created; reused to resume)"
+    )
     v.add_argument("--workers", type=int, default=1, help="secure sessions at once (default 1)")
     v.add_argument("--limit", type=int, default=None, help="only the first N images of the study")
-    v.add_argument("--timeout", type=float, default=120.0, help="seconds per secure-session step (default 120)")
-    v.add_argument("--retry-errors", action="store_true", help="run images that failed before again")
-    v.add_argument("--margin", type=float, default=0.01, help="TOST equivalence margin (default 0.01)")
-    v.add_argument("--threshold", type=float, default=0.5, help="label threshold for agreement (default 0.5)")
+    v.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds per secure-session step (default 120)"
+    )
+    v.add_argument(
+        "--retry-errors", action="store_true", help="run images that failed before again"
+    )
+    v.add_argument(
+        "--margin", type=float, default=0.01, help="TOST equivalence margin (default 0.01)"
+    )
+    v.add_argument(
+        "--threshold", type=float, default=0.5, help="label threshold for agreement (default 0.5)"
+    )
     v.add_argument("--no-report", action="store_true", help="skip writing report.html at the end")
     v.set_defaults(func=run_validate)
 
@@ -37,7 +57,9 @@ def register(subparsers: Any) -> None:
     )
     r.add_argument("results_dir", type=Path, metavar="RESULTS_DIR")
     r.add_argument("--margin", type=float, default=None, help="override the stored TOST margin")
-    r.add_argument("--threshold", type=float, default=None, help="override the stored label threshold")
+    r.add_argument(
+        "--threshold", type=float, default=None, help="override the stored label threshold"
+    )
     r.set_defaults(func=run_report)
 
 
@@ -45,7 +67,11 @@ def _hms(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "--:--"
     s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+    return (
+        f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+        if s >= 3600
+        else f"{s // 60:02d}:{s % 60:02d}"
+    )
 
 
 def _progress_printer() -> Any:
@@ -56,7 +82,9 @@ def _progress_printer() -> Any:
         line = (f"[{p.done}/{p.total}] {p.failed} failed | {rate} | elapsed {_hms(p.elapsed_s)} "
                 f"| ETA {_hms(p.eta_s)} | last {p.last.site}/{p.last.image_id} {p.last.status}")  # fmt: skip
         if tty:
-            print("\r\033[K" + line, end="" if p.done < p.total else "\n", file=sys.stderr, flush=True)
+            print(
+                "\r\033[K" + line, end="" if p.done < p.total else "\n", file=sys.stderr, flush=True
+            )
         else:
             print(line, file=sys.stderr, flush=True)
 

@@ -54,16 +54,24 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 def load_arrays(rows: list[ImageResult], meta: dict[str, Any]) -> StudyArrays:
     """Stack the ``ok`` rows; apply the sigmoid if ``meta["output_kind"] == "logit"``."""
     findings = list(meta.get("findings", []))
-    ok = [r for r in rows if r.status == "ok" and r.plain_output is not None and r.secure_output is not None]
+    ok = [
+        r
+        for r in rows
+        if r.status == "ok" and r.plain_output is not None and r.secure_output is not None
+    ]
     if not ok:
         empty = np.zeros((0, len(findings)))
-        return StudyArrays(findings, np.array([], str), np.array([], str), empty, empty, empty, False)
+        return StudyArrays(
+            findings, np.array([], str), np.array([], str), empty, empty, empty, False
+        )
     plain = np.stack([np.asarray(r.plain_output, np.float64)[0] for r in ok])
     secure = np.stack([np.asarray(r.secure_output, np.float64)[0] for r in ok])
     if meta.get("output_kind") == "logit":
         plain, secure = _sigmoid(plain), _sigmoid(secure)
     nan_labels = np.full(len(findings), np.nan)
-    labels = np.stack([r.labels if r.labels is not None else nan_labels for r in ok]).astype(np.float64)
+    labels = np.stack([r.labels if r.labels is not None else nan_labels for r in ok]).astype(
+        np.float64
+    )
     return StudyArrays(
         findings=findings,
         sites=np.array([r.site for r in ok]),
@@ -109,13 +117,21 @@ def sentence(name: str, s: dict[str, Any], margin: float) -> str:
     d = s.get("delong", {})
     ap, asec = s["auroc_plain"]["auc"], s["auroc_secure"]["auc"]
     if ap is None or asec is None or not (math.isfinite(ap) and math.isfinite(asec)):
-        parts.append(f"AUROC not computable ({s['n_pos']} positive, {s['n_neg']} negative labelled cases)")
+        parts.append(
+            f"AUROC not computable ({s['n_pos']} positive, {s['n_neg']} negative labelled cases)"
+        )
     elif d.get("p") is None or not math.isfinite(d["p"]):
-        parts.append(f"AUROC {ap:.3f} plaintext vs {asec:.3f} secure (too few cases for DeLong's test)")
+        parts.append(
+            f"AUROC {ap:.3f} plaintext vs {asec:.3f} secure (too few cases for DeLong's test)"
+        )
     elif d["p"] < ALPHA:
-        parts.append(f"AUROC differs significantly ({ap:.3f} plaintext vs {asec:.3f} secure, DeLong {format_p(d['p'])})")
+        parts.append(
+            f"AUROC differs significantly ({ap:.3f} plaintext vs {asec:.3f} secure, DeLong {format_p(d['p'])})"
+        )
     else:
-        parts.append(f"no significant difference in AUROC ({ap:.3f} vs {asec:.3f}, DeLong {format_p(d['p'])})")
+        parts.append(
+            f"no significant difference in AUROC ({ap:.3f} vs {asec:.3f}, DeLong {format_p(d['p'])})"
+        )
     if "tost" in s:
         t = s["tost"]
         if t["equivalent"]:
@@ -128,7 +144,9 @@ def sentence(name: str, s: dict[str, Any], margin: float) -> str:
     return f"{name}: " + "; ".join(parts) + "."
 
 
-def _mask_stats(arrays: StudyArrays, threshold: float, spacing: tuple[float, ...] | None) -> dict[str, Any]:
+def _mask_stats(
+    arrays: StudyArrays, threshold: float, spacing: tuple[float, ...] | None
+) -> dict[str, Any]:
     """Per output channel: Dice and HD95 of the secure mask against the plaintext mask."""
     out: dict[str, Any] = {}
     for c in range(arrays.plain.shape[1]):
@@ -147,17 +165,23 @@ def _mask_stats(arrays: StudyArrays, threshold: float, spacing: tuple[float, ...
 def cost_stats(rows: list[ImageResult], n_study: int, workers: int) -> dict[str, Any]:
     """Per-image costs (median, IQR, max) and projected time for the whole study."""
     ok = [r for r in rows if r.status == "ok"]
-    roles = sorted({k for r in ok for k in r.bytes_by_role} | {k for r in ok for k in r.peak_rss_mb})
+    roles = sorted(
+        {k for r in ok for k in r.bytes_by_role} | {k for r in ok for k in r.peak_rss_mb}
+    )
 
     def col(get: Any) -> np.ndarray:
-        return np.array([np.nan if (v := get(r)) is None else float(v) for r in ok], dtype=np.float64)
+        return np.array(
+            [np.nan if (v := get(r)) is None else float(v) for r in ok], dtype=np.float64
+        )
 
     secure_s = col(lambda r: r.secure_s)
     runs: dict[str, list[ImageResult]] = {}
     for r in ok:
         runs.setdefault(r.run_id, []).append(r)
     # Throughput per run (started to last finished), so pauses between resumed runs don't count.
-    span = sum(max(r.finished_at for r in rs) - min(r.started_at for r in rs) for rs in runs.values())
+    span = sum(
+        max(r.finished_at for r in rs) - min(r.started_at for r in rs) for rs in runs.values()
+    )
     return {
         "n_images": len(ok),
         "secure_s": asdict(summarize(secure_s)),
@@ -180,7 +204,9 @@ def summarize_study(rows: list[ImageResult], meta: dict[str, Any], *, margin: fl
     margin = float(margin if margin is not None else meta.get("margin", 0.01))
     threshold = float(threshold if threshold is not None else meta.get("threshold", 0.5))
     arrays = load_arrays(rows, meta)
-    errors = [{"site": r.site, "image_id": r.image_id, "error": r.error} for r in rows if r.status != "ok"]
+    errors = [
+        {"site": r.site, "image_id": r.image_id, "error": r.error} for r in rows if r.status != "ok"
+    ]
     sites = sorted(set(arrays.sites.tolist()) | {e["site"] for e in errors})
     summary: dict[str, Any] = {
         "study": {
@@ -209,7 +235,9 @@ def summarize_study(rows: list[ImageResult], meta: dict[str, Any], *, margin: fl
         summary["masks"] = _mask_stats(arrays, threshold, None)
         return summary, arrays
     for j, name in enumerate(arrays.findings):
-        pooled = finding_stats(arrays.labels[:, j], arrays.plain[:, j], arrays.secure[:, j], margin, threshold)
+        pooled = finding_stats(
+            arrays.labels[:, j], arrays.plain[:, j], arrays.secure[:, j], margin, threshold
+        )
         per_site = {}
         for s in sites:
             m = arrays.sites == s

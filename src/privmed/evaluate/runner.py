@@ -96,7 +96,7 @@ def sha256_file(path: Path) -> str:
 
 
 def output_kind(model_path: Path) -> str:
-    """"probability" if the graph's output comes from Sigmoid/Softmax, else "logit"."""
+    """ "probability" if the graph's output comes from Sigmoid/Softmax, else "logit"."""
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
@@ -113,7 +113,9 @@ def model_labels(model_path: Path) -> list[str] | None:
 
     import onnx
 
-    props = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
+    props = {
+        p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props
+    }
     if "privmed.labels" not in props:
         return None
     try:
@@ -136,13 +138,17 @@ class _Study:
             raise InputError(f"{model_path}: model file not found")
         pre_path = sidecar_path(model_path)
         if not pre_path.is_file():
-            raise InputError(f"{pre_path}: preprocessing description not found (expected next to the model)")
+            raise InputError(
+                f"{pre_path}: preprocessing description not found (expected next to the model)"
+            )
         self.preprocess = Preprocess.load(pre_path)
         self.study = load_study(data_dir)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1  # leave the cores to the secure parties
         try:
-            self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(model_path), opts, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"{model_path}: onnxruntime cannot load the model ({exc})") from exc
         self.input_name = self.session.get_inputs()[0].name
@@ -150,13 +156,19 @@ class _Study:
         self.findings = model_labels(model_path) or list(self.study.findings)
         # Classifier: (N, F) output, one column per finding; map study label columns by name.
         self.is_classifier = len(out_shape) == 2
-        if self.is_classifier and isinstance(out_shape[1], int) and out_shape[1] != len(self.findings):
+        if (
+            self.is_classifier
+            and isinstance(out_shape[1], int)
+            and out_shape[1] != len(self.findings)
+        ):
             raise InputError(
                 f"{model_path}: expected {len(self.findings)} outputs (findings "
                 f"{', '.join(self.findings)}), got output shape {out_shape}"
             )
         study_findings = list(self.study.findings)
-        self.label_columns = [study_findings.index(f) if f in study_findings else None for f in self.findings]
+        self.label_columns = [
+            study_findings.index(f) if f in study_findings else None for f in self.findings
+        ]
 
     def model_input(self, record: Any) -> np.ndarray:
         """The record's image preprocessed for the model: float32 ``(1, C, *spatial)``."""
@@ -170,7 +182,9 @@ class _Study:
     def labels_for(self, record: Any) -> np.ndarray:
         """The record's labels in model output order; NaN for findings the study lacks."""
         labels = np.asarray(record.labels, dtype=np.float32)
-        return np.array([labels[c] if c is not None else np.nan for c in self.label_columns], np.float32)
+        return np.array(
+            [labels[c] if c is not None else np.nan for c in self.label_columns], np.float32
+        )
 
 
 def _process(
@@ -194,11 +208,17 @@ def _process(
         result.secure_s = time.perf_counter() - t0
         secure = np.asarray(secure, dtype=np.float32)
         if secure.shape != result.plain_output.shape:
-            raise InputError(f"secure output shape {secure.shape}, plaintext {result.plain_output.shape}")
+            raise InputError(
+                f"secure output shape {secure.shape}, plaintext {result.plain_output.shape}"
+            )
         result.secure_output = secure
-        result.bytes_by_role = {str(k): int(v) for k, v in dict(stats.get("bytes_sent", {})).items()}
+        result.bytes_by_role = {
+            str(k): int(v) for k, v in dict(stats.get("bytes_sent", {})).items()
+        }
         result.rounds = int(stats["rounds"]) if stats.get("rounds") is not None else None
-        result.peak_rss_mb = {str(k): float(v) for k, v in dict(stats.get("peak_rss_mb", {})).items()}
+        result.peak_rss_mb = {
+            str(k): float(v) for k, v in dict(stats.get("peak_rss_mb", {})).items()
+        }
         result.status = "ok"
     except ModelError:
         raise

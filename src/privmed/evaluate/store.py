@@ -129,7 +129,9 @@ class ResultStore:
         results_dir = Path(results_dir)
         path = results_dir / DB_NAME
         if not create and not path.is_file():
-            raise InputError(f"{path}: no results database (run `privmed validate --out {results_dir}` first)")
+            raise InputError(
+                f"{path}: no results database (run `privmed validate --out {results_dir}` first)"
+            )
         results_dir.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None)
@@ -266,4 +268,6 @@ class ResultStore:
 
     def count(self) -> dict[str, int]:
         """Number of rows per status."""
-        return dict(self._conn.execute("SELECT status, COUNT(*) FROM results GROUP BY status").fetchall())
+        return dict(
+            self._conn.execute("SELECT status, COUNT(*) FROM results GROUP BY status").fetchall()
+        )

@@ -1,0 +1,127 @@
+"""Analysis and report from a hand-built results store (no inference): numbers vs oracles."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from privmed.evaluate.analysis import format_p, json_ready, sentence, summarize_study
+from privmed.evaluate.report import build_report
+from privmed.evaluate.store import ImageResult, ResultStore
+
+FINDINGS = ["opacity", "effusion"]
+
+
+def insecure_test_perturbation(
+    plain: np.ndarray, rng: np.random.Generator, scale: float
+) -> np.ndarray:
+    """TEST ONLY: stands in for secure outputs by adding noise to plaintext outputs."""
+    return (plain + rng.normal(scale=scale, size=plain.shape)).astype(np.float32)
+
+
+def _fill(tmp_path, n_per_site: int = 60, scale: float = 2e-4, bias: float = 0.0) -> dict:
+    rng = np.random.default_rng(0)
+    truth = {"labels": [], "plain": [], "secure": [], "sites": []}
+    with ResultStore.open(tmp_path) as store:
+        store.set_meta({"findings": FINDINGS, "output_kind": "probability", "model_path": "/m/chest.onnx",
+                        "model_sha256": "0" * 64, "data_dir": "/d", "n_images_study": 2 * n_per_site + 1,
+                        "workers": 2, "margin": 0.01, "threshold": 0.5})  # fmt: skip
+        for site in ("north", "south"):
+            for i in range(n_per_site):
+                y = (rng.random(2) < 0.4).astype(np.float32)
+                if i == 0:
+                    y[1] = np.nan  # an unknown label
+                plain = (1 / (1 + np.exp(-(2 * np.nan_to_num(y) + rng.normal(size=2)))))[
+                    None
+                ].astype(np.float32)
+                secure = insecure_test_perturbation(plain, rng, scale) + np.float32(bias)
+                store.put(ImageResult(site=site, image_id=f"{i}", status="ok", labels=y,
+                                      plain_output=plain, secure_output=secure, plain_s=0.002,
+                                      secure_s=1.0 + i / n_per_site, bytes_by_role={"data-owner": 1000 + i, "dealer": 5000},
+                                      rounds=15, peak_rss_mb={"data-owner": 90.0, "dealer": 80.0},
+                                      started_at=1000.0 + i, finished_at=1001.0 + i, run_id=site))  # fmt: skip
+                truth["labels"].append(y)
+                truth["plain"].append(plain[0])
+                truth["secure"].append(secure[0])
+                truth["sites"].append(site)
+        store.put(ImageResult(site="south", image_id="broken", status="error",
+                              error="preprocess: InputError: broken.png: truncated"))  # fmt: skip
+    return {k: np.array(v) for k, v in truth.items()}
+
+
+def test_summary_numbers_match_oracles(tmp_path) -> None:
+    # Prepare
+    truth = _fill(tmp_path)
+    # Execute
+    html_path, json_path, _ = build_report(tmp_path)
+    summary = json.loads(json_path.read_text())
+    # Assert: pooled and per-site AUROCs are sklearn's on the known labels
+    for j, name in enumerate(FINDINGS):
+        f = next(x for x in summary["findings"] if x["finding"] == name)
+        known = ~np.isnan(truth["labels"][:, j])
+        ref = roc_auc_score(truth["labels"][known, j], truth["secure"][known, j])
+        assert f["pooled"]["auroc_secure"]["auc"] == pytest.approx(ref, abs=1e-9)
+        south = known & (truth["sites"] == "south")
+        ref_s = roc_auc_score(truth["labels"][south, j], truth["plain"][south, j])
+        assert f["sites"]["south"]["auroc_plain"]["auc"] == pytest.approx(ref_s, abs=1e-9)
+        d = truth["secure"][:, j].astype(np.float64) - truth["plain"][:, j]
+        assert f["pooled"]["abs_diff"]["max_abs"] == pytest.approx(np.abs(d).max(), rel=1e-6)
+        assert f["pooled"]["tost"]["equivalent"] is True
+        assert f["pooled"]["n"] == 120 and f["pooled"]["n_labelled"] == int(known.sum())
+    assert summary["study"]["n_ok"] == 120 and summary["study"]["n_error"] == 1
+    assert summary["errors"][0]["image_id"] == "broken"
+    c = summary["costs"]
+    assert c["secure_s"]["median"] == pytest.approx(np.median(1.0 + np.arange(60) / 60))
+    assert c["bytes_by_role"]["dealer"]["max"] == 5000
+    # two runs of 60 images, each spanning 60 s: one image per second, 121 images
+    assert c["projected_study_s"] == pytest.approx(121.0)
+    # the page shows the sentences and embeds three decodable PNGs
+    html = html_path.read_text()
+    for f in summary["findings"]:
+        assert f["sentence"].replace("−", "&minus;")[:40].split("(")[0] in html
+    pngs = [chunk.split("'")[0] for chunk in html.split("data:image/png;base64,")[1:]]
+    assert len(pngs) == 3 and all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert "NaN" not in json_path.read_text()
+
+
+def _summary(tmp_path, **kw: float) -> dict:
+    with ResultStore.open(tmp_path, create=False) as store:
+        return json_ready(summarize_study(list(store.rows()), store.meta(), **kw)[0])
+
+
+def test_biased_outputs_are_reported_not_equivalent(tmp_path) -> None:
+    _fill(tmp_path, bias=0.05)
+    summary = _summary(tmp_path)
+    pooled = summary["findings"][0]["pooled"]
+    assert pooled["tost"]["equivalent"] is False
+    assert "equivalence within ±0.01 not shown" in summary["findings"][0]["sentence"]
+    assert pooled["agreement"]["rate"] < 1.0
+
+
+def test_report_overrides_margin(tmp_path) -> None:
+    _fill(tmp_path, bias=0.005)
+    tight = _summary(tmp_path, margin=0.001)
+    loose = _summary(tmp_path)
+    assert (
+        tight["study"]["margin"] == 0.001
+        and not tight["findings"][0]["pooled"]["tost"]["equivalent"]
+    )
+    assert loose["findings"][0]["pooled"]["tost"]["equivalent"]
+
+
+def test_sentences_and_p_format() -> None:
+    assert format_p(0.8312) == "p = 0.83" and format_p(0.0042) == "p = 0.004"
+    assert format_p(1e-9) == "p < 0.001" and format_p(float("nan")) == "p = n/a"
+    stats = {"n_pos": 0, "n_neg": 5, "auroc_plain": {"auc": float("nan")}, "auroc_secure": {"auc": float("nan")},
+             "delong": {"p": float("nan")}}  # fmt: skip
+    assert "AUROC not computable (0 positive, 5 negative" in sentence("x", stats, 0.01)
+    stats = {"n_pos": 40, "n_neg": 60, "auroc_plain": {"auc": 0.9}, "auroc_secure": {"auc": 0.7},
+             "delong": {"p": 1e-5}}  # fmt: skip
+    assert (
+        "AUROC differs significantly (0.900 plaintext vs 0.700 secure, DeLong p < 0.001)"
+        in sentence("x", stats, 0.01)
+    )

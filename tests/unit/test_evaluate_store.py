@@ -1,0 +1,81 @@
+"""Results store: round trip, never overwriting a finished image, refusing to mix studies."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+
+from privmed.errors import InputError
+from privmed.evaluate.store import DB_NAME, ImageResult, ResultStore
+
+
+def _ok(image_id: str, value: float) -> ImageResult:
+    return ImageResult(
+        site="a", image_id=image_id, status="ok", path=f"/x/{image_id}.png",
+        labels=np.array([1.0, np.nan, 0.0], np.float32),
+        plain_output=np.array([[0.25, 0.5, value]], np.float32),
+        secure_output=np.array([[0.25, 0.5, value + 1e-4]], np.float32),
+        plain_s=0.01, secure_s=2.5, bytes_by_role={"data-owner": 10, "dealer": 30}, rounds=7,
+        peak_rss_mb={"data-owner": 90.5}, started_at=100.0, finished_at=102.5, run_id="r1",
+    )  # fmt: skip
+
+
+def test_round_trip(tmp_path) -> None:
+    with ResultStore.open(tmp_path) as store:
+        assert store.put(_ok("img1", 0.75))
+    with ResultStore.open(tmp_path, create=False) as store:
+        (row,) = list(store.rows())
+    assert row.image_id == "img1" and row.status == "ok" and row.rounds == 7
+    np.testing.assert_array_equal(row.labels, np.array([1.0, np.nan, 0.0], np.float32))
+    np.testing.assert_array_equal(
+        row.secure_output, np.array([[0.25, 0.5, 0.75 + 1e-4]], np.float32)
+    )
+    assert row.secure_output.dtype == np.float32 and row.secure_output.shape == (1, 3)
+    assert row.bytes_by_role == {"data-owner": 10, "dealer": 30} and row.peak_rss_mb == {
+        "data-owner": 90.5
+    }
+    # the total is stored for SQL queries
+    total = (
+        sqlite3.connect(tmp_path / DB_NAME).execute("SELECT bytes_total FROM results").fetchone()
+    )
+    assert total == (40,)
+
+
+def test_ok_row_is_never_overwritten_but_error_row_is(tmp_path) -> None:
+    with ResultStore.open(tmp_path) as store:
+        assert store.put(_ok("img1", 0.75))
+        assert not store.put(_ok("img1", 0.1))  # a second result for a finished image is dropped
+        assert store.put(ImageResult(site="a", image_id="img2", status="error", error="boom"))
+        assert store.put(_ok("img2", 0.3))  # retrying a failed image replaces the error
+        rows = {r.image_id: r for r in store.rows()}
+        assert store.count() == {"ok": 2}
+        assert store.finished_keys() == {("a", "img1"), ("a", "img2")}
+    assert rows["img1"].plain_output[0, 2] == np.float32(0.75)
+    assert rows["img2"].status == "ok" and rows["img2"].error == ""
+
+
+def test_same_image_id_at_two_sites_are_two_rows(tmp_path) -> None:
+    with ResultStore.open(tmp_path) as store:
+        first = _ok("img1", 0.5)
+        second = _ok("img1", 0.5)
+        second.site = "b"
+        assert store.put(first) and store.put(second)
+        assert len(list(store.rows())) == 2
+
+
+def test_meta_refuses_a_different_model(tmp_path) -> None:
+    with ResultStore.open(tmp_path) as store:
+        store.check_or_set_meta({"model_sha256": "aa", "findings": ["x"]})
+        store.check_or_set_meta({"model_sha256": "aa", "findings": ["x"]})
+        with pytest.raises(InputError, match="model_sha256"):
+            store.check_or_set_meta({"model_sha256": "bb", "findings": ["x"]})
+
+
+def test_open_missing_and_corrupt(tmp_path) -> None:
+    with pytest.raises(InputError, match="no results database"):
+        ResultStore.open(tmp_path / "none", create=False)
+    (tmp_path / DB_NAME).write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(InputError, match="not a privmed results database"):
+        ResultStore.open(tmp_path)
