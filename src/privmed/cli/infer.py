@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,15 @@ def cmd_party(args: argparse.Namespace) -> int:
                 sys.stdout.write(json.dumps({"done": done, "total": total, "op": node.op, "onnx": node.attrs.get("onnx", "")}) + "\n")
                 sys.stdout.flush()
             kwargs["progress"] = emit
-    out, stats = run_role(args.role, cfg, **kwargs)
+    profile_dir = os.environ.get("PRIVMED_PROFILE_DIR")  # developer aid: cProfile each role
+    if profile_dir:
+        import cProfile
+
+        prof = cProfile.Profile()
+        out, stats = prof.runcall(run_role, args.role, cfg, **kwargs)
+        prof.dump_stats(str(Path(profile_dir) / f"{args.role}.prof"))
+    else:
+        out, stats = run_role(args.role, cfg, **kwargs)
     if out is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         np.save(args.output, out)

@@ -49,17 +49,21 @@ class Stream:
     def __init__(self, encryptor) -> None:  # type: ignore[no-untyped-def]
         self._enc = encryptor
 
-    def bytes(self, n: int) -> bytes:
-        return self._enc.update(bytes(n))
+    def bytes(self, n: int) -> bytearray:
+        """n keystream bytes (AES-CTR of zeros), written straight into a new buffer."""
+        out = bytearray(n + 15)
+        self._enc.update_into(memoryview(bytearray(n)), out)
+        del out[n:]
+        return out
 
     def uint64(self, shape: tuple[int, ...] | int) -> np.ndarray:
         """Uniform elements of Z_2^64."""
         count = int(np.prod(shape))
-        return np.frombuffer(self.bytes(8 * count), dtype=np.uint64).reshape(shape).copy()
+        return np.frombuffer(self.bytes(8 * count), dtype=np.uint64).reshape(shape)
 
     def uint16(self, shape: tuple[int, ...] | int) -> np.ndarray:
         count = int(np.prod(shape))
-        return np.frombuffer(self.bytes(2 * count), dtype=np.uint16).reshape(shape).copy()
+        return np.frombuffer(self.bytes(2 * count), dtype=np.uint16).reshape(shape)
 
     def bits(self, shape: tuple[int, ...] | int) -> np.ndarray:
         """Uniform bits as a uint8 array of 0/1."""

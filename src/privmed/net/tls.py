@@ -23,9 +23,10 @@ from collections import deque
 from privmed.crypto.certs import Identity
 from privmed.errors import ConfigError, PeerError
 from privmed.net.channel import DEFAULT_TIMEOUT_S, Channel
+from privmed.net.frame import HEADER_BYTES, unpack_header
 
-READ_CHUNK = 1 << 20
-MAX_BUFFERED = 256 << 20  # stop reading from the socket beyond this (TCP backpressure)
+READ_CHUNK = 1 << 20  # bytes handed to one SSL write
+MAX_BUFFERED = 256 << 20  # stop reading complete frames beyond this (TCP backpressure)
 MAX_QUEUED = 256 << 20  # a sender blocks (bounded by its deadline) beyond this many unsent bytes
 
 
@@ -136,8 +137,13 @@ class TlsChannel(Channel):
         self._lock = threading.Condition()
         self._out: deque[memoryview] = deque()
         self._queued = 0
-        self._inbuf = bytearray()
-        self._inpos = 0
+        self._frames: deque[tuple[bytes, bytearray]] = deque()  # complete (header, payload)
+        self._buffered = 0
+        self._hdr = bytearray(HEADER_BYTES)
+        self._hdr_got = 0
+        self._payload: bytearray | None = None
+        self._payload_got = 0
+        self._pending: bytearray | None = None
         self._eof = False
         self._error: BaseException | None = None
         self._closing = False
@@ -146,13 +152,12 @@ class TlsChannel(Channel):
 
     # -- I/O thread --------------------------------------------------------------
     def _io_loop(self) -> None:
-        chunk = bytearray(READ_CHUNK)
-        view = memoryview(chunk)
+        view = memoryview(bytearray(0))
         try:
             while True:
                 with self._lock:
                     want_write = bool(self._out)
-                    buffered = len(self._inbuf) - self._inpos
+                    buffered = self._buffered
                     closing = self._closing
                 if closing and not want_write:
                     return
@@ -176,24 +181,39 @@ class TlsChannel(Channel):
                 self._lock.notify_all()
 
     def _read_some(self, view: memoryview) -> None:
-        for _ in range(64):
+        """Read whatever is available straight into the current frame's buffers."""
+        for _ in range(256):
+            if self._payload is None:
+                target = memoryview(self._hdr)[self._hdr_got :]
+            else:
+                target = memoryview(self._payload)[self._payload_got :]
             try:
-                n = self._sock.recv_into(view)
+                n = self._sock.recv_into(target) if len(target) else 0
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
                 return
             except (ssl.SSLError, OSError):
-                n = 0
-            with self._lock:
-                if n == 0:
+                n = -1
+            if n <= 0 and len(target):
+                with self._lock:
                     self._eof = True
-                else:
-                    if self._inpos > (64 << 20):
-                        del self._inbuf[: self._inpos]
-                        self._inpos = 0
-                    self._inbuf += view[:n]
-                self._lock.notify_all()
-            if n == 0:
+                    self._lock.notify_all()
                 return
+            if self._payload is None:
+                self._hdr_got += n
+                if self._hdr_got < HEADER_BYTES:
+                    continue
+                length = unpack_header(bytes(self._hdr)).length  # validated before allocating
+                self._payload, self._payload_got = bytearray(length), 0
+            else:
+                self._payload_got += n
+            if self._payload_got == len(self._payload):
+                with self._lock:
+                    self._frames.append((bytes(self._hdr), self._payload))
+                    self._buffered += len(self._payload) + HEADER_BYTES
+                    self._lock.notify_all()
+                self._payload, self._hdr_got = None, 0
+                if self._buffered > MAX_BUFFERED:
+                    return
 
     def _write_some(self) -> None:
         while True:
@@ -235,30 +255,27 @@ class TlsChannel(Channel):
         except OSError:
             pass
 
-    def _take(self, nbytes: int, deadline: float, what: str) -> bytearray:
+    def _get_header(self, deadline: float) -> bytes:
         with self._lock:
-            while len(self._inbuf) - self._inpos < nbytes:
+            while not self._frames:
                 if self._error is not None or self._eof:
                     raise self._lost_error()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise self._timeout_error(what)
+                    raise self._timeout_error("a message")
                 self._lock.wait(min(remaining, 1.0))
-            out = self._inbuf[self._inpos : self._inpos + nbytes]
-            self._inpos += nbytes
+            header, self._pending = self._frames.popleft()
+            self._buffered -= len(self._pending) + HEADER_BYTES
         try:
             self._wake_w.send(b"x")  # buffer space freed: the I/O thread may read again
         except OSError:
             pass
-        return out
-
-    def _get_header(self, deadline: float) -> bytes:
-        from privmed.net.frame import HEADER_BYTES
-
-        return bytes(self._take(HEADER_BYTES, deadline, "a message"))
+        return header
 
     def _get_payload(self, nbytes: int, deadline: float) -> bytearray:
-        return self._take(nbytes, deadline, f"{nbytes} bytes of payload")
+        payload, self._pending = self._pending, None
+        assert payload is not None and len(payload) == nbytes
+        return payload
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until every queued frame has been handed to the kernel."""

@@ -77,6 +77,7 @@ def _stats(role: str, t0: float, channels: list[Channel], rounds: int, layers: l
     return {
         "role": role,
         "wall_s": round(time.perf_counter() - t0, 4),
+        "cpu_s": round(time.process_time(), 3),
         "bytes_sent": sum(c.counters.bytes_sent for c in channels),
         "bytes_recv": sum(c.counters.bytes_recv for c in channels),
         "messages_sent": sum(c.counters.messages_sent for c in channels),
