@@ -42,7 +42,11 @@ def test_forward_shape(name: str, dims: int, side: int) -> None:
 
 def test_unet_name_fixes_dimensionality() -> None:
     conv3d = [m for m in build_model("unet3d", 1, 2).modules() if isinstance(m, torch.nn.Conv3d)]
-    conv2d = [m for m in build_model("unet2d", 1, 2, spatial_dims=3).modules() if isinstance(m, torch.nn.Conv3d)]
+    conv2d = [
+        m
+        for m in build_model("unet2d", 1, 2, spatial_dims=3).modules()
+        if isinstance(m, torch.nn.Conv3d)
+    ]
     assert conv3d and not conv2d
 
 
