@@ -171,3 +171,18 @@ def test_conv3d_and_maxpool3d(tmp_path: Path, rng: np.random.Generator) -> None:
     nodes = [H("Conv", ["x", "w"], ["c"], pads=[1] * 6), H("Relu", ["c"], ["r"]), H("MaxPool", ["r"], ["y"], kernel_shape=[2, 2, 2], strides=[2, 2, 2])]
     p = build(tmp_path / "m.onnx", nodes, inits, [1, 1, 6, 6, 4])
     _check(p, rand(rng, 1, 1, 6, 6, 4, scale=1.0), k_terms=27)
+
+
+def test_stream_of_batches_in_one_session_sends_masked_weights_once(tmp_path: Path, rng: np.random.Generator) -> None:
+    inits = {"w": rand(rng, 4, 3, 3, 3)}
+    nodes = [H("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), H("Relu", ["c"], ["y"])]
+    p = build(tmp_path / "m.onnx", nodes, inits, [1, 3, 6, 6])
+    x = rand(rng, 5, 3, 6, 6, scale=1.0)
+    plan, weights = compile_model(p, calibration=x)
+    whole, _ = run_three(plan, weights, x)
+    streamed, stats = run_three(plan, weights, iter([x[:2], x[2:4], x[4:]]))
+    ref, _ = run_plan(plan, FixedBackend(plan, weights, x.astype(np.float64)), 5)
+    np.testing.assert_allclose(streamed, ref, atol=4 * 2.0**-plan.frac_bits)
+    np.testing.assert_allclose(whole, ref, atol=4 * 2.0**-plan.frac_bits)
+    sent = [b["bytes_sent"] for b in stats["model-owner"]["batches"]]
+    assert sent[0] - sent[1] >= 4 * 27 * 8  # batch 0 carried the masked weights, batch 1 did not

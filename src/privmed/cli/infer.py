@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--input", type=Path, help="data owner: the input (.npy or image)")
     q.add_argument("--preprocess", type=Path)
     q.add_argument("--output", type=Path, help="data owner: output .npy")
+    q.add_argument("--chunk", type=int, help="data owner: run the input N in batches of this size, one session")
     q.add_argument("--stats", type=Path, help="this role's stats JSON")
     q.add_argument("--progress-jsonl", action="store_true", help=argparse.SUPPRESS)
     q.set_defaults(func=cmd_party)
@@ -117,9 +118,11 @@ def cmd_party(args: argparse.Namespace) -> int:
         if not args.input or not args.output:
             raise InputError("the data owner needs --input and --output")
         kwargs["x"] = load_input(args.input, None, args.preprocess)
+        kwargs["chunk"] = args.chunk
         if args.progress_jsonl:
-            def emit(done: int, total: int, node: Any) -> None:
-                sys.stdout.write(json.dumps({"done": done, "total": total, "op": node.op, "onnx": node.attrs.get("onnx", "")}) + "\n")
+            def emit(done: int, total: int, node: Any, batch: int = 0, batches: int | None = None) -> None:
+                event = {"done": done, "total": total, "op": node.op, "onnx": node.attrs.get("onnx", ""), "batch": batch, "batches": batches}
+                sys.stdout.write(json.dumps(event) + "\n")
                 sys.stdout.flush()
             kwargs["progress"] = emit
     profile_dir = os.environ.get("PRIVMED_PROFILE_DIR")  # developer aid: cProfile each role

@@ -25,16 +25,20 @@ class LayerProgress:
 
     def __call__(self, event: dict[str, Any]) -> None:
         i, total = event.get("done", 0), max(event.get("total", 1), 1)
-        text = f"{self.label}: layer {i}/{total} {event.get('op', '')} {event.get('onnx', '')}"[:110]
+        batches = event.get("batches") or 1
+        where = f"batch {event.get('batch', 0) + 1}/{batches} " if batches > 1 else ""
+        text = f"{self.label}: {where}layer {i}/{total} {event.get('op', '')} {event.get('onnx', '')}"[:110]
         if self.tty:
             self.stream.write("\r\033[K" + text)
-            if i == total:
+            if i == total and event.get("batch", 0) + 1 >= batches:
                 self.stream.write("\n")
         else:
-            decile = (10 * i) // total
+            b = event.get("batch", 0)
+            frac = (b * total + i) / (batches * total)
+            decile = int(10 * frac)
             if decile != self._last_decile:
                 self._last_decile = decile
-                self.stream.write(f"{self.label}: {i}/{total} layers ({100 * i // total}%)\n")
+                self.stream.write(f"{self.label}: {where}{i}/{total} layers ({100 * frac:.0f}%)\n")
         self.stream.flush()
 
 

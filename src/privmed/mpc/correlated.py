@@ -93,10 +93,14 @@ class NonlinearShares:
 
 
 # -- seed expansion (identical in the party and the dealer) ------------------------------
-def expand_linear(stream: Stream, index: int, x_shape: tuple[int, ...], w_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> LinearShares:
+def expand_linear(prg: PRG, req: Request, index: int) -> LinearShares:
+    """Party 0: A and C0 (fresh per batch); party 1: B, fixed for the whole session so that the
+    masked weights W - B are sent once per session and reused for every batch."""
     if index == 0:
-        return LinearShares(stream.uint64(x_shape), stream.uint64(out_shape))
-    return LinearShares(stream.uint64(w_shape), np.zeros(0, dtype=U64))
+        s = prg.stream(req.label)
+        return LinearShares(s.uint64(req.x_shape), s.uint64(req.out_shape))
+    w_shape = tuple(req.node.attrs["w_shape"])
+    return LinearShares(prg.stream(f"{req.node.id}/B").uint64(w_shape), np.zeros(0, dtype=U64))
 
 
 def expand_nonlinear(stream: Stream, index: int, spec: NonlinearSpec) -> NonlinearShares:
@@ -126,12 +130,10 @@ def _arith_fields(spec: NonlinearSpec) -> list[str]:
 
 
 # -- the dealer's corrections ------------------------------------------------------------
-def linear_correction(node: Node, s0: Stream, s1: Stream, x_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> np.ndarray:
-    w_shape = tuple(node.attrs["w_shape"])
-    p0 = expand_linear(s0, 0, x_shape, w_shape, out_shape)
-    p1 = expand_linear(s1, 1, x_shape, w_shape, out_shape)
-    spec = conv_spec(node.attrs) if "spec" in node.attrs else None
-    return linear(node.attrs["kind"], spec, p1.mask, p0.mask) - p0.product
+def linear_correction(req: Request, prg0: PRG, prg1: PRG) -> np.ndarray:
+    p0, p1 = expand_linear(prg0, req, 0), expand_linear(prg1, req, 1)
+    spec = conv_spec(req.node.attrs) if "spec" in req.node.attrs else None
+    return linear(req.node.attrs["kind"], spec, p1.mask, p0.mask) - p0.product
 
 
 def nonlinear_correction(spec: NonlinearSpec, s0: Stream, s1: Stream, private: Stream) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -178,20 +180,22 @@ def maxpool_levels(node: Node, batch: int) -> list[int]:
     return sizes
 
 
-def requests(plan: Plan, batch: int) -> Iterator[Request]:
+def requests(plan: Plan, batch: int, index: int = 0) -> Iterator[Request]:
+    """Every correlation of batch number ``index`` of a session, in consumption order."""
     shapes = {n.id: n.shape for n in plan.nodes}
+    pre = f"b{index}:"
     for node in plan.nodes:
         n = batch * int(np.prod(node.shape))
         a = node.attrs
         if node.op == "linear":
-            yield Request(node.id, node, None, (batch, *shapes[node.inputs[0]]), (batch, *node.shape))
+            yield Request(pre + node.id, node, None, (batch, *shapes[node.inputs[0]]), (batch, *node.shape))
         elif node.op in ("relu", "leaky_relu"):
-            yield Request(node.id, node, NonlinearSpec(n, a["shift"], a["bits"], a["drop"], True))
+            yield Request(pre + node.id, node, NonlinearSpec(n, a["shift"], a["bits"], a["drop"], True))
         elif node.op == "trunc":
-            yield Request(node.id, node, NonlinearSpec(n, a["shift"]))
+            yield Request(pre + node.id, node, NonlinearSpec(n, a["shift"]))
         elif node.op == "maxpool":
             for lvl, size in enumerate(maxpool_levels(node, batch)):
-                yield Request(f"{node.id}/{lvl}", node, NonlinearSpec(size, 0, a["bits"], 0, True))
+                yield Request(f"{pre}{node.id}/{lvl}", node, NonlinearSpec(size, 0, a["bits"], 0, True))
 
 
 # -- the interface the protocols use --------------------------------------------------------
@@ -214,7 +218,7 @@ class DealerSource(CorrelationSource):
         self.dealer = dealer
 
     def linear(self, req: Request) -> LinearShares:
-        sh = expand_linear(self.prg.stream(req.label), self.index, req.x_shape, tuple(req.node.attrs["w_shape"]), req.out_shape)
+        sh = expand_linear(self.prg, req, self.index)
         if self.index == 1:
             assert self.dealer is not None
             sh.product = self.dealer.recv(f"{req.label}/C", U64, req.out_shape)
@@ -247,17 +251,20 @@ class DealerSource(CorrelationSource):
         return sh
 
 
-def run_dealer(plan: Plan, batch: int, seed0: bytes, seed1: bytes, to_model_owner: Channel, on_request=None) -> None:  # type: ignore[no-untyped-def]
-    """Produce and send every correction of a session, in consumption order."""
-    prg0, prg1, private = PRG(seed0), PRG(seed1), PRG.fresh()
-    for req in requests(plan, batch):
+def run_dealer(plan: Plan, batch: int, index: int, prgs: tuple[PRG, PRG, PRG], to_model_owner: Channel, on_request=None) -> None:  # type: ignore[no-untyped-def]
+    """Produce and send every correction of batch ``index``, in consumption order.
+
+    ``prgs`` = (seed PRG shared with party 0, with party 1, the dealer's private PRG).
+    """
+    prg0, prg1, private = prgs
+    for req in requests(plan, batch, index):
         if on_request:
             on_request(req)
         to_model_owner.step = f"dealer {req.label}"
-        s0, s1 = prg0.stream(req.label), prg1.stream(req.label)
         if req.nonlinear is None:
-            to_model_owner.send(f"{req.label}/C", linear_correction(req.node, s0, s1, req.x_shape, req.out_shape))
+            to_model_owner.send(f"{req.label}/C", linear_correction(req, prg0, prg1))
             continue
+        s0, s1 = prg0.stream(req.label), prg1.stream(req.label)
         arith, tables, packed = nonlinear_correction(req.nonlinear, s0, s1, private.stream(req.label))
         to_model_owner.send(f"{req.label}/A", arith)
         to_model_owner.send(f"{req.label}/B", packed)

@@ -20,6 +20,7 @@ def private_linear(
     weight: np.ndarray | None = None,
     weight_bits: int | None = None,
     bias: np.ndarray | None = None,
+    masked_weights: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Shares of L(W, x) + b, where W and b are known to the model owner only.
 
@@ -33,7 +34,9 @@ def private_linear(
        Then y0 + y1 = L(W - B, A) + L(B, A) + L(W, x - A) + b = L(W, x) + b.
 
     Rounds: 1 (both messages travel at once). Ring elements sent: |x| by the data owner,
-    |W| by the model owner, |out| by the dealer to the model owner (seed-expanded otherwise).
+    |W| by the model owner once per session (``masked_weights`` caches F on the data owner for
+    later batches; B is fixed per session, A and C are fresh per batch), |out| by the dealer to
+    the model owner (everything else is seed-expanded).
     Security (semi-honest, dealer not colluding): E is x0 masked by uniform A, F is W masked by
     uniform B, and C1 is masked by the seed-expanded C0 that the model owner cannot derive:
     each message is uniform on its own, so the view is simulatable.
@@ -43,13 +46,18 @@ def private_linear(
     spec = conv_spec(node.attrs) if "spec" in node.attrs else None
     kind = node.attrs["kind"]
     corr = p.source.linear(req)
+    cache = {} if masked_weights is None else masked_weights
+    first = node.id not in cache
     if p.is_data_owner:
         p.peer.send(f"{req.label}/E", x - corr.mask)
-        masked_weights = p.peer.recv(f"{req.label}/F", U64, tuple(node.attrs["w_shape"]))
+        if first:
+            cache[node.id] = p.peer.recv(f"{node.id}/F", U64, tuple(node.attrs["w_shape"]))
         p.rounds += 1
-        return linear(kind, spec, masked_weights, corr.mask) + corr.product
+        return linear(kind, spec, cache[node.id], corr.mask) + corr.product
     assert weight is not None
-    p.peer.send(f"{req.label}/F", weight - corr.mask)
+    if first:
+        p.peer.send(f"{node.id}/F", weight - corr.mask)
+        cache[node.id] = np.zeros(0, U64)  # only remember that F was sent
     masked_input = p.peer.recv(f"{req.label}/E", U64, x.shape)
     p.rounds += 1
     y = linear(kind, spec, weight, masked_input + x, w_bits=weight_bits) + corr.product

@@ -19,14 +19,25 @@ from privmed.ring.fixed import U64, encode
 class SecureBackend:
     """Implements ``privmed.compiler.walk.Backend`` for party 0 or 1."""
 
-    def __init__(self, party: Party, plan: Plan, batch: int, weights: PrivateWeights | None = None, x: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        party: Party,
+        plan: Plan,
+        batch: int,
+        weights: PrivateWeights | None = None,
+        x: np.ndarray | None = None,
+        index: int = 0,
+        masked_weights: dict[str, np.ndarray] | None = None,
+    ) -> None:
         self.p = party
+        self.masked_weights = {} if masked_weights is None else masked_weights
         self.plan = plan
         self.w = weights
         self.x = x
         self.f = plan.frac_bits
         self.scales = {n.id: n.scale for n in plan.nodes}
-        self._reqs: dict[str, Request] = {r.label: r for r in requests(plan, batch)}
+        self._pre = f"b{index}:"
+        self._reqs: dict[str, Request] = {r.label: r for r in requests(plan, batch, index)}
 
     def input(self, node: Node, batch: int) -> np.ndarray:
         if self.p.is_data_owner:
@@ -35,11 +46,13 @@ class SecureBackend:
         return np.zeros((batch, *node.shape), dtype=U64)
 
     def linear(self, node: Node, x: np.ndarray) -> np.ndarray:
-        req = self._reqs[node.id]
+        req = self._reqs[self._pre + node.id]
         if self.p.is_data_owner:
-            return lin.private_linear(self.p, req, x)
+            return lin.private_linear(self.p, req, x, masked_weights=self.masked_weights)
         assert self.w is not None
-        return lin.private_linear(self.p, req, x, self.w.weight[node.id], self.w.weight_bits.get(node.id), self.w.bias.get(node.id))
+        return lin.private_linear(
+            self.p, req, x, self.w.weight[node.id], self.w.weight_bits.get(node.id), self.w.bias.get(node.id), self.masked_weights
+        )
 
     def bias(self, node: Node, x: np.ndarray) -> np.ndarray:
         if self.p.is_data_owner:
@@ -48,15 +61,15 @@ class SecureBackend:
         return x + self.w.bias[node.id]
 
     def relu(self, node: Node, x: np.ndarray) -> np.ndarray:
-        return nl.relu(self.p, self._reqs[node.id], x)[0]
+        return nl.relu(self.p, self._reqs[self._pre + node.id], x)[0]
 
     def leaky_relu(self, node: Node, x: np.ndarray) -> np.ndarray:
-        r, t = nl.relu(self.p, self._reqs[node.id], x)
+        r, t = nl.relu(self.p, self._reqs[self._pre + node.id], x)
         alpha = encode(np.array(node.attrs["alpha"]), self.f)
         return r * U64(1 << self.f) + (t - r) * alpha
 
     def trunc(self, node: Node, x: np.ndarray) -> np.ndarray:
-        return nl.truncate(self.p, self._reqs[node.id], x)
+        return nl.truncate(self.p, self._reqs[self._pre + node.id], x)
 
     def upscale(self, node: Node, x: np.ndarray) -> np.ndarray:
         return x << U64(node.attrs["shift"])
@@ -76,7 +89,7 @@ class SecureBackend:
             half = k // 2
             lo, hi = win[:, 0 : 2 * half : 2], win[:, 1 : 2 * half : 2]
             diff = np.ascontiguousarray(lo - hi)
-            rel, _ = nl.relu(self.p, self._reqs[f"{node.id}/{lvl}"], diff)
+            rel, _ = nl.relu(self.p, self._reqs[f"{self._pre}{node.id}/{lvl}"], diff)
             merged = hi + rel
             win = np.concatenate([merged, win[:, 2 * half :]], axis=1) if k % 2 else merged
         return win.reshape(lead)
@@ -92,4 +105,4 @@ class SecureBackend:
         return U64(0)
 
     def output(self, node: Node, x: np.ndarray) -> np.ndarray | None:
-        return nl.reveal_to_data_owner(self.p, node.id, x)
+        return nl.reveal_to_data_owner(self.p, self._pre + node.id, x)

@@ -66,8 +66,13 @@ def run_local_session(
     calibration: Path | None = None,
     frac_bits: int | None = None,
     input_shape: list[int] | None = None,
+    chunk: int | None = None,
 ) -> SessionResult:
-    """Run one secure-inference session of ``model_path`` on ``inputs`` (N, ...) float32."""
+    """Run one secure-inference session of ``model_path`` on ``inputs`` (N, ...) float32.
+
+    With ``chunk`` the N inputs stream through the session in batches of that size (memory
+    stays bounded by one batch; the masked weights are sent once for the whole session).
+    """
     x = np.ascontiguousarray(inputs, dtype=np.float32) if isinstance(inputs, np.ndarray) and inputs.dtype.kind == "f" else inputs
     check_input(Path(model_path), x, input_shape)
     t0 = time.perf_counter()
@@ -79,7 +84,8 @@ def run_local_session(
         np.save(tmp / "input.npy", x)
         base = [sys.executable, "-m", "privmed.cli.main", "party", "--config", str(tmp / "session.toml")]
         extra = {
-            "data-owner": ["--input", str(tmp / "input.npy"), "--output", str(tmp / "output.npy"), "--progress-jsonl"],
+            "data-owner": ["--input", str(tmp / "input.npy"), "--output", str(tmp / "output.npy"), "--progress-jsonl"]
+            + (["--chunk", str(chunk)] if chunk else []),
             "model-owner": ["--model", str(model_path)]
             + (["--calibration", str(calibration)] if calibration else [])
             + (["--frac-bits", str(frac_bits)] if frac_bits else [])
@@ -176,8 +182,13 @@ def merge_stats(per_role: dict[str, dict[str, Any]], wall_s: float) -> dict[str,
             "bytes": l["bytes_sent"] + m.get("bytes_sent", 0) + dealer_bytes.get(l["id"], 0),
             "bytes_by_role": {"data-owner": l["bytes_sent"], "model-owner": m.get("bytes_sent", 0), "dealer": dealer_bytes.get(l["id"], 0)},
         })
+    batches = []
+    for i, b in enumerate(do.get("batches", [])):
+        other = sum(s.get("batches", [{}] * (i + 1))[i].get("bytes_sent", 0) for s in (mo, de))
+        batches.append({"index": b["index"], "n": b["n"], "time_s": b["time_s"], "rounds": b["rounds"], "bytes": b["bytes_sent"] + other})
     return {
         "wall_s": round(wall_s, 3),
+        "batches": batches,
         "online_s": do["wall_s"],
         "bytes_sent": {r: s["bytes_sent"] for r, s in per_role.items()},
         "bytes_total": sum(s["bytes_sent"] for s in per_role.values()),

@@ -105,6 +105,7 @@ def run_role(
     *,
     plan_and_weights: tuple[Any, Any] | None = None,
     x: np.ndarray | None = None,
+    chunk: int | None = None,
     progress: Callable[..., None] | None = None,
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """Connect, run the session as ``role`` and close. Returns (output or None, stats)."""
@@ -112,7 +113,9 @@ def run_role(
     try:
         if role == "data-owner":
             assert x is not None
-            out, stats = session.data_owner(chans["model-owner"], chans["dealer"], x, progress)
+            step = chunk or len(x)
+            parts = [x[i : i + step] for i in range(0, len(x), step)]
+            out, stats = session.data_owner(chans["model-owner"], chans["dealer"], iter(parts), progress, len(parts))
             return out, stats
         if role == "model-owner":
             assert plan_and_weights is not None

@@ -8,7 +8,11 @@ deadline):
    (or ``abort`` with the reason, which every other party reports and exits on);
 3. dealer -> each party: a fresh 16-byte PRG seed;
 4. online pass over the plan (the dealer streams corrections to the model owner meanwhile);
-5. the output is revealed to the data owner only; both parties tell the dealer ``done``.
+5. the output is revealed to the data owner only;
+6. steps 2 (batch size) and 4-5 repeat for every further batch of the session (a stream of
+   slices or patches): the dealer's seeds and the masked weights are reused, every mask and
+   correlation is fresh per batch; batch size 0 ends the session and the model owner tells the
+   dealer ``done``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -87,35 +91,84 @@ def _stats(role: str, t0: float, channels: list[Channel], rounds: int, layers: l
     }
 
 
-def data_owner(to_model: Channel, to_dealer: Channel, x: np.ndarray, progress: Progress | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Run the data owner's side; returns (output after post-processing, stats)."""
+def _check_batch(x: np.ndarray, plan: Plan) -> str | None:
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+        return f"input must be a float array, got {getattr(x, 'dtype', type(x))}"
+    if list(x.shape[1:]) != list(plan.input_shape) or x.shape[0] < 1:
+        return f"input shape {tuple(x.shape)} does not match the model input (N, {', '.join(map(str, plan.input_shape))})"
+    if not np.all(np.isfinite(x)):
+        return "input contains NaN or infinite values"
+    return None
+
+
+def data_owner(
+    to_model: Channel,
+    to_dealer: Channel,
+    batches: np.ndarray | Iterable[np.ndarray],
+    progress: Progress | None = None,
+    total_batches: int | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Run the data owner's side over one batch or a stream of batches (one session: the
+    masked weights travel once). Returns (outputs of all batches concatenated, stats)."""
     t0 = time.perf_counter()
     plan = Plan.from_json(to_model.recv_text("plan"))
-    problem = None
-    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
-        problem = f"input must be a float array, got {getattr(x, 'dtype', type(x))}"
-    elif list(x.shape[1:]) != list(plan.input_shape):
-        problem = f"input shape {tuple(x.shape)} does not match the model input (N, {', '.join(map(str, plan.input_shape))})"
-    elif not np.all(np.isfinite(x)):
-        problem = "input contains NaN or infinite values"
-    if problem:
-        for c in (to_model, to_dealer):
-            c.abort(f"data owner rejected its input: {problem}")
-        raise InputError(problem)
-    batch = np.array([x.shape[0]], dtype=np.int64)
-    to_model.send("batch", batch)
-    to_dealer.send("batch", batch)
-    seed = bytes(to_dealer.recv("seed", np.uint8, (SEED_BYTES,)))
-    party = Party(0, to_model, DealerSource(0, seed, None))
-    tracker = LayerTracker(party, [to_model, to_dealer], plan, progress)
-    ring_out, _ = run_plan(plan, SecureBackend(party, plan, int(batch[0]), x=x.astype(np.float64)), int(batch[0]), on_node=tracker)
+    if isinstance(batches, np.ndarray):
+        batches, total_batches = [batches], 1
+    party: Party | None = None
+    cache: dict[str, np.ndarray] = {}
+    outputs, per_batch, layers = [], [], []
     out_node = plan.node(plan.output_name)
-    logits = decode(ring_out, out_node.scale)
-    to_dealer.send("done", np.zeros(1, np.uint8))
-    to_model.send("done", np.zeros(1, np.uint8))
-    stats = _stats("data-owner", t0, [to_model, to_dealer], party.rounds, tracker.layers)
+    chans = [to_model, to_dealer]
+    for index, x in enumerate(batches):
+        problem = _check_batch(x, plan)
+        if problem:
+            for c in chans:
+                c.abort(f"data owner rejected its input: {problem}")
+            raise InputError(problem)
+        n = np.array([x.shape[0]], dtype=np.int64)
+        b0 = sum(c.counters.bytes_sent for c in chans)
+        tb = time.perf_counter()
+        for c in chans:
+            c.send("batch", n)
+        if party is None:
+            seed = bytes(to_dealer.recv("seed", np.uint8, (SEED_BYTES,)))
+            party = Party(0, to_model, DealerSource(0, seed, None))
+        r0 = party.rounds
+        tracker = LayerTracker(party, chans, plan, _batch_progress(progress, index, total_batches))
+        backend = SecureBackend(party, plan, int(n[0]), x=x.astype(np.float64), index=index, masked_weights=cache)
+        ring_out, _ = run_plan(plan, backend, int(n[0]), on_node=tracker)
+        outputs.append(postprocess(decode(ring_out, out_node.scale), out_node.attrs.get("post", {})).astype(np.float32))
+        layers = _sum_layers(layers, tracker.layers)
+        per_batch.append({"index": index, "n": int(n[0]), "time_s": round(time.perf_counter() - tb, 4),
+                          "bytes_sent": sum(c.counters.bytes_sent for c in chans) - b0, "rounds": party.rounds - r0})
+    if party is None:
+        raise InputError("no input batches")
+    for c in chans:
+        c.send("batch", np.zeros(1, np.int64))  # end of the session
+    stats = _stats("data-owner", t0, chans, party.rounds, layers)
+    stats["batches"] = per_batch
     stats["plan"] = {"frac_bits": plan.frac_bits, **plan.report}
-    return postprocess(logits, out_node.attrs.get("post", {})).astype(np.float32), stats
+    return np.concatenate(outputs), stats
+
+
+def _batch_progress(progress: Progress | None, index: int, total: int | None) -> Progress | None:
+    if progress is None:
+        return None
+
+    def emit(done: int, total_layers: int, node: Node) -> None:
+        progress(done, total_layers, node, index, total)  # type: ignore[call-arg]
+
+    return emit
+
+
+def _sum_layers(acc: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-layer costs summed over batches."""
+    if not acc:
+        return [dict(l) for l in new]
+    for a, b in zip(acc, new, strict=True):
+        for key in ("time_s", "bytes_sent", "rounds"):
+            a[key] = round(a[key] + b[key], 6) if key == "time_s" else a[key] + b[key]
+    return acc
 
 
 def model_owner(to_data: Channel, to_dealer: Channel, plan: Plan, weights: PrivateWeights, progress: Progress | None = None) -> dict[str, Any]:
@@ -124,43 +177,67 @@ def model_owner(to_data: Channel, to_dealer: Channel, plan: Plan, weights: Priva
     text = plan.to_json()
     to_data.send_text("plan", text)
     to_dealer.send_text("plan", text)
-    batch = int(to_data.recv("batch", np.int64, (1,))[0])
-    seed = bytes(to_dealer.recv("seed", np.uint8, (SEED_BYTES,)))
-    party = Party(1, to_data, DealerSource(1, seed, to_dealer))
-    tracker = LayerTracker(party, [to_data, to_dealer], plan, progress)
-    run_plan(plan, SecureBackend(party, plan, batch, weights=weights), batch, on_node=tracker)
-    to_data.recv("done", np.uint8, (1,))
+    party: Party | None = None
+    cache: dict[str, np.ndarray] = {}
+    layers: list[dict[str, Any]] = []
+    per_batch = []
+    chans = [to_data, to_dealer]
+    for index in range(1 << 62):
+        for c in chans:
+            c.step = "waiting for the next batch"
+        batch = int(to_data.recv("batch", np.int64, (1,), timeout_s=DONE_TIMEOUT_S if index else None)[0])
+        if batch == 0:
+            break
+        b0 = sum(c.counters.bytes_sent for c in chans)
+        if party is None:
+            seed = bytes(to_dealer.recv("seed", np.uint8, (SEED_BYTES,)))
+            party = Party(1, to_data, DealerSource(1, seed, to_dealer))
+        tracker = LayerTracker(party, chans, plan, None)
+        run_plan(plan, SecureBackend(party, plan, batch, weights=weights, index=index, masked_weights=cache), batch, on_node=tracker)
+        layers = _sum_layers(layers, tracker.layers)
+        per_batch.append({"index": index, "bytes_sent": sum(c.counters.bytes_sent for c in chans) - b0})
     to_dealer.send("done", np.zeros(1, np.uint8))
-    return _stats("model-owner", t0, [to_data, to_dealer], party.rounds, tracker.layers)
+    stats = _stats("model-owner", t0, chans, party.rounds if party else 0, layers)
+    stats["batches"] = per_batch
+    return stats
 
 
 def dealer(to_data: Channel, to_model: Channel, progress: Callable[[Request], None] | None = None) -> dict[str, Any]:
     """Run the dealer: seeds to both parties, then every correction to the model owner."""
     t0 = time.perf_counter()
     plan = Plan.from_json(to_model.recv_text("plan"))
-    batch = int(to_data.recv("batch", np.int64, (1,))[0])
-    if batch < 1:
-        raise PeerError(f"data-owner announced batch size {batch}")
-    seed0, seed1 = PRG.fresh().seed, PRG.fresh().seed
-    to_data.send("seed", np.frombuffer(seed0, np.uint8))
-    to_model.send("seed", np.frombuffer(seed1, np.uint8))
-    layers: list[dict[str, Any]] = []
-    last = [time.perf_counter(), 0]
+    prgs: tuple[PRG, PRG, PRG] | None = None
+    layers: dict[str, dict[str, Any]] = {}
+    per_batch = []
+    for index in range(1 << 62):
+        to_data.step = "waiting for the next batch"
+        batch = int(to_data.recv("batch", np.int64, (1,), timeout_s=DONE_TIMEOUT_S if index else None)[0])
+        if batch < 0:
+            raise PeerError(f"data-owner announced batch size {batch}")
+        if batch == 0:
+            break
+        if prgs is None:
+            prgs = (PRG.fresh(), PRG.fresh(), PRG.fresh())
+            to_data.send("seed", np.frombuffer(prgs[0].seed, np.uint8))
+            to_model.send("seed", np.frombuffer(prgs[1].seed, np.uint8))
+        b0 = to_model.counters.bytes_sent
+        last = [time.perf_counter(), b0, ""]
 
-    def on_request(req: Request) -> None:
-        now, sent = time.perf_counter(), to_model.counters.bytes_sent
-        if layers:
-            layers[-1]["time_s"] = round(now - last[0], 6)
-            layers[-1]["bytes_sent"] = sent - last[1]
-        layers.append({"id": req.label, "op": req.node.op})
-        last[0], last[1] = now, sent
-        if progress:
-            progress(req)
+        def on_request(req: Request) -> None:
+            now, sent = time.perf_counter(), to_model.counters.bytes_sent
+            if last[2]:
+                entry = layers.setdefault(last[2], {"id": last[2], "time_s": 0.0, "bytes_sent": 0})
+                entry["time_s"] = round(entry["time_s"] + now - last[0], 6)
+                entry["bytes_sent"] += sent - last[1]
+            last[0], last[1], last[2] = now, sent, req.label.split(":", 1)[-1] if req.label != "end" else ""
+            if progress and req.label != "end":
+                progress(req)
 
-    run_dealer(plan, batch, seed0, seed1, to_model, on_request)
-    on_request(Request("end", plan.nodes[-1]))
-    layers.pop()
-    for c in (to_data, to_model):
-        c.step = "waiting for the end of the session"
-        c.recv("done", np.uint8, (1,), timeout_s=DONE_TIMEOUT_S)
-    return _stats("dealer", t0, [to_data, to_model], 0, layers)
+        run_dealer(plan, batch, index, prgs, to_model, on_request)
+        on_request(Request("end", plan.nodes[-1]))
+        per_batch.append({"index": index, "bytes_sent": to_model.counters.bytes_sent - b0})
+    to_model.step = "waiting for the end of the session"
+    to_model.recv("done", np.uint8, (1,), timeout_s=DONE_TIMEOUT_S)
+    stats = _stats("dealer", t0, [to_data, to_model], 0, list(layers.values()))
+    stats["batches"] = per_batch
+    return stats
