@@ -61,6 +61,39 @@ def tiny_classifier_onnx(
     return path
 
 
+def tiny_segmenter_onnx(path: Path, n_classes: int, side: int, seed: int = 0) -> Path:
+    """Conv3d(1 -> n_classes, 3x3x3, same padding) then Softmax over channels, seeded weights.
+
+    The weights favour class c where the (min-max normalised) intensity is high for c > 0,
+    so the masks are neither empty nor everything.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(scale=0.05, size=(n_classes, 1, 3, 3, 3))
+    w[1:, 0, 1, 1, 1] += 6.0 * np.arange(1, n_classes)
+    b = -3.0 * np.arange(n_classes) ** 1.5
+    nodes = [
+        helper.make_node(
+            "Conv", ["input", "w", "b"], ["logits"], kernel_shape=[3, 3, 3], pads=[1] * 6
+        ),
+        helper.make_node("Softmax", ["logits"], ["output"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_segmenter",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, side, side, side])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, n_classes, side, side, side])],
+        [numpy_helper.from_array(w.astype(np.float32), "w"), numpy_helper.from_array(b.astype(np.float32), "b")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
 def make_study_and_model(
     root: Path, sites: int = 2, n_per_site: int = 4, seed: int = 0
 ) -> tuple[Path, Path]:
@@ -103,12 +136,13 @@ class InsecureTestPerturbation:
             self.max_running = max(self.max_running, self.running)
             if str(model_path) not in self._sessions:
                 self._sessions[str(model_path)] = ort.InferenceSession(str(model_path))
-            noise = self.rng.normal(scale=self.noise, size=(x.shape[0], len(FINDINGS)))
         try:
             time.sleep(self.sleep_s)
             if call in self.fail_calls:
                 raise self.fail_calls[call]
             plain = self._sessions[str(model_path)].run(None, {"input": x})[0]
+            with self._lock:
+                noise = self.rng.normal(scale=self.noise, size=plain.shape)
             stats = {"wall_s": self.sleep_s, "bytes_sent": {"data-owner": 100, "model-owner": 200, "dealer": 300},
                      "rounds": 15, "peak_rss_mb": {"data-owner": 90.0, "model-owner": 91.0, "dealer": 92.0}}  # fmt: skip
             return (plain + noise).astype(np.float32), stats

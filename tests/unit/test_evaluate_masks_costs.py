@@ -76,3 +76,14 @@ def test_projections() -> None:
     assert observed_study_seconds(np.array([0.0, 1.0]), np.array([3.0, 4.0]), 10) == pytest.approx(
         20.0
     )
+
+
+def test_nearest_resize_keeps_labels() -> None:
+    from privmed.evaluate.masks import nearest_resize
+
+    labels = np.arange(12).reshape(3, 4)
+    up = nearest_resize(labels, (6, 8))
+    np.testing.assert_array_equal(up, np.repeat(np.repeat(labels, 2, axis=0), 2, axis=1))
+    down = nearest_resize(np.arange(16).reshape(4, 4), (2, 2))
+    np.testing.assert_array_equal(down, [[5, 7], [13, 15]])  # centre of each 2x2 block, rounded up
+    assert nearest_resize(labels, (3, 4)).tolist() == labels.tolist()

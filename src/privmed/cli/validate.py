@@ -97,7 +97,9 @@ def _print_summary(summary: dict[str, Any], html: Path, js: Path) -> None:
     for f in summary["findings"]:
         print("  " + f["sentence"])
     for name, m in (summary.get("masks") or {}).items():
-        print(f"  {name}: Dice median {m['dice']['median']:.4f}, HD95 median {m['hd95']['median']}")
+        sp = m["secure_vs_plain"]
+        print(f"  {name}: secure vs plaintext Dice median {sp['dice']['median']:.4f} (min {sp['dice']['min']:.4f}), "
+              f"voxel agreement {100 * m['voxel_agreement']:.3f}%")  # fmt: skip
     med = c["secure_s"]["median"]
     if med is not None:
         mb = (c["bytes_total"]["median"] or 0.0) / 1e6

@@ -45,6 +45,7 @@ class StudyArrays:
     plain: np.ndarray
     secure: np.ndarray
     is_mask: bool
+    truth: np.ndarray | None = None
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -72,7 +73,11 @@ def load_arrays(rows: list[ImageResult], meta: dict[str, Any]) -> StudyArrays:
     labels = np.stack([r.labels if r.labels is not None else nan_labels for r in ok]).astype(
         np.float64
     )
+    truth = None
+    if plain.ndim > 2 and all(r.truth_mask is not None for r in ok):
+        truth = np.stack([np.asarray(r.truth_mask) for r in ok])
     return StudyArrays(
+        truth=truth,
         findings=findings,
         sites=np.array([r.site for r in ok]),
         image_ids=np.array([r.image_id for r in ok]),
@@ -144,21 +149,54 @@ def sentence(name: str, s: dict[str, Any], margin: float) -> str:
     return f"{name}: " + "; ".join(parts) + "."
 
 
-def _mask_stats(
-    arrays: StudyArrays, threshold: float, spacing: tuple[float, ...] | None
+def _label_maps(prob: np.ndarray, threshold: float) -> np.ndarray:
+    """(n, C, *spatial) probabilities -> (n, *spatial) labels: threshold if C = 1, else argmax."""
+    if prob.shape[1] == 1:
+        return (prob[:, 0] >= threshold).astype(np.int64)
+    return np.argmax(prob, axis=1)
+
+
+def compare_masks(
+    a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...] | None = None
 ) -> dict[str, Any]:
-    """Per output channel: Dice and HD95 of the secure mask against the plaintext mask."""
+    """Dice and HD95 between paired binary masks ``a[i]``, ``b[i]`` over n images.
+
+    HD95 is summarised over images where both masks are non-empty; images where exactly one
+    is empty (HD95 infinite) are counted in ``n_one_empty`` instead.
+    """
+    dices = np.array([dice(x, y) for x, y in zip(a, b, strict=True)])
+    both = [(x, y) for x, y in zip(a, b, strict=True) if x.any() and y.any()]
+    one_empty = sum(1 for x, y in zip(a, b, strict=True) if bool(x.any()) != bool(y.any()))
+    hds = np.array([hd95(x, y, spacing) for x, y in both])
+    return {"dice": {**asdict(summarize(dices)), "min": float(dices.min()) if dices.size else None},
+            "hd95": asdict(summarize(hds)), "n_one_empty": int(one_empty)}  # fmt: skip
+
+
+def _mask_stats(arrays: StudyArrays, threshold: float) -> dict[str, Any]:
+    """Per class: secure vs plaintext masks, and both vs ground truth when it was stored.
+
+    Classes are 1..C-1 of the argmax label map for C > 1 output channels (channel 0 is the
+    background) and the thresholded single channel for C = 1. Distances are in output voxels.
+    """
+    n_channels = arrays.plain.shape[1]
+    plain, secure = _label_maps(arrays.plain, threshold), _label_maps(arrays.secure, threshold)
     out: dict[str, Any] = {}
-    for c in range(arrays.plain.shape[1]):
-        dices, hds = [], []
-        for i in range(arrays.plain.shape[0]):
-            a = arrays.plain[i, c] >= threshold
-            b = arrays.secure[i, c] >= threshold
-            dices.append(dice(a, b))
-            hds.append(hd95(a, b, spacing))
-        name = arrays.findings[c] if c < len(arrays.findings) else f"channel {c}"
-        out[name] = {"dice": {**asdict(summarize(np.array(dices))), "min": float(min(dices))}, "hd95": asdict(summarize(np.array(hds))),
-                     "abs_diff": asdict(abs_difference(arrays.secure[:, c], arrays.plain[:, c]))}  # fmt: skip
+    for c in [1] if n_channels == 1 else range(1, n_channels):
+        if len(arrays.findings) == max(1, n_channels - 1):
+            name = arrays.findings[c - 1]
+        else:
+            name = f"class {c}"
+        entry: dict[str, Any] = {
+            "voxel_agreement": float(np.mean((plain == c) == (secure == c))),
+            "secure_vs_plain": compare_masks(secure == c, plain == c),
+            "secure_vs_truth": None,
+            "plain_vs_truth": None,
+        }
+        if arrays.truth is not None:
+            truth = arrays.truth == c
+            entry["secure_vs_truth"] = compare_masks(secure == c, truth)
+            entry["plain_vs_truth"] = compare_masks(plain == c, truth)
+        out[name] = entry
     return out
 
 
@@ -232,7 +270,7 @@ def summarize_study(rows: list[ImageResult], meta: dict[str, Any], *, margin: fl
     else:
         summary["all_outputs"] = {"abs_diff": None, "bland_altman": None}
     if arrays.is_mask:
-        summary["masks"] = _mask_stats(arrays, threshold, None)
+        summary["masks"] = _mask_stats(arrays, threshold)
         return summary, arrays
     for j, name in enumerate(arrays.findings):
         pooled = finding_stats(

@@ -21,6 +21,23 @@ def _check(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def nearest_resize(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Resize an integer label map to ``shape`` by nearest neighbour (pixel centres aligned).
+
+    Output index i reads input index floor((i + 0.5) * in / out), the sampling grid of
+    ``privmed.data.preprocess.resize`` without interpolation, so labels stay labels.
+    """
+    labels = np.asarray(labels)
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != labels.ndim:
+        raise InputError(f"mask: expected {len(shape)} dimensions, got shape {labels.shape}")
+    index = [
+        np.minimum(((np.arange(o) + 0.5) * (i / o)).astype(np.int64), i - 1)
+        for i, o in zip(labels.shape, shape, strict=True)
+    ]
+    return labels[np.ix_(*index)]
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice coefficient 2|A & B| / (|A| + |B|); 1.0 when both masks are empty."""
     a, b = _check(a, b)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from privmed.errors import InputError, ModelError, PrivmedError
+from privmed.evaluate.masks import nearest_resize
 from privmed.evaluate.store import ImageResult, ResultStore
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,10 @@ def _process(
         plain = study.session.run(None, {study.input_name: x})[0]
         result.plain_s = time.perf_counter() - t0
         result.plain_output = np.asarray(plain, dtype=np.float32)
+        if not study.is_classifier and getattr(record, "mask_path", None) is not None:
+            stage = "ground-truth mask"
+            truth, _ = study.study.read_mask(record)
+            result.truth_mask = nearest_resize(truth, result.plain_output.shape[2:])
         stage = "secure inference"
         t0 = time.perf_counter()
         secure, stats = secure_infer(model_path, x)

@@ -6,7 +6,8 @@ Layout of ``RESULTS_DIR/results.sqlite``:
   directory, findings, output kind, margin, threshold). Fixed by the first run; a rerun
   with another model or data directory is refused instead of mixing two studies.
 - ``results``: one row per image, primary key ``(site, image_id)``. Labels are JSON (null =
-  unknown); outputs are ``.npy`` bytes (dtype and shape included); costs are numbers or JSON
+  unknown); outputs, and for segmentation studies the ground-truth label map resized to the
+  output grid, are ``.npy`` bytes (dtype and shape included); costs are numbers or JSON
   maps keyed by role. ``status`` is ``ok`` or ``error`` (then ``error`` says why).
 
 Crash safety: every row is written in its own transaction by a single writer, so a process
@@ -46,6 +47,7 @@ CREATE TABLE IF NOT EXISTS results (
     error TEXT,
     plain_output BLOB,
     secure_output BLOB,
+    truth_mask BLOB,
     plain_s REAL,
     secure_s REAL,
     bytes_total INTEGER,
@@ -72,6 +74,7 @@ class ImageResult:
     error: str = ""
     plain_output: np.ndarray | None = None
     secure_output: np.ndarray | None = None
+    truth_mask: np.ndarray | None = None
     plain_s: float = float("nan")
     secure_s: float = float("nan")
     bytes_by_role: dict[str, int] = field(default_factory=dict)
@@ -215,15 +218,16 @@ class ResultStore:
         """
         values = (
             r.site, r.image_id, r.path, _labels_json(r.labels), r.status, r.error or None,
-            _to_npy(r.plain_output), _to_npy(r.secure_output), _real(r.plain_s), _real(r.secure_s),
+            _to_npy(r.plain_output), _to_npy(r.secure_output), _to_npy(r.truth_mask),
+            _real(r.plain_s), _real(r.secure_s),
             int(sum(r.bytes_by_role.values())) if r.bytes_by_role else None,
             json.dumps(r.bytes_by_role) if r.bytes_by_role else None,
             r.rounds, json.dumps(r.peak_rss_mb) if r.peak_rss_mb else None,
             _real(r.started_at), _real(r.finished_at), r.run_id,
         )  # fmt: skip
         columns = (
-            "site, image_id, path, labels, status, error, plain_output, secure_output, plain_s, "
-            "secure_s, bytes_total, bytes_by_role, rounds, peak_rss_mb, started_at, finished_at, run_id"
+            "site, image_id, path, labels, status, error, plain_output, secure_output, truth_mask, "
+            "plain_s, secure_s, bytes_total, bytes_by_role, rounds, peak_rss_mb, started_at, finished_at, run_id"
         )
         updates = ", ".join(f"{c.strip()} = excluded.{c.strip()}" for c in columns.split(",")[2:])
         with self._transaction():
@@ -241,11 +245,11 @@ class ResultStore:
         """Every stored row, in insertion order."""
         cur = self._conn.execute(
             "SELECT site, image_id, path, labels, status, error, plain_output, secure_output, "
-            "plain_s, secure_s, bytes_by_role, rounds, peak_rss_mb, started_at, finished_at, run_id "
+            "truth_mask, plain_s, secure_s, bytes_by_role, rounds, peak_rss_mb, started_at, finished_at, run_id "
             "FROM results ORDER BY rowid"
         )
         for row in cur:
-            (site, image_id, path, labels, status, error, plain, secure, plain_s, secure_s,
+            (site, image_id, path, labels, status, error, plain, secure, truth, plain_s, secure_s,
              bytes_json, rounds, rss_json, started, finished, run_id) = row  # fmt: skip
             yield ImageResult(
                 site=site,
@@ -256,6 +260,7 @@ class ResultStore:
                 error=error or "",
                 plain_output=_from_npy(plain),
                 secure_output=_from_npy(secure),
+                truth_mask=_from_npy(truth),
                 plain_s=float("nan") if plain_s is None else plain_s,
                 secure_s=float("nan") if secure_s is None else secure_s,
                 bytes_by_role=json.loads(bytes_json) if bytes_json else {},

@@ -1,0 +1,152 @@
+"""Benchmark: a full `privmed validate` study on a synthetic multi-site chest X-ray dataset.
+
+Synthesises SITES x PER_SITE 64x64 chest phantoms (privmed.data.synth, seed 0), runs
+`privmed validate` on them with the shipped small CNN (src/privmed/assets/models/
+chest_smallcnn.onnx) or, if that asset is absent, with a small CNN trained here on a
+separate synthetic training set (seed 1), then `privmed report`. Prints the report's
+summary, writes benchmarks/results/validate_study.json (the numbers quoted in
+docs/validate.md) and, if chromium is installed, a screenshot of the report to
+docs/img/validate_report.png.
+
+    python benchmarks/validate_study.py [--sites 3] [--per-site 100] [--workers 2]
+
+Rerunning resumes the stored study and retries failed images (delete benchmarks/results/validate_study/ to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSET = ROOT / "src" / "privmed" / "assets" / "models" / "chest_smallcnn.onnx"
+SIDE = 64
+
+
+def train_fallback_model(work: Path, seed: int = 1) -> Path:
+    """A SmallCNN trained for a few epochs on 3 x 150 synthetic images (not the test images)."""
+    import torch
+
+    from privmed.data.datasets import load_study
+    from privmed.data.preprocess import Preprocess, load_for_model
+    from privmed.data.synth import synth_chest_study
+    from privmed.models.export import export_onnx
+    from privmed.models.loop import fit
+    from privmed.models.zoo import build_model
+
+    torch.set_num_threads(1)
+    model_path = work / "model" / "chest_smallcnn_bench.onnx"
+    if model_path.exists():
+        return model_path
+    study = load_study(
+        synth_chest_study(work / "train", sites=3, n_per_site=150, size=SIDE, seed=seed)
+    )
+    pre = Preprocess(size=(SIDE, SIDE))
+    x = torch.from_numpy(np.concatenate([load_for_model(r.path, pre) for r in study.records]))
+    y = torch.from_numpy(np.nan_to_num(study.labels()))
+    n_val = len(x) // 5
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = build_model("small-cnn", 1, len(study.findings))
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def validate(model: torch.nn.Module) -> tuple[float, dict[str, float], float]:
+        loss = float(loss_fn(model(x[:n_val]), y[:n_val]))
+        return loss, {}, -loss
+
+    fit(
+        net,
+        loss_fn,
+        x[n_val:],
+        y[n_val:],
+        validate,
+        epochs=20,
+        batch_size=32,
+        lr=3e-3,
+        generator=gen,
+    )
+    wrapped = torch.nn.Sequential(net, torch.nn.Sigmoid()).eval()
+    return export_onnx(wrapped, (1, 1, SIDE, SIDE), model_path, pre,
+                       metadata={"privmed.labels": json.dumps(study.findings)})  # fmt: skip
+
+
+def screenshot(report: Path, png: Path) -> bool:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        return False
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={profile}", f"--screenshot={png}", "--window-size=1280,2000",
+               report.resolve().as_uri()]  # fmt: skip
+        return subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--per-site", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--model", type=Path, default=None, help="default: the shipped asset, else train one"
+    )
+    ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "validate_study")
+    ap.add_argument(
+        "--screenshot", type=Path, default=ROOT / "docs" / "img" / "validate_report.png"
+    )
+    args = ap.parse_args()
+
+    from privmed.cli.main import main as privmed_main
+    from privmed.data.synth import synth_chest_study
+
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model = args.model or (ASSET if ASSET.exists() else train_fallback_model(work))
+    t_model = time.perf_counter() - t0
+    study = work / f"study_{args.sites}x{args.per_site}"
+    if not (study / "labels.csv").exists():
+        synth_chest_study(study, sites=args.sites, n_per_site=args.per_site, size=SIDE, seed=0)
+    out = work / "results"
+    t1 = time.perf_counter()
+    rc = privmed_main(["validate", "--model", str(model), "--data", str(study), "--out", str(out),
+                       "--workers", str(args.workers), "--retry-errors"])  # fmt: skip
+    t_validate = time.perf_counter() - t1
+    if rc != 0:
+        return rc
+    summary = json.loads((out / "summary.json").read_text())
+    shot = screenshot(out / "report.html", args.screenshot)
+    record = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
+        "model": str(model), "model_seconds": round(t_model, 1),
+        "images": summary["study"]["n_ok"], "errors": summary["study"]["n_error"],
+        "sites": summary["study"]["sites"], "workers": args.workers,
+        "validate_wall_s_this_run": round(t_validate, 1),
+        "findings": {f["finding"]: {
+            "auroc_plain": f["pooled"]["auroc_plain"], "auroc_secure": f["pooled"]["auroc_secure"],
+            "delong_p": f["pooled"]["delong"]["p"], "tost_p": f["pooled"]["tost"]["p"],
+            "max_abs_diff": f["pooled"]["abs_diff"]["max_abs"], "agreement": f["pooled"]["agreement"]["rate"],
+            "sentence": f["sentence"]} for f in summary["findings"]},
+        "costs": summary["costs"],
+        "screenshot": str(args.screenshot) if shot else None,
+    }  # fmt: skip
+    (ROOT / "benchmarks" / "results" / "validate_study.json").write_text(
+        json.dumps(record, indent=2) + "\n"
+    )
+    print(f"validate wall time this run: {t_validate:.0f} s; screenshot: {record['screenshot']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
