@@ -144,7 +144,8 @@ class InsecureTestPerturbation:
             with self._lock:
                 noise = self.rng.normal(scale=self.noise, size=plain.shape)
             stats = {"wall_s": self.sleep_s, "bytes_sent": {"data-owner": 100, "model-owner": 200, "dealer": 300},
-                     "rounds": 15, "peak_rss_mb": {"data-owner": 90.0, "model-owner": 91.0, "dealer": 92.0}}  # fmt: skip
+                     "rounds": 15, "peak_rss_mb": {"data-owner": 90.0, "model-owner": 91.0, "dealer": 92.0},
+                     "cpu_s": {"data-owner": 0.5, "model-owner": 0.6, "dealer": 0.4}}  # fmt: skip
             return (plain + noise).astype(np.float32), stats
         finally:
             with self._lock:

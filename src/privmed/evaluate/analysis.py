@@ -228,6 +228,8 @@ def cost_stats(rows: list[ImageResult], n_study: int, workers: int) -> dict[str,
         "rounds": asdict(summarize(col(lambda r: r.rounds))),
         "bytes_by_role": {k: asdict(summarize(col(lambda r, k=k: r.bytes_by_role.get(k)))) for k in roles},
         "peak_rss_mb": {k: asdict(summarize(col(lambda r, k=k: r.peak_rss_mb.get(k)))) for k in roles},
+        "cpu_s": {k: asdict(summarize(col(lambda r, k=k: r.cpu_s.get(k)))) for k in roles
+                  if any(k in r.cpu_s for r in ok)},
         "workers": workers,
         "n_images_study": n_study,
         "observed_s_per_image": span / len(ok) if ok and span > 0 else None,

@@ -113,6 +113,7 @@ def _cost_table(c: dict[str, Any]) -> str:
         (f"peak memory of {role} (MB)", v, lambda x: _num(x, ".1f"))
         for role, v in c["peak_rss_mb"].items()
     ]
+    rows += [(f"CPU time of {role}", v, _duration) for role, v in c.get("cpu_s", {}).items()]
     body = [_head(["cost", "median", "IQR (Q1 – Q3)", "max", "n"])]
     for label, s, fmt in rows:
         iqr = f"{fmt(s['q1'])} – {fmt(s['q3'])}" if s.get("q1") is not None else "–"

@@ -224,6 +224,7 @@ def _process(
         result.peak_rss_mb = {
             str(k): float(v) for k, v in dict(stats.get("peak_rss_mb", {})).items()
         }
+        result.cpu_s = {str(k): float(v) for k, v in dict(stats.get("cpu_s", {})).items()}
         result.status = "ok"
     except ModelError:
         raise

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS results (
     bytes_by_role TEXT,
     rounds INTEGER,
     peak_rss_mb TEXT,
+    cpu_s TEXT,
     started_at REAL,
     finished_at REAL,
     run_id TEXT,
@@ -80,6 +81,7 @@ class ImageResult:
     bytes_by_role: dict[str, int] = field(default_factory=dict)
     rounds: int | None = None
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)
     started_at: float = float("nan")
     finished_at: float = float("nan")
     run_id: str = ""
@@ -111,8 +113,30 @@ def _labels_array(text: str | None) -> np.ndarray | None:
     return np.array([np.nan if v is None else v for v in json.loads(text)], dtype=np.float32)
 
 
+def _map_json(values: Mapping[str, float]) -> str | None:
+    return json.dumps(dict(values)) if values else None
+
+
+def _nan_if_none(x: float | None) -> float:
+    return float("nan") if x is None else float(x)
+
+
 def _real(x: float) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Add columns introduced after a database was created (all nullable; old rows get NULL)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+    table = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS results") :]
+    for line in table.splitlines()[1:]:
+        parts = line.strip().rstrip(",").split()
+        if (
+            len(parts) == 2
+            and parts[0] not in have
+            and parts[1] in ("TEXT", "BLOB", "REAL", "INTEGER")
+        ):
+            conn.execute(f"ALTER TABLE results ADD COLUMN {parts[0]} {parts[1]}")
 
 
 class ResultStore:
@@ -140,6 +164,7 @@ class ResultStore:
             conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None)
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
+            _add_missing_columns(conn)
         except sqlite3.DatabaseError as exc:
             raise InputError(f"{path}: not a privmed results database ({exc})") from exc
         store = cls(path, conn)
@@ -216,25 +241,23 @@ class ResultStore:
 
         An ``error`` row may be replaced (retrying a failed image); an ``ok`` row never is.
         """
-        values = (
-            r.site, r.image_id, r.path, _labels_json(r.labels), r.status, r.error or None,
-            _to_npy(r.plain_output), _to_npy(r.secure_output), _to_npy(r.truth_mask),
-            _real(r.plain_s), _real(r.secure_s),
-            int(sum(r.bytes_by_role.values())) if r.bytes_by_role else None,
-            json.dumps(r.bytes_by_role) if r.bytes_by_role else None,
-            r.rounds, json.dumps(r.peak_rss_mb) if r.peak_rss_mb else None,
-            _real(r.started_at), _real(r.finished_at), r.run_id,
-        )  # fmt: skip
-        columns = (
-            "site, image_id, path, labels, status, error, plain_output, secure_output, truth_mask, "
-            "plain_s, secure_s, bytes_total, bytes_by_role, rounds, peak_rss_mb, started_at, finished_at, run_id"
-        )
-        updates = ", ".join(f"{c.strip()} = excluded.{c.strip()}" for c in columns.split(",")[2:])
+        values = {
+            "site": r.site, "image_id": r.image_id, "path": r.path, "labels": _labels_json(r.labels),
+            "status": r.status, "error": r.error or None,
+            "plain_output": _to_npy(r.plain_output), "secure_output": _to_npy(r.secure_output),
+            "truth_mask": _to_npy(r.truth_mask), "plain_s": _real(r.plain_s), "secure_s": _real(r.secure_s),
+            "bytes_total": int(sum(r.bytes_by_role.values())) if r.bytes_by_role else None,
+            "bytes_by_role": _map_json(r.bytes_by_role), "rounds": r.rounds,
+            "peak_rss_mb": _map_json(r.peak_rss_mb), "cpu_s": _map_json(r.cpu_s),
+            "started_at": _real(r.started_at), "finished_at": _real(r.finished_at), "run_id": r.run_id,
+        }  # fmt: skip
+        columns = ", ".join(values)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in values if c not in ("site", "image_id"))
         with self._transaction():
             cur = self._conn.execute(
                 f"INSERT INTO results({columns}) VALUES ({', '.join('?' * len(values))}) "
                 f"ON CONFLICT(site, image_id) DO UPDATE SET {updates} WHERE results.status = 'error'",
-                values,
+                tuple(values.values()),
             )
             written = cur.rowcount == 1
         if not written:
@@ -243,33 +266,32 @@ class ResultStore:
 
     def rows(self) -> Iterator[ImageResult]:
         """Every stored row, in insertion order."""
-        cur = self._conn.execute(
-            "SELECT site, image_id, path, labels, status, error, plain_output, secure_output, "
-            "truth_mask, plain_s, secure_s, bytes_by_role, rounds, peak_rss_mb, started_at, finished_at, run_id "
-            "FROM results ORDER BY rowid"
-        )
-        for row in cur:
-            (site, image_id, path, labels, status, error, plain, secure, truth, plain_s, secure_s,
-             bytes_json, rounds, rss_json, started, finished, run_id) = row  # fmt: skip
-            yield ImageResult(
-                site=site,
-                image_id=image_id,
-                status=status,
-                path=path or "",
-                labels=_labels_array(labels),
-                error=error or "",
-                plain_output=_from_npy(plain),
-                secure_output=_from_npy(secure),
-                truth_mask=_from_npy(truth),
-                plain_s=float("nan") if plain_s is None else plain_s,
-                secure_s=float("nan") if secure_s is None else secure_s,
-                bytes_by_role=json.loads(bytes_json) if bytes_json else {},
-                rounds=rounds,
-                peak_rss_mb=json.loads(rss_json) if rss_json else {},
-                started_at=float("nan") if started is None else started,
-                finished_at=float("nan") if finished is None else finished,
-                run_id=run_id or "",
-            )
+        self._conn.row_factory = sqlite3.Row
+        try:
+            cur = self._conn.execute("SELECT * FROM results ORDER BY rowid")
+            for row in cur:
+                yield ImageResult(
+                    site=row["site"],
+                    image_id=row["image_id"],
+                    status=row["status"],
+                    path=row["path"] or "",
+                    labels=_labels_array(row["labels"]),
+                    error=row["error"] or "",
+                    plain_output=_from_npy(row["plain_output"]),
+                    secure_output=_from_npy(row["secure_output"]),
+                    truth_mask=_from_npy(row["truth_mask"]),
+                    plain_s=_nan_if_none(row["plain_s"]),
+                    secure_s=_nan_if_none(row["secure_s"]),
+                    bytes_by_role=json.loads(row["bytes_by_role"] or "{}"),
+                    rounds=row["rounds"],
+                    peak_rss_mb=json.loads(row["peak_rss_mb"] or "{}"),
+                    cpu_s=json.loads(row["cpu_s"] or "{}"),
+                    started_at=_nan_if_none(row["started_at"]),
+                    finished_at=_nan_if_none(row["finished_at"]),
+                    run_id=row["run_id"] or "",
+                )
+        finally:
+            self._conn.row_factory = None
 
     def count(self) -> dict[str, int]:
         """Number of rows per status."""
