@@ -20,7 +20,7 @@ def exact_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.vectorize(lambda v: int(v) % (1 << 64), otypes=[object])(out).astype(U64)
 
 
-@pytest.mark.parametrize("m,k,n", [(3, 5, 2), (7, 300, 9), (1, 1, 1)])
+@pytest.mark.parametrize("m,k,n", [(3, 5, 2), (7, 300, 9), (1, 1, 1), (2, 1100, 3)])  # 1100 > one K chunk (511)
 def test_uniform_matmul_is_exact(m: int, k: int, n: int) -> None:
     rng = np.random.default_rng(k)
     a = rng.integers(0, 2**64, (m, k), dtype=U64)

@@ -61,6 +61,10 @@ class Stream:
         count = int(np.prod(shape))
         return np.frombuffer(self.bytes(8 * count), dtype=np.uint64).reshape(shape)
 
+    def uint8(self, shape: tuple[int, ...] | int) -> np.ndarray:
+        count = int(np.prod(shape))
+        return np.frombuffer(self.bytes(count), dtype=np.uint8).reshape(shape)
+
     def uint16(self, shape: tuple[int, ...] | int) -> np.ndarray:
         count = int(np.prod(shape))
         return np.frombuffer(self.bytes(2 * count), dtype=np.uint16).reshape(shape)

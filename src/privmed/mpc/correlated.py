@@ -103,8 +103,14 @@ def expand_linear(prg: PRG, req: Request, index: int) -> LinearShares:
     return LinearShares(prg.stream(f"{req.node.id}/B").uint64(w_shape), np.zeros(0, dtype=U64))
 
 
+def packed_len(n: int) -> int:
+    """Bytes of n bits packed 8 per byte (numpy packbits order)."""
+    return (n + 7) // 8
+
+
 def expand_nonlinear(stream: Stream, index: int, spec: NonlinearSpec) -> NonlinearShares:
-    n = spec.n
+    """Seeded material; bits (q, triples) are kept packed, 8 elements per byte."""
+    n, nb = spec.n, packed_len(spec.n)
     sh = NonlinearShares(r=stream.uint64(n), R=np.zeros(0, U64))
     m = spec.chunks
     if index == 0:
@@ -114,10 +120,10 @@ def expand_nonlinear(stream: Stream, index: int, spec: NonlinearSpec) -> Nonline
             sh.chat, sh.chatR = stream.uint64(n), stream.uint64(n)
             sh.chatM = stream.uint64(n) if spec.shift else None
             sh.lt, sh.eq = stream.uint16((m, n)), stream.uint16((m, n))
-            sh.q = stream.bits(n)
+            sh.q = stream.uint8(nb)
     for k in ands_per_level(m):
-        a, b = stream.bits((k, n)), stream.bits((k, n))
-        z = stream.bits((k, n)) if index == 0 else np.zeros((k, n), np.uint8)
+        a, b = stream.uint8((k, nb)), stream.uint8((k, nb))
+        z = stream.uint8((k, nb)) if index == 0 else np.zeros((k, nb), np.uint8)
         sh.triples.append((a, b, z))
     return sh
 
@@ -144,20 +150,44 @@ def nonlinear_correction(spec: NonlinearSpec, s0: Stream, s1: Stream, private: S
     bits: list[np.ndarray] = []
     tables = None
     if spec.relu:
-        chat = private.bits(spec.n).astype(U64)
+        chat_bits = private.bits(spec.n)
+        chat = chat_bits.astype(U64)
         full.update(chat=chat, chatR=chat * full["R"], chatM=chat * full["M"])
-        shifts = (U64(spec.drop) + U64(CHUNK) * np.arange(spec.chunks, dtype=U64))[:, None]
-        rj = ((r[None, :] >> shifts) & U64(15)).astype(np.uint16)
-        lt = ((np.uint16(1) << rj) - np.uint16(1)).astype(np.uint16)
-        eq = (np.uint16(1) << rj).astype(np.uint16)
-        tables = np.stack([lt ^ p0.lt, eq ^ p0.eq])  # type: ignore[operator]
+        rj = nibbles(r, spec.drop, spec.chunks)
+        one = np.uint16(1)
+        tables = np.empty((2, spec.chunks, spec.n), dtype=np.uint16)
+        np.subtract(one << rj, one, out=tables[0])
+        np.left_shift(one, rj, out=tables[1])
+        tables[0] ^= p0.lt
+        tables[1] ^= p0.eq
         r_top = ((r >> U64(spec.bits)) & U64(1)).astype(np.uint8)
-        bits.append((r_top ^ chat.astype(np.uint8)) ^ p0.q)  # type: ignore[operator]
-    arith = np.stack([full[name] - getattr(p0, name) for name in _arith_fields(spec)])
+        bits.append(np.packbits(r_top ^ chat_bits) ^ p0.q)  # type: ignore[operator]
+    arith = np.empty((len(_arith_fields(spec)), spec.n), dtype=U64)
+    for i, name in enumerate(_arith_fields(spec)):
+        np.subtract(full[name], getattr(p0, name), out=arith[i])
     for (a0, b0, z0), (a1, b1, _) in zip(p0.triples, p1.triples, strict=True):
         bits.append((((a0 ^ a1) & (b0 ^ b1)) ^ z0).reshape(-1))
-    packed = np.packbits(np.concatenate(bits)) if bits else np.zeros(0, np.uint8)
+    packed = np.concatenate(bits) if bits else np.zeros(0, np.uint8)
     return arith, tables, packed
+
+
+def nibbles(v: np.ndarray, drop: int, m: int) -> np.ndarray:
+    """The m 4-bit chunks of v's bits [drop, drop + 4m) as uint16 (m, n).
+
+    With drop a multiple of 4 the chunks are read from the little-endian bytes of v, which
+    touches 8x less memory than 64-bit shifts.
+    """
+    out = np.empty((m, v.shape[0]), dtype=np.uint16)
+    if drop % CHUNK == 0:
+        by = v.view(np.uint8).reshape(-1, 8)
+        for j in range(m):
+            off = drop + CHUNK * j
+            col = by[:, off // 8]
+            np.bitwise_and(col >> np.uint8(off % 8) if off % 8 else col, np.uint8(15), out=out[j], casting="unsafe")
+        return out
+    for j in range(m):
+        out[j] = (v >> U64(drop + CHUNK * j)) & U64(15)
+    return out
 
 
 # -- the order of consumption --------------------------------------------------------------
@@ -236,18 +266,18 @@ class DealerSource(CorrelationSource):
         for i, name in enumerate(names):
             setattr(sh, name, arith[i])
         levels = ands_per_level(spec.chunks)
-        nbits = (spec.n if spec.relu else 0) + sum(levels) * spec.n
-        packed = self.dealer.recv(f"{req.label}/B", np.uint8, ((nbits + 7) // 8,))
-        flat = np.unpackbits(packed, count=nbits)
+        nb = packed_len(spec.n)
+        total = (nb if spec.relu else 0) + sum(levels) * nb
+        flat = self.dealer.recv(f"{req.label}/B", np.uint8, (total,))
         pos = 0
         if spec.relu:
             tables = self.dealer.recv(f"{req.label}/T", np.uint16, (2, spec.chunks, spec.n))
             sh.lt, sh.eq = tables[0], tables[1]
-            sh.q, pos = flat[: spec.n], spec.n
+            sh.q, pos = flat[:nb], nb
         for lvl, k in enumerate(levels):
             a, b, _ = sh.triples[lvl]
-            sh.triples[lvl] = (a, b, flat[pos : pos + k * spec.n].reshape(k, spec.n))
-            pos += k * spec.n
+            sh.triples[lvl] = (a, b, flat[pos : pos + k * nb].reshape(k, nb))
+            pos += k * nb
         return sh
 
 

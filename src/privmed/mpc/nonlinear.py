@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from privmed.mpc.correlated import CHUNK, NonlinearShares, Request, merge_schedule
+from privmed.mpc.correlated import CHUNK, NonlinearShares, Request, merge_schedule, nibbles
 from privmed.mpc.party import Party
 from privmed.ring.fixed import U64, public_const
 
@@ -48,11 +48,13 @@ OFFSET = U64(1 << 62)
 
 
 def _and(p: Party, tag: str, x: np.ndarray, y: np.ndarray, triple: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
-    """XOR-shared x AND y with a Beaver bit triple (one round, 2 bits each way per gate)."""
+    """XOR-shared x AND y with a Beaver bit triple, on packed bits (8 gates per byte).
+
+    One round; each party sends 2 bits per gate.
+    """
     a, b, z = triple
     mine = np.concatenate([x ^ a, y ^ b])
-    theirs = p.exchange_bits(tag, mine)
-    both = mine ^ theirs
+    both = mine ^ p.exchange(tag, mine)
     d, e = both[: len(x)], both[len(x) :]
     out = z ^ (d & b) ^ (e & a)
     if p.is_data_owner:
@@ -61,13 +63,13 @@ def _and(p: Party, tag: str, x: np.ndarray, y: np.ndarray, triple: tuple[np.ndar
 
 
 def _borrow(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, bits: int, drop: int) -> np.ndarray:
-    """XOR share of [c mod 2^bits < r mod 2^bits] on bits [drop, bits) (see step 3)."""
+    """Packed XOR share of [c mod 2^bits < r mod 2^bits] on bits [drop, bits) (step 3)."""
     m = (bits - drop) // CHUNK
-    shifts = (U64(drop) + U64(CHUNK) * np.arange(m, dtype=U64))[:, None]
-    cj = ((c[None, :] >> shifts) & U64(15)).astype(np.uint16)
+    cj = nibbles(c, drop, m)
     assert corr.lt is not None and corr.eq is not None
-    lt = ((corr.lt >> cj) & np.uint16(1)).astype(np.uint8)
-    eq = ((corr.eq >> cj) & np.uint16(1)).astype(np.uint8)
+    one = np.uint16(1)
+    lt = np.packbits(((corr.lt >> cj) & one).astype(np.uint8), axis=1)
+    eq = np.packbits(((corr.eq >> cj) & one).astype(np.uint8), axis=1)
     nodes: list[tuple[np.ndarray, np.ndarray | None]] = [(lt[j], eq[j]) for j in range(m)]
     for lvl, pairs in enumerate(merge_schedule(m)):
         xs, ys = [], []
@@ -133,8 +135,8 @@ def relu(p: Party, req: Request, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     assert corr.q is not None and corr.chat is not None and corr.chatR is not None
     e_mine = borrow ^ corr.q
     if p.is_data_owner:
-        e_mine ^= (1 ^ ((c >> U64(spec.bits)) & U64(1))).astype(np.uint8)
-    e = (e_mine ^ p.exchange_bits(f"{req.label}/e", e_mine)).astype(U64)
+        e_mine ^= np.packbits((1 ^ ((c >> U64(spec.bits)) & U64(1))).astype(np.uint8))
+    e = np.unpackbits(e_mine ^ p.exchange(f"{req.label}/e", e_mine), count=spec.n).astype(U64)
     flip = U64(1) - U64(2) * e  # 1 - 2e in the ring
     out = flip * public * corr.chat - (e * corr.R + flip * corr.chatR)
     if spec.shift:

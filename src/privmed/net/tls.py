@@ -147,6 +147,8 @@ class TlsChannel(Channel):
         self._eof = False
         self._error: BaseException | None = None
         self._closing = False
+        self._idle = False  # the I/O thread is (about to be) blocked in select: wake it
+        self._reader_full = False  # reading paused at MAX_BUFFERED: wake it when space frees
         self._thread = threading.Thread(target=self._io_loop, name=f"tls-{me}->{peer}", daemon=True)
         self._thread.start()
 
@@ -159,13 +161,17 @@ class TlsChannel(Channel):
                     want_write = bool(self._out)
                     buffered = self._buffered
                     closing = self._closing
+                    want_read = not self._eof and buffered < MAX_BUFFERED
+                    self._reader_full = not want_read
+                    self._idle = True
                 if closing and not want_write:
                     return
-                want_read = not self._eof and buffered < MAX_BUFFERED
                 rlist = [self._wake_r] + ([self._sock] if want_read else [])
                 wlist = [self._sock] if want_write else []
                 if not (want_read and self._sock.pending()):
                     select.select(rlist, wlist, [], 1.0)
+                with self._lock:
+                    self._idle = False
                 try:
                     while self._wake_r.recv(4096):
                         pass
@@ -250,10 +256,9 @@ class TlsChannel(Channel):
             self._queued += len(header) + len(payload)
             if len(payload):
                 self._out.append(payload)
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
+            wake = self._idle
+        if wake:  # a wake-up costs a syscall and a GIL hand-over: only when needed
+            self._wake()
 
     def _get_header(self, deadline: float) -> bytes:
         with self._lock:
@@ -266,11 +271,16 @@ class TlsChannel(Channel):
                 self._lock.wait(min(remaining, 1.0))
             header, self._pending = self._frames.popleft()
             self._buffered -= len(self._pending) + HEADER_BYTES
+            wake = self._reader_full and self._buffered < MAX_BUFFERED
+        if wake:  # reading had paused on a full buffer
+            self._wake()
+        return header
+
+    def _wake(self) -> None:
         try:
-            self._wake_w.send(b"x")  # buffer space freed: the I/O thread may read again
+            self._wake_w.send(b"x")
         except OSError:
             pass
-        return header
 
     def _get_payload(self, nbytes: int, deadline: float) -> bytearray:
         payload, self._pending = self._pending, None

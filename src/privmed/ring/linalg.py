@@ -3,12 +3,14 @@
 numpy has no BLAS for integer matmul (uint64 matmul runs ~100x slower than float64 GEMM on
 this machine), so a product mod 2^64 is assembled from float64 GEMMs on limbs:
 
-- general case (both operands uniform in Z_2^64): split each into four 16-bit limbs;
-  a*b mod 2^64 = sum_{i+j<=3} a_i b_j 2^(16(i+j)). One dot product of limbs over K terms is
-  below K * 2^32 and the sum over i+j = s of at most four such is below K * 2^34, exact in
-  float64 when K < 2^19 (larger K is split into chunks). Ten limb products in four GEMMs.
+- general case (both operands uniform in Z_2^64): split each into three 22-bit limbs;
+  a*b mod 2^64 = sum_{i+j<=2} a_i b_j 2^(22(i+j)) (terms with i+j >= 3 vanish mod 2^64).
+  One dot product of limbs over K terms is below K * 2^44, exact in float64 for K <= 511, so
+  K is processed in chunks of 511. Six limb products in three GEMMs per chunk (measured
+  10-35% faster than four 16-bit limbs with ten products).
 - small-weight case (one operand signed with |w| < 2^wb, e.g. the model owner's plaintext
-  fixed-point weights): only the other operand is split, K * 2^(16+wb) < 2^52; one GEMM.
+  fixed-point weights): only the other operand is split, into L-bit limbs with
+  K * 2^(L+wb) < 2^52 (L = 22 for typical weights: three limbs); one GEMM.
 
 ``linear(kind, spec, weight, x)`` is the one bilinear map L(W, x) that the Beaver protocol in
 ``privmed.mpc.linear`` uses for every linear layer kind.
@@ -23,48 +25,51 @@ from dataclasses import dataclass
 import numpy as np
 
 U64 = np.uint64
-_MAX_K_UNIFORM = 1 << 18  # chunk K so that 4 * K * 2^32 < 2^53 with margin
 
 
-def _limb_stack(x: np.ndarray) -> np.ndarray:
-    """The four 16-bit limbs of uint64 x (..., K) as float64 (4, ..., K), in one pass."""
-    u16 = np.ascontiguousarray(x).view(np.uint16).reshape(x.shape + (4,))  # little-endian limbs
-    out = np.empty((4,) + x.shape, dtype=np.float64)
-    np.copyto(out, np.moveaxis(u16, -1, 0), casting="unsafe")
-    return out
+LIMB = 22  # three limbs cover 64 bits
+_K_CHUNK = 511  # 511 * (2^22 - 1)^2 < 2^53: a limb dot product over one chunk is exact
+
+
+def _limbs(x: np.ndarray, bits: int) -> list[np.ndarray]:
+    """uint64 x split into ceil(64 / bits) limbs of ``bits`` bits, as float64 arrays."""
+    mask = U64((1 << bits) - 1)
+    count = -(-64 // bits)
+    return [((x >> U64(bits * i)) & mask if i else x & mask).astype(np.float64) for i in range(count)]
 
 
 def _matmul_uniform(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Both operands uniform: limb products a_i b_j with i + j <= 3 in four GEMMs."""
+    """Both operands uniform: 22-bit limbs, products a_i b_j with i + j <= 2 (the others only
+    reach bits >= 66), K split into chunks of 511 so every limb dot product is exact."""
     out = np.zeros(a.shape[:-1] + b.shape[-1:], dtype=U64)
     k, n = a.shape[-1], b.shape[-1]
-    for start in range(0, k, _MAX_K_UNIFORM):
-        stop = min(k, start + _MAX_K_UNIFORM)
-        al = _limb_stack(a[..., start:stop])
-        bl = _limb_stack(b[start:stop])  # (4, K, N)
-        for i in range(4):
-            # a_i times [b_0 | b_1 | ... | b_{3-i}] in one GEMM (wider N is faster)
-            wide = np.concatenate([bl[j] for j in range(4 - i)], axis=1)
-            prod = al[i] @ wide
-            for j in range(4 - i):
-                out += prod[..., j * n : (j + 1) * n].astype(U64) << U64(16 * (i + j))
+    al, bl = _limbs(a, LIMB), _limbs(b, LIMB)
+    for start in range(0, k, _K_CHUNK):
+        sl = slice(start, min(k, start + _K_CHUNK))
+        for i in range(3):
+            # a_i times [b_0 | ... | b_{2-i}] in one GEMM (a wider N runs faster)
+            wide = np.concatenate([bl[j][sl] for j in range(3 - i)], axis=1) if i < 2 else bl[0][sl]
+            prod = al[i][..., sl] @ wide
+            for j in range(3 - i):
+                out += prod[..., j * n : (j + 1) * n].astype(U64) << U64(LIMB * (i + j))
     return out
 
 
 def _matmul_small_right(a: np.ndarray, b_signed: np.ndarray, b_bits: int) -> np.ndarray:
     """a uniform uint64 (..., K); b signed int64 (K, N) with |b| < 2^b_bits: one GEMM.
 
-    Each limb product sums K terms below 2^(16 + b_bits), exact in float64 when
-    16 + b_bits + log2(K) <= 52.
+    a is split into L-bit limbs with L + b_bits + ceil(log2 K) <= 52, so every limb dot product
+    (a signed sum of K terms below 2^(L + b_bits)) is exact in float64.
     """
     k = a.shape[-1]
-    if 16 + b_bits + math.ceil(math.log2(max(k, 2))) > 52:
+    limb = min(LIMB, 52 - b_bits - math.ceil(math.log2(max(k, 2))))
+    if limb < 12:
         return _matmul_uniform(a, b_signed.view(U64))
-    al = _limb_stack(a)  # (4, ..., K)
-    prod = al @ b_signed.astype(np.float64)  # (4, ..., N)
+    stack = np.stack(_limbs(a, limb))  # (L, ..., K)
+    prod = stack @ b_signed.astype(np.float64)  # (L, ..., N)
     out = prod[0].astype(np.int64).view(U64)
-    for i in range(1, 4):
-        out += prod[i].astype(np.int64).view(U64) << U64(16 * i)
+    for i in range(1, len(prod)):
+        out += prod[i].astype(np.int64).view(U64) << U64(limb * i)
     return out
 
 
