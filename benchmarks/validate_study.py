@@ -10,7 +10,8 @@ docs/img/validate_report.png.
 
     python benchmarks/validate_study.py [--sites 3] [--per-site 100] [--workers 2]
 
-Rerunning resumes the stored study and retries failed images (delete benchmarks/results/validate_study/ to start over).
+Rerunning resumes the stored study and retries failed images (delete the --work folder,
+/tmp/privmed_validate_study by default, to start over).
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def main() -> int:
     ap.add_argument(
         "--model", type=Path, default=None, help="default: the shipped asset, else train one"
     )
-    ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "validate_study")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "privmed_validate_study",
+                    help="study images, model and results database (kept outside the repository)")  # fmt: skip
     ap.add_argument(
         "--screenshot", type=Path, default=ROOT / "docs" / "img" / "validate_report.png"
     )

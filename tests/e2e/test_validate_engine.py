@@ -49,7 +49,8 @@ def test_secure_outputs_match_plaintext_and_costs_are_recorded(validated: Path) 
         assert set(r.bytes_by_role) == {"data-owner", "model-owner", "dealer"}
         assert min(r.bytes_by_role.values()) > 0 and r.rounds and r.rounds > 0
         assert set(r.peak_rss_mb) == {"data-owner", "model-owner", "dealer"}
-        assert r.secure_s > r.plain_s
+        assert r.secure_s > r.online_s > 0 and r.secure_s > r.plain_s
+        assert set(r.cpu_s) == {"data-owner", "model-owner", "dealer"}
         np.testing.assert_allclose(r.secure_output, r.plain_output, atol=1e-3)
     c = summary["costs"]
     assert c["bytes_total"]["median"] > 0 and c["projected_study_s"] > 0 and c["workers"] == 2

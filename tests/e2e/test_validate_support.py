@@ -143,7 +143,7 @@ class InsecureTestPerturbation:
             plain = self._sessions[str(model_path)].run(None, {"input": x})[0]
             with self._lock:
                 noise = self.rng.normal(scale=self.noise, size=plain.shape)
-            stats = {"wall_s": self.sleep_s, "bytes_sent": {"data-owner": 100, "model-owner": 200, "dealer": 300},
+            stats = {"wall_s": self.sleep_s, "online_s": 0.01, "bytes_sent": {"data-owner": 100, "model-owner": 200, "dealer": 300},
                      "rounds": 15, "peak_rss_mb": {"data-owner": 90.0, "model-owner": 91.0, "dealer": 92.0},
                      "cpu_s": {"data-owner": 0.5, "model-owner": 0.6, "dealer": 0.4}}  # fmt: skip
             return (plain + noise).astype(np.float32), stats

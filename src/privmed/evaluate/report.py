@@ -105,6 +105,7 @@ _FINDING_HEAD = ["n", "pos/neg", "AUROC plaintext [95% CI]", "AUROC secure [95% 
 
 def _cost_table(c: dict[str, Any]) -> str:
     rows = [("secure inference time per image", c["secure_s"], _duration),
+            ("secure online phase per image (engine's timer)", c["online_s"], _duration),
             ("plaintext inference time per image", c["plain_s"], _duration),
             ("bytes sent per image, all roles", c["bytes_total"], _bytes),
             ("communication rounds per image", c["rounds"], lambda x: _num(x, ".0f"))]  # fmt: skip
@@ -116,6 +117,8 @@ def _cost_table(c: dict[str, Any]) -> str:
     rows += [(f"CPU time of {role}", v, _duration) for role, v in c.get("cpu_s", {}).items()]
     body = [_head(["cost", "median", "IQR (Q1 – Q3)", "max", "n"])]
     for label, s, fmt in rows:
+        if not s.get("n"):
+            continue  # not measured (e.g. an engine that does not report it)
         iqr = f"{fmt(s['q1'])} – {fmt(s['q3'])}" if s.get("q1") is not None else "–"
         body.append(_row([escape(label), fmt(s["median"]), iqr, fmt(s["max"]), str(s["n"])]))
     return "<table>" + "".join(body) + "</table>"

@@ -7,6 +7,11 @@ and write both outputs with the costs in one transaction. ``workers`` sessions r
 in threads (each session is its own set of processes, so the GIL is not the limit); the
 calling thread is the only one that writes to the database.
 
+Not a deployment: the plaintext arm needs the model and the images on the same machine, so
+a validation study is run where both may be seen together (the vendor's test set, or a
+hospital that holds the model under agreement). Its purpose is to show that the secure
+computation is faithful; in deployment ``privmed infer`` runs the parties on separate hosts.
+
 Which failures skip an image and which stop the study: an image that cannot be read or
 preprocessed, or whose secure session fails or times out, is recorded as ``error`` and the
 study goes on (``retry_errors`` runs those again later). A ``ModelError`` (the model cannot be
@@ -225,6 +230,8 @@ def _process(
             str(k): float(v) for k, v in dict(stats.get("peak_rss_mb", {})).items()
         }
         result.cpu_s = {str(k): float(v) for k, v in dict(stats.get("cpu_s", {})).items()}
+        if stats.get("online_s") is not None:
+            result.online_s = float(stats["online_s"])
         result.status = "ok"
     except ModelError:
         raise

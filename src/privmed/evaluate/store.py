@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS results (
     truth_mask BLOB,
     plain_s REAL,
     secure_s REAL,
+    online_s REAL,
     bytes_total INTEGER,
     bytes_by_role TEXT,
     rounds INTEGER,
@@ -78,6 +79,7 @@ class ImageResult:
     truth_mask: np.ndarray | None = None
     plain_s: float = float("nan")
     secure_s: float = float("nan")
+    online_s: float = float("nan")
     bytes_by_role: dict[str, int] = field(default_factory=dict)
     rounds: int | None = None
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
@@ -246,6 +248,7 @@ class ResultStore:
             "status": r.status, "error": r.error or None,
             "plain_output": _to_npy(r.plain_output), "secure_output": _to_npy(r.secure_output),
             "truth_mask": _to_npy(r.truth_mask), "plain_s": _real(r.plain_s), "secure_s": _real(r.secure_s),
+            "online_s": _real(r.online_s),
             "bytes_total": int(sum(r.bytes_by_role.values())) if r.bytes_by_role else None,
             "bytes_by_role": _map_json(r.bytes_by_role), "rounds": r.rounds,
             "peak_rss_mb": _map_json(r.peak_rss_mb), "cpu_s": _map_json(r.cpu_s),
@@ -282,6 +285,7 @@ class ResultStore:
                     truth_mask=_from_npy(row["truth_mask"]),
                     plain_s=_nan_if_none(row["plain_s"]),
                     secure_s=_nan_if_none(row["secure_s"]),
+                    online_s=_nan_if_none(row["online_s"]),
                     bytes_by_role=json.loads(row["bytes_by_role"] or "{}"),
                     rounds=row["rounds"],
                     peak_rss_mb=json.loads(row["peak_rss_mb"] or "{}"),
