@@ -117,6 +117,7 @@ class FederatedConfig:
     labels : finding names, in output order (all sites must use exactly these).
     sites : site names, in client order (partition id i is ``sites[i]`` in simulation).
     image_size : square side the images are resized to.
+    features : layer widths for "small-cnn" (``build_model(features=...)``); () = defaults.
     local_epochs, batch_size, lr : local SGD at each site per round (plain SGD: with DP the
         expected Poisson batch is ``batch_size``).
     norm : "group" (required with DP) or "batch".
@@ -131,6 +132,7 @@ class FederatedConfig:
     labels: tuple[str, ...]
     sites: tuple[str, ...]
     image_size: int = 64
+    features: tuple[int, ...] = ()
     local_epochs: int = 1
     batch_size: int = 16
     lr: float = 0.05
@@ -158,6 +160,9 @@ class FederatedConfig:
             raise ConfigError(f"sites: names must be unique, got {list(self.sites)}")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"test fraction: expected 0 < f < 1, got {self.test_fraction}")
+        if any(w < 1 for w in self.features):
+            raise ConfigError(f"features: expected positive widths, got {list(self.features)}")
+        self._check_size()
         if self.norm not in ("group", "batch"):
             raise ConfigError(f"norm: expected 'group' or 'batch', got {self.norm!r}")
         if self.secagg is not None:
@@ -169,6 +174,23 @@ class FederatedConfig:
                     "DP-SGD needs norm='group': BatchNorm mixes samples, so per-sample"
                     " clipping would not bound one record's influence"
                 )
+
+    def _check_size(self) -> None:
+        from privmed.models.zoo import min_input_side
+
+        side = min_input_side(self.model, self.features or None)
+        if self.image_size < side or self.image_size % side:
+            raise ConfigError(
+                f"image size {self.image_size}: model {self.model} needs a multiple of {side}"
+            )
+
+    def build_model(self) -> Any:
+        """A fresh network of this run (1 input channel, one output per label)."""
+        from privmed.models.zoo import build_model
+
+        return build_model(
+            self.model, 1, len(self.labels), norm=self.norm, features=self.features or None
+        )
 
     # -- flat form: Flower run config / FitIns.config / manifest -------------------------
     def to_flat(self) -> dict[str, int | float | str | bool]:
@@ -182,7 +204,7 @@ class FederatedConfig:
                     for k, v in asdict(value).items():
                         flat[f"{f.name}-{k}"] = v
             elif isinstance(value, tuple):
-                flat[f.name] = "|".join(value)
+                flat[f.name] = "|".join(str(v) for v in value)
             else:
                 flat[f.name] = value
         return {k.replace("_", "-"): v for k, v in flat.items()}
@@ -219,9 +241,15 @@ class FederatedConfig:
                 kwargs[f.name] = sub("secagg", SecAggConfig)
             elif f.name == "dp":
                 kwargs[f.name] = sub("dp", DPConfig)
-            elif f.name in ("labels", "sites"):
+            elif f.name in ("labels", "sites", "features"):
                 text = take(f.name, str)
-                kwargs[f.name] = tuple(text.split("|")) if text else ()
+                parts = tuple(text.split("|")) if text else ()
+                if f.name == "features":
+                    try:
+                        parts = tuple(int(p) for p in parts)  # type: ignore[misc]
+                    except ValueError:
+                        raise ConfigError(f"{source}: features: expected integers, got {text!r}") from None
+                kwargs[f.name] = parts
             else:
                 kwargs[f.name] = take(f.name, _kind(f.type))
         return cls(**kwargs)

@@ -23,7 +23,15 @@ import numpy as np
 
 from privmed.errors import InputError
 
-__all__ = ["SiteData", "StudySummary", "is_test", "load_site", "preprocess_for", "summarize_study"]
+__all__ = [
+    "SiteData",
+    "StudySummary",
+    "check_site",
+    "is_test",
+    "load_site",
+    "preprocess_for",
+    "summarize_study",
+]
 
 MIN_TRAIN_IMAGES = 2
 
@@ -56,6 +64,7 @@ class StudySummary:
     labels: tuple[str, ...]
     sites: tuple[str, ...]
     counts: dict[str, int]
+    train_counts: dict[str, int]
 
 
 def is_test(image_id: str, fraction: float) -> bool:
@@ -65,10 +74,11 @@ def is_test(image_id: str, fraction: float) -> bool:
 
 
 def preprocess_for(image_size: int) -> Any:
-    """The ``Preprocess`` used for training and stored next to the exported ONNX model."""
+    """The ``Preprocess`` used for training and stored next to the exported ONNX model
+    (the same description as ``privmed train`` uses, so ``privmed infer`` treats both alike)."""
     from privmed.data.preprocess import Preprocess
 
-    return Preprocess(size=(image_size, image_size), channels=1, normalize="minmax")
+    return Preprocess(size=(image_size, image_size), channels=1, normalize="zscore", window="file")
 
 
 def _load_study(root: str | Path) -> Any:
@@ -79,12 +89,12 @@ def _load_study(root: str | Path) -> Any:
 
 def _records_of(study: Any, site: str) -> list[Any]:
     records = [r for r in study.records if r.site == site]
-    if not records and all(not getattr(r, "site", None) for r in study.records):
-        records = list(study.records)  # a single-site study without a site column
+    if not records and len({r.site for r in study.records}) == 1:
+        records = list(study.records)  # a hospital's own study without a site column
     return records
 
 
-def summarize_study(root: str | Path) -> StudySummary:
+def summarize_study(root: str | Path, test_fraction: float = 0.2) -> StudySummary:
     """Labels and sites of the study at ``root`` with every cross-site check applied.
 
     Raises InputError if there are fewer than two sites, a site has too few images, or a
@@ -96,21 +106,21 @@ def summarize_study(root: str | Path) -> StudySummary:
         raise InputError(f"{root}: study has no findings to train on")
     by_site: dict[str, list[Any]] = {}
     for record in study.records:
-        by_site.setdefault(str(record.site or ""), []).append(record)
-    if "" in by_site:
-        raise InputError(
-            f"{root}: {len(by_site['']):d} images have no site; federated training needs a"
-            " 'site' column naming each image's hospital"
-        )
+        by_site.setdefault(str(record.site), []).append(record)
     if len(by_site) < 2:
         raise InputError(f"{root}: expected at least 2 sites, got {sorted(by_site)}")
     for site, records in sorted(by_site.items()):
         _check_site_records(root, site, records, labels)
+        _check_split(root, site, records, test_fraction)
     return StudySummary(
         root=Path(root),
         labels=labels,
         sites=tuple(sorted(by_site)),
         counts={s: len(r) for s, r in sorted(by_site.items())},
+        train_counts={
+            s: sum(not is_test(str(x.image_id), test_fraction) for x in r)
+            for s, r in sorted(by_site.items())
+        },
     )
 
 
@@ -133,6 +143,31 @@ def _check_site_records(root: str | Path, site: str, records: Sequence[Any], lab
         )
 
 
+def check_site(root: str | Path, site: str, test_fraction: float = 0.2) -> int:
+    """A hospital's pre-flight check of its own study: the site has usable images and labels.
+
+    Returns the number of training images; raises InputError with one line otherwise.
+    """
+    study = _load_study(root)
+    records = _records_of(study, site)
+    if not records:
+        raise InputError(f"{root}: site {site!r} has no images (sites here: {sorted({r.site for r in study.records})})")
+    labels = tuple(str(f) for f in study.findings)
+    _check_site_records(root, site, records, labels)
+    return _check_split(root, site, records, test_fraction)
+
+
+def _check_split(root: str | Path, site: str, records: Sequence[Any], test_fraction: float) -> int:
+    n_test = sum(is_test(str(r.image_id), test_fraction) for r in records)
+    n_train = len(records) - n_test
+    if n_train < MIN_TRAIN_IMAGES or n_test < 1:
+        raise InputError(
+            f"{root}: site {site!r} splits into {n_train} training and {n_test} test images;"
+            f" expected >= {MIN_TRAIN_IMAGES} and >= 1"
+        )
+    return n_train
+
+
 def load_site(
     root: str | Path,
     site: str,
@@ -146,7 +181,7 @@ def load_site(
     ``labels`` is the run's label list: the site's study must have exactly these findings in
     this order (InputError otherwise, naming both lists).
     """
-    from privmed.data.preprocess import load_for_model
+    from privmed.models.arrays import model_input
 
     study = _load_study(root)
     own = tuple(str(f) for f in study.findings)
@@ -163,7 +198,7 @@ def load_site(
     ys: dict[bool, list[np.ndarray]] = {False: [], True: []}
     for record in records:
         held_out = is_test(str(record.image_id), test_fraction)
-        xs[held_out].append(load_for_model(record.path, pre)[0])
+        xs[held_out].append(model_input(study, record, pre))
         ys[held_out].append(np.asarray(record.labels, dtype=np.float32))
     if len(xs[False]) < MIN_TRAIN_IMAGES or not xs[True]:
         raise InputError(

@@ -1,0 +1,258 @@
+"""`privmed federate`: federated training with SecAgg+ and DP-SGD (Flower + Opacus).
+
+Subcommands (argument parsing and printing only; the work is ``privmed.federated``):
+
+- ``simulate``  every site of a study as a Flower client on this machine;
+- ``certs``     a CA and server certificate for a deployment;
+- ``server``    the SuperLink (run on the server machine);
+- ``site``      one hospital's SuperNode (run at each hospital);
+- ``run``       submit a run to the SuperLink and write the model and report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+MODELS = ("small-cnn", "resnet18", "densenet121")
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, choices=MODELS)
+    p.add_argument("--rounds", type=int, required=True, help="federated rounds")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, model.onnx, report)")
+    p.add_argument("--image-size", type=int, default=64, help="input side in pixels (64)")
+    p.add_argument("--features", default="", help="small-cnn widths, e.g. 8,16,16 (default: zoo)")
+    p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round (1)")
+    p.add_argument("--batch-size", type=int, default=16, help="(expected) local batch size (16)")
+    p.add_argument("--lr", type=float, default=0.05, help="local SGD learning rate (0.05)")
+    p.add_argument("--seed", type=int, default=0, help="model initialisation seed (0)")
+    sa = p.add_mutually_exclusive_group()
+    sa.add_argument("--secagg", dest="secagg", action="store_true", default=True,
+                    help="secure aggregation with Flower SecAgg+ (default; needs >= 3 sites)")  # fmt: skip
+    sa.add_argument("--no-secagg", dest="secagg", action="store_false",
+                    help="INSECURE: the server sees every site's update")  # fmt: skip
+    p.add_argument("--secagg-clip", type=float, default=8.0, help="SecAgg+ clipping range (8)")
+    p.add_argument("--secagg-threshold", type=float, default=0.67,
+                   help="fraction of sites needed to unmask (0.67)")  # fmt: skip
+    p.add_argument("--dp-epsilon", type=float, default=None,
+                   help="DP-SGD at every site with this total epsilon for the run")  # fmt: skip
+    p.add_argument("--dp-delta", type=float, default=1e-5, help="DP delta (1e-5)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="DP per-sample clipping norm (1.0)")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "federate",
+        help="federated training with SecAgg+ and DP-SGD (Flower, Opacus)",
+        description="Train one model across hospitals without pooling images: Flower "
+        "SecAgg+ hides each site's update from the server, Opacus DP-SGD bounds what the "
+        "model reveals about any patient. See docs/federated.md.",
+    )
+    sub = parser.add_subparsers(dest="federate_command", metavar="ROLE")
+
+    p = sub.add_parser("simulate", help="all sites of a study on this machine (Flower simulation)")
+    p.add_argument("--data", required=True, help="study folder whose 'site' column defines the clients")
+    _add_training(p)
+    p.add_argument("--no-baselines", action="store_true", help="skip central / local-only baselines")
+    p.add_argument("--cpus", type=int, default=2, help="CPUs for the simulation engine (2)")
+    p.set_defaults(func=run_simulate)
+
+    p = sub.add_parser("certs", help="CA + SuperLink certificate for a deployment")
+    p.add_argument("--out", required=True, help="folder for ca.crt, server.pem, server.key")
+    p.add_argument("--host", action="append", default=None,
+                   help="server DNS name or IP in the certificate (repeat; default localhost, 127.0.0.1)")  # fmt: skip
+    p.set_defaults(func=run_certs)
+
+    p = sub.add_parser("server", help="run the SuperLink (server machine)")
+    p.add_argument("--certs", required=True, help="folder from privmed federate certs")
+    p.add_argument("--host", default="0.0.0.0", help="listen address (0.0.0.0)")
+    p.add_argument("--port", type=int, default=9092, help="HTTPS port for sites and operator (9092)")
+    p.add_argument("--state", default=None, help="folder for the SuperLink database (default: memory)")
+    p.add_argument("--print", action="store_true", help="print the Flower command and exit")
+    p.set_defaults(func=run_server)
+
+    p = sub.add_parser("site", help="run one hospital's SuperNode")
+    p.add_argument("--superlink", required=True, help="SuperLink HOST:PORT")
+    p.add_argument("--ca", required=True, help="ca.crt of the run")
+    p.add_argument("--data", required=True, help="this hospital's study folder")
+    p.add_argument("--site", required=True, help="this hospital's site name in the run")
+    p.add_argument("--state", required=True, help="folder for this site's privacy ledger")
+    p.add_argument("--port", type=int, default=9094, help="local ClientAppIo port (9094)")
+    p.add_argument("--allow-plain", action="store_true",
+                   help="INSECURE: accept runs without SecAgg+")  # fmt: skip
+    p.add_argument("--require-dp", action="store_true", help="refuse runs without DP-SGD")
+    p.add_argument("--max-epsilon", type=float, default=None, help="refuse runs with a larger epsilon")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for local training (1)")
+    p.add_argument("--wait", type=float, default=60.0,
+                   help="seconds to wait for the SuperLink to become reachable (60)")  # fmt: skip
+    p.add_argument("--print", action="store_true", help="print the Flower command and exit")
+    p.set_defaults(func=run_site)
+
+    p = sub.add_parser("run", help="submit a run to the SuperLink; write model.onnx and report")
+    p.add_argument("--superlink", required=True, help="SuperLink HOST:PORT")
+    p.add_argument("--ca", required=True, help="ca.crt of the run")
+    p.add_argument("--sites", required=True, help="comma-separated site names")
+    p.add_argument("--labels", required=True, help="comma-separated finding names, in output order")
+    _add_training(p)
+    p.add_argument("--secagg-max-weight", type=float, default=1000.0,
+                   help=">= the largest site's training images (1000)")  # fmt: skip
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share per site (0.2)")
+    p.add_argument("--timeout", type=float, default=24 * 3600.0, help="give up after this many seconds")
+    p.set_defaults(func=run_deployment)
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+
+def _dp(args: argparse.Namespace) -> Any:
+    from privmed.federated.config import DPConfig
+
+    if args.dp_epsilon is None:
+        return None
+    return DPConfig(epsilon=args.dp_epsilon, delta=args.dp_delta, max_grad_norm=args.max_grad_norm)
+
+
+def _features(text: str) -> tuple[int, ...]:
+    from privmed.errors import InputError
+
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"--features: expected comma-separated integers, got {text!r}") from None
+
+
+def _print_result(report: dict[str, Any], paths: dict[str, Path]) -> None:
+    from privmed.federated.report import privacy_line
+
+    final = report.get("final") or {}
+    print(f"status: {report['status']['state']} {report['status']['message']}".rstrip())
+    print(f"pooled AUROC (macro) after round {final.get('round')}: {final.get('pooled_auroc_macro')}")
+    for name, b in (report.get("baselines") or {}).items():
+        print(f"  {name.replace('_', '-')} baseline: pooled AUROC {b.get('pooled_auroc_macro')}")
+    for site, p in sorted((report.get("privacy") or {}).items()):
+        print(f"  DP {privacy_line(site, p)} (budget {p['budget']:g})")
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+
+
+def _on_round(metrics: dict[str, Any]) -> None:
+    from privmed.federated.report import round_line
+
+    print(round_line(metrics), flush=True)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from privmed.federated.simulate import prepare_config, simulate
+
+    config = prepare_config(
+        args.data, args.out, model=args.model, rounds=args.rounds, secagg=args.secagg, dp=_dp(args),
+        image_size=args.image_size, features=_features(args.features),
+        local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        secagg_clip=args.secagg_clip, secagg_threshold=args.secagg_threshold,
+    )  # fmt: skip
+    print(f"federated simulation: {len(config.sites)} sites {', '.join(config.sites)}; "
+          f"SecAgg+ {'on' if config.secagg else 'OFF (insecure)'}; "
+          f"DP {'epsilon=' + format(config.dp.epsilon, 'g') if config.dp else 'off'}", flush=True)  # fmt: skip
+    result = simulate(
+        args.data, config, args.out, baselines=not args.no_baselines, on_round=_on_round,
+        cpus=args.cpus, verbose=bool(getattr(args, "verbose", False)),
+    )  # fmt: skip
+    if result.report is not None:
+        _print_result(result.report, result.paths)
+    return 0
+
+
+def run_certs(args: argparse.Namespace) -> int:
+    from privmed.federated.deploy import generate_certificates
+
+    paths = generate_certificates(args.out, args.host or ["localhost", "127.0.0.1"])
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _exec(cmd: list[str], print_only: bool, flwr_home: Path) -> int:
+    from privmed.federated.deploy import flower_env
+
+    print(" ".join(cmd), file=sys.stderr if not print_only else sys.stdout, flush=True)
+    if print_only:
+        return 0
+    os.execve(cmd[0], cmd, flower_env(flwr_home))  # the Flower process replaces this one
+
+
+def run_server(args: argparse.Namespace) -> int:
+    from privmed.federated.deploy import superlink_command
+
+    home = Path(args.state or args.certs) / "flower-home"
+    cmd = superlink_command(args.certs, host=args.host, port=args.port, state_dir=args.state)
+    return _exec(cmd, args.print, home)
+
+
+def run_site(args: argparse.Namespace) -> int:
+    from privmed.federated.deploy import check_reachable, supernode_command
+    from privmed.federated.sitedata import check_site
+
+    cmd = supernode_command(
+        args.superlink, args.ca, data_dir=args.data, site=args.site, state_dir=args.state,
+        port=args.port, require_secagg=not args.allow_plain, require_dp=args.require_dp,
+        max_epsilon=args.max_epsilon, threads=args.threads,
+    )  # fmt: skip
+    if not args.print:
+        check_site(args.data, args.site)  # fail here, in one line, not inside round 1
+        Path(args.state).mkdir(parents=True, exist_ok=True)
+        check_reachable(args.superlink, args.ca, wait=args.wait)
+    return _exec(cmd, args.print, Path(args.state) / "flower-home")
+
+
+def run_deployment(args: argparse.Namespace) -> int:
+    from privmed.errors import PeerError
+    from privmed.federated.checkpoint import RunDir
+    from privmed.federated.config import FederatedConfig, SecAggConfig
+    from privmed.federated.deploy import (
+        check_reachable, flower_env, flwr_run_command, write_flower_app, write_flwr_config,
+    )  # fmt: skip
+    from privmed.federated.report import build_report, write_report
+    from privmed.federated.simulate import export_final_model
+
+    out = Path(args.out).resolve()
+    rd = RunDir(out)
+    run_name = rd.stored_config().run_name if rd.manifest_path.exists() else f"{out.name}-{os.urandom(4).hex()}"
+    config = FederatedConfig(
+        model=args.model, rounds=args.rounds,
+        labels=tuple(s.strip() for s in args.labels.split(",") if s.strip()),
+        sites=tuple(s.strip() for s in args.sites.split(",") if s.strip()),
+        image_size=args.image_size, features=_features(args.features),
+        local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, norm="group",
+        test_fraction=args.test_fraction, seed=args.seed, run_name=run_name,
+        secagg=SecAggConfig(reconstruction_threshold=args.secagg_threshold,
+                            clipping_range=args.secagg_clip, max_weight=args.secagg_max_weight)
+        if args.secagg else None,
+        dp=_dp(args),
+    )  # fmt: skip
+    config.check()
+    check_reachable(args.superlink, args.ca)
+    config = rd.open(config)
+    app_dir = write_flower_app(out / "flower-app", config, out)
+    env = flower_env(out / "flower-home")
+    write_flwr_config(env["FLWR_HOME"], args.superlink, args.ca)
+    cmd = flwr_run_command(app_dir)
+    print(" ".join(cmd), file=sys.stderr, flush=True)
+    try:
+        subprocess.run(cmd, env=env, cwd=app_dir, timeout=args.timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise PeerError(f"federated run did not finish within {args.timeout:g} s") from None
+    status = rd.status()
+    if status.get("state") not in ("complete", "stopped-budget"):
+        raise PeerError(
+            f"federated run in {out} {status.get('state')}: {status.get('message') or 'no status'}"
+            f" (completed rounds: {max(rd.last_round(), 0)}; re-run to resume)"
+        )
+    onnx_path = export_final_model(rd, config)
+    report = build_report(rd, config, baselines=None, onnx_path=onnx_path)
+    paths = write_report(rd, report)
+    paths["onnx"] = onnx_path
+    _print_result(report, paths)
+    return 0
