@@ -102,6 +102,7 @@ def export_onnx(
         model.train(was_training)
 
     proto = onnx.load(str(path))
+    _inline_initializer_identities(proto)
     if metadata:
         for key, value in metadata.items():
             entry = proto.metadata_props.add()
@@ -116,6 +117,28 @@ def export_onnx(
         preprocess_path(path).write_text(_preprocess_text(preprocess) + "\n")
     log.info("exported %s (%d bytes, ops %s)", path, path.stat().st_size, op_counts(path))
     return path
+
+
+def _inline_initializer_identities(proto: Any) -> None:
+    """Replace ``Identity(initializer)`` nodes by a copy of the initializer, in place.
+
+    The TorchScript exporter shares equal constant tensors (e.g. two folded Conv biases that
+    are both zero at initialisation) and re-exposes the duplicate through an Identity node;
+    copying the tensor keeps the graph a plain chain of compute ops.
+    """
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in initializers:
+            copy = graph.initializer.add()
+            copy.CopyFrom(initializers[node.input[0]])
+            copy.name = node.output[0]
+        else:
+            keep.append(node)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
 
 
 def op_counts(path: str | Path) -> dict[str, int]:

@@ -11,8 +11,8 @@ Normalisation (``norm``):
 
 - ``"batch"``: BatchNorm; exported BN is folded into the preceding Conv where possible.
 - ``"group"``: GroupNorm, for DP-SGD (Opacus refuses BatchNorm because it mixes samples).
-  GroupNorm exports as InstanceNormalization + Reshape + Mul + Add, which the secure
-  engine does NOT run; a DP-trained model needs ``"none"`` or a conversion step to be
+  GroupNorm exports as Shape + Reshape + InstanceNormalization + Mul + Add; the secure
+  engine does NOT run InstanceNormalization/Shape, so a DP-trained model needs ``"none"`` or a conversion step to be
   served securely.
 - ``"none"``: no normalisation (small-cnn and the U-Nets only); DP-trainable and
   secure-servable, at some cost in trainability.
@@ -61,7 +61,7 @@ class SmallCNN(nn.Module):
     *where* a finding is (effusion sits at the lung bases, cardiomegaly in the middle).
     The adaptive pool exports as a plain AveragePool (kernel = feature size / pool_size),
     so inputs must have side ``pool_size * 2**len(channels)`` times an integer
-    (64, 128, ... for the defaults).
+    (64, 128, ... for the defaults); at exactly 64 it is skipped (an identity).
 
     Parameters
     ----------
@@ -107,11 +107,17 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         pool = nn.AdaptiveAvgPool2d if spatial_dims == 2 else nn.AdaptiveAvgPool3d
         self.pool = pool(pool_size)
+        self.pool_size = pool_size
         self.flatten = nn.Flatten()
         self.head = nn.Linear(previous * pool_size**spatial_dims, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.flatten(self.pool(self.features(x))))
+        features = self.features(x)
+        # At the design size (64 px) the map is already pool_size wide: skip the pool so the
+        # exported graph has no kernel-1 AveragePool (one layer less for the secure engine).
+        if tuple(features.shape[2:]) != (self.pool_size,) * (features.dim() - 2):
+            features = self.pool(features)
+        return self.head(self.flatten(features))
 
 
 def _densenet121(spatial_dims: int, in_channels: int, num_outputs: int, norm: str) -> nn.Module:
