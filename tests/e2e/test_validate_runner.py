@@ -224,3 +224,19 @@ def test_segmentation_study_gets_dice_and_hd95_against_plaintext_and_truth(tmp_p
         summary["findings"] == []
         and "Segmentation masks" in (tmp_path / "out" / "report.html").read_text()
     )
+
+
+def test_ctrl_c_keeps_the_sessions_already_running(study_model, tmp_path) -> None:
+    study_dir, model = study_model
+    slow = InsecureTestPerturbation(sleep_s=0.2)
+
+    def interrupt(progress: object) -> None:
+        raise KeyboardInterrupt  # as if Ctrl-C arrived right after the first image was stored
+
+    with pytest.raises(KeyboardInterrupt):
+        run_validation(model, study_dir, tmp_path, ValidateOptions(workers=2), secure_infer=slow,
+                       progress=interrupt)  # fmt: skip
+    # the second session was running when the interrupt came: it finished and was kept
+    assert slow.calls == 2 and len(_rows(tmp_path)) == 2
+    rerun = InsecureTestPerturbation()
+    assert run_validation(model, study_dir, tmp_path, secure_infer=rerun).processed == 6

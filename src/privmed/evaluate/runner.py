@@ -25,6 +25,7 @@ import concurrent.futures as cf
 import hashlib
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -275,7 +276,7 @@ def run_validation(
         store.set_meta({
             "model_path": str(model_path), "output_kind": output_kind(model_path),
             "margin": options.margin, "threshold": options.threshold,
-            "n_images_study": len(records), "workers": options.workers,
+            "n_images_study": len(study.study.records), "workers": options.workers,
             "data_skipped": [f"{path}: {why}" for path, why in study.study.skipped],
         })  # fmt: skip
         done_keys = store.finished_keys(include_errors=not options.retry_errors)
@@ -294,19 +295,26 @@ def _run_pool(
     """Keep ``workers`` images in flight; store each result from this (the only writer) thread."""
     t_start = time.perf_counter()
     ok = failed = consecutive = 0
-    pending: set[cf.Future[ImageResult]] = set()
+    in_flight: set[cf.Future[ImageResult]] = set()  # submitted and not yet stored
     queue = iter(todo)
+
+    def submit_next() -> None:
+        record = next(queue, None)
+        if record is not None:
+            in_flight.add(pool.submit(_process, study, record, model_path, secure_infer, run_id))
+
     pool = cf.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="validate")
     try:
-        for record in queue:
-            pending.add(pool.submit(_process, study, record, model_path, secure_infer, run_id))
-            if len(pending) >= options.workers:
-                break
-        while pending:
-            finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-            # Store every finished image before re-raising a worker's ModelError.
-            fatal = [f for f in finished if f.exception() is not None]
-            for fut in [f for f in finished if f.exception() is None]:
+        for _ in range(options.workers):
+            submit_next()
+        while in_flight:
+            finished, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+            fatal = []
+            for fut in finished:
+                in_flight.discard(fut)
+                if fut.exception() is not None:
+                    fatal.append(fut)  # ModelError: raised below, after storing the others
+                    continue
                 result = fut.result()
                 store.put(result)
                 if result.status == "ok":
@@ -325,13 +333,19 @@ def _run_pool(
                     remaining = len(todo) - n_run
                     progress(Progress(already + n_run, total, failed, elapsed, rate,
                                       remaining / rate if rate > 0 else float("nan"), result))  # fmt: skip
-                nxt = next(queue, None)
-                if nxt is not None:
-                    pending.add(pool.submit(_process, study, nxt, model_path, secure_infer, run_id))
+                submit_next()
             if fatal:
                 fatal[0].result()  # raises the worker's exception here, in the caller's thread
     finally:
-        for fut in pending:
+        # Interrupted (Ctrl-C, ModelError, too many failures): let running sessions finish and
+        # keep what they computed; images not yet started are simply run next time.
+        for fut in in_flight:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+        for fut in in_flight:
+            if not fut.cancelled() and fut.exception() is None:
+                try:
+                    store.put(fut.result())
+                except sqlite3.Error as exc:  # do not mask the exception that got us here
+                    log.error("could not store %s: %s", fut.result().image_id, exc)
     return RunSummary(total, already, ok + failed, ok, failed, time.perf_counter() - t_start)
