@@ -125,3 +125,17 @@ def test_sentences_and_p_format() -> None:
         "AUROC differs significantly (0.900 plaintext vs 0.700 secure, DeLong p < 0.001)"
         in sentence("x", stats, 0.01)
     )
+
+
+def test_report_of_a_study_where_every_image_failed(tmp_path) -> None:
+    with ResultStore.open(tmp_path) as store:
+        store.set_meta({"findings": FINDINGS, "n_images_study": 1})
+        store.put(
+            ImageResult(
+                site="a", image_id="1", status="error", error="secure inference: PeerError: x"
+            )
+        )
+    html_path, _, summary = build_report(tmp_path)
+    assert summary["study"]["n_ok"] == 0 and summary["costs"]["projected_study_s"] is None
+    assert summary["findings"][0]["sentence"].startswith("opacity: AUROC not computable")
+    assert "PeerError: x" in html_path.read_text() and "data:image/png" not in html_path.read_text()
