@@ -347,28 +347,39 @@ class PartyRun:
 
     workdir: Path
     config: Path
+    cwd: Path | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     started_at: dict[str, float] = field(default_factory=dict)
     ended_at: dict[str, float] = field(default_factory=dict)
     _buf: bytes = b""
     progress: list[str] = field(default_factory=list)
 
-    def start(self, role: str, *args: str | Path) -> None:
+    def start(self, role: str, *args: str | Path, progress: bool = True) -> None:
+        """Start ``privmed party --role ROLE --config CONFIG ARGS`` (data owner: + progress lines)."""
         argv = (
             PRIVMED
             + ["party", "--role", role, "--config", str(self.config)]
             + [str(a) for a in args]
         )
-        if role == "data-owner":  # per-layer JSON lines on stdout, as `privmed infer` uses
+        if (
+            role == "data-owner" and progress
+        ):  # per-layer JSON lines on stdout, as `privmed infer` uses
             argv.append("--progress-jsonl")
         self.procs[role] = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE if role == "data-owner" else subprocess.DEVNULL,
             stderr=open(self.workdir / f"{role}.err", "wb"),  # noqa: SIM115 - closed by the child's exit
             env=ENV,
+            cwd=self.cwd,
             start_new_session=True,
         )
         self.started_at[role] = time.monotonic()
+
+    def stdout(self, role: str) -> str:
+        """What an exited data owner printed on stdout (beyond progress lines already read)."""
+        proc = self.procs[role]
+        assert proc.stdout is not None and proc.poll() is not None
+        return (self._buf + proc.stdout.read()).decode(errors="replace")
 
     def stderr(self, role: str) -> str:
         return (self.workdir / f"{role}.err").read_text(errors="replace")
