@@ -21,6 +21,34 @@ from privmed.net.frame import HEADER_BYTES, Header, check_header, pack_header, u
 DEFAULT_TIMEOUT_S = 60.0
 
 
+class FailureGroup:
+    """Shared by one party's channels: the first ``abort`` any of them receives wakes every
+    wait on every channel of that party, so a party blocked on one peer learns at once that
+    another peer gave up, and reports that peer's reason (which names the peer at fault).
+
+    A lost connection is reported by the channel it happens on only: a peer that closes after
+    its last message is normal, and the peer that saw the loss mid-session sends ``abort``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reason: str | None = None
+        self._conds: list[threading.Condition] = []
+
+    def register(self, cond: threading.Condition) -> None:
+        with self._lock:
+            self._conds.append(cond)
+
+    def fail(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason = reason
+            conds = list(self._conds)
+        for cond in conds:
+            with cond:
+                cond.notify_all()
+
+
 @dataclass
 class Counters:
     bytes_sent: int = 0
@@ -43,6 +71,7 @@ class Channel:
         self.counters = Counters()
         self._send_seq = 0
         self._recv_seq = 0
+        self.finished = False  # no further message expected from the peer: EOF is normal
 
     # -- transport hooks -------------------------------------------------------------
     def _put(self, header: bytes, payload: memoryview) -> None:
@@ -54,8 +83,12 @@ class Channel:
     def _get_payload(self, nbytes: int, deadline: float) -> bytearray:
         raise NotImplementedError
 
-    def close(self) -> None:
-        """Release the transport (idempotent)."""
+    def close(self, flush_s: float | None = None) -> None:
+        """Release the transport (idempotent); wait at most ``flush_s`` for unsent data."""
+
+    def finish(self) -> None:
+        """Mark that the protocol expects nothing more from the peer."""
+        self.finished = True
 
     # -- public API ------------------------------------------------------------------
     def send(self, tag: str, arr: np.ndarray) -> None:
@@ -143,7 +176,7 @@ class InProcessChannel(Channel):
         assert payload is not None and len(payload) == nbytes
         return bytearray(payload)
 
-    def close(self) -> None:
+    def close(self, flush_s: float | None = None) -> None:
         if not self._closed.is_set():
             self._closed.set()
             self._outbox.put(None)

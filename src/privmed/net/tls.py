@@ -22,7 +22,7 @@ from collections import deque
 
 from privmed.crypto.certs import Identity
 from privmed.errors import ConfigError, PeerError
-from privmed.net.channel import DEFAULT_TIMEOUT_S, Channel
+from privmed.net.channel import DEFAULT_TIMEOUT_S, Channel, FailureGroup
 from privmed.net.frame import HEADER_BYTES, unpack_header
 
 READ_CHUNK = 1 << 20  # bytes handed to one SSL write
@@ -126,8 +126,17 @@ def connect(identity: Identity, peer: str, host: str, port: int, timeout_s: floa
 class TlsChannel(Channel):
     """A ``Channel`` over one TLS socket, driven by a private I/O thread."""
 
-    def __init__(self, me: str, peer: str, session: bytes, sock: ssl.SSLSocket, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        me: str,
+        peer: str,
+        session: bytes,
+        sock: ssl.SSLSocket,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        group: FailureGroup | None = None,
+    ) -> None:
         super().__init__(me, peer, session, timeout_s)
+        self.group = group or FailureGroup()
         self._sock = sock
         # small protocol messages must not wait for Nagle + delayed ACK (~40 ms per round)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -149,6 +158,7 @@ class TlsChannel(Channel):
         self._closing = False
         self._idle = False  # the I/O thread is (about to be) blocked in select: wake it
         self._reader_full = False  # reading paused at MAX_BUFFERED: wake it when space frees
+        self.group.register(self._lock)
         self._thread = threading.Thread(target=self._io_loop, name=f"tls-{me}->{peer}", daemon=True)
         self._thread.start()
 
@@ -213,6 +223,9 @@ class TlsChannel(Channel):
             else:
                 self._payload_got += n
             if self._payload_got == len(self._payload):
+                if bytes(self._hdr[32:64]).rstrip(b"\0") == b"abort":  # tell the party's other waits
+                    reason = bytes(self._payload).decode("utf-8", "replace")
+                    self.group.fail(f"{self.peer} aborted the session: {reason}")
                 with self._lock:
                     self._frames.append((bytes(self._hdr), self._payload))
                     self._buffered += len(self._payload) + HEADER_BYTES
@@ -245,11 +258,15 @@ class TlsChannel(Channel):
         deadline = time.monotonic() + self.timeout_s
         with self._lock:
             while self._queued > MAX_QUEUED:
+                if self.group.reason:  # a peer's abort explains the failure better than EOF
+                    raise PeerError(self.group.reason)
                 if self._error is not None or self._eof:
                     raise self._lost_error()
                 if time.monotonic() > deadline:
                     raise PeerError(f"{self.peer} stopped reading for {self.timeout_s:.0f}s (during {self.step})")
                 self._lock.wait(0.5)
+            if self.group.reason:
+                raise PeerError(self.group.reason)
             if self._error is not None or self._eof:
                 raise self._lost_error()
             self._out.append(memoryview(header))
@@ -263,6 +280,8 @@ class TlsChannel(Channel):
     def _get_header(self, deadline: float) -> bytes:
         with self._lock:
             while not self._frames:
+                if self.group.reason:  # this peer's own abort/EOF, or another peer's
+                    raise PeerError(self.group.reason)
                 if self._error is not None or self._eof:
                     raise self._lost_error()
                 remaining = deadline - time.monotonic()
@@ -296,9 +315,10 @@ class TlsChannel(Channel):
                     raise self._timeout_error("(flush)")
                 self._lock.wait(0.5)
 
-    def close(self) -> None:
+    def close(self, flush_s: float | None = None) -> None:
+        self.finished = True
         try:
-            self.flush(timeout_s=10.0)
+            self.flush(timeout_s=self.timeout_s if flush_s is None else flush_s)
         except PeerError:
             pass
         with self._lock:
@@ -307,7 +327,7 @@ class TlsChannel(Channel):
             self._wake_w.send(b"x")
         except OSError:
             pass
-        self._thread.join(timeout=5.0)
+        self._thread.join(timeout=1.0 if flush_s is not None else 5.0)
         for s in (self._sock, self._wake_r, self._wake_w):
             try:
                 s.close()

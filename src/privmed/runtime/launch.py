@@ -116,6 +116,9 @@ def run_local_session(
         codes = {r: p.returncode for r, p in procs.items()}
         if any(codes.values()):
             errs = {r: _first_error((tmp / f"{r}.err").read_text(errors="replace")) for r, c in codes.items() if c}
+            if os.environ.get("PRIVMED_DEBUG_STDERR"):
+                for r in codes:
+                    print(f"--- {r} stderr:\n" + (tmp / f"{r}.err").read_text(errors="replace"), file=sys.stderr)
             # the party that failed first usually names the cause; others report it aborted
             primary = next((r for r, e in errs.items() if "aborted the session" not in e and "lost connection" not in e), next(iter(errs)))
             raise PeerError(f"{primary}: {errs[primary]}" + "".join(f" | {r}: {e}" for r, e in errs.items() if r != primary))

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from privmed.errors import ConfigError, PeerError, ProtocolError
-from privmed.net.channel import Channel
+from privmed.net.channel import Channel, FailureGroup
 from privmed.net.tls import Listener, TlsChannel, connect
 from privmed.runtime import session
 from privmed.runtime.config import Endpoint, SessionConfig
@@ -45,8 +45,8 @@ def _listen(cfg: SessionConfig, role: str) -> Listener:
     return lst
 
 
-def _channel(me: str, peer: str, sock: Any, cfg: SessionConfig) -> Channel:
-    return TlsChannel(me, peer, ZERO_SESSION, sock, cfg.timeout_s)
+def _channel(me: str, peer: str, sock: Any, cfg: SessionConfig, group: FailureGroup) -> Channel:
+    return TlsChannel(me, peer, ZERO_SESSION, sock, cfg.timeout_s, group)
 
 
 def _hello(ch: Channel, sid: bytes) -> None:
@@ -65,31 +65,32 @@ def connect_role(role: str, cfg: SessionConfig) -> dict[str, Channel]:
     deadline = time.monotonic() + cfg.connect_timeout_s
     ident = cfg.identities[role]
     chans: dict[str, Channel] = {}
+    group = FailureGroup()
     if role == "data-owner":
         sid = os.urandom(16)
         for peer in ("model-owner", "dealer"):
             ep = cfg.endpoints[peer]
             port = _resolve_port(ep, deadline, peer)
             sock = connect(ident, peer, ep.host, port, max(0.1, deadline - time.monotonic()))
-            chans[peer] = _channel(role, peer, sock, cfg)
+            chans[peer] = _channel(role, peer, sock, cfg, group)
             _hello(chans[peer], sid)
         return chans
     lst = _listen(cfg, role)
     try:
         if role == "model-owner":
             _, sock = lst.accept({"data-owner"}, max(0.1, deadline - time.monotonic()))
-            chans["data-owner"] = _channel(role, "data-owner", sock, cfg)
+            chans["data-owner"] = _channel(role, "data-owner", sock, cfg, group)
             sid = _await_hello(chans["data-owner"], cfg.connect_timeout_s)
             ep = cfg.endpoints["dealer"]
             port = _resolve_port(ep, deadline, "dealer")
             dsock = connect(ident, "dealer", ep.host, port, max(0.1, deadline - time.monotonic()))
-            chans["dealer"] = _channel(role, "dealer", dsock, cfg)
+            chans["dealer"] = _channel(role, "dealer", dsock, cfg, group)
             _hello(chans["dealer"], sid)
             return chans
         if role == "dealer":
             while len(chans) < 2:
                 peer, sock = lst.accept({"data-owner", "model-owner"} - set(chans), max(0.1, deadline - time.monotonic()))
-                chans[peer] = _channel(role, peer, sock, cfg)
+                chans[peer] = _channel(role, peer, sock, cfg, group)
             sids = {p: _await_hello(c, cfg.connect_timeout_s) for p, c in chans.items()}
             if sids["data-owner"] != sids["model-owner"]:
                 raise ProtocolError("data-owner and model-owner announced different session ids")
@@ -110,21 +111,23 @@ def run_role(
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """Connect, run the session as ``role`` and close. Returns (output or None, stats)."""
     chans = connect_role(role, cfg)
+    failed = False
     try:
         if role == "data-owner":
             assert x is not None
             step = chunk or len(x)
             parts = [x[i : i + step] for i in range(0, len(x), step)]
-            out, stats = session.data_owner(chans["model-owner"], chans["dealer"], iter(parts), progress, len(parts))
-            return out, stats
+            return session.data_owner(chans["model-owner"], chans["dealer"], iter(parts), progress, len(parts))
         if role == "model-owner":
             assert plan_and_weights is not None
             return None, session.model_owner(chans["data-owner"], chans["dealer"], *plan_and_weights, progress=progress)
         return None, session.dealer(chans["data-owner"], chans["model-owner"])
     except BaseException as exc:
+        failed = True
         for ch in chans.values():
             ch.abort(f"{role} failed: {exc}")
         raise
     finally:
         for ch in chans.values():
-            ch.close()
+            # after a failure the abort goes out if the peer still reads; never wait longer
+            ch.close(flush_s=2.0 if failed else None)

@@ -38,6 +38,9 @@ from privmed.runtime.backend import SecureBackend
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int, Node], None]
+# Waits for the next batch can legitimately last a whole batch's computation; they still end at
+# once when any peer aborts or disconnects (``FailureGroup``), and the computing parties watch
+# each other with the normal per-receive deadline.
 DONE_TIMEOUT_S = 24 * 3600.0
 
 
@@ -145,6 +148,7 @@ def data_owner(
         raise InputError("no input batches")
     for c in chans:
         c.send("batch", np.zeros(1, np.int64))  # end of the session
+        c.finish()
     stats = _stats("data-owner", t0, chans, party.rounds, layers)
     stats["batches"] = per_batch
     stats["plan"] = {"frac_bits": plan.frac_bits, **plan.report}
@@ -187,6 +191,7 @@ def model_owner(to_data: Channel, to_dealer: Channel, plan: Plan, weights: Priva
             c.step = "waiting for the next batch"
         batch = int(to_data.recv("batch", np.int64, (1,), timeout_s=DONE_TIMEOUT_S if index else None)[0])
         if batch == 0:
+            to_data.finish()
             break
         b0 = sum(c.counters.bytes_sent for c in chans)
         if party is None:
@@ -197,6 +202,7 @@ def model_owner(to_data: Channel, to_dealer: Channel, plan: Plan, weights: Priva
         layers = _sum_layers(layers, tracker.layers)
         per_batch.append({"index": index, "bytes_sent": sum(c.counters.bytes_sent for c in chans) - b0})
     to_dealer.send("done", np.zeros(1, np.uint8))
+    to_dealer.finish()
     stats = _stats("model-owner", t0, chans, party.rounds if party else 0, layers)
     stats["batches"] = per_batch
     return stats
@@ -215,6 +221,7 @@ def dealer(to_data: Channel, to_model: Channel, progress: Callable[[Request], No
         if batch < 0:
             raise PeerError(f"data-owner announced batch size {batch}")
         if batch == 0:
+            to_data.finish()
             break
         if prgs is None:
             prgs = (PRG.fresh(), PRG.fresh(), PRG.fresh())
@@ -237,7 +244,8 @@ def dealer(to_data: Channel, to_model: Channel, progress: Callable[[Request], No
         on_request(Request("end", plan.nodes[-1]))
         per_batch.append({"index": index, "bytes_sent": to_model.counters.bytes_sent - b0})
     to_model.step = "waiting for the end of the session"
-    to_model.recv("done", np.uint8, (1,), timeout_s=DONE_TIMEOUT_S)
+    to_model.recv("done", np.uint8, (1,))
+    to_model.finish()
     stats = _stats("dealer", t0, [to_data, to_model], 0, list(layers.values()))
     stats["batches"] = per_batch
     return stats
