@@ -336,10 +336,6 @@ def test_model_owner_hung_mid_run_data_owner_times_out(model_owner_hung: MidRunF
     assert model_owner_hung.after_hit("data-owner") >= model_owner_hung.timeout_s - 0.5  # type: ignore[operator]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ENGINE BUG: channel close() flushes 10 s + joins 5 s to a stalled peer (dealer exits ~timeout+15 s)",
-)
 def test_model_owner_hung_mid_run_dealer_exits_in_time(model_owner_hung: MidRunFault) -> None:
     _assert_exits_naming(model_owner_hung, "dealer", "model-owner")
 
@@ -362,10 +358,6 @@ def test_data_owner_hung_mid_run_model_owner_times_out(data_owner_hung: MidRunFa
     _assert_exits_naming(data_owner_hung, "model-owner", "data-owner")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ENGINE BUG: dealer waits 24 h for the data owner's 'done' and never reads the model owner's abort",
-)
 def test_data_owner_hung_mid_run_dealer_exits_in_time(data_owner_hung: MidRunFault) -> None:
     _assert_exits_naming(data_owner_hung, "dealer", "data-owner")
 
@@ -388,9 +380,5 @@ def test_data_owner_killed_mid_run_model_owner_names_it(data_owner_killed: MidRu
     _assert_exits_naming(data_owner_killed, "model-owner", "data-owner")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ENGINE BUG: dealer reports 'lost connection to model-owner' and drops the model owner's abort naming data-owner",
-)
 def test_data_owner_killed_mid_run_dealer_names_it(data_owner_killed: MidRunFault) -> None:
     _assert_exits_naming(data_owner_killed, "dealer", "data-owner")
