@@ -254,7 +254,7 @@ def train_classifier(
         aurocs = auroc_per_finding(probs, test.y, findings)
         metrics["held_out"] = {
             "site": val_site, "n": len(test), "auroc": aurocs, "mean_auroc": nanmean(aurocs),
-            "prevalence": {f: float(np.nanmean(test.y[:, k])) for k, f in enumerate(findings)},
+            "prevalence": {f: round(float(np.nanmean(test.y[:, k])), 4) for k, f in enumerate(findings)},
             "scored_with": "onnxruntime on the exported model",
             "max_abs_diff_onnx_vs_torch": float(np.abs(probs - torch_probs).max()),
         }  # fmt: skip
