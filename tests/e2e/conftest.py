@@ -20,6 +20,7 @@ Reusable pieces:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import selectors
 import signal
@@ -179,9 +180,10 @@ def run_privmed(
         proc = subprocess.run(
             PRIVMED + argv, capture_output=True, text=True, timeout=timeout_s, env=ENV, cwd=cwd
         )
-    except subprocess.TimeoutExpired as exc:
+    except subprocess.TimeoutExpired as exc:  # its .stderr is bytes even with text=True
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
         pytest.fail(
-            f"privmed {' '.join(argv)} did not finish within {timeout_s}s (hang); stderr so far:\n{exc.stderr}"
+            f"privmed {' '.join(argv)} did not finish within {timeout_s}s (hang); stderr:\n{err}"
         )
     return Finished(argv, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0)
 
@@ -413,10 +415,7 @@ class PartyRun:
                 *lines, self._buf = self._buf.split(b"\n")
                 for line in lines:
                     self.progress.append(line.decode(errors="replace"))
-                    if (
-                        line.startswith(b'{"done": ')
-                        and int(line.split(b",")[0].split(b":")[1]) >= done
-                    ):
+                    if _layers_done(line) >= done:
                         return
         pytest.fail(f"data owner did not reach layer {done} within {timeout_s}s\n{self.report()}")
 
@@ -427,14 +426,15 @@ class PartyRun:
 
     def wait_exits(self, roles: tuple[str, ...], timeout_s: float) -> dict[str, float | None]:
         """Poll until ``roles`` exited or ``timeout_s`` passed; monotonic exit times (None = still up)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for role in roles:
-                if role not in self.ended_at and self.procs[role].poll() is not None:
-                    self.ended_at[role] = time.monotonic()
-            if all(r in self.ended_at for r in roles) or time.monotonic() > deadline:
-                return {r: self.ended_at.get(r) for r in roles}
-            time.sleep(0.05)
+        wait_exits_all([(self, roles)], timeout_s)
+        return {r: self.ended_at.get(r) for r in roles}
+
+    def _poll(self, roles: tuple[str, ...]) -> bool:
+        """Record exit times of ``roles`` that just exited; True once all have."""
+        for role in roles:
+            if role not in self.ended_at and self.procs[role].poll() is not None:
+                self.ended_at[role] = time.monotonic()
+        return all(r in self.ended_at for r in roles)
 
     def code(self, role: str) -> int | None:
         return self.procs[role].poll()
@@ -455,6 +455,21 @@ class PartyRun:
             p.wait(timeout=10)
             if p.stdout:
                 p.stdout.close()
+
+
+def wait_exits_all(runs: list[tuple[PartyRun, tuple[str, ...]]], timeout_s: float) -> None:
+    """Watch several runs at once (exit times stay exact) until all listed roles exited or timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not all([run._poll(roles) for run, roles in runs]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _layers_done(line: bytes) -> int:
+    """``done`` of a progress line ``{"done": 3, "total": 20, ...}`` (0 for anything else)."""
+    try:
+        return int(json.loads(line).get("done", 0))
+    except (ValueError, AttributeError, TypeError):
+        return 0
 
 
 @pytest.fixture

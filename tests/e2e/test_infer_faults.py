@@ -2,9 +2,8 @@
 
 Real subprocesses over TCP + mutual TLS 1.3 on 127.0.0.1. Each fault must give every surviving
 party a one-line ``privmed: error: ...`` (no traceback) that names the peer at fault, and exit
-non-zero within the configured deadline. Tests marked ``xfail(strict=True)`` with reason
-"ENGINE BUG" reproduce engine bugs reported to the lead: they fail today (as expected) and turn
-into a hard failure (XPASS) once the engine is fixed, so the mark gets removed then.
+non-zero within the configured deadline: a peer that is not up, a peer killed (SIGKILL) or
+hung (SIGSTOP) mid-session, on either side. Certificates and ports: test_party_deploy.py.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from .conftest import (
     free_port,
     hold_port,
     run_privmed,
+    wait_exits_all,
     write_session,
 )
 
@@ -38,6 +38,8 @@ ATOL = 1e-3
 FAST_S = 10.0
 # allowed beyond a configured deadline (process start-up, scheduling on 2 busy cores)
 MARGIN_S = 4.0
+# every wait below has its own, shorter deadline
+pytestmark = pytest.mark.timeout(180)
 
 
 # -- 1. privmed infer matches onnxruntime ---------------------------------------------------------
@@ -192,8 +194,10 @@ def lone_parties(
             )
             lone["model-owner"].run.start("model-owner", "--model", tiny_cnn.onnx)
             lone["dealer"].run.start("dealer")
-            for role, party in lone.items():
-                party.run.wait_exits((role,), LONE_CONNECT_TIMEOUT_S + 3 * MARGIN_S)
+            wait_exits_all(
+                [(party.run, (role,)) for role, party in lone.items()],
+                LONE_CONNECT_TIMEOUT_S + 3 * MARGIN_S,
+            )
             yield lone
         finally:
             for party in lone.values():

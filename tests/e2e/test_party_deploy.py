@@ -30,11 +30,14 @@ from .conftest import (
     make_certs_cli,
     run_privmed,
     time_wait_port,
+    wait_exits_all,
     write_session,
 )
 
 ATOL = 1e-3  # as in test_infer_faults: 16 fractional bits, a few layers, then softmax
 MARGIN_S = 4.0  # beyond a configured deadline: process start-up on 2 busy cores
+# every wait below has its own, shorter deadline
+pytestmark = pytest.mark.timeout(180)
 SESSION_TOML = """\
 # privmed session: the same file on the three hosts; each host has only its own key.
 [session]
@@ -94,8 +97,7 @@ def test_three_hosts_match_onnxruntime(tmp_path: Path, tiny_cnn: TinyModel) -> N
         # Execute: the listeners first, as an operator would, but any order works (bounded retries)
         for role in ("dealer", "model-owner", "data-owner"):
             runs[role].start(role, *args[role], "--stats", f"{role}.stats.json", progress=False)
-        for role, run in runs.items():
-            run.wait_exits((role,), 60)
+        wait_exits_all([(run, (role,)) for role, run in runs.items()], 60)
         # Assert
         for role, run in runs.items():
             assert run.code(role) == 0, "\n".join(r.report() for r in runs.values())
@@ -172,8 +174,9 @@ def refused_clients(
             run.start("dealer")
             run.start("model-owner", "--model", tiny_cnn.onnx)
             run.start("data-owner", "--input", tiny_cnn.input, "--output", run.workdir / "out.npy")
-        for c in cases.values():
-            c.run.wait_exits(ROLES, REFUSED_CONNECT_TIMEOUT_S + 3 * MARGIN_S)
+        wait_exits_all(
+            [(c.run, ROLES) for c in cases.values()], REFUSED_CONNECT_TIMEOUT_S + 3 * MARGIN_S
+        )
         yield cases
     finally:
         for c in cases.values():
