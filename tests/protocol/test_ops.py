@@ -186,3 +186,42 @@ def test_stream_of_batches_in_one_session_sends_masked_weights_once(tmp_path: Pa
     np.testing.assert_allclose(whole, ref, atol=4 * 2.0**-plan.frac_bits)
     sent = [b["bytes_sent"] for b in stats["model-owner"]["batches"]]
     assert sent[0] - sent[1] >= 4 * 27 * 8  # batch 0 carried the masked weights, batch 1 did not
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_instance_normalization(tmp_path: Path, rng: np.random.Generator, affine: bool) -> None:
+    """1/sqrt(var) is held at f = 16 fractional bits: for var ~ 100 (y ~ 0.1) one ulp is a
+    relative 1.5e-4, and the Newton steps (3e-5 relative) plus truncations leave a few ulps, so
+    the output's relative error reaches ~1e-3 (measured up to 7e-4); bound: rtol 3e-3 + 2e-3."""
+    c = 3
+    gamma = rng.uniform(0.5, 1.5, c).astype(np.float32) if affine else np.ones(c, np.float32)
+    beta = rng.normal(0, 0.3, c).astype(np.float32) if affine else np.zeros(c, np.float32)
+    inits = {"g": gamma, "b": beta, "w": rand(rng, c, 2, 3, 3)}
+    nodes = [H("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), H("InstanceNormalization", ["c", "g", "b"], ["n"], epsilon=1e-5), H("Relu", ["n"], ["y"])]
+    p = build(tmp_path / "m.onnx", nodes, inits, [2, 2, 6, 7])
+    x = rand(rng, 2, 2, 6, 7, scale=1.0)
+    x[1] *= 5.0  # the two samples have different statistics
+    plan, weights = compile_model(p, calibration=x)
+    secure, _ = run_three(plan, weights, x)
+    ref, _ = run_plan(plan, FixedBackend(plan, weights, x.astype(np.float64)), 2)
+    onnx_out = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(secure, ref, rtol=3e-3, atol=2e-3)
+    np.testing.assert_allclose(secure, onnx_out, rtol=3e-3, atol=2e-3)
+
+
+def test_torch_groupnorm_export_runs_securely(tmp_path: Path) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1)).eval()
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 1.5)
+        net[1].bias.uniform_(-0.3, 0.3)
+    path = tmp_path / "gn.onnx"
+    torch.onnx.export(net, torch.zeros(1, 1, 8, 8), str(path), opset_version=17, dynamo=False, input_names=["x"])
+    x = np.random.default_rng(1).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    plan, weights = compile_model(path, calibration=x)
+    assert any(n.op == "instnorm" for n in plan.nodes)
+    secure, _ = run_three(plan, weights, x)
+    onnx_out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(secure, onnx_out, atol=5e-3)

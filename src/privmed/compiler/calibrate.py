@@ -24,10 +24,11 @@ CHUNK_BITS = 4
 MAX_FRAC_BITS = 20
 
 
-def float_bounds(plan: Plan, weights: PrivateWeights, x: np.ndarray) -> dict[str, float]:
-    """max |value| of every node's output on input x (float execution)."""
-    _, values = run_plan(plan, FloatBackend(weights, x), batch=x.shape[0], keep=True)
-    return {nid: float(np.max(np.abs(v))) if v.size else 0.0 for nid, v in values.items()}
+def float_bounds(plan: Plan, weights: PrivateWeights, x: np.ndarray) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """max |value| of every node's output on input x (float execution), and op extras."""
+    backend = FloatBackend(weights, x)
+    _, values = run_plan(plan, backend, batch=x.shape[0], keep=True)
+    return {nid: float(np.max(np.abs(v))) if v.size else 0.0 for nid, v in values.items()}, backend.stats
 
 
 def _log2(v: float) -> float:
@@ -55,7 +56,22 @@ def _width(bound_scaled: float, margin: int, drop: int) -> int:
     return l
 
 
-def finalize(nodes: list[Node], bounds: dict[str, float], f: int, margin: int) -> dict[str, Any]:
+def _instnorm_params(n: Node, extra: dict[str, float], f: int, margin: int) -> None:
+    """Threshold range, comparison width and summation order of a secure instance norm."""
+    m = int(np.prod(n.shape[1:]))
+    var_top = extra.get("var_max", 1.0) + n.attrs["eps"]
+    k_hi = math.ceil(_log2(var_top)) + margin
+    n.attrs.update(
+        frac_bits=f,
+        k_lo=-(f - 2),
+        k_hi=k_hi,
+        iters=3,
+        sign_bits=_width(2.0 ** (k_hi + 1 + f), 0, 0),
+        sum_first=bool(math.log2(m) + 2 * _log2(extra.get("d_max", 1.0)) + 2 * f + margin < 61),
+    )
+
+
+def finalize(nodes: list[Node], bounds: dict[str, float], f: int, margin: int, extras: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     """Turn scale multiples into bits and set comparison widths. Returns report numbers."""
     by_id = {n.id: n for n in nodes}
     compared = 0
@@ -75,6 +91,8 @@ def finalize(nodes: list[Node], bounds: dict[str, float], f: int, margin: int) -
             n.attrs["bits"] = _width(2 * in_bound * 2.0 ** (k_in * f), margin, 0)
             n.attrs["drop"] = 0
             compared += int(np.prod(n.shape)) * (int(np.prod(n.attrs["kernel"])) - 1)
+        elif n.op == "instnorm":
+            _instnorm_params(n, (extras or {}).get(n.id, {}), f, margin)
     for n in nodes:
         n.scale = n.scale * f
         if n.op != "output":

@@ -39,9 +39,9 @@ def compile_model(
     cal = default_calibration(plan.input_shape) if calibration is None else np.asarray(calibration, dtype=np.float64)
     if cal.ndim == len(plan.input_shape):
         cal = cal[None]
-    bounds = calibrate.float_bounds(plan, weights, cal)  # scales still multiples: float ignores them
+    bounds, extras = calibrate.float_bounds(plan, weights, cal)  # scales still multiples: float ignores them
     f, limiting = calibrate.choose_frac_bits(plan.nodes, bounds, margin_bits, frac_bits or DEFAULT_FRAC_BITS)
-    report = calibrate.finalize(plan.nodes, bounds, f, margin_bits)
+    report = calibrate.finalize(plan.nodes, bounds, f, margin_bits, extras)
     plan.frac_bits = f
     calibrate.encode_weights(plan.nodes, weights, f)
     report.update(

@@ -215,6 +215,20 @@ class Lowerer:
         a = gamma / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
         return self._channel_affine(node, x, a, beta - mean * a)
 
+    def op_InstanceNormalization(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        x = self.at_k1(self.ref(node.inputs[0], node), node.name)
+        gamma = self.const(node.inputs[1], node).astype(np.float64).reshape(-1)
+        beta = self.const(node.inputs[2], node).astype(np.float64).reshape(-1)
+        c = x.shape[0]
+        # affine-free instance norms (GroupNorm's inner op) skip the private gamma step
+        affine = not (np.all(gamma == 1.0) and np.all(beta == 0.0))
+        out = self.emit("instnorm", [x], x.shape, 2, node.name, eps=float(node.attrs.get("epsilon", 1e-5)), affine=bool(affine),
+                        kind="channel_scale", w_shape=[c])
+        if affine:
+            self.float_weight[out.id] = np.broadcast_to(gamma, (c,)).copy()
+            self.float_bias[out.id] = np.broadcast_to(beta, (c,)).reshape(c, 1).copy()
+        return out
+
     def _per_channel(self, node: OnnxNode, c: np.ndarray, x: Ref) -> np.ndarray:
         c = np.asarray(c, dtype=np.float64)
         if c.size == 1:

@@ -27,7 +27,7 @@ SECRET_OPS = {
     "Conv", "ConvTranspose", "BatchNormalization", "Relu", "LeakyRelu", "MaxPool", "AveragePool",
     "GlobalAveragePool", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Concat", "Flatten", "Reshape",
     "Squeeze", "Unsqueeze", "Transpose", "Pad", "Resize", "Upsample", "Identity", "Dropout",
-    "Sigmoid", "Softmax", "Slice",
+    "Sigmoid", "Softmax", "Slice", "InstanceNormalization",
 }
 # Ops evaluated at compile time; allowed only on constants (shapes are static).
 CONST_OPS = {

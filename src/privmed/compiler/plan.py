@@ -17,6 +17,7 @@ relu           ReLU(x >> shift)                                                 
 trunc          x >> shift                                                           1 round
 maxpool        max over windows (pairwise tree of ReLUs)                            compare
 avgpool        window sum times public 1/count (scale s -> s+f)                     local
+instnorm       instance norm (+ private gamma, beta) over trailing axes; out 2f     see mpc.norm
 upscale        x * 2^shift                                                          local
 add            x + y (same scale)                                                   local
 concat         along axis                                                           local

@@ -192,12 +192,88 @@ def nibbles(v: np.ndarray, drop: int, m: int) -> np.ndarray:
 
 # -- the order of consumption --------------------------------------------------------------
 @dataclass(frozen=True)
+class ProductSpec:
+    """A Beaver product of two secret tensors: x (x_shape) times y (y_shape, broadcast to
+    x_shape), or the square of x."""
+
+    x_shape: tuple[int, ...]
+    y_shape: tuple[int, ...] = ()
+    square: bool = False
+
+
+@dataclass(frozen=True)
 class Request:
     label: str
     node: Node
     nonlinear: NonlinearSpec | None = None
     x_shape: tuple[int, ...] = ()
     out_shape: tuple[int, ...] = ()
+    product: ProductSpec | None = None
+
+
+@dataclass
+class ProductShares:
+    a: np.ndarray
+    b: np.ndarray | None
+    c: np.ndarray  # party 0: seeded; party 1: the dealer's correction
+
+
+def expand_product(prg: PRG, req: Request, index: int) -> ProductShares:
+    spec = req.product
+    assert spec is not None
+    s = prg.stream(req.label)
+    a = s.uint64(spec.x_shape)
+    b = None if spec.square else s.uint64(spec.y_shape)
+    c = s.uint64(spec.x_shape) if index == 0 else np.zeros(0, U64)
+    return ProductShares(a, b, c)
+
+
+def product_correction(req: Request, prg0: PRG, prg1: PRG) -> np.ndarray:
+    """c1 = a * b - c0 (a * a for a square), b broadcast over a's shape."""
+    p0, p1 = expand_product(prg0, req, 0), expand_product(prg1, req, 1)
+    a = p0.a + p1.a
+    b = a if p0.b is None or p1.b is None else p0.b + p1.b
+    return a * b - p0.c
+
+
+def instnorm_schedule(node: Node, batch: int) -> list[tuple[str, str, dict]]:
+    """The correlation requests of one secure instance normalisation, in the order
+    ``privmed.mpc.norm.instance_norm`` consumes them: (suffix, kind, params)."""
+    a = node.attrs
+    c, m = node.shape[0], int(np.prod(node.shape[1:]))
+    groups, x3, g3 = batch * c, (batch, c, m), (batch, c, 1)
+    f = a["frac_bits"]
+    steps: list[tuple[str, str, dict]] = [("mu", "trunc", {"n": groups, "shift": f}), ("sq", "square", {"x": x3})]
+    if a["sum_first"]:
+        steps.append(("s2t", "trunc", {"n": groups, "shift": f}))
+    else:
+        steps.append(("sqt", "trunc", {"n": batch * c * m, "shift": f}))
+    steps += [("var", "trunc", {"n": groups, "shift": f}), ("sign", "sign", {"n": groups * (a["k_hi"] - a["k_lo"] + 1)})]
+    for t in range(a["iters"]):
+        steps += [
+            (f"i{t}y2", "square", {"x": g3}), (f"i{t}y2t", "trunc", {"n": groups, "shift": f}),
+            (f"i{t}vy", "mul", {"x": g3, "y": g3}), (f"i{t}vyt", "trunc", {"n": groups, "shift": f + 1}),
+            (f"i{t}yt", "mul", {"x": g3, "y": g3}), (f"i{t}ytt", "trunc", {"n": groups, "shift": f}),
+        ]
+    if a["affine"]:
+        steps += [("gamma", "linear", {"x": g3}), ("gammat", "trunc", {"n": groups, "shift": f})]
+    steps.append(("out", "mul", {"x": x3, "y": g3}))
+    return steps
+
+
+def _instnorm_requests(node: Node, batch: int, pre: str) -> Iterator[Request]:
+    for suffix, kind, prm in instnorm_schedule(node, batch):
+        label = f"{pre}{node.id}/{suffix}"
+        if kind == "trunc":
+            yield Request(label, node, NonlinearSpec(prm["n"], prm["shift"]))
+        elif kind == "sign":
+            yield Request(label, node, NonlinearSpec(prm["n"], 0, node.attrs["sign_bits"], 0, True))
+        elif kind == "square":
+            yield Request(label, node, product=ProductSpec(prm["x"], square=True))
+        elif kind == "mul":
+            yield Request(label, node, product=ProductSpec(prm["x"], prm["y"]))
+        else:  # the model owner's private gamma times the shared 1/sqrt(var + eps)
+            yield Request(label, node, None, prm["x"], prm["x"])
 
 
 def maxpool_levels(node: Node, batch: int) -> list[int]:
@@ -226,6 +302,8 @@ def requests(plan: Plan, batch: int, index: int = 0) -> Iterator[Request]:
         elif node.op == "maxpool":
             for lvl, size in enumerate(maxpool_levels(node, batch)):
                 yield Request(f"{pre}{node.id}/{lvl}", node, NonlinearSpec(size, 0, a["bits"], 0, True))
+        elif node.op == "instnorm":
+            yield from _instnorm_requests(node, batch, pre)
 
 
 # -- the interface the protocols use --------------------------------------------------------
@@ -237,6 +315,9 @@ class CorrelationSource(ABC):
 
     @abstractmethod
     def nonlinear(self, req: Request) -> NonlinearShares: ...
+
+    @abstractmethod
+    def product(self, req: Request) -> ProductShares: ...
 
 
 class DealerSource(CorrelationSource):
@@ -252,6 +333,13 @@ class DealerSource(CorrelationSource):
         if self.index == 1:
             assert self.dealer is not None
             sh.product = self.dealer.recv(f"{req.label}/C", U64, req.out_shape)
+        return sh
+
+    def product(self, req: Request) -> ProductShares:
+        sh = expand_product(self.prg, req, self.index)
+        if self.index == 1:
+            assert self.dealer is not None and req.product is not None
+            sh.c = self.dealer.recv(f"{req.label}/P", U64, req.product.x_shape)
         return sh
 
     def nonlinear(self, req: Request) -> NonlinearShares:
@@ -291,6 +379,9 @@ def run_dealer(plan: Plan, batch: int, index: int, prgs: tuple[PRG, PRG, PRG], t
         if on_request:
             on_request(req)
         to_model_owner.step = f"dealer {req.label}"
+        if req.product is not None:
+            to_model_owner.send(f"{req.label}/P", product_correction(req, prg0, prg1))
+            continue
         if req.nonlinear is None:
             to_model_owner.send(f"{req.label}/C", linear_correction(req, prg0, prg1))
             continue

@@ -148,6 +148,25 @@ def relu(p: Party, req: Request, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return out.reshape(x.shape), t.reshape(x.shape)
 
 
+def sign(p: Party, req: Request, x: np.ndarray) -> np.ndarray:
+    """Arithmetic shares (scale 0) of the bit [x >= 0], for |x| < 2^bits (steps 1, 3, 4 with
+    s = 0 and drop = 0: exact). Same rounds and bytes as a ReLU without truncation."""
+    spec = req.nonlinear
+    assert spec is not None and spec.relu and spec.drop == 0
+    corr = p.source.nonlinear(req)
+    c = _open_masked(p, req.label, x, corr)
+    borrow = _borrow(p, req.label, c, corr, spec.bits, spec.drop)
+    assert corr.q is not None and corr.chat is not None
+    e_mine = borrow ^ corr.q
+    if p.is_data_owner:
+        e_mine ^= np.packbits((1 ^ ((c >> U64(spec.bits)) & U64(1))).astype(np.uint8))
+    e = np.unpackbits(e_mine ^ p.exchange(f"{req.label}/e", e_mine), count=spec.n).astype(U64)
+    b = (U64(1) - U64(2) * e) * corr.chat  # b = e + (1 - 2e) c_hat
+    if p.is_data_owner:
+        b = b + e
+    return b.reshape(x.shape)
+
+
 def reveal_to_data_owner(p: Party, label: str, x: np.ndarray) -> np.ndarray | None:
     """Open x to the data owner only (one message, |x| ring elements from the model owner)."""
     if p.is_data_owner:

@@ -42,6 +42,7 @@ class FloatBackend:
     def __init__(self, weights: PrivateWeights, x: np.ndarray) -> None:
         self.w = weights
         self.x = np.asarray(x, dtype=np.float64)
+        self.stats: dict[str, dict[str, float]] = {}  # per-node extras for calibration
 
     def input(self, node: Node, batch: int) -> np.ndarray:
         return self.x
@@ -76,6 +77,19 @@ class FloatBackend:
 
     def pad_value(self, node: Node, dtype: np.dtype) -> Any:
         return node.attrs["value"]
+
+    def instnorm(self, node: Node, x: np.ndarray) -> np.ndarray:
+        n, c = x.shape[:2]
+        x3 = x.reshape(n, c, -1)
+        d = x3 - x3.mean(axis=2, keepdims=True)
+        var = (d * d).mean(axis=2, keepdims=True)
+        self.stats[node.id] = {"var_max": float(var.max()), "d_max": float(np.abs(d).max())}
+        y = d / np.sqrt(var + node.attrs["eps"])
+        if node.id in self.w.float_weight:
+            y = y * self.w.float_weight[node.id].reshape(1, -1, 1)
+        if node.id in self.w.float_bias:
+            y = y + self.w.float_bias[node.id]
+        return y.reshape(x.shape)
 
     def output(self, node: Node, x: np.ndarray) -> np.ndarray:
         return x
@@ -129,6 +143,12 @@ class FixedBackend:
 
     def pad_value(self, node: Node, dtype: np.dtype) -> Any:
         return encode(np.array(node.attrs["value"]), self.scales[node.id])
+
+    def instnorm(self, node: Node, x: np.ndarray) -> np.ndarray:
+        from privmed.reference.norm import PlainNormOps, instance_norm
+
+        ops = PlainNormOps(self.w.weight.get(node.id), self.w.bias.get(node.id))
+        return instance_norm(ops, x, node.attrs, self.f)
 
     def output(self, node: Node, x: np.ndarray) -> np.ndarray:
         return decode(x, node.scale)

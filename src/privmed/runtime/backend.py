@@ -9,6 +9,7 @@ import numpy as np
 from privmed.compiler.plan import Node, Plan, PrivateWeights
 from privmed.mpc import linear as lin
 from privmed.mpc import nonlinear as nl
+from privmed.mpc.norm import secure_instance_norm
 from privmed.mpc.correlated import Request, maxpool_levels, requests
 from privmed.mpc.party import Party
 from privmed.reference.executors import avg_divisor
@@ -98,6 +99,9 @@ class SecureBackend:
         a = node.attrs
         s = layout.pool_sum(x, a["kernel"], a["strides"], a["pads"])
         return s * encode(1.0 / np.asarray(avg_divisor(node, x.shape)), self.f)
+
+    def instnorm(self, node: Node, x: np.ndarray) -> np.ndarray:
+        return secure_instance_norm(self.p, node, x, self._reqs, self._pre, self.w, self.masked_weights, self.f)
 
     def pad_value(self, node: Node, dtype: np.dtype) -> Any:
         if self.p.is_data_owner:
