@@ -1,0 +1,134 @@
+"""`privmed segment`: a volume through a 2D / tri-axial 2.5D / 3D U-Net, securely; mask out with the input geometry.
+
+Argument parsing and printing only; the work is ``privmed.segment``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from privmed.errors import InputError
+
+
+def _grid(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected D,H,W integers, got {text!r}") from None
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive sizes D,H,W, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "segment",
+        help="secure segmentation of a CT/MR volume (2D, tri-axial 2.5D or 3D U-Net)",
+        description=(
+            "Segment a volume with a vendor's U-Net under secure inference: the data owner, the "
+            "model owner and a dealer run as three processes over mutual TLS; the mask is revealed "
+            "to the data owner only and written with the input's geometry. Prints class volumes "
+            "(lesion, lung, infected fraction) and time/bytes/rounds per slice or patch."
+        ),
+    )
+    p.add_argument("--model", required=True, type=Path, help="segmentation ONNX (the model owner's secret)")
+    p.add_argument("--input", required=True, type=Path, help="NIfTI volume (.nii, .nii.gz) or a DICOM series folder")
+    p.add_argument("--output", required=True, type=Path, help="mask to write (.nii or .nii.gz), input affine")
+    p.add_argument("--mode", choices=("auto", "2d", "tri-axial", "3d"), default="auto",
+                   help="2d: axial slices; tri-axial: axial+coronal+sagittal fused (2.5D); 3d: sliding-window "
+                        "patches (default: 3d for a 3-D model, else 2d)")  # fmt: skip
+    p.add_argument("--patch", type=int, help="3d: patch side (default and only choice for a static model: its input side)")
+    p.add_argument("--overlap", type=float, default=0.25, help="3d: fraction of a patch shared with its neighbour (0.25)")
+    p.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian",
+                   help="3d: weights of overlapping patch predictions (gaussian, sigma = patch/8)")  # fmt: skip
+    p.add_argument("--resample", type=_grid, help="3d: resample the volume to D,H,W voxels before patching")
+    p.add_argument("--chunk", type=int, help="slices/patches per batch in the one session (default: about 2^18 input values)")
+    p.add_argument("--stats", type=Path, help="write volumes, costs and the session's stats (JSON)")
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline of each receive, seconds (300)")
+    p.add_argument("--calibration", type=Path, help="model owner's calibration input (.npy) for the fixed-point scale")
+    p.add_argument("--preprocess", type=Path, help="preprocessing JSON (default: <model>.preprocess.json)")
+    p.add_argument("--plaintext", action="store_true",
+                   help="INSECURE: run the model with onnxruntime on this machine instead (needs the weights)")  # fmt: skip
+    p.add_argument("--compare-plaintext", action="store_true",
+                   help="also run onnxruntime on the same inputs and print Dice secure vs plaintext")  # fmt: skip
+    p.set_defaults(func=cmd_segment)
+
+
+def _dice_table(secure: Any, plain: Any, classes: tuple[str, ...]) -> dict[str, float]:
+    from privmed.evaluate.masks import dice
+
+    return {name: dice(secure == i, plain == i) for i, name in enumerate(classes) if i > 0}
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from privmed.cli.progress import LayerProgress
+    from privmed.segment import summary
+    from privmed.segment.engines import PlaintextEngine, SecureEngine
+    from privmed.segment.model import load_model
+    from privmed.segment.pipeline import segment_volume
+    from privmed.segment.volume import check_mask_path, read_volume, write_mask
+
+    t0 = time.perf_counter()
+    check_mask_path(args.output)
+    if args.patch is not None and args.patch < 1:
+        raise InputError(f"--patch {args.patch}: expected a positive side")
+    if args.calibration is not None and not args.calibration.is_file():
+        raise InputError(f"{args.calibration}: calibration file not found")
+    if args.plaintext and args.compare_plaintext:
+        raise InputError("--plaintext and --compare-plaintext exclude each other")
+    model = load_model(args.model, args.preprocess, args.patch)
+    mode = args.mode if args.mode != "auto" else ("3d" if model.spatial_dims == 3 else "2d")
+    model.check_mode(mode)
+    volume = read_volume(args.input)
+    engine: Any
+    if args.plaintext:
+        engine = PlaintextEngine()
+    else:
+        engine = SecureEngine(chunk=args.chunk, timeout_s=args.timeout, calibration=args.calibration,
+                              progress=LayerProgress(label=f"secure segmentation ({mode})"))  # fmt: skip
+    side = "x".join(map(str, model.side))
+    print(f"{engine.name} segmentation: {volume.source} {volume.array.shape} ({volume.kind}), mode {mode}, "
+          f"model input {side}", file=sys.stderr)  # fmt: skip
+    kwargs = {"overlap": args.overlap, "blend": args.blend, "resample": args.resample}
+    seg = segment_volume(volume.array, model, engine, mode, **kwargs)
+    write_mask(args.output, seg.labels, volume.affine)
+    vols = summary.volume_summary(seg.labels, model.classes, volume.voxel_ml)
+    costs = summary.cost_summary(seg.run.stats, seg.n_items, seg.prepared.unit)
+    who = "revealed to the data owner only" if engine.name == "secure" else "computed in plaintext"
+    print(f"mask {seg.labels.shape} written to {args.output} with the input affine ({who})")
+    print(f"volumes (voxel {volume.voxel_ml * 1000:.3f} mm^3):")
+    print("\n".join(summary.format_volumes(vols)))
+    print(f"costs ({engine.name}):")
+    print("\n".join(summary.format_costs(costs, engine.name)))
+    report: dict[str, Any] = {
+        "input": str(volume.source), "shape": list(seg.labels.shape), "kind": volume.kind,
+        "affine": np.asarray(volume.affine).tolist(), "model": str(model.path), "mode": mode,
+        "engine": engine.name, "classes": list(model.classes), "items": seg.n_items,
+        "unit": seg.prepared.unit, "volumes": vols, "costs": costs, "seconds": seg.seconds,
+        "settings": {"overlap": args.overlap, "blend": args.blend, "patch": list(model.side),
+                     "resample": list(args.resample) if args.resample else None, "chunk": args.chunk},
+    }  # fmt: skip
+    if args.compare_plaintext:
+        plain = segment_volume(volume.array, model, PlaintextEngine(), mode, **kwargs)
+        dice = _dice_table(seg.labels, plain.labels, model.classes)
+        diff = float(np.abs(seg.probabilities - plain.probabilities).max())
+        pcosts = summary.cost_summary(plain.run.stats, plain.n_items, plain.prepared.unit)
+        print(f"plaintext (onnxruntime, same pre/post-processing): per {pcosts['unit']} "
+              f"{pcosts['per_item']['time_s']:.4f} s, total {pcosts['total']['wall_s']:.2f} s")  # fmt: skip
+        print("secure vs plaintext: Dice " + ", ".join(f"{k} {v:.4f}" for k, v in dice.items())
+              + f"; voxels differing {int((seg.labels != plain.labels).sum())}; max |p - p_plain| {diff:.2e}")  # fmt: skip
+        report["plaintext"] = {"costs": pcosts, "dice_vs_secure": dice, "max_abs_prob_diff": diff,
+                               "voxels_differing": int((seg.labels != plain.labels).sum())}  # fmt: skip
+    if args.stats:
+        report["session"] = seg.run.stats
+        args.stats.parent.mkdir(parents=True, exist_ok=True)
+        args.stats.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
