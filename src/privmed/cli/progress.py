@@ -51,10 +51,11 @@ def summary_table(stats: dict[str, Any], top: int = 8) -> str:
     ]
     for r in roles:
         lines.append(f"{r:<12} {human_bytes(stats['bytes_sent'][r]):>10} {stats['peak_rss_mb'][r]:>7.0f} MB")
-    layers = sorted(stats.get("layers", []), key=lambda l: -l["time_s"])[:top]
+    layers = sorted(stats.get("layers", []), key=lambda layer: -layer["time_s"])[:top]
     if layers:
         lines.append(f"slowest layers: {'layer':<28} {'op':<10} {'time':>8} {'bytes':>10} {'rounds':>6}")
-        for l in layers:
-            name = (l["onnx"] or l["id"])[:28]
-            lines.append(f"{'':<16}{name:<28} {l['op'] + ('/' + l['kind'] if l.get('kind') else ''):<10} {l['time_s']:>7.3f}s {human_bytes(l['bytes']):>10} {l['rounds']:>6}")
+        for layer in layers:
+            name = (layer["onnx"] or layer["id"])[:28]
+            op = layer["op"] + ("/" + layer["kind"] if layer.get("kind") else "")
+            lines.append(f"{'':<16}{name:<28} {op:<10} {layer['time_s']:>7.3f}s {human_bytes(layer['bytes']):>10} {layer['rounds']:>6}")
     return "\n".join(lines)

@@ -50,10 +50,10 @@ def choose_frac_bits(nodes: list[Node], bounds: dict[str, float], margin: int, t
 
 def _width(bound_scaled: float, margin: int, drop: int) -> int:
     need = math.ceil(_log2(bound_scaled + 1.0)) + margin
-    l = drop + CHUNK_BITS * max(1, math.ceil((need - drop) / CHUNK_BITS))
-    if l > 60:
-        raise ModelError(f"comparison needs {l} bits (> 60); activations are too large for the chosen scale")
-    return l
+    width = drop + CHUNK_BITS * max(1, math.ceil((need - drop) / CHUNK_BITS))
+    if width > 60:
+        raise ModelError(f"comparison needs {width} bits (> 60); activations are too large for the chosen scale")
+    return width
 
 
 def _instnorm_params(n: Node, extra: dict[str, float], f: int, margin: int) -> None:

@@ -36,8 +36,8 @@ import numpy as np
 from privmed.compiler.plan import Node, Plan
 from privmed.crypto.prg import PRG, Stream
 from privmed.net.channel import Channel
-from privmed.ring.linalg import linear
 from privmed.reference.executors import conv_spec
+from privmed.ring.linalg import linear
 
 U64 = np.uint64
 CHUNK = 4

@@ -81,7 +81,7 @@ def _borrow(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, bits: in
                 ys.append(nodes[lo][1])
         prod = _and(p, f"{label}/and{lvl}", np.stack(xs), np.stack(ys), corr.triples[lvl])  # type: ignore[arg-type]
         merged, k = [], 0
-        for lo, hi, need_eq in pairs:
+        for _lo, hi, need_eq in pairs:
             new_lt = nodes[hi][0] ^ prod[k]
             k += 1
             new_eq = None

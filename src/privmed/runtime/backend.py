@@ -9,8 +9,8 @@ import numpy as np
 from privmed.compiler.plan import Node, Plan, PrivateWeights
 from privmed.mpc import linear as lin
 from privmed.mpc import nonlinear as nl
-from privmed.mpc.norm import secure_instance_norm
 from privmed.mpc.correlated import Request, maxpool_levels, requests
+from privmed.mpc.norm import secure_instance_norm
 from privmed.mpc.party import Party
 from privmed.reference.executors import avg_divisor
 from privmed.ring import layout

@@ -10,6 +10,7 @@ non-zero stops the others at once and its one-line error is raised here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -27,6 +28,8 @@ from privmed.compiler import onnx_front
 from privmed.crypto.certs import ROLES, ephemeral_session
 from privmed.errors import InputError, PeerError, PrivmedError
 from privmed.runtime.config import Endpoint, write_config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -116,9 +119,8 @@ def run_local_session(
         codes = {r: p.returncode for r, p in procs.items()}
         if any(codes.values()):
             errs = {r: _first_error((tmp / f"{r}.err").read_text(errors="replace")) for r, c in codes.items() if c}
-            if os.environ.get("PRIVMED_DEBUG_STDERR"):
-                for r in codes:
-                    print(f"--- {r} stderr:\n" + (tmp / f"{r}.err").read_text(errors="replace"), file=sys.stderr)
+            for r in codes:  # full stderr of every role with `privmed -v`
+                log.debug("%s stderr:\n%s", r, (tmp / f"{r}.err").read_text(errors="replace"))
             # the party that failed first usually names the cause; others report it aborted
             primary = next((r for r, e in errs.items() if "aborted the session" not in e and "lost connection" not in e), next(iter(errs)))
             raise PeerError(f"{primary}: {errs[primary]}" + "".join(f" | {r}: {e}" for r, e in errs.items() if r != primary))
@@ -171,19 +173,20 @@ def _follow(procs: dict[str, subprocess.Popen], progress: Callable[[dict[str, An
 def merge_stats(per_role: dict[str, dict[str, Any]], wall_s: float) -> dict[str, Any]:
     """One stats document: totals, per role, and per layer (data owner's view + model owner)."""
     do, mo, de = per_role["data-owner"], per_role["model-owner"], per_role["dealer"]
-    mo_layers = {l["id"]: l for l in mo["layers"]}
+    mo_layers = {layer["id"]: layer for layer in mo["layers"]}
     dealer_bytes: dict[str, int] = {}
-    for l in de["layers"]:
-        key = l["id"].split("/")[0]
-        dealer_bytes[key] = dealer_bytes.get(key, 0) + int(l.get("bytes_sent", 0))
+    for entry in de["layers"]:
+        key = entry["id"].split("/")[0]
+        dealer_bytes[key] = dealer_bytes.get(key, 0) + int(entry.get("bytes_sent", 0))
     layers = []
-    for l in do["layers"]:
-        m = mo_layers.get(l["id"], {})
+    for layer in do["layers"]:
+        m = mo_layers.get(layer["id"], {})
+        dealer = dealer_bytes.get(layer["id"], 0)
         layers.append({
-            "id": l["id"], "op": l["op"], "onnx": l["onnx"], "kind": l.get("kind", ""), "elements": l["elements"],
-            "time_s": max(l["time_s"], m.get("time_s", 0.0)), "rounds": l["rounds"],
-            "bytes": l["bytes_sent"] + m.get("bytes_sent", 0) + dealer_bytes.get(l["id"], 0),
-            "bytes_by_role": {"data-owner": l["bytes_sent"], "model-owner": m.get("bytes_sent", 0), "dealer": dealer_bytes.get(l["id"], 0)},
+            "id": layer["id"], "op": layer["op"], "onnx": layer["onnx"], "kind": layer.get("kind", ""), "elements": layer["elements"],
+            "time_s": max(layer["time_s"], m.get("time_s", 0.0)), "rounds": layer["rounds"],
+            "bytes": layer["bytes_sent"] + m.get("bytes_sent", 0) + dealer,
+            "bytes_by_role": {"data-owner": layer["bytes_sent"], "model-owner": m.get("bytes_sent", 0), "dealer": dealer},
         })
     batches = []
     for i, b in enumerate(do.get("batches", [])):

@@ -27,7 +27,7 @@ import numpy as np
 
 from privmed.compiler.plan import Node, Plan, PrivateWeights
 from privmed.compiler.walk import run_plan
-from privmed.crypto.prg import SEED_BYTES, PRG
+from privmed.crypto.prg import PRG, SEED_BYTES
 from privmed.errors import InputError, PeerError
 from privmed.mpc.correlated import DealerSource, Request, run_dealer
 from privmed.mpc.party import Party
@@ -168,7 +168,7 @@ def _batch_progress(progress: Progress | None, index: int, total: int | None) ->
 def _sum_layers(acc: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per-layer costs summed over batches."""
     if not acc:
-        return [dict(l) for l in new]
+        return [dict(layer) for layer in new]
     for a, b in zip(acc, new, strict=True):
         for key in ("time_s", "bytes_sent", "rounds"):
             a[key] = round(a[key] + b[key], 6) if key == "time_s" else a[key] + b[key]
@@ -230,7 +230,7 @@ def dealer(to_data: Channel, to_model: Channel, progress: Callable[[Request], No
         b0 = to_model.counters.bytes_sent
         last = [time.perf_counter(), b0, ""]
 
-        def on_request(req: Request) -> None:
+        def on_request(req: Request, last: list = last) -> None:  # noqa: B006 - per-batch state
             now, sent = time.perf_counter(), to_model.counters.bytes_sent
             if last[2]:
                 entry = layers.setdefault(last[2], {"id": last[2], "time_s": 0.0, "bytes_sent": 0})
