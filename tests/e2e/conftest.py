@@ -325,9 +325,11 @@ def time_wait_port() -> int:
     """A free port whose last server-side connection is in TIME_WAIT (as after a finished session).
 
     The server end closes first, so the TIME_WAIT entry is on the listening port; Linux keeps it
-    for 60 s, during which ``bind`` without SO_REUSEADDR fails with EADDRINUSE.
+    for 60 s. A new listener can bind such a port only if both it and the old listener set
+    SO_REUSEADDR, so this one does (as a privmed listener must, for back-to-back sessions).
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         port = int(listener.getsockname()[1])
