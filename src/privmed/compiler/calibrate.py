@@ -75,7 +75,7 @@ def finalize(nodes: list[Node], bounds: dict[str, float], f: int, margin: int, e
     """Turn scale multiples into bits and set comparison widths. Returns report numbers."""
     by_id = {n.id: n for n in nodes}
     compared = 0
-    headroom = (64, "")
+    headroom: tuple[float, str] = (64.0, "")
     for n in nodes:
         k_in = by_id[n.inputs[0]].scale if n.inputs else 1
         n.bound = bounds.get(n.id, 0.0)

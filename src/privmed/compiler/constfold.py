@@ -15,7 +15,7 @@ def _axes(ins: list[Any], attrs: dict[str, Any]) -> list[int] | None:
 
 
 def evaluate(op: str, ins: list[Any], attrs: dict[str, Any]) -> list[np.ndarray]:
-    x = ins[0] if ins else None
+    x: Any = ins[0] if ins else None
     if op == "Constant":
         for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
             if key in attrs:
@@ -34,8 +34,8 @@ def evaluate(op: str, ins: list[Any], attrs: dict[str, Any]) -> list[np.ndarray]
             out = np.expand_dims(out, a)
         return [out]
     if op == "Squeeze":
-        axes = _axes(ins, attrs)
-        return [np.squeeze(x, axis=tuple(axes) if axes else None)]
+        sq_axes = _axes(ins, attrs)
+        return [np.squeeze(x, axis=tuple(sq_axes) if sq_axes else None)]
     if op == "Concat":
         return [np.concatenate([np.atleast_1d(v) for v in ins if v is not None], axis=attrs["axis"])]
     if op == "Reshape":
@@ -44,10 +44,10 @@ def evaluate(op: str, ins: list[Any], attrs: dict[str, Any]) -> list[np.ndarray]
         return [np.reshape(x, shape)]
     if op == "Slice":
         starts, ends = np.asarray(ins[1]), np.asarray(ins[2])
-        axes = np.asarray(ins[3]) if len(ins) > 3 and ins[3] is not None else np.arange(len(starts))
-        steps = np.asarray(ins[4]) if len(ins) > 4 and ins[4] is not None else np.ones(len(starts), dtype=np.int64)
+        slice_axes: Any = np.asarray(ins[3]) if len(ins) > 3 and ins[3] is not None else np.arange(len(starts))
+        steps: Any = np.asarray(ins[4]) if len(ins) > 4 and ins[4] is not None else np.ones(len(starts), dtype=np.int64)
         sl = [slice(None)] * np.ndim(x)
-        for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
+        for s, e, a, st in zip(starts, ends, slice_axes, steps, strict=True):
             sl[int(a)] = slice(int(s), int(e), int(st))
         return [np.asarray(x)[tuple(sl)]]
     if op == "ConstantOfShape":
@@ -59,8 +59,9 @@ def evaluate(op: str, ins: list[Any], attrs: dict[str, Any]) -> list[np.ndarray]
     if op in binary:
         return [binary[op](ins[0], ins[1])]
     if op == "Div":
-        a, b = np.asarray(ins[0]), np.asarray(ins[1])
-        return [a // b if np.issubdtype(a.dtype, np.integer) else a / b]
+        num: Any = np.asarray(ins[0])
+        den: Any = np.asarray(ins[1])
+        return [num // den if np.issubdtype(num.dtype, np.integer) else num / den]
     if op == "Where":
         return [np.where(ins[0], ins[1], ins[2])]
     if op == "Expand":

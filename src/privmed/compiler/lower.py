@@ -397,7 +397,7 @@ class Lowerer:
         if mode != "nearest":
             raise ModelError(f"node {node.name}: Resize mode {mode!r} is not supported (nearest only)")
         full = [1] + x.shape
-        sizes = self.env.get(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else None
+        sizes = self.const(node.inputs[3], node) if len(node.inputs) > 3 and node.inputs[3] else None
         if sizes is not None and np.size(sizes):
             out = [int(s) for s in sizes]
         else:

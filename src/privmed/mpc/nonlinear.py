@@ -74,11 +74,15 @@ def _borrow(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, bits: in
     for lvl, pairs in enumerate(merge_schedule(m)):
         xs, ys = [], []
         for lo, hi, need_eq in pairs:
-            xs.append(nodes[hi][1])
+            hi_eq = nodes[hi][1]
+            assert hi_eq is not None  # element 0 is never a high half (merge_schedule)
+            xs.append(hi_eq)
             ys.append(nodes[lo][0])
             if need_eq:
-                xs.append(nodes[hi][1])
-                ys.append(nodes[lo][1])
+                lo_eq = nodes[lo][1]
+                assert lo_eq is not None
+                xs.append(hi_eq)
+                ys.append(lo_eq)
         prod = _and(p, f"{label}/and{lvl}", np.stack(xs), np.stack(ys), corr.triples[lvl])  # type: ignore[arg-type]
         merged, k = [], 0
         for _lo, hi, need_eq in pairs:

@@ -95,7 +95,7 @@ class Channel:
         arr = np.ascontiguousarray(arr)
         header = pack_header(self.session, self._send_seq, tag, arr)
         self._send_seq += 1
-        self._put(header, memoryview(arr).cast("B") if arr.nbytes else memoryview(b""))
+        self._put(header, arr.data.cast("B") if arr.nbytes else memoryview(b""))
         nbytes = HEADER_BYTES + arr.nbytes
         self.counters.bytes_sent += nbytes
         self.counters.messages_sent += 1

@@ -19,6 +19,7 @@ import ssl
 import threading
 import time
 from collections import deque
+from typing import Any
 
 from privmed.crypto.certs import Identity
 from privmed.errors import ConfigError, PeerError
@@ -45,7 +46,7 @@ def _context(identity: Identity, server: bool) -> ssl.SSLContext:
 
 
 def _peer_name(sock: ssl.SSLSocket) -> str:
-    cert = sock.getpeercert() or {}
+    cert: Any = sock.getpeercert() or {}
     for field in cert.get("subject", ()):
         for key, value in field:
             if key == "commonName":

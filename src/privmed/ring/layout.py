@@ -23,7 +23,7 @@ def pad(x: np.ndarray, pads: Sequence[int], mode: str = "constant", value: objec
     np_mode = {"constant": "constant", "reflect": "reflect", "edge": "edge"}[mode]
     if np_mode == "constant":
         return np.pad(x, width, mode="constant", constant_values=np.asarray(value, dtype=x.dtype))
-    return np.pad(x, width, mode=np_mode)
+    return np.pad(x, width, mode=np_mode)  # type: ignore[call-overload]
 
 
 def windows(

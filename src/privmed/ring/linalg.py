@@ -131,7 +131,7 @@ def pad_spatial(x: np.ndarray, pads: Sequence[int], mode: str = "constant") -> n
     width = [(0, 0)] * (x.ndim - n) + [(pads[d], pads[n + d]) for d in range(n)]
     if not any(p for pair in width for p in pair):
         return x
-    return np.pad(x, width, mode=mode)
+    return np.pad(x, width, mode=mode)  # type: ignore[call-overload]
 
 
 def im2col(x: np.ndarray, spec: ConvSpec) -> tuple[np.ndarray, tuple[int, ...]]:

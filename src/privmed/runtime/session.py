@@ -119,7 +119,9 @@ def data_owner(
         batches, total_batches = [batches], 1
     party: Party | None = None
     cache: dict[str, np.ndarray] = {}
-    outputs, per_batch, layers = [], [], []
+    outputs: list[np.ndarray] = []
+    per_batch: list[dict[str, Any]] = []
+    layers: list[dict[str, Any]] = []
     out_node = plan.node(plan.output_name)
     chans = [to_model, to_dealer]
     for index, x in enumerate(batches):
@@ -214,7 +216,7 @@ def dealer(to_data: Channel, to_model: Channel, progress: Callable[[Request], No
     plan = Plan.from_json(to_model.recv_text("plan"))
     prgs: tuple[PRG, PRG, PRG] | None = None
     layers: dict[str, dict[str, Any]] = {}
-    per_batch = []
+    per_batch: list[dict[str, Any]] = []
     for index in range(1 << 62):
         to_data.step = "waiting for the next batch"
         batch = int(to_data.recv("batch", np.int64, (1,), timeout_s=DONE_TIMEOUT_S if index else None)[0])
