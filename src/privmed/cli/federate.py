@@ -102,6 +102,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--secagg-max-weight", type=float, default=1000.0,
                    help=">= the largest site's training images (1000)")  # fmt: skip
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share per site (0.2)")
+    p.add_argument("--wait", type=float, default=60.0,
+                   help="seconds to wait for the SuperLink to become reachable (60)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="give up after this many seconds")
     p.set_defaults(func=run_deployment)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
@@ -233,7 +235,7 @@ def run_deployment(args: argparse.Namespace) -> int:
         dp=_dp(args),
     )  # fmt: skip
     config.check()
-    check_reachable(args.superlink, args.ca)
+    check_reachable(args.superlink, args.ca, wait=args.wait)
     config = rd.open(config)
     app_dir = write_flower_app(out / "flower-app", config, out)
     env = flower_env(out / "flower-home")
