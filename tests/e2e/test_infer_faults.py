@@ -211,10 +211,12 @@ def test_data_owner_names_model_owner_that_is_not_up(lone_parties: dict[str, Lon
     message = run.message("data-owner")
     assert "model-owner" in message and str(dead_port) in message, message
     lifetime = run.lifetime("data-owner")
-    # retries are bounded by connect_timeout_s (and do retry: not an immediate give-up)
-    assert LONE_CONNECT_TIMEOUT_S - 0.5 <= lifetime <= LONE_CONNECT_TIMEOUT_S + MARGIN_S, (
+    # retries are bounded by connect_timeout_s (and do retry: not an immediate give-up); the
+    # lifetime includes the process start-up (imports: up to ~3 s on 2 overloaded cores)
+    assert LONE_CONNECT_TIMEOUT_S - 0.5 <= lifetime <= LONE_CONNECT_TIMEOUT_S + 1.5 * MARGIN_S, (
         f"exit after {lifetime:.1f}s: {message}"
     )
+    assert f"after {LONE_CONNECT_TIMEOUT_S:.0f}s" in message, message
 
 
 @pytest.mark.parametrize("role", ["model-owner", "dealer"])
