@@ -216,7 +216,7 @@ def test_data_owner_names_model_owner_that_is_not_up(lone_parties: dict[str, Lon
     assert LONE_CONNECT_TIMEOUT_S - 0.5 <= lifetime <= LONE_CONNECT_TIMEOUT_S + 1.5 * MARGIN_S, (
         f"exit after {lifetime:.1f}s: {message}"
     )
-    assert f"after {LONE_CONNECT_TIMEOUT_S:.0f}s" in message, message
+    assert re.search(r"\b3(\.0)? ?s\b", message), f"the retry window (3 s) is not stated: {message}"
 
 
 @pytest.mark.parametrize("role", ["model-owner", "dealer"])
