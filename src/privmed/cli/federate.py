@@ -214,7 +214,11 @@ def run_deployment(args: argparse.Namespace) -> int:
     from privmed.federated.checkpoint import RunDir
     from privmed.federated.config import FederatedConfig, SecAggConfig
     from privmed.federated.deploy import (
-        check_reachable, flower_env, flwr_run_command, write_flower_app, write_flwr_config,
+        check_reachable,
+        flower_env,
+        flwr_run_command,
+        write_flower_app,
+        write_flwr_config,
     )  # fmt: skip
     from privmed.federated.report import build_report, write_report
     from privmed.federated.simulate import export_final_model

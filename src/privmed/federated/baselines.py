@@ -51,7 +51,12 @@ def _train(config: FederatedConfig, model: Any, x: np.ndarray, y: np.ndarray, se
 def _score(model: Any, sites: Sequence[SiteData], pick: Callable[[SiteData], Any] | None = None) -> dict[str, Any]:
     """Per-site macro AUROC on each site's test images and pooled AUROC from histograms."""
     from privmed.federated.local import predict_proba
-    from privmed.federated.metrics import auroc_from_histograms, auroc_per_label, macro_mean, score_histograms
+    from privmed.federated.metrics import (
+        auroc_from_histograms,
+        auroc_per_label,
+        macro_mean,
+        score_histograms,
+    )
 
     per_site: dict[str, float] = {}
     pooled = None

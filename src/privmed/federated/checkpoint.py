@@ -160,8 +160,8 @@ class RunDir:
 
         npz, meta = self._round_paths(server_round)
         buf = io.BytesIO()
-        np.savez(buf, **{f"{i:04d}": np.asarray(a, np.float32) for i, a in enumerate(arrays)},
-                 names=np.array(list(names)))
+        named = {f"{i:04d}": np.asarray(a, np.float32) for i, a in enumerate(arrays)}
+        np.savez(buf, names=np.array(list(names)), **named)  # type: ignore[arg-type]
         data = buf.getvalue()
         atomic_write_bytes(npz, data)
         atomic_write_json(

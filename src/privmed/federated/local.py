@@ -34,6 +34,7 @@ import types
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,7 +102,7 @@ def _masked_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return per_sample.mean()
 
 
-def _residual_forward_out_of_place(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _residual_forward_out_of_place(block: Any, x: torch.Tensor) -> torch.Tensor:
     """MONAI ResNetBlock / ResNetBottleneck forward with ``out + residual`` instead of ``+=``."""
     residual = x
     out = block.act(block.bn1(block.conv1(x)))
