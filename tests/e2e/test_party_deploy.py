@@ -201,11 +201,6 @@ def test_bad_client_certificate_is_refused(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ENGINE BUG: TLS 1.3 client learns of the server's certificate rejection only at its "
-    "first read; the data owner reports 'lost connection to model-owner (during session setup)'",
-)
 @pytest.mark.parametrize("case", ["foreign-ca", "wrong-role"])
 def test_bad_client_certificate_message_says_certificate(
     refused_clients: dict[str, RefusedClient], case: str
@@ -276,11 +271,6 @@ def test_port_in_use_fails_at_once(
         assert party_run.lifetime(role) < 10, f"{role} took {party_run.lifetime(role):.1f}s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ENGINE BUG: Listener binds without SO_REUSEADDR, so a port whose last session is in "
-    "TIME_WAIT (60 s on Linux) is reported as 'already in use': back-to-back sessions fail",
-)
 def test_port_of_a_finished_session_can_be_reused(session_ca: CertSet, party_run: PartyRun) -> None:
     # Prepare: the dealer's port served a connection that the server end closed (TIME_WAIT)
     port = time_wait_port()

@@ -24,7 +24,7 @@ from typing import Any
 from privmed.crypto.certs import Identity
 from privmed.errors import ConfigError, PeerError
 from privmed.net.channel import DEFAULT_TIMEOUT_S, Channel, FailureGroup
-from privmed.net.frame import HEADER_BYTES, unpack_header
+from privmed.net.frame import HEADER_BYTES, pack_header, unpack_header
 
 READ_CHUNK = 1 << 20  # bytes handed to one SSL write
 MAX_BUFFERED = 256 << 20  # stop reading complete frames beyond this (TCP backpressure)
@@ -54,6 +54,20 @@ def _peer_name(sock: ssl.SSLSocket) -> str:
     return "?"
 
 
+def _refuse(tls: ssl.SSLSocket, reason: str) -> None:
+    """Tell a connected peer why it is refused (an ``abort`` frame), then close."""
+    import numpy as np
+
+    payload = np.frombuffer(reason.encode("utf-8"), dtype=np.uint8)
+    try:
+        tls.settimeout(2.0)
+        tls.sendall(pack_header(bytes(16), 0, "abort", payload) + payload.tobytes())
+    except OSError:
+        pass
+    finally:
+        tls.close()
+
+
 class Listener:
     """A bound, listening TCP socket that accepts mutually authenticated TLS peers."""
 
@@ -61,6 +75,9 @@ class Listener:
         self.identity = identity
         self._ctx = _context(identity, server=True)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # a port whose previous session is in TIME_WAIT can be reused; a live listener still
+        # makes bind fail (EADDRINUSE), which is reported below
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self._sock.bind((host, port))
         except OSError as exc:
@@ -70,6 +87,7 @@ class Listener:
             raise ConfigError(f"{identity.name}: cannot listen on {host}:{port}: {exc.strerror}") from exc
         self._sock.listen(8)
         self.host, self.port = self._sock.getsockname()[:2]
+        self._last_refusal = ""
 
     def accept(self, expected: set[str], timeout_s: float) -> tuple[str, ssl.SSLSocket]:
         """Accept one peer whose certificate names one of ``expected``; others are dropped."""
@@ -77,7 +95,8 @@ class Listener:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise PeerError(f"{' / '.join(sorted(expected))} did not connect to {self.identity.name} at {self.host}:{self.port} within {timeout_s:.0f}s")
+                refused = f" (refused: {self._last_refusal})" if self._last_refusal else ""
+                raise PeerError(f"{' / '.join(sorted(expected))} did not connect to {self.identity.name} at {self.host}:{self.port} within {timeout_s:.0f}s{refused}")
             self._sock.settimeout(remaining)
             try:
                 raw, _addr = self._sock.accept()
@@ -86,12 +105,14 @@ class Listener:
             raw.settimeout(max(1.0, min(10.0, remaining)))
             try:
                 tls = self._ctx.wrap_socket(raw, server_side=True)
-            except (ssl.SSLError, OSError):
+            except (ssl.SSLError, OSError) as exc:
                 raw.close()  # e.g. certificate not signed by the session CA: refused
+                self._last_refusal = f"{_addr[0]}:{_addr[1]}: {getattr(exc, 'reason', None) or exc}"
                 continue
             name = _peer_name(tls)
             if name not in expected:
-                tls.close()
+                self._last_refusal = f"{_addr[0]}:{_addr[1]}: its certificate names {name!r}, expected {' or '.join(sorted(expected))}"
+                _refuse(tls, f"{self.identity.name} refused a certificate issued to {name!r}; expected {' or '.join(sorted(expected))}")
                 continue
             return name, tls
 
@@ -155,6 +176,7 @@ class TlsChannel(Channel):
         self._payload_got = 0
         self._pending: bytearray | None = None
         self._eof = False
+        self._read_error: BaseException | None = None
         self._error: BaseException | None = None
         self._closing = False
         self._idle = False  # the I/O thread is (about to be) blocked in select: wake it
@@ -208,7 +230,8 @@ class TlsChannel(Channel):
                 n = self._sock.recv_into(target) if len(target) else 0
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
                 return
-            except (ssl.SSLError, OSError):
+            except (ssl.SSLError, OSError) as exc:
+                self._read_error = exc
                 n = -1
             if n <= 0 and len(target):
                 with self._lock:
@@ -295,6 +318,19 @@ class TlsChannel(Channel):
         if wake:  # reading had paused on a full buffer
             self._wake()
         return header
+
+    def _lost_error(self) -> PeerError:
+        exc = self._read_error
+        text = str(exc).upper() if exc else ""
+        if isinstance(exc, ssl.SSLError) and ("ALERT" in text or "CERTIFICATE" in text):
+            # TLS 1.3: the server checks our certificate after the client's handshake returned,
+            # so a refusal arrives as an alert on the first read
+            reason = getattr(exc, "reason", None) or str(exc)
+            return PeerError(
+                f"{self.peer} refused the TLS connection ({reason}): is this party's certificate "
+                f"signed by the session CA and issued for its role? (during {self.step})"
+            )
+        return super()._lost_error()
 
     def _wake(self) -> None:
         try:
