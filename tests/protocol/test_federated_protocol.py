@@ -217,3 +217,13 @@ def test_crash_resume_keeps_counting_privacy_and_stops_at_budget(study3, tmp_pat
         assert eps <= dp.epsilon
         one_more = book.history() + [(book.noise_multiplier, book.sample_rate, book.steps_per_round)]
         assert epsilon_upper_bound(one_more, dp.delta) > dp.epsilon
+
+
+def test_extending_a_dp_run_past_its_schedule_stops_before_the_extra_round(study3, tmp_path):
+    """The noise was fixed for 1 round; asking for a 2nd round later is refused up front."""
+    out = tmp_path / "run"
+    dp = DPConfig(epsilon=3.0, delta=1e-3, max_grad_norm=1.0)
+    assert _run(study3, out, _config(study3, out, rounds=1, dp=dp))["state"] == "complete"
+    status = _run(study3, out, _config(study3, out, rounds=2, dp=dp))
+    assert status["state"] == "stopped-budget" and "before round 2" in status["message"]
+    assert RunDir(out).completed_rounds() == [0, 1]

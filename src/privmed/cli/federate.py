@@ -27,6 +27,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, model.onnx, report)")
     p.add_argument("--image-size", type=int, default=64, help="input side in pixels (64)")
     p.add_argument("--features", default="", help="small-cnn widths, e.g. 8,16,16 (default: zoo)")
+    p.add_argument("--norm", default="group", choices=("group", "none", "batch"),
+                   help="normalisation: group (default), none (small-cnn; secure-servable), batch (not with DP)")  # fmt: skip
     p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round (1)")
     p.add_argument("--batch-size", type=int, default=16, help="(expected) local batch size (16)")
     p.add_argument("--lr", type=float, default=0.05, help="local SGD learning rate (0.05)")
@@ -151,7 +153,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     config = prepare_config(
         args.data, args.out, model=args.model, rounds=args.rounds, secagg=args.secagg, dp=_dp(args),
-        image_size=args.image_size, features=_features(args.features),
+        image_size=args.image_size, features=_features(args.features), norm=args.norm,
         local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         secagg_clip=args.secagg_clip, secagg_threshold=args.secagg_threshold,
     )  # fmt: skip
@@ -231,7 +233,7 @@ def run_deployment(args: argparse.Namespace) -> int:
         labels=tuple(s.strip() for s in args.labels.split(",") if s.strip()),
         sites=tuple(s.strip() for s in args.sites.split(",") if s.strip()),
         image_size=args.image_size, features=_features(args.features),
-        local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, norm="group",
+        local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, norm=args.norm,
         test_fraction=args.test_fraction, seed=args.seed, run_name=run_name,
         secagg=SecAggConfig(reconstruction_threshold=args.secagg_threshold,
                             clipping_range=args.secagg_clip, max_weight=args.secagg_max_weight)

@@ -120,7 +120,8 @@ class FederatedConfig:
     features : layer widths for "small-cnn" (``build_model(features=...)``); () = defaults.
     local_epochs, batch_size, lr : local SGD at each site per round (plain SGD: with DP the
         expected Poisson batch is ``batch_size``).
-    norm : "group" (required with DP) or "batch".
+    norm : "group" (default), "none" (small-cnn: DP-trainable and servable by the secure
+        engine) or "batch" (not with DP).
     test_fraction : share of each site's images held out (by a hash of the image id).
     seed : seeds model initialisation and data order (not DP noise, see ``local``).
     run_name : identifies the run in every site's privacy ledger.
@@ -163,16 +164,16 @@ class FederatedConfig:
         if any(w < 1 for w in self.features):
             raise ConfigError(f"features: expected positive widths, got {list(self.features)}")
         self._check_size()
-        if self.norm not in ("group", "batch"):
-            raise ConfigError(f"norm: expected 'group' or 'batch', got {self.norm!r}")
+        if self.norm not in ("group", "batch", "none"):
+            raise ConfigError(f"norm: expected 'group', 'batch' or 'none', got {self.norm!r}")
         if self.secagg is not None:
             self.secagg.check(len(self.sites))
         if self.dp is not None:
             self.dp.check()
-            if self.norm != "group":
+            if self.norm == "batch":
                 raise ConfigError(
-                    "DP-SGD needs norm='group': BatchNorm mixes samples, so per-sample"
-                    " clipping would not bound one record's influence"
+                    "DP-SGD needs norm='group' (or 'none'): BatchNorm mixes samples, so"
+                    " per-sample clipping would not bound one record's influence"
                 )
 
     def _check_size(self) -> None:

@@ -332,12 +332,17 @@ def run_server(
         model = config.build_model()
         rd.save_round(0, federated_names(model), get_arrays(model), {"initial": True})
     start = rd.last_round()
-    names, weights, _ = rd.load_round(start)
+    names, weights, last_metrics = rd.load_round(start)
     if start >= config.rounds:
         rd.write_status("complete", f"all {config.rounds} rounds already completed")
         return "complete"
     rd.write_status("running", f"resuming after round {start}" if start else "")
     strategy = RoundStrategy(config, rd, names, weights, start, on_round, connect_timeout)
+    # the sites' own projections from the last completed round: a resumed or extended run
+    # stops before a round that some site already said would exceed its budget
+    for site, fit in last_metrics.get("fit", {}).items():
+        if "dp-epsilon-next" in fit:
+            strategy.next_epsilon[site] = float(fit["dp-epsilon-next"])
     timeout = config.secagg.timeout if config.secagg else 600.0
     legacy = LegacyContext(
         context=context,

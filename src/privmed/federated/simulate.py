@@ -54,6 +54,7 @@ def prepare_config(
     dp: DPConfig | None = None,
     image_size: int = 64,
     features: tuple[int, ...] = (),
+    norm: str = "group",
     local_epochs: int = 1,
     batch_size: int = 16,
     lr: float = 0.05,
@@ -86,7 +87,7 @@ def prepare_config(
     config = FederatedConfig(
         model=model, rounds=rounds, labels=summary.labels, sites=summary.sites,
         image_size=image_size, features=tuple(features), local_epochs=local_epochs, batch_size=batch_size, lr=lr,
-        norm="group", test_fraction=test_fraction, seed=seed, run_name=run_name,
+        norm=norm, test_fraction=test_fraction, seed=seed, run_name=run_name,
         secagg=sa, dp=dp,
     )  # fmt: skip
     config.check()
