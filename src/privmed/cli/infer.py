@@ -113,7 +113,11 @@ def cmd_party(args: argparse.Namespace) -> int:
 
         cal = np.load(args.calibration) if args.calibration else None
         shape = [int(s) for s in args.input_shape.split(",")] if args.input_shape else None
-        kwargs["plan_and_weights"] = compile_model(args.model, calibration=cal, frac_bits=args.frac_bits, input_shape=shape)
+        model = args.model
+        if not model.exists():
+            raise InputError(f"{model}: model file not found")
+        # compiled once the port is bound (see runtime.party.connect_role)
+        kwargs["plan_and_weights"] = lambda: compile_model(model, calibration=cal, frac_bits=args.frac_bits, input_shape=shape)
     if args.role == "data-owner":
         if not args.input or not args.output:
             raise InputError("the data owner needs --input and --output")

@@ -59,8 +59,12 @@ def _await_hello(ch: Channel, timeout_s: float) -> bytes:
     return sid
 
 
-def connect_role(role: str, cfg: SessionConfig) -> dict[str, Channel]:
-    """Establish this role's two channels, keyed by peer role."""
+def connect_role(role: str, cfg: SessionConfig, on_listening: Callable[[], None] | None = None) -> dict[str, Channel]:
+    """Establish this role's two channels, keyed by peer role.
+
+    ``on_listening`` runs once the listening socket is bound (the model owner compiles its
+    model there: a taken port is reported before compiling, and peers connect meanwhile).
+    """
     deadline = time.monotonic() + cfg.connect_timeout_s
     ident = cfg.identities[role]
     chans: dict[str, Channel] = {}
@@ -76,6 +80,8 @@ def connect_role(role: str, cfg: SessionConfig) -> dict[str, Channel]:
         return chans
     lst = _listen(cfg, role)
     try:
+        if on_listening:
+            on_listening()
         if role == "model-owner":
             _, sock = lst.accept({"data-owner"}, max(0.1, deadline - time.monotonic()))
             chans["data-owner"] = _channel(role, "data-owner", sock, cfg, group)
@@ -103,13 +109,21 @@ def run_role(
     role: str,
     cfg: SessionConfig,
     *,
-    plan_and_weights: tuple[Any, Any] | None = None,
+    plan_and_weights: tuple[Any, Any] | Callable[[], tuple[Any, Any]] | None = None,
     x: np.ndarray | None = None,
     chunk: int | None = None,
     progress: Callable[..., None] | None = None,
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """Connect, run the session as ``role`` and close. Returns (output or None, stats)."""
-    chans = connect_role(role, cfg)
+    compiled: list[tuple[Any, Any]] = []
+
+    def prepare() -> None:
+        if callable(plan_and_weights):
+            compiled.append(plan_and_weights())
+        elif plan_and_weights is not None:
+            compiled.append(plan_and_weights)
+
+    chans = connect_role(role, cfg, prepare if role == "model-owner" else None)
     failed = False
     try:
         if role == "data-owner":
@@ -118,8 +132,7 @@ def run_role(
             parts = [x[i : i + step] for i in range(0, len(x), step)]
             return session.data_owner(chans["model-owner"], chans["dealer"], iter(parts), progress, len(parts))
         if role == "model-owner":
-            assert plan_and_weights is not None
-            return None, session.model_owner(chans["data-owner"], chans["dealer"], *plan_and_weights, progress=progress)
+            return None, session.model_owner(chans["data-owner"], chans["dealer"], *compiled[0], progress=progress)
         return None, session.dealer(chans["data-owner"], chans["model-owner"])
     except BaseException as exc:
         failed = True
