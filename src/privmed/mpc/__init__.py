@@ -8,6 +8,9 @@ Modules, in dependency order:
                   material each protocol consumes, and the dealer that produces it
                   (a dealer-free source implements the same interface).
 - ``linear``      linear layers with the model owner's private weights (Beaver-style masking).
-- ``nonlinear``   masked opening, exact truncation, ReLU / LeakyReLU / max via chunked
+- ``arith``       products and squares of two secret tensors (Beaver triples, broadcasting).
+- ``nonlinear``   masked opening, exact truncation, ReLU / LeakyReLU / max / sign via chunked
                   comparison, and the reveal to the data owner.
+- ``norm``        instance / group normalisation on shares (the reference algorithm's ops as
+                  protocols).
 """
