@@ -59,6 +59,14 @@ def volume_summary(labels: np.ndarray, classes: Sequence[str], voxel_ml: float) 
     return out
 
 
+def _first_batch_extra(batches: list[dict[str, Any]]) -> int | None:
+    """Bytes the first batch sent beyond the median later batch of the same size (None: no such batch)."""
+    same = [int(b.get("bytes", 0)) for b in batches[1:] if b["n"] == batches[0]["n"]]
+    if not same:
+        return None
+    return max(0, int(batches[0].get("bytes", 0)) - int(np.median(same)))
+
+
 def cost_summary(stats: dict[str, Any], n_items: int, unit: str) -> dict[str, Any]:
     """Per-item and total time/bytes/rounds from an engine's stats (see the module docstring)."""
     batches = stats.get("batches") or []
@@ -77,10 +85,7 @@ def cost_summary(stats: dict[str, Any], n_items: int, unit: str) -> dict[str, An
         },
         "rounds_per_batch": int(np.median([int(b.get("rounds", 0)) for b in batches])) if batches else 0,
         "outside_batches_bytes": max(0, total_bytes - batch_bytes),
-        "first_batch_extra_bytes": (
-            max(0, int(batches[0].get("bytes", 0)) - int(np.median([int(b.get("bytes", 0)) for b in batches[1:]])))
-            if len(batches) > 1 and batches[0]["n"] == batches[1]["n"] else None
-        ),
+        "first_batch_extra_bytes": _first_batch_extra(batches),
         "total": {
             "wall_s": float(stats.get("wall_s", 0.0)),
             "online_s": float(stats.get("online_s", 0.0)),
