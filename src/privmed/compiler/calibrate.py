@@ -26,7 +26,7 @@ MAX_FRAC_BITS = 20
 
 def float_bounds(plan: Plan, weights: PrivateWeights, x: np.ndarray) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """max |value| of every node's output on input x (float execution), and op extras."""
-    backend = FloatBackend(weights, x)
+    backend = FloatBackend(weights, x, dtype=np.float32)  # bounds only: float32 is ample, 2x faster
     _, values = run_plan(plan, backend, batch=x.shape[0], keep=True)
     return {nid: float(np.max(np.abs(v))) if v.size else 0.0 for nid, v in values.items()}, backend.stats
 

@@ -39,9 +39,9 @@ def avg_divisor(node: Node, x_shape: tuple[int, ...]) -> np.ndarray | float:
 class FloatBackend:
     """float64 semantics of the plan (what onnxruntime computes, up to float rounding)."""
 
-    def __init__(self, weights: PrivateWeights, x: np.ndarray) -> None:
+    def __init__(self, weights: PrivateWeights, x: np.ndarray, dtype: type = np.float64) -> None:
         self.w = weights
-        self.x = np.asarray(x, dtype=np.float64)
+        self.x = np.asarray(x, dtype=dtype)
         self.stats: dict[str, dict[str, float]] = {}  # per-node extras for calibration
 
     def input(self, node: Node, batch: int) -> np.ndarray:
@@ -49,9 +49,10 @@ class FloatBackend:
 
     def linear(self, node: Node, x: np.ndarray) -> np.ndarray:
         kind = node.attrs["kind"]
-        y = linear(kind, conv_spec(node.attrs) if "spec" in node.attrs else None, self.w.float_weight[node.id], x)
+        w = self.w.float_weight[node.id].astype(x.dtype, copy=False)
+        y = linear(kind, conv_spec(node.attrs) if "spec" in node.attrs else None, w, x)
         b = self.w.float_bias.get(node.id)
-        return y if b is None else y + b
+        return y if b is None else y + b.astype(x.dtype, copy=False)
 
     def bias(self, node: Node, x: np.ndarray) -> np.ndarray:
         return x + self.w.float_bias[node.id]

@@ -31,11 +31,18 @@ LIMB = 22  # three limbs cover 64 bits
 _K_CHUNK = 511  # 511 * (2^22 - 1)^2 < 2^53: a limb dot product over one chunk is exact
 
 
-def _limbs(x: np.ndarray, bits: int) -> list[np.ndarray]:
-    """uint64 x split into ceil(64 / bits) limbs of ``bits`` bits, as float64 arrays."""
+def _limbs(x: np.ndarray, bits: int) -> np.ndarray:
+    """uint64 x split into ceil(64 / bits) limbs of ``bits`` bits: float64 (count, *x.shape),
+    written in place (one pass per limb, no intermediate copies)."""
     mask = U64((1 << bits) - 1)
     count = -(-64 // bits)
-    return [((x >> U64(bits * i)) & mask if i else x & mask).astype(np.float64) for i in range(count)]
+    out = np.empty((count,) + x.shape, dtype=np.float64)
+    tmp = np.empty(x.shape, dtype=U64)
+    for i in range(count):
+        np.right_shift(x, U64(bits * i), out=tmp)
+        np.bitwise_and(tmp, mask, out=tmp)
+        out[i] = tmp
+    return out
 
 
 def _matmul_uniform(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -65,8 +72,7 @@ def _matmul_small_right(a: np.ndarray, b_signed: np.ndarray, b_bits: int) -> np.
     limb = min(LIMB, 52 - b_bits - math.ceil(math.log2(max(k, 2))))
     if limb < 12:
         return _matmul_uniform(a, b_signed.view(U64))
-    stack = np.stack(_limbs(a, limb))  # (L, ..., K)
-    prod = stack @ b_signed.astype(np.float64)  # (L, ..., N)
+    prod = _limbs(a, limb) @ b_signed.astype(np.float64)  # (L, ..., K) @ (K, N)
     out = prod[0].astype(np.int64).view(U64)
     for i in range(1, len(prod)):
         out += prod[i].astype(np.int64).view(U64) << U64(limb * i)
@@ -79,8 +85,8 @@ def matmul(a: np.ndarray, b: np.ndarray, *, b_bits: int | None = None) -> np.nda
     If ``b_bits`` is given, b holds signed values with |b| < 2^b_bits (two's complement in
     uint64) and a cheaper limb split is used; the result is identical.
     """
-    if a.dtype == np.float64:  # plaintext float path (calibration), same layout code
-        return a @ b
+    if a.dtype.kind == "f":  # plaintext float path (calibration), same layout code
+        return a @ b.astype(a.dtype, copy=False)
     a = np.ascontiguousarray(a, dtype=U64)
     b = np.ascontiguousarray(b, dtype=U64)
     if b_bits is not None:
