@@ -221,13 +221,16 @@ def test_volume_errors(tmp_path: Path) -> None:
     write_png(tmp_path / "xray.png", np.zeros((8, 8)))
     write_nifti(tmp_path / "flat.nii.gz", np.zeros((8, 8), np.float32), np.eye(4))
     (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("hello")
 
     with pytest.raises(InputError, match=r"missing\.nii\.gz: no such file or folder"):
         read_volume(tmp_path / "missing.nii.gz")
-    with pytest.raises(InputError, match=r"xray\.png: not a volume: expected a NIfTI file .* got a png of shape \(8, 8\)"):
+    with pytest.raises(InputError, match=r"xray\.png: not a volume: expected a NIfTI file .* got a png image of shape \(8, 8\)"):
         read_volume(tmp_path / "xray.png")
     with pytest.raises(InputError, match=r"flat\.nii\.gz: not a volume: expected a 3D image \(D, H, W\), got shape \(8, 8\)"):
         read_volume(tmp_path / "flat.nii.gz")
+    with pytest.raises(InputError, match=r"notes\.txt: not a volume: .* got a file of unknown format"):
+        read_volume(tmp_path / "notes.txt")
     with pytest.raises(InputError, match=r"empty: no DICOM files found"):
         read_volume(tmp_path / "empty")
     with pytest.raises(InputError, match=r"mask\.npy: expected a \.nii or \.nii\.gz output"):

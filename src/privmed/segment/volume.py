@@ -75,13 +75,20 @@ def read_volume(path: str | Path) -> Volume:
         array, meta = read_dicom_series(p)
         kind = "dicom-series"
     else:
-        if image_kind(p) != "nifti":
-            # read it anyway so that the message says what the file is, then refuse it
-            array, meta = read_image(p)
-            raise InputError(
-                f"{p}: not a volume: expected a NIfTI file (.nii, .nii.gz) or a DICOM series "
-                f"folder, got a {meta.get('format', 'image')} of shape {tuple(array.shape)}"
-            )
+        kind = image_kind(p)
+        if kind != "nifti":
+            want = "not a volume: expected a NIfTI file (.nii, .nii.gz) or a DICOM series folder"
+            if kind is None:
+                raise InputError(f"{p}: {want}, got a file of unknown format")
+            if kind == "dicom":
+                raise InputError(f"{p}: {want}, got one DICOM file (give the folder of its series)")
+            label = {"pil": "2-D image", "npy": ".npy array"}.get(kind, kind)
+            try:  # say what the file is: its shape, when it reads
+                array, meta = read_image(p)
+            except InputError as exc:
+                reason = str(exc).removeprefix(f"{p}: ")
+                raise InputError(f"{p}: {want}, got a {label} file ({reason})") from None
+            raise InputError(f"{p}: {want}, got a {meta.get('format', label)} image of shape {tuple(array.shape)}")
         array, meta = read_image(p)
         kind = "nifti"
     affine = meta.get("affine")
