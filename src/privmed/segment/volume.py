@@ -75,14 +75,14 @@ def read_volume(path: str | Path) -> Volume:
         array, meta = read_dicom_series(p)
         kind = "dicom-series"
     else:
-        kind = image_kind(p)
-        if kind != "nifti":
+        file_kind = image_kind(p)
+        if file_kind != "nifti":
             want = "not a volume: expected a NIfTI file (.nii, .nii.gz) or a DICOM series folder"
-            if kind is None:
+            if file_kind is None:
                 raise InputError(f"{p}: {want}, got a file of unknown format")
-            if kind == "dicom":
+            if file_kind == "dicom":
                 raise InputError(f"{p}: {want}, got one DICOM file (give the folder of its series)")
-            label = {"pil": "2-D image", "npy": ".npy array"}.get(kind, kind)
+            label = {"pil": "2-D image", "npy": ".npy array"}.get(file_kind, file_kind)
             try:  # say what the file is: its shape, when it reads
                 array, meta = read_image(p)
             except InputError as exc:
