@@ -92,3 +92,15 @@ def test_channel_scale_wraps_mod_2_64() -> None:
     x = np.full((1, 2, 2), 2**63, dtype=U64)
     y = channel_scale(x, np.array([2, 3], dtype=U64))
     assert y[0, 0, 0] == 0 and y[0, 1, 0] == U64(2**63)
+
+
+def test_conv_in_tiles_equals_conv_in_one_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+    import privmed.ring.linalg as linalg
+
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 2**64, (2, 4, 9, 10, 7), dtype=U64)
+    w = rng.integers(0, 2**64, (6, 2, 3, 3, 3), dtype=U64)
+    spec = ConvSpec((3, 3, 3), (1, 2, 1), (1,) * 6, (1, 1, 1), 2)
+    whole = conv(x, w, spec)
+    monkeypatch.setattr(linalg, "TILE_ELEMENTS", 300)  # forces one output row per tile
+    assert np.array_equal(conv(x, w, spec), whole)

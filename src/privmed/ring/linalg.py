@@ -141,7 +141,10 @@ def pad_spatial(x: np.ndarray, pads: Sequence[int], mode: str = "constant") -> n
 
 
 def im2col(x: np.ndarray, spec: ConvSpec) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Patches of x (N, C, *S) as (N, *O, C, *k) plus the output spatial shape O."""
+    """Patches of x (N, C, *S) as a strided view (N, *O, C, *k) plus the output shape O.
+
+    Nothing is copied here; ``conv`` copies the view tile by tile.
+    """
     n = spec.ndim
     xp = pad_spatial(x, spec.pads)
     extent = tuple(spec.dilations[d] * (spec.kernel[d] - 1) + 1 for d in range(n))
@@ -154,26 +157,42 @@ def im2col(x: np.ndarray, spec: ConvSpec) -> tuple[np.ndarray, tuple[int, ...]]:
     out_spatial = win.shape[2 : 2 + n]
     # (N, C, *O, *k) -> (N, *O, C, *k)
     order = (0,) + tuple(range(2, 2 + n)) + (1,) + tuple(range(2 + n, 2 + 2 * n))
-    return np.ascontiguousarray(win.transpose(order)), out_spatial
+    return win.transpose(order), out_spatial
+
+
+TILE_ELEMENTS = 1 << 23  # unfolded patch elements per tile: 64 MB of uint64, ~200 MB of limbs
 
 
 def conv(x: np.ndarray, weight: np.ndarray, spec: ConvSpec, *, w_bits: int | None = None) -> np.ndarray:
-    """ONNX Conv without bias in Z_2^64: x (N, C, *S), weight (M, C/groups, *k) -> (N, M, *O)."""
+    """ONNX Conv without bias in Z_2^64: x (N, C, *S), weight (M, C/groups, *k) -> (N, M, *O).
+
+    The unfolded input (im2col) is materialised in tiles of at most ``TILE_ELEMENTS`` along
+    the batch and first output axis, so memory stays bounded for large 3-D convolutions.
+    """
     n_batch, channels = x.shape[:2]
     m_out = weight.shape[0]
     g = spec.groups
     cg, mg = channels // g, m_out // g
-    patches, out_spatial = im2col(x, spec)
+    win, out_spatial = im2col(x, spec)
     kg = cg * int(np.prod(spec.kernel))
-    rows = n_batch * int(np.prod(out_spatial))
-    patches = patches.reshape(rows, channels * int(np.prod(spec.kernel)))
-    outs = []
-    for gi in range(g):
-        cols = patches[:, gi * kg : (gi + 1) * kg]
-        wmat = weight[gi * mg : (gi + 1) * mg].reshape(mg, kg).T
-        outs.append(matmul(cols, wmat, b_bits=w_bits))
-    y = outs[0] if g == 1 else np.concatenate(outs, axis=1)
-    y = y.reshape((n_batch,) + tuple(out_spatial) + (m_out,))
+    ksz = channels * int(np.prod(spec.kernel))
+    wmats = [weight[gi * mg : (gi + 1) * mg].reshape(mg, kg).T for gi in range(g)]
+
+    def apply(patches: np.ndarray) -> np.ndarray:
+        outs = [matmul(patches[:, gi * kg : (gi + 1) * kg], wmats[gi], b_bits=w_bits) for gi in range(g)]
+        return outs[0] if g == 1 else np.concatenate(outs, axis=1)
+
+    per_row = ksz * int(np.prod(out_spatial[1:]))  # one step along the first output axis
+    if n_batch * out_spatial[0] * per_row <= TILE_ELEMENTS:
+        y = apply(np.ascontiguousarray(win).reshape(-1, ksz))
+        y = y.reshape((n_batch,) + tuple(out_spatial) + (m_out,))
+    else:
+        step = max(1, TILE_ELEMENTS // max(per_row, 1))
+        y = np.empty((n_batch,) + tuple(out_spatial) + (m_out,), dtype=U64 if x.dtype == U64 else x.dtype)
+        for b in range(n_batch):
+            for start in range(0, out_spatial[0], step):
+                tile = np.ascontiguousarray(win[b, start : start + step]).reshape(-1, ksz)
+                y[b, start : start + step] = apply(tile).reshape(y[b, start : start + step].shape)
     return np.ascontiguousarray(np.moveaxis(y, -1, 1))
 
 
