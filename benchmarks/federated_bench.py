@@ -7,7 +7,8 @@ Runs, all on the same study, split and initial weights:
    (centrally pooled, local-only per site) trained by the same local trainer;
 2. federated + SecAgg+ + DP-SGD at every site (Opacus) at ``--epsilon``.
 
-Prints one table (pooled AUROC = all sites' held-out images, macro over the 4 findings;
+Re-running with the same arguments resumes interrupted runs (the study is regenerated
+byte-identically, completed runs and baselines are reused). Prints one table (pooled AUROC = all sites' held-out images, macro over the 4 findings;
 per-site AUROC on each site's own held-out images) and writes ``bench.json`` and
 ``bench.md`` to ``--out``.
 
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--out", default="/tmp/privmed-federated-bench")
+    ap.add_argument("--fresh", action="store_true",
+                    help="delete --out first (default: resume the runs found there)")  # fmt: skip
     args = ap.parse_args()
 
     import torch
@@ -56,18 +59,20 @@ def main() -> None:
 
     torch.set_num_threads(1)
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    if args.fresh:
+        shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     study = synth_chest_study(out / "study", sites=args.sites, n_per_site=args.per_site, size=args.size, seed=0)
     print(f"study: {args.sites} sites x {args.per_site} images, {args.size}x{args.size} ({time.perf_counter() - t0:.0f} s)")
 
     def run(name: str, dp: DPConfig | None, baselines: bool) -> tuple[dict[str, Any], float]:
+        """The run's report and its time in rounds (sum over completed rounds, also when resumed)."""
         cfg = prepare_config(study, out / name, model=args.model, rounds=args.rounds, secagg=True, dp=dp,
                              image_size=args.size, batch_size=args.batch_size, lr=args.lr)  # fmt: skip
-        start = time.perf_counter()
         result = simulate(study, cfg, out / name, baselines=baselines, cpus=args.cpus,
                           on_round=lambda m: print(f"  [{name}] {round_line(m)}", flush=True))  # fmt: skip
-        return result.report or {}, time.perf_counter() - start
+        report = result.report or {}
+        return report, sum(r.get("seconds") or 0.0 for r in report.get("rounds", []))
 
     print(f"federated + SecAgg+ ({args.model}, {args.rounds} rounds) with baselines ...", flush=True)
     plain, t_plain = run("fed-secagg", None, baselines=True)
@@ -86,11 +91,14 @@ def main() -> None:
          private["final"]["sites"], f"{t_dp:.0f} s"),
     ]  # fmt: skip
     lines = [
-        f"| method | pooled AUROC | {' | '.join(sites)} | wall |",
+        f"| method | pooled AUROC | {' | '.join(sites)} | time in rounds |",
         "|---|---|" + "---|" * len(sites) + "---|",
     ]
     for name, pooled, per_site, wall in rows:
         lines.append(f"| {name} | {_fmt(pooled)} | " + " | ".join(_fmt(per_site.get(s)) for s in sites) + f" | {wall} |")
+    status = private.get("status", {})
+    if status.get("state") != "complete":
+        lines.append(f"\nDP run: {status.get('state')} after {len(private.get('rounds', []))} rounds: {status.get('message')}")
     privacy = [
         f"{s}: epsilon={p['epsilon']:.2f} delta={p['delta']:g} noise_multiplier={p['noise_multiplier']:.3f} "
         f"clipping_norm={p['max_grad_norm']:g} sample_rate={p['sample_rate']:.4f} steps={p['steps']}"
@@ -98,8 +106,8 @@ def main() -> None:
     ]
     setup = (f"{args.model} (GroupNorm), {args.sites} sites x {args.per_site} synthetic chest images at "
              f"{args.size}x{args.size} (80/20 train/test by image-id hash), {args.rounds} rounds x 1 local "
-             f"epoch, SGD lr {args.lr} batch {args.batch_size}, {os.cpu_count()} CPUs, "
-             f"torch threads 1, total {time.perf_counter() - t0:.0f} s")  # fmt: skip
+             f"epoch, SGD lr {args.lr} batch {args.batch_size}, {os.cpu_count()} CPUs shared, "
+             f"torch threads 1, Ray CPUs {args.cpus}")  # fmt: skip
     text = "\n".join([setup, "", *lines, "", "DP spent per site: " + "; ".join(privacy)])
     print("\n" + text)
     (out / "bench.md").write_text(text + "\n")

@@ -29,7 +29,7 @@ def study(tmp_path_factory) -> Path:
 def test_simulate_3_sites_2_rounds_secagg_dp(study, tmp_path):
     out = tmp_path / "run"
     cmd = [*PRIVMED, "federate", "simulate", "--data", str(study), *TINY, "--rounds", "2", "--secagg",
-           "--dp-epsilon", "8", "--dp-delta", "1e-3", "--max-grad-norm", "1.0", "--out", str(out)]  # fmt: skip
+           "--dp-epsilon", "8", "--dp-delta", "1e-3", "--max-grad-norm", "1.0", "--cpus", "1", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -15,6 +15,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +129,17 @@ def _features(text: str) -> tuple[int, ...]:
         raise InputError(f"--features: expected comma-separated integers, got {text!r}") from None
 
 
-def _print_result(report: dict[str, Any], paths: dict[str, Path]) -> None:
+def _print_result(report: dict[str, Any], paths: dict[str, Path], seconds: float) -> None:
+    from privmed.federated.checkpoint import RunDir
     from privmed.federated.report import privacy_line
 
     final = report.get("final") or {}
+    run = RunDir(paths["json"].parent)
+    params = sum(int(a.size) for a in run.load_round(0)[1])
+    rounds = len(report.get("rounds", []))
+    sites = len(report["config"]["sites"].split("|"))
+    print(f"{rounds} rounds in {seconds:.0f} s; {params} parameters, {4 * params / 1e6:.2f} MB per"
+          f" site update before SecAgg+ masking ({4 * params * rounds * sites / 1e6:.1f} MB of updates in all)")
     print(f"status: {report['status']['state']} {report['status']['message']}".rstrip())
     print(f"pooled AUROC (macro) after round {final.get('round')}: {final.get('pooled_auroc_macro')}")
     for name, b in (report.get("baselines") or {}).items():
@@ -157,6 +165,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         secagg_clip=args.secagg_clip, secagg_threshold=args.secagg_threshold,
     )  # fmt: skip
+    started = time.perf_counter()
     print(f"federated simulation: {len(config.sites)} sites {', '.join(config.sites)}; "
           f"SecAgg+ {'on' if config.secagg else 'OFF (insecure)'}; "
           f"DP {'epsilon=' + format(config.dp.epsilon, 'g') if config.dp else 'off'}", flush=True)  # fmt: skip
@@ -165,7 +174,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         cpus=args.cpus, verbose=bool(getattr(args, "verbose", False)),
     )  # fmt: skip
     if result.report is not None:
-        _print_result(result.report, result.paths)
+        _print_result(result.report, result.paths, time.perf_counter() - started)
     return 0
 
 
@@ -248,6 +257,7 @@ def run_deployment(args: argparse.Namespace) -> int:
     write_flwr_config(env["FLWR_HOME"], args.superlink, args.ca)
     cmd = flwr_run_command(app_dir)
     print(" ".join(cmd), file=sys.stderr, flush=True)
+    started = time.perf_counter()
     try:
         subprocess.run(cmd, env=env, cwd=app_dir, timeout=args.timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -262,5 +272,5 @@ def run_deployment(args: argparse.Namespace) -> int:
     report = build_report(rd, config, baselines=None, onnx_path=onnx_path)
     paths = write_report(rd, report)
     paths["onnx"] = onnx_path
-    _print_result(report, paths)
+    _print_result(report, paths, time.perf_counter() - started)
     return 0
