@@ -45,6 +45,15 @@ DONE_TIMEOUT_S = 24 * 3600.0
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak resident set (VmHWM). ``ru_maxrss`` is not used: Linux carries
+    the parent's peak over into a forked child, so every role would report the launcher's."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
