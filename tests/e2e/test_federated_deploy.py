@@ -1,10 +1,15 @@
 """Flower's deployment engine on loopback: one SuperLink and three SuperNodes as separate
-processes (``privmed federate server|site``), TLS with a CA made for the run, a round with
-SecAgg+ submitted by ``privmed federate run``. Every process has a deadline and its output
-is shown when the test fails.
+processes (``privmed federate server|site``), TLS with a CA made for the run, one round
+submitted by ``privmed federate run``. Every process has a deadline and its output is shown
+when the test fails.
 
-The aggregate is checked against the plaintext oracle (each site's update recomputed here,
-FedAvg) within the SecAgg+ quantisation bound, so the deployment did the real computation.
+The round runs without SecAgg+ (sites started with ``--allow-plain``): Flower 1.41's
+deployment engine starts a process per message and polls every 3 s, so each SecAgg+ round
+(5 messages per site instead of 2) adds about a minute, beyond this tier's time budget.
+SecAgg+ itself is tested through Flower's workflow and mod in tests/protocol, and a SecAgg+
+round over this same deployment is measured in docs/federated.md. The aggregate is checked
+against plaintext FedAvg of the updates recomputed here, so the deployment did the real
+computation.
 """
 
 from __future__ import annotations
@@ -59,13 +64,13 @@ def test_superlink_and_three_supernodes_over_tls(tmp_path):
         for site in SITES:
             start(site, ["federate", "site", "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
                          "--data", str(study), "--site", site, "--state", str(tmp_path / "state" / site),
-                         "--port", str(_free_port()), "--wait", "120"])  # fmt: skip
+                         "--port", str(_free_port()), "--wait", "120", "--allow-plain"])  # fmt: skip
         out = tmp_path / "run"
         run = subprocess.run(
             [*PRIVMED, "federate", "run", "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
              "--sites", ",".join(SITES), "--labels", "opacity,nodule,effusion,cardiomegaly",
              "--model", "small-cnn", "--features", "8,16,16", "--image-size", "32", "--batch-size", "8",
-             "--rounds", "1", "--secagg-max-weight", "24", "--wait", "120", "--out", str(out)],
+             "--rounds", "1", "--no-secagg", "--wait", "120", "--out", str(out)],
             capture_output=True, text=True, env=ENV, timeout=600,
         )  # fmt: skip
         for name, proc in procs.items():
@@ -113,9 +118,6 @@ def test_superlink_and_three_supernodes_over_tls(tmp_path):
         updates.append(u.delta)
         weights.append(u.num_examples)
     plain = weighted_average(updates, weights)
-    q = [round(n / 24 * cfg.secagg.quantization_range) for n in weights]
-    x_max = max(float(np.abs(a).max()) for u in updates for a in u)
-    bound = (2 * cfg.secagg.clipping_range * 3 / sum(q) + 1e-6 * x_max
-             + x_max * sum(abs(qi / sum(q) - n / sum(weights)) for qi, n in zip(q, weights, strict=True)))  # fmt: skip
     worst = max(float(np.abs((b.astype(np.float64) - a) - p).max()) for a, b, p in zip(w0, w1, plain, strict=True))
-    assert worst <= bound
+    assert worst <= 1e-6  # float32 rounding of w0 + aggregate only
+    assert max(float(np.abs(p).max()) for p in plain) > 1e-3
