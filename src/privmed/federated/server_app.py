@@ -27,14 +27,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -56,6 +55,7 @@ from privmed.federated.arrays import add_arrays, check_arrays, weighted_average
 from privmed.federated.checkpoint import RunDir
 from privmed.federated.config import FederatedConfig
 from privmed.federated.metrics import BINS, auroc_from_histograms, macro_mean
+from privmed.federated.peers import DeadlineGrid, failure_text, json_default, parse_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -63,21 +63,6 @@ __all__ = ["RoundStrategy", "app", "make_server_app", "run_server"]
 
 CONNECT_TIMEOUT_S = 600
 RoundCallback = Callable[[dict[str, Any]], None]
-
-
-def _failure_text(failure: Any) -> str:
-    """One line from a Flower failure (an Exception, an Error or a (proxy, result) pair)."""
-    if isinstance(failure, BaseException):
-        text = str(failure)
-    elif isinstance(failure, tuple):
-        text = str(getattr(failure[1], "status", failure))
-    else:
-        text = str(getattr(failure, "reason", failure))
-    # Flower wraps ClientApp errors as "<class 'pkg.mod.Name'>:<'message'>"
-    match = re.search(r"<class '([\w.]+)'>:<'(.*)'>", text, flags=re.S)
-    if match:
-        text = f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}"
-    return " ".join(text.split())[:300]
 
 
 class RoundStrategy(Strategy):
@@ -172,14 +157,14 @@ class RoundStrategy(Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         r = self._abs(server_round)
         if failures:
-            reasons = "; ".join(_failure_text(f) for f in failures[:3])
+            reasons = "; ".join(failure_text(f) for f in failures[:3])
             if "PrivacyBudgetExhausted" in reasons:
                 self._stop("stopped-budget", f"round {r}: {reasons}")
                 return None, {}
             log.warning("round %d: %d site failures: %s", r, len(failures), reasons)
         needed = self.config.secagg.threshold_for(len(self.config.sites)) if self.config.secagg else len(self.config.sites)
         if len(results) < needed:
-            reasons = "; ".join(_failure_text(f) for f in failures[:3]) or "no reason given"
+            reasons = "; ".join(failure_text(f) for f in failures[:3]) or "no reason given"
             self._stop("failed", f"round {r}: {len(results)} site results, need {needed}: {reasons}")
             return None, {}
         fit_metrics: dict[str, dict[str, Any]] = {}
@@ -192,8 +177,11 @@ class RoundStrategy(Strategy):
                 )
             fit_metrics[site] = {k: v for k, v in res.metrics.items() if k != "site"}
             fit_metrics[site]["n-train"] = int(res.num_examples)
-            if "dp-epsilon-next" in res.metrics:
-                self.next_epsilon[site] = float(res.metrics["dp-epsilon-next"])
+            numbers = {k: v for k, v in res.metrics.items() if k.startswith("dp-") or k == "train-loss"}
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers.values()):
+                raise ProtocolError(f"round {r}: site {site}: expected numeric DP/loss metrics, got {numbers}")
+            if "dp-epsilon-next" in numbers:
+                self.next_epsilon[site] = float(numbers["dp-epsilon-next"])
         updates = [check_arrays(parameters_to_ndarrays(res.parameters), self.weights, what=f"round {r} update")
                    for _, res in results]
         if self.config.secagg is not None:
@@ -232,7 +220,7 @@ class RoundStrategy(Strategy):
         per_site: dict[str, Any] = {}
         pooled = np.zeros((k, 2, BINS), dtype=np.int64)
         for _, res in results:
-            site, aurocs, hist = _parse_evaluation(res, k)
+            site, aurocs, hist = parse_evaluation(res, k)
             if site not in self.config.sites or site in per_site:
                 raise ProtocolError(f"round {r}: evaluation from unexpected or repeated site {site!r}")
             per_site[site] = {"auroc": aurocs, "auroc_macro": macro_mean([a if a is not None else math.nan for a in aurocs]),
@@ -243,12 +231,12 @@ class RoundStrategy(Strategy):
             "round": r,
             **fit_info,
             "evaluation": per_site,
-            "evaluation_failures": [_failure_text(f) for f in failures],
+            "evaluation_failures": [failure_text(f) for f in failures],
             "pooled_auroc": [a if math.isfinite(a) else None for a in pooled_auroc],
             "pooled_auroc_macro": macro_mean(pooled_auroc),
             "seconds": time.monotonic() - self.round_started,
         }
-        metrics = json.loads(json.dumps(metrics, default=_json_default).replace("NaN", "null"))
+        metrics = json.loads(json.dumps(metrics, default=json_default).replace("NaN", "null"))
         self.run_dir.save_round(r, self.names, new_weights, metrics)
         self.weights, self.pending = new_weights, None
         if self.on_round is not None:
@@ -257,58 +245,6 @@ class RoundStrategy(Strategy):
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         return None
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return None
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _parse_evaluation(res: EvaluateRes, k: int) -> tuple[str, list[float | None], np.ndarray]:
-    """Check one site's evaluation metrics (types and sizes) before use."""
-    site, auroc_text, hist_bytes = res.metrics.get("site"), res.metrics.get("auroc"), res.metrics.get("hist")
-    if not isinstance(site, str) or not isinstance(auroc_text, str) or not isinstance(hist_bytes, bytes):
-        raise ProtocolError("evaluation result: expected str site, str auroc and bytes hist")
-    aurocs = json.loads(auroc_text)
-    if not isinstance(aurocs, list) or len(aurocs) != k or not all(
-        a is None or (isinstance(a, float) and 0.0 <= a <= 1.0) for a in aurocs
-    ):
-        raise ProtocolError(f"evaluation result from {site}: expected {k} AUROCs in [0, 1] or null")
-    if len(hist_bytes) != k * 2 * BINS * 8:
-        raise ProtocolError(
-            f"evaluation result from {site}: expected {k * 2 * BINS * 8} histogram bytes, got {len(hist_bytes)}"
-        )
-    hist = np.frombuffer(hist_bytes, dtype="<i8").reshape(k, 2, BINS)
-    if np.any(hist < 0):
-        raise ProtocolError(f"evaluation result from {site}: negative histogram counts")
-    return site, aurocs, hist
-
-
-class _DeadlineGrid:
-    """A Grid whose ``send_and_receive`` always has a deadline (Flower's default workflows
-    pass none and would wait forever for a vanished site) and which remembers site errors
-    and missing replies, so that a failed round can say why."""
-
-    def __init__(self, grid: Grid, timeout: float) -> None:
-        self._grid, self._timeout = grid, timeout
-        self.problems: list[str] = []
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        sent = list(messages)
-        deadline = self._timeout if timeout is None else timeout
-        replies = list(self._grid.send_and_receive(sent, timeout=deadline))
-        for reply in replies:
-            if reply.has_error():
-                self.problems.append(_failure_text(reply.error))
-        if len(replies) < len(sent):
-            self.problems.append(f"{len(sent) - len(replies)} of {len(sent)} sites did not answer within {deadline:g} s")
-        return replies
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
 
 
 def run_server(
@@ -359,7 +295,7 @@ def run_server(
             quantization_range=config.secagg.quantization_range,
             timeout=config.secagg.timeout,
         )
-    deadline_grid = _DeadlineGrid(grid, timeout)
+    deadline_grid = DeadlineGrid(grid, timeout)
     try:
         DefaultWorkflow(fit_workflow=fit_workflow)(deadline_grid, legacy)  # type: ignore[arg-type]
     except Exception as exc:
