@@ -98,6 +98,15 @@ def _borrow(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, bits: in
     return nodes[0][0]
 
 
+def _open_sign_mask(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, n: int, bits: int, drop: int) -> np.ndarray:
+    """Steps 3-4 up to the opening: e = [x >= 0] XOR c_hat, public, as 0/1 ring elements."""
+    assert corr.q is not None
+    e_mine = _borrow(p, label, c, corr, bits, drop) ^ corr.q
+    if p.is_data_owner:
+        e_mine ^= np.packbits((1 ^ ((c >> U64(bits)) & U64(1))).astype(np.uint8))
+    return np.unpackbits(e_mine ^ p.exchange(f"{label}/e", e_mine), count=n).astype(U64)
+
+
 def _open_masked(p: Party, label: str, x: np.ndarray, corr: NonlinearShares) -> np.ndarray:
     """Step 1: c = x + 2^62 + r, opened to both parties (one round, 8 bytes each way)."""
     mine = x.reshape(-1) + corr.r
@@ -135,12 +144,8 @@ def relu(p: Party, req: Request, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     corr = p.source.nonlinear(req)
     c = _open_masked(p, req.label, x, corr)
     t, public = _truncated(p, c, corr, spec.shift)
-    borrow = _borrow(p, req.label, c, corr, spec.bits, spec.drop)
-    assert corr.q is not None and corr.chat is not None and corr.chatR is not None
-    e_mine = borrow ^ corr.q
-    if p.is_data_owner:
-        e_mine ^= np.packbits((1 ^ ((c >> U64(spec.bits)) & U64(1))).astype(np.uint8))
-    e = np.unpackbits(e_mine ^ p.exchange(f"{req.label}/e", e_mine), count=spec.n).astype(U64)
+    e = _open_sign_mask(p, req.label, c, corr, spec.n, spec.bits, spec.drop)
+    assert corr.chat is not None and corr.chatR is not None
     flip = U64(1) - U64(2) * e  # 1 - 2e in the ring
     out = flip * public * corr.chat - (e * corr.R + flip * corr.chatR)
     if spec.shift:
@@ -159,12 +164,8 @@ def sign(p: Party, req: Request, x: np.ndarray) -> np.ndarray:
     assert spec is not None and spec.relu and spec.drop == 0
     corr = p.source.nonlinear(req)
     c = _open_masked(p, req.label, x, corr)
-    borrow = _borrow(p, req.label, c, corr, spec.bits, spec.drop)
-    assert corr.q is not None and corr.chat is not None
-    e_mine = borrow ^ corr.q
-    if p.is_data_owner:
-        e_mine ^= np.packbits((1 ^ ((c >> U64(spec.bits)) & U64(1))).astype(np.uint8))
-    e = np.unpackbits(e_mine ^ p.exchange(f"{req.label}/e", e_mine), count=spec.n).astype(U64)
+    e = _open_sign_mask(p, req.label, c, corr, spec.n, spec.bits, spec.drop)
+    assert corr.chat is not None
     b = (U64(1) - U64(2) * e) * corr.chat  # b = e + (1 - 2e) c_hat
     if p.is_data_owner:
         b = b + e
