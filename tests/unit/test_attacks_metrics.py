@@ -12,6 +12,7 @@ from privmed.attacks.metrics import (
     leakage_score,
     match_reconstructions,
     psnr,
+    residual_correlation,
     score_batch,
     ssim,
     ssim_matrix,
@@ -79,6 +80,17 @@ def test_leakage_score_is_relative_to_the_prior():
     )
     assert np.isnan(leakage_score(np.array([0.5]), np.array([0.0]))[0])
     assert np.isnan(leakage_score(np.array([0.5]), np.array([-0.1]))[0])
+
+
+def test_residual_correlation_against_numpy_corrcoef():
+    truth, noisy = _pair((3, 1, 16, 16), seed=8, data_range=1.0)
+    prior = truth.mean(axis=0)
+    ours = residual_correlation(noisy, truth, prior)
+    for i in range(3):
+        ref = np.corrcoef((noisy[i] - prior).ravel(), (truth[i] - prior).ravel())[0, 1]
+        assert ours[i] == pytest.approx(ref, abs=1e-12)
+    assert residual_correlation(truth, truth, prior) == pytest.approx(np.ones(3))
+    assert np.isnan(residual_correlation(prior[None], truth[:1], prior)[0])
 
 
 def test_score_batch_prior_itself_scores_zero_leakage():

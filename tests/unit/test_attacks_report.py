@@ -27,7 +27,8 @@ def _federate_report(path, *, dp: bool, auroc: float, sigma: float | None = None
 
 
 def _record(b: int, sigma: float, sites: int, leakage: float, grid: str) -> dict:
-    summary = {"mse": 0.01, "psnr": 20.0, "ssim": 0.5, "ssim_prior": 0.6, "leakage": leakage, "ssim_max": 0.6}
+    summary = {"mse": 0.01, "psnr": 20.0, "ssim": 0.5, "ssim_prior": 0.6, "leakage": leakage, "ssim_max": 0.6,
+               "residual_correlation": 0.25}
     return {
         "id": f"b{b}-sigma{sigma:g}-sites{sites}", "batch_size": b, "dp_sigma": sigma, "secagg_sites": sites,
         "n_images": b * sites, "epsilon_round": None if sigma == 0 else 10.7, "labels": "recovered",
@@ -76,7 +77,7 @@ def test_report_files_tables_and_self_contained_html(tmp_path):
     paths = write_report(tmp_path, federate)
     # Assert
     md = paths["md"].read_text()
-    assert "| 1 | 1 | 10.7 | 1 | 20.0 | 0.500 | 0.600 | -0.800 |" in md
+    assert "| 1 | 1 | 10.7 | 1 | 20.0 | 0.500 | 0.600 | -0.800 | 0.250 | 1.00 | 1 |" in md
     assert THREATS in md and "AUROC cost" in md and "0.200" in md
     html = paths["html"].read_text()
     assert "<img" in html and not re.search(r'src="(?!data:image/png;base64,)', html)

@@ -21,7 +21,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +173,7 @@ def attack_configuration(
                 "ssim": float(scores.ssim[j]),
                 "ssim_prior": float(scores.ssim_prior[j]),
                 "leakage": float(scores.leakage[j]),
+                "residual_correlation": float(scores.residual_correlation[j]),
             }
             for j in range(n_images)
         ],
@@ -194,8 +195,12 @@ def run_attack(
     out_dir: str | Path,
     on_config: Callable[[int, int, dict[str, Any]], None] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    configurations: Sequence[tuple[int, float, int]] | None = None,
 ) -> dict[str, Any]:
     """Attack every configuration of ``plan`` on the study at ``study_root``.
+
+    ``configurations`` (``(batch_size, dp_sigma, sites)`` triples) replaces the full grid
+    ``plan.configurations()``, e.g. to vary one factor at a time.
 
     Writes ``out_dir/attack.json`` (rewritten after each configuration) and
     ``out_dir/grids/attack_<id>.png``; returns the JSON body. ``on_config(done, total,
@@ -214,7 +219,7 @@ def run_attack(
         "configurations": [],
         "complete": False,
     }
-    configurations = plan.configurations()
+    configurations = list(configurations) if configurations is not None else plan.configurations()
     started = time.perf_counter()
     for done, (batch_size, dp_sigma, sites) in enumerate(configurations, start=1):
         log.info("attack %s", config_id(batch_size, dp_sigma, sites))

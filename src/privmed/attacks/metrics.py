@@ -123,6 +123,28 @@ def leakage_score(ssim_reconstruction: np.ndarray, ssim_prior: np.ndarray) -> np
         return np.where(prior > 0, (rec - prior) / prior, np.nan)
 
 
+def residual_correlation(
+    reconstruction: np.ndarray, image: np.ndarray, prior: np.ndarray
+) -> np.ndarray:
+    """Pearson correlation of ``reconstruction - prior`` with ``image - prior``, per image.
+
+    The patient-specific part of an image is what differs from the population mean
+    (findings, individual anatomy). This measures how much of *that* the attack recovered:
+    0 for the prior itself or for noise, 1 for a perfect reconstruction. It complements
+    the SSIM leakage score, whose baseline SSIM(prior, image) is high when images share
+    most of their structure (as chest radiographs do). NaN where either residual is flat.
+    """
+    rec, img = _as_batch(reconstruction, "reconstruction"), _as_batch(image, "image")
+    base = _as_batch(prior, "prior")[0]
+    a = (rec - base).reshape(rec.shape[0], -1)
+    b = (img - base).reshape(img.shape[0], -1)
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    denominator = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denominator > 0, (a * b).sum(axis=1) / denominator, np.nan)
+
+
 def match_reconstructions(
     reconstructions: np.ndarray, images: np.ndarray, data_range: float = 1.0
 ) -> np.ndarray:
@@ -144,6 +166,10 @@ def match_reconstructions(
     return order
 
 
+def _nanmean(values: np.ndarray) -> float:
+    return float(np.nanmean(values)) if np.any(np.isfinite(values)) else float("nan")
+
+
 @dataclass(frozen=True)
 class Scores:
     """Per-image scores of a matched reconstruction batch (arrays of shape ``(N,)``)."""
@@ -153,16 +179,18 @@ class Scores:
     ssim: np.ndarray
     ssim_prior: np.ndarray
     leakage: np.ndarray
+    residual_correlation: np.ndarray
 
     def summary(self) -> dict[str, float]:
-        """Means over the batch (NaN-aware for leakage; PSNR capped at 100 dB for inf)."""
+        """Means over the batch (NaN-aware for the ratios; PSNR capped at 100 dB for inf)."""
         return {
             "mse": float(np.mean(self.mse)),
             "psnr": float(np.mean(np.minimum(self.psnr, 100.0))),
             "ssim": float(np.mean(self.ssim)),
             "ssim_prior": float(np.mean(self.ssim_prior)),
-            "leakage": float(np.nanmean(self.leakage)) if np.any(np.isfinite(self.leakage)) else float("nan"),
+            "leakage": _nanmean(self.leakage),
             "ssim_max": float(np.max(self.ssim)),
+            "residual_correlation": _nanmean(self.residual_correlation),
         }
 
 
@@ -192,5 +220,6 @@ def score_batch(
         ssim=ssim_rec,
         ssim_prior=ssim_prior,
         leakage=leakage_score(ssim_rec, ssim_prior),
+        residual_correlation=residual_correlation(matched, img, prior_batch[0]),
     )
     return order, scores

@@ -140,13 +140,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def config_table(configs: Sequence[dict[str, Any]]) -> list[list[str]]:
     """Header row plus one row per configuration."""
-    rows = [["batch", "DP sigma", "epsilon (1 round)", "sites", "PSNR dB", "SSIM", "SSIM prior", "leakage", "label counts", "seconds"]]
+    rows = [["batch", "DP sigma", "epsilon (1 round)", "sites", "PSNR dB", "SSIM", "SSIM prior", "leakage", "residual corr.", "label counts", "seconds"]]
     for c in configs:
         s = c["summary"]
         rows.append([
             str(c["batch_size"]), f"{c['dp_sigma']:g}", _fmt(c["epsilon_round"], 1), str(c["secagg_sites"]),
             _fmt(s["psnr"], 1), _fmt(s["ssim"]), _fmt(s["ssim_prior"]), _fmt(s["leakage"]),
-            _fmt(c["label_count_accuracy"], 2), _fmt(c["seconds"], 0),
+            _fmt(s.get("residual_correlation")), _fmt(c["label_count_accuracy"], 2), _fmt(c["seconds"], 0),
         ])
     return rows
 
@@ -184,7 +184,9 @@ def _intro(body: dict[str, Any]) -> str:
         f"{inv['iterations']} iterations x {inv['restarts']} restarts, TV weight {inv['tv_weight']:g}, scales {inv['scales']}. "
         f"Prior: mean of {body['prior']['n_images']} held-out images. Leakage = (SSIM(rec) - SSIM(prior)) / SSIM(prior): "
         "0 means the update taught the attacker nothing beyond the mean image, negative means the "
-        "reconstruction is worse than that guess."
+        "reconstruction is worse than that guess. Residual corr. = correlation of (rec - prior) with "
+        "(image - prior): how much of what makes this patient differ from the mean was recovered "
+        "(0 = nothing, 1 = all)."
     )
 
 
