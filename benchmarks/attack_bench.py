@@ -47,6 +47,10 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--restarts", type=int, default=2)
+    parser.add_argument("--init", choices=("uniform", "prior"), default="uniform",
+                        help="uniform noise (Geiping et al.) or the mean image (an attacker who knows the anatomy)")
+    parser.add_argument("--prior-weight", type=float, default=0.0)
+    parser.add_argument("--norms", default="group,none", help="which small-cnn variants to attack")
     parser.add_argument("--federate-report", action="append", default=[])
     parser.add_argument("--figures", default=None, help="copy curves + base grid here as attack_*.png")
     args = parser.parse_args()
@@ -67,13 +71,17 @@ def main() -> int:
               file=sys.stderr, flush=True)
 
     lines = []
-    for norm, configurations in CONFIGURATIONS.items():
+    for norm in args.norms.split(","):
+        configurations = CONFIGURATIONS[norm]
         plan = AttackPlan(
             model="small-cnn",
             image_size=args.size,
             lr=0.05,
             norm=norm,
-            inversion=InversionConfig(iterations=args.iterations, restarts=args.restarts, tv_weight=0.1),
+            inversion=InversionConfig(
+                iterations=args.iterations, restarts=args.restarts, tv_weight=0.1,
+                init=args.init, prior_weight=args.prior_weight,
+            ),
         )
         attack_dir = out / f"attack-{norm}"
         part = time.perf_counter()
@@ -98,6 +106,7 @@ def main() -> int:
         f"small-cnn at initialisation, {args.size}x{args.size} synthetic chest phantoms "
         f"(3 sites x {args.per_site}), 1 local SGD step (lr 0.05), clipping norm 1, labels recovered "
         f"from the update; inversion {args.iterations} iterations x {args.restarts} restarts, TV 0.1, "
+        f"init {args.init}, prior weight {args.prior_weight:g}, "
         f"scales 4,2,1; torch threads 1; total {time.perf_counter() - started:.0f} s"
     )
     (out / "bench.md").write_text(header + "\n\n" + "\n".join(lines))

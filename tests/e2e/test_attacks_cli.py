@@ -58,7 +58,10 @@ def test_invert_grid_writes_scores_grids_and_report(study: Path, tmp_path: Path)
         assert config["n_images"] == config["batch_size"] * config["secagg_sites"] == len(config["images"])
         assert (config["epsilon_round"] is None) == (config["dp_sigma"] == 0)
         assert 0.0 <= config["label_count_accuracy"] <= 1.0
-        assert set(config["summary"]) >= {"mse", "psnr", "ssim", "ssim_prior", "leakage"}
+        assert set(config["summary"]) >= {"mse", "psnr", "ssim", "ssim_prior", "leakage", "residual_correlation_site_mean"}
+        # one image per site and no DP: its head input is read exactly off the update
+        if config["batch_size"] == 1 and config["secagg_sites"] == 1 and config["dp_sigma"] == 0:
+            assert config["head_input_error"] < 1e-4
         assert (out / config["grid"]).is_file()
         # three sites -> images from three different sites
         assert len({image["site"] for image in config["images"]}) == config["secagg_sites"]
@@ -83,3 +86,35 @@ def test_bad_requests_fail_with_one_line(study: Path, tmp_path: Path):
                    "--out", str(tmp_path / "c"))
     last = missing.stderr.strip().splitlines()[-1]
     assert missing.returncode == 2 and last.startswith("privmed: error:") and "nothing" in last
+
+
+def test_report_renders_in_headless_chromium(study: Path, tmp_path: Path):
+    import shutil
+
+    import numpy as np
+
+    chromium = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if chromium is None:
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    from PIL import Image
+
+    out = tmp_path / "attack"
+    result = _run(
+        "attack", "invert", "--model", "small-cnn", "--features", "8,16", "--image-size", "16",
+        "--data", str(study), "--batch-size", "1", "--dp-sigma", "0,1", "--iterations", "20",
+        "--restarts", "1", "--scales", "1", "--out", str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    shot = tmp_path / "report.png"
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2400",
+           (out / "report.html").resolve().as_uri()]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, timeout=90)
+    assert proc.returncode == 0 and shot.is_file(), proc.stderr.decode(errors="replace")[-2000:]
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    # Text drawn: dark pixels; embedded curves decoded: matplotlib's first colour #1f77b4
+    # occurs only inside the base64 PNGs, never in the page's CSS.
+    assert np.all(img < 80, axis=-1).mean() > 0.002, "no text rendered"
+    blue = np.all(np.abs(img - np.array([31, 119, 180])) < 40, axis=-1).sum()
+    assert blue > 100, "embedded curves not rendered"

@@ -77,7 +77,7 @@ def test_report_files_tables_and_self_contained_html(tmp_path):
     paths = write_report(tmp_path, federate)
     # Assert
     md = paths["md"].read_text()
-    assert "| 1 | 1 | 10.7 | 1 | 20.0 | 0.500 | 0.600 | -0.800 | 0.250 | 1.00 | 1 |" in md
+    assert "| 1 | 1 | 10.7 | 1 | 20.0 | 0.500 | 0.600 | -0.800 | 0.250 | n/a | 1.00 | n/a | 1 |" in md
     assert THREATS in md and "AUROC cost" in md and "0.200" in md
     html = paths["html"].read_text()
     assert "<img" in html and not re.search(r'src="(?!data:image/png;base64,)', html)

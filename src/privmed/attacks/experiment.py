@@ -7,7 +7,8 @@ For each configuration ``attack_configuration``:
    ``client_update``, DP-SGD when ``dp_sigma > 0``) and, for several sites, the FedAvg
    aggregate that secure aggregation reveals;
 3. recovers label counts from the head-bias update (``labels``), unless the plan gives the
-   attacker the true labels;
+   attacker the true labels, and reads the head's input (the image's penultimate features)
+   analytically off the head update, scored as ``head_input_error``;
 4. inverts the update (``invert``), matches reconstructions to images and scores them
    (``metrics``), and writes the ground truth | reconstruction grid (``grid``).
 
@@ -32,8 +33,14 @@ from torch import nn
 
 from privmed.attacks.grid import write_pair_grid
 from privmed.attacks.invert import InversionConfig, invert_update
-from privmed.attacks.labels import assign_labels, label_count_accuracy, recover_label_counts
-from privmed.attacks.metrics import score_batch
+from privmed.attacks.labels import (
+    assign_labels,
+    head_input,
+    label_count_accuracy,
+    recover_head_input,
+    recover_label_counts,
+)
+from privmed.attacks.metrics import nan_mean, residual_correlation, score_batch
 from privmed.attacks.targets import StudyImages, display, load_study_images, pick_batches
 from privmed.attacks.updates import SiteProtocol, aggregate_updates, site_update
 from privmed.errors import InputError
@@ -137,6 +144,9 @@ def attack_configuration(
     n_images = truth_x.shape[0]
     prior_t = torch.from_numpy(study.prior.image)
     estimate = recover_label_counts(model, observed, protocol, n_images, len(study.labels), prior_t)
+    features = head_input(model, torch.from_numpy(truth_x), len(study.labels))
+    recovered = recover_head_input(model, observed, len(study.labels))
+    feature_error = ((features - recovered).norm(dim=1) / features.norm(dim=1).clamp_min(1e-12)).min()
     draw: Callable[[np.random.Generator], np.ndarray]
     if plan.known_labels:
         draw = lambda rng: truth_y.astype(np.float32)  # noqa: E731
@@ -153,6 +163,7 @@ def attack_configuration(
     cid = config_id(batch_size, dp_sigma, sites)
     grid = write_pair_grid(out_dir / "grids" / f"attack_{cid}.png", truth01, rec01[order])
     site_of = [site for site in study.sites[:sites] for _ in range(batch_size)]
+    site_baseline = _site_mean_correlation(study, site_of, truth01)
     return {
         "id": cid,
         "batch_size": batch_size,
@@ -162,9 +173,12 @@ def attack_configuration(
         "epsilon_round": round_epsilon(dp_sigma, plan.local_steps),
         "labels": "known" if plan.known_labels else "recovered",
         "label_count_accuracy": label_count_accuracy(estimate, truth_y),
+        # relative L2 error of the head input read analytically off the update, against the
+        # closest attacked image's (labels.recover_head_input): ~0 means recovered exactly
+        "head_input_error": float(feature_error),
         "objective": inversion.objective,
         "restart_objectives": inversion.restart_objectives,
-        "summary": scores.summary(),
+        "summary": {**scores.summary(), "residual_correlation_site_mean": nan_mean(site_baseline)},
         "images": [
             {
                 "site": site_of[j],
@@ -174,12 +188,29 @@ def attack_configuration(
                 "ssim_prior": float(scores.ssim_prior[j]),
                 "leakage": float(scores.leakage[j]),
                 "residual_correlation": float(scores.residual_correlation[j]),
+                "residual_correlation_site_mean": float(site_baseline[j]),
             }
             for j in range(n_images)
         ],
         "grid": str(grid.relative_to(out_dir)),
         "seconds": time.perf_counter() - started,
     }
+
+
+def _site_mean_correlation(study: StudyImages, site_of: Sequence[str], truth01: np.ndarray) -> np.ndarray:
+    """Residual correlation a *guess* gets: the image's own site's held-out mean image.
+
+    A server that knows which site sent an update, and what that site's scanner makes
+    images look like, gets this much of the patient's "difference from the mean" for free;
+    a reconstruction leaks patient-specific detail only beyond it. NaN without a site mean.
+    """
+    prior01 = display(study.prior.image, study.prior)
+    out = np.full(len(site_of), np.nan)
+    for j, site in enumerate(site_of):
+        if site in study.site_priors:
+            guess = display(study.site_priors[site], study.prior)[None]
+            out[j] = residual_correlation(guess, truth01[j : j + 1], prior01)[0]
+    return out
 
 
 def plan_dict(plan: AttackPlan) -> dict[str, Any]:

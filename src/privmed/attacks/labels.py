@@ -102,3 +102,37 @@ def label_count_accuracy(estimate: LabelEstimate, true_labels: np.ndarray) -> fl
     if truth.shape != estimate.counts.shape:
         raise InputError(f"labels: expected {estimate.counts.shape} findings, got {truth.shape}")
     return float(np.mean(truth == estimate.counts))
+
+
+def head_input(model: nn.Module, images: torch.Tensor, num_outputs: int) -> torch.Tensor:
+    """What enters the head (the last ``nn.Linear`` with ``num_outputs`` outputs): ``(N, D)``.
+
+    Computed in train mode, as the site does, on a copy (BatchNorm statistics stay untouched).
+    """
+    probe = copy.deepcopy(model).train()
+    name = head_bias_name(probe, num_outputs).rsplit(".", 1)[0]
+    head = probe.get_submodule(name) if name != "bias" else probe
+    seen: list[torch.Tensor] = []
+    head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
+    with torch.no_grad():
+        probe(images)
+    return seen[0].flatten(1)
+
+
+def recover_head_input(model: nn.Module, update: list[torch.Tensor], num_outputs: int) -> torch.Tensor:
+    """The head's input, read off the head's own update (analytic, no optimisation).
+
+    For a linear layer ``z = W h + b`` and any loss, the gradient is ``dW = sum_i d_i h_i^T``
+    and ``db = sum_i d_i``. With one image, row ``k`` of ``dW`` is ``d_k h`` and ``db_k = d_k``,
+    so ``h = dW[k] / db[k]`` exactly (Phong et al. 2017; Geiping et al. 2020, section 4);
+    one SGD step scales both by ``-lr`` and the ratio is unchanged. The finding ``k`` with the
+    largest ``|db_k|`` is used. With several images the ratio is a ``d``-weighted mixture of
+    their inputs; DP noise on ``dW`` and ``db`` corrupts it. Returns ``(D,)``.
+    """
+    names = trainable_names(model)
+    bias_name = head_bias_name(model, num_outputs)
+    weight_name = bias_name[: -len("bias")] + "weight"
+    bias = update[names.index(bias_name)].detach().double()
+    weight = update[names.index(weight_name)].detach().double()
+    k = int(bias.abs().argmax())
+    return (weight[k] / bias[k]).float()

@@ -166,7 +166,8 @@ def match_reconstructions(
     return order
 
 
-def _nanmean(values: np.ndarray) -> float:
+def nan_mean(values: np.ndarray) -> float:
+    """Mean over the finite entries; NaN when there are none."""
     return float(np.nanmean(values)) if np.any(np.isfinite(values)) else float("nan")
 
 
@@ -188,9 +189,9 @@ class Scores:
             "psnr": float(np.mean(np.minimum(self.psnr, 100.0))),
             "ssim": float(np.mean(self.ssim)),
             "ssim_prior": float(np.mean(self.ssim_prior)),
-            "leakage": _nanmean(self.leakage),
+            "leakage": nan_mean(self.leakage),
             "ssim_max": float(np.max(self.ssim)),
-            "residual_correlation": _nanmean(self.residual_correlation),
+            "residual_correlation": nan_mean(self.residual_correlation),
         }
 
 

@@ -138,15 +138,24 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _fmt_error(value: Any) -> str:
+    """Relative errors span 1e-7 (exact recovery) to ~1 (nothing): two significant digits."""
+    if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        return "n/a"
+    return f"{float(value):.1e}" if value < 0.01 else f"{float(value):.2f}"
+
+
 def config_table(configs: Sequence[dict[str, Any]]) -> list[list[str]]:
     """Header row plus one row per configuration."""
-    rows = [["batch", "DP sigma", "epsilon (1 round)", "sites", "PSNR dB", "SSIM", "SSIM prior", "leakage", "residual corr.", "label counts", "seconds"]]
+    rows = [["batch", "DP sigma", "epsilon (1 round)", "sites", "PSNR dB", "SSIM", "SSIM prior", "leakage", "residual corr.", "site-mean corr.", "label counts", "features err.", "seconds"]]
     for c in configs:
         s = c["summary"]
         rows.append([
             str(c["batch_size"]), f"{c['dp_sigma']:g}", _fmt(c["epsilon_round"], 1), str(c["secagg_sites"]),
             _fmt(s["psnr"], 1), _fmt(s["ssim"]), _fmt(s["ssim_prior"]), _fmt(s["leakage"]),
-            _fmt(s.get("residual_correlation")), _fmt(c["label_count_accuracy"], 2), _fmt(c["seconds"], 0),
+            _fmt(s.get("residual_correlation")), _fmt(s.get("residual_correlation_site_mean")),
+            _fmt(c["label_count_accuracy"], 2),
+            _fmt_error(c.get("head_input_error")), _fmt(c["seconds"], 0),
         ])
     return rows
 
@@ -181,12 +190,17 @@ def _intro(body: dict[str, Any]) -> str:
         f"Model {plan['model']} (norm {plan['norm']}, {plan['image_size']}x{plan['image_size']}), "
         f"{plan['local_steps']} local step(s) of SGD at lr {plan['lr']:g}, DP clipping norm {plan['clip_norm']:g}; "
         f"labels {'given to the attacker' if plan['known_labels'] else 'recovered from the update'}; inversion: "
-        f"{inv['iterations']} iterations x {inv['restarts']} restarts, TV weight {inv['tv_weight']:g}, scales {inv['scales']}. "
+        f"{inv['iterations']} iterations x {inv['restarts']} restarts, TV weight {inv['tv_weight']:g}, scales {inv['scales']}"
+        f", init {inv.get('init', 'uniform')}, prior weight {inv.get('prior_weight', 0):g}. "
         f"Prior: mean of {body['prior']['n_images']} held-out images. Leakage = (SSIM(rec) - SSIM(prior)) / SSIM(prior): "
         "0 means the update taught the attacker nothing beyond the mean image, negative means the "
         "reconstruction is worse than that guess. Residual corr. = correlation of (rec - prior) with "
         "(image - prior): how much of what makes this patient differ from the mean was recovered "
-        "(0 = nothing, 1 = all)."
+        "(0 = nothing, 1 = all); site-mean corr. = the same for the attacked site's own mean "
+        "image, a guess that needs no update: only residual correlation above it is "
+        "patient-specific. Features err. = relative L2 error of the image's penultimate "
+        "features (the head's input) read directly off the head's update, without optimisation, "
+        "against the closest attacked image: near 0 means the server has that feature vector exactly."
     )
 
 

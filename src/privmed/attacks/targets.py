@@ -7,13 +7,14 @@ per-image z-score that ``privmed federate`` trains on, and the same hash-based s
   unknown labels; the attack's label recovery assumes known ones).
 - Prior: the *held-out test* images of all sites. They never enter an update, so their mean
   image is a fair "what an attacker knows without the update" (issue 7: the prior is the
-  mean image). Their pixel range also sets the fixed map from model-input units to the
+  mean image). Each site's own held-out mean (``site_priors``) is the stronger baseline of
+  a server that knows which site sent the update and what that site's images look like. Their pixel range also sets the fixed map from model-input units to the
   ``[0, 1]`` scale on which images are scored and drawn (``display``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ class StudyImages:
     train_y: dict[str, np.ndarray]
     prior: ImagePrior
     n_prior: int
+    site_priors: dict[str, np.ndarray] = field(default_factory=dict)  # (C, H, W) per site
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -60,6 +62,11 @@ def load_study_images(root: str | Path, image_size: int) -> StudyImages:
         train_y=train_y,
         prior=ImagePrior.from_images(np.concatenate(held_out)),
         n_prior=int(sum(x.shape[0] for x in held_out)),
+        site_priors={
+            site: x.mean(axis=0).astype(np.float32)
+            for site, x in zip(summary.sites, held_out, strict=True)
+            if x.shape[0] > 0
+        },
     )
 
 
