@@ -67,7 +67,8 @@ def main() -> int:
         s = record["summary"]
         print(f"[{done}/{total}] {record['id']}: PSNR {s['psnr']:.1f} SSIM {s['ssim']:.3f} "
               f"(prior {s['ssim_prior']:.3f}) leakage {s['leakage']:+.3f} "
-              f"residual corr {s['residual_correlation']:.3f} {record['seconds']:.0f} s",
+              f"residual corr {s['residual_correlation']:.3f} (site mean {s['residual_correlation_site_mean']:.3f}) "
+              f"features err {record['head_input_error']:.2g} {record['seconds']:.0f} s",
               file=sys.stderr, flush=True)
 
     lines = []

@@ -139,7 +139,9 @@ def run_invert(args: argparse.Namespace) -> int:
         print(
             f"[{done}/{total}] batch {record['batch_size']} sigma {record['dp_sigma']:g}{eps} sites {record['secagg_sites']}: "
             f"PSNR {s['psnr']:.1f} dB  SSIM {s['ssim']:.3f} (prior {s['ssim_prior']:.3f})  leakage {s['leakage']:+.3f}  "
-            f"labels {record['label_count_accuracy']:.2f}  {record['seconds']:.0f} s",
+            f"residual corr {s['residual_correlation']:.2f} (site mean {s['residual_correlation_site_mean']:.2f})  "
+            f"labels {record['label_count_accuracy']:.2f}  features err {record['head_input_error']:.2g}  "
+            f"{record['seconds']:.0f} s",
             file=sys.stderr,
             flush=True,
         )
