@@ -70,11 +70,18 @@ def run_local_session(
     frac_bits: int | None = None,
     input_shape: list[int] | None = None,
     chunk: int | None = None,
+    stall_s: float | None = None,
 ) -> SessionResult:
     """Run one secure-inference session of ``model_path`` on ``inputs`` (N, ...) float32.
 
     With ``chunk`` the N inputs stream through the session in batches of that size (memory
     stays bounded by one batch; the masked weights are sent once for the whole session).
+
+    Every receive of every role has its own deadline (``timeout_s``). On top, the launcher
+    stops the session when the data owner reports no progress (one line per layer) for
+    ``stall_s`` seconds (default ``20 * timeout_s``), e.g. a role stuck without waiting on a
+    receive. It is a watchdog on progress, not a limit on the session's length: a volume of
+    hundreds of slices may run for hours.
     """
     x = np.ascontiguousarray(inputs, dtype=np.float32) if isinstance(inputs, np.ndarray) and inputs.dtype.kind == "f" else inputs
     check_input(Path(model_path), x, input_shape)
@@ -110,7 +117,7 @@ def run_local_session(
             for role in ("dealer", "model-owner", "data-owner")
         }
         try:
-            _follow(procs, progress, deadline=time.monotonic() + timeout_s * 20)
+            _follow(procs, progress, stall_s=stall_s if stall_s is not None else timeout_s * 20)
         finally:
             for p in procs.values():
                 if p.poll() is None:
@@ -130,8 +137,9 @@ def run_local_session(
     return SessionResult(out, merge_stats(stats, wall))
 
 
-def _follow(procs: dict[str, subprocess.Popen], progress: Callable[[dict[str, Any]], None] | None, deadline: float) -> None:
-    """Relay the data owner's progress; stop everyone as soon as one role fails."""
+def _follow(procs: dict[str, subprocess.Popen], progress: Callable[[dict[str, Any]], None] | None, stall_s: float) -> None:
+    """Relay the data owner's progress; stop everyone as soon as one role fails, or when the
+    data owner has reported nothing for ``stall_s`` seconds."""
     import selectors
 
     sel = selectors.DefaultSelector()
@@ -139,9 +147,10 @@ def _follow(procs: dict[str, subprocess.Popen], progress: Callable[[dict[str, An
     assert do.stdout is not None
     sel.register(do.stdout, selectors.EVENT_READ)
     buf = b""
+    last_news = time.monotonic()
     while True:
-        if time.monotonic() > deadline:
-            raise PeerError("the session did not finish in time")
+        if time.monotonic() - last_news > stall_s:
+            raise PeerError(f"the session made no progress for {stall_s:.0f} s (no layer finished); stopped")
         failed = [r for r, p in procs.items() if p.poll() not in (None, 0)]
         if failed:
             time.sleep(0.5)  # let the others record their view of the failure
@@ -158,6 +167,8 @@ def _follow(procs: dict[str, subprocess.Popen], progress: Callable[[dict[str, An
             return
         for _key, _ in sel.select(timeout=0.2):
             chunk = os.read(do.stdout.fileno(), 65536)
+            if chunk:
+                last_news = time.monotonic()
             buf += chunk
             *lines, buf = buf.split(b"\n")
             for line in lines:
