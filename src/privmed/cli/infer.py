@@ -17,8 +17,12 @@ from privmed.errors import InputError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="secure inference: three parties on this machine over mutual TLS")
     p.add_argument("--model", required=True, type=Path, help="ONNX model (the model owner's secret)")
-    p.add_argument("--input", required=True, type=Path, help=".npy (N, C, H, W) or an image file (DICOM, PNG, NIfTI)")
-    p.add_argument("--output", required=True, type=Path, help="where the data owner writes the output (.npy float32)")
+    p.add_argument("--input", required=True, type=Path, nargs="+",
+                   help=".npy (N, C, H, W), image files (DICOM, PNG, NIfTI) or folders of them (read recursively, sorted)")
+    p.add_argument("--output", required=True, type=Path,
+                   help="where the data owner writes the output: .npy (float32, one row per input) or .csv "
+                        "(one row per image file, one column per model output, named from the model's labels)")
+    p.add_argument("--chunk", type=int, default=1, help="images per batch; all batches share one session (default 1)")
     p.add_argument("--stats", type=Path, help="write time/bytes/rounds/memory per role and per layer (JSON)")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline of each receive, seconds (default 120)")
     p.add_argument("--calibration", type=Path, help="model owner's calibration input (.npy) for the fixed-point scale")
@@ -33,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--calibration", type=Path, help="model owner: calibration input (.npy)")
     q.add_argument("--frac-bits", type=int)
     q.add_argument("--input-shape", help="model owner: per-sample input shape C,H,W if the model's is symbolic")
-    q.add_argument("--input", type=Path, help="data owner: the input (.npy or image)")
+    q.add_argument("--input", type=Path, nargs="+", help="data owner: the input (.npy, images or folders of images)")
     q.add_argument("--preprocess", type=Path)
     q.add_argument("--output", type=Path, help="data owner: output .npy")
     q.add_argument("--chunk", type=int, help="data owner: run the input N in batches of this size, one session")
@@ -74,6 +78,87 @@ def load_input(path: Path, model: Path | None, preprocess: Path | None) -> np.nd
     return np.asarray(load_for_model(path, pre), dtype=np.float32)
 
 
+def input_files(paths: list[Path]) -> list[Path]:
+    """Files named on the command line, with every folder replaced by its image files.
+
+    A folder contributes every file below it (recursively, hidden files excluded, sorted by
+    path) that ``privmed.data.readers`` recognises: by suffix, or DICOM by its DICM marker.
+    """
+    from privmed.data.readers import IMAGE_SUFFIXES, image_kind
+
+    files: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            files.append(path)
+            continue
+        found = sorted(
+            f for f in path.rglob("*")
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
+            and image_kind(f) is not None
+        )  # fmt: skip
+        if not found:
+            raise InputError(f"{path}: no image files in this folder (expected {', '.join(IMAGE_SUFFIXES)} or DICOM)")
+        files.extend(found)
+    return files
+
+
+def load_inputs(paths: list[Path], model: Path | None, preprocess: Path | None) -> tuple[np.ndarray, list[Path]]:
+    """All inputs as one float32 batch (N, ...), and the file behind each row.
+
+    Every file is read before anything runs; if any cannot be read, the error names each one
+    (up to 5) and nothing is run.
+    """
+    files = input_files(paths)
+    arrays, rows, errors = [], [], []
+    for f in files:
+        try:
+            x = load_input(f, model, preprocess)
+        except InputError as exc:
+            errors.append(str(exc))
+            continue
+        if model is not None:
+            x = _batch(x, model)
+        arrays.append(x)
+        rows.extend([f] * x.shape[0])
+    if errors:
+        more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
+        raise InputError(f"{len(errors)} of {len(files)} inputs cannot be read, nothing was run: " + "; ".join(errors[:5]) + more)
+    shapes = sorted({tuple(a.shape[1:]) for a in arrays})
+    if len(shapes) > 1:
+        raise InputError(f"inputs have different shapes after preprocessing: {shapes}; give one model input size")
+    return np.concatenate(arrays), rows
+
+
+def write_outputs(path: Path, outputs: np.ndarray, rows: list[Path], model: Path) -> list[Path]:
+    """Write ``outputs`` as .npy (plus PATH.inputs.txt naming each row's file) or .csv."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".csv" and outputs.ndim == 2:
+        import csv
+
+        from privmed.evaluate.study import model_labels
+
+        labels = model_labels(model)
+        names = labels if labels and len(labels) == outputs.shape[1] else [f"output_{k}" for k in range(outputs.shape[1])]
+        with path.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["input", *names])
+            for f, row in zip(rows, outputs, strict=True):
+                writer.writerow([str(f), *(f"{v:.6g}" for v in row)])
+        return [path]
+    target = path if path.suffix.lower() == ".npy" else path.with_suffix(".npy")
+    np.save(target, outputs.astype(np.float32))
+    written = [target]
+    if len(set(rows)) > 1:
+        written.append(target.with_suffix(".inputs.txt"))
+        written[-1].write_text("".join(f"{f}\n" for f in rows))
+    if target != path:
+        raise InputError(
+            f"{path}: .csv needs one row per image (outputs of shape (N, K)); the outputs have shape "
+            f"{tuple(outputs.shape)} and were written to {', '.join(map(str, written))} instead"
+        )
+    return written
+
+
 def _batch(x: np.ndarray, model: Path) -> np.ndarray:
     from privmed.compiler import onnx_front
 
@@ -87,15 +172,21 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from privmed.cli.progress import LayerProgress, summary_table
     from privmed.runtime.launch import run_local_session
 
-    x = _batch(load_input(args.input, args.model, args.preprocess), args.model)
+    if args.output.suffix.lower() not in (".npy", ".csv"):
+        raise InputError(f"{args.output}: --output must end in .npy or .csv")
+    if args.chunk < 1:
+        raise InputError(f"--chunk: expected at least 1, got {args.chunk}")
+    x, rows = load_inputs(args.input, args.model, args.preprocess)
+    if len(set(rows)) > 1:
+        print(f"{len(rows)} inputs from {len(set(rows))} files, batches of {args.chunk}, one session", file=sys.stderr)
     result = run_local_session(
-        args.model, x, timeout_s=args.timeout, progress=LayerProgress(), calibration=args.calibration, frac_bits=args.frac_bits
-    )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.output, result.outputs.astype(np.float32))
+        args.model, x, timeout_s=args.timeout, progress=LayerProgress(), calibration=args.calibration,
+        frac_bits=args.frac_bits, chunk=args.chunk if x.shape[0] > 1 else None,
+    )  # fmt: skip
     if args.stats:
         args.stats.write_text(json.dumps(result.stats, indent=1))
-    print(f"output {tuple(result.outputs.shape)} written to {args.output} (known to the data owner only)")
+    written = write_outputs(args.output, result.outputs, rows, args.model)
+    print(f"output {tuple(result.outputs.shape)} written to {', '.join(map(str, written))} (known to the data owner only)")
     print(summary_table(result.stats))
     return 0
 
@@ -121,7 +212,7 @@ def cmd_party(args: argparse.Namespace) -> int:
     if args.role == "data-owner":
         if not args.input or not args.output:
             raise InputError("the data owner needs --input and --output")
-        kwargs["x"] = load_input(args.input, None, args.preprocess)
+        kwargs["x"], _ = load_inputs(args.input, None, args.preprocess)
         kwargs["chunk"] = args.chunk
         if args.progress_jsonl:
             def emit(done: int, total: int, node: Any, batch: int = 0, batches: int | None = None) -> None:
