@@ -53,6 +53,11 @@ def test_simulate_3_sites_2_rounds_secagg_dp(study, tmp_path):
     assert sorted(report["baselines"]["local_only"]["sites"]) == sites
     assert (out / "report.md").read_text().startswith("# Federated run")
     assert "<table>" in (out / "report.html").read_text()
+    # the self-contained page (tables + embedded AUROC/epsilon curves) as a browser draws it
+    from .browser import assert_text_and_plots, screenshot
+
+    assert (out / "curves.png").is_file()
+    assert_text_and_plots(screenshot(out / "report.html", tmp_path))
 
     # the exported model = the last checkpoint + sigmoid (oracle: torch on the same weights)
     import onnxruntime as ort

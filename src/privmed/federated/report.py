@@ -17,8 +17,10 @@ report a half-written round. ``report.json`` (format ``privmed-federated-report`
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import html
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from privmed.federated.config import FederatedConfig
 __all__ = ["build_report", "privacy_line", "round_line", "write_report"]
 
 FORMAT = "privmed-federated-report"
+CURVES = "curves.png"
 _DP_KEYS = ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "steps")
 
 
@@ -146,6 +149,8 @@ def _markdown(report: dict[str, Any]) -> str:
             f"| {r['round']} | {_fmt(r['pooled_auroc_macro'])} | "
             + " | ".join(_fmt(r["sites"].get(s, {}).get("auroc_macro")) for s in sites) + " |"
         )
+    if report["rounds"]:
+        lines += ["", f"![AUROC and privacy spent per round]({CURVES})"]
     if report["privacy"]:
         lines += ["", "## Privacy spent (per site, whole run)", ""]
         lines += [f"- {privacy_line(s, p)} (budget {p['budget']:g})" for s, p in sorted(report["privacy"].items())]
@@ -164,8 +169,46 @@ def _markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _html(markdown: str) -> str:
-    """Self-contained HTML rendering of the Markdown report (tables, lists, headings)."""
+def plot_rounds(report: dict[str, Any]) -> bytes:
+    """PNG: AUROC per round (pooled, per site, baselines) and, with DP, epsilon spent per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = report["rounds"]
+    dp = any(r.get("privacy") for r in rounds)
+    fig, axes = plt.subplots(1, 2 if dp else 1, figsize=(11 if dp else 6, 3.8), squeeze=False, constrained_layout=True)
+    ax = axes[0, 0]
+    xs = [r["round"] for r in rounds]
+    ax.plot(xs, [r["pooled_auroc_macro"] for r in rounds], marker="o", linewidth=2, label="pooled")
+    for site in sorted({s for r in rounds for s in r["sites"]}):
+        ax.plot(xs, [r["sites"].get(site, {}).get("auroc_macro") for r in rounds], linewidth=1, alpha=0.6, label=site)
+    for (name, b), style in zip((report.get("baselines") or {}).items(), ("--", ":"), strict=False):
+        if b.get("pooled_auroc_macro") is not None:
+            ax.axhline(b["pooled_auroc_macro"], color="grey", linestyle=style, label=f"{name.replace('_', '-')} baseline")
+    ax.set_xlabel("round")
+    ax.set_ylabel("AUROC (macro over findings)")
+    ax.legend(fontsize=7)
+    if dp:
+        ax = axes[0, 1]
+        budget = (report.get("privacy") or {})
+        for site in sorted({s for r in rounds for s in (r.get("privacy") or {})}):
+            ax.plot(xs, [(r.get("privacy") or {}).get(site, {}).get("epsilon") for r in rounds], marker=".", label=site)
+        for value in sorted({p["budget"] for p in budget.values() if p.get("budget") is not None}):
+            ax.axhline(value, color="red", linestyle="--", label=f"budget {value:g}")
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"epsilon spent (delta {report['config'].get('dp-delta', 'n/a')})")
+        ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _html(markdown: str, images: dict[str, bytes] | None = None) -> str:
+    """Self-contained HTML rendering of the Markdown report (tables, lists, headings, and
+    ``![alt](name)`` lines whose ``name`` is in ``images``, embedded as base64 PNG)."""
     body, in_table = [], False
     for line in markdown.splitlines():
         if line.startswith("|"):
@@ -182,7 +225,12 @@ def _html(markdown: str) -> str:
             body.append("</table>")
             in_table = False
         text = html.escape(line).replace("**", "")
-        if line.startswith("# "):
+        if line.startswith("![") and line.endswith(")") and "](" in line:
+            alt, name = line[2:-1].split("](", 1)
+            if images and name in images:
+                data = base64.b64encode(images[name]).decode("ascii")
+                body.append(f"<p><img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'></p>")
+        elif line.startswith("# "):
             body.append(f"<h1>{text[2:]}</h1>")
         elif line.startswith("## "):
             body.append(f"<h2>{text[3:]}</h2>")
@@ -193,17 +241,22 @@ def _html(markdown: str) -> str:
     if in_table:
         body.append("</table>")
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #999;padding:2px 8px;text-align:right}")
+             "td,th{border:1px solid #999;padding:2px 8px;text-align:right}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>privmed federated report</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
 
 def write_report(run_dir: RunDir, report: dict[str, Any]) -> dict[str, Path]:
-    """Write report.json, report.md and report.html atomically; return their paths."""
+    """Write report.json, report.md, curves.png and report.html atomically; return their paths."""
     paths = {"json": run_dir.root / "report.json", "md": run_dir.root / "report.md",
              "html": run_dir.root / "report.html"}
     markdown = _markdown(report)
+    images = {}
+    if report["rounds"]:
+        images[CURVES] = plot_rounds(report)
+        paths["curves"] = run_dir.root / CURVES
+        atomic_write_bytes(paths["curves"], images[CURVES])
     atomic_write_json(paths["json"], report)
     atomic_write_bytes(paths["md"], markdown.encode("utf-8"))
-    atomic_write_bytes(paths["html"], _html(markdown).encode("utf-8"))
+    atomic_write_bytes(paths["html"], _html(markdown, images).encode("utf-8"))
     return paths
