@@ -8,10 +8,11 @@ summary, writes benchmarks/results/validate_study.json (the numbers quoted in
 docs/validate.md) and, if chromium is installed, a screenshot of the report to
 docs/img/validate_report.png.
 
-    python benchmarks/validate_study.py [--sites 3] [--per-site 100] [--workers 2]
+    python benchmarks/validate_study.py [--sites 3] [--per-site 100] [--workers 2] [--per-session 16]
 
-Rerunning resumes the stored study and retries failed images (delete the --work folder,
-/tmp/privmed_validate_study by default, to start over).
+Results go to WORK/results_k<per-session>, so runs with different session sizes are kept
+apart. Rerunning resumes the stored study and retries failed images (delete that folder, or
+the --work folder, /tmp/privmed_validate_study by default, to start over).
 """
 
 from __future__ import annotations
@@ -99,6 +100,9 @@ def main() -> int:
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--per-site", type=int, default=100)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--per-session", type=int, default=16, help="images per secure session (default 16)"
+    )
     # Not 0: the shipped model was trained on synthetic images with seed 0, and every image
     # is a function of (seed, site, index); another seed gives patients the model never saw.
     ap.add_argument("--seed", type=int, default=7, help="seed of the synthetic study (default 7)")
@@ -109,6 +113,12 @@ def main() -> int:
                     help="study images, model and results database (kept outside the repository)")  # fmt: skip
     ap.add_argument(
         "--screenshot", type=Path, default=ROOT / "docs" / "img" / "validate_report.png"
+    )
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=ROOT / "benchmarks" / "results" / "validate_study.json",
+        help="where to write the numbers (default benchmarks/results/validate_study.json)",
     )
     args = ap.parse_args()
 
@@ -125,10 +135,11 @@ def main() -> int:
         synth_chest_study(
             study, sites=args.sites, n_per_site=args.per_site, size=SIDE, seed=args.seed
         )
-    out = work / "results"
+    out = work / f"results_k{args.per_session}"
     t1 = time.perf_counter()
     rc = privmed_main(["validate", "--model", str(model), "--data", str(study), "--out", str(out),
-                       "--workers", str(args.workers), "--retry-errors"])  # fmt: skip
+                       "--workers", str(args.workers), "--per-session", str(args.per_session),
+                       "--retry-errors"])  # fmt: skip
     t_validate = time.perf_counter() - t1
     if rc != 0:
         return rc
@@ -140,6 +151,7 @@ def main() -> int:
         "model_seconds": round(t_model, 1), "study_seed": args.seed,
         "images": summary["study"]["n_ok"], "errors": summary["study"]["n_error"],
         "sites": summary["study"]["sites"], "workers": args.workers,
+        "images_per_session": args.per_session,
         "validate_wall_s_this_run": round(t_validate, 1),
         "findings": {f["finding"]: {
             "auroc_plain": f["pooled"]["auroc_plain"], "auroc_secure": f["pooled"]["auroc_secure"],
@@ -149,9 +161,8 @@ def main() -> int:
         "costs": summary["costs"],
         "screenshot": str(args.screenshot) if shot else None,
     }  # fmt: skip
-    (ROOT / "benchmarks" / "results" / "validate_study.json").write_text(
-        json.dumps(record, indent=2) + "\n"
-    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(record, indent=2) + "\n")
     print(f"validate wall time this run: {t_validate:.0f} s; screenshot: {record['screenshot']}")
     return 0
 

@@ -4,6 +4,10 @@ Each round starts ``run_validation`` in a fresh Python process, waits until it h
 more images, and kills it without warning (no cleanup handlers run). After every kill the
 database must open, pass SQLite's integrity check and still hold every row stored before,
 byte for byte. A final run must then process exactly the images that are missing.
+
+With several images per secure session the results of a group are stored one row per
+transaction after its session, so a kill can land between two rows of one group: the rows
+already stored stay, the rest of the group is run again, and nothing is stored twice.
 """
 
 from __future__ import annotations
@@ -25,8 +29,6 @@ from privmed.evaluate.store import DB_NAME
 
 from .test_validate_support import InsecureTestPerturbation, make_study_and_model
 
-N_IMAGES = 12
-
 CHILD = textwrap.dedent(
     """
     import sys
@@ -35,14 +37,20 @@ CHILD = textwrap.dedent(
     from privmed.evaluate.runner import ValidateOptions, run_validation
 
     slow = InsecureTestPerturbation(sleep_s=0.15, seed=int(sys.argv[5]))
-    run_validation(sys.argv[2], sys.argv[3], sys.argv[4], ValidateOptions(workers=2), secure_infer=slow)
+    opts = ValidateOptions(workers=2, images_per_session=int(sys.argv[6]))
+    run_validation(sys.argv[2], sys.argv[3], sys.argv[4], opts, secure_infer=slow)
     """
 )
 
 
 def _snapshot(out: Path) -> dict[tuple[str, str], tuple]:
-    """Every stored row, read-only (the file may still be open in a killed writer's journal)."""
-    db = sqlite3.connect(f"file:{out / DB_NAME}?mode=ro", uri=True, timeout=30)
+    """Every stored row, as the next run would see it (the writer is dead by now).
+
+    Read-write, not ``mode=ro``: a kill inside a commit leaves a hot rollback journal, and
+    opening the database rolls the half-written row back, which a read-only connection
+    cannot do ("attempt to write a readonly database"). The next run does the same.
+    """
+    db = sqlite3.connect(str(out / DB_NAME), timeout=30)
     try:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         rows = db.execute(
@@ -66,10 +74,15 @@ def _count(out: Path) -> int:
         db.close()
 
 
+# (images per session, images in the study): a round stores at least 2 rows (two groups of 3
+# finish together with per-session 3), so 3 rounds leave images for the final run
+@pytest.mark.parametrize(("per_session", "n_images"), [(1, 12), (3, 24)])
 @pytest.mark.timeout(120)
-def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path) -> None:
+def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(
+    tmp_path: Path, per_session: int, n_images: int
+) -> None:
     # Prepare
-    study_dir, model = make_study_and_model(tmp_path, sites=3, n_per_site=N_IMAGES // 3)
+    study_dir, model = make_study_and_model(tmp_path, sites=3, n_per_site=n_images // 3)
     out = tmp_path / "results"
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -80,7 +93,7 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path) -> N
     for round_ in range(3):
         before = _count(out)
         child = subprocess.Popen([sys.executable, str(script), str(tests_dir), str(model), str(study_dir),
-                                  str(out), str(round_)])  # fmt: skip
+                                  str(out), str(round_), str(per_session)])  # fmt: skip
         deadline = time.monotonic() + 60
         while _count(out) < before + 2 and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -93,12 +106,12 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path) -> N
         assert all(snap[k] == v for k, v in kept.items())
         assert len(snap) >= before + 2
         kept = snap
-    assert len(kept) < N_IMAGES, "every image finished before the last kill; nothing to resume"
+    assert len(kept) < n_images, "every image finished before the last kill; nothing to resume"
     final = InsecureTestPerturbation(seed=99)
     run = run_validation(model, study_dir, out, ValidateOptions(workers=2), secure_infer=final)
     # Assert: exactly the missing images were run, each image is stored once, old rows intact
     snap = _snapshot(out)
-    assert run.already_done == len(kept) and final.calls == run.processed == N_IMAGES - len(kept)
-    assert len(snap) == N_IMAGES and all(v[0] == "ok" for v in snap.values())
+    assert run.already_done == len(kept) and final.images == run.processed == n_images - len(kept)
+    assert len(snap) == n_images and all(v[0] == "ok" for v in snap.values())
     assert all(snap[k] == v for k, v in kept.items())
     assert len({v[3] for v in snap.values()}) == 4  # three killed runs and the final one wrote rows

@@ -46,6 +46,7 @@ def test_every_image_stored_with_plaintext_matching_onnxruntime(study_model, tmp
     study = load_study(study_dir)
     rows = {(r.site, r.image_id): r for r in _rows(tmp_path)}
     assert run.total == run.ok == len(study.records) == len(rows) == 8 and run.failed == 0
+    assert fake.sizes == [4, 4]  # default 16 per session, 8 images split fairly over 2 workers
     assert [p.done for p in seen] == list(range(1, 9)) and seen[-1].eta_s == 0
     pre = Preprocess.load(sidecar_path(model))
     sess = ort.InferenceSession(str(model))
@@ -55,7 +56,10 @@ def test_every_image_stored_with_plaintext_matching_onnxruntime(study_model, tmp
         np.testing.assert_array_equal(row.plain_output, expect)  # same bytes in, same runtime
         np.testing.assert_allclose(row.secure_output, expect, atol=1e-3)  # noise is 1e-4 sd
         np.testing.assert_array_equal(row.labels, rec.labels)  # model labels = study findings
+        # the stand-in reports no per-batch stats: its totals (15 rounds etc. per image) are
+        # divided evenly over the session's images
         assert row.rounds == 15 and row.bytes_by_role["dealer"] == 300 and row.secure_s >= 0
+        assert row.session_images == 4 and row.cpu_s["dealer"] == pytest.approx(0.4)
     with ResultStore.open(tmp_path, create=False) as store:
         assert store.meta()["findings"] == FINDINGS and store.meta()["output_kind"] == "probability"
 
@@ -70,8 +74,8 @@ def test_limit_then_resume_runs_only_the_rest(study_model, tmp_path) -> None:
     )
     third = InsecureTestPerturbation()
     run3 = run_validation(model, study_dir, tmp_path, ValidateOptions(), secure_infer=third)
-    assert (run1.processed, first.calls) == (3, 3)
-    assert (run2.already_done, run2.processed, second.calls) == (3, 5, 5)
+    assert (run1.processed, first.sizes) == (3, [3])
+    assert (run2.already_done, run2.processed, sorted(second.sizes)) == (3, 5, [2, 3])
     assert (run3.already_done, run3.processed, third.calls) == (8, 0, 0)
     keys = [(r.site, r.image_id) for r in _rows(tmp_path)]
     assert len(keys) == len(set(keys)) == 8
@@ -80,7 +84,8 @@ def test_limit_then_resume_runs_only_the_rest(study_model, tmp_path) -> None:
 def test_failed_image_recorded_others_continue_and_retry(study_model, tmp_path) -> None:
     study_dir, model = study_model
     flaky = InsecureTestPerturbation(fail_calls={2: PeerError("dealer: lost connection")})
-    run = run_validation(model, study_dir, tmp_path, ValidateOptions(), secure_infer=flaky)
+    one_each = ValidateOptions(images_per_session=1)
+    run = run_validation(model, study_dir, tmp_path, one_each, secure_infer=flaky)
     assert (run.ok, run.failed) == (7, 1)
     (bad,) = [r for r in _rows(tmp_path) if r.status == "error"]
     assert bad.error == "secure inference: PeerError: dealer: lost connection"
@@ -121,7 +126,8 @@ def test_model_error_stops_the_study_and_keeps_finished_rows(study_model, tmp_pa
     study_dir, model = study_model
     broken = InsecureTestPerturbation(fail_calls={3: ModelError("chest.onnx: unsupported op Foo")})
     with pytest.raises(ModelError, match="unsupported op"):
-        run_validation(model, study_dir, tmp_path, ValidateOptions(), secure_infer=broken)
+        run_validation(model, study_dir, tmp_path, ValidateOptions(images_per_session=1),
+                       secure_infer=broken)  # fmt: skip
     assert len(_rows(tmp_path)) == 2
 
 
@@ -133,7 +139,7 @@ def test_consecutive_failures_stop_the_study(study_model, tmp_path) -> None:
             model,
             study_dir,
             tmp_path,
-            ValidateOptions(max_consecutive_failures=3),
+            ValidateOptions(max_consecutive_failures=3, images_per_session=1),
             secure_infer=down,
         )
     assert len(_rows(tmp_path)) == 3
@@ -226,17 +232,24 @@ def test_segmentation_study_gets_dice_and_hd95_against_plaintext_and_truth(tmp_p
     )
 
 
-def test_ctrl_c_keeps_the_sessions_already_running(study_model, tmp_path) -> None:
+@pytest.mark.parametrize(("per_session", "kept"), [(1, 2), (4, 8)])
+def test_ctrl_c_keeps_the_sessions_already_running(
+    study_model, tmp_path, per_session, kept
+) -> None:
+    # Prepare: 8 images, 2 workers; per_session 4 makes two groups of 4, both running at once
     study_dir, model = study_model
-    slow = InsecureTestPerturbation(sleep_s=0.2)
+    slow = InsecureTestPerturbation(sleep_s=0.2 / per_session)
 
     def interrupt(progress: object) -> None:
         raise KeyboardInterrupt  # as if Ctrl-C arrived right after the first image was stored
 
+    # Execute
     with pytest.raises(KeyboardInterrupt):
-        run_validation(model, study_dir, tmp_path, ValidateOptions(workers=2), secure_infer=slow,
-                       progress=interrupt)  # fmt: skip
-    # the second session was running when the interrupt came: it finished and was kept
-    assert slow.calls == 2 and len(_rows(tmp_path)) == 2
+        run_validation(model, study_dir, tmp_path,
+                       ValidateOptions(workers=2, images_per_session=per_session),
+                       secure_infer=slow, progress=interrupt)  # fmt: skip
+    # Assert: the other session was running when the interrupt came: it finished and was kept,
+    # and so was the rest of the group whose first image had just been stored
+    assert slow.calls == 2 and len(_rows(tmp_path)) == kept
     rerun = InsecureTestPerturbation()
-    assert run_validation(model, study_dir, tmp_path, secure_infer=rerun).processed == 6
+    assert run_validation(model, study_dir, tmp_path, secure_infer=rerun).processed == 8 - kept

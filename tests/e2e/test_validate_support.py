@@ -112,15 +112,23 @@ def make_study_and_model(
 class InsecureTestPerturbation:
     """TEST ONLY, NOT SECURE: onnxruntime in clear plus seeded noise, posing as the engine.
 
-    Counts calls, tracks how many run at once, can sleep to look slow and can fail on
-    chosen calls (1-based) with a given exception.
+    Takes N inputs per call as the engine does (runs them one by one, since the tiny models
+    have a fixed batch dimension of 1) and reports per-call stats that grow with N like a
+    real session's totals (``bytes_sent``, ``rounds``, ``online_s``, ``cpu_s``) but, unlike
+    the engine, no ``batches``. Counts calls and images, records each call's N, tracks how
+    many calls run at once, sleeps ``sleep_s`` per image to look slow, and fails on chosen
+    calls (1-based) or, with ``fail_groups``, on every call with more than one input.
     """
 
     def __init__(self, noise: float = 1e-4, sleep_s: float = 0.0, seed: int = 0,
-                 fail_calls: dict[int, BaseException] | None = None) -> None:  # fmt: skip
+                 fail_calls: dict[int, BaseException] | None = None,
+                 fail_groups: BaseException | None = None) -> None:  # fmt: skip
         self.noise, self.sleep_s, self.fail_calls = noise, sleep_s, fail_calls or {}
+        self.fail_groups = fail_groups
         self.rng = np.random.default_rng(seed)
         self.calls = 0
+        self.images = 0
+        self.sizes: list[int] = []
         self.running = 0
         self.max_running = 0
         self._lock = threading.Lock()
@@ -129,23 +137,30 @@ class InsecureTestPerturbation:
     def __call__(self, model_path: Path, x: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         import onnxruntime as ort
 
+        n = len(x)
         with self._lock:
             self.calls += 1
+            self.images += n
+            self.sizes.append(n)
             call = self.calls
             self.running += 1
             self.max_running = max(self.max_running, self.running)
             if str(model_path) not in self._sessions:
                 self._sessions[str(model_path)] = ort.InferenceSession(str(model_path))
         try:
-            time.sleep(self.sleep_s)
+            time.sleep(self.sleep_s * n)
             if call in self.fail_calls:
                 raise self.fail_calls[call]
-            plain = self._sessions[str(model_path)].run(None, {"input": x})[0]
+            if self.fail_groups is not None and n > 1:
+                raise self.fail_groups
+            sess = self._sessions[str(model_path)]
+            plain = np.concatenate([sess.run(None, {"input": x[i : i + 1]})[0] for i in range(n)])
             with self._lock:
                 noise = self.rng.normal(scale=self.noise, size=plain.shape)
-            stats = {"wall_s": self.sleep_s, "online_s": 0.01, "bytes_sent": {"data-owner": 100, "model-owner": 200, "dealer": 300},
-                     "rounds": 15, "peak_rss_mb": {"data-owner": 90.0, "model-owner": 91.0, "dealer": 92.0},
-                     "cpu_s": {"data-owner": 0.5, "model-owner": 0.6, "dealer": 0.4}}  # fmt: skip
+            stats = {"wall_s": self.sleep_s * n, "online_s": 0.01 * n,
+                     "bytes_sent": {"data-owner": 100 * n, "model-owner": 200 * n, "dealer": 300 * n},
+                     "rounds": 15 * n, "peak_rss_mb": {"data-owner": 90.0, "model-owner": 91.0, "dealer": 92.0},
+                     "cpu_s": {"data-owner": 0.5 * n, "model-owner": 0.6 * n, "dealer": 0.4 * n}}  # fmt: skip
             return (plain + noise).astype(np.float32), stats
         finally:
             with self._lock:

@@ -19,6 +19,7 @@ def _ok(image_id: str, value: float) -> ImageResult:
         secure_output=np.array([[0.25, 0.5, value + 1e-4]], np.float32),
         plain_s=0.01, secure_s=2.5, bytes_by_role={"data-owner": 10, "dealer": 30}, rounds=7,
         peak_rss_mb={"data-owner": 90.5}, cpu_s={"dealer": 0.25}, started_at=100.0, finished_at=102.5, run_id="r1",
+        session_images=16,
     )  # fmt: skip
 
 
@@ -33,7 +34,7 @@ def test_round_trip(tmp_path) -> None:
         row.secure_output, np.array([[0.25, 0.5, 0.75 + 1e-4]], np.float32)
     )
     assert row.secure_output.dtype == np.float32 and row.secure_output.shape == (1, 3)
-    assert row.cpu_s == {"dealer": 0.25}
+    assert row.cpu_s == {"dealer": 0.25} and row.session_images == 16
     assert row.bytes_by_role == {"data-owner": 10, "dealer": 30} and row.peak_rss_mb == {
         "data-owner": 90.5
     }
@@ -83,7 +84,8 @@ def test_open_missing_and_corrupt(tmp_path) -> None:
 
 
 def test_database_from_before_a_new_column_still_opens(tmp_path) -> None:
-    # a results table as first released, without the later truth_mask and cpu_s columns
+    # a results table as first released, without the later truth_mask, cpu_s and
+    # session_images columns
     db = sqlite3.connect(tmp_path / DB_NAME)
     db.execute(
         "CREATE TABLE results (site TEXT NOT NULL, image_id TEXT NOT NULL, path TEXT, labels TEXT, "
@@ -98,4 +100,5 @@ def test_database_from_before_a_new_column_still_opens(tmp_path) -> None:
         assert store.put(_ok("new", 0.5))
         rows = {r.image_id: r for r in store.rows()}
     assert rows["old"].cpu_s == {} and rows["old"].truth_mask is None
-    assert rows["new"].cpu_s == {"dealer": 0.25}
+    assert rows["old"].session_images is None
+    assert rows["new"].cpu_s == {"dealer": 0.25} and rows["new"].session_images == 16

@@ -34,6 +34,14 @@ def register(subparsers: Any) -> None:
         "--out", required=True, type=Path, help="results folder (created; reused to resume)"
     )
     v.add_argument("--workers", type=int, default=1, help="secure sessions at once (default 1)")
+    v.add_argument(
+        "--per-session",
+        type=int,
+        default=16,
+        metavar="K",
+        help="images per secure session: the weights and set-up are paid once per K images "
+        "(default 16; 1 = one session per image)",
+    )
     v.add_argument("--limit", type=int, default=None, help="only the first N images of the study")
     v.add_argument(
         "--timeout", type=float, default=120.0, help="seconds per secure-session step (default 120)"
@@ -91,6 +99,12 @@ def _progress_printer() -> Any:
     return show
 
 
+def _per_session(costs: dict[str, Any]) -> str:
+    """The summary's note on shared sessions (costs are then shares), or "" if none were."""
+    k = (costs.get("session_images") or {}).get("median")
+    return f", {k:.0f} images per session" if k and k > 1 else ""
+
+
 def _print_summary(summary: dict[str, Any], html: Path, js: Path) -> None:
     st, c = summary["study"], summary["costs"]
     print(f"{st['n_ok']} images ok, {st['n_error']} failed, {len(st['sites'])} sites")
@@ -107,7 +121,8 @@ def _print_summary(summary: dict[str, Any], html: Path, js: Path) -> None:
         projected = c["projected_study_s"] if c["projected_study_s"] is not None else float("nan")
         print(f"cost per image: median {med:.2f} s, {mb:.2f} MB, "
               f"{'-' if rounds is None else f'{rounds:.0f}'} rounds; "
-              f"projected study time {_hms(projected)} with {c['workers']} worker(s)")  # fmt: skip
+              f"projected study time {_hms(projected)} with {c['workers']} worker(s)"
+              + _per_session(c))  # fmt: skip
     print(f"report: {html}\nsummary: {js}")
 
 
@@ -116,7 +131,8 @@ def run_validate(args: argparse.Namespace) -> int:
     from privmed.evaluate.runner import ValidateOptions, run_validation
 
     opts = ValidateOptions(workers=args.workers, limit=args.limit, timeout_s=args.timeout,
-                           retry_errors=args.retry_errors, margin=args.margin, threshold=args.threshold)  # fmt: skip
+                           retry_errors=args.retry_errors, margin=args.margin, threshold=args.threshold,
+                           images_per_session=args.per_session)  # fmt: skip
     run = run_validation(args.model, args.data, args.out, opts, progress=_progress_printer())
     print(f"validate: {run.processed} images run now ({run.ok} ok, {run.failed} failed), "
           f"{run.already_done} already stored, {run.total} in study, {_hms(run.elapsed_s)} elapsed")  # fmt: skip

@@ -227,6 +227,7 @@ def cost_stats(rows: list[ImageResult], n_study: int, workers: int) -> dict[str,
         "online_s": asdict(summarize(col(lambda r: r.online_s))),
         "bytes_total": asdict(summarize(col(lambda r: sum(r.bytes_by_role.values()) if r.bytes_by_role else None))),
         "rounds": asdict(summarize(col(lambda r: r.rounds))),
+        "session_images": asdict(summarize(col(lambda r: r.session_images))),
         "bytes_by_role": {k: asdict(summarize(col(lambda r, k=k: r.bytes_by_role.get(k)))) for k in roles},
         "peak_rss_mb": {k: asdict(summarize(col(lambda r, k=k: r.peak_rss_mb.get(k)))) for k in roles},
         "cpu_s": {k: asdict(summarize(col(lambda r, k=k: r.cpu_s.get(k)))) for k in roles

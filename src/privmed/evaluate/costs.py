@@ -1,8 +1,10 @@
-"""Summaries of per-image cost (time, bytes, rounds, memory) and study-time projection."""
+"""Per-image cost: shares of a multi-image session, summaries (median, IQR), study-time projection."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -57,3 +59,108 @@ def observed_study_seconds(started: np.ndarray, finished: np.ndarray, n_images: 
         return float("nan")
     span = float(f.max() - s.min())
     return span / s.size * n_images
+
+
+@dataclass(frozen=True)
+class ImageCost:
+    """One image's share of a secure session that ran several images (see split_session_costs)."""
+
+    secure_s: float
+    online_s: float
+    bytes_by_role: dict[str, int]
+    rounds: int | None
+    cpu_s: dict[str, float]
+    peak_rss_mb: dict[str, float]
+
+
+def apportion(total: int, weights: list[float]) -> list[int]:
+    """Split the integer ``total`` in proportion to ``weights``; the parts sum to ``total``.
+
+    Largest-remainder rounding (Hamilton's method): floor every quota, then give the units
+    left over to the largest fractional parts (ties to the earlier entry). Equal weights
+    for ``total`` = 0 or all-zero weights give equal (or zero) parts.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.size == 0:
+        return []
+    if not np.all(np.isfinite(w)) or w.sum() <= 0:
+        w = np.ones_like(w)
+    quota = total * w / w.sum()
+    parts = np.floor(quota).astype(np.int64)
+    left = int(total - parts.sum())
+    order = np.argsort(-(quota - parts), kind="stable")
+    parts[order[:left]] += 1
+    return [int(p) for p in parts]
+
+
+def _steady(first: float, later: Sequence[float]) -> float:
+    """The first batch's cost without its one-off extra: at most the median of later batches."""
+    return min(first, float(np.median(later))) if later else first
+
+
+def split_session_costs(stats: Mapping[str, Any], n_images: int, wall_s: float) -> list[ImageCost]:
+    """Each image's cost in a secure session that streamed ``n_images`` inputs one per batch.
+
+    Image i is charged its own batch's time, bytes and rounds (``stats["batches"][i]``) plus
+    an even share (1/n) of the session's one-off part, so the n shares add up to the
+    session's totals:
+
+    - one-off = session total - sum of the per-image batch costs. Time: ``wall_s`` (measured
+      by the caller around the whole session: three process starts, ephemeral CA, model
+      compilation, TLS handshakes) for ``secure_s``, the engine's ``online_s`` for ``online_s``.
+    - The engine sends the masked weights during the first batch (they are cached for the
+      rest of the session), so batch 0 is larger than the others: 1,676,096 vs 1,537,624
+      bytes for the shipped 17,404-parameter model. Its excess over the median later batch
+      is moved to the one-off part, so the weights, too, are shared out over the session
+      instead of being charged to whichever image came first. This relies on every batch
+      running the same plan on one input, which holds for ``chunk=1``.
+
+    ``bytes_by_role``: the engine reports per-batch bytes summed over roles only, so each
+    image's bytes are split over roles in proportion to the roles' session totals.
+    ``cpu_s`` (per role, per session only) is divided evenly; ``peak_rss_mb`` is the session's
+    peak, which does not divide. Without ``stats["batches"]`` (an engine that does not report
+    them, or a batch count that differs from ``n_images``) every total is divided evenly.
+    Integer quantities (bytes, rounds) are split with :func:`apportion`, so they sum exactly.
+    """
+    n = int(n_images)
+    if n < 1:
+        return []
+    role_bytes = {str(k): int(v) for k, v in dict(stats.get("bytes_sent") or {}).items()}
+    total_bytes = int(stats.get("bytes_total") or sum(role_bytes.values()))
+    total_rounds = stats.get("rounds")
+    online = stats.get("online_s")
+    batches = list(stats.get("batches") or [])
+    if len(batches) != n:
+        batches = []
+    if batches:
+        own_bytes = [int(b["bytes"]) for b in batches]
+        own_rounds = [int(b["rounds"]) for b in batches]
+        own_time = [float(b["time_s"]) for b in batches]
+        own_bytes[0] = int(_steady(own_bytes[0], own_bytes[1:]))
+        own_rounds[0] = int(_steady(own_rounds[0], own_rounds[1:]))
+        own_time[0] = _steady(own_time[0], own_time[1:])
+    else:
+        own_bytes, own_rounds, own_time = [0] * n, [0] * n, [0.0] * n
+    even = [1.0] * n
+    bytes_i = [b + s for b, s in
+               zip(own_bytes, apportion(max(0, total_bytes - sum(own_bytes)), even), strict=True)]  # fmt: skip
+    rounds_i: list[int | None] = [None] * n
+    if total_rounds is not None:
+        extra = apportion(max(0, int(total_rounds) - sum(own_rounds)), even)
+        rounds_i = [r + s for r, s in zip(own_rounds, extra, strict=True)]
+    t_own = sum(own_time)
+    secure_extra = max(0.0, float(wall_s) - t_own) / n
+    online_extra = max(0.0, float(online) - t_own) / n if online is not None else float("nan")
+    roles = list(role_bytes)
+    cpu = {str(k): float(v) / n for k, v in dict(stats.get("cpu_s") or {}).items()}
+    peak = {str(k): float(v) for k, v in dict(stats.get("peak_rss_mb") or {}).items()}
+    costs = []
+    for i in range(n):
+        by_role = dict(
+            zip(roles, apportion(bytes_i[i], [role_bytes[r] for r in roles]), strict=True)
+        )
+        costs.append(ImageCost(
+            secure_s=own_time[i] + secure_extra, online_s=own_time[i] + online_extra,
+            bytes_by_role=by_role, rounds=rounds_i[i], cpu_s=dict(cpu), peak_rss_mb=dict(peak),
+        ))  # fmt: skip
+    return costs

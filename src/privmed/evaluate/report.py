@@ -108,7 +108,8 @@ def _cost_table(c: dict[str, Any]) -> str:
             ("secure online phase per image (engine's timer)", c["online_s"], _duration),
             ("plaintext inference time per image", c["plain_s"], _duration),
             ("bytes sent per image, all roles", c["bytes_total"], _bytes),
-            ("communication rounds per image", c["rounds"], lambda x: _num(x, ".0f"))]  # fmt: skip
+            ("communication rounds per image", c["rounds"], lambda x: _num(x, ".0f")),
+            ("images per secure session", c.get("session_images", {}), lambda x: _num(x, ".0f"))]  # fmt: skip
     rows += [(f"bytes sent by {role}", v, _bytes) for role, v in c["bytes_by_role"].items()]
     rows += [
         (f"peak memory of {role} (MB)", v, lambda x: _num(x, ".1f"))
@@ -198,7 +199,11 @@ def render_html(summary: dict[str, Any], figures: dict[str, str]) -> str:
     h.append(f"<h2>Cost</h2>{_cost_table(costs)}<p>Projected time for all {costs['n_images_study']} "
              f"images with {costs['workers']} worker(s): <b>{_duration(costs['projected_study_s'])}</b>"
              + (f" (observed throughput: one image every {_duration(costs['observed_s_per_image'])})"
-                if costs.get("observed_s_per_image") else "") + ".</p>")  # fmt: skip
+                if costs.get("observed_s_per_image") else "") + ".</p>"
+             + ("<p class=note>Images shared secure sessions: each image's time, bytes and rounds are "
+                "its own batch plus an even share of its session's one-off part (process start, TLS, "
+                "masked weights); CPU time is the session's divided evenly, peak memory the session's.</p>"
+                if ((costs.get("session_images") or {}).get("max") or 1) > 1 else ""))  # fmt: skip
     if summary["errors"]:
         h.append(
             f"<h2>Failed images ({len(summary['errors'])})</h2><table>"

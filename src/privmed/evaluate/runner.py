@@ -1,11 +1,19 @@
 """Run a validation study: plaintext and secure inference on every image, stored as it finishes.
 
-One call of :func:`run_validation` does, for each image of the study not yet in the results
-database: load and preprocess it exactly as the model expects, run the ONNX model in clear
-with onnxruntime, run the same model securely (the three parties as separate processes),
-and write both outputs with the costs in one transaction. ``workers`` sessions run at once
-in threads (each session is its own set of processes, so the GIL is not the limit); the
-calling thread is the only one that writes to the database.
+One call of :func:`run_validation` does, for the images of the study not yet in the results
+database, in groups of up to ``images_per_session``: load and preprocess each image exactly
+as the model expects and run the ONNX model on it in clear with onnxruntime; then run the
+same model securely on the group's good images in ONE session (the three parties as
+separate processes; the masked weights travel once and the inputs stream through one per
+batch); then write each image's outputs and its share of the session's costs in its own
+transaction. ``workers`` groups run at once in threads (each session is its own set of
+processes, so the GIL is not the limit); the calling thread is the only one that writes to
+the database.
+
+Why groups: a session's one-off part (three process starts, an ephemeral CA, compiling the
+model, TLS handshakes, the masked weights) cost ~1.5 s against ~0.05-0.3 s online per image
+for the shipped small model, so one session per image spent most of its time starting up.
+How a session's cost is shared out over its images: :func:`privmed.evaluate.costs.split_session_costs`.
 
 Not a deployment: the plaintext arm needs the model and the images on the same machine, so
 a validation study is run where both may be seen together (the vendor's test set, or a
@@ -13,17 +21,25 @@ hospital that holds the model under agreement). Its purpose is to show that the 
 computation is faithful; in deployment ``privmed infer`` runs the parties on separate hosts.
 
 Which failures skip an image and which stop the study: an image that cannot be read or
-preprocessed, or whose secure session fails or times out, is recorded as ``error`` and the
-study goes on (``retry_errors`` runs those again later). A ``ModelError`` (the model cannot be
-compiled for secure inference) is the same for every image and stops the study, and so do
-``max_consecutive_failures`` failures in a row, which almost always mean a broken setup.
+preprocessed is recorded as ``error`` and left out of its group's session. If a group's
+session fails or times out, its images are run again one session each, so one image that
+breaks a session cannot take the others with it; an image whose own session fails is
+recorded as ``error``. The study goes on (``retry_errors`` runs those again later). A
+``ModelError`` (the model cannot be compiled for secure inference) is the same for every
+image and stops the study, and so do ``max_consecutive_failures`` failures in a row, which
+almost always mean a broken setup.
+
+Crash safety: a group's results are stored only once its session has finished, one row per
+transaction, so a process killed mid-group loses at most that group's unstored work, and
+the rerun runs exactly the images without a row.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
-import hashlib
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -35,18 +51,32 @@ from typing import Any
 import numpy as np
 
 from privmed.errors import InputError, ModelError, PrivmedError
-from privmed.evaluate.masks import nearest_resize
+from privmed.evaluate.costs import split_session_costs
 from privmed.evaluate.store import ImageResult, ResultStore
+from privmed.evaluate.study import (
+    Prepared,
+    StudyModel,
+    fail,
+    output_kind,
+    prepare_image,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
-# (model_path, inputs (N, ...) float32) -> (outputs float32, stats dict as in SessionResult.stats)
+# (model_path, inputs (N, ...) float32) -> (outputs (N, ...) float32, stats dict as in
+# SessionResult.stats; "batches" optional)
 SecureInfer = Callable[[Path, np.ndarray], tuple[np.ndarray, dict[str, Any]]]
 
 
 @dataclass(frozen=True)
 class ValidateOptions:
-    """Knobs of a validation run (statistics knobs are stored for the report)."""
+    """Knobs of a validation run (statistics knobs are stored for the report).
+
+    ``images_per_session``: up to this many images share one secure session (1 = one
+    session per image). Each worker takes at most its fair share of the images left, so the
+    last groups are smaller and no worker sits idle while another runs a long group.
+    """
 
     workers: int = 1
     limit: int | None = None
@@ -55,6 +85,7 @@ class ValidateOptions:
     margin: float = 0.01
     threshold: float = 0.5
     max_consecutive_failures: int = 10
+    images_per_session: int = 16
 
 
 @dataclass(frozen=True)
@@ -83,164 +114,75 @@ class RunSummary:
 
 
 def engine_secure_infer(timeout_s: float) -> SecureInfer:
-    """The real secure inference: three parties over TLS on loopback (privmed.runtime)."""
+    """The real secure inference: three parties over TLS on loopback (privmed.runtime).
+
+    ``chunk=1``: the N inputs go through one session one per batch, so the engine reports
+    each image's own time, bytes and rounds in ``stats["batches"]``.
+    """
 
     def run(model_path: Path, inputs: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         from privmed.runtime.launch import run_local_session
 
-        result = run_local_session(model_path, inputs, timeout_s=timeout_s)
+        result = run_local_session(model_path, inputs, timeout_s=timeout_s, chunk=1)
         return np.asarray(result.outputs, dtype=np.float32), dict(result.stats)
 
     return run
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _secure_session(prepared: list[Prepared], model_path: Path, secure_infer: SecureInfer) -> None:
+    """Run ``prepared`` (all with a model input) through one secure session; fill their rows.
+
+    Raises whatever the session raised, or InputError if it returned outputs of the wrong
+    shape; the rows are then left untouched.
+    """
+    x = np.concatenate([p.model_input for p in prepared if p.model_input is not None])
+    t0 = time.perf_counter()
+    secure, stats = secure_infer(model_path, x)
+    wall_s = time.perf_counter() - t0
+    secure = np.asarray(secure, dtype=np.float32)
+    plain_shape = np.asarray(prepared[0].result.plain_output).shape
+    if secure.shape != (len(prepared), *plain_shape[1:]):
+        raise InputError(f"secure output shape {secure.shape} for {len(prepared)} images, "
+                         f"plaintext {plain_shape} per image")  # fmt: skip
+    finished = time.time()
+    for i, (p, cost) in enumerate(zip(prepared, split_session_costs(stats, len(prepared), wall_s),
+                                      strict=True)):  # fmt: skip
+        r = p.result
+        r.secure_output = secure[i : i + 1]
+        r.secure_s, r.online_s, r.rounds = cost.secure_s, cost.online_s, cost.rounds
+        r.bytes_by_role, r.cpu_s, r.peak_rss_mb = cost.bytes_by_role, cost.cpu_s, cost.peak_rss_mb
+        r.session_images = len(prepared)
+        r.status, r.error, r.finished_at = "ok", "", finished
 
 
-def output_kind(model_path: Path) -> str:
-    """ "probability" if the graph's output comes from Sigmoid/Softmax, else "logit"."""
-    import onnx
+def _process_group(
+    study: StudyModel, records: list[Any], model_path: Path, secure_infer: SecureInfer, run_id: str
+) -> list[ImageResult]:
+    """Both inferences for a group of images; one row per image, in the group's order.
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    out_name = graph.output[0].name
-    for node in graph.node:
-        if out_name in node.output:
-            return "probability" if node.op_type in ("Sigmoid", "Softmax") else "logit"
-    return "logit"
-
-
-def model_labels(model_path: Path) -> list[str] | None:
-    """Finding names stored in the ONNX metadata ``privmed.labels`` (JSON list), if any."""
-    import json
-
-    import onnx
-
-    props = {
-        p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props
-    }
-    if "privmed.labels" not in props:
-        return None
-    try:
-        labels = json.loads(props["privmed.labels"])
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{model_path}: metadata privmed.labels is not JSON ({exc})") from exc
-    return [str(x) for x in labels]
-
-
-class _Study:
-    """The model, its preprocessing and the study records, ready to process images."""
-
-    def __init__(self, model_path: Path, data_dir: Path) -> None:
-        import onnxruntime as ort
-
-        from privmed.data.datasets import load_study
-        from privmed.data.preprocess import Preprocess, sidecar_path
-
-        if not model_path.is_file():
-            raise InputError(f"{model_path}: model file not found")
-        pre_path = sidecar_path(model_path)
-        if not pre_path.is_file():
-            raise InputError(
-                f"{pre_path}: preprocessing description not found (expected next to the model)"
-            )
-        self.preprocess = Preprocess.load(pre_path)
-        self.study = load_study(data_dir)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1  # leave the cores to the secure parties
+    Plaintext per image, then one secure session over the images that got through it; if
+    that session fails (anything but ModelError), one session per image instead.
+    """
+    prepared = [prepare_image(study, record, run_id) for record in records]
+    good = [p for p in prepared if p.model_input is not None]
+    if len(good) > 1:
         try:
-            self.session = ort.InferenceSession(
-                str(model_path), opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelError(f"{model_path}: onnxruntime cannot load the model ({exc})") from exc
-        self.input_name = self.session.get_inputs()[0].name
-        out_shape = self.session.get_outputs()[0].shape
-        self.findings = model_labels(model_path) or list(self.study.findings)
-        # Classifier: (N, F) output, one column per finding; map study label columns by name.
-        self.is_classifier = len(out_shape) == 2
-        if (
-            self.is_classifier
-            and isinstance(out_shape[1], int)
-            and out_shape[1] != len(self.findings)
-        ):
-            raise InputError(
-                f"{model_path}: expected {len(self.findings)} outputs (findings "
-                f"{', '.join(self.findings)}), got output shape {out_shape}"
-            )
-        study_findings = list(self.study.findings)
-        self.label_columns = [
-            study_findings.index(f) if f in study_findings else None for f in self.findings
-        ]
-
-    def model_input(self, record: Any) -> np.ndarray:
-        """The record's image preprocessed for the model: float32 ``(1, C, *spatial)``."""
-        from privmed.data.preprocess import load_for_model
-
-        if getattr(record, "array_key", None) is not None:  # a row of a MedMNIST .npz
-            image, _ = self.study.read(record)
-            return self.preprocess.apply(image)[None]
-        return load_for_model(record.path, self.preprocess)
-
-    def labels_for(self, record: Any) -> np.ndarray:
-        """The record's labels in model output order; NaN for findings the study lacks."""
-        labels = np.asarray(record.labels, dtype=np.float32)
-        return np.array(
-            [labels[c] if c is not None else np.nan for c in self.label_columns], np.float32
-        )
-
-
-def _process(
-    study: _Study, record: Any, model_path: Path, secure_infer: SecureInfer, run_id: str
-) -> ImageResult:
-    """Both inferences for one image; every failure except ModelError becomes an error row."""
-    result = ImageResult(site=str(record.site), image_id=str(record.image_id), status="error",
-                         path=str(record.path), labels=study.labels_for(record),
-                         started_at=time.time(), run_id=run_id)  # fmt: skip
-    stage = "preprocess"
-    try:
-        x = np.ascontiguousarray(study.model_input(record), dtype=np.float32)
-        stage = "plaintext inference"
-        t0 = time.perf_counter()
-        plain = study.session.run(None, {study.input_name: x})[0]
-        result.plain_s = time.perf_counter() - t0
-        result.plain_output = np.asarray(plain, dtype=np.float32)
-        if not study.is_classifier and getattr(record, "mask_path", None) is not None:
-            stage = "ground-truth mask"
-            truth, _ = study.study.read_mask(record)
-            result.truth_mask = nearest_resize(truth, result.plain_output.shape[2:])
-        stage = "secure inference"
-        t0 = time.perf_counter()
-        secure, stats = secure_infer(model_path, x)
-        result.secure_s = time.perf_counter() - t0
-        secure = np.asarray(secure, dtype=np.float32)
-        if secure.shape != result.plain_output.shape:
-            raise InputError(
-                f"secure output shape {secure.shape}, plaintext {result.plain_output.shape}"
-            )
-        result.secure_output = secure
-        result.bytes_by_role = {
-            str(k): int(v) for k, v in dict(stats.get("bytes_sent", {})).items()
-        }
-        result.rounds = int(stats["rounds"]) if stats.get("rounds") is not None else None
-        result.peak_rss_mb = {
-            str(k): float(v) for k, v in dict(stats.get("peak_rss_mb", {})).items()
-        }
-        result.cpu_s = {str(k): float(v) for k, v in dict(stats.get("cpu_s", {})).items()}
-        if stats.get("online_s") is not None:
-            result.online_s = float(stats["online_s"])
-        result.status = "ok"
-    except ModelError:
-        raise
-    except Exception as exc:  # one bad image must not stop the study; record why it failed
-        result.error = f"{stage}: {type(exc).__name__}: {exc}".splitlines()[0][:500]
-        log.warning("%s/%s skipped: %s", record.site, record.image_id, result.error)
-    result.finished_at = time.time()
-    return result
+            _secure_session(good, model_path, secure_infer)
+            good = []
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - retried image by image just below
+            why = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            log.warning("secure session for %d images failed (%s); running them one session each",
+                        len(good), why)  # fmt: skip
+    for p in good:
+        try:
+            _secure_session([p], model_path, secure_infer)
+        except ModelError:
+            raise
+        except Exception as exc:  # one bad image must not stop the study; record why it failed
+            fail(p.result, "secure inference", exc)
+    return [p.result for p in prepared]
 
 
 def run_validation(
@@ -260,8 +202,10 @@ def run_validation(
     """
     if options.workers < 1:
         raise InputError(f"--workers: expected at least 1, got {options.workers}")
+    if options.images_per_session < 1:
+        raise InputError(f"--per-session: expected at least 1, got {options.images_per_session}")
     model_path = Path(model_path).resolve()
-    study = _Study(model_path, Path(data_dir))
+    study = StudyModel(model_path, Path(data_dir))
     secure_infer = secure_infer or engine_secure_infer(options.timeout_s)
     records = list(study.study.records)
     if options.limit is not None:
@@ -277,6 +221,7 @@ def run_validation(
             "model_path": str(model_path), "output_kind": output_kind(model_path),
             "margin": options.margin, "threshold": options.threshold,
             "n_images_study": len(study.study.records), "workers": options.workers,
+            "images_per_session": options.images_per_session,
             "data_skipped": [f"{path}: {why}" for path, why in study.study.skipped],
         })  # fmt: skip
         done_keys = store.finished_keys(include_errors=not options.retry_errors)
@@ -288,25 +233,52 @@ def run_validation(
 
 
 def _run_pool(
-    study: _Study, todo: list[Any], already: int, total: int, model_path: Path,
+    study: StudyModel, todo: list[Any], already: int, total: int, model_path: Path,
     secure_infer: SecureInfer, run_id: str, store: ResultStore, options: ValidateOptions,
     progress: Callable[[Progress], None] | None,
 ) -> RunSummary:  # fmt: skip
-    """Keep ``workers`` images in flight; store each result from this (the only writer) thread."""
+    """Keep ``workers`` groups in flight; store each result from this (the only writer) thread."""
     t_start = time.perf_counter()
     ok = failed = consecutive = 0
-    in_flight: set[cf.Future[ImageResult]] = set()  # submitted and not yet stored
-    queue = iter(todo)
+    in_flight: set[cf.Future[list[ImageResult]]] = set()  # submitted and not yet stored
+    ready: collections.deque[ImageResult] = collections.deque()  # computed, not yet stored
+    queue = collections.deque(todo)
 
-    def submit_next() -> None:
-        record = next(queue, None)
-        if record is not None:
-            in_flight.add(pool.submit(_process, study, record, model_path, secure_infer, run_id))
+    def submit_next(idle_workers: int) -> None:
+        # A fair share of what is left among the workers that will take from it before this
+        # group ends (the idle ones now, all of them later), so no worker sits idle while
+        # another runs a long group; the last groups of a study are smaller for it.
+        size = min(options.images_per_session, math.ceil(len(queue) / idle_workers))
+        group = [queue.popleft() for _ in range(size)]
+        if group:
+            in_flight.add(
+                pool.submit(_process_group, study, group, model_path, secure_infer, run_id)
+            )
+
+    def store_one(result: ImageResult) -> None:
+        nonlocal ok, failed, consecutive
+        store.put(result)
+        if result.status == "ok":
+            ok, consecutive = ok + 1, 0
+        else:
+            failed, consecutive = failed + 1, consecutive + 1
+        if consecutive >= options.max_consecutive_failures:
+            raise PrivmedError(
+                f"stopped after {consecutive} failed images in a row; last "
+                f"{result.site}/{result.image_id}: {result.error}"
+            )
+        if progress is not None:
+            elapsed = time.perf_counter() - t_start
+            n_run = ok + failed
+            rate = n_run / elapsed if elapsed > 0 else float("nan")
+            remaining = len(todo) - n_run
+            progress(Progress(already + n_run, total, failed, elapsed, rate,
+                              remaining / rate if rate > 0 else float("nan"), result))  # fmt: skip
 
     pool = cf.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="validate")
     try:
-        for _ in range(options.workers):
-            submit_next()
+        for i in range(options.workers):
+            submit_next(options.workers - i)
         while in_flight:
             finished, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
             fatal = []
@@ -315,37 +287,25 @@ def _run_pool(
                 if fut.exception() is not None:
                     fatal.append(fut)  # ModelError: raised below, after storing the others
                     continue
-                result = fut.result()
-                store.put(result)
-                if result.status == "ok":
-                    ok, consecutive = ok + 1, 0
-                else:
-                    failed, consecutive = failed + 1, consecutive + 1
-                if consecutive >= options.max_consecutive_failures:
-                    raise PrivmedError(
-                        f"stopped after {consecutive} failed images in a row; last "
-                        f"{result.site}/{result.image_id}: {result.error}"
-                    )
-                if progress is not None:
-                    elapsed = time.perf_counter() - t_start
-                    n_run = ok + failed
-                    rate = n_run / elapsed if elapsed > 0 else float("nan")
-                    remaining = len(todo) - n_run
-                    progress(Progress(already + n_run, total, failed, elapsed, rate,
-                                      remaining / rate if rate > 0 else float("nan"), result))  # fmt: skip
-                submit_next()
+                ready.extend(fut.result())
+                while ready:
+                    store_one(ready.popleft())
+                submit_next(options.workers)
             if fatal:
                 fatal[0].result()  # raises the worker's exception here, in the caller's thread
     finally:
         # Interrupted (Ctrl-C, ModelError, too many failures): let running sessions finish and
-        # keep what they computed; images not yet started are simply run next time.
+        # keep what they and the group being stored computed; groups not yet started are
+        # simply run next time.
         for fut in in_flight:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
         for fut in in_flight:
             if not fut.cancelled() and fut.exception() is None:
-                try:
-                    store.put(fut.result())
-                except sqlite3.Error as exc:  # do not mask the exception that got us here
-                    log.error("could not store %s: %s", fut.result().image_id, exc)
+                ready.extend(fut.result())
+        for result in ready:
+            try:
+                store.put(result)
+            except sqlite3.Error as exc:  # do not mask the exception that got us here
+                log.error("could not store %s: %s", result.image_id, exc)
     return RunSummary(total, already, ok + failed, ok, failed, time.perf_counter() - t_start)

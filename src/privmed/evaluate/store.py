@@ -9,6 +9,9 @@ Layout of ``RESULTS_DIR/results.sqlite``:
   unknown); outputs, and for segmentation studies the ground-truth label map resized to the
   output grid, are ``.npy`` bytes (dtype and shape included); costs are numbers or JSON
   maps keyed by role. ``status`` is ``ok`` or ``error`` (then ``error`` says why).
+  ``session_images`` is how many images shared the image's secure session: its costs are
+  its own batch plus an even share of that session's one-off part (NULL in databases
+  written before sessions were shared, where every image had its own session).
 
 Crash safety: every row is written in its own transaction by a single writer, so a process
 killed at any instant leaves either the whole row or nothing (SQLite's rollback journal).
@@ -59,6 +62,7 @@ CREATE TABLE IF NOT EXISTS results (
     started_at REAL,
     finished_at REAL,
     run_id TEXT,
+    session_images INTEGER,
     PRIMARY KEY (site, image_id)
 );
 """
@@ -87,6 +91,8 @@ class ImageResult:
     started_at: float = float("nan")
     finished_at: float = float("nan")
     run_id: str = ""
+    # images that shared this image's secure session (its costs are shares of that session's)
+    session_images: int | None = None
 
 
 def _to_npy(a: np.ndarray | None) -> bytes | None:
@@ -253,6 +259,7 @@ class ResultStore:
             "bytes_by_role": _map_json(r.bytes_by_role), "rounds": r.rounds,
             "peak_rss_mb": _map_json(r.peak_rss_mb), "cpu_s": _map_json(r.cpu_s),
             "started_at": _real(r.started_at), "finished_at": _real(r.finished_at), "run_id": r.run_id,
+            "session_images": r.session_images,
         }  # fmt: skip
         columns = ", ".join(values)
         updates = ", ".join(f"{c} = excluded.{c}" for c in values if c not in ("site", "image_id"))
@@ -293,6 +300,7 @@ class ResultStore:
                     started_at=_nan_if_none(row["started_at"]),
                     finished_at=_nan_if_none(row["finished_at"]),
                     run_id=row["run_id"] or "",
+                    session_images=row["session_images"],
                 )
         finally:
             self._conn.row_factory = None

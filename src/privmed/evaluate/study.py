@@ -1,0 +1,173 @@
+"""The model under validation, its preprocessing and the study's images, one image at a time.
+
+:class:`StudyModel` loads the ONNX model into onnxruntime, the preprocessing sidecar and the
+study records; :func:`prepare_image` turns one record into the model's input and runs the
+plaintext arm on it. The secure arm (one session for a group of prepared images) is the
+runner's (:mod:`privmed.evaluate.runner`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from privmed.errors import InputError, ModelError
+from privmed.evaluate.masks import nearest_resize
+from privmed.evaluate.store import ImageResult
+
+log = logging.getLogger(__name__)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def output_kind(model_path: Path) -> str:
+    """ "probability" if the graph's output comes from Sigmoid/Softmax, else "logit"."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    out_name = graph.output[0].name
+    for node in graph.node:
+        if out_name in node.output:
+            return "probability" if node.op_type in ("Sigmoid", "Softmax") else "logit"
+    return "logit"
+
+
+def model_labels(model_path: Path) -> list[str] | None:
+    """Finding names stored in the ONNX metadata ``privmed.labels`` (JSON list), if any."""
+    import json
+
+    import onnx
+
+    props = {
+        p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props
+    }
+    if "privmed.labels" not in props:
+        return None
+    try:
+        labels = json.loads(props["privmed.labels"])
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{model_path}: metadata privmed.labels is not JSON ({exc})") from exc
+    return [str(x) for x in labels]
+
+
+class StudyModel:
+    """The model, its preprocessing and the study records, ready to process images."""
+
+    def __init__(self, model_path: Path, data_dir: Path) -> None:
+        import onnxruntime as ort
+
+        from privmed.data.datasets import load_study
+        from privmed.data.preprocess import Preprocess, sidecar_path
+
+        if not model_path.is_file():
+            raise InputError(f"{model_path}: model file not found")
+        pre_path = sidecar_path(model_path)
+        if not pre_path.is_file():
+            raise InputError(
+                f"{pre_path}: preprocessing description not found (expected next to the model)"
+            )
+        self.preprocess = Preprocess.load(pre_path)
+        self.study = load_study(data_dir)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1  # leave the cores to the secure parties
+        try:
+            self.session = ort.InferenceSession(
+                str(model_path), opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelError(f"{model_path}: onnxruntime cannot load the model ({exc})") from exc
+        self.input_name = self.session.get_inputs()[0].name
+        out_shape = self.session.get_outputs()[0].shape
+        self.findings = model_labels(model_path) or list(self.study.findings)
+        # Classifier: (N, F) output, one column per finding; map study label columns by name.
+        self.is_classifier = len(out_shape) == 2
+        if (
+            self.is_classifier
+            and isinstance(out_shape[1], int)
+            and out_shape[1] != len(self.findings)
+        ):
+            raise InputError(
+                f"{model_path}: expected {len(self.findings)} outputs (findings "
+                f"{', '.join(self.findings)}), got output shape {out_shape}"
+            )
+        study_findings = list(self.study.findings)
+        self.label_columns = [
+            study_findings.index(f) if f in study_findings else None for f in self.findings
+        ]
+
+    def model_input(self, record: Any) -> np.ndarray:
+        """The record's image preprocessed for the model: float32 ``(1, C, *spatial)``."""
+        from privmed.data.preprocess import load_for_model
+
+        if getattr(record, "array_key", None) is not None:  # a row of a MedMNIST .npz
+            image, _ = self.study.read(record)
+            return self.preprocess.apply(image)[None]
+        return load_for_model(record.path, self.preprocess)
+
+    def labels_for(self, record: Any) -> np.ndarray:
+        """The record's labels in model output order; NaN for findings the study lacks."""
+        labels = np.asarray(record.labels, dtype=np.float32)
+        return np.array(
+            [labels[c] if c is not None else np.nan for c in self.label_columns], np.float32
+        )
+
+
+@dataclass
+class Prepared:
+    """One image after the plaintext arm: its row so far and, if that went well, its model input.
+
+    ``model_input`` is None when preprocessing or plaintext inference failed; ``result`` is
+    then a finished ``error`` row and the image takes no part in a secure session.
+    """
+
+    result: ImageResult
+    model_input: np.ndarray | None
+
+
+def prepare_image(study: StudyModel, record: Any, run_id: str) -> Prepared:
+    """Preprocess ``record``, run the model in clear on it and read its ground-truth mask.
+
+    Every failure except ModelError becomes an ``error`` row naming the stage that failed,
+    exactly as one image of a study should: one bad file must not stop the others.
+    """
+    result = ImageResult(site=str(record.site), image_id=str(record.image_id), status="error",
+                         path=str(record.path), labels=study.labels_for(record),
+                         started_at=time.time(), run_id=run_id)  # fmt: skip
+    stage = "preprocess"
+    try:
+        x = np.ascontiguousarray(study.model_input(record), dtype=np.float32)
+        stage = "plaintext inference"
+        t0 = time.perf_counter()
+        plain = study.session.run(None, {study.input_name: x})[0]
+        result.plain_s = time.perf_counter() - t0
+        result.plain_output = np.asarray(plain, dtype=np.float32)
+        if not study.is_classifier and getattr(record, "mask_path", None) is not None:
+            stage = "ground-truth mask"
+            truth, _ = study.study.read_mask(record)
+            result.truth_mask = nearest_resize(truth, result.plain_output.shape[2:])
+    except ModelError:
+        raise
+    except Exception as exc:  # one bad image must not stop the study; record why it failed
+        fail(result, stage, exc)
+        return Prepared(result, None)
+    return Prepared(result, x)
+
+
+def fail(result: ImageResult, stage: str, exc: BaseException) -> None:
+    """Make ``result`` a finished ``error`` row: ``"<stage>: <Exception>: <first line>"``."""
+    result.status = "error"
+    result.error = f"{stage}: {type(exc).__name__}: {exc}".splitlines()[0][:500]
+    result.finished_at = time.time()
+    log.warning("%s/%s skipped: %s", result.site, result.image_id, result.error)
