@@ -22,4 +22,8 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/densenet121_infer.py
 
-.PHONY: install demo test bench
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy src
+
+.PHONY: install demo test bench lint

@@ -79,12 +79,12 @@ def main() -> None:
         "comparisons": st["plan"].get("comparisons"),
     }
     by_op: dict[str, dict[str, float]] = {}
-    for l in st["layers"]:
-        key = l["op"] + ("/" + l["kind"] if l.get("kind") else "")
+    for layer in st["layers"]:
+        key = layer["op"] + ("/" + layer["kind"] if layer.get("kind") else "")
         agg = by_op.setdefault(key, {"time_s": 0.0, "bytes": 0, "rounds": 0, "count": 0})
-        agg["time_s"] += l["time_s"]
-        agg["bytes"] += l["bytes"]
-        agg["rounds"] += l["rounds"]
+        agg["time_s"] += layer["time_s"]
+        agg["bytes"] += layer["bytes"]
+        agg["rounds"] += layer["rounds"]
         agg["count"] += 1
     summary["by_op"] = {k: {**v, "time_s": round(v["time_s"], 3)} for k, v in by_op.items()}
     (args.out / f"densenet121_{args.size}.json").write_text(json.dumps({**summary, "layers": st["layers"]}, indent=1))

@@ -50,7 +50,7 @@ def test_densenet121_64px_matches_onnxruntime(tmp_path: Path) -> None:
     assert np.abs(secure - ref).max() < 1e-2
     stats = json.loads((tmp_path / "s.json").read_text())
     assert stats["bytes_total"] == sum(stats["bytes_sent"].values()) > 0
-    assert len([l for l in stats["layers"] if l["op"] == "relu"]) == 121
+    assert len([layer for layer in stats["layers"] if layer["op"] == "relu"]) == 121
     assert "rounds" in proc.stdout
 
 

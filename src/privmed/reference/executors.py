@@ -41,7 +41,7 @@ class FloatBackend:
 
     def __init__(self, weights: PrivateWeights, x: np.ndarray, dtype: type = np.float64) -> None:
         self.w = weights
-        self.x = np.asarray(x, dtype=dtype)
+        self.x: np.ndarray = np.asarray(x, dtype=dtype)
         self.stats: dict[str, dict[str, float]] = {}  # per-node extras for calibration
 
     def input(self, node: Node, batch: int) -> np.ndarray:
