@@ -74,8 +74,7 @@ class ValidateOptions:
     """Knobs of a validation run (statistics knobs are stored for the report).
 
     ``images_per_session``: up to this many images share one secure session (1 = one
-    session per image). Each worker takes at most its fair share of the images left, so the
-    last groups are smaller and no worker sits idle while another runs a long group.
+    session per image); see :func:`group_sizes` for how the images are split.
     """
 
     workers: int = 1
@@ -127,6 +126,22 @@ def engine_secure_infer(timeout_s: float) -> SecureInfer:
         return np.asarray(result.outputs, dtype=np.float32), dict(result.stats)
 
     return run
+
+
+def group_sizes(n_images: int, per_session: int, workers: int) -> list[int]:
+    """Sizes of the groups ``n_images`` are run in: as few as allowed, near-equal, in order.
+
+    ``ceil(n / per_session)`` groups, but at least one per worker while there are images for
+    them (8 images, 2 workers: 4 + 4, not 8 + nothing), whose sizes differ by at most one
+    (300 images at 16: 15 groups of 16 and 4 of 15, rather than 18 of 16 and one of 12).
+    Fewer groups means fewer one-off session costs; equal groups keep the workers' last
+    sessions about as long as each other.
+    """
+    if n_images <= 0:
+        return []
+    n_groups = max(math.ceil(n_images / per_session), min(workers, n_images))
+    base, extra = divmod(n_images, n_groups)
+    return [base + 1] * extra + [base] * (n_groups - extra)
 
 
 def _secure_session(prepared: list[Prepared], model_path: Path, secure_infer: SecureInfer) -> None:
@@ -242,15 +257,15 @@ def _run_pool(
     ok = failed = consecutive = 0
     in_flight: set[cf.Future[list[ImageResult]]] = set()  # submitted and not yet stored
     ready: collections.deque[ImageResult] = collections.deque()  # computed, not yet stored
-    queue = collections.deque(todo)
+    records = iter(todo)
+    groups = iter(
+        [[next(records) for _ in range(size)]
+         for size in group_sizes(len(todo), options.images_per_session, options.workers)]
+    )  # fmt: skip
 
-    def submit_next(idle_workers: int) -> None:
-        # A fair share of what is left among the workers that will take from it before this
-        # group ends (the idle ones now, all of them later), so no worker sits idle while
-        # another runs a long group; the last groups of a study are smaller for it.
-        size = min(options.images_per_session, math.ceil(len(queue) / idle_workers))
-        group = [queue.popleft() for _ in range(size)]
-        if group:
+    def submit_next() -> None:
+        group = next(groups, None)
+        if group is not None:
             in_flight.add(
                 pool.submit(_process_group, study, group, model_path, secure_infer, run_id)
             )
@@ -277,8 +292,8 @@ def _run_pool(
 
     pool = cf.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="validate")
     try:
-        for i in range(options.workers):
-            submit_next(options.workers - i)
+        for _ in range(options.workers):
+            submit_next()
         while in_flight:
             finished, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
             fatal = []
@@ -290,7 +305,7 @@ def _run_pool(
                 ready.extend(fut.result())
                 while ready:
                     store_one(ready.popleft())
-                submit_next(options.workers)
+                submit_next()
             if fatal:
                 fatal[0].result()  # raises the worker's exception here, in the caller's thread
     finally:

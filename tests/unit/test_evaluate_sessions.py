@@ -1,4 +1,5 @@
-"""Sharing a multi-image session's cost out over its images (costs.split_session_costs).
+"""Images per secure session: how a study is split into groups (runner.group_sizes) and how a
+multi-image session's cost is shared out over its images (costs.split_session_costs).
 
 The stats below are a real 4-image session of the shipped model (run_local_session with
 chunk=1, 2026-11-22), so the expectations are computed by hand from numbers the engine
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from privmed.evaluate.costs import apportion, split_session_costs
+from privmed.evaluate.runner import group_sizes
 
 REAL_4 = {
     "wall_s": 1.554, "online_s": 0.253, "rounds": 104, "bytes_total": 6296233,
@@ -90,3 +92,25 @@ def test_missing_measurements_stay_missing() -> None:
     assert c.rounds is None and c.bytes_by_role == {} and c.cpu_s == {}
     assert c.secure_s == 2.0 and np.isnan(c.online_s)
     assert split_session_costs({}, 0, wall_s=1.0) == []
+
+
+@pytest.mark.parametrize(
+    ("n", "per_session", "workers", "expected"),
+    [
+        (300, 16, 2, [16] * 15 + [15] * 4),
+        (8, 16, 2, [4, 4]),
+        (5, 16, 2, [3, 2]),
+        (3, 1, 2, [1, 1, 1]),
+        (1, 16, 4, [1]),
+        (24, 3, 2, [3] * 8),
+        (0, 16, 2, []),
+    ],
+)
+def test_group_sizes(n: int, per_session: int, workers: int, expected: list[int]) -> None:
+    sizes = group_sizes(n, per_session, workers)
+    assert sizes == expected
+    # oracle for the rule: every image once, none above the cap, as few groups as the cap
+    # and the workers allow, sizes within one of each other
+    assert sum(sizes) == n and all(0 < s <= per_session for s in sizes)
+    assert len(sizes) == max(-(-n // per_session), min(workers, n))
+    assert not sizes or max(sizes) - min(sizes) <= 1
