@@ -10,29 +10,34 @@ Local training: SGD (momentum 0.9) on a masked multi-label BCE, where each sampl
 is the sum over its known labels divided by the number of findings, so that a sample's
 loss (and gradient) depends on that sample alone, as per-sample clipping requires.
 
-With ``dp``: DP-SGD through Opacus (Abadi et al. 2016): Poisson sampling with rate
-1/ceil(n/batch), per-sample gradient clipping to ``max_grad_norm`` and Gaussian noise of
-std ``noise_multiplier * max_grad_norm`` on each summed batch gradient. The model must not
-mix samples (GroupNorm, not BatchNorm; ModelError otherwise). In-place activations and
-MONAI's in-place residual additions are switched to out-of-place ops on the private copy,
-because Opacus' backward hooks forbid in-place edits of hooked outputs; the function
-computed is unchanged.
+With ``dp``: DP-SGD (Abadi et al. 2016): Poisson sampling with rate q = 1/ceil(n/batch)
+over ceil(n/batch) steps per epoch, per-sample gradient clipping to ``max_grad_norm`` and
+Gaussian noise of std ``noise_multiplier * max_grad_norm`` on each summed batch gradient.
+Opacus runs the per-sample gradients, the clipping and the RDP accountant; the sampling
+and the noise come from ``privmed.federated.noise``, i.e. from the crypto PRG (AES-128-CTR)
+keyed by 16 bytes of ``os.urandom`` per call, with the floating-point mitigation of
+Holohan & Braghin (2021) on the Gaussian (each coordinate = sum of 4 draws / 2). The
+accountant is stepped with the same q the sampler uses, once per step taken, so the
+privacy history is exactly ``privacy.sampling_schedule``. The model must not mix samples
+(GroupNorm, not BatchNorm; ModelError otherwise). In-place activations and MONAI's in-place
+residual additions are switched to out-of-place ops on the private copy, because Opacus'
+backward hooks forbid in-place edits of hooked outputs; the function computed is unchanged.
 
-Security non-guarantee: Opacus' ``secure_mode`` needs torchcsprng, which does not exist for
-this torch; noise and sampling come from ``torch.Generator`` (MT19937) seeded with 64 bits
-from ``os.urandom``. That defeats prediction from outside the process but is not a CSPRNG,
-and the floating-point attack of Mironov (2012) on Gaussian sampling is not mitigated.
-``insecure_noise_seed`` makes the noise reproducible, for tests and attack studies only.
+Security: the noise and the batches are unpredictable to anyone without the AES key, which
+never leaves this function. Not guaranteed: the Gaussian is a float64 computation (Box-Muller
+on 53-bit uniforms, |draw| <= 8.57), hardened by the 4-sum against the floating-point attack
+(Mironov 2012; Jin et al. 2021), not an exact discrete Gaussian sampler.
+``insecure_noise_seed`` derives the key from an integer (``noise.insecure_seeded_prg``):
+reproducible, for tests and attack studies only.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 import types
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,10 +139,6 @@ def prepare_for_opacus(model: nn.Module) -> nn.Module:
     return model
 
 
-def _urandom_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-
-
 def client_update(
     model: nn.Module,
     global_arrays: Sequence[np.ndarray],
@@ -158,9 +159,10 @@ def client_update(
     x : float32 (N, C, H, W) images; y : float32 (N, K) labels, nan = unknown.
     training : epochs, batch size, learning rate.
     dp : DP-SGD parameters, or None for plain SGD.
-    data_seed : seeds the shuffling of plain SGD (DP sampling is from os.urandom).
-    insecure_noise_seed : if set, DP sampling and noise are seeded with it (reproducible,
-        therefore insecure: tests and attack studies only).
+    data_seed : seeds the shuffling of plain SGD (DP sampling is from the crypto PRG).
+    insecure_noise_seed : if set, the PRG key for DP sampling and noise is derived from it
+        (``noise.insecure_seeded_prg``; reproducible, therefore insecure: tests and attack
+        studies only). None (the default): a fresh key from ``os.urandom``.
 
     Returns
     -------
@@ -194,30 +196,48 @@ def client_update(
 
     from opacus import PrivacyEngine
 
+    from privmed.crypto.prg import PRG
+    from privmed.federated.noise import (
+        NOISE_LABEL,
+        SAMPLING_LABEL,
+        PoissonSampler,
+        insecure_seeded_prg,
+        install_prg_noise,
+    )
+
     prepare_for_opacus(local)
-    if insecure_noise_seed is None:
-        sample_gen, noise_gen = _urandom_generator(), _urandom_generator()
-    else:
-        sample_gen = torch.Generator().manual_seed(insecure_noise_seed)
-        noise_gen = torch.Generator().manual_seed(insecure_noise_seed + 1)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=training.batch_size, generator=sample_gen)
+    prg = PRG.fresh() if insecure_noise_seed is None else insecure_seeded_prg(insecure_noise_seed)
+    # Opacus reads the schedule off this loader and never iterates it: batches come from the
+    # PoissonSampler below.
+    schedule_loader = torch.utils.data.DataLoader(dataset, batch_size=training.batch_size)
+    batches_per_epoch = len(schedule_loader)  # ceil(n / batch), as privacy.sampling_schedule
+    sample_rate = 1.0 / batches_per_epoch
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")  # see module docstring
+        # about Opacus' own RNG, which is not used: sampling and noise come from the PRG
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant="rdp")
-    private_model, private_opt, private_loader = engine.make_private(
+    private_model, private_opt, _ = engine.make_private(
         module=local,
         optimizer=optimizer,
-        data_loader=loader,
+        data_loader=schedule_loader,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
         poisson_sampling=True,
-        noise_generator=noise_gen,
+    )
+    install_prg_noise(private_opt, prg.stream(NOISE_LABEL))
+    # Opacus' hook would account 1 / len(its DPDataLoader) = 1 / int(1 / q), which is not q
+    # for some batch counts (93, 99, ...); account exactly the rate the sampler uses.
+    private_opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    sampler = PoissonSampler(
+        prg.stream(SAMPLING_LABEL), num_samples=len(dataset), sample_rate=sample_rate, steps=batches_per_epoch
     )
     try:
         with warnings.catch_warnings():
             # the first layer's input needs no gradient: Opacus' full backward hook says so
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            loss_sum, steps = _run_epochs(private_model, private_opt, private_loader, training.epochs)
+            loss_sum, steps = _run_epochs(
+                private_model, private_opt, _IndexedBatches((x_t, y_t), sampler), training.epochs
+            )
     finally:
         private_model.remove_hooks()
     return SiteUpdate(
@@ -229,8 +249,21 @@ def client_update(
     )
 
 
+class _IndexedBatches:
+    """Re-iterable (x[idx], y[idx]) batches over the index tensors of a batch sampler; an
+    empty index gives (0, ...) tensors, as Opacus' collate does for an empty Poisson batch."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_sampler: Iterable[torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.batch_sampler = batch_sampler
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for indices in self.batch_sampler:
+            yield tuple(t[indices] for t in self.tensors)
+
+
 def _run_epochs(
-    model: nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader, epochs: int
+    model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable[Any], epochs: int
 ) -> tuple[float, int]:
     loss_sum, steps = 0.0, 0
     for _ in range(epochs):
