@@ -40,7 +40,7 @@ def _rows(out: Path) -> dict[str, ImageResult]:
 
 
 @pytest.fixture(scope="module")
-def engine_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+def engine_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, Path]:
     """The demo study with image 2 replaced by a 4-channel array (it reads, so the study
     loader keeps it, but preprocessing refuses it), through the real engine: the first 3
     images one session each, then the first 4 with --per-session 4: one group, whose session
@@ -58,11 +58,11 @@ def engine_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     assert main([*common, "--out", str(root / "one"), "--per-session", "1", "--workers", "2",
                  "--limit", "3"]) == 0  # fmt: skip
     assert main([*common, "--out", str(root / "four"), "--per-session", "4", "--limit", "4"]) == 0
-    return _rows(root / "one"), _rows(root / "four")
+    return _rows(root / "one"), _rows(root / "four"), root / "four"
 
 
 def test_grouped_session_is_as_faithful_and_cheaper_per_image(engine_runs) -> None:
-    one, four = engine_runs
+    one, four, _ = engine_runs
     good = [r for r in four.values() if r.status == "ok"]
     assert len(one) == 3 and len(four) == 4 and len(good) == 3
     for r in good:
@@ -86,12 +86,21 @@ def test_grouped_session_is_as_faithful_and_cheaper_per_image(engine_runs) -> No
 
 
 def test_unpreprocessable_image_in_a_group_is_an_error_row(engine_runs) -> None:
-    one, four = engine_runs
+    one, four, _ = engine_runs
     for rows in (one, four):
         bad = rows[BAD]
         assert bad.status == "error" and bad.error.startswith("preprocess: InputError: ")
         assert "got (64, 64, 4)" in bad.error and bad.secure_output is None
         assert bad.session_images is None
+
+
+def test_report_says_images_shared_sessions(engine_runs) -> None:
+    from privmed.evaluate.report import build_report
+
+    html, _, summary = build_report(engine_runs[2])
+    assert summary["costs"]["session_images"]["median"] == 3
+    page = html.read_text()
+    assert "images per secure session" in page and "Images shared secure sessions" in page
 
 
 @pytest.fixture(scope="module")
