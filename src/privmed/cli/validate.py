@@ -15,8 +15,9 @@ def register(subparsers: Any) -> None:
         "validate",
         help="run a model securely and in clear on a study; compare outputs, AUROC and cost",
         description="For every image of STUDY_DIR: plaintext inference (onnxruntime) and secure "
-        "inference (three parties), stored in RESULTS_DIR/results.sqlite as each image finishes. "
-        "Rerunning resumes where the last run stopped. Ends by writing the report.",
+        "inference (three parties; up to --per-session images share one session), stored in "
+        "RESULTS_DIR/results.sqlite as each group finishes. Rerunning resumes where the last "
+        "run stopped. Ends by writing the report.",
     )
     v.add_argument(
         "--model",
