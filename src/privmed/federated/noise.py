@@ -4,8 +4,10 @@ DP-SGD (Abadi et al. 2016) is private only if the adversary cannot predict which
 enter a step (the subsampling amplification) nor the Gaussian noise added to the summed
 clipped gradients. Both therefore come from ``privmed.crypto.prg`` (AES-128-CTR, one
 labelled stream each), keyed by 16 bytes of ``os.urandom`` per ``client_update``
-(``PRG.fresh()``); ``insecure_seeded_prg`` derives the key from an integer instead, for
-tests and attack studies only. Neither torch's nor numpy's generators are used.
+(``PRG.fresh()``); ``insecure_seeded_prg`` derives the key from an integer instead
+(SHA-256), for tests and attack studies only. Neither torch's nor numpy's generators are
+used. Stream labels: ``SAMPLING_LABEL`` (one n-word draw per step) and ``NOISE_LABEL``
+(consumed step by step, parameter by parameter in the optimizer's order).
 
 Gaussian noise, ``gaussian_noise(stream, std, shape, dtype)``:
 
@@ -16,19 +18,22 @@ Gaussian noise, ``gaussian_noise(stream, std, shape, dtype)``:
    (exactly, for real uniforms). Computed in float64.
 2. Floating-point mitigation, as Opacus' ``secure_mode`` (Holohan & Braghin 2021,
    arXiv 2107.10138, section 5.1, with n = 2): each noise coordinate is the sum of
-   2n = 4 independent N(0, std^2) draws divided by 2, which is again N(0, std^2). Recovering
-   the uniforms behind one output, the first step of the attacks of Mironov (2012) and
-   Jin et al. (2021, arXiv 2112.05307), then costs about 2^(53 (2n - 1)) = 2^159 instead
-   of being a table look-up. Coordinates go in pairs (2i, 2i + 1) over 4 Box-Muller pairs
+   2n = 4 independent N(0, std^2) draws divided by 2, which is again N(0, std^2). The
+   floating-point attacks (Mironov 2012; Jin et al. 2021, arXiv 2112.05307) tell
+   neighbouring inputs apart by finding which floating-point draws could have produced an
+   output; for a sum of 2n draws that search costs about 2^(p (2n - 1)) = 2^159 with
+   p = 53 (Holohan & Braghin; Opacus' note) instead of a table look-up. Coordinates go in
+   pairs (2i, 2i + 1) over 4 Box-Muller pairs
    (8 words): coordinate 2i sums the four cosine outputs, 2i + 1 the four sine outputs, so
    the four draws of one coordinate come from four distinct pairs. An odd last coordinate
    drops its sine partner.
 3. Multiply by std in float64, cast to the gradient dtype at the end.
 
-Cost: 32 keystream bytes and 2 (log, sqrt, cos, sin) per coordinate; measured on one core
-of the development machine, about 0.11 s per million coordinates (17 k-parameter small-cnn
-2 ms, 11 M-parameter ResNet-18 1.3 s per DP step; torch's MT19937 ``torch.normal``, the old
-path, 9 ms per million). docs/federated.md has the table.
+Cost: 32 keystream bytes (~10 ns) and two each of log, sqrt, cos, sin in float64 per
+coordinate: about 0.1 us per parameter per step on one core of the development machine
+(small-cnn, 17 k parameters: 4 ms; ResNet-18, 11 M: 0.9-1.1 s), ten times the single
+MT19937 ``torch.normal`` draw Opacus made before (0.1 s for ResNet-18). Measurements in
+docs/federated.md ("Cost of the DP randomness").
 
 What remains (not mitigated): the output is a float64 computation, not an exact sampler.
 U1 >= 2^-53 truncates every draw at |z| <= sqrt(106 ln 2) = 8.57 (the mass of the radius
@@ -99,8 +104,12 @@ def _noise_pairs(stream: Stream, pairs: int) -> torch.Tensor:
     """(pairs, 2) float64: for each coordinate pair, the sums of 4 cosine and 4 sine draws."""
     words = torch.from_numpy(stream.uint64((pairs, DRAWS_PER_COORDINATE, 2)).view(np.int64))
     bits = words & _LOW53  # any 53 bits of a uniform word are uniform
-    cos_draws, sin_draws = box_muller(bits[..., 0], bits[..., 1])
-    return torch.stack([cos_draws.sum(dim=1), sin_draws.sum(dim=1)], dim=1)
+    cos_draws, sin_draws = box_muller(bits[..., 0], bits[..., 1])  # (pairs, 4) each
+
+    def four_sum(draws: torch.Tensor) -> torch.Tensor:  # ((z0 + z1) + z2) + z3, a fixed order
+        return draws[:, 0] + draws[:, 1] + draws[:, 2] + draws[:, 3]
+
+    return torch.stack([four_sum(cos_draws), four_sum(sin_draws)], dim=1)
 
 
 def gaussian_noise(
