@@ -226,7 +226,8 @@ def client_update(
     )
     install_prg_noise(private_opt, prg.stream(NOISE_LABEL))
     # Opacus' hook would account 1 / len(its DPDataLoader) = 1 / int(1 / q), which is not q
-    # for some batch counts (93, 99, ...); account exactly the rate the sampler uses.
+    # for some batch counts (93, 99, ...); account exactly the rate the sampler uses. The
+    # optimizer holds one step hook, so this replaces make_private's (pinned by a test).
     private_opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     sampler = PoissonSampler(
         prg.stream(SAMPLING_LABEL), num_samples=len(dataset), sample_rate=sample_rate, steps=batches_per_epoch

@@ -197,8 +197,9 @@ def install_prg_noise(optimizer: Any, stream: Stream) -> None:
     by attribute look-up, then ``scale_grad`` and the accountant's step hook. An instance
     attribute ``add_noise`` therefore replaces exactly the noise and leaves clipping, scaling
     and accounting to Opacus. Only the plain ``DPOptimizer`` class (flat clipping, one
-    process, hook-based per-sample gradients) is accepted: its subclasses have their own
-    ``add_noise``. tests/unit/test_federated_noise.py pins the call order and the result.
+    process, hook-based per-sample gradients) is accepted: its subclasses change the noise or
+    the clipping around it. tests/unit/test_federated_noise.py pins the call order and the
+    result (one DP step = clipped per-sample gradients + this noise, scaled after).
     """
     from opacus.optimizers import DPOptimizer
 
