@@ -89,10 +89,13 @@ class PrivacySpent:
 
 
 def sampling_schedule(n_train: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
-    """(sample rate, steps per round) exactly as Opacus runs them.
+    """(sample rate, steps per round) exactly as ``local.client_update`` runs them.
 
-    Opacus' Poisson ``DPDataLoader.from_data_loader`` uses ``sample_rate = 1 / len(loader)``
-    and yields ``len(loader)`` batches per epoch, with ``len(loader) = ceil(n / batch)``.
+    The site samples each example independently at rate ``q = 1 / ceil(n / batch)`` and runs
+    ``ceil(n / batch)`` steps per epoch (``noise.PoissonSampler``, from the crypto PRG), and
+    the accountant is stepped at that same rate. (Opacus' own loader and accountant hook
+    would use ``int(1 / q)`` steps at rate ``1 / int(1 / q)``, which differs from this for
+    some batch counts, e.g. 93; ``client_update`` replaces both.)
     """
     if n_train < 1 or batch_size < 1 or local_epochs < 1:
         raise InputError(
