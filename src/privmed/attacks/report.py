@@ -137,7 +137,8 @@ def plot_curves(body: dict[str, Any], path: Path) -> Path:
             ax.set_ylabel(ylabel)
             if axis == "batch_size":
                 ax.set_xscale("log", base=2)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     runs = [r for r in body.get("federate") or [] if r["dp"] and r["auroc_cost"] is not None]
     if runs:
         for row in range(len(METRICS)):
