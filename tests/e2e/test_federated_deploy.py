@@ -3,6 +3,11 @@ processes (``privmed federate server|site``), TLS with a CA made for the run, on
 submitted by ``privmed federate run``. Every process has a deadline and its output is shown
 when the test fails.
 
+SuperNode authentication is on (the default): each site makes its own key pair with
+``privmed federate site-key``, the operator registers the three public keys with
+``privmed federate register``, and a fourth SuperNode with an unregistered key, claiming a
+real site's name, must be refused while the round runs with the three registered sites.
+
 The round runs without SecAgg+ (sites started with ``--allow-plain``): Flower 1.41's
 deployment engine starts a process per message and polls every 3 s, so each SecAgg+ round
 (5 messages per site instead of 2) adds about a minute, beyond this tier's time budget.
@@ -58,13 +63,30 @@ def test_superlink_and_three_supernodes_over_tls(tmp_path):
             procs[name] = subprocess.Popen([*PRIVMED, *argv], stdout=fh, stderr=subprocess.STDOUT, env=ENV,
                                            start_new_session=True)  # fmt: skip
 
+    # every hospital makes its own key pair; the operator registers the three public keys
+    for site in (*SITES, "rogue"):
+        subprocess.run([*PRIVMED, "federate", "site-key", "--site", site, "--out", str(tmp_path / "keys" / site)],
+                       check=True, env=ENV, timeout=60, capture_output=True)  # fmt: skip
     try:
         start("server", ["federate", "server", "--certs", str(certs), "--host", "127.0.0.1", "--port", str(port),
                          "--state", str(tmp_path / "server-state")])  # fmt: skip
+        reg = subprocess.run(
+            [*PRIVMED, "federate", "register", "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
+             *(str(tmp_path / "keys" / site / f"{site}.pub") for site in SITES)],
+            capture_output=True, text=True, env=ENV, timeout=180,
+        )  # fmt: skip
+        assert reg.returncode == 0, reg.stdout + reg.stderr
+        assert [ln.split()[1] for ln in reg.stdout.splitlines()] == list(SITES)
         for site in SITES:
             start(site, ["federate", "site", "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
                          "--data", str(study), "--site", site, "--state", str(tmp_path / "state" / site),
+                         "--auth-key", str(tmp_path / "keys" / site / f"{site}.key"),
                          "--port", str(_free_port()), "--wait", "120", "--allow-plain"])  # fmt: skip
+        # an unregistered key claiming a real site's name must not get in
+        start("rogue", ["federate", "site", "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
+                        "--data", str(study), "--site", SITES[0], "--state", str(tmp_path / "state" / "rogue"),
+                        "--auth-key", str(tmp_path / "keys" / "rogue" / "rogue.key"),
+                        "--port", str(_free_port()), "--wait", "120", "--allow-plain"])  # fmt: skip
         out = tmp_path / "run"
         run = subprocess.run(
             [*PRIVMED, "federate", "run", "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
@@ -74,7 +96,10 @@ def test_superlink_and_three_supernodes_over_tls(tmp_path):
             capture_output=True, text=True, env=ENV, timeout=600,
         )  # fmt: skip
         for name, proc in procs.items():
-            assert proc.poll() is None, f"{name} exited early:\n{logs[name].read_text()[-2000:]}"
+            if name != "rogue":
+                assert proc.poll() is None, f"{name} exited early:\n{logs[name].read_text()[-2000:]}"
+        rogue_log = logs["rogue"].read_text(errors="replace")
+        assert "Connection attempt failed" in rogue_log and "SuperNode ID" not in rogue_log, rogue_log[-2000:]
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     except BaseException:
         for name, path in logs.items():

@@ -4,7 +4,9 @@ Subcommands (argument parsing and printing only; the work is ``privmed.federated
 
 - ``simulate``  every site of a study as a Flower client on this machine;
 - ``certs``     a CA and server certificate for a deployment;
+- ``site-key``  a hospital's SuperNode key pair (run at each hospital);
 - ``server``    the SuperLink (run on the server machine);
+- ``register``  admit a hospital's public key to the running SuperLink;
 - ``site``      one hospital's SuperNode (run at each hospital);
 - ``run``       submit a run to the SuperLink and write the model and report.
 """
@@ -71,8 +73,23 @@ def register(subparsers: Any) -> None:
                    help="server DNS name or IP in the certificate (repeat; default localhost, 127.0.0.1)")  # fmt: skip
     p.set_defaults(func=run_certs)
 
+    p = sub.add_parser("site-key", help="a hospital's SuperNode key pair (keep SITE.key, send SITE.pub)")
+    p.add_argument("--site", required=True, help="this hospital's site name")
+    p.add_argument("--out", required=True, help="folder for SITE.key (private) and SITE.pub")
+    p.set_defaults(func=run_site_key)
+
+    p = sub.add_parser("register", help="admit hospitals' public keys to the running SuperLink")
+    p.add_argument("--superlink", required=True, help="SuperLink HOST:PORT")
+    p.add_argument("--ca", required=True, help="ca.crt of the run")
+    p.add_argument("keys", nargs="+", help="SITE.pub files from privmed federate site-key (named by file)")
+    p.add_argument("--wait", type=float, default=60.0,
+                   help="seconds to wait for the SuperLink to become reachable (60)")  # fmt: skip
+    p.set_defaults(func=run_register)
+
     p = sub.add_parser("server", help="run the SuperLink (server machine)")
     p.add_argument("--certs", required=True, help="folder from privmed federate certs")
+    p.add_argument("--no-supernode-auth", action="store_true",
+                   help="INSECURE: accept any SuperNode that reaches the port (default: registered keys only)")  # fmt: skip
     p.add_argument("--host", default="0.0.0.0", help="listen address (0.0.0.0)")
     p.add_argument("--port", type=int, default=9092, help="HTTPS port for sites and operator (9092)")
     p.add_argument("--state", default=None, help="folder for the SuperLink database (default: memory)")
@@ -85,6 +102,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data", required=True, help="this hospital's study folder")
     p.add_argument("--site", required=True, help="this hospital's site name in the run")
     p.add_argument("--state", required=True, help="folder for this site's privacy ledger")
+    p.add_argument("--auth-key", default=None,
+                   help="this hospital's SITE.key from privmed federate site-key (needed unless the server runs --no-supernode-auth)")  # fmt: skip
     p.add_argument("--port", type=int, default=9094, help="local ClientAppIo port (9094)")
     p.add_argument("--allow-plain", action="store_true",
                    help="INSECURE: accept runs without SecAgg+")  # fmt: skip
@@ -196,11 +215,50 @@ def _exec(cmd: list[str], print_only: bool, flwr_home: Path) -> int:
     os.execve(cmd[0], cmd, flower_env(flwr_home))  # the Flower process replaces this one
 
 
+def run_site_key(args: argparse.Namespace) -> int:
+    from privmed.federated.deploy import generate_site_key
+
+    key, pub = generate_site_key(args.out, args.site)
+    print(f"private key: {key} (keep it here; give it to privmed federate site --auth-key)")
+    print(f"public key: {pub} (send it to the server operator: privmed federate register)")
+    return 0
+
+
+def run_register(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from privmed.errors import PeerError
+    from privmed.federated.deploy import (
+        check_reachable,
+        flower_env,
+        register_command,
+        write_flwr_config,
+    )
+
+    check_reachable(args.superlink, args.ca, wait=args.wait)
+    with tempfile.TemporaryDirectory(prefix="privmed-flwr-") as home:
+        env = flower_env(home)
+        write_flwr_config(env["FLWR_HOME"], args.superlink, args.ca)
+        for key in args.keys:
+            site = Path(key).name.removesuffix(".pub")
+            proc = subprocess.run(register_command(key, site), env=env, capture_output=True, text=True, timeout=120)
+            text = (proc.stdout + proc.stderr).strip()
+            if proc.returncode != 0 or "registered successfully" not in text:
+                # Flower prints its error inside a box; keep the lines that carry words
+                words = [ln.strip(" │╭╮╰╯─") for ln in text.splitlines()]
+                reason = " ".join(w for w in words if w and not w.startswith(("Using SuperLink", "Error"))) or "no output"
+                raise PeerError(f"{key}: the SuperLink did not register site {site!r}: {reason}")
+            node = text.split("SuperNode ", 1)[1].split()[0] if "SuperNode " in text else "?"
+            print(f"registered {site} ({key}) as SuperNode {node}")
+    return 0
+
+
 def run_server(args: argparse.Namespace) -> int:
     from privmed.federated.deploy import superlink_command
 
     home = Path(args.state or args.certs) / "flower-home"
-    cmd = superlink_command(args.certs, host=args.host, port=args.port, state_dir=args.state)
+    cmd = superlink_command(args.certs, host=args.host, port=args.port, state_dir=args.state,
+                            supernode_auth=not args.no_supernode_auth)  # fmt: skip
     return _exec(cmd, args.print, home)
 
 
@@ -211,7 +269,7 @@ def run_site(args: argparse.Namespace) -> int:
     cmd = supernode_command(
         args.superlink, args.ca, data_dir=args.data, site=args.site, state_dir=args.state,
         port=args.port, require_secagg=not args.allow_plain, require_dp=args.require_dp,
-        max_epsilon=args.max_epsilon, threads=args.threads,
+        max_epsilon=args.max_epsilon, threads=args.threads, auth_key=args.auth_key,
     )  # fmt: skip
     if not args.print:
         check_site(args.data, args.site)  # fail here, in one line, not inside round 1

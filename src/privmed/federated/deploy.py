@@ -130,8 +130,51 @@ def generate_certificates(out_dir: str | Path, hosts: Sequence[str] = ("localhos
     return paths
 
 
-def superlink_command(certs: str | Path, *, host: str, port: int, state_dir: str | Path | None = None) -> list[str]:
-    """``flower-superlink`` with TLS from ``certs`` (ca.crt, server.pem, server.key)."""
+def generate_site_key(out_dir: str | Path, site: str) -> tuple[Path, Path]:
+    """A hospital's SuperNode identity: an EC P-384 key pair in OpenSSH format.
+
+    ``SITE.key`` (private, mode 0600) stays at the hospital and is given to
+    ``privmed federate site --auth-key``; ``SITE.pub`` goes to the server operator, who
+    registers it (``privmed federate register``). With SuperNode authentication on, the
+    SuperLink accepts only registered keys; each request is signed with the private key
+    (Flower's node authentication: timestamp signatures against impersonation and replay).
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not site or any(c in site for c in "/\\ \t"):
+        raise InputError(f"site name {site!r}: expected a name without slashes or spaces")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    key_path, pub_path = out / f"{site}.key", out / f"{site}.pub"
+    if key_path.exists():
+        raise InputError(f"{key_path}: already exists; keep it (or delete it to make a new identity)")
+    private = ec.generate_private_key(ec.SECP384R1())
+    key_bytes = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key_bytes)
+    pub_path.write_bytes(
+        private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
+    )
+    return key_path, pub_path
+
+
+def register_command(public_key: str | Path, name: str) -> list[str]:
+    """``flwr supernode register`` of one site's public key, named after the site."""
+    key = Path(public_key)
+    if not key.is_file():
+        raise InputError(f"{key}: public key not found (make it with privmed federate site-key)")
+    return [_bin("flwr"), "supernode", "register", str(key.resolve()), FEDERATION, "--name", name]
+
+
+def superlink_command(
+    certs: str | Path, *, host: str, port: int, state_dir: str | Path | None = None, supernode_auth: bool = True
+) -> list[str]:
+    """``flower-superlink`` with TLS from ``certs`` (ca.crt, server.pem, server.key); with
+    ``supernode_auth`` only SuperNodes whose public key was registered may connect."""
     c = Path(certs).resolve()
     for name in ("ca.crt", "server.pem", "server.key"):
         if not (c / name).is_file():
@@ -144,6 +187,8 @@ def superlink_command(certs: str | Path, *, host: str, port: int, state_dir: str
         "--host", host, "--port", str(port),
         "--disable-runtime-dependency-installation",
     ]  # fmt: skip
+    if supernode_auth:
+        cmd.append("--enable-supernode-auth")
     if state_dir is not None:
         Path(state_dir).mkdir(parents=True, exist_ok=True)
         cmd += ["--database", str(Path(state_dir).resolve() / "superlink.db")]
@@ -175,8 +220,10 @@ def supernode_command(
     max_epsilon: float | None = None,
     threads: int = 1,
     max_wait_s: int = 120,
+    auth_key: str | Path | None = None,
 ) -> list[str]:
-    """``flower-supernode`` for one hospital; ``--node-config`` carries the site's policy."""
+    """``flower-supernode`` for one hospital; ``--node-config`` carries the site's policy;
+    ``auth_key`` is the site's private key (``generate_site_key``) for SuperNode authentication."""
     node = {
         "data-dir": str(Path(data_dir).resolve()),
         "site": site,
@@ -187,7 +234,7 @@ def supernode_command(
     }
     if max_epsilon is not None:
         node["max-epsilon"] = float(max_epsilon)
-    return [
+    cmd = [
         _bin("flower-supernode"),
         "--root-certificates", str(Path(ca).resolve()),
         "--superlink", superlink,
@@ -196,6 +243,12 @@ def supernode_command(
         "--max-retries", "20",
         "--max-wait-time", str(max_wait_s),
     ]  # fmt: skip
+    if auth_key is not None:
+        key = Path(auth_key)
+        if not key.is_file():
+            raise InputError(f"{key}: private key not found (make it with privmed federate site-key)")
+        cmd += ["--auth-supernode-private-key", str(key.resolve())]
+    return cmd
 
 
 def write_flower_app(app_dir: str | Path, config: FederatedConfig, run_dir: str | Path) -> Path:
