@@ -7,12 +7,20 @@ import stat
 import pytest
 
 from privmed.errors import InputError
-from privmed.federated.deploy import generate_site_key, register_command, superlink_command, supernode_command
+from privmed.federated.deploy import (
+    generate_site_key,
+    register_command,
+    superlink_command,
+    supernode_command,
+)
 
 
 def test_site_key_is_a_private_p384_openssh_pair(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
 
     key, pub = generate_site_key(tmp_path, "site_a")
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
