@@ -70,3 +70,19 @@ def test_abort_from_peer_is_reported_with_reason() -> None:
     b.abort("model owner could not compile")
     with pytest.raises(PeerError, match="model-owner aborted the session: model owner could not compile"):
         a.recv("plan", np.uint8, None)
+
+
+def test_failure_group_names_the_peer_that_dropped_first():
+    import time
+
+    from privmed.net.channel import FailureGroup
+
+    group = FailureGroup()
+    assert group.earlier_losses("model-owner") == ""
+    group.note_lost("data-owner")
+    time.sleep(0.01)
+    group.note_lost("model-owner")
+    group.note_lost("data-owner")  # recorded once: the first drop counts
+    assert group.earlier_losses("model-owner").startswith("; data-owner had disconnected 0.0")
+    assert group.earlier_losses("data-owner") == ""  # nobody went before it
+    assert group.reason is None  # a drop alone does not fail the party's other waits

@@ -33,6 +33,24 @@ class FailureGroup:
         self._lock = threading.Lock()
         self.reason: str | None = None
         self._conds: list[threading.Condition] = []
+        self.lost_at: dict[str, float] = {}  # peer -> monotonic time its connection dropped
+
+    def note_lost(self, peer: str) -> None:
+        """Record (once) when a connection dropped before the protocol was done with it.
+
+        It does not fail the group (see the class docstring); it lets a later error on another
+        channel say which peer went first: when a peer dies, the party that saw it aborts and
+        closes, and a third party may see that close before (or instead of) the abort frame.
+        """
+        with self._lock:
+            self.lost_at.setdefault(peer, time.monotonic())
+
+    def earlier_losses(self, peer: str) -> str:
+        """``"; data-owner had disconnected 0.3 s before"`` for peers lost before ``peer``."""
+        with self._lock:
+            mine = self.lost_at.get(peer, time.monotonic())
+            earlier = sorted((t, p) for p, t in self.lost_at.items() if p != peer and t <= mine)
+        return "".join(f"; {p} had disconnected {mine - t:.1f} s before" for t, p in earlier)
 
     def register(self, cond: threading.Condition) -> None:
         with self._lock:

@@ -215,6 +215,8 @@ class TlsChannel(Channel):
                 if want_write:
                     self._write_some()
         except BaseException as exc:  # noqa: BLE001 - reported to the waiting caller
+            if not self.finished:
+                self.group.note_lost(self.peer)
             with self._lock:
                 self._error = exc
                 self._lock.notify_all()
@@ -234,6 +236,8 @@ class TlsChannel(Channel):
                 self._read_error = exc
                 n = -1
             if n <= 0 and len(target):
+                if not self.finished:
+                    self.group.note_lost(self.peer)
                 with self._lock:
                     self._eof = True
                     self._lock.notify_all()
@@ -330,7 +334,7 @@ class TlsChannel(Channel):
                 f"{self.peer} refused the TLS connection ({reason}): is this party's certificate "
                 f"signed by the session CA and issued for its role? (during {self.step})"
             )
-        return super()._lost_error()
+        return PeerError(f"lost connection to {self.peer} (during {self.step}){self.group.earlier_losses(self.peer)}")
 
     def _wake(self) -> None:
         try:
