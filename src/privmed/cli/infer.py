@@ -109,6 +109,7 @@ def load_inputs(paths: list[Path], model: Path | None, preprocess: Path | None) 
     (up to 5) and nothing is run.
     """
     files = input_files(paths)
+    per_sample = _input_shape(model) if model is not None else None  # read the model once, not per file
     arrays, rows, errors = [], [], []
     for f in files:
         try:
@@ -116,8 +117,8 @@ def load_inputs(paths: list[Path], model: Path | None, preprocess: Path | None) 
         except InputError as exc:
             errors.append(str(exc))
             continue
-        if model is not None:
-            x = _batch(x, model)
+        if per_sample is not None and list(x.shape) == per_sample:
+            x = x[None]  # one sample without its batch axis
         arrays.append(x)
         rows.extend([f] * x.shape[0])
     if errors:
@@ -159,13 +160,11 @@ def write_outputs(path: Path, outputs: np.ndarray, rows: list[Path], model: Path
     return written
 
 
-def _batch(x: np.ndarray, model: Path) -> np.ndarray:
+def _input_shape(model: Path) -> list[int]:
+    """The model's per-sample input shape (C, H, W) from its ONNX graph."""
     from privmed.compiler import onnx_front
 
-    shape = onnx_front.load(model).input_shape
-    if list(x.shape) == list(shape):
-        return x[None]
-    return x
+    return list(onnx_front.load(model).input_shape)
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
