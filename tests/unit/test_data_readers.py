@@ -189,11 +189,15 @@ def test_dicom_series_sorted_by_position(tmp_path: Path) -> None:
     np.testing.assert_allclose(meta["affine"] @ [2, 3, 4, 1], [10 - 2.4, 20 - 1.5, 7.5, 1])
 
 
-def test_dicom_series_refuses_two_series(tmp_path: Path) -> None:
+def test_dicom_series_refuses_two_series_naming_them_and_reads_the_one_chosen(tmp_path: Path) -> None:
     _ct_slice(tmp_path / "a.dcm", 0.0, 1024, "1.2.3.4")
     _ct_slice(tmp_path / "b.dcm", 5.0, 1024, "1.2.3.5")
-    with pytest.raises(InputError, match="expected one series, found 2"):
+    with pytest.raises(InputError, match=r"2 series in this folder, choose one with --series UID: 1\.2\.3\.4 \(CT, 1 image\); 1\.2\.3\.5"):
         read_dicom_series(tmp_path)
+    volume, meta = read_dicom_series(tmp_path, series_uid="1.2.3.5")
+    assert volume.shape[0] == 1 and meta["series_uid"] == "1.2.3.5" and meta["files"] == [str(tmp_path / "b.dcm")]
+    with pytest.raises(InputError, match=r"no series 9\.9 here; found 1\.2\.3\.4 \(CT, 1 image\)"):
+        read_dicom_series(tmp_path, series_uid="9.9")
 
 
 def test_not_a_dicom_file(tmp_path: Path) -> None:

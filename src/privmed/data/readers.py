@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from privmed.data.dicom_series import choose_series
 from privmed.data.writers import write_nifti
 from privmed.errors import InputError
 
@@ -259,6 +260,8 @@ def _stored_range(ds: Any) -> tuple[float, float]:
 
 def _dicom_geometry(ds: Any, n_frames: int | None) -> dict[str, Any]:
     spacing_tag = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    if spacing_tag and not all(float(v) > 0 for v in spacing_tag[:2]):
+        spacing_tag = None  # e.g. RG1_UNCR.dcm stores PixelSpacing [0, 0]: unknown, not zero
     row_sp, col_sp = (float(spacing_tag[0]), float(spacing_tag[1])) if spacing_tag else (1.0, 1.0)
     position = [float(v) for v in ds.ImagePositionPatient] if "ImagePositionPatient" in ds else None
     orient = (
@@ -340,15 +343,17 @@ def _read_dicom(p: Path, window: Window | str | None) -> tuple[np.ndarray, dict[
     return np.asarray(out, dtype=np.float32), meta
 
 
-def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Read a folder of single-frame DICOM slices of one series into ``(slices, H, W)``.
 
     Slices are sorted by their ImagePositionPatient projected on the slice normal (the cross
     product of the ImageOrientationPatient direction cosines); without positions, by
     InstanceNumber. Values are modality values (HU for CT). ``meta["affine"]`` maps
     (slice, row, column) to RAS mm, so ``write_nifti(path, mask, meta["affine"])`` writes a
-    mask that overlays the series. Non-DICOM files in the folder are ignored (logged);
-    more than one SeriesInstanceUID or differing slice shapes raise ``InputError``.
+    mask that overlays the series. Non-DICOM files and non-image objects (SEG, SR, DICOMDIR)
+    in the folder are ignored; with several image series, ``series_uid`` picks one, else
+    ``InputError`` names them (``dicom_series.choose_series``); differing slice shapes raise.
+    ``meta["files"]`` lists the slices in array order, ``meta["series_uid"]`` the series.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -361,9 +366,7 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
             log.debug("%s: not DICOM, ignored in series", f)
     if not slices:
         raise InputError(f"{root}: no DICOM files found")
-    series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in slices}
-    if len(series) > 1:
-        raise InputError(f"{root}: expected one series, found {len(series)} SeriesInstanceUIDs")
+    slices = choose_series(root, slices, series_uid)
     first = slices[0][1]
     if all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for _, ds in slices):
         orient = np.array([float(v) for v in first.ImageOrientationPatient])
@@ -388,6 +391,7 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
         "modality": str(first.get("Modality", "")) or None,
         "n_slices": len(slices),
         "files": [str(f) for f, _ in slices],
+        "series_uid": str(first.get("SeriesInstanceUID", "") or ""),
         "shape": tuple(volume.shape),
     }
     if orient is not None:
