@@ -16,6 +16,7 @@ sends round(n_i / W * Q) =: q_i times its update, stochastically rounded on a gr
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -25,9 +26,10 @@ import torch
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from privmed.federated.checkpoint import RunDir
-from privmed.federated.client_app import SimulationSites, make_client_app, round_data_seed
+from privmed.federated.client_app import SimulationSites, SiteSpec, make_client_app, round_data_seed
 from privmed.federated.config import DPConfig, FederatedConfig
 from privmed.federated.inprocess import run_in_process
+from privmed.federated.ledger import SiteBudget
 from privmed.federated.server_app import make_server_app
 from privmed.federated.simulate import prepare_config
 
@@ -64,6 +66,7 @@ def _run(study: Path, out: Path, cfg: FederatedConfig, *, mods=(), require_secag
         data_dir=study, sites=cfg.sites, run_dir=out,
         require_secagg=cfg.secagg is not None if require_secagg is None else require_secagg,
         require_dp=cfg.dp is not None, max_epsilon=cfg.dp.epsilon if cfg.dp else math.inf,
+        total=SiteBudget(cfg.dp.epsilon, cfg.dp.delta) if cfg.dp else SiteBudget(),
     )  # fmt: skip
     run_in_process(make_server_app(out, cfg, connect_timeout=30), make_client_app(sites, mods), len(cfg.sites))
     return RunDir(out).status()
@@ -177,7 +180,8 @@ def test_crash_resume_keeps_counting_privacy_and_stops_at_budget(study3, tmp_pat
     (and counted) it. Resuming restarts round 2 from the round-1 checkpoint; each site's
     ledger counts the lost round too, so after round 2 the sites' projected epsilon for a
     3rd round exceeds the budget and the run stops before it, with Opacus' epsilon <= budget."""
-    from privmed.federated.privacy import PrivacyLedger, epsilon_of, epsilon_upper_bound
+    from privmed.federated.ledger import PrivacyLedger
+    from privmed.federated.privacy import epsilon_of, epsilon_upper_bound
 
     out = tmp_path / "run"
     dp = DPConfig(epsilon=4.0, delta=1e-3, max_grad_norm=1.0)
@@ -196,7 +200,8 @@ def test_crash_resume_keeps_counting_privacy_and_stops_at_budget(study3, tmp_pat
     round1 = hashlib.sha256((out / "rounds" / "round-0001.npz").read_bytes()).hexdigest()
 
     def ledger(site: str) -> PrivacyLedger:
-        return PrivacyLedger._load(run.site_state_dir(site) / f"{cfg.run_name}.privacy.json")
+        (path,) = run.site_state_dir(site).glob("privacy-ledger-*.json")
+        return PrivacyLedger._load(path, cfg.run_name)
 
     assert [len(ledger(s).entries) for s in cfg.sites] == [2, 2, 2]
 
@@ -227,3 +232,33 @@ def test_extending_a_dp_run_past_its_schedule_stops_before_the_extra_round(study
     status = _run(study3, out, _config(study3, out, rounds=2, dp=dp))
     assert status["state"] == "stopped-budget" and "before round 2" in status["message"]
     assert RunDir(out).completed_rounds() == [0, 1]
+
+
+def test_a_renamed_run_cannot_reset_a_sites_budget_and_training_stops_with_a_message(study3, tmp_path):
+    """Each site keeps its ledger in its own state folder across runs (as a SuperNode does)
+    with a total budget of epsilon 3. Run 1 (1 round at epsilon 3) spends it; the server then
+    submits the same training under a new run name: every site refuses before training, and
+    the run stops at the budget with the site's reason."""
+    state = tmp_path / "site-state"
+    dp = DPConfig(epsilon=3.0, delta=1e-3, max_grad_norm=1.0)
+
+    def resolver(context) -> SiteSpec:
+        site = ("site_a", "site_b", "site_c")[int(context.node_config["partition-id"])]
+        return SiteSpec(data_dir=study3, site=site, state_dir=state / site, require_dp=True,
+                        total=SiteBudget(3.0, 1e-3))  # fmt: skip
+
+    names = []
+    for out in (tmp_path / "run-1", tmp_path / "run-2"):
+        cfg = _config(study3, out, rounds=1, dp=dp)
+        names.append(cfg.run_name)
+        run_in_process(make_server_app(out, cfg, connect_timeout=30), make_client_app(resolver), 3)
+    assert names[0] != names[1]
+    assert RunDir(tmp_path / "run-1").status()["state"] == "complete"
+    status = RunDir(tmp_path / "run-2").status()
+    assert status["state"] == "stopped-budget", status
+    assert "total privacy budget of this data set exhausted" in status["message"]
+    assert RunDir(tmp_path / "run-2").completed_rounds() == [0]
+    for site in ("site_a", "site_b", "site_c"):
+        (ledger,) = (state / site).glob("privacy-ledger-*.json")  # one ledger, both runs
+        assert sorted(json.loads(ledger.read_text())["runs"]) == sorted(names)
+        assert len(json.loads(ledger.read_text())["entries"]) == 1

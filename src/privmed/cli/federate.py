@@ -109,6 +109,9 @@ def register(subparsers: Any) -> None:
                    help="INSECURE: accept runs without SecAgg+")  # fmt: skip
     p.add_argument("--require-dp", action="store_true", help="refuse runs without DP-SGD")
     p.add_argument("--max-epsilon", type=float, default=None, help="refuse runs with a larger epsilon")
+    p.add_argument("--dp-total-epsilon", type=float, default=8.0,
+                   help="this site's total DP budget over ALL runs on this data set (8); training stops once spent")  # fmt: skip
+    p.add_argument("--dp-total-delta", type=float, default=1e-5, help="delta of the total budget (1e-5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for local training (1)")
     p.add_argument("--wait", type=float, default=60.0,
                    help="seconds to wait for the SuperLink to become reachable (60)")  # fmt: skip
@@ -264,13 +267,16 @@ def run_server(args: argparse.Namespace) -> int:
 
 def run_site(args: argparse.Namespace) -> int:
     from privmed.federated.deploy import check_reachable, supernode_command
+    from privmed.federated.ledger import SiteBudget
     from privmed.federated.sitedata import check_site
 
     cmd = supernode_command(
         args.superlink, args.ca, data_dir=args.data, site=args.site, state_dir=args.state,
         port=args.port, require_secagg=not args.allow_plain, require_dp=args.require_dp,
-        max_epsilon=args.max_epsilon, threads=args.threads, auth_key=args.auth_key,
+        max_epsilon=args.max_epsilon, total_epsilon=args.dp_total_epsilon, total_delta=args.dp_total_delta,
+        threads=args.threads, auth_key=args.auth_key,
     )  # fmt: skip
+    SiteBudget(args.dp_total_epsilon, args.dp_total_delta).check()
     if not args.print:
         check_site(args.data, args.site)  # fail here, in one line, not inside round 1
         Path(args.state).mkdir(parents=True, exist_ok=True)
@@ -281,7 +287,7 @@ def run_site(args: argparse.Namespace) -> int:
 def run_deployment(args: argparse.Namespace) -> int:
     from privmed.errors import PeerError
     from privmed.federated.checkpoint import RunDir
-    from privmed.federated.config import FederatedConfig, SecAggConfig
+    from privmed.federated.config import FederatedConfig, SecAggConfig, safe_run_name
     from privmed.federated.deploy import (
         check_reachable,
         flower_env,
@@ -294,7 +300,7 @@ def run_deployment(args: argparse.Namespace) -> int:
 
     out = Path(args.out).resolve()
     rd = RunDir(out)
-    run_name = rd.stored_config().run_name if rd.manifest_path.exists() else f"{out.name}-{os.urandom(4).hex()}"
+    run_name = rd.stored_config().run_name if rd.manifest_path.exists() else safe_run_name(out.name, os.urandom(4).hex())
     config = FederatedConfig(
         model=args.model, rounds=args.rounds,
         labels=tuple(s.strip() for s in args.labels.split(",") if s.strip()),

@@ -17,8 +17,9 @@ the server.
 
 Where a site's settings come from: in deployment the SuperNode's ``--node-config``
 (``data-dir``, ``site``, ``state-dir``, ``require-secagg``, ``require-dp``,
-``max-epsilon``, ``threads``), see ``node_config_site``; in simulation ``SimulationSites``
-maps the partition id to a site of the study.
+``max-epsilon``, ``dp-total-epsilon``, ``dp-total-delta``, ``threads``), see
+``node_config_site``; in simulation ``SimulationSites`` maps the partition id to a site of
+the study. The total budget bounds every run on the site's data set together (``ledger``).
 
 What the server sees from a site: the masked update (SecAgg+) or the update itself, the
 training-set size, the DP numbers (data independent), the round's training loss only
@@ -46,6 +47,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from privmed.errors import ConfigError, ProtocolError
 from privmed.federated.config import FederatedConfig, SecAggConfig
+from privmed.federated.ledger import SiteBudget
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class SiteSpec:
     require_dp: bool = False
     max_epsilon: float = math.inf
     threads: int = 1
+    total: SiteBudget = SiteBudget()
 
 
 SiteResolver = Callable[[Context], SiteSpec]
@@ -97,6 +100,9 @@ def node_config_site(context: Context) -> SiteSpec:
         require_dp=_flag(cfg.get("require-dp", False), "require-dp"),
         max_epsilon=float(cfg.get("max-epsilon", math.inf)),
         threads=int(cfg.get("threads", 1)),
+        total=SiteBudget(
+            float(cfg.get("dp-total-epsilon", SiteBudget.epsilon)), float(cfg.get("dp-total-delta", SiteBudget.delta))
+        ),
     )
 
 
@@ -111,6 +117,7 @@ class SimulationSites:
     require_dp: bool
     max_epsilon: float = math.inf
     threads: int = 1
+    total: SiteBudget = SiteBudget()
 
     def __call__(self, context: Context) -> SiteSpec:
         from privmed.federated.checkpoint import RunDir
@@ -127,6 +134,7 @@ class SimulationSites:
             require_dp=self.require_dp,
             max_epsilon=self.max_epsilon,
             threads=self.threads,
+            total=self.total,
         )
 
 
@@ -182,8 +190,9 @@ class SiteClient(NumPyClient):
         return check_arrays(parameters, get_arrays(model), what=f"round {server_round} global weights")
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        from privmed.federated.ledger import PrivacyLedger
         from privmed.federated.local import DPSGD, LocalTraining, client_update
-        from privmed.federated.privacy import PrivacyBudgetExhausted, PrivacyLedger
+        from privmed.federated.privacy import PrivacyBudgetExhausted
 
         cfg, server_round, data, model = self._setup(config)
         global_arrays = self._global(model, parameters, server_round)
@@ -197,9 +206,9 @@ class SiteClient(NumPyClient):
             metrics["train-loss"] = update.train_loss
         else:
             ledger = PrivacyLedger.open(
-                self.spec.state_dir, site=self.spec.site, run_name=cfg.run_name, dp=cfg.dp,
-                n_train=data.n_train, batch_size=cfg.batch_size,
-                local_epochs=cfg.local_epochs, rounds=cfg.rounds,
+                self.spec.state_dir, site=self.spec.site, dataset=data.fingerprint,
+                run_name=cfg.run_name, dp=cfg.dp, n_train=data.n_train, batch_size=cfg.batch_size,
+                local_epochs=cfg.local_epochs, rounds=cfg.rounds, total=self.spec.total,
             )
             ledger.check_next_round()  # raises PrivacyBudgetExhausted before touching data
             update = client_update(
@@ -214,6 +223,8 @@ class SiteClient(NumPyClient):
             metrics.update({f"dp-{k.replace('_', '-')}": v for k, v in spent.as_dict().items()})
             metrics["dp-epsilon-next"] = next_eps
             metrics["dp-budget"] = cfg.dp.epsilon
+            metrics["dp-site-total-epsilon"] = ledger.total_spent()
+            metrics["dp-site-total-budget"] = ledger.total.epsilon
             log.info("site %s round %d: %s", self.spec.site, server_round, spent.line())
         if cfg.secagg is not None:
             _check_secagg_range(self.spec.site, update.delta, data.n_train, cfg.secagg)

@@ -13,6 +13,7 @@ nothing, delta not far below 1/n, or a noise multiplier below ``MIN_NOISE_MULTIP
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -22,9 +23,12 @@ from privmed.errors import ConfigError
 __all__ = [
     "MAX_EPSILON",
     "MIN_NOISE_MULTIPLIER",
+    "RUN_NAME_PATTERN",
     "DPConfig",
     "FederatedConfig",
     "SecAggConfig",
+    "check_run_name",
+    "safe_run_name",
 ]
 
 # An (epsilon, delta) bound with epsilon above this says nothing useful about a patient:
@@ -33,6 +37,25 @@ MAX_EPSILON = 50.0
 # Below this the Gaussian noise is under a third of the clipping norm per step; for any
 # realistic schedule the RDP bound then exceeds MAX_EPSILON, i.e. DP in name only.
 MIN_NOISE_MULTIPLIER = 0.3
+# Run names come from the server and end up in site-side files and logs: letters, digits,
+# '.', '_', '-' only, not starting with '.', so '../x', '/etc/x' or '' can never be a name.
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_run_name(name: object) -> str:
+    """Return ``name`` if it matches ``^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$``; ConfigError otherwise."""
+    if not isinstance(name, str) or RUN_NAME_PATTERN.fullmatch(name) is None:
+        raise ConfigError(
+            f"run name {name!r}: expected 1-64 characters from A-Z a-z 0-9 . _ - starting with a"
+            " letter or digit"
+        )
+    return name
+
+
+def safe_run_name(text: str, suffix: str) -> str:
+    """A valid run name from a folder name and a random suffix (unsafe characters -> '-')."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "-", text).lstrip("._-")[: 63 - len(suffix)] or "run"
+    return check_run_name(f"{stem}-{suffix}")
 
 
 @dataclass(frozen=True)
@@ -124,7 +147,8 @@ class FederatedConfig:
         engine) or "batch" (not with DP).
     test_fraction : share of each site's images held out (by a hash of the image id).
     seed : seeds model initialisation and data order (not DP noise, see ``local``).
-    run_name : identifies the run in every site's privacy ledger.
+    run_name : identifies the run in every site's privacy ledger (``check_run_name``); the
+        site's cumulative budget does not depend on it (``ledger``).
     secagg, dp : None for off.
     """
 
@@ -146,6 +170,7 @@ class FederatedConfig:
 
     def check(self) -> None:
         """Raise ConfigError on an inconsistent or non-private configuration."""
+        check_run_name(self.run_name)
         if self.rounds < 1 or self.local_epochs < 1 or self.batch_size < 1:
             raise ConfigError(
                 "expected rounds, local epochs and batch size >= 1, got "

@@ -218,6 +218,8 @@ def supernode_command(
     require_secagg: bool = True,
     require_dp: bool = False,
     max_epsilon: float | None = None,
+    total_epsilon: float | None = None,
+    total_delta: float | None = None,
     threads: int = 1,
     max_wait_s: int = 120,
     auth_key: str | Path | None = None,
@@ -234,6 +236,10 @@ def supernode_command(
     }
     if max_epsilon is not None:
         node["max-epsilon"] = float(max_epsilon)
+    if total_epsilon is not None:
+        node["dp-total-epsilon"] = float(total_epsilon)
+    if total_delta is not None:
+        node["dp-total-delta"] = float(total_delta)
     cmd = [
         _bin("flower-supernode"),
         "--root-certificates", str(Path(ca).resolve()),

@@ -1,11 +1,6 @@
-"""Privacy accounting for DP-SGD at one site, cumulative over all rounds of a run.
+"""Privacy accounting for DP-SGD: epsilon of a history, noise calibration, the budget error.
 
-Each site keeps its own ledger file (the site, not the server, is the party whose patients
-the guarantee protects, so it must not rely on the server to count). The ledger holds the
-budget and the schedule fixed when the run first touched the site, and the list of
-(noise multiplier, sample rate, steps) that Opacus actually ran, one entry per local
-training round, including rounds that were later lost to a crash: the data was used, so
-the cost is real. A resumed run reopens the same file and keeps counting.
+The persisted per-site ledger that uses these functions is ``ledger.PrivacyLedger``.
 
 Accounting: Rényi DP of the subsampled Gaussian mechanism (Mironov 2017; Mironov, Talwar
 and Zhang 2019) through Opacus' ``RDPAccountant``, converted to (epsilon, delta) with
@@ -13,35 +8,19 @@ Opacus' conversion (Balle et al. 2020). ``epsilon_of`` (the reported epsilon) is
 computation as ``PrivacyEngine(accountant="rdp").get_epsilon``; the tests check the equality.
 ``epsilon_upper_bound`` restricts the minimum over RDP orders to the integer ones, which
 is >= ``epsilon_of`` and 20x faster; calibration and the stop decision use it.
-
-Hard stop: ``PrivacyLedger.check_next_round`` raises ``PrivacyBudgetExhausted`` when one more
-round at the fixed schedule could take epsilon past the budget, before any data is touched.
-
-Ledger JSON (``<state_dir>/<run_name>.privacy.json``)::
-
-    {"format": "privmed-privacy-ledger", "version": 1, "site": str, "run_name": str,
-     "epsilon_budget": float, "delta": float, "max_grad_norm": float,
-     "noise_multiplier": float, "sample_rate": float, "steps_per_round": int,
-     "entries": [{"round": int, "noise_multiplier": float, "sample_rate": float,
-                  "steps": int}, ...]}
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 from privmed.errors import ConfigError, InputError, PrivmedError
 from privmed.federated.config import MIN_NOISE_MULTIPLIER, DPConfig
 
 __all__ = [
     "PrivacyBudgetExhausted",
-    "PrivacyLedger",
     "PrivacySpent",
     "calibrate_noise_multiplier",
     "epsilon_of",
@@ -49,8 +28,6 @@ __all__ = [
     "sampling_schedule",
 ]
 
-FORMAT = "privmed-privacy-ledger"
-VERSION = 1
 # the integer orders among Opacus' RDPAccountant.DEFAULT_ALPHAS (2..10 and 12..63)
 INTEGER_ORDERS = [float(a) for a in range(2, 11)] + [float(a) for a in range(12, 64)]
 
@@ -167,166 +144,3 @@ def calibrate_noise_multiplier(dp: DPConfig, sample_rate: float, steps: int) -> 
             " configuration that is DP in name only (lower epsilon or add rounds/steps)"
         )
     return high
-
-
-@dataclass
-class PrivacyLedger:
-    """One site's persisted DP account for one run (see module docstring for the file)."""
-
-    path: Path
-    site: str
-    run_name: str
-    epsilon_budget: float
-    delta: float
-    max_grad_norm: float
-    noise_multiplier: float
-    sample_rate: float
-    steps_per_round: int
-    entries: list[dict[str, Any]] = field(default_factory=list)
-
-    # -- opening ---------------------------------------------------------------------------
-    @classmethod
-    def open(
-        cls,
-        state_dir: str | Path,
-        *,
-        site: str,
-        run_name: str,
-        dp: DPConfig,
-        n_train: int,
-        batch_size: int,
-        local_epochs: int,
-        rounds: int,
-    ) -> PrivacyLedger:
-        """Load the ledger of (site, run) or create it, fixing the noise multiplier so that
-        ``rounds`` rounds spend at most ``dp.epsilon``. A stored ledger must match ``dp`` and
-        the sampling schedule; otherwise ConfigError (a resumed run cannot change them)."""
-        if 1.0 / n_train <= dp.delta:
-            raise ConfigError(
-                f"site {site}: DP delta={dp.delta:g} must be well below 1/n = 1/{n_train}"
-                " (delta >= 1/n allows releasing a record outright)"
-            )
-        path = Path(state_dir) / f"{run_name}.privacy.json"
-        q, steps = sampling_schedule(n_train, batch_size, local_epochs)
-        if path.exists():
-            ledger = cls._load(path)
-            stored = (ledger.epsilon_budget, ledger.delta, ledger.max_grad_norm, ledger.sample_rate)
-            wanted = (dp.epsilon, dp.delta, dp.max_grad_norm, q)
-            if ledger.site != site or not all(
-                math.isclose(a, b, rel_tol=1e-12) for a, b in zip(stored, wanted, strict=True)
-            ) or ledger.steps_per_round != steps:
-                raise ConfigError(
-                    f"{path}: ledger was opened with (epsilon, delta, clip, sample rate, steps)"
-                    f" = {stored + (ledger.steps_per_round,)}, this run asks for"
-                    f" {wanted + (steps,)}; a resumed run cannot change its DP schedule"
-                )
-            return ledger
-        sigma = calibrate_noise_multiplier(dp, q, steps * rounds)
-        ledger = cls(
-            path=path,
-            site=site,
-            run_name=run_name,
-            epsilon_budget=dp.epsilon,
-            delta=dp.delta,
-            max_grad_norm=dp.max_grad_norm,
-            noise_multiplier=sigma,
-            sample_rate=q,
-            steps_per_round=steps,
-        )
-        ledger.save()
-        return ledger
-
-    @classmethod
-    def _load(cls, path: Path) -> PrivacyLedger:
-        try:
-            body = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"{path}: unreadable privacy ledger ({exc})") from None
-        if not isinstance(body, dict) or body.get("format") != FORMAT or body.get("version") != VERSION:
-            raise InputError(f"{path}: expected a {FORMAT} v{VERSION} file")
-        try:
-            return cls(
-                path=path,
-                site=str(body["site"]),
-                run_name=str(body["run_name"]),
-                epsilon_budget=float(body["epsilon_budget"]),
-                delta=float(body["delta"]),
-                max_grad_norm=float(body["max_grad_norm"]),
-                noise_multiplier=float(body["noise_multiplier"]),
-                sample_rate=float(body["sample_rate"]),
-                steps_per_round=int(body["steps_per_round"]),
-                entries=[dict(e) for e in body["entries"]],
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{path}: malformed privacy ledger ({exc})") from None
-
-    def save(self) -> None:
-        """Write atomically (temp file + fsync + rename): a crash never leaves half a ledger."""
-        body = {
-            "format": FORMAT,
-            "version": VERSION,
-            "site": self.site,
-            "run_name": self.run_name,
-            "epsilon_budget": self.epsilon_budget,
-            "delta": self.delta,
-            "max_grad_norm": self.max_grad_norm,
-            "noise_multiplier": self.noise_multiplier,
-            "sample_rate": self.sample_rate,
-            "steps_per_round": self.steps_per_round,
-            "entries": self.entries,
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(body, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-
-    # -- accounting ------------------------------------------------------------------------
-    def history(self) -> list[tuple[float, float, int]]:
-        return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.entries]
-
-    def spent(self) -> PrivacySpent:
-        """What has been spent so far."""
-        return PrivacySpent(
-            epsilon=epsilon_of(self.history(), self.delta),
-            delta=self.delta,
-            noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.max_grad_norm,
-            sample_rate=self.sample_rate,
-            steps=sum(int(e["steps"]) for e in self.entries),
-        )
-
-    def check_next_round(self) -> float:
-        """``epsilon_upper_bound`` after one more round; PrivacyBudgetExhausted if over budget.
-
-        The bound is the one the noise was calibrated with, so the planned rounds always pass
-        and a round lost to a crash (already counted) makes the last planned round fail.
-        """
-        projected = self.history() + [(self.noise_multiplier, self.sample_rate, self.steps_per_round)]
-        bound = epsilon_upper_bound(projected, self.delta)
-        if bound > self.epsilon_budget:
-            raise PrivacyBudgetExhausted(
-                f"site {self.site}: one more round would spend epsilon up to {bound:.4f} > budget"
-                f" {self.epsilon_budget:g} at delta={self.delta:g} (spent so far"
-                f" {self.spent().epsilon:.4f} in {len(self.entries)} rounds); stopping"
-            )
-        return bound
-
-    def record(self, server_round: int, history: Sequence[tuple[float, float, int]]) -> PrivacySpent:
-        """Append what Opacus ran in one round (its accountant's history) and save."""
-        for sigma, q, steps in history:
-            if not math.isclose(float(sigma), self.noise_multiplier) or not math.isclose(
-                float(q), self.sample_rate
-            ):
-                raise ConfigError(
-                    f"site {self.site}: Opacus ran (sigma={sigma}, q={q}), ledger schedule is"
-                    f" (sigma={self.noise_multiplier}, q={self.sample_rate})"
-                )
-            self.entries.append(
-                {"round": int(server_round), "noise_multiplier": float(sigma),
-                 "sample_rate": float(q), "steps": int(steps)}
-            )
-        self.save()
-        return self.spent()

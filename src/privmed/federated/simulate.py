@@ -26,7 +26,7 @@ from typing import Any
 
 from privmed.errors import PeerError
 from privmed.federated.checkpoint import RunDir, atomic_write_json
-from privmed.federated.config import DPConfig, FederatedConfig, SecAggConfig
+from privmed.federated.config import DPConfig, FederatedConfig, SecAggConfig, safe_run_name
 from privmed.federated.report import build_report, write_report
 from privmed.federated.sitedata import summarize_study
 
@@ -75,7 +75,7 @@ def prepare_config(
     if run_dir.manifest_path.exists():
         run_name = run_dir.stored_config().run_name
     else:
-        run_name = f"{Path(out).resolve().name}-{secrets.token_hex(4)}"
+        run_name = safe_run_name(Path(out).resolve().name, secrets.token_hex(4))
     sa = None
     if secagg:
         sa = SecAggConfig(
@@ -157,6 +157,7 @@ def simulate(
     from flwr.simulation import run_simulation
 
     from privmed.federated.client_app import SimulationSites, make_client_app
+    from privmed.federated.ledger import SiteBudget
     from privmed.federated.server_app import make_server_app
 
     config.check()
@@ -168,6 +169,9 @@ def simulate(
                 data_dir=Path(study_dir).resolve(), sites=config.sites, run_dir=run_dir.root.resolve(),
                 require_secagg=config.secagg is not None, require_dp=config.dp is not None,
                 max_epsilon=config.dp.epsilon if config.dp else math.inf,
+                # one user owns every simulated site and its ledgers live in RUN_DIR: the
+                # site total is the run's budget
+                total=SiteBudget(config.dp.epsilon, config.dp.delta) if config.dp else SiteBudget(),
             )
         )  # fmt: skip
     server_app = make_server_app(run_dir.root.resolve(), config, on_round, connect_timeout)

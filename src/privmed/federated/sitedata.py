@@ -27,6 +27,7 @@ __all__ = [
     "SiteData",
     "StudySummary",
     "check_site",
+    "dataset_fingerprint",
     "is_test",
     "load_site",
     "preprocess_for",
@@ -38,7 +39,11 @@ MIN_TRAIN_IMAGES = 2
 
 @dataclass(frozen=True)
 class SiteData:
-    """Model-ready arrays of one site: x float32 (N, 1, S, S), y float32 (N, K), nan = unknown."""
+    """Model-ready arrays of one site: x float32 (N, 1, S, S), y float32 (N, K), nan = unknown.
+
+    ``fingerprint`` identifies the site's data set (``dataset_fingerprint``): the key of the
+    site's cumulative privacy ledger.
+    """
 
     site: str
     labels: tuple[str, ...]
@@ -46,6 +51,7 @@ class SiteData:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    fingerprint: str = ""
 
     @property
     def n_train(self) -> int:
@@ -71,6 +77,20 @@ def is_test(image_id: str, fraction: float) -> bool:
     """True for the held-out share: first 8 bytes of SHA-256(image id) / 2^64 < fraction."""
     digest = hashlib.sha256(image_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
+
+
+def dataset_fingerprint(site: str, image_ids: Sequence[str]) -> str:
+    """SHA-256 (hex) of the site name and its sorted image ids, train and test alike.
+
+    Nothing the server sends enters it (not the run name, the split fraction or the image
+    size), so a server cannot move a site to a fresh privacy ledger. Ids are length-prefixed,
+    so no two id lists share an encoding.
+    """
+    digest = hashlib.sha256(b"privmed-site-dataset-v1\0")
+    for text in (site, *sorted(image_ids)):
+        raw = text.encode("utf-8")
+        digest.update(len(raw).to_bytes(8, "big") + raw)
+    return digest.hexdigest()
 
 
 def preprocess_for(image_size: int) -> Any:
@@ -213,4 +233,5 @@ def load_site(
         y_train=np.stack(ys[False]).reshape(-1, k),
         x_test=np.stack(xs[True]).astype(np.float32),
         y_test=np.stack(ys[True]).reshape(-1, k),
+        fingerprint=dataset_fingerprint(site, [str(r.image_id) for r in records]),
     )
