@@ -1,0 +1,15 @@
+"""Building blocks of the dealer-free two-party mode (issue 14): HE linear layers and OT-based
+comparisons between the data owner and the model owner, with no third party.
+
+Modules, in dependency order:
+
+- ``seal_io``      BFV parameter set (N = 8192, log2 q = 218, t = 2^l) and raw numpy <-> SEAL
+                   conversion through TenSEAL's ``sealapi`` (imported lazily: optional extra).
+- ``he_encoding``  Cheetah's coefficient packing of convolutions and matrix products (pure).
+- ``he_linear``    shares over Z_2^l of L(W, x) by BFV with the model owner's plaintext weights.
+- ``ot``           base OT (Chou-Orlandi over X25519), IKNP OT extension, 1-out-of-16 OT.
+- ``compare``      CrypTFlow2's millionaires' protocol, AND triples by OT, DReLU / ReLU on
+                   arithmetic shares over Z_2^l, bit-to-arithmetic conversion.
+
+None of these is wired into the runtime yet (see docs/twoparty.md for what remains).
+"""

@@ -1,0 +1,196 @@
+"""Linear layers with the model owner's private weights by BFV HE, no dealer (Cheetah).
+
+``he_setup`` runs once per session (the data owner's public key, for re-randomisation), then
+``he_linear`` gives additive shares over Z_2^l (l = ``HEParams.plain_bits``) of L(W, x), where
+the data owner holds x0 (or an input-independent random mask A, for the offline phase) and the
+model owner holds W and optionally x1. See ``he_encoding`` for the packing and the ring.
+
+Parameter set: see ``seal_io`` (N = 8192, log2 q = 218 with the special prime, t = 2^37:
+128-bit classical security by the HE standard's Table 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from privmed.crypto.prg import Stream
+from privmed.errors import ProtocolError
+from privmed.mpc.twoparty.he_encoding import (
+    Geometry,
+    block_plan,
+    decode_output,
+    encode_input,
+    flood_bits,
+    geometry,
+    plaintext_product,
+    signed_weights,
+    weight_polys,
+)
+from privmed.mpc.twoparty.seal_io import SealIO
+from privmed.net.channel import Channel
+from privmed.ring.linalg import ConvSpec
+
+U64 = np.uint64
+
+
+@dataclass
+class HESession:
+    """One party's HE state: the data owner holds the secret key, the model owner the public key."""
+
+    io: SealIO
+    is_data_owner: bool
+    encryptor: Any  # data owner: symmetric (secret key); model owner: public key
+    decryptor: Any = None
+
+
+def he_setup(io: SealIO, ch: Channel, is_data_owner: bool) -> HESession:
+    """Key set-up: the data owner generates a BFV key pair and sends the public key (one message,
+    2 x 4 x N ring elements mod the key-level primes: 512 KiB at N = 8192). The model owner uses
+    it only to add fresh encryptions of zero; no relinearisation or Galois keys exist."""
+    s = io.s
+    if is_data_owner:
+        keygen = s.KeyGenerator(io.ctx)
+        secret = keygen.secret_key()
+        public = s.PublicKey()
+        keygen.create_public_key(public)
+        ch.send("he/pk", io.ct_array(public.data()))
+        return HESession(io, True, s.Encryptor(io.ctx, secret), s.Decryptor(io.ctx, secret))
+    pk = ch.recv("he/pk", U64, (2, len(io.primes), io.params.n))
+    io.check_rns(pk, "public key")
+    return HESession(io, False, s.Encryptor(io.ctx, io.public_key(pk)))
+
+
+def he_linear(
+    he: HESession,
+    ch: Channel,
+    label: str,
+    kind: str,
+    spec: ConvSpec | None,
+    x_shape: tuple[int, ...],
+    w_shape: tuple[int, ...],
+    x: np.ndarray | None = None,
+    weight: np.ndarray | None = None,
+    weight_bits: int = 16,
+    stream: Stream | None = None,
+) -> np.ndarray:
+    """Shares over Z_2^l of L(W, x0 + x1): the data owner passes x (its share x0, or a random mask
+    A), the model owner passes weight (signed int64, |w| < 2^weight_bits), optionally x (its share
+    x1), and a PRG stream for its masks. Returns this party's share, values in [0, 2^l).
+
+    Steps (Cheetah, sec. 3-4, with the coefficient encodings of ``he_encoding``):
+
+    1. Data owner: encodes x0 into polynomials, encrypts each under its secret key (BFV, fresh
+       symmetric encryptions), sends them (coefficient form, 3 primes).
+    2. Model owner: for each output polynomial, sums the products of the received ciphertexts with
+       its plaintext weight polynomials (NTT domain), subtracts a uniform mask R(X) mod t on
+       *all* N coefficients, adds a fresh Enc_pk(0), drops one 60-bit prime, adds flooding noise
+       uniform in [-2^F, 2^F] to the first component (F = ``flood_bits``), sends the result
+       (2 primes). Its share is R at the output coefficients, plus L(W, x1) if it holds x1.
+    3. Data owner: decrypts; its share is the output coefficients of L(W, x0) - R.
+
+    Rounds: 1 (one message each way; the public key is sent once per session by ``he_setup``).
+    Bytes: data owner 48 N per input polynomial, model owner 32 N per output polynomial (counts
+    from ``Geometry.input_polys`` / ``output_polys``), i.e. per output element about
+    (48 N n_in + 32 N n_out) / |y|.
+
+    Security (semi-honest): the model owner sees only RLWE ciphertexts under the data owner's key
+    (IND-CPA, RLWE at 128 bits). The data owner decrypts a plaintext that is uniform (every
+    coefficient masked by R, used once), and a ciphertext that is statistically within
+    2^-sigma (sigma = ``HEParams.flood_sigma``, per coefficient, union bound over N) of a fresh
+    encryption of that plaintext: Enc_pk(0) re-randomises the second component (which otherwise
+    equals the data owner's own c1 times W), and the flooding noise, 2^sigma times the
+    worst-case noise bound, hides the noise's dependence on W (noise flooding, Gentry 2009;
+    the circuit-privacy argument Cheetah sec. 4 relies on). A simulator for the data owner encrypts
+    its own uniform output polynomial, re-randomises and floods the same way.
+    """
+    io, params = he.io, he.io.params
+    n, t_mask = params.n, (1 << params.plain_bits) - 1
+    g: Geometry = geometry(kind, spec, x_shape, w_shape, n)
+    plan = block_plan(g)
+    n_in, n_out = g.input_polys(), g.output_polys()
+    k_top = len(params.data_bits)
+    if he.is_data_owner:
+        if x is None:
+            raise ValueError("he_linear: the data owner must pass its input share or mask")
+        polys = encode_input(g, x.reshape(x_shape) & U64(t_mask), n)
+        cts = np.empty((n_in, 2, k_top, n), dtype=U64)
+        for i in range(n_in):
+            ct = io.s.Ciphertext()
+            he.encryptor.encrypt_symmetric(io.plaintext(polys[i]), ct)
+            cts[i] = io.ct_array(ct)
+        ch.send(f"{label}/he/x", cts)
+        replies = ch.recv(f"{label}/he/y", U64, (n_out, 2, k_top - 1, n))
+        io.check_rns(replies, f"{label}: reply ciphertexts")
+        level = io.ctx.first_context_data().next_context_data().parms_id()
+        out = np.empty((n_out, n), dtype=U64)
+        for i in range(n_out):
+            pt = io.s.Plaintext()
+            he.decryptor.decrypt(io.ciphertext(replies[i], level), pt)
+            out[i] = io.plain_coeffs(pt)
+        return decode_output(g, out)
+    if weight is None or stream is None:
+        raise ValueError("he_linear: the model owner must pass its weights and a PRG stream")
+    w = signed_weights(weight.reshape(w_shape), weight_bits)
+    flood = flood_bits(params, weight_bits, max(len(ins) for _, ins in plan))
+    cts_in = ch.recv(f"{label}/he/x", U64, (n_in, 2, k_top, n))
+    io.check_rns(cts_in, f"{label}: input ciphertexts")
+    ev, first = io.evaluator, io.ctx.first_parms_id()
+    ntt_in = []
+    for i in range(n_in):
+        ct = io.ciphertext(cts_in[i], first)
+        ev.transform_to_ntt_inplace(ct)
+        ntt_in.append(ct)
+    masks = stream.uint64((n_out, n)) & U64(t_mask)
+    noise = _flood_noise(stream, n_out, n, flood)
+    replies = np.empty((n_out, 2, k_top - 1, n), dtype=U64)
+    cache: dict[int, list[Any]] = {}
+    for o, (slot, inputs) in enumerate(plan):
+        if slot not in cache:  # plans list the slots in runs: keep one run's plaintexts
+            cache.clear()
+            cache[slot] = [_ntt_plain(io, p, first) for p in weight_polys(g, w, slot, n, t_mask)]
+        acc = io.s.Ciphertext()
+        prod = io.s.Ciphertext()
+        for j, idx in enumerate(inputs):
+            if j == 0:
+                ev.multiply_plain(ntt_in[idx], cache[slot][j], acc)
+            else:
+                ev.multiply_plain(ntt_in[idx], cache[slot][j], prod)
+                ev.add_inplace(acc, prod)
+        ev.transform_from_ntt_inplace(acc)
+        ev.sub_plain_inplace(acc, io.plaintext(masks[o]))
+        zero = io.s.Ciphertext()
+        he.encryptor.encrypt_zero(zero)
+        ev.add_inplace(acc, zero)
+        ev.mod_switch_to_next_inplace(acc)
+        data = io.ct_array(acc)
+        data[0] = _add_mod(data[0], io.rns(noise[o], k_top - 1), io.primes[: k_top - 1])
+        replies[o] = data
+    ch.send(f"{label}/he/y", replies)
+    share = decode_output(g, masks)
+    if x is not None:
+        share = share + plaintext_product(kind, spec, w, x.reshape(x_shape), params.plain_bits)
+    return share & U64(t_mask)
+
+
+def _ntt_plain(io: SealIO, coeffs: np.ndarray, parms_id: list[int]) -> Any:
+    pt = io.plaintext(coeffs)
+    io.evaluator.transform_to_ntt_inplace(pt, parms_id)
+    return pt
+
+
+def _flood_noise(stream: Stream, count: int, n: int, bits: int) -> np.ndarray:
+    """Uniform integers in [-2^bits, 2^bits) (bits <= 61), shape (count, n), int64."""
+    if bits > 61:
+        raise ProtocolError(f"flooding noise of {bits} bits does not fit in int64")
+    raw = stream.uint64((count, n)) >> U64(63 - bits)
+    return raw.view(np.int64) - np.int64(1 << bits)
+
+
+def _add_mod(a: np.ndarray, b: np.ndarray, primes: list[int]) -> np.ndarray:
+    """(k, N) residues a + b modulo each prime (both reduced; primes < 2^62, no overflow)."""
+    q = np.array(primes, dtype=U64).reshape(-1, 1)
+    s = a + b
+    return np.where(s >= q, s - q, s)

@@ -1,0 +1,140 @@
+"""BFV parameters and raw numpy <-> SEAL conversion (TenSEAL's ``sealapi``, imported lazily).
+
+Parameter set (``HEParams()``): N = 8192, ciphertext modulus q = q0 q1 q2 with primes of
+49 + 60 + 60 = 169 bits, a 49-bit special prime (total 218 bits), plaintext modulus t = 2^l
+(default l = 37), ternary secret, error sigma = 3.2. The HE standard (Albrecht et al., "Homomorphic
+Encryption Security Standard", 2018, Table 1, uniform ternary secret) allows log2(q) <= 218 for
+N = 8192 at 128-bit classical security, so this is a 128-bit parameter set; SEAL's own check
+(``sec_level_type.tc128``) is enabled when the context is built.
+
+Wire format: a ciphertext travels as its RNS coefficients, a uint64 array of shape
+(2, k, N) (component, prime, coefficient; coefficient form, not NTT), k = number of primes at
+its level; the receiver checks the shape and that every entry is below its prime before SEAL
+loads it. The public key travels the same way, shape (2, 4, N), in NTT form (SEAL's storage).
+SEAL's Python binding has no buffer access, so objects move through SEAL's own uncompressed
+serialization in a private temporary directory (``SealIO``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from privmed.errors import ProtocolError
+
+U64 = np.uint64
+
+
+def import_sealapi() -> Any:
+    """The ``tenseal.sealapi`` module, or an ImportError naming the extra that provides it."""
+    try:
+        import tenseal.sealapi as sealapi
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("the two-party HE layers need tenseal: pip install 'privmed[twoparty]'") from exc
+    return sealapi
+
+
+@dataclass(frozen=True)
+class HEParams:
+    """Public BFV parameters both parties agree on (see the module docstring)."""
+
+    n: int = 8192
+    plain_bits: int = 37
+    data_bits: tuple[int, ...] = (49, 60, 60)  # the last one is dropped before the reply
+    special_bits: int = 49
+    flood_sigma: int = 40  # statistical hiding of the weights in the decrypted noise
+    max_weight_bits: int = 16  # |w| < 2^16 (fixed-point weights; checked)
+
+    @property
+    def reply_bits(self) -> int:
+        """log2 of the modulus the reply ciphertext is decrypted under (all but the last prime)."""
+        return sum(self.data_bits[:-1])
+
+
+class SealIO:
+    """A SEAL context for ``HEParams`` plus raw conversions; owns a private temporary folder."""
+
+    def __init__(self, params: HEParams) -> None:
+        s = import_sealapi()
+        self.s, self.params = s, params
+        enc = s.EncryptionParameters(s.SCHEME_TYPE.BFV)
+        enc.set_poly_modulus_degree(params.n)
+        enc.set_coeff_modulus(s.CoeffModulus.Create(params.n, list(params.data_bits) + [params.special_bits]))
+        enc.set_plain_modulus(1 << params.plain_bits)
+        self.ctx = s.SEALContext(enc, True, s.SEC_LEVEL_TYPE.TC128)
+        if not self.ctx.parameters_set():
+            raise ValueError(f"SEAL rejected {params}: {self.ctx.parameters_error_message()}")
+        self.evaluator = s.Evaluator(self.ctx)
+        self.primes = [m.value() for m in self.ctx.key_context_data().parms().coeff_modulus()]
+        self._dir = tempfile.TemporaryDirectory(prefix="privmed-he-")
+        probe = s.Plaintext("1")
+        probe.save(self._path("probe"))
+        with open(self._path("probe"), "rb") as f:
+            self._version = f.read(16)[3:5]  # SEAL's own version bytes, echoed in our headers
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self._dir.name, name)
+
+    # -- SEAL serialization, uncompressed (SEALHeader: magic, size, version, mode, size) --------
+    def _header(self, body_len: int) -> bytes:
+        return struct.pack("<HBBBBHQ", 0xA15E, 16, self._version[0], self._version[1], 0, 0, 16 + body_len)
+
+    def _dynarray(self, values: np.ndarray) -> bytes:
+        body = struct.pack("<Q", values.size) + np.ascontiguousarray(values, dtype="<u8").tobytes()
+        return self._header(len(body)) + body
+
+    def _load(self, obj: Any, name: str, body: bytes) -> Any:
+        path = self._path(name)
+        with open(path, "wb") as f:
+            f.write(self._header(len(body)) + body)
+        obj.load(self.ctx, path)
+        return obj
+
+    def plaintext(self, coeffs: np.ndarray) -> Any:
+        """A SEAL plaintext with the given coefficients (uint64, each < t, at most N of them)."""
+        body = struct.pack("<4QQd", 0, 0, 0, 0, coeffs.size, 1.0) + self._dynarray(coeffs)
+        return self._load(self.s.Plaintext(), "pt", body)
+
+    def plain_coeffs(self, pt: Any) -> np.ndarray:
+        """The N coefficients of a plaintext (SEAL may store fewer: the rest are zero)."""
+        out = np.zeros(self.params.n, dtype=U64)
+        count = pt.coeff_count()
+        arr = pt.dyn_array()
+        out[:count] = np.fromiter(map(arr.at, range(count)), dtype=U64, count=count)
+        return out
+
+    def ct_array(self, ct: Any) -> np.ndarray:
+        """Raw RNS data (size, k, N) of a ciphertext."""
+        arr = ct.dyn_array()
+        shape = (ct.size(), ct.coeff_modulus_size(), self.params.n)
+        return np.fromiter(map(arr.at, range(arr.size())), dtype=U64, count=arr.size()).reshape(shape)
+
+    def ciphertext(self, data: np.ndarray, parms_id: list[int], ntt: bool = False) -> Any:
+        """A SEAL ciphertext from raw RNS data (size, k, N); entries must be below their primes."""
+        size, k, n = data.shape
+        body = struct.pack("<4Q", *parms_id) + bytes([int(ntt)]) + struct.pack("<QQQdQ", size, n, k, 1.0, 1)
+        return self._load(self.s.Ciphertext(self.ctx), "ct", body + self._dynarray(data))
+
+    def public_key(self, data: np.ndarray) -> Any:
+        body = struct.pack("<4Q", *self.ctx.key_parms_id()) + bytes([1])
+        body += struct.pack("<QQQdQ", 2, self.params.n, len(self.primes), 1.0, 1) + self._dynarray(data)
+        return self._load(self.s.PublicKey(), "pk", body)
+
+    def check_rns(self, data: np.ndarray, what: str) -> None:
+        """Reject a peer's ciphertext whose entries are not reduced modulo their primes."""
+        bound = np.array(self.primes[: data.shape[-2]], dtype=U64).reshape(-1, 1)  # (..., k, N)
+        if np.any(data >= bound):
+            raise ProtocolError(f"{what}: expected coefficients reduced modulo the RNS primes, got larger ones")
+
+    def rns(self, signed: np.ndarray, k: int) -> np.ndarray:
+        """Signed integers (|v| < 2^62) as residues modulo the first k primes: (k, len)."""
+        q = np.array(self.primes[:k], dtype=np.int64).reshape(-1, 1)
+        return np.mod(signed.reshape(1, -1), q).astype(U64)
