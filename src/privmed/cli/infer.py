@@ -11,23 +11,30 @@ from typing import Any
 
 import numpy as np
 
+from privmed.cli.pacs import add_pacs_options
 from privmed.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="secure inference: three parties on this machine over mutual TLS")
     p.add_argument("--model", required=True, type=Path, help="ONNX model (the model owner's secret)")
-    p.add_argument("--input", required=True, type=Path, nargs="+",
-                   help=".npy (N, C, H, W), image files (DICOM, PNG, NIfTI) or folders of them (read recursively, sorted)")
+    p.add_argument("--input", type=Path, nargs="+",
+                   help=".npy (N, C, H, W), image files (DICOM, PNG, NIfTI) or folders of them (read recursively, "
+                        "sorted); or --from-pacs")
     p.add_argument("--output", required=True, type=Path,
                    help="where the data owner writes the output: .npy (float32, one row per input) or .csv "
-                        "(one row per image file, one column per model output, named from the model's labels)")
+                        "(one row per image file, one column per model output, named from the model's labels); "
+                        "for DICOM inputs also a DICOM SR (TID 1500): result.dcm for one image, or a folder "
+                        "(one SR_<SOPInstanceUID>.dcm per image)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="DICOM SR: a finding is reported present when its probability is at least this (0.5)")
     p.add_argument("--chunk", type=int, default=1, help="images per batch; all batches share one session (default 1)")
     p.add_argument("--stats", type=Path, help="write time/bytes/rounds/memory per role and per layer (JSON)")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline of each receive, seconds (default 120)")
     p.add_argument("--calibration", type=Path, help="model owner's calibration input (.npy) for the fixed-point scale")
     p.add_argument("--frac-bits", type=int, help="fixed-point fractional bits (default: chosen from calibration, at most 16)")
     p.add_argument("--preprocess", type=Path, help="preprocessing JSON for image inputs (default: <model>.preprocess.json)")
+    add_pacs_options(p, job=True)
     p.set_defaults(func=cmd_infer)
 
     q = sub.add_parser("party", help="run one role of a secure session (for deployments on separate hosts)")
@@ -82,8 +89,10 @@ def input_files(paths: list[Path]) -> list[Path]:
     """Files named on the command line, with every folder replaced by its image files.
 
     A folder contributes every file below it (recursively, hidden files excluded, sorted by
-    path) that ``privmed.data.readers`` recognises: by suffix, or DICOM by its DICM marker.
+    path) that ``privmed.data.readers`` recognises: by suffix, or DICOM by its DICM marker;
+    DICOM objects that are not images (SEG, SR, DICOMDIR, e.g. earlier results) are skipped.
     """
+    from privmed.data.dicom_series import is_non_image_file
     from privmed.data.readers import IMAGE_SUFFIXES, image_kind
 
     files: list[Path] = []
@@ -94,7 +103,7 @@ def input_files(paths: list[Path]) -> list[Path]:
         found = sorted(
             f for f in path.rglob("*")
             if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
-            and image_kind(f) is not None
+            and image_kind(f) is not None and not (image_kind(f) == "dicom" and is_non_image_file(f))
         )  # fmt: skip
         if not found:
             raise InputError(f"{path}: no image files in this folder (expected {', '.join(IMAGE_SUFFIXES)} or DICOM)")
@@ -168,14 +177,26 @@ def _input_shape(model: Path) -> list[int]:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    if args.from_pacs is not None or args.input is None:
+        from privmed.cli.pacs import job_input
+
+        with job_input(args, need_one_series=False) as inputs:  # retrieved into a temporary folder
+            args.input, args.from_pacs = inputs, None
+            return cmd_infer(args)
+    from privmed.cli.dicom_results import check_report_inputs, dicom_output_wanted, write_reports
     from privmed.cli.progress import LayerProgress, summary_table
     from privmed.runtime.launch import run_local_session
 
-    if args.output.suffix.lower() not in (".npy", ".csv"):
-        raise InputError(f"{args.output}: --output must end in .npy or .csv")
+    dicom_out = dicom_output_wanted(args.output)
+    if args.output.suffix.lower() not in (".npy", ".csv") and not dicom_out:
+        raise InputError(f"{args.output}: --output must end in .npy, .csv or .dcm, or be a folder (DICOM SR per image)")
+    if args.to_pacs and not dicom_out:
+        raise InputError(f"{args.output}: --to-pacs stores a DICOM SR: give --output result.dcm or a folder")
     if args.chunk < 1:
         raise InputError(f"--chunk: expected at least 1, got {args.chunk}")
     x, rows = load_inputs(args.input, args.model, args.preprocess)
+    if dicom_out:
+        check_report_inputs(args.output, rows)  # before any party starts
     if len(set(rows)) > 1:
         print(f"{len(rows)} inputs from {len(set(rows))} files, batches of {args.chunk}, one session", file=sys.stderr)
     result = run_local_session(
@@ -184,7 +205,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.stats:
         args.stats.write_text(json.dumps(result.stats, indent=1))
-    written = write_outputs(args.output, result.outputs, rows, args.model)
+    if dicom_out:
+        written = write_reports(args.output, result.outputs, rows, args.model, result.stats, args.threshold)
+        if args.to_pacs:
+            from privmed.cli.pacs import store_result
+
+            store_result(args, written)
+    else:
+        written = write_outputs(args.output, result.outputs, rows, args.model)
     print(f"output {tuple(result.outputs.shape)} written to {', '.join(map(str, written))} (known to the data owner only)")
     print(summary_table(result.stats))
     return 0

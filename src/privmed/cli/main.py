@@ -24,6 +24,7 @@ SUBCOMMANDS = [
     "segment",  # privmed segment
     "federate",  # privmed federate
     "attack",  # privmed attack
+    "pacs",  # privmed pacs echo / find / get / store
 ]
 
 

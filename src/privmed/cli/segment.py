@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from privmed.cli.pacs import add_pacs_options
 from privmed.errors import InputError
 
 
@@ -37,8 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--model", required=True, type=Path, help="segmentation ONNX (the model owner's secret)")
-    p.add_argument("--input", required=True, type=Path, help="NIfTI volume (.nii, .nii.gz) or a DICOM series folder")
-    p.add_argument("--output", required=True, type=Path, help="mask to write (.nii or .nii.gz), input affine")
+    p.add_argument("--input", type=Path, help="NIfTI volume (.nii, .nii.gz) or a DICOM series folder; or --from-pacs")
+    p.add_argument("--output", required=True, type=Path,
+                   help="mask to write: .nii/.nii.gz (label map with the input affine) or, for a DICOM series, "
+                        ".dcm (a DICOM Segmentation referencing the series, one segment per class)")
+    p.add_argument("--series", metavar="UID", help="DICOM folder with several series: the SeriesInstanceUID to segment")
     p.add_argument("--mode", choices=("auto", "2d", "tri-axial", "3d"), default="auto",
                    help="2d: axial slices; tri-axial: axial+coronal+sagittal fused (2.5D); 3d: sliding-window "
                         "patches (default: 3d for a 3-D model, else 2d)")  # fmt: skip
@@ -56,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="INSECURE: run the model with onnxruntime on this machine instead (needs the weights)")  # fmt: skip
     p.add_argument("--compare-plaintext", action="store_true",
                    help="also run onnxruntime on the same inputs and print Dice secure vs plaintext")  # fmt: skip
+    add_pacs_options(p, job=True)
     p.set_defaults(func=cmd_segment)
 
 
@@ -66,6 +71,12 @@ def _dice_table(secure: Any, plain: Any, classes: tuple[str, ...]) -> dict[str, 
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    if args.from_pacs is not None or args.input is None:
+        from privmed.cli.pacs import job_input
+
+        with job_input(args, need_one_series=True) as folder:  # retrieved into a temporary folder
+            args.input, args.from_pacs = folder, None
+            return cmd_segment(args)
     import numpy as np
 
     from privmed.cli.progress import LayerProgress
@@ -77,6 +88,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     check_mask_path(args.output)
+    if args.to_pacs and args.output.suffix.lower() != ".dcm":
+        raise InputError(f"{args.output}: --to-pacs stores a DICOM SEG: give --output NAME.dcm")
     if args.patch is not None and args.patch < 1:
         raise InputError(f"--patch {args.patch}: expected a positive side")
     if args.calibration is not None and not args.calibration.is_file():
@@ -86,7 +99,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.preprocess, args.patch)
     mode = args.mode if args.mode != "auto" else ("3d" if model.spatial_dims == 3 else "2d")
     model.check_mode(mode)
-    volume = read_volume(args.input)
+    volume = read_volume(args.input, series_uid=args.series)
+    if args.output.suffix.lower() == ".dcm" and volume.kind != "dicom-series":
+        raise InputError(f"{args.output}: a DICOM SEG needs a DICOM series as --input, got a {volume.kind} file")
     engine: Any
     if args.plaintext:
         engine = PlaintextEngine()
@@ -98,11 +113,23 @@ def cmd_segment(args: argparse.Namespace) -> int:
           f"model input {side}", file=sys.stderr)  # fmt: skip
     kwargs = {"overlap": args.overlap, "blend": args.blend, "resample": args.resample}
     seg = segment_volume(volume.array, model, engine, mode, **kwargs)
-    write_mask(args.output, seg.labels, volume.affine)
+    if args.output.suffix.lower() == ".dcm":
+        from privmed.cli.dicom_results import write_segmentation
+
+        write_segmentation(args.output, volume.files, seg.labels, model.classes, model.path, seg.run.stats,
+                           secure=engine.name == "secure")  # fmt: skip
+        where = f"as a DICOM SEG over the {len(volume.files)} slices in {volume.source}"
+        if args.to_pacs:
+            from privmed.cli.pacs import store_result
+
+            store_result(args, [args.output])
+    else:
+        write_mask(args.output, seg.labels, volume.affine)
+        where = "with the input affine"
     vols = summary.volume_summary(seg.labels, model.classes, volume.voxel_ml)
     costs = summary.cost_summary(seg.run.stats, seg.n_items, seg.prepared.unit)
     who = "revealed to the data owner only" if engine.name == "secure" else "computed in plaintext"
-    print(f"mask {seg.labels.shape} written to {args.output} with the input affine ({who})")
+    print(f"mask {seg.labels.shape} written to {args.output} {where} ({who})")
     print(f"volumes (voxel {volume.voxel_ml * 1000:.3f} mm^3):")
     print("\n".join(summary.format_volumes(vols)))
     print(f"costs ({engine.name}):")

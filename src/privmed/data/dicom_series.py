@@ -18,7 +18,7 @@ from typing import Any
 
 from privmed.errors import InputError
 
-__all__ = ["NON_IMAGE_SOP_CLASSES", "is_image", "choose_series", "describe_series"]
+__all__ = ["NON_IMAGE_SOP_CLASSES", "is_image", "is_non_image_file", "choose_series", "describe_series"]
 
 # storage classes that are not images to segment or classify (results, reports, indexes)
 NON_IMAGE_SOP_CLASSES = {
@@ -36,6 +36,19 @@ def is_image(ds: Any) -> bool:
     """True for a dataset with pixel data that is not a SEG/SR/presentation state/DICOMDIR."""
     sop = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
     return sop not in NON_IMAGE_SOP_CLASSES and "PixelData" in ds
+
+
+def is_non_image_file(path: Path) -> bool:
+    """True for a DICOM file holding a SEG, SR, presentation state or DICOMDIR (header only)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except (InvalidDicomError, OSError, EOFError, ValueError):
+        return False  # the reader will name the problem
+    sop = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+    return sop in NON_IMAGE_SOP_CLASSES
 
 
 def describe_series(uid: str, items: Sequence[tuple[Path, Any]]) -> str:

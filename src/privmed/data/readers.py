@@ -344,7 +344,7 @@ def _read_dicom(p: Path, window: Window | str | None) -> tuple[np.ndarray, dict[
 
 
 def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read a folder of single-frame DICOM slices of one series into ``(slices, H, W)``.
+    """Read a folder (and its sub-folders) of single-frame DICOM slices of one series into ``(slices, H, W)``.
 
     Slices are sorted by their ImagePositionPatient projected on the slice normal (the cross
     product of the ImageOrientationPatient direction cosines); without positions, by
@@ -359,7 +359,9 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> tupl
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
     slices = []
-    for f in sorted(root.iterdir()):
+    for f in sorted(root.rglob("*")):  # sub-folders too: CD layouts, one folder per series
+        if any(part.startswith(".") for part in f.relative_to(root).parts):
+            continue
         if f.is_file() and (image_kind(f) == "dicom"):
             slices.append((f, _dcmread(f)))
         elif f.is_file():

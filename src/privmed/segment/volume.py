@@ -20,7 +20,7 @@ from privmed.errors import InputError
 
 log = logging.getLogger(__name__)
 
-MASK_SUFFIXES = (".nii", ".nii.gz")
+MASK_SUFFIXES = (".nii", ".nii.gz", ".dcm")  # .dcm: a DICOM SEG (privmed.data.dicom_out)
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,14 @@ class Volume:
     affine : float64 4x4, array index -> RAS millimetres.
     source : the file or folder it came from.
     kind : "nifti" or "dicom-series".
+    files : for a DICOM series, its slice files in array order (what a SEG references).
     """
 
     array: np.ndarray
     affine: np.ndarray
     source: Path
     kind: str
+    files: tuple[str, ...] = ()
 
     @property
     def voxel_ml(self) -> float:
@@ -64,15 +66,15 @@ def _as_volume(array: np.ndarray, source: Path) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def read_volume(path: str | Path) -> Volume:
-    """Read a NIfTI volume or a DICOM series folder; InputError (one line) otherwise."""
+def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
+    """Read a NIfTI volume or a DICOM series folder (``series_uid`` picks one of several)."""
     from privmed.data.readers import image_kind, read_dicom_series, read_image
 
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
     if p.is_dir():
-        array, meta = read_dicom_series(p)
+        array, meta = read_dicom_series(p, series_uid)
         kind = "dicom-series"
     else:
         file_kind = image_kind(p)
@@ -95,14 +97,15 @@ def read_volume(path: str | Path) -> Volume:
     if affine is None:
         log.warning("%s: no geometry in the file; the mask gets an identity affine (1 mm voxels)", p)
         affine = np.eye(4)
-    return Volume(_as_volume(array, p), np.asarray(affine, dtype=np.float64), p, kind)
+    files = tuple(meta.get("files", ()))
+    return Volume(_as_volume(array, p), np.asarray(affine, dtype=np.float64), p, kind, files)
 
 
 def check_mask_path(path: str | Path) -> Path:
-    """Refuse an output name that is not NIfTI before any work is done."""
+    """Refuse an output name that is not NIfTI or DICOM (SEG) before any work is done."""
     p = Path(path)
     if not p.name.lower().endswith(MASK_SUFFIXES):
-        raise InputError(f"{p}: expected a .nii or .nii.gz output file name for the mask")
+        raise InputError(f"{p}: expected a .nii, .nii.gz or .dcm (DICOM SEG) output file name for the mask")
     if p.exists() and p.is_dir():
         raise InputError(f"{p}: is a folder, expected a file name for the mask")
     return p
@@ -113,5 +116,7 @@ def write_mask(path: str | Path, labels: np.ndarray, affine: np.ndarray) -> Path
     from privmed.data.writers import write_nifti
 
     p = check_mask_path(path)
+    if p.suffix.lower() == ".dcm":
+        raise InputError(f"{p}: write_mask writes NIfTI; a DICOM SEG is written by privmed.data.dicom_out.write_seg")
     p.parent.mkdir(parents=True, exist_ok=True)
     return write_nifti(p, np.asarray(labels).astype(np.uint8), affine)
