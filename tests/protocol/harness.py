@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from privmed.compiler.plan import Plan, PrivateWeights
+from privmed.ir.plan import Plan, PrivateWeights
 from privmed.net.channel import in_process_pair
 from privmed.runtime import session
 

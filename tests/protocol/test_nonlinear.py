@@ -12,8 +12,8 @@ import threading
 import numpy as np
 import pytest
 
-from privmed.compiler.plan import Node
 from privmed.crypto.prg import PRG
+from privmed.ir.plan import Node
 from privmed.mpc import nonlinear as nl
 from privmed.mpc.correlated import DealerSource, NonlinearSpec, Request, nonlinear_correction
 from privmed.mpc.party import Party
@@ -29,7 +29,7 @@ def run_protocol(spec: NonlinearSpec, x: np.ndarray, relu: bool) -> tuple[np.nda
     d_ch, p1_dealer = in_process_pair("dealer", "model-owner", sid, 30)
     s0, s1 = PRG.fresh().seed, PRG.fresh().seed
     req = Request("L", Node("L", "relu" if relu else "trunc", [], [x.size], 0), spec)
-    arith, tables, packed = nonlinear_correction(spec, PRG(s0).stream("L"), PRG(s1).stream("L"), PRG.fresh().stream("L"))
+    arith, tables, packed = nonlinear_correction(spec, PRG(s0).stream(req.key), PRG(s1).stream(req.key), PRG.fresh().stream(req.key))
     d_ch.send("L/A", arith)
     d_ch.send("L/B", packed)
     if tables is not None:

@@ -17,8 +17,9 @@ import pytest
 from onnx import helper
 
 from privmed.compiler.compile import compile_model
-from privmed.compiler.walk import run_plan
-from privmed.reference.executors import FixedBackend, postprocess
+from privmed.ir.ops import postprocess
+from privmed.ir.walk import run_plan
+from privmed.reference.executors import FixedBackend
 from tests.protocol.harness import run_three
 from tests.protocol.onnx_models import build, rand
 

@@ -69,7 +69,7 @@ def test_abort_from_peer_is_reported_with_reason() -> None:
     a, b = in_process_pair("data-owner", "model-owner", b"s" * 16, timeout_s=1)
     b.abort("model owner could not compile")
     with pytest.raises(PeerError, match="model-owner aborted the session: model owner could not compile"):
-        a.recv("plan", np.uint8, None)
+        a.recv("plan", np.uint8, None, max_bytes=1 << 20)
 
 
 def test_failure_group_names_the_peer_that_dropped_first():

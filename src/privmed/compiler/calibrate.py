@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from privmed.compiler.plan import Node, Plan, PrivateWeights
-from privmed.compiler.walk import run_plan
 from privmed.errors import ModelError
+from privmed.ir.plan import Node, Plan, PrivateWeights
+from privmed.ir.walk import run_plan
 from privmed.reference.executors import FloatBackend
 
 CHUNK_BITS = 4
@@ -78,7 +78,6 @@ def finalize(nodes: list[Node], bounds: dict[str, float], f: int, margin: int, e
     headroom: tuple[float, str] = (64.0, "")
     for n in nodes:
         k_in = by_id[n.inputs[0]].scale if n.inputs else 1
-        n.bound = bounds.get(n.id, 0.0)
         for key in ("shift_k",):
             if key in n.attrs:
                 n.attrs["shift"] = n.attrs.pop(key) * f
@@ -96,7 +95,7 @@ def finalize(nodes: list[Node], bounds: dict[str, float], f: int, margin: int, e
     for n in nodes:
         n.scale = n.scale * f
         if n.op != "output":
-            room = 62 - (_log2(n.bound) + n.scale)
+            room = 62 - (_log2(bounds.get(n.id, 0.0)) + n.scale)
             if room < headroom[0]:
                 headroom = (room, n.id)
     return {"comparisons": compared, "headroom_bits": round(headroom[0], 1), "headroom_node": headroom[1]}

@@ -8,7 +8,9 @@ import numpy as np
 
 from privmed.compiler import calibrate, onnx_front
 from privmed.compiler.lower import Lowerer
-from privmed.compiler.plan import Plan, PrivateWeights
+from privmed.errors import ModelError
+from privmed.ir.check import PlanError, check_plan
+from privmed.ir.plan import Plan, PrivateWeights
 
 DEFAULT_FRAC_BITS = 16
 DEFAULT_MARGIN_BITS = 4
@@ -55,4 +57,8 @@ def compile_model(
     if limiting and f < (frac_bits or DEFAULT_FRAC_BITS):
         report["frac_bits_limited_by"] = limiting
     plan.report = report
+    try:
+        check_plan(plan)  # the receivers will run the same check: fail here, at the vendor, first
+    except PlanError as exc:
+        raise ModelError(f"{path}: the compiled plan breaks a plan rule ({exc})") from None
     return plan, weights

@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 
 from privmed.compiler.onnx_front import FINAL_ONLY, OnnxGraph, OnnxNode, consumers
-from privmed.compiler.plan import Node
 from privmed.errors import ModelError
+from privmed.ir.check import MAX_TEXT
+from privmed.ir.plan import Node
+from privmed.ir.shapes import infer_shape
 from privmed.ring.layout import resize_nearest_index
 from privmed.ring.linalg import ConvSpec
 
@@ -91,9 +93,15 @@ class Lowerer:
     def emit(self, op: str, inputs: list[Ref], shape: list[int], k: int, name: str, **attrs: Any) -> Ref:
         self._n += 1
         nid = f"n{self._n}_{op}"
-        attrs["onnx"] = name
-        self.nodes.append(Node(nid, op, [r.id for r in inputs], [int(s) for s in shape], k, attrs))
-        return Ref(nid, [int(s) for s in shape], k)
+        attrs["onnx"] = "".join(ch if ch.isprintable() else "?" for ch in name)[:MAX_TEXT]
+        shape = [int(s) for s in shape]
+        if op != "input":
+            # the receivers recompute every shape with the same rule (privmed.ir.check)
+            inferred = infer_shape(op, [r.shape for r in inputs], attrs)
+            if inferred != shape:
+                raise ModelError(f"node {name} ({op}): lowered shape {shape} but the IR shape rule gives {inferred}")
+        self.nodes.append(Node(nid, op, [r.id for r in inputs], shape, k, attrs))
+        return Ref(nid, shape, k)
 
     def at_k1(self, ref: Ref, name: str) -> Ref:
         if ref.k == 1:
@@ -325,7 +333,7 @@ class Lowerer:
     def _reshape(self, node: OnnxNode, x: Ref, shape: list[int]) -> Ref:
         if int(np.prod(shape)) != int(np.prod(x.shape)):
             raise ModelError(f"node {node.name}: cannot reshape {x.shape} to {shape}")
-        return self.emit("reshape", [x], shape, x.k, node.name)
+        return self.emit("reshape", [x], shape, x.k, node.name, to=[int(d) for d in shape])
 
     def op_Flatten(self, node: OnnxNode, ins: list[Any]) -> Ref:
         x = self.ref(node.inputs[0], node)

@@ -10,6 +10,7 @@ three party certificates in a temporary directory for one local run. Keys are EC
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +34,19 @@ class Identity:
     ca: Path
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret file that is mode 0600 from its first byte (a fresh file created with that
+    mode, then renamed over ``path``: no window in which another user can read it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    path.chmod(0o600)
+    write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
 
 def init_ca(ca_dir: Path, name: str = "privmed session CA", days: int = 365) -> Path:

@@ -2,24 +2,57 @@
 
 All protocol randomness in privmed comes from here. A ``PRG`` is keyed by a seed drawn from
 ``os.urandom`` (``PRG.fresh()``) or agreed with a peer (the dealer sends each party its seed
-over the mutually authenticated TLS channel). ``stream(label)`` gives an independent stream per
-label: the CTR nonce is the first 16 bytes of SHA-256(label), so two parties that share a seed
-and a label expand identical bytes without any ordering constraint between labels.
+over the mutually authenticated TLS channel). ``stream(key)`` gives an independent stream per
+key, so two parties that share a seed and a key expand identical bytes without any ordering
+constraint between keys.
+
+Stream keys. Protocol material is keyed by a ``StreamKey`` (batch, node index, purpose, step):
+the initial counter block is the fixed-width big-endian encoding
+
+    0x01 | batch (4 bytes) | node (4) | purpose (1) | step (2) | 0x00000000 (block counter)
+
+Each field is range-checked, so the map from keys to the first 12 bytes is injective; a stream
+is capped at 2^32 blocks (64 GiB), so its counter runs through the last 4 bytes only and never
+reaches another key's blocks. Hence, under one seed, two distinct keys never share a single AES
+input block. (Text labels, for material outside the two-party protocols such as DP noise, start
+at 0x00 followed by 15 bytes of SHA-256(label): a separate domain, 2^120 blocks away from the
+first structured block.)
 
 Security: for a uniformly random key, AES-CTR output is indistinguishable from uniform as long
-as no (key, nonce, counter) repeats; labels are unique per session and per use (the protocol
-code includes layer id and purpose in each label), and a stream never exceeds 2^64 blocks.
+as no (key, counter block) repeats, which the encoding above guarantees.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import struct
+from dataclasses import dataclass
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 SEED_BYTES = 16
+MAX_STREAM_BYTES = 16 << 32  # 2^32 AES blocks: the counter stays in the last 4 bytes
+SESSION = 0xFFFFFFFF  # StreamKey.batch of material fixed for a whole session
+
+
+@dataclass(frozen=True)
+class StreamKey:
+    """The structured key of one stream of protocol material (see the module docstring)."""
+
+    batch: int  # batch number in the session, or SESSION
+    node: int  # index of the node in the plan
+    purpose: int  # what the material is for (``privmed.mpc.correlated.Purpose``)
+    step: int = 0  # sub-step within the node (max-pool level, normalisation step)
+
+    def __post_init__(self) -> None:
+        for name, value, bits in (("batch", self.batch, 32), ("node", self.node, 32), ("purpose", self.purpose, 8), ("step", self.step, 16)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < (1 << bits):
+                raise ValueError(f"stream key {name} {value!r} outside [0, 2^{bits})")
+
+    def counter_block(self) -> bytes:
+        return b"\x01" + struct.pack(">IIBH", self.batch, self.node, self.purpose, self.step) + bytes(4)
 
 
 class PRG:
@@ -38,19 +71,27 @@ class PRG:
     def seed(self) -> bytes:
         return self._seed
 
-    def stream(self, label: str) -> Stream:
-        nonce = hashlib.sha256(label.encode()).digest()[:16]
-        return Stream(Cipher(algorithms.AES(self._seed), modes.CTR(nonce)).encryptor())
+    def stream(self, key: StreamKey | str) -> Stream:
+        if isinstance(key, StreamKey):
+            block, limit = key.counter_block(), MAX_STREAM_BYTES
+        else:
+            block, limit = b"\x00" + hashlib.sha256(key.encode()).digest()[:15], None
+        return Stream(Cipher(algorithms.AES(self._seed), modes.CTR(block)).encryptor(), limit)
 
 
 class Stream:
     """A sequence of pseudorandom bytes, consumed in order."""
 
-    def __init__(self, encryptor) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, encryptor, limit: int | None = None) -> None:  # type: ignore[no-untyped-def]
         self._enc = encryptor
+        self._limit = limit
+        self._used = 0
 
     def bytes(self, n: int) -> bytearray:
         """n keystream bytes (AES-CTR of zeros), written straight into a new buffer."""
+        self._used += n
+        if self._limit is not None and self._used > self._limit:
+            raise ValueError(f"PRG stream exhausted: more than {self._limit} bytes from one key")
         out = bytearray(n + 15)
         self._enc.update_into(memoryview(bytearray(n)), out)
         del out[n:]

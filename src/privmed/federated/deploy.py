@@ -35,6 +35,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from privmed.crypto.certs import write_private
 from privmed.errors import InputError, PeerError
 from privmed.federated.checkpoint import atomic_write_bytes
 from privmed.federated.config import FederatedConfig
@@ -124,9 +125,7 @@ def generate_certificates(out_dir: str | Path, hosts: Sequence[str] = ("localhos
     paths = {"ca": out / "ca.crt", "cert": out / "server.pem", "key": out / "server.key"}
     atomic_write_bytes(paths["ca"], ca.public_bytes(pem))
     atomic_write_bytes(paths["cert"], cert.public_bytes(pem))
-    atomic_write_bytes(paths["key"], key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    os.chmod(paths["key"], 0o600)
+    write_private(paths["key"], key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return paths
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from privmed.mpc.correlated import Request
+from privmed.mpc.correlated import Request, require_shape
 from privmed.mpc.party import Party
 
 
@@ -19,6 +19,9 @@ def multiply(p: Party, req: Request, x: np.ndarray, y: np.ndarray) -> np.ndarray
     """
     corr = p.source.product(req)
     assert corr.b is not None
+    require_shape(req.label, "triple a", corr.a, x.shape)
+    require_shape(req.label, "triple b", corr.b, y.shape)
+    require_shape(req.label, "triple c", corr.c, x.shape)
     mine = np.concatenate([(x - corr.a).reshape(-1), (y - corr.b).reshape(-1)])
     opened = mine + p.exchange(f"{req.label}/de", mine)
     d = opened[: x.size].reshape(x.shape)
@@ -33,6 +36,8 @@ def square(p: Party, req: Request, x: np.ndarray) -> np.ndarray:
     """Shares of x * x with a dealer pair (a, a^2): open d = x - a (one round, |x| elements
     each way), then z_i = c_i + 2 d a_i, and party 0 adds d^2. Dealer: |x| elements."""
     corr = p.source.product(req)
+    require_shape(req.label, "square pair a", corr.a, x.shape)
+    require_shape(req.label, "square pair c", corr.c, x.shape)
     mine = (x - corr.a).reshape(-1)
     d = (mine + p.exchange(f"{req.label}/d", mine)).reshape(x.shape)
     z = corr.c + np.uint64(2) * d * corr.a

@@ -12,6 +12,13 @@ seed plus the dealer's corrections; a dealer-free source (OT extension / HE, as 
 would implement the same two methods. The order in which material is consumed is fixed by
 ``requests(plan, batch)``, which the dealer iterates and the runtime follows.
 
+Every request carries a ``StreamKey`` (batch, node index, purpose, step): its material is
+expanded from that key only. The keys of all requests of a session are distinct (one node
+index per node; per node, distinct (purpose, step) pairs; per batch, its own batch number;
+session-wide material under ``SESSION``), and ``privmed.crypto.prg`` maps distinct keys to
+disjoint AES counter ranges, so no two requests ever share a mask, whatever the plan's node
+ids are (``tests/protocol/test_hostile_vendor.py`` checks the distinctness over many plans).
+
 Material per request (n elements, m = (bits - drop) / 4 comparison chunks):
 
 - linear layer L(W, x): party 0 gets A (input mask) and C0; party 1 gets B (weight mask, seed)
@@ -30,17 +37,36 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 import numpy as np
 
-from privmed.compiler.plan import Node, Plan
-from privmed.crypto.prg import PRG, Stream
+from privmed.crypto.prg import PRG, SESSION, Stream, StreamKey
+from privmed.errors import ProtocolError
+from privmed.ir.ops import conv_spec
+from privmed.ir.plan import Node, Plan
 from privmed.net.channel import Channel
-from privmed.reference.executors import conv_spec
 from privmed.ring.linalg import linear
 
 U64 = np.uint64
 CHUNK = 4
+
+
+class Purpose(IntEnum):
+    """``StreamKey.purpose``: what a stream's material is for."""
+
+    LINEAR = 1  # data owner's input mask A and product share C0
+    WEIGHT_MASK = 2  # model owner's weight mask B (fixed for the session)
+    NONLINEAR = 3  # truncation / comparison material and its AND triples
+    PRODUCT = 4  # Beaver triple of a secret product or square
+    DEALER_BITS = 5  # the dealer's private random bits (c_hat)
+
+
+def require_shape(label: str, what: str, arr: np.ndarray, shape: tuple[int, ...]) -> None:
+    """Abort unless ``arr`` has exactly ``shape``: a mask, table or triple is never broadcast
+    over the value it protects (a broadcast mask would reuse one random value many times)."""
+    if tuple(arr.shape) != tuple(shape):
+        raise ProtocolError(f"protocol error at {label}: {what} has shape {tuple(arr.shape)}, the value it protects {tuple(shape)}; session aborted")
 
 
 @dataclass(frozen=True)
@@ -97,10 +123,15 @@ def expand_linear(prg: PRG, req: Request, index: int) -> LinearShares:
     """Party 0: A and C0 (fresh per batch); party 1: B, fixed for the whole session so that the
     masked weights W - B are sent once per session and reused for every batch."""
     if index == 0:
-        s = prg.stream(req.label)
+        s = prg.stream(req.key)
         return LinearShares(s.uint64(req.x_shape), s.uint64(req.out_shape))
     w_shape = tuple(req.node.attrs["w_shape"])
-    return LinearShares(prg.stream(f"{req.node.id}/B").uint64(w_shape), np.zeros(0, dtype=U64))
+    return LinearShares(prg.stream(weight_mask_key(req)).uint64(w_shape), np.zeros(0, dtype=U64))
+
+
+def weight_mask_key(req: Request) -> StreamKey:
+    """The session-wide key of the weight mask B of the request's node (one weight per node)."""
+    return StreamKey(SESSION, req.node_index, Purpose.WEIGHT_MASK)
 
 
 def packed_len(n: int) -> int:
@@ -203,12 +234,17 @@ class ProductSpec:
 
 @dataclass(frozen=True)
 class Request:
+    """One correlation: ``label`` names its messages (frame tags, logs); ``key`` keys its
+    randomness; ``node_index`` is the node's position in the plan."""
+
     label: str
     node: Node
     nonlinear: NonlinearSpec | None = None
     x_shape: tuple[int, ...] = ()
     out_shape: tuple[int, ...] = ()
     product: ProductSpec | None = None
+    key: StreamKey = StreamKey(0, 0, Purpose.NONLINEAR)
+    node_index: int = 0
 
 
 @dataclass
@@ -221,7 +257,7 @@ class ProductShares:
 def expand_product(prg: PRG, req: Request, index: int) -> ProductShares:
     spec = req.product
     assert spec is not None
-    s = prg.stream(req.label)
+    s = prg.stream(req.key)
     a = s.uint64(spec.x_shape)
     b = None if spec.square else s.uint64(spec.y_shape)
     c = s.uint64(spec.x_shape) if index == 0 else np.zeros(0, U64)
@@ -261,19 +297,20 @@ def instnorm_schedule(node: Node, batch: int) -> list[tuple[str, str, dict]]:
     return steps
 
 
-def _instnorm_requests(node: Node, batch: int, pre: str) -> Iterator[Request]:
-    for suffix, kind, prm in instnorm_schedule(node, batch):
-        label = f"{pre}{node.id}/{suffix}"
+def _instnorm_requests(node: Node, batch: int, pre: str, index: int, k: int) -> Iterator[Request]:
+    for step, (suffix, kind, prm) in enumerate(instnorm_schedule(node, batch)):
+        label = f"{pre}{k}/{suffix}"
         if kind == "trunc":
-            yield Request(label, node, NonlinearSpec(prm["n"], prm["shift"]))
+            yield Request(label, node, NonlinearSpec(prm["n"], prm["shift"]), key=StreamKey(index, k, Purpose.NONLINEAR, step), node_index=k)
         elif kind == "sign":
-            yield Request(label, node, NonlinearSpec(prm["n"], 0, node.attrs["sign_bits"], 0, True))
+            spec = NonlinearSpec(prm["n"], 0, node.attrs["sign_bits"], 0, True)
+            yield Request(label, node, spec, key=StreamKey(index, k, Purpose.NONLINEAR, step), node_index=k)
         elif kind == "square":
-            yield Request(label, node, product=ProductSpec(prm["x"], square=True))
+            yield Request(label, node, product=ProductSpec(prm["x"], square=True), key=StreamKey(index, k, Purpose.PRODUCT, step), node_index=k)
         elif kind == "mul":
-            yield Request(label, node, product=ProductSpec(prm["x"], prm["y"]))
+            yield Request(label, node, product=ProductSpec(prm["x"], prm["y"]), key=StreamKey(index, k, Purpose.PRODUCT, step), node_index=k)
         else:  # the model owner's private gamma times the shared 1/sqrt(var + eps)
-            yield Request(label, node, None, prm["x"], prm["x"])
+            yield Request(label, node, None, prm["x"], prm["x"], key=StreamKey(index, k, Purpose.LINEAR, step), node_index=k)
 
 
 def maxpool_levels(node: Node, batch: int) -> list[int]:
@@ -287,23 +324,31 @@ def maxpool_levels(node: Node, batch: int) -> list[int]:
 
 
 def requests(plan: Plan, batch: int, index: int = 0) -> Iterator[Request]:
-    """Every correlation of batch number ``index`` of a session, in consumption order."""
+    """Every correlation of batch number ``index`` of a session, in consumption order.
+
+    Labels (message tags) are ``b{index}:{node index}`` plus a suffix per sub-step; keys are
+    ``StreamKey(index, node index, purpose, step)`` (see the module docstring).
+    """
     shapes = {n.id: n.shape for n in plan.nodes}
     pre = f"b{index}:"
-    for node in plan.nodes:
+    for k, node in enumerate(plan.nodes):
         n = batch * int(np.prod(node.shape))
         a = node.attrs
+        label = f"{pre}{k}"
         if node.op == "linear":
-            yield Request(pre + node.id, node, None, (batch, *shapes[node.inputs[0]]), (batch, *node.shape))
+            key = StreamKey(index, k, Purpose.LINEAR)
+            yield Request(label, node, None, (batch, *shapes[node.inputs[0]]), (batch, *node.shape), key=key, node_index=k)
         elif node.op in ("relu", "leaky_relu"):
-            yield Request(pre + node.id, node, NonlinearSpec(n, a["shift"], a["bits"], a["drop"], True))
+            spec = NonlinearSpec(n, a["shift"], a["bits"], a["drop"], True)
+            yield Request(label, node, spec, key=StreamKey(index, k, Purpose.NONLINEAR), node_index=k)
         elif node.op == "trunc":
-            yield Request(pre + node.id, node, NonlinearSpec(n, a["shift"]))
+            yield Request(label, node, NonlinearSpec(n, a["shift"]), key=StreamKey(index, k, Purpose.NONLINEAR), node_index=k)
         elif node.op == "maxpool":
             for lvl, size in enumerate(maxpool_levels(node, batch)):
-                yield Request(f"{pre}{node.id}/{lvl}", node, NonlinearSpec(size, 0, a["bits"], 0, True))
+                spec = NonlinearSpec(size, 0, a["bits"], 0, True)
+                yield Request(f"{label}/{lvl}", node, spec, key=StreamKey(index, k, Purpose.NONLINEAR, lvl), node_index=k)
         elif node.op == "instnorm":
-            yield from _instnorm_requests(node, batch, pre)
+            yield from _instnorm_requests(node, batch, pre, index, k)
 
 
 # -- the interface the protocols use --------------------------------------------------------
@@ -345,7 +390,7 @@ class DealerSource(CorrelationSource):
     def nonlinear(self, req: Request) -> NonlinearShares:
         spec = req.nonlinear
         assert spec is not None
-        sh = expand_nonlinear(self.prg.stream(req.label), self.index, spec)
+        sh = expand_nonlinear(self.prg.stream(req.key), self.index, spec)
         if self.index == 0:
             return sh
         assert self.dealer is not None
@@ -378,15 +423,16 @@ def run_dealer(plan: Plan, batch: int, index: int, prgs: tuple[PRG, PRG, PRG], t
     for req in requests(plan, batch, index):
         if on_request:
             on_request(req)
-        to_model_owner.step = f"dealer {req.label}"
+        to_model_owner.step = f"dealer {req.node.id} ({req.label})"
         if req.product is not None:
             to_model_owner.send(f"{req.label}/P", product_correction(req, prg0, prg1))
             continue
         if req.nonlinear is None:
             to_model_owner.send(f"{req.label}/C", linear_correction(req, prg0, prg1))
             continue
-        s0, s1 = prg0.stream(req.label), prg1.stream(req.label)
-        arith, tables, packed = nonlinear_correction(req.nonlinear, s0, s1, private.stream(req.label))
+        s0, s1 = prg0.stream(req.key), prg1.stream(req.key)
+        bits_key = StreamKey(req.key.batch, req.key.node, Purpose.DEALER_BITS, req.key.step)
+        arith, tables, packed = nonlinear_correction(req.nonlinear, s0, s1, private.stream(bits_key))
         to_model_owner.send(f"{req.label}/A", arith)
         to_model_owner.send(f"{req.label}/B", packed)
         if tables is not None:

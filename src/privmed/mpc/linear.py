@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from privmed.compiler.plan import Node
-from privmed.mpc.correlated import Request
+from privmed.ir.ops import conv_spec
+from privmed.ir.plan import Node
+from privmed.mpc.correlated import Request, require_shape
 from privmed.mpc.party import Party
-from privmed.reference.executors import conv_spec
 from privmed.ring.linalg import linear
 
 U64 = np.uint64
@@ -48,19 +48,27 @@ def private_linear(
     corr = p.source.linear(req)
     cache = {} if masked_weights is None else masked_weights
     first = node.id not in cache
+    w_tag = f"w{req.node_index}/F"
+    require_shape(req.label, "input", x, req.x_shape)
     if p.is_data_owner:
+        require_shape(req.label, "input mask A", corr.mask, x.shape)
         p.peer.send(f"{req.label}/E", x - corr.mask)
         if first:
-            cache[node.id] = p.peer.recv(f"{node.id}/F", U64, tuple(node.attrs["w_shape"]))
+            cache[node.id] = p.peer.recv(w_tag, U64, tuple(node.attrs["w_shape"]))
         p.rounds += 1
-        return linear(kind, spec, cache[node.id], corr.mask) + corr.product
+        y0 = linear(kind, spec, cache[node.id], corr.mask)
+        require_shape(req.label, "product share C0", corr.product, y0.shape)
+        return y0 + corr.product
     assert weight is not None
     if first:
-        p.peer.send(f"{node.id}/F", weight - corr.mask)
+        require_shape(req.label, "weight mask B", corr.mask, weight.shape)
+        p.peer.send(w_tag, weight - corr.mask)
         cache[node.id] = np.zeros(0, U64)  # only remember that F was sent
     masked_input = p.peer.recv(f"{req.label}/E", U64, x.shape)
     p.rounds += 1
-    y = linear(kind, spec, weight, masked_input + x, w_bits=weight_bits) + corr.product
+    y = linear(kind, spec, weight, masked_input + x, w_bits=weight_bits)
+    require_shape(req.label, "product share C1", corr.product, y.shape)
+    y = y + corr.product
     if bias is not None:
         y = y + bias
     return y

@@ -40,7 +40,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from privmed.mpc.correlated import CHUNK, NonlinearShares, Request, merge_schedule, nibbles
+from privmed.mpc.correlated import (
+    CHUNK,
+    NonlinearShares,
+    Request,
+    merge_schedule,
+    nibbles,
+    require_shape,
+)
 from privmed.mpc.party import Party
 from privmed.ring.fixed import U64, public_const
 
@@ -53,6 +60,8 @@ def _and(p: Party, tag: str, x: np.ndarray, y: np.ndarray, triple: tuple[np.ndar
     One round; each party sends 2 bits per gate.
     """
     a, b, z = triple
+    for what, arr in (("triple a", a), ("triple b", b), ("triple z", z), ("second operand", y)):
+        require_shape(tag, f"AND {what}", arr, x.shape)
     mine = np.concatenate([x ^ a, y ^ b])
     both = mine ^ p.exchange(tag, mine)
     d, e = both[: len(x)], both[len(x) :]
@@ -67,6 +76,8 @@ def _borrow(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, bits: in
     m = (bits - drop) // CHUNK
     cj = nibbles(c, drop, m)
     assert corr.lt is not None and corr.eq is not None
+    require_shape(label, "comparison table lt", corr.lt, cj.shape)
+    require_shape(label, "comparison table eq", corr.eq, cj.shape)
     one = np.uint16(1)
     lt = np.packbits(((corr.lt >> cj) & one).astype(np.uint8), axis=1)
     eq = np.packbits(((corr.eq >> cj) & one).astype(np.uint8), axis=1)
@@ -101,7 +112,9 @@ def _borrow(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, bits: in
 def _open_sign_mask(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, n: int, bits: int, drop: int) -> np.ndarray:
     """Steps 3-4 up to the opening: e = [x >= 0] XOR c_hat, public, as 0/1 ring elements."""
     assert corr.q is not None
-    e_mine = _borrow(p, label, c, corr, bits, drop) ^ corr.q
+    borrow = _borrow(p, label, c, corr, bits, drop)
+    require_shape(label, "sign mask q", corr.q, borrow.shape)
+    e_mine = borrow ^ corr.q
     if p.is_data_owner:
         e_mine ^= np.packbits((1 ^ ((c >> U64(bits)) & U64(1))).astype(np.uint8))
     return np.unpackbits(e_mine ^ p.exchange(f"{label}/e", e_mine), count=n).astype(U64)
@@ -109,7 +122,13 @@ def _open_sign_mask(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, 
 
 def _open_masked(p: Party, label: str, x: np.ndarray, corr: NonlinearShares) -> np.ndarray:
     """Step 1: c = x + 2^62 + r, opened to both parties (one round, 8 bytes each way)."""
-    mine = x.reshape(-1) + corr.r
+    flat = x.reshape(-1)
+    require_shape(label, "mask r", corr.r, flat.shape)
+    for name in ("R", "M", "chat", "chatR", "chatM"):
+        value = getattr(corr, name)
+        if value is not None and value.size:
+            require_shape(label, f"correlation {name}", value, flat.shape)
+    mine = flat + corr.r
     if p.is_data_owner:
         mine = mine + OFFSET
     return mine + p.exchange(f"{label}/c", mine)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from privmed.compiler.plan import Node, PrivateWeights
+from privmed.ir.plan import Node, PrivateWeights
 from privmed.mpc import arith, linear, nonlinear
 from privmed.mpc.correlated import Request
 from privmed.mpc.party import Party
@@ -29,7 +29,7 @@ class SecureNormOps:
         self.p, self.node, self.reqs, self.pre, self.w, self.masked = p, node, reqs, pre, weights, masked
 
     def _req(self, step: str) -> Request:
-        return self.reqs[f"{self.pre}{self.node.id}/{step}"]
+        return self.reqs[f"{self.pre}/{step}"]
 
     def const(self, value: np.ndarray) -> np.ndarray:
         return value if self.p.is_data_owner else np.zeros_like(value)

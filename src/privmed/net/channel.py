@@ -125,13 +125,17 @@ class Channel:
         dtype: np.dtype | type,
         shape: tuple[int, ...] | None,
         timeout_s: float | None = None,
+        max_bytes: int | None = None,
     ) -> np.ndarray:
+        """Receive the next message, which must be ``tag`` of ``dtype`` and ``shape`` (or, with
+        shape None, at most ``max_bytes``); the header is checked before the payload is read."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         start = time.monotonic()
         deadline = start + timeout
         hdr: Header = unpack_header(self._get_header(deadline))
         check_header(
-            hdr, peer=self.peer, session=self.session, seq=self._recv_seq, tag=tag, dtype=np.dtype(dtype), shape=shape
+            hdr, peer=self.peer, session=self.session, seq=self._recv_seq, tag=tag, dtype=np.dtype(dtype), shape=shape,
+            max_bytes=max_bytes,
         )
         payload = self._get_payload(hdr.length, deadline)
         self._recv_seq += 1
@@ -146,8 +150,9 @@ class Channel:
     def send_text(self, tag: str, text: str) -> None:
         self.send(tag, np.frombuffer(text.encode("utf-8"), dtype=np.uint8))
 
-    def recv_text(self, tag: str, timeout_s: float | None = None) -> str:
-        return bytes(self.recv(tag, np.uint8, None, timeout_s)).decode("utf-8")
+    def recv_text(self, tag: str, max_bytes: int, timeout_s: float | None = None) -> str:
+        """A UTF-8 text message of at most ``max_bytes``."""
+        return bytes(self.recv(tag, np.uint8, None, timeout_s, max_bytes=max_bytes)).decode("utf-8", "replace")
 
     def abort(self, reason: str) -> None:
         """Tell the peer this party is giving up (best effort)."""

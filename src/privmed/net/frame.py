@@ -18,11 +18,15 @@ offset  bytes  field
 ======  =====  ===========================================================
 
 The payload is the C-order little-endian bytes of the array. Nothing is ever pickled: a
-receiver states the tag, dtype and shape it expects and ``check_header`` rejects anything else.
+receiver states the tag, dtype and shape it expects and ``check_header`` rejects anything else
+*before* the payload is read or any buffer allocated. A message whose shape the receiver does
+not know in advance (the plan's text) must name a byte cap (``max_bytes``); an ``abort`` may
+carry at most ``MAX_ABORT_BYTES`` of reason. Element counts are multiplied as Python ints.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -35,6 +39,7 @@ VERSION = 1
 HEADER = struct.Struct("<4sBBBB16sQ32s8QQ")
 HEADER_BYTES = HEADER.size  # 136
 MAX_PAYLOAD = 1 << 36  # 64 GiB: anything larger is a corrupt header
+MAX_ABORT_BYTES = 4096  # an abort's reason text
 
 DTYPES: dict[int, np.dtype] = {
     1: np.dtype("<u8"),
@@ -82,7 +87,7 @@ def unpack_header(buf: bytes) -> Header:
         raise ProtocolError(f"bad dtype code {code} or ndim {ndim}")
     dtype = DTYPES[code]
     shape = tuple(int(s) for s in shape_all[:ndim])
-    if length > MAX_PAYLOAD or length != int(np.prod(shape)) * dtype.itemsize:
+    if length > MAX_PAYLOAD or length != math.prod(shape) * dtype.itemsize:
         raise ProtocolError(f"payload length {length} does not match shape {shape} of {dtype}")
     return Header(session, seq, tag_b.rstrip(b"\0").decode("ascii", "replace"), dtype, shape, length)
 
@@ -96,10 +101,18 @@ def check_header(
     tag: str,
     dtype: np.dtype,
     shape: tuple[int, ...] | None,
+    max_bytes: int | None = None,
 ) -> None:
-    """Raise ProtocolError naming the peer unless the header is exactly what was expected."""
+    """Raise ProtocolError naming the peer unless the header is exactly what was expected.
+
+    With ``shape`` None the payload may have any shape of ``dtype`` but at most ``max_bytes``
+    (required then)."""
     if hdr.tag == "abort" and tag != "abort":
+        if hdr.length > MAX_ABORT_BYTES or hdr.dtype != np.dtype("u1"):
+            raise ProtocolError(f"unexpected message from {peer}: an abort of {hdr.length} bytes (at most {MAX_ABORT_BYTES})")
         return  # the caller reads the reason and raises PeerError
+    if shape is None and max_bytes is None:
+        raise ValueError("a receive without an expected shape needs max_bytes")
     problems = []
     if hdr.session != session:
         problems.append("session id differs")
@@ -111,5 +124,7 @@ def check_header(
         problems.append(f"dtype {hdr.dtype}, expected {np.dtype(dtype)}")
     if shape is not None and hdr.shape != tuple(shape):
         problems.append(f"shape {hdr.shape}, expected {tuple(shape)}")
+    if max_bytes is not None and hdr.length > max_bytes:
+        problems.append(f"{hdr.length} bytes, at most {max_bytes} expected")
     if problems:
         raise ProtocolError(f"unexpected message from {peer}: " + "; ".join(problems))

@@ -6,19 +6,19 @@ from typing import Any
 
 import numpy as np
 
-from privmed.compiler.plan import Node, Plan, PrivateWeights
+from privmed.ir.ops import avg_divisor
+from privmed.ir.plan import Node, Plan, PrivateWeights
 from privmed.mpc import linear as lin
 from privmed.mpc import nonlinear as nl
 from privmed.mpc.correlated import Request, maxpool_levels, requests
 from privmed.mpc.norm import secure_instance_norm
 from privmed.mpc.party import Party
-from privmed.reference.executors import avg_divisor
 from privmed.ring import layout
 from privmed.ring.fixed import U64, encode
 
 
 class SecureBackend:
-    """Implements ``privmed.compiler.walk.Backend`` for party 0 or 1."""
+    """Implements ``privmed.ir.walk.Backend`` for party 0 or 1."""
 
     def __init__(
         self,
@@ -38,7 +38,11 @@ class SecureBackend:
         self.f = plan.frac_bits
         self.scales = {n.id: n.scale for n in plan.nodes}
         self._pre = f"b{index}:"
+        self._index = {n.id: k for k, n in enumerate(plan.nodes)}
         self._reqs: dict[str, Request] = {r.label: r for r in requests(plan, batch, index)}
+
+    def _label(self, node: Node) -> str:
+        return f"{self._pre}{self._index[node.id]}"
 
     def input(self, node: Node, batch: int) -> np.ndarray:
         if self.p.is_data_owner:
@@ -47,7 +51,7 @@ class SecureBackend:
         return np.zeros((batch, *node.shape), dtype=U64)
 
     def linear(self, node: Node, x: np.ndarray) -> np.ndarray:
-        req = self._reqs[self._pre + node.id]
+        req = self._reqs[self._label(node)]
         if self.p.is_data_owner:
             return lin.private_linear(self.p, req, x, masked_weights=self.masked_weights)
         assert self.w is not None
@@ -62,15 +66,15 @@ class SecureBackend:
         return x + self.w.bias[node.id]
 
     def relu(self, node: Node, x: np.ndarray) -> np.ndarray:
-        return nl.relu(self.p, self._reqs[self._pre + node.id], x)[0]
+        return nl.relu(self.p, self._reqs[self._label(node)], x)[0]
 
     def leaky_relu(self, node: Node, x: np.ndarray) -> np.ndarray:
-        r, t = nl.relu(self.p, self._reqs[self._pre + node.id], x)
+        r, t = nl.relu(self.p, self._reqs[self._label(node)], x)
         alpha = encode(np.array(node.attrs["alpha"]), self.f)
         return r * U64(1 << self.f) + (t - r) * alpha
 
     def trunc(self, node: Node, x: np.ndarray) -> np.ndarray:
-        return nl.truncate(self.p, self._reqs[self._pre + node.id], x)
+        return nl.truncate(self.p, self._reqs[self._label(node)], x)
 
     def upscale(self, node: Node, x: np.ndarray) -> np.ndarray:
         return x << U64(node.attrs["shift"])
@@ -90,7 +94,7 @@ class SecureBackend:
             half = k // 2
             lo, hi = win[:, 0 : 2 * half : 2], win[:, 1 : 2 * half : 2]
             diff = np.ascontiguousarray(lo - hi)
-            rel, _ = nl.relu(self.p, self._reqs[f"{self._pre}{node.id}/{lvl}"], diff)
+            rel, _ = nl.relu(self.p, self._reqs[f"{self._label(node)}/{lvl}"], diff)
             merged = hi + rel
             win = np.concatenate([merged, win[:, 2 * half :]], axis=1) if k % 2 else merged
         return win.reshape(lead)
@@ -101,7 +105,7 @@ class SecureBackend:
         return s * encode(1.0 / np.asarray(avg_divisor(node, x.shape)), self.f)
 
     def instnorm(self, node: Node, x: np.ndarray) -> np.ndarray:
-        return secure_instance_norm(self.p, node, x, self._reqs, self._pre, self.w, self.masked_weights, self.f)
+        return secure_instance_norm(self.p, node, x, self._reqs, self._label(node), self.w, self.masked_weights, self.f)
 
     def pad_value(self, node: Node, dtype: np.dtype) -> Any:
         if self.p.is_data_owner:
@@ -109,4 +113,4 @@ class SecureBackend:
         return U64(0)
 
     def output(self, node: Node, x: np.ndarray) -> np.ndarray | None:
-        return nl.reveal_to_data_owner(self.p, self._pre + node.id, x)
+        return nl.reveal_to_data_owner(self.p, self._label(node), x)

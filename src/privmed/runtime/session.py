@@ -3,9 +3,13 @@
 Order of a session (every message checked by tag, dtype and shape, every receive with a
 deadline):
 
-1. model owner -> data owner, dealer: the public plan (JSON);
-2. data owner checks its input against the plan, then -> model owner, dealer: batch size
-   (or ``abort`` with the reason, which every other party reports and exits on);
+1. model owner -> data owner, dealer: the public plan (canonical JSON, at most
+   ``privmed.ir.check.MAX_PLAN_BYTES``);
+2. data owner and dealer check the plan (``privmed.ir.check.parse_plan``: schema, ids,
+   topological order, every shape recomputed) and the data owner its pinned fingerprint
+   (``expect_plan``) and its input against the plan; then data owner -> model owner, dealer:
+   batch size (or ``abort`` with the reason, which every other party reports and exits on).
+   Nothing derived from the input is sent before the plan passed;
 3. dealer -> each party: a fresh 16-byte PRG seed;
 4. online pass over the plan (the dealer streams corrections to the model owner meanwhile);
 5. the output is revealed to the data owner only;
@@ -25,14 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from privmed.compiler.plan import Node, Plan, PrivateWeights
-from privmed.compiler.walk import run_plan
 from privmed.crypto.prg import PRG, SEED_BYTES
 from privmed.errors import InputError, PeerError
+from privmed.ir.check import MAX_PLAN_BYTES, PlanError, parse_plan
+from privmed.ir.ops import postprocess
+from privmed.ir.plan import Node, Plan, PrivateWeights
+from privmed.ir.walk import run_plan
 from privmed.mpc.correlated import DealerSource, Request, run_dealer
 from privmed.mpc.party import Party
 from privmed.net.channel import Channel
-from privmed.reference.executors import postprocess
 from privmed.ring.fixed import decode
 from privmed.runtime.backend import SecureBackend
 
@@ -113,19 +118,49 @@ def _check_batch(x: np.ndarray, plan: Plan) -> str | None:
     return None
 
 
+def receive_plan(to_model: Channel, others: list[Channel], input_shape: list[int] | None = None,
+                 expect_plan: str | None = None) -> Plan:
+    """Receive and check the model owner's plan (step 2); on refusal abort every channel.
+
+    ``input_shape`` is the shape the receiver's own data has (None for the dealer);
+    ``expect_plan`` the SHA-256 fingerprint the receiver approved, if any.
+    """
+    text = bytes(to_model.recv("plan", np.uint8, None, max_bytes=MAX_PLAN_BYTES)).decode("utf-8", "replace")
+    try:
+        plan = parse_plan(text, input_shape)
+        if expect_plan and plan.fingerprint() != expect_plan.strip().lower():
+            raise PlanError(f"refused the model owner's plan: fingerprint {plan.fingerprint()} is not the approved {expect_plan.strip().lower()}")
+    except PlanError as exc:
+        for c in [to_model, *others]:
+            c.abort(str(exc))
+        raise
+    return plan
+
+
 def data_owner(
     to_model: Channel,
     to_dealer: Channel,
     batches: np.ndarray | Iterable[np.ndarray],
     progress: Progress | None = None,
     total_batches: int | None = None,
+    expect_plan: str | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Run the data owner's side over one batch or a stream of batches (one session: the
-    masked weights travel once). Returns (outputs of all batches concatenated, stats)."""
+    masked weights travel once). Returns (outputs of all batches concatenated, stats).
+
+    The plan is checked against the first batch's shape before anything is sent;
+    ``on_plan`` sees the accepted plan (the CLI prints its fingerprint)."""
     t0 = time.perf_counter()
-    plan = Plan.from_json(to_model.recv_text("plan"))
     if isinstance(batches, np.ndarray):
         batches, total_batches = [batches], 1
+    batches = iter(batches)
+    first = next(batches, None)
+    shape = list(first.shape[1:]) if isinstance(first, np.ndarray) else None
+    plan = receive_plan(to_model, [to_dealer], shape, expect_plan)
+    if on_plan:
+        on_plan(plan)
+    batches = _chain_first(first, batches)
     party: Party | None = None
     cache: dict[str, np.ndarray] = {}
     outputs: list[np.ndarray] = []
@@ -162,8 +197,26 @@ def data_owner(
         c.finish()
     stats = _stats("data-owner", t0, chans, party.rounds, layers)
     stats["batches"] = per_batch
-    stats["plan"] = {"frac_bits": plan.frac_bits, **plan.report}
+    stats["plan"] = {"frac_bits": plan.frac_bits, "fingerprint": plan.fingerprint(), "nodes": len(plan.nodes),
+                     "comparisons": _comparisons(plan)}
     return np.concatenate(outputs), stats
+
+
+def _chain_first(first: np.ndarray | None, rest: Iterable[np.ndarray]) -> Iterable[np.ndarray]:
+    if first is not None:
+        yield first
+    yield from rest
+
+
+def _comparisons(plan: Plan) -> int:
+    """Elements compared per sample (ReLUs and max-pool pairs), from the public plan."""
+    total = 0
+    for n in plan.nodes:
+        if n.op in ("relu", "leaky_relu"):
+            total += int(np.prod(n.shape))
+        elif n.op == "maxpool":
+            total += int(np.prod(n.shape)) * (int(np.prod(n.attrs["kernel"])) - 1)
+    return total
 
 
 def _batch_progress(progress: Progress | None, index: int, total: int | None) -> Progress | None:
@@ -222,7 +275,7 @@ def model_owner(to_data: Channel, to_dealer: Channel, plan: Plan, weights: Priva
 def dealer(to_data: Channel, to_model: Channel, progress: Callable[[Request], None] | None = None) -> dict[str, Any]:
     """Run the dealer: seeds to both parties, then every correction to the model owner."""
     t0 = time.perf_counter()
-    plan = Plan.from_json(to_model.recv_text("plan"))
+    plan = receive_plan(to_model, [to_data])
     prgs: tuple[PRG, PRG, PRG] | None = None
     layers: dict[str, dict[str, Any]] = {}
     per_batch: list[dict[str, Any]] = []
@@ -247,7 +300,7 @@ def dealer(to_data: Channel, to_model: Channel, progress: Callable[[Request], No
                 entry = layers.setdefault(last[2], {"id": last[2], "time_s": 0.0, "bytes_sent": 0})
                 entry["time_s"] = round(entry["time_s"] + now - last[0], 6)
                 entry["bytes_sent"] += sent - last[1]
-            last[0], last[1], last[2] = now, sent, req.label.split(":", 1)[-1] if req.label != "end" else ""
+            last[0], last[1], last[2] = now, sent, req.node.id if req.label != "end" else ""
             if progress and req.label != "end":
                 progress(req)
 

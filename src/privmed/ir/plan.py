@@ -1,9 +1,18 @@
-"""The IR shared by compiler, reference executor and secure runtime.
+"""The IR shared by the protocols, the reference executor, the compiler and the runtime.
 
-A ``Plan`` is public: the architecture (op types, shapes, fixed-point scales, comparison
-widths). It is what the model owner sends to the data owner and dealer, as JSON. The
-``PrivateWeights`` (weights and biases of every private linear node, ring-encoded) never leave
-the model owner.
+A ``Plan`` is public: the architecture only (op types, shapes, per-op attributes, the
+fixed-point scale and the integer comparison widths). It is what the model owner sends to the
+data owner and the dealer, as canonical JSON, and what ``privmed.ir.check`` validates on
+receipt. Nothing measured on data or weights travels in it: the compiler's calibration report
+(bounds, headroom) stays with the model owner in ``Plan.report``, which ``to_json`` leaves out.
+The ``PrivateWeights`` (weights and biases of every private linear node, ring-encoded) never
+leave the model owner.
+
+Fields that depend on the weights and are public all the same, because the protocols need
+them: ``frac_bits`` and the integer comparison widths (``bits`` of relu / leaky_relu / maxpool;
+``k_hi``, ``sign_bits`` and ``sum_first`` of instnorm). Each is a small integer (a handful of
+bits of information per layer); ``tests/protocol/test_hostile_vendor.py`` checks that two
+weight sets of one architecture give plans that differ only there.
 
 Ops (``Node.op``) and their semantics on a secret tensor x at scale ``s`` (fractional bits):
 
@@ -26,20 +35,20 @@ transpose      perm                                                             
 pad            ONNX Pad (constant value encoded at scale s, added by P0)            local
 resize         nearest-neighbour gather                                             local
 slice          ONNX Slice with constant bounds                                      local
-scale_public   x * round(c * 2^f) (public constant c); out s+f                      local
 output         reveal to the data owner, then post-processing in clear              1 round
 ============== ==================================================================== ============
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 @dataclass
@@ -50,7 +59,10 @@ class Node:
     shape: list[int]  # per-sample output shape (batch dim excluded)
     scale: int  # fractional bits of the output
     attrs: dict[str, Any] = field(default_factory=dict)
-    bound: float = 0.0  # max |value| seen at calibration (real units)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "op": self.op, "inputs": list(self.inputs), "shape": list(self.shape),
+                "scale": self.scale, "attrs": self.attrs}
 
 
 @dataclass
@@ -63,14 +75,30 @@ class Plan:
     input_shape: list[int]  # per sample
     output_name: str
     model_name: str = ""
-    report: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
+    # The compiler's calibration report (bounds, headroom): model owner only, never sent.
+    report: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def public_dict(self) -> dict[str, Any]:
+        """What is sent: the architecture (``report`` is left out)."""
+        return {
+            "version": self.version, "model_name": self.model_name, "frac_bits": self.frac_bits,
+            "input_name": self.input_name, "input_shape": list(self.input_shape),
+            "output_name": self.output_name, "nodes": [n.to_dict() for n in self.nodes],
+        }
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        """Canonical JSON (sorted keys, no spaces): the bytes that are sent and fingerprinted."""
+        return json.dumps(self.public_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical JSON, hex: what a hospital pins with ``--expect-plan``."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
+        """Parse a plan *without* checking it; a plan from a peer goes through
+        ``privmed.ir.check.parse_plan`` instead."""
         raw = json.loads(text)
         if raw.get("version") != PLAN_VERSION:
             raise ValueError(f"plan version {raw.get('version')}, expected {PLAN_VERSION}")

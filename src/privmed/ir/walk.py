@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from privmed.compiler.plan import Node, Plan
+from privmed.ir.plan import Node, Plan
 from privmed.ring import layout
 
 
