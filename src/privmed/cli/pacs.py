@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import re
 import sys
 import tempfile
 import time
@@ -91,7 +92,14 @@ def job_input(args: argparse.Namespace, need_one_series: bool) -> Iterator[Any]:
         print(f"retrieved {len(files)} objects ({size / 1e6:.1f} MB) from PACS {cfg.name} by C-GET in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
         # one sub-folder per series; the series reader looks into sub-folders and picks by --series
-        yield Path(tmp) if need_one_series else [Path(tmp)]
+        try:
+            yield Path(tmp) if need_one_series else [Path(tmp)]
+        except InputError as exc:  # name what the user asked for, not our temporary folder
+            text = str(exc)
+            if not text.startswith(tmp):
+                raise
+            where = f"{'series ' + series if series else 'study ' + study} from PACS {cfg.name}"
+            raise InputError(where + re.sub(re.escape(tmp) + r"/[^:;,]*", "", text[len(tmp):])) from None
 
 
 def store_result(args: argparse.Namespace, files: list[Path]) -> None:

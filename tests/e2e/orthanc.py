@@ -1,0 +1,103 @@
+"""A real Orthanc PACS for the tests, alone in a network namespace with only loopback up.
+
+Orthanc listens on every interface and has no bind option, so it runs under
+``unshare --net`` (a network namespace of its own: ``lo`` only, nothing reachable from
+outside, no port clash with other jobs on the machine); privmed's commands join that
+namespace with ``nsenter --net=/proc/PID/ns/net``. Orthanc keeps its database in a
+temporary folder and is stopped (SIGTERM, then SIGKILL) at teardown.
+
+``orthanc_or_skip`` skips with the reason when Orthanc (Debian package ``orthanc``,
+installed by ``.ci/run``) or namespaces (root / CAP_SYS_ADMIN) are not available.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .conftest import ENV, PRIVMED
+
+ORTHANC = "/usr/sbin/Orthanc"
+DICOM_PORT, HTTP_PORT = 4242, 8042  # inside the namespace: nothing else is there
+AET = "ORTHANC"
+
+
+@dataclass
+class Orthanc:
+    process: subprocess.Popen
+    workdir: Path
+
+    @property
+    def netns(self) -> str:
+        return f"/proc/{self.process.pid}/ns/net"
+
+    @property
+    def pacs_args(self) -> list[str]:
+        return ["--pacs", f"127.0.0.1:{DICOM_PORT}", "--pacs-aet", AET, "--pacs-timeout", "20"]
+
+    def run(self, args: list[str | Path], timeout: float = 300.0) -> subprocess.CompletedProcess:
+        """``privmed ARGS`` inside Orthanc's namespace (where 127.0.0.1:4242 is Orthanc)."""
+        cmd = ["nsenter", f"--net={self.netns}", *PRIVMED, *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, check=False)
+
+    def log(self) -> str:
+        path = self.workdir / "Orthanc.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else "(no Orthanc.log)"
+
+
+def orthanc_or_skip() -> None:
+    if not Path(ORTHANC).is_file():
+        pytest.skip("Orthanc is not installed (Debian package orthanc; .ci/run installs it)")
+    for tool in ("unshare", "nsenter", "ip"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not found (util-linux / iproute2)")
+    probe = subprocess.run(["unshare", "--net", "--", "ip", "link", "set", "lo", "up"], capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a network namespace for Orthanc: {probe.stderr.strip()}")
+
+
+def start_orthanc(workdir: Path, deadline_s: float = 60.0) -> Orthanc:
+    """Start Orthanc in its own namespace and wait until it answers C-ECHO through privmed."""
+    orthanc_or_skip()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "db").mkdir(exist_ok=True)
+    config = {
+        "Name": "privmed-test", "StorageDirectory": str(workdir / "db"), "IndexDirectory": str(workdir / "db"),
+        "DicomAet": AET, "DicomPort": DICOM_PORT, "HttpPort": HTTP_PORT, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomCheckCalledAet": True, "DicomAlwaysAllowEcho": True,
+        "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True,
+        "DicomModalities": {}, "Plugins": [], "ConcurrentJobs": 1,
+    }  # fmt: skip
+    (workdir / "orthanc.json").write_text(json.dumps(config, indent=1))
+    script = f"ip link set lo up && exec {ORTHANC} --logdir={workdir} {workdir / 'orthanc.json'}"
+    # unshare and sh exec into Orthanc: the child's pid is Orthanc's, its namespace ours to join
+    proc = subprocess.Popen(["unshare", "--net", "--", "sh", "-c", script], stdout=subprocess.DEVNULL,
+                            stderr=open(workdir / "stderr.txt", "wb"))  # noqa: SIM115 - closed with the process  # fmt: skip
+    server = Orthanc(proc, workdir)
+    t0, last = time.monotonic(), ""
+    while time.monotonic() - t0 < deadline_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"Orthanc exited with {proc.returncode}: {server.log()}")
+        res = server.run(["pacs", "echo", *server.pacs_args], timeout=30)
+        if res.returncode == 0:
+            return server
+        last = res.stderr.strip()
+        time.sleep(0.5)
+    stop_orthanc(server)
+    raise RuntimeError(f"Orthanc did not answer C-ECHO within {deadline_s} s: {last}\n{server.log()}")
+
+
+def stop_orthanc(server: Orthanc) -> None:
+    if server.process.poll() is None:
+        server.process.terminate()
+        try:
+            server.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait(timeout=15)
