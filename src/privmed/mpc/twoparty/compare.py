@@ -1,0 +1,199 @@
+"""Comparison, DReLU, ReLU and bit-to-arithmetic conversion by OT, no dealer (CrypTFlow2).
+
+Values are additive shares over Z_2^l (uint64 arrays holding [0, 2^l), 2 <= l <= 64); bits are
+XOR shares (uint8 0/1). The data owner is party 0, the model owner party 1. Constructions, from
+Rathee, Rastogi, Gupta, Chandran, Gupta, Sharma, "CrypTFlow2: Practical 2-Party Secure
+Inference", CCS 2020:
+
+- ``millionaire``: sec. 3.1 (Algorithm 1) with 4-bit chunks and 1-out-of-16 OT (``ot.ot16_*``),
+  then the log-depth AND tree over (lt, eq) pairs.
+- ``and_triples``: bit Beaver triples from two random OTs (one in each direction): with
+  random-OT messages (m0, m1) and choice c, m0 ^ m_c is an XOR sharing of (m0 ^ m1) c.
+- ``drelu``: sec. 4.1: msb(x) = msb(x0) ^ msb(x1) ^ [x0' + x1' >= 2^(l-1)] where x' are the low
+  l - 1 bits; the carry is the millionaires' bit [2^(l-1) - 1 - x0' < x1'].
+- ``mux`` / ``relu``: sec. 4.2 (F_MUX from two correlated OTs), ReLU(x) = DReLU(x) x.
+- ``b2a``: one correlated OT (CrypTFlow2's B2A, sec. 4.3 of SiRNN, Rathee et al. S&P 2021).
+
+A correlated OT (COT) with correlation delta: the sender gets h0, the receiver with choice c gets
+h0 + c delta (mod 2^l), from one random OT and one l-bit correction from the sender.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from privmed.crypto.prg import Stream
+from privmed.mpc.twoparty.ot import OTSession, ot16_recv, ot16_send, random_ot_recv, random_ot_send
+
+U64 = np.uint64
+CHUNK = 4
+
+
+def ring_mask(bits: int) -> np.uint64:
+    return U64((1 << bits) - 1)
+
+
+def _as_ring(keys: np.ndarray, bits: int) -> np.ndarray:
+    """First 8 bytes of each 16-byte OT key as an element of Z_2^bits."""
+    return np.ascontiguousarray(keys[:, :8]).view("<u8").reshape(-1) & ring_mask(bits)
+
+
+def _exchange_bits(ot: OTSession, tag: str, bits: np.ndarray) -> np.ndarray:
+    """Send my 0/1 array packed, receive the peer's of the same length (one round)."""
+    ot.ch.send(tag, np.packbits(bits))
+    theirs = ot.ch.recv(tag, np.uint8, ((len(bits) + 7) // 8,))
+    return np.unpackbits(theirs, count=len(bits))
+
+
+def and_triples(ot: OTSession, tag: str, n: int, stream: Stream) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n XOR-shared bit triples (a, b, c), c = a AND b (0/1 uint8 arrays).
+
+    1. Each party draws its choice bits b_i; both run n random OTs with themselves as receiver
+       (sending the IKNP matrix), then n as sender.
+    2. Sender role: a_i = m0 ^ m1 (lsb of each key), share of a_i b_peer: m0.
+       Receiver role: share of a_peer b_i: m_c.
+    3. c_i = a_i b_i ^ (both cross-term shares).
+    Rounds: 1. Bytes per triple per party: 16 (random-OT matrix). Security: the IKNP random
+    OTs (``ot``); a_i, b_i are uniform and independent of the peer's view.
+    """
+    b = stream.bits(n)
+    mine = random_ot_recv(ot, f"{tag}/a", b)[:, 0] & 1
+    k0, k1 = random_ot_send(ot, f"{tag}/a", n)
+    m0, m1 = k0[:, 0] & 1, k1[:, 0] & 1
+    a = m0 ^ m1
+    return a, b, (a & b) ^ m0 ^ mine
+
+
+def _and(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, y: np.ndarray, triple: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """XOR-shared x AND y with a bit triple: open d = x ^ a, e = y ^ b (1 round, 2 bits each)."""
+    a, b, c = triple
+    both = np.concatenate([x ^ a, y ^ b])
+    opened = both ^ _exchange_bits(ot, tag, both)
+    d, e = opened[: len(x)], opened[len(x) :]
+    z = c ^ (d & b) ^ (e & a)
+    return z ^ (d & e) if is_data_owner else z
+
+
+def _tree_ands(m: int) -> int:
+    count, total = m, 0
+    while count > 1:
+        pairs = count // 2
+        count = pairs + count % 2
+        total += 2 * pairs - (1 if count == 1 else 0)
+    return total
+
+
+def millionaire(ot: OTSession, tag: str, is_data_owner: bool, value: np.ndarray, bits: int, stream: Stream) -> np.ndarray:
+    """XOR shares of [a < b] for a held by the data owner, b by the model owner, both in
+    [0, 2^bits) (uint64 (n,)). Returns this party's share bits (n,) uint8.
+
+    1. Cut into m = ceil(bits / 4) chunks a_j, b_j (j = 0 least significant).
+    2. Data owner draws lt0_j, eq0_j and offers, for every v < 16, the 2-bit message
+       (lt0_j ^ [a_j < v], eq0_j ^ [a_j == v]); the model owner picks v = b_j by 1-of-16 OT and
+       holds lt1_j, eq1_j: XOR shares of [a_j < b_j], [a_j == b_j].
+    3. Merge adjacent chunks (lo, hi): lt = lt_hi ^ (eq_hi AND lt_lo), eq = eq_hi AND eq_lo (the
+       XOR is an OR of disjoint events), ceil(log2 m) levels of ANDs on triples from
+       ``and_triples``.
+    Rounds: 2 (OT16) + 1 (triples, overlapping) + ceil(log2 m). Bytes per element per party:
+    model owner 64 m (random-OT matrices) + 16 T + T/4, data owner 4 m + 16 T + T/4 for
+    T = 2m - 3 AND gates (m > 1), plus 136-byte headers per message.
+    Security: the OT16 hides b_j and the other 15 messages; every message is masked by the
+    data owner's fresh lt0, eq0; AND openings are masked by triples used once.
+    """
+    n, m = len(value), -(-bits // CHUNK)
+    shifts = (CHUNK * np.arange(m, dtype=U64)).reshape(-1, 1)
+    chunks = ((value.reshape(1, -1) >> shifts) & U64(15)).astype(np.uint8)  # (m, n)
+    triples = and_triples(ot, f"{tag}/tr", n * _tree_ands(m), stream)
+    if is_data_owner:
+        lt, eq = stream.bits((m, n)), stream.bits((m, n))
+        v = np.arange(16, dtype=np.uint8).reshape(1, 1, 16)
+        less = (chunks[..., None] < v).astype(np.uint8) ^ lt[..., None]
+        equal = (chunks[..., None] == v).astype(np.uint8) ^ eq[..., None]
+        ot16_send(ot, f"{tag}/ot16", (less | (equal << 1)).reshape(-1, 16), 2)
+    else:
+        got = ot16_recv(ot, f"{tag}/ot16", chunks.reshape(-1), 2).reshape(m, n)
+        lt, eq = got & 1, got >> 1
+    nodes = [(lt[j], eq[j]) for j in range(m)]
+    used, level = 0, 0
+    while len(nodes) > 1:
+        pairs = len(nodes) // 2
+        final = pairs + len(nodes) % 2 == 1
+        xs = [nodes[2 * p + 1][1] for p in range(pairs)] + ([] if final else [nodes[2 * p + 1][1] for p in range(pairs)])
+        ys = [nodes[2 * p][0] for p in range(pairs)] + ([] if final else [nodes[2 * p][1] for p in range(pairs)])
+        k = len(xs) * n
+        tri = tuple(t[used : used + k] for t in triples)
+        used += k
+        prod = _and(ot, f"{tag}/and{level}", is_data_owner, np.concatenate(xs), np.concatenate(ys), tri).reshape(-1, n)  # type: ignore[arg-type]
+        merged = [(nodes[2 * p + 1][0] ^ prod[p], prod[pairs + p] if not final else prod[p]) for p in range(pairs)]
+        nodes = merged + ([nodes[-1]] if len(nodes) % 2 else [])
+        level += 1
+    return nodes[0][0]
+
+
+def drelu(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: int, stream: Stream) -> np.ndarray:
+    """XOR shares of [x >= 0] for x additively shared over Z_2^bits (two's complement sign).
+
+    One ``millionaire`` on bits - 1 bits (the carry of the low parts), then local XORs:
+    DReLU = 1 ^ msb(x0) ^ msb(x1) ^ carry. Same rounds and bytes as ``millionaire``.
+    """
+    low_mask = U64((1 << (bits - 1)) - 1)
+    low = x & low_mask
+    value = (low_mask - low) if is_data_owner else low
+    carry = millionaire(ot, tag, is_data_owner, value, bits - 1, stream)
+    msb = ((x >> U64(bits - 1)) & U64(1)).astype(np.uint8)
+    return msb ^ carry ^ np.uint8(1) if is_data_owner else msb ^ carry
+
+
+def _cot_send(ot: OTSession, tag: str, delta: np.ndarray, bits: int) -> np.ndarray:
+    """COT sender: returns -h0; the receiver ends with h0 + c delta (sends the l-bit correction)."""
+    k0, k1 = random_ot_send(ot, tag, len(delta))
+    h0, h1 = _as_ring(k0, bits), _as_ring(k1, bits)
+    ot.ch.send(f"{tag}/e", (h0 + delta - h1) & ring_mask(bits))
+    return (U64(0) - h0) & ring_mask(bits)
+
+
+def _cot_recv(ot: OTSession, tag: str, choice: np.ndarray, bits: int) -> np.ndarray:
+    h = _as_ring(random_ot_recv(ot, tag, choice), bits)
+    e = ot.ch.recv(f"{tag}/e", U64, (len(choice),))
+    return (h + choice.astype(U64) * e) & ring_mask(bits)
+
+
+def b2a(ot: OTSession, tag: str, is_data_owner: bool, bit: np.ndarray, bits: int) -> np.ndarray:
+    """Arithmetic shares over Z_2^bits of the XOR-shared bit b = b0 ^ b1 = b0 + b1 - 2 b0 b1.
+
+    One COT, data owner sending with delta = 1 - 2 b0, model owner choosing b1: the shares of
+    b1 (1 - 2 b0) are -h0 and h0 + b1 (1 - 2 b0); the data owner adds b0.
+    Rounds: 2 (random-OT matrix, then correction). Bytes per bit: model owner 16, data owner 8.
+    Security: COT (``ot``); the correction is masked by h1, a random-OT key the receiver
+    lacks when b1 = 0, and the receiver's view when b1 = 1 is h0 + delta with h0 unknown to it.
+    """
+    if is_data_owner:
+        b0 = bit.astype(U64)
+        return (b0 + _cot_send(ot, f"{tag}/b2a", U64(1) - U64(2) * b0, bits)) & ring_mask(bits)
+    return _cot_recv(ot, f"{tag}/b2a", bit, bits)
+
+
+def mux(ot: OTSession, tag: str, is_data_owner: bool, d: np.ndarray, x: np.ndarray, bits: int) -> np.ndarray:
+    """Arithmetic shares of d x for XOR-shared bit d and additively shared x (CrypTFlow2 F_MUX).
+
+    d x_i = d_i x_i + d_peer (1 - 2 d_i) x_i: each party is COT sender for its own x_i
+    (delta = (1 - 2 d_i) x_i) and receiver (choice d_i) for the peer's. Both COTs run at once.
+    Rounds: 2. Bytes per element per party: 16 (random-OT matrix) + 8 (correction).
+    """
+    di = d.astype(U64)
+    mine = random_ot_recv(ot, f"{tag}/mux", d)  # my choice d_i in the peer's COT
+    k0, k1 = random_ot_send(ot, f"{tag}/mux", len(d))
+    h0, h1 = _as_ring(k0, bits), _as_ring(k1, bits)
+    delta = (U64(1) - U64(2) * di) * x
+    ot.ch.send(f"{tag}/mux/e", (h0 + delta - h1) & ring_mask(bits))
+    e = ot.ch.recv(f"{tag}/mux/e", U64, (len(d),))
+    received = _as_ring(mine, bits) + di * e
+    return (di * x - h0 + received) & ring_mask(bits)
+
+
+def relu(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: int, stream: Stream) -> np.ndarray:
+    """Arithmetic shares of ReLU(x) = DReLU(x) x over Z_2^bits (``drelu`` then ``mux``).
+
+    Rounds: those of ``drelu`` + 2. Bytes: ``drelu`` + 24 per element per party.
+    """
+    return mux(ot, tag, is_data_owner, drelu(ot, tag, is_data_owner, x, bits, stream), x, bits)
