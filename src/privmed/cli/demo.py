@@ -80,6 +80,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             cells.append(f"{secure[i, j]:>9.4f} / {plain[i, j]:.4f}  ({mark})")
         print(f"{r.image_id[:17]:<18}{r.site:<8}" + "".join(f"{c:>26}" for c in cells))
     st = result.stats
+    print(f"plan {st.get('plan', {}).get('fingerprint', '?')} (pin it with --expect-plan)")
     per = st["batches"]
     t = np.array([b["time_s"] for b in per])
     by = np.array([b["bytes"] for b in per])

@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", type=Path, help="model owner's calibration input (.npy) for the fixed-point scale")
     p.add_argument("--frac-bits", type=int, help="fixed-point fractional bits (default: chosen from calibration, at most 16)")
     p.add_argument("--preprocess", type=Path, help="preprocessing JSON for image inputs (default: <model>.preprocess.json)")
+    p.add_argument("--expect-plan", metavar="SHA256", help="refuse any plan but this fingerprint (printed by every run)")
     add_pacs_options(p, job=True)
     p.set_defaults(func=cmd_infer)
 
@@ -49,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--output", type=Path, help="data owner: output .npy")
     q.add_argument("--chunk", type=int, help="data owner: run the input N in batches of this size, one session")
     q.add_argument("--stats", type=Path, help="this role's stats JSON")
+    q.add_argument("--expect-plan", metavar="SHA256", help="data owner: refuse any plan but this fingerprint")
     q.add_argument("--progress-jsonl", action="store_true", help=argparse.SUPPRESS)
     q.set_defaults(func=cmd_party)
 
@@ -201,8 +203,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
         print(f"{len(rows)} inputs from {len(set(rows))} files, batches of {args.chunk}, one session", file=sys.stderr)
     result = run_local_session(
         args.model, x, timeout_s=args.timeout, progress=LayerProgress(), calibration=args.calibration,
-        frac_bits=args.frac_bits, chunk=args.chunk if x.shape[0] > 1 else None,
+        frac_bits=args.frac_bits, chunk=args.chunk if x.shape[0] > 1 else None, expect_plan=args.expect_plan,
     )  # fmt: skip
+    print(f"plan {result.stats.get('plan', {}).get('fingerprint', '?')} (pin it with --expect-plan)")
     if args.stats:
         args.stats.write_text(json.dumps(result.stats, indent=1))
     if dicom_out:
@@ -241,6 +244,9 @@ def cmd_party(args: argparse.Namespace) -> int:
             raise InputError("the data owner needs --input and --output")
         kwargs["x"], _ = load_inputs(args.input, None, args.preprocess)
         kwargs["chunk"] = args.chunk
+        kwargs["expect_plan"] = args.expect_plan
+        if not args.progress_jsonl:  # (stdout then carries the launcher's JSON lines only)
+            kwargs["on_plan"] = lambda plan: print(f"plan {plan.fingerprint()} accepted (pin it with --expect-plan)", flush=True)
         if args.progress_jsonl:
             def emit(done: int, total: int, node: Any, batch: int = 0, batches: int | None = None) -> None:
                 event = {"done": done, "total": total, "op": node.op, "onnx": node.attrs.get("onnx", ""), "batch": batch, "batches": batches}

@@ -54,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk", type=int, help="slices/patches per batch in the one session (default: about 2^18 input values)")
     p.add_argument("--stats", type=Path, help="write volumes, costs and the session's stats (JSON)")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline of each receive, seconds (300)")
+    p.add_argument("--expect-plan", metavar="SHA256", help="refuse any plan but this fingerprint (printed by every run)")
     p.add_argument("--calibration", type=Path, help="model owner's calibration input (.npy) for the fixed-point scale")
     p.add_argument("--preprocess", type=Path, help="preprocessing JSON (default: <model>.preprocess.json)")
     p.add_argument("--plaintext", action="store_true",
@@ -106,7 +107,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.plaintext:
         engine = PlaintextEngine()
     else:
-        engine = SecureEngine(chunk=args.chunk, timeout_s=args.timeout, calibration=args.calibration,
+        engine = SecureEngine(chunk=args.chunk, timeout_s=args.timeout, calibration=args.calibration, expect_plan=args.expect_plan,
                               progress=LayerProgress(label=f"secure segmentation ({mode})"))  # fmt: skip
     side = "x".join(map(str, model.side))
     print(f"{engine.name} segmentation: {volume.source} {volume.array.shape} ({volume.kind}), mode {mode}, "
@@ -132,6 +133,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     print(f"mask {seg.labels.shape} written to {args.output} {where} ({who})")
     print(f"volumes (voxel {volume.voxel_ml * 1000:.3f} mm^3):")
     print("\n".join(summary.format_volumes(vols)))
+    if seg.run.stats.get("plan", {}).get("fingerprint"):
+        print(f"plan {seg.run.stats['plan']['fingerprint']} (pin it with --expect-plan)")
     print(f"costs ({engine.name}):")
     print("\n".join(summary.format_costs(costs, engine.name)))
     report: dict[str, Any] = {

@@ -85,6 +85,7 @@ class ValidateOptions:
     threshold: float = 0.5
     max_consecutive_failures: int = 10
     images_per_session: int = 16
+    expect_plan: str | None = None  # SHA-256 of the only plan the data owner accepts
 
 
 @dataclass(frozen=True)
@@ -112,17 +113,20 @@ class RunSummary:
     elapsed_s: float
 
 
-def engine_secure_infer(timeout_s: float) -> SecureInfer:
+def engine_secure_infer(timeout_s: float, expect_plan: str | None = None, plans: set[str] | None = None) -> SecureInfer:
     """The real secure inference: three parties over TLS on loopback (privmed.runtime).
 
     ``chunk=1``: the N inputs go through one session one per batch, so the engine reports
-    each image's own time, bytes and rounds in ``stats["batches"]``.
+    each image's own time, bytes and rounds in ``stats["batches"]``. Every accepted plan's
+    fingerprint is added to ``plans``; ``expect_plan`` refuses any other plan.
     """
 
     def run(model_path: Path, inputs: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         from privmed.runtime.launch import run_local_session
 
-        result = run_local_session(model_path, inputs, timeout_s=timeout_s, chunk=1)
+        result = run_local_session(model_path, inputs, timeout_s=timeout_s, chunk=1, expect_plan=expect_plan)
+        if plans is not None and result.stats.get("plan", {}).get("fingerprint"):
+            plans.add(result.stats["plan"]["fingerprint"])
         return np.asarray(result.outputs, dtype=np.float32), dict(result.stats)
 
     return run
@@ -221,7 +225,8 @@ def run_validation(
         raise InputError(f"--per-session: expected at least 1, got {options.images_per_session}")
     model_path = Path(model_path).resolve()
     study = StudyModel(model_path, Path(data_dir))
-    secure_infer = secure_infer or engine_secure_infer(options.timeout_s)
+    plans: set[str] = set()
+    secure_infer = secure_infer or engine_secure_infer(options.timeout_s, options.expect_plan, plans)
     records = list(study.study.records)
     if options.limit is not None:
         records = records[: max(0, options.limit)]
@@ -243,8 +248,13 @@ def run_validation(
         todo = [r for r in records if (str(r.site), str(r.image_id)) not in done_keys]
         already = len(records) - len(todo)
         log.info("%d images, %d already stored, %d to run", len(records), already, len(todo))
-        return _run_pool(study, todo, already, len(records), model_path, secure_infer, run_id,
-                         store, options, progress)  # fmt: skip
+        try:
+            return _run_pool(study, todo, already, len(records), model_path, secure_infer, run_id,
+                             store, options, progress)  # fmt: skip
+        finally:
+            if plans:  # the plan(s) the data owner accepted in this run
+                earlier = set(store.meta().get("plan_fingerprints", []))
+                store.set_meta({"plan_fingerprints": sorted(earlier | plans)})
 
 
 def _run_pool(

@@ -71,6 +71,7 @@ def run_local_session(
     input_shape: list[int] | None = None,
     chunk: int | None = None,
     stall_s: float | None = None,
+    expect_plan: str | None = None,
 ) -> SessionResult:
     """Run one secure-inference session of ``model_path`` on ``inputs`` (N, ...) float32.
 
@@ -82,6 +83,9 @@ def run_local_session(
     ``stall_s`` seconds (default ``20 * timeout_s``), e.g. a role stuck without waiting on a
     receive. It is a watchdog on progress, not a limit on the session's length: a volume of
     hundreds of slices may run for hours.
+
+    ``expect_plan``: the data owner refuses any plan whose SHA-256 fingerprint differs (the
+    fingerprint of the accepted plan is in ``stats["plan"]["fingerprint"]``).
     """
     x = np.ascontiguousarray(inputs, dtype=np.float32) if isinstance(inputs, np.ndarray) and inputs.dtype.kind == "f" else inputs
     check_input(Path(model_path), x, input_shape)
@@ -95,7 +99,8 @@ def run_local_session(
         base = [sys.executable, "-m", "privmed.cli.main", "party", "--config", str(tmp / "session.toml")]
         extra = {
             "data-owner": ["--input", str(tmp / "input.npy"), "--output", str(tmp / "output.npy"), "--progress-jsonl"]
-            + (["--chunk", str(chunk)] if chunk else []),
+            + (["--chunk", str(chunk)] if chunk else [])
+            + (["--expect-plan", expect_plan] if expect_plan else []),
             "model-owner": ["--model", str(model_path)]
             + (["--calibration", str(calibration)] if calibration else [])
             + (["--frac-bits", str(frac_bits)] if frac_bits else [])

@@ -113,8 +113,13 @@ def run_role(
     x: np.ndarray | None = None,
     chunk: int | None = None,
     progress: Callable[..., None] | None = None,
+    expect_plan: str | None = None,
+    on_plan: Callable[[Any], None] | None = None,
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
-    """Connect, run the session as ``role`` and close. Returns (output or None, stats)."""
+    """Connect, run the session as ``role`` and close. Returns (output or None, stats).
+
+    Data owner: ``expect_plan`` refuses any plan whose SHA-256 fingerprint differs;
+    ``on_plan`` sees the accepted plan before any input-derived message is sent."""
     compiled: list[tuple[Any, Any]] = []
 
     def prepare() -> None:
@@ -130,7 +135,8 @@ def run_role(
             assert x is not None
             step = chunk or len(x)
             parts = [x[i : i + step] for i in range(0, len(x), step)]
-            return session.data_owner(chans["model-owner"], chans["dealer"], iter(parts), progress, len(parts))
+            return session.data_owner(chans["model-owner"], chans["dealer"], iter(parts), progress, len(parts),
+                                      expect_plan=expect_plan, on_plan=on_plan)
         if role == "model-owner":
             return None, session.model_owner(chans["data-owner"], chans["dealer"], *compiled[0], progress=progress)
         return None, session.dealer(chans["data-owner"], chans["model-owner"])

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from privmed.crypto.prg import PRG, SEED_BYTES
-from privmed.errors import InputError, PeerError
+from privmed.errors import InputError, ProtocolError
 from privmed.ir.check import MAX_PLAN_BYTES, PlanError, parse_plan
 from privmed.ir.ops import postprocess
 from privmed.ir.plan import Node, Plan, PrivateWeights
@@ -47,6 +47,13 @@ Progress = Callable[[int, int, Node], None]
 # once when any peer aborts or disconnects (``FailureGroup``), and the computing parties watch
 # each other with the normal per-receive deadline.
 DONE_TIMEOUT_S = 24 * 3600.0
+MAX_BATCH_ELEMENTS = 1 << 32  # batch size x the plan's largest tensor: caps what a batch may allocate
+
+
+def _check_batch_size(batch: int, plan: Plan, peer: str) -> None:
+    largest = max(int(np.prod(n.shape)) for n in plan.nodes)
+    if batch < 0 or batch * largest > MAX_BATCH_ELEMENTS:
+        raise ProtocolError(f"{peer} announced batch size {batch}: expected 0..{MAX_BATCH_ELEMENTS // largest} for this plan")
 
 
 def peak_rss_mb() -> float:
@@ -254,6 +261,7 @@ def model_owner(to_data: Channel, to_dealer: Channel, plan: Plan, weights: Priva
         for c in chans:
             c.step = "waiting for the next batch"
         batch = int(to_data.recv("batch", np.int64, (1,), timeout_s=DONE_TIMEOUT_S if index else None)[0])
+        _check_batch_size(batch, plan, "data-owner")
         if batch == 0:
             to_data.finish()
             break
@@ -282,8 +290,7 @@ def dealer(to_data: Channel, to_model: Channel, progress: Callable[[Request], No
     for index in range(1 << 62):
         to_data.step = "waiting for the next batch"
         batch = int(to_data.recv("batch", np.int64, (1,), timeout_s=DONE_TIMEOUT_S if index else None)[0])
-        if batch < 0:
-            raise PeerError(f"data-owner announced batch size {batch}")
+        _check_batch_size(batch, plan, "data-owner")
         if batch == 0:
             to_data.finish()
             break

@@ -85,6 +85,7 @@ class SecureEngine:
     progress : per-layer events from the data owner (``privmed.cli.progress.LayerProgress``).
     calibration : the model owner's calibration input (.npy) for the fixed-point scale; None
         lets the compiler use a standard-normal input.
+    expect_plan : the data owner refuses any plan whose SHA-256 fingerprint differs.
     """
 
     chunk: int | None = None
@@ -92,6 +93,7 @@ class SecureEngine:
     progress: Callable[[dict[str, Any]], None] | None = None
     calibration: Path | None = None
     workdir: Path | None = None
+    expect_plan: str | None = None
     name: str = "secure"
 
     def run(self, model: SegmentationModel, inputs: np.ndarray) -> EngineRun:
@@ -110,6 +112,7 @@ class SecureEngine:
             calibration=self.calibration,
             input_shape=list(model.input_shape),
             chunk=chunk,
+            expect_plan=self.expect_plan,
         )
         return EngineRun(self.name, result.outputs, dict(result.stats))
 
