@@ -1,0 +1,113 @@
+"""Millionaires' comparison, DReLU, ReLU, MUX and B2A by OT against numpy, edge values included."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from privmed.crypto.prg import PRG
+from privmed.mpc.twoparty import compare as cmp
+from privmed.mpc.twoparty.ot import OTSession, ot_setup
+from tests.protocol.twoparty_harness import run_two
+
+U64 = np.uint64
+
+
+def _both(f0: Callable[[OTSession, Any], Any], f1: Callable[[OTSession, Any], Any]) -> tuple[Any, Any]:
+    def party(is_do: bool, f: Callable[[OTSession, Any], Any]) -> Callable[[Any], Any]:
+        return lambda ch: f(ot_setup(ch, "s", PRG.fresh(), is_do), PRG.fresh().stream("p"))
+
+    r0, r1, _ = run_two(party(True, f0), party(False, f1))
+    return r0, r1
+
+
+def _mask(bits: int) -> np.uint64:
+    return U64((1 << bits) - 1)
+
+
+def _share(x: np.ndarray, bits: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    x0 = rng.integers(0, 2**64 - 1, len(x), dtype=U64, endpoint=True) & _mask(bits)
+    return x0, (x.view(U64) - x0) & _mask(bits)
+
+
+def _edge_signed(bits: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    x = rng.integers(lo, hi, n, endpoint=True, dtype=np.int64)
+    x[:8] = [0, -1, 1, lo, hi, lo + 1, hi - 1, 16]
+    return x
+
+
+@pytest.mark.parametrize("bits", [1, 4, 5, 12, 37, 63, 64])
+def test_millionaire_equals_numpy_less_than_with_ties_and_extremes(bits: int) -> None:
+    # Prepare
+    rng = np.random.default_rng(bits)
+    n = 1500
+    a = rng.integers(0, 2**64 - 1, n, dtype=U64, endpoint=True) & _mask(bits)
+    b = rng.integers(0, 2**64 - 1, n, dtype=U64, endpoint=True) & _mask(bits)
+    b[:200] = a[:200]  # ties
+    b[200:210] = a[200:210] + U64(1) & _mask(bits)  # off by one
+    a[210:220], b[220:230], a[230:240] = 0, _mask(bits), _mask(bits)
+
+    # Execute
+    s0, s1 = _both(
+        lambda ot, st: cmp.millionaire(ot, "m", True, a, bits, st),
+        lambda ot, st: cmp.millionaire(ot, "m", False, b, bits, st),
+    )
+
+    # Assert
+    assert np.array_equal(s0 ^ s1, (a < b).astype(np.uint8))
+
+
+@pytest.mark.parametrize("bits", [2, 16, 37, 64])
+def test_drelu_and_relu_equal_numpy_over_the_whole_signed_range(bits: int) -> None:
+    # Prepare
+    rng = np.random.default_rng(100 + bits)
+    x = _edge_signed(bits, 2000, rng)
+    x0, x1 = _share(x, bits, rng)
+
+    # Execute
+    (d0, y0), (d1, y1) = _both(
+        lambda ot, st: (cmp.drelu(ot, "d", True, x0, bits, st), cmp.relu(ot, "r", True, x0, bits, st)),
+        lambda ot, st: (cmp.drelu(ot, "d", False, x1, bits, st), cmp.relu(ot, "r", False, x1, bits, st)),
+    )
+
+    # Assert
+    assert np.array_equal(d0 ^ d1, (x >= 0).astype(np.uint8))
+    assert np.array_equal((y0 + y1) & _mask(bits), np.maximum(x, 0).view(U64) & _mask(bits))
+
+
+@pytest.mark.parametrize("bits", [1, 37, 64])
+def test_b2a_and_mux_equal_numpy(bits: int) -> None:
+    # Prepare
+    rng = np.random.default_rng(bits)
+    n = 1000
+    bit = rng.integers(0, 2, n).astype(np.uint8)
+    b0 = rng.integers(0, 2, n).astype(np.uint8)
+    x = rng.integers(-(2**62), 2**62, n, dtype=np.int64)
+    x0, x1 = _share(x, bits, rng)
+
+    # Execute
+    (a0, m0), (a1, m1) = _both(
+        lambda ot, st: (cmp.b2a(ot, "b", True, b0, bits), cmp.mux(ot, "x", True, b0, x0, bits)),
+        lambda ot, st: (cmp.b2a(ot, "b", False, b0 ^ bit, bits), cmp.mux(ot, "x", False, b0 ^ bit, x1, bits)),
+    )
+
+    # Assert
+    assert np.array_equal((a0 + a1) & _mask(bits), bit.astype(U64))
+    assert np.array_equal((m0 + m1) & _mask(bits), (bit.astype(np.int64) * x).view(U64) & _mask(bits))
+
+
+def test_and_triples_are_correct_and_shares_look_uniform() -> None:
+    # Execute
+    (a0, b0, c0), (a1, b1, c1) = _both(
+        lambda ot, st: cmp.and_triples(ot, "t", 20_000, st),
+        lambda ot, st: cmp.and_triples(ot, "t", 20_000, st),
+    )
+
+    # Assert: c = a AND b, and each party's a-share is balanced (not a constant)
+    assert np.array_equal(c0 ^ c1, (a0 ^ a1) & (b0 ^ b1))
+    for share in (a0, a1, b0, b1, c0):
+        assert 0.45 < share.mean() < 0.55

@@ -1,0 +1,102 @@
+"""HE linear layers (Cheetah coefficient encoding over BFV) exact against privmed's ring
+linear algebra, reduced mod 2^l, for conv (stride, padding, groups, dilation, batch) and matmul."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from privmed.crypto.prg import PRG
+from privmed.ring.linalg import ConvSpec, linear
+from tests.protocol.twoparty_harness import run_two
+
+pytest.importorskip("tenseal", reason="tenseal not installed: pip install 'privmed[twoparty]'")
+
+from privmed.mpc.twoparty.he_encoding import flood_bits, geometry  # noqa: E402
+from privmed.mpc.twoparty.he_linear import he_linear, he_setup  # noqa: E402
+from privmed.mpc.twoparty.seal_io import HEParams, SealIO  # noqa: E402
+
+U64 = np.uint64
+
+
+def _secure(kind: str, spec: ConvSpec | None, x_shape: tuple[int, ...], w_shape: tuple[int, ...], *, wb: int = 8, bits: int = 37, seed: int = 0, mask_only: bool = False):  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 2**64 - 1, x_shape, dtype=U64, endpoint=True)
+    x0 = rng.integers(0, 2**64 - 1, x_shape, dtype=U64, endpoint=True)
+    x1 = None if mask_only else x - x0
+    w = rng.integers(-(2**wb) + 1, 2**wb, w_shape, dtype=np.int64)
+    params = HEParams(plain_bits=bits)
+
+    def data_owner(ch):  # type: ignore[no-untyped-def]
+        he = he_setup(SealIO(params), ch, True)
+        return he_linear(he, ch, "L1", kind, spec, x_shape, w_shape, x=x0)
+
+    def model_owner(ch):  # type: ignore[no-untyped-def]
+        he = he_setup(SealIO(params), ch, False)
+        return he_linear(he, ch, "L1", kind, spec, x_shape, w_shape, x=x1, weight=w, weight_bits=wb, stream=PRG.fresh().stream("he"))
+
+    y0, y1, chans = run_two(data_owner, model_owner, timeout_s=60)
+    want = linear(kind, spec, w.view(U64), x0 if mask_only else x) & U64((1 << bits) - 1)
+    return (y0 + y1) & U64((1 << bits) - 1), want, chans
+
+
+def _spec(k, stride=(1, 1), pads=(0, 0, 0, 0), dil=(1, 1), groups=1) -> ConvSpec:  # type: ignore[no-untyped-def]
+    return ConvSpec(tuple(k), tuple(stride), tuple(pads), tuple(dil), groups)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "spec"),
+    [
+        ((1, 3, 8, 8), (4, 3, 3, 3), _spec((3, 3), pads=(1, 1, 1, 1))),
+        ((2, 4, 9, 11), (6, 2, 3, 3), _spec((3, 3), (2, 2), (1, 0, 1, 0), (2, 1), groups=2)),
+        ((1, 300, 10, 10), (5, 300, 1, 1), _spec((1, 1))),  # several channel blocks summed
+        ((1, 2, 100, 90), (3, 2, 5, 5), _spec((5, 5), (1, 2), (2, 2, 2, 2))),  # several spatial tiles
+        ((1, 4, 7, 7), (4, 1, 3, 3), _spec((3, 3), pads=(1, 1, 1, 1), groups=4)),  # depthwise
+    ],
+)
+def test_he_conv_is_exact_mod_2_to_the_l(x_shape, w_shape, spec) -> None:  # type: ignore[no-untyped-def]
+    # Execute
+    got, want, _ = _secure("conv", spec, x_shape, w_shape)
+
+    # Assert
+    assert got.shape == want.shape and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize(("x_shape", "w_shape"), [((2, 20), (20, 7)), ((1, 3000), (3000, 40)), ((3, 1, 9000), (9000, 2))])
+def test_he_matmul_is_exact_mod_2_to_the_l(x_shape, w_shape) -> None:  # type: ignore[no-untyped-def]
+    got, want, _ = _secure("matmul", None, x_shape, w_shape, wb=12)
+    assert got.shape == want.shape and np.array_equal(got, want)
+
+
+def test_he_offline_mask_correlation_and_a_wider_ring() -> None:
+    # the offline use: the data owner encrypts a random mask A; shares of L(W, A) mod 2^44
+    got, want, (ch0, ch1) = _secure("conv", _spec((3, 3), pads=(1, 1, 1, 1)), (1, 8, 6, 6), (2, 8, 3, 3), bits=44, mask_only=True)
+    assert np.array_equal(got, want)
+    g = geometry("conv", _spec((3, 3), pads=(1, 1, 1, 1)), (1, 8, 6, 6), (2, 8, 3, 3), 8192)
+    n = 8192
+    assert ch0.counters.bytes_sent == 2 * 4 * n * 8 + 136 + g.input_polys() * 2 * 3 * n * 8 + 136
+    assert ch1.counters.bytes_sent == g.output_polys() * 2 * 2 * n * 8 + 136
+
+
+def test_flooding_budget_is_checked_not_assumed() -> None:
+    assert flood_bits(HEParams(plain_bits=37), 16, 64) + 2 <= 109 - 37
+    with pytest.raises(ValueError, match="flooding needs"):
+        flood_bits(HEParams(plain_bits=56), 16, 64)
+
+
+def test_weights_outside_the_declared_width_are_refused_and_the_peer_stops() -> None:
+    # Prepare
+    w = np.full((4, 2), 300, dtype=np.int64)  # 300 >= 2^8
+    params = HEParams()
+
+    def data_owner(ch):  # type: ignore[no-untyped-def]
+        he = he_setup(SealIO(params), ch, True)
+        return he_linear(he, ch, "L1", "matmul", None, (1, 4), (4, 2), x=np.zeros((1, 4), U64))
+
+    def model_owner(ch):  # type: ignore[no-untyped-def]
+        he = he_setup(SealIO(params), ch, False)
+        return he_linear(he, ch, "L1", "matmul", None, (1, 4), (4, 2), weight=w, weight_bits=8, stream=PRG.fresh().stream("he"))
+
+    # Execute / Assert: the model owner names the bound, the data owner sees the lost peer
+    with pytest.raises(RuntimeError, match=r"(?s)data-owner:.*lost connection to model-owner.*expected weights with \|w\| < 2\^8"):
+        run_two(data_owner, model_owner, timeout_s=10)
