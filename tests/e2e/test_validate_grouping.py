@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from privmed.cli.main import main
+from privmed.data.pseudonym import Pseudonymizer, image_identity, load_or_create_key
 from privmed.errors import ModelError, PeerError
 from privmed.evaluate.runner import ValidateOptions, run_validation
 from privmed.evaluate.store import ImageResult, ResultStore
@@ -86,9 +87,11 @@ def test_grouped_session_is_as_faithful_and_cheaper_per_image(engine_runs) -> No
 
 
 def test_unpreprocessable_image_in_a_group_is_an_error_row(engine_runs) -> None:
-    one, four, _ = engine_runs
+    one, four, four_dir = engine_runs
+    study = four_dir.parent / "study"  # stored under the data owner's pseudonym of its path
+    bad_id = Pseudonymizer(load_or_create_key()).of(image_identity(study / "images" / BAD, study))
     for rows in (one, four):
-        bad = rows[BAD]
+        bad = rows[bad_id]
         assert bad.status == "error" and bad.error.startswith("preprocess: InputError: ")
         assert "got (64, 64, 4)" in bad.error and bad.secure_output is None
         assert bad.session_images is None

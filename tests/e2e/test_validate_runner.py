@@ -14,14 +14,27 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from privmed.data.datasets import load_study
+from privmed.data.datasets import load_study as load_plain_study
 from privmed.data.preprocess import Preprocess, load_for_model, sidecar_path
+from privmed.data.pseudonym import (
+    Pseudonymizer,
+    image_identity,
+    load_or_create_key,
+    pseudonymise_study,
+)
 from privmed.errors import InputError, ModelError, PeerError, PrivmedError
 from privmed.evaluate.report import build_report
 from privmed.evaluate.runner import ValidateOptions, run_validation
 from privmed.evaluate.store import ResultStore
 
 from .test_validate_support import FINDINGS, InsecureTestPerturbation, make_study_and_model
+
+
+def load_study(study_dir: Path):  # type: ignore[no-untyped-def]
+    """The study as the runner names its images: by the data owner's keyed pseudonyms."""
+    study = load_plain_study(study_dir)
+    pseudonymise_study(study, Pseudonymizer(load_or_create_key()))
+    return study
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +131,10 @@ def test_unreadable_image_is_skipped_and_reported(study_model, tmp_path) -> None
     _, _, summary = build_report(tmp_path / "out")
     # Assert
     assert run.total == 7 and run.ok == 7
-    assert len(summary["data_skipped"]) == 1 and first in summary["data_skipped"][0]
-    assert first in (tmp_path / "out" / "report.html").read_text()
+    named = Pseudonymizer(load_or_create_key()).of(image_identity(copy / "images" / first, copy), "file")
+    assert summary["data_skipped"] == [f"{named}: not a readable image (OSError: Truncated File Read)"]
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert named in report and first not in report  # named by its pseudonym, never by its file name
 
 
 def test_model_error_stops_the_study_and_keeps_finished_rows(study_model, tmp_path) -> None:

@@ -34,7 +34,8 @@ def find_key(tree: Any, key: str) -> Any:
 def algorithm_info(model: Path, stats: dict[str, Any], secure: bool = True) -> Any:
     """``AlgorithmInfo`` for ``model``: name = file stem, version = ONNX model_version.
 
-    The plan fingerprint is the session's ``plan_sha256`` when the runtime reports it;
+    The plan fingerprint is the session's ``stats["plan"]["fingerprint"]`` (the SHA-256 of
+    the plan the data owner accepted) when the runtime reports it;
     otherwise the SHA-256 of the model file, marked as such (the data owner of a local run
     has the file).
     """
@@ -44,7 +45,8 @@ def algorithm_info(model: Path, stats: dict[str, Any], secure: bool = True) -> A
 
     proto = onnx.load(str(model), load_external_data=False)
     version = str(proto.model_version) if proto.model_version else "1"
-    plan = find_key(stats, "plan_sha256")
+    plan_stats = find_key(stats, "plan")
+    plan = plan_stats.get("fingerprint") if isinstance(plan_stats, dict) else None
     if not plan:
         plan = "model-file:" + hashlib.sha256(model.read_bytes()).hexdigest()
     info = AlgorithmInfo(name=model.stem, version=version, plan_sha256=str(plan))

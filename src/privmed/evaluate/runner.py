@@ -234,7 +234,9 @@ def run_validation(
     with ResultStore.open(out_dir) as store:
         store.check_or_set_meta({
             "model_sha256": sha256_file(model_path),
-            "data_dir": str(Path(data_dir).resolve()),
+            # a folder name may name a patient: the study folder by pseudonym, like its images
+            "data_dir": study.pseudonyms.of(f"dir:{Path(data_dir).resolve().as_posix()}", "study"),
+            "pseudonym_key_id": study.pseudonyms.key_id,
             "findings": study.findings,
         })  # fmt: skip
         store.set_meta({

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,11 +66,14 @@ def model_labels(model_path: Path) -> list[str] | None:
 class StudyModel:
     """The model, its preprocessing and the study records, ready to process images."""
 
-    def __init__(self, model_path: Path, data_dir: Path) -> None:
+    def __init__(self, model_path: Path, data_dir: Path, pseudonyms: Any = None) -> None:
+        """``pseudonyms``: a ``privmed.data.pseudonym.Pseudonymizer`` (default: the data
+        owner's key from ``default_key_path``). Records are named by it from here on."""
         import onnxruntime as ort
 
         from privmed.data.datasets import load_study
         from privmed.data.preprocess import Preprocess, sidecar_path
+        from privmed.data.pseudonym import Pseudonymizer, load_or_create_key, pseudonymise_study
 
         if not model_path.is_file():
             raise InputError(f"{model_path}: model file not found")
@@ -80,6 +84,9 @@ class StudyModel:
             )
         self.preprocess = Preprocess.load(pre_path)
         self.study = load_study(data_dir)
+        # nothing written about an image (store, report, logs) may name the patient or the file
+        self.pseudonyms = pseudonyms if pseudonyms is not None else Pseudonymizer(load_or_create_key())
+        pseudonymise_study(self.study, self.pseudonyms)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1  # leave the cores to the secure parties
         try:
@@ -143,7 +150,7 @@ def prepare_image(study: StudyModel, record: Any, run_id: str) -> Prepared:
     exactly as one image of a study should: one bad file must not stop the others.
     """
     result = ImageResult(site=str(record.site), image_id=str(record.image_id), status="error",
-                         path=str(record.path), labels=study.labels_for(record),
+                         path="", labels=study.labels_for(record),  # the path may name the patient
                          started_at=time.time(), run_id=run_id)  # fmt: skip
     stage = "preprocess"
     try:
@@ -160,14 +167,18 @@ def prepare_image(study: StudyModel, record: Any, run_id: str) -> Prepared:
     except ModelError:
         raise
     except Exception as exc:  # one bad image must not stop the study; record why it failed
-        fail(result, stage, exc)
+        fail(result, stage, exc, scrub=study.pseudonyms.scrub)
         return Prepared(result, None)
     return Prepared(result, x)
 
 
-def fail(result: ImageResult, stage: str, exc: BaseException) -> None:
-    """Make ``result`` a finished ``error`` row: ``"<stage>: <Exception>: <first line>"``."""
+def fail(result: ImageResult, stage: str, exc: BaseException, scrub: Callable[[str], str] | None = None) -> None:
+    """Make ``result`` a finished ``error`` row: ``"<stage>: <Exception>: <first line>"``.
+
+    ``scrub`` replaces paths and names in the message by pseudonyms before it is stored or logged.
+    """
     result.status = "error"
-    result.error = f"{stage}: {type(exc).__name__}: {exc}".splitlines()[0][:500]
+    message = f"{stage}: {type(exc).__name__}: {exc}".splitlines()[0]
+    result.error = (scrub(message) if scrub is not None else message)[:500]
     result.finished_at = time.time()
     log.warning("%s/%s skipped: %s", result.site, result.image_id, result.error)
