@@ -1,4 +1,4 @@
-"""`privmed data synth chest|ct` and `privmed data inspect`."""
+"""`privmed data synth chest|ct`, `privmed data inspect`, `privmed data deid`, `privmed data pseudonym`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="synthetic multi-site studies; inspect a dataset folder")
-    dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{synth,inspect}")
+    dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{synth,inspect,deid,pseudonym}")
 
     s = dsub.add_parser("synth", help="write a synthetic multi-site study in real formats")
     kind = s.add_subparsers(dest="kind", required=True, metavar="{chest,ct}")
@@ -51,6 +51,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     i.add_argument("--no-verify", action="store_true", help="do not decode every image")
     i.set_defaults(func=cmd_inspect)
+
+    d = dsub.add_parser("deid", help="de-identified copy of a DICOM folder (PS3.15 basic profile, dicognito)")
+    d.add_argument("src", type=Path, help="folder of DICOM files (read recursively)")
+    d.add_argument("--out", required=True, type=Path, help="output folder (outside SRC); files named by new UIDs")
+    d.add_argument("--key", type=Path, help="the data owner's pseudonym key (default ~/.config/privmed/pseudonym.key)")
+    d.set_defaults(func=cmd_deid)
+    n = dsub.add_parser("pseudonym", help="the pseudonym privmed writes for each image (for the data owner only)")
+    n.add_argument("paths", type=Path, nargs="+", help="image files, or a study folder (its images)")
+    n.add_argument("--key", type=Path, help="the data owner's pseudonym key (default ~/.config/privmed/pseudonym.key)")
+    n.set_defaults(func=cmd_pseudonym)
 
 
 class CountProgress:
@@ -158,4 +168,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         args.path, uncertain=args.uncertain, blank=args.blank, verify=not args.no_verify
     )
     print(describe_study(study))
+    return 0
+
+
+def cmd_deid(args: argparse.Namespace) -> int:
+    from privmed.data.deid import deidentify_folder
+    from privmed.data.pseudonym import load_or_create_key
+
+    t0 = time.perf_counter()
+    summary = deidentify_folder(args.src, args.out, load_or_create_key(args.key))
+    for path, why in summary.refused:
+        print(f"refused {path}: {why}", file=sys.stderr)
+    print(f"de-identified {len(summary.written)} DICOM files into {args.out} in {time.perf_counter() - t0:.1f} s "
+          f"({len(summary.refused)} refused, {summary.not_dicom} non-DICOM files skipped)")  # fmt: skip
+    return 0 if not summary.refused else 1
+
+
+def cmd_pseudonym(args: argparse.Namespace) -> int:
+    from privmed.data.pseudonym import Pseudonymizer, image_identity, load_or_create_key
+    from privmed.data.readers import image_kind
+
+    names = Pseudonymizer(load_or_create_key(args.key))
+    for path in args.paths:
+        root = path if path.is_dir() else None
+        files = sorted(f for f in path.rglob("*") if f.is_file() and image_kind(f)) if root else [path]
+        for f in files:
+            print(f"{names.of(image_identity(f, root))}\t{f}")
     return 0
