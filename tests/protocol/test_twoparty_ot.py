@@ -14,6 +14,7 @@ from privmed.mpc.twoparty.ot import (
     ot_setup,
     random_ot_recv,
     random_ot_send,
+    transpose_bits,
 )
 from tests.protocol.twoparty_harness import run_two
 
@@ -94,3 +95,10 @@ def test_ot_traffic_is_16_bytes_per_random_ot_plus_headers() -> None:
     setup = 32 + 64 * KAPPA + 2 * 136
     assert ch1.counters.bytes_sent == setup + KAPPA * m // 8 + 136
     assert ch0.counters.bytes_sent == setup
+
+
+@pytest.mark.parametrize("mb", [1, 3, 1000])
+def test_bit_transpose_equals_the_unpacked_definition(mb: int) -> None:
+    rows = np.random.default_rng(mb).integers(0, 256, (128, mb), dtype=np.uint8)
+    want = np.packbits(np.unpackbits(rows, axis=1).T, axis=1)
+    assert np.array_equal(transpose_bits(rows), want)
