@@ -62,7 +62,7 @@ def test_random_ot_both_directions_match_the_definition(m: int) -> None:
     assert not np.array_equal(keys2[0], keys1[0][: len(keys2[0])])  # fresh keys per batch
 
 
-@pytest.mark.parametrize("bits", [1, 2, 8])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_ot16_delivers_the_chosen_entry(bits: int) -> None:
     # Prepare
     rng = np.random.default_rng(bits)

@@ -229,18 +229,21 @@ def random_ot_recv(ot: OTSession, tag: str, choices: np.ndarray) -> np.ndarray:
 
 # -- chosen-message and 1-out-of-16 OT on top of random OT ---------------------------------
 def _pack_small(values: np.ndarray, bits: int) -> np.ndarray:
-    """(m, k) uint8 values < 2^bits -> (m, ceil(k bits / 8)) packed bytes."""
-    spread = np.unpackbits(values[..., None], axis=-1)[..., 8 - bits :]
-    return np.packbits(spread.reshape(len(values), -1), axis=1)
+    """(m, 16) uint8 values < 2^bits, bits in {1, 2, 4, 8} -> (m, 2 bits) bytes, MSB first."""
+    per = 8 // bits
+    shifts = (8 - bits - bits * np.arange(per, dtype=np.uint8)).astype(np.uint8)
+    grouped = values.reshape(len(values), -1, per) << shifts
+    return np.bitwise_or.reduce(grouped, axis=2).astype(np.uint8)
 
 
-def _unpack_small(packed: np.ndarray, k: int, bits: int) -> np.ndarray:
-    spread = np.unpackbits(packed, axis=1, count=k * bits).reshape(len(packed), k, bits)
-    return np.packbits(np.concatenate([np.zeros((len(packed), k, 8 - bits), np.uint8), spread], axis=-1), axis=-1)[..., 0]
+def _unpack_small(packed: np.ndarray, bits: int) -> np.ndarray:
+    per = 8 // bits
+    shifts = (8 - bits - bits * np.arange(per, dtype=np.uint8)).astype(np.uint8)
+    return ((packed[:, :, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(len(packed), -1)
 
 
 def ot16_send(ot: OTSession, tag: str, tables: np.ndarray, bits: int) -> None:
-    """Sender of m 1-out-of-16 OTs: tables (m, 16) uint8, entries < 2^bits (bits <= 8).
+    """Sender of m 1-out-of-16 OTs: tables (m, 16) uint8, entries < 2^bits (bits in 1, 2, 4, 8).
 
     1. Four random OTs per instance (the receiver's choice bits are its index bits, MSB first).
     2. Pad for message v: XOR over i < 4 of byte v of k_{v_i, i} (low ``bits`` bits).
@@ -250,6 +253,8 @@ def ot16_send(ot: OTSession, tag: str, tables: np.ndarray, bits: int) -> None:
     instance, sender 2 bits. Security: for v != c some index bit differs, and byte v of the
     corresponding unknown key is used in pad v only, so every other message is hidden.
     """
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"ot16: expected message bits in (1, 2, 4, 8), got {bits}")
     m = len(tables)
     k0, k1 = random_ot_send(ot, f"{tag}/r", 4 * m)
     keys = np.stack([k0.reshape(m, 4, 16), k1.reshape(m, 4, 16)])  # (2, m, 4, 16)
@@ -270,4 +275,4 @@ def ot16_recv(ot: OTSession, tag: str, choices: np.ndarray, bits: int) -> np.nda
     keys = random_ot_recv(ot, f"{tag}/r", choice_bits).reshape(m, 4, 16)
     pad = np.bitwise_xor.reduce(keys[np.arange(m), :, c], axis=1)
     packed = ot.ch.recv(f"{tag}/t", np.uint8, (m, 2 * bits))
-    return (_unpack_small(packed, 16, bits)[np.arange(m), c] ^ pad) & np.uint8((1 << bits) - 1)
+    return (_unpack_small(packed, bits)[np.arange(m), c] ^ pad) & np.uint8((1 << bits) - 1)
