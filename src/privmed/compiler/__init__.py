@@ -1,12 +1,10 @@
-"""ONNX -> typed IR -> passes -> public plan + private weights.
+"""ONNX -> IR (``privmed.ir``) -> passes -> public plan + private weights.
 
 Modules, in dependency order:
 
-- ``plan``       the IR: ``Node`` and ``Plan`` (public, JSON) and ``PrivateWeights`` (model owner only).
 - ``onnx_front`` load and check an ONNX model; fold exact BatchNorm; list unsupported ops.
 - ``constfold``  compile-time evaluation of shape arithmetic (Shape, Gather, Concat, ...).
 - ``lower``      ONNX nodes -> IR nodes with fixed-point scales and truncation placement.
-- ``walk``       runs a plan node by node with a backend (float, fixed-point reference, secure).
 - ``calibrate``  float execution of the IR on a calibration input: bounds, frac bits, comparison widths.
 - ``compile``    the whole pipeline: ``compile_model(path, ...) -> (Plan, PrivateWeights, report)``.
 """

@@ -1,4 +1,4 @@
-"""Secure instance / group normalisation: ``privmed.reference.norm.instance_norm`` run on
+"""Secure instance / group normalisation: ``privmed.ir.norm.instance_norm`` run on
 shares. Each op of the algorithm is one protocol (costs per element and party):
 
 - trunc: ``nonlinear.truncate`` (1 round, 8 B; on the N*C statistics and, if needed, squares);
@@ -19,7 +19,7 @@ from privmed.ir.plan import Node, PrivateWeights
 from privmed.mpc import arith, linear, nonlinear
 from privmed.mpc.correlated import Request
 from privmed.mpc.party import Party
-from privmed.reference.norm import instance_norm
+from privmed.ir.norm import instance_norm
 
 U64 = np.uint64
 

@@ -123,7 +123,7 @@ class FixedBackend:
         return encode(np.array(node.attrs["value"]), self.scales[node.id])
 
     def instnorm(self, node: Node, x: np.ndarray) -> np.ndarray:
-        from privmed.reference.norm import PlainNormOps, instance_norm
+        from privmed.ir.norm import PlainNormOps, instance_norm
 
         ops = PlainNormOps(self.w.weight.get(node.id), self.w.bias.get(node.id))
         return instance_norm(ops, x, node.attrs, self.f)
