@@ -282,7 +282,9 @@ def main() -> None:
             cr = run_crypten(cpy, cmodel, x, args.crypten_threads, args.timeout)
             pm["max_abs_err"] = float(np.max(np.abs(pm.pop("outputs") - ref)))
             cr["max_abs_err"] = float(np.max(np.abs(apply_final(final_op, cr.pop("outputs")) - ref)))
-            ratios = {k: round(cr[k] / pm[k], 2) for k in ("wall_s", "online_s", "loopback_bytes", "rounds")}
+            for res in (pm, cr):  # CPU seconds are less disturbed by other jobs than wall time
+                res["cpu_s_total"] = round(sum(res["cpu_s"].values()), 3)
+            ratios = {k: round(cr[k] / pm[k], 2) for k in ("wall_s", "online_s", "cpu_s_total", "loopback_bytes", "rounds")}
             runs.append({"run": i, "load_after_privmed": load_mid, "load_after_crypten": loadavg(),
                          "privmed": pm, "crypten": cr, "ratio_crypten_over_privmed": ratios})
             print(f"run {i}: privmed {pm['wall_s']:.2f} s, {fmt_bytes(pm['loopback_bytes'])}, {pm['rounds']} rounds, "
@@ -295,7 +297,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "model": args.model, "model_file": str(model.relative_to(ROOT)), "input": shape,
         "load_average_before": load_before, "load_average_after": loadavg(),
-        "note": "shared 2-core machine: other engineers' jobs ran alongside; compare ratios, not absolute times",
+        "note": ("shared 2-core machine: other engineers' jobs ran alongside; compare ratios, not absolute "
+                 "times. Load averages taken after a run include the benchmark's own three processes."),
         "crypten": {"versions": crypten_versions(cpy), "provider": "TTP", "threads_per_process": args.crypten_threads,
                     "final_activation_in_clear": final_op},
         "bytes_counted": "IP packets on the private namespace's loopback, headers included, each counted once",
@@ -307,7 +310,7 @@ def main() -> None:
     dest = args.out / f"peer_crypten_{args.model}.json"
     dest.write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
-    print(f"written to {dest.relative_to(ROOT)}")
+    print(f"written to {dest}")
 
 
 if __name__ == "__main__":
