@@ -210,13 +210,20 @@ def cmd_infer(args: argparse.Namespace) -> int:
         args.stats.write_text(json.dumps(result.stats, indent=1))
     if dicom_out:
         written = write_reports(args.output, result.outputs, rows, args.model, result.stats, args.threshold)
-        if args.to_pacs:
-            from privmed.cli.pacs import store_result
-
-            store_result(args, written)
     else:
         written = write_outputs(args.output, result.outputs, rows, args.model)
     print(f"output {tuple(result.outputs.shape)} written to {', '.join(map(str, written))} (known to the data owner only)")
+    if dicom_out:
+        from privmed.evaluate.study import model_labels
+
+        names = model_labels(args.model) or [f"output_{k}" for k in range(result.outputs.shape[1])]
+        for report, probs in zip(written, result.outputs, strict=True):
+            print(f"{report.name}: " + ", ".join(f"{n} {p:.4f}{' *' if p >= args.threshold else ''}" for n, p in zip(names, probs, strict=True))
+                  + f"   (* = reported present, threshold {args.threshold:g})")  # fmt: skip
+    if dicom_out and args.to_pacs:
+        from privmed.cli.pacs import store_result
+
+        store_result(args, written)
     print(summary_table(result.stats))
     return 0
 

@@ -89,7 +89,7 @@ def job_input(args: argparse.Namespace, need_one_series: bool) -> Iterator[Any]:
         t0 = time.perf_counter()
         files = get(cfg, Path(tmp), study, series)
         size = sum(f.stat().st_size for f in files)
-        print(f"retrieved {len(files)} objects ({size / 1e6:.1f} MB) from PACS {cfg.name} by C-GET in "
+        print(f"retrieved {len(files)} object{'s' if len(files) != 1 else ''} ({size / 1e6:.1f} MB) from PACS {cfg.name} by C-GET in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
         # one sub-folder per series; the series reader looks into sub-folders and picks by --series
         try:
@@ -140,6 +140,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
+    import pynetdicom  # noqa: F401 - imported before the clock starts (about 1 s on a busy machine)
+
     from privmed.pacs.dimse import echo
 
     quiet_pynetdicom(args)

@@ -119,11 +119,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
         write_segmentation(args.output, volume.files, seg.labels, model.classes, model.path, seg.run.stats,
                            secure=engine.name == "secure")  # fmt: skip
-        where = f"as a DICOM SEG over the {len(volume.files)} slices in {volume.source}"
-        if args.to_pacs:
-            from privmed.cli.pacs import store_result
-
-            store_result(args, [args.output])
+        where = f"as a DICOM SEG over the {len(volume.files)} slices of the series"
     else:
         write_mask(args.output, seg.labels, volume.affine)
         where = "with the input affine"
@@ -131,6 +127,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     costs = summary.cost_summary(seg.run.stats, seg.n_items, seg.prepared.unit)
     who = "revealed to the data owner only" if engine.name == "secure" else "computed in plaintext"
     print(f"mask {seg.labels.shape} written to {args.output} {where} ({who})")
+    if args.to_pacs:
+        from privmed.cli.pacs import store_result
+
+        store_result(args, [args.output])
     print(f"volumes (voxel {volume.voxel_ml * 1000:.3f} mm^3):")
     print("\n".join(summary.format_volumes(vols)))
     if seg.run.stats.get("plan", {}).get("fingerprint"):
