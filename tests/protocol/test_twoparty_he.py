@@ -100,3 +100,37 @@ def test_weights_outside_the_declared_width_are_refused_and_the_peer_stops() -> 
     # Execute / Assert: the model owner names the bound, the data owner sees the lost peer
     with pytest.raises(RuntimeError, match=r"(?s)data-owner:.*lost connection to model-owner.*expected weights with \|w\| < 2\^8"):
         run_two(data_owner, model_owner, timeout_s=10)
+
+
+def test_replies_carry_the_flooding_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: record the reply ciphertexts (2 primes) the data owner loads
+    replies: list = []
+    original = SealIO.ciphertext
+
+    def spy(self, data, parms_id, ntt=False):  # type: ignore[no-untyped-def]
+        ct = original(self, data, parms_id, ntt)
+        if data.shape[1] == 2:
+            replies.append(ct)
+        return ct
+
+    monkeypatch.setattr(SealIO, "ciphertext", spy)
+    params, w_shape, x_shape = HEParams(), (3, 5), (1, 3)
+    w = np.ones(w_shape, dtype=np.int64)
+
+    def data_owner(ch):  # type: ignore[no-untyped-def]
+        he = he_setup(SealIO(params), ch, True)
+        he_linear(he, ch, "L1", "matmul", None, x_shape, w_shape, x=np.ones(x_shape, U64))
+        return he
+
+    def model_owner(ch):  # type: ignore[no-untyped-def]
+        he = he_setup(SealIO(params), ch, False)
+        return he_linear(he, ch, "L1", "matmul", None, x_shape, w_shape, weight=w, weight_bits=8, stream=PRG.fresh().stream("he"))
+
+    # Execute
+    he, _, _ = run_two(data_owner, model_owner)
+
+    # Assert: SEAL's noise budget log2(Delta / noise) is what flooding leaves (about
+    # reply_bits - l - F), far below the ~68 bits an unflooded reply would have, and still > 0
+    flood = flood_bits(params, 8, 1)
+    budgets = [he.decryptor.invariant_noise_budget(ct) for ct in replies]
+    assert budgets and all(0 < b <= params.reply_bits - params.plain_bits - flood + 2 for b in budgets)

@@ -7,8 +7,9 @@ inner products of a convolution or a matrix product at once, with no rotations a
 relinearisation (so no Galois or relinearisation keys are ever sent).
 
 Ring. The two-party mode computes over Z_2^l with l = ``HEParams.plain_bits`` (plaintext modulus
-t = 2^l, SEAL allows l <= 59; 37 by default, up to about 48 keeps the flooding margin with
-16-bit weights; ``flood_bits`` checks it). Arrays are uint64 holding values in [0, 2^l). A share
+t = 2^l, SEAL allows l <= 59; 37 by default; the flooding noise must fit below the reply's
+Delta = q0 q1 / t, which allows l <= 43 with 16-bit weights summed over 64 channel blocks;
+``flood_bits`` checks each layer). Arrays are uint64 holding values in [0, 2^l). A share
 over Z_2^64 reduces to Z_2^l by masking the low l bits (reduction mod 2^l is a ring
 homomorphism), but shares mod 2^l do *not* lift to Z_2^64 without a wrap-bit protocol: the
 two-party mode therefore runs in the smaller ring throughout (DESIGN.md sec. 9: the ring width
@@ -254,17 +255,20 @@ def block_plan(g: Geometry) -> list[tuple[int, list[int]]]:
 
 
 def flood_bits(params: HEParams, weight_bits: int, terms: int) -> int:
-    """log2 of the flooding noise: 2^sigma times a worst-case bound on the reply's noise.
+    """log2 F of the flooding noise, uniform in [-2^F, 2^F): 2^(sigma + log2 N) times a
+    worst-case bound 2^b on the reply's noise, so that the reply is within N 2^b / 2^(F + 1)
+    = 2^-(sigma + 1) in statistical distance of one with noise independent of W.
 
     Before the modulus switch, each of ``terms`` products x(X) w(X) adds at most
     N 2^weight_bits (t + 19) (SEAL lifts w to (-t/2, t/2]; 19 = SEAL's 6-sigma error clip;
     the t comes from r_t(q) times the carry of x w over t), the re-randomising Enc_pk(0) adds
-    at most 2^20. Dropping a 60-bit prime divides that by 2^60 and adds at most (1 + N) / 2.
+    at most 2^20. Dropping the last prime divides that by it and adds at most (1 + N) / 2.
+    Raises if F does not fit below Delta / 2 of the reply modulus.
     """
     n_bits = int(math.log2(params.n))
     top = math.log2(terms) + n_bits + weight_bits + params.plain_bits + 1 + 1
     after = max(top - params.data_bits[-1], n_bits) + 1
-    bits = math.ceil(after) + params.flood_sigma
+    bits = math.ceil(after) + params.flood_sigma + n_bits
     if bits + 2 > params.reply_bits - params.plain_bits:
         raise ValueError(
             f"flooding needs {bits} bits but the reply modulus leaves {params.reply_bits - params.plain_bits}:"

@@ -6,7 +6,7 @@ the data owner holds x0 (or an input-independent random mask A, for the offline 
 model owner holds W and optionally x1. See ``he_encoding`` for the packing and the ring.
 
 Parameter set: see ``seal_io`` (N = 8192, log2 q = 218 with the special prime, t = 2^37:
-128-bit classical security by the HE standard's Table 1).
+128-bit classical security by the HE standard's Table 1 for ternary secrets).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def he_linear(
     2. Model owner: for each output polynomial, sums the products of the received ciphertexts with
        its plaintext weight polynomials (NTT domain), subtracts a uniform mask R(X) mod t on
        *all* N coefficients, adds a fresh Enc_pk(0), drops one 60-bit prime, adds flooding noise
-       uniform in [-2^F, 2^F] to the first component (F = ``flood_bits``), sends the result
+       uniform in [-2^F, 2^F) to the first component (F = ``flood_bits``), sends the result
        (2 primes). Its share is R at the output coefficients, plus L(W, x1) if it holds x1.
     3. Data owner: decrypts; its share is the output coefficients of L(W, x0) - R.
 
@@ -98,13 +98,15 @@ def he_linear(
 
     Security (semi-honest): the model owner sees only RLWE ciphertexts under the data owner's key
     (IND-CPA, RLWE at 128 bits). The data owner decrypts a plaintext that is uniform (every
-    coefficient masked by R, used once), and a ciphertext that is statistically within
-    2^-sigma (sigma = ``HEParams.flood_sigma``, per coefficient, union bound over N) of a fresh
-    encryption of that plaintext: Enc_pk(0) re-randomises the second component (which otherwise
-    equals the data owner's own c1 times W), and the flooding noise, 2^sigma times the
-    worst-case noise bound, hides the noise's dependence on W (noise flooding, Gentry 2009;
-    the circuit-privacy argument Cheetah sec. 4 relies on). A simulator for the data owner encrypts
-    its own uniform output polynomial, re-randomises and floods the same way.
+    coefficient masked by R, used once), and a ciphertext whose noise is within statistical
+    distance 2^-(sigma + 1) (sigma = ``HEParams.flood_sigma`` = 40, union bound over the N
+    coefficients included) of noise independent of W: Enc_pk(0) re-randomises the second
+    component (which otherwise equals the data owner's own c1 times W, revealing W), and the
+    flooding noise, 2^(sigma + log2 N) times the worst-case noise bound, hides the noise's
+    dependence on W (noise flooding / smudging, Gentry 2009). We flood rather than rely on a
+    tighter circuit-privacy argument: it costs bits of modulus (``flood_bits``), not time.
+    A simulator for the data owner encrypts its own uniform output polynomial under the public
+    key and floods it the same way.
     """
     io, params = he.io, he.io.params
     n, t_mask = params.n, (1 << params.plain_bits) - 1
@@ -144,7 +146,7 @@ def he_linear(
         ev.transform_to_ntt_inplace(ct)
         ntt_in.append(ct)
     masks = stream.uint64((n_out, n)) & U64(t_mask)
-    noise = _flood_noise(stream, n_out, n, flood)
+    noise = _flood_noise(stream, n_out, n, flood, io.primes[: k_top - 1])
     replies = np.empty((n_out, 2, k_top - 1, n), dtype=U64)
     cache: dict[int, list[Any]] = {}
     for o, (slot, inputs) in enumerate(plan):
@@ -166,7 +168,7 @@ def he_linear(
         ev.add_inplace(acc, zero)
         ev.mod_switch_to_next_inplace(acc)
         data = io.ct_array(acc)
-        data[0] = _add_mod(data[0], io.rns(noise[o], k_top - 1), io.primes[: k_top - 1])
+        data[0] = _add_mod(data[0], noise[o], io.primes[: k_top - 1])
         replies[o] = data
     ch.send(f"{label}/he/y", replies)
     share = decode_output(g, masks)
@@ -181,12 +183,22 @@ def _ntt_plain(io: SealIO, coeffs: np.ndarray, parms_id: list[int]) -> Any:
     return pt
 
 
-def _flood_noise(stream: Stream, count: int, n: int, bits: int) -> np.ndarray:
-    """Uniform integers in [-2^bits, 2^bits) (bits <= 61), shape (count, n), int64."""
-    if bits > 61:
-        raise ProtocolError(f"flooding noise of {bits} bits does not fit in int64")
-    raw = stream.uint64((count, n)) >> U64(63 - bits)
-    return raw.view(np.int64) - np.int64(1 << bits)
+def _flood_noise(stream: Stream, count: int, n: int, bits: int, primes: list[int]) -> np.ndarray:
+    """Residues (count, k, n) modulo each prime of e uniform in [-2^bits, 2^bits), bits <= 95.
+
+    e = u - 2^bits with u = u_hi 2^32 + u_lo uniform in [0, 2^(bits + 1)); u_hi mod q is shifted
+    left by 32 bits in steps of 4 (each step stays below 2^64 because q < 2^60).
+    """
+    if not 32 < bits <= 95:
+        raise ProtocolError(f"flooding noise of {bits} bits is outside the supported 33..95")
+    u_hi = stream.uint64((count, 1, n)) >> U64(64 - (bits + 1 - 32))
+    u_lo = stream.uint64((count, 1, n)) >> U64(32)
+    q = np.array(primes, dtype=U64).reshape(1, -1, 1)
+    acc = u_hi % q
+    for _ in range(8):
+        acc = (acc << U64(4)) % q
+    offset = np.array([pow(2, bits, p) for p in primes], dtype=U64).reshape(1, -1, 1)
+    return (acc + u_lo % q + q - offset) % q
 
 
 def _add_mod(a: np.ndarray, b: np.ndarray, primes: list[int]) -> np.ndarray:

@@ -1,8 +1,9 @@
 """BFV parameters and raw numpy <-> SEAL conversion (TenSEAL's ``sealapi``, imported lazily).
 
-Parameter set (``HEParams()``): N = 8192, ciphertext modulus q = q0 q1 q2 with primes of
-49 + 60 + 60 = 169 bits, a 49-bit special prime (total 218 bits), plaintext modulus t = 2^l
-(default l = 37), ternary secret, error sigma = 3.2. The HE standard (Albrecht et al., "Homomorphic
+Parameter set (``HEParams()``): N = 8192, ciphertext modulus q = q0 q1 q2 with three 60-bit
+primes (180 bits), a 38-bit special prime (total 218 bits; it only serves key generation here,
+as no key switching is ever done), plaintext modulus t = 2^l (default l = 37), ternary secret,
+error sigma = 3.2. Replies are decrypted under q0 q1 (120 bits) after dropping q2. The HE standard (Albrecht et al., "Homomorphic
 Encryption Security Standard", 2018, Table 1, uniform ternary secret) allows log2(q) <= 218 for
 N = 8192 at 128-bit classical security, so this is a 128-bit parameter set; SEAL's own check
 (``sec_level_type.tc128``) is enabled when the context is built.
@@ -45,9 +46,9 @@ class HEParams:
 
     n: int = 8192
     plain_bits: int = 37
-    data_bits: tuple[int, ...] = (49, 60, 60)  # the last one is dropped before the reply
-    special_bits: int = 49
-    flood_sigma: int = 40  # statistical hiding of the weights in the decrypted noise
+    data_bits: tuple[int, ...] = (60, 60, 60)  # the last one is dropped before the reply
+    special_bits: int = 38
+    flood_sigma: int = 40  # reply within 2^-(sigma + 1) of one whose noise is independent of W
     max_weight_bits: int = 16  # |w| < 2^16 (fixed-point weights; checked)
 
     @property
