@@ -179,8 +179,9 @@ def cmd_get(args: argparse.Namespace) -> int:
     files = get(cfg, args.out, args.study, args.series)
     size = sum(f.stat().st_size for f in files)
     for folder in sorted({f.parent for f in files}):
-        print(f"{folder}: {sum(1 for f in files if f.parent == folder)} objects")
-    print(f"retrieved {len(files)} objects ({size / 1e6:.1f} MB) from PACS {cfg.name} in {time.perf_counter() - t0:.1f} s")
+        n = sum(1 for f in files if f.parent == folder)
+        print(f"{folder}: {n} object{'s' if n != 1 else ''}")
+    print(f"retrieved {len(files)} object{'s' if len(files) != 1 else ''} ({size / 1e6:.1f} MB) from PACS {cfg.name} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
