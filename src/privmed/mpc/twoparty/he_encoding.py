@@ -143,6 +143,13 @@ class Geometry:
     def groups(self) -> int:
         return self.spec.groups if self.spec is not None else 1
 
+    def targets(self) -> np.ndarray:
+        """Coefficient indices of each output polynomial that carry results (the rest are not sent)."""
+        if self.tiling is not None:
+            t = self.tiling
+            return (t.offset + np.arange(t.out_h).reshape(-1, 1) * t.ww + np.arange(t.out_w).reshape(1, -1)).reshape(-1)
+        return np.arange(self.nm) * self.nk + self.nk - 1
+
     def input_polys(self) -> int:
         if self.tiling is not None:
             t = self.tiling

@@ -83,18 +83,21 @@ def he_linear(
     Steps (Cheetah, sec. 3-4, with the coefficient encodings of ``he_encoding``):
 
     1. Data owner: encodes x0 into polynomials, encrypts each under its secret key (BFV, fresh
-       symmetric encryptions), sends them (coefficient form, 3 primes).
+       symmetric encryptions, 3 primes), sends them in SEAL's seeded form (c1 as a seed) with
+       their lengths.
     2. Model owner: for each output polynomial, sums the products of the received ciphertexts with
        its plaintext weight polynomials (NTT domain), subtracts a uniform mask R(X) mod t on
        *all* N coefficients, adds a fresh Enc_pk(0), drops one 60-bit prime, adds flooding noise
-       uniform in [-2^F, 2^F) to the first component (F = ``flood_bits``), sends the result
-       (2 primes). Its share is R at the output coefficients, plus L(W, x1) if it holds x1.
-    3. Data owner: decrypts; its share is the output coefficients of L(W, x0) - R.
+       uniform in [-2^F, 2^F) to the first component (F = ``flood_bits``), and sends c1 with
+       only the T result coefficients of c0 (decryption is coefficient-wise in c0, as in
+       Cheetah). Its share is R at the result coefficients, plus L(W, x1) if it holds x1.
+    3. Data owner: sets the unsent c0 coefficients to 0, decrypts; its share is the result
+       coefficients of L(W, x0) - R.
 
-    Rounds: 1 (one message each way; the public key is sent once per session by ``he_setup``).
-    Bytes: data owner 48 N per input polynomial, model owner 32 N per output polynomial (counts
-    from ``Geometry.input_polys`` / ``output_polys``), i.e. per output element about
-    (48 N n_in + 32 N n_out) / |y|.
+    Rounds: 1 (one exchange; the public key is sent once per session by ``he_setup``).
+    Bytes: data owner about 24 N per input polynomial (measured 196.8 kB at N = 8192, seeded and
+    compressed), model owner 16 (N + T) per output polynomial (2 primes); counts from
+    ``Geometry.input_polys`` / ``output_polys`` / ``targets``.
 
     Security (semi-honest): the model owner sees only RLWE ciphertexts under the data owner's key
     (IND-CPA, RLWE at 128 bits). The data owner decrypts a plaintext that is uniform (every
@@ -112,42 +115,45 @@ def he_linear(
     n, t_mask = params.n, (1 << params.plain_bits) - 1
     g: Geometry = geometry(kind, spec, x_shape, w_shape, n)
     plan = block_plan(g)
-    n_in, n_out = g.input_polys(), g.output_polys()
+    n_in, n_out, targets = g.input_polys(), g.output_polys(), g.targets()
     k_top = len(params.data_bits)
     if he.is_data_owner:
         if x is None:
             raise ValueError("he_linear: the data owner must pass its input share or mask")
         polys = encode_input(g, x.reshape(x_shape) & U64(t_mask), n)
-        cts = np.empty((n_in, 2, k_top, n), dtype=U64)
-        for i in range(n_in):
-            ct = io.s.Ciphertext()
-            he.encryptor.encrypt_symmetric(io.plaintext(polys[i]), ct)
-            cts[i] = io.ct_array(ct)
-        ch.send(f"{label}/he/x", cts)
-        replies = ch.recv(f"{label}/he/y", U64, (n_out, 2, k_top - 1, n))
+        blobs = [io.to_bytes(he.encryptor.encrypt_symmetric(io.plaintext(polys[i]))) for i in range(n_in)]
+        ch.send(f"{label}/he/len", np.array([len(b) for b in blobs], dtype=U64))
+        ch.send(f"{label}/he/x", np.frombuffer(b"".join(blobs), dtype=np.uint8))
+        replies = ch.recv(f"{label}/he/y", U64, (n_out, k_top - 1, n + len(targets)))
         io.check_rns(replies, f"{label}: reply ciphertexts")
         level = io.ctx.first_context_data().next_context_data().parms_id()
         out = np.empty((n_out, n), dtype=U64)
         for i in range(n_out):
+            data = np.zeros((2, k_top - 1, n), dtype=U64)
+            data[0][:, targets] = replies[i, :, n:]  # other c0 coefficients only decrypt to unused slots
+            data[1] = replies[i, :, :n]
             pt = io.s.Plaintext()
-            he.decryptor.decrypt(io.ciphertext(replies[i], level), pt)
+            he.decryptor.decrypt(io.ciphertext(data, level), pt)
             out[i] = io.plain_coeffs(pt)
         return decode_output(g, out)
     if weight is None or stream is None:
         raise ValueError("he_linear: the model owner must pass its weights and a PRG stream")
     w = signed_weights(weight.reshape(w_shape), weight_bits)
     flood = flood_bits(params, weight_bits, max(len(ins) for _, ins in plan))
-    cts_in = ch.recv(f"{label}/he/x", U64, (n_in, 2, k_top, n))
-    io.check_rns(cts_in, f"{label}: input ciphertexts")
+    lengths = ch.recv(f"{label}/he/len", U64, (n_in,))
+    if np.any(lengths < 16) or np.any(lengths > 16 * 2 * k_top * n + 4096):
+        raise ProtocolError(f"{label}: expected ciphertext sizes up to {16 * 2 * k_top * n + 4096} bytes")
+    blob = bytes(ch.recv(f"{label}/he/x", np.uint8, (int(lengths.sum()),)))
+    ends = np.cumsum(lengths.astype(np.int64))
     ev, first = io.evaluator, io.ctx.first_parms_id()
     ntt_in = []
     for i in range(n_in):
-        ct = io.ciphertext(cts_in[i], first)
+        ct = io.load_fresh_ciphertext(blob[ends[i] - int(lengths[i]) : ends[i]], f"{label}: input ciphertext {i}")
         ev.transform_to_ntt_inplace(ct)
         ntt_in.append(ct)
     masks = stream.uint64((n_out, n)) & U64(t_mask)
     noise = _flood_noise(stream, n_out, n, flood, io.primes[: k_top - 1])
-    replies = np.empty((n_out, 2, k_top - 1, n), dtype=U64)
+    replies = np.empty((n_out, k_top - 1, n + len(targets)), dtype=U64)
     cache: dict[int, list[Any]] = {}
     for o, (slot, inputs) in enumerate(plan):
         if slot not in cache:  # plans list the slots in runs: keep one run's plaintexts
@@ -168,8 +174,8 @@ def he_linear(
         ev.add_inplace(acc, zero)
         ev.mod_switch_to_next_inplace(acc)
         data = io.ct_array(acc)
-        data[0] = _add_mod(data[0], noise[o], io.primes[: k_top - 1])
-        replies[o] = data
+        replies[o, :, :n] = data[1]
+        replies[o, :, n:] = _add_mod(data[0][:, targets], noise[o][:, targets], io.primes[: k_top - 1])
     ch.send(f"{label}/he/y", replies)
     share = decode_output(g, masks)
     if x is not None:

@@ -8,10 +8,13 @@ Encryption Security Standard", 2018, Table 1, uniform ternary secret) allows log
 N = 8192 at 128-bit classical security, so this is a 128-bit parameter set; SEAL's own check
 (``sec_level_type.tc128``) is enabled when the context is built.
 
-Wire format: a ciphertext travels as its RNS coefficients, a uint64 array of shape
-(2, k, N) (component, prime, coefficient; coefficient form, not NTT), k = number of primes at
-its level; the receiver checks the shape and that every entry is below its prime before SEAL
-loads it. The public key travels the same way, shape (2, 4, N), in NTT form (SEAL's storage).
+Wire format: the data owner's fresh symmetric encryptions travel as SEAL's own seeded
+serialization (c1 replaced by the PRNG seed it is expanded from, zstd-compressed: about half
+of the raw size), preceded by a uint64 array of their lengths; the receiver bounds each length,
+lets SEAL validate the blob against the context, and checks size, level and form. Everything
+else travels as RNS coefficients, uint64 arrays of shape (..., k, N) (prime, coefficient;
+coefficient form), k = number of primes at its level, checked to be below their primes. The
+public key travels that way too, shape (2, 4, N), in NTT form (SEAL's storage).
 SEAL's Python binding has no buffer access, so objects move through SEAL's own uncompressed
 serialization in a private temporary directory (``SealIO``).
 """
@@ -128,6 +131,28 @@ class SealIO:
         body = struct.pack("<4Q", *self.ctx.key_parms_id()) + bytes([1])
         body += struct.pack("<QQQdQ", 2, self.params.n, len(self.primes), 1.0, 1) + self._dynarray(data)
         return self._load(self.s.PublicKey(), "pk", body)
+
+    def to_bytes(self, obj: Any) -> bytes:
+        """SEAL's own serialization of a ciphertext or seeded ciphertext (zstd-compressed)."""
+        path = self._path("out")
+        obj.save(path)
+        with open(path, "rb") as f:
+            return f.read()
+
+    def load_fresh_ciphertext(self, blob: bytes, what: str) -> Any:
+        """A peer's fresh encryption at the first level, validated by SEAL and by shape checks."""
+        path = self._path("in")
+        with open(path, "wb") as f:
+            f.write(blob)
+        ct = self.s.Ciphertext(self.ctx)
+        try:
+            ct.load(self.ctx, path)
+        except Exception as exc:  # noqa: BLE001 - SEAL raises several types for invalid data
+            raise ProtocolError(f"{what}: SEAL rejected the ciphertext ({exc})") from None
+        k = len(self.params.data_bits)
+        if ct.size() != 2 or ct.coeff_modulus_size() != k or ct.is_ntt_form():
+            raise ProtocolError(f"{what}: expected a fresh 2-component ciphertext with {k} primes")
+        return ct
 
     def check_rns(self, data: np.ndarray, what: str) -> None:
         """Reject a peer's ciphertext whose entries are not reduced modulo their primes."""
