@@ -163,7 +163,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path, capsys: pytest.CaptureF
         (["--model", m3, "--input", ct, "--mode", "tri-axial"], r"m3\.onnx: --mode tri-axial needs a 2-D U-Net"),
         (["--model", tmp_path / "junk.onnx", "--input", ct], r"junk\.onnx: not a readable ONNX model"),
         (["--model", m3, "--input", ct, "--patch", "32"], r"--patch 32: m3\.onnx takes a fixed input of \(8, 8, 8\)"),
-        (["--model", m2, "--input", ct, "--output", tmp_path / "m.png"], r"m\.png: expected a \.nii or \.nii\.gz output"),
+        (["--model", m2, "--input", ct, "--output", tmp_path / "m.png"], r"m\.png: expected a \.nii, \.nii\.gz or \.dcm \(DICOM SEG\) output"),
+        (["--model", m2, "--input", ct, "--output", tmp_path / "m.dcm"], r"m\.dcm: a DICOM SEG needs a DICOM series as --input, got a nifti file"),
     ]
     for extra, pattern in cases:
         code, message = _run_in_process(capsys, *base, *extra)
