@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, help="study folder (default: the shipped demo study)")
     p.add_argument("--limit", type=int, help="only the first N images")
     p.add_argument("--stats", type=Path, help="write the session stats JSON here")
+    p.add_argument("--full", action="store_true",
+                   help="then the real job: DenseNet-121 224x224 on a real chest radiograph (RG1) and a U-Net "
+                        "on a real head CT series, secure vs plaintext (several minutes)")  # fmt: skip
     p.set_defaults(func=cmd_demo)
 
 
@@ -93,4 +96,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if diff.max() > TOLERANCE:
         print(f"privmed: error: secure output differs from plaintext by {diff.max():.2e} > {TOLERANCE:g}")
         return 1
+    if args.full:
+        from privmed.cli.demo_full import run_full
+
+        return run_full()
     return 0
