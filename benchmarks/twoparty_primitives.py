@@ -164,8 +164,10 @@ def relu_dealer(quick: bool) -> None:
     shares = (x0, x - x0)
     r = two(lambda ch: nl.relu(Party(0, ch, DealerSource(0, s0, None)), req, shares[0]),
             lambda ch: nl.relu(Party(1, ch, DealerSource(1, s1, p1_dealer)), req, shares[1]))
-    print(f"dealer ReLU (40-bit comparison, truncation by 16), n={n}: {r['wall'] / n * 1e6:.1f} us per element "
-          f"(wall, parties; CPU {r['cpu0'] / n * 1e6:.1f} + {r['cpu1'] / n * 1e6:.1f} us) + dealer {dealer_s / n * 1e6:.1f} us; bytes per element: data owner {r['bytes'][0] / n:.1f}, "
+    got = (r[0][0] + r[1][0]).view(np.int64)
+    ok = bool(np.all(np.abs(got - np.maximum(x.view(np.int64) >> 16, 0)) <= 1))
+    print(f"dealer ReLU (40-bit comparison, truncation by 16), n={n}: within 1 ulp={ok}; {r['wall'] / n * 1e6:.2f} us per element "
+          f"(wall, parties; CPU {r['cpu0'] / n * 1e6:.2f} + {r['cpu1'] / n * 1e6:.2f} us) + dealer {dealer_s / n * 1e6:.2f} us; bytes per element: data owner {r['bytes'][0] / n:.1f}, "
           f"model owner {r['bytes'][1] / n:.1f}, dealer {d_ch.counters.bytes_sent / n:.1f}")
 
 

@@ -75,7 +75,8 @@ class SealIO:
             raise ValueError(f"SEAL rejected {params}: {self.ctx.parameters_error_message()}")
         self.evaluator = s.Evaluator(self.ctx)
         self.primes = [m.value() for m in self.ctx.key_context_data().parms().coeff_modulus()]
-        self._dir = tempfile.TemporaryDirectory(prefix="privmed-he-")
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        self._dir = tempfile.TemporaryDirectory(prefix="privmed-he-", dir=shm)  # tmpfs: no disk I/O
         probe = s.Plaintext("1")
         probe.save(self._path("probe"))
         with open(self._path("probe"), "rb") as f:
