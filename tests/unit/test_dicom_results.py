@@ -143,3 +143,62 @@ def test_sr_refuses_probabilities_outside_the_unit_interval(tmp_path: Path) -> N
     source = pydicom.dcmread(rg1(), stop_before_pixels=True)
     with pytest.raises(InputError, match=r"sr\.dcm: SR probabilities must lie in \[0, 1\], got \[1\.5\]"):
         write_sr(tmp_path / "sr.dcm", source, [1.5], ["opacity"], ALGO)
+
+
+def test_enhanced_multiframe_ct_reads_in_hounsfield_units_and_its_seg_follows_the_file_frames(tmp_path: Path) -> None:
+    # Prepare: pydicom's enhanced CT, 2 frames stored in descending position along the normal
+    from pydicom.data import get_testdata_file
+
+    from privmed.cli.dicom_results import write_segmentation
+    from privmed.segment.volume import read_volume
+
+    path = Path(get_testdata_file("eCT_Supplemental.dcm"))
+    source = pydicom.dcmread(path)
+    stored = source.pixel_array.astype(np.float64)
+    # Execute
+    volume = read_volume(path)
+    labels = (volume.array > -500).astype(np.uint8)
+    out = write_segmentation(tmp_path / "seg.dcm", volume.files, labels, ["background", "tissue"],
+                             Path(__file__).parents[2] / "src/privmed/assets/models/chest_smallcnn.onnx", {}, secure=True)  # fmt: skip
+    back, names = read_seg_labels(out, [source])
+    # Assert: rescale from the functional groups (intercept -1024), frames sorted along the normal
+    assert volume.kind == "dicom-enhanced" and volume.array.shape == (2, 512, 512)
+    np.testing.assert_array_equal(volume.array, (stored - 1024)[::-1])
+    assert volume.affine[2, 0] == pytest.approx(-10.0)  # 10 mm slices, RAS z falling
+    np.testing.assert_array_equal(back, labels[::-1])  # the SEG's frames are the file's frames
+    assert names == ["tissue"]
+
+
+def test_series_below_a_dicomdir_reads_as_the_folder_did(tmp_path: Path) -> None:
+    from pydicom.fileset import FileSet
+
+    files = small_ct(tmp_path)
+    volume, _ = read_dicom_series(files[0].parent)
+    fs = FileSet()
+    for f in files:
+        fs.add(pydicom.dcmread(f))
+    fs.write(tmp_path / "cd")
+    assert (tmp_path / "cd" / "DICOMDIR").is_file()
+    again, meta = read_dicom_series(tmp_path / "cd")  # the DICOMDIR itself is not an image
+    np.testing.assert_array_equal(again, volume)
+    assert len(meta["files"]) == 6
+
+
+def test_view_filter_keeps_only_the_pa_radiograph(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pydicom.data import get_testdata_file
+
+    from privmed.cli.infer import load_inputs
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pa = pydicom.dcmread(rg1())
+    pa.save_as(folder / "a_pa.dcm")
+    pa.ViewPosition, pa.SOPInstanceUID = "AP", pa.SOPInstanceUID + ".2"
+    pa.save_as(folder / "b_ap.dcm")
+    pydicom.dcmread(get_testdata_file("CT_small.dcm")).save_as(folder / "c_ct.dcm")
+    model = Path(__file__).parents[2] / "src/privmed/assets/models/chest_smallcnn.onnx"
+    x, rows = load_inputs([folder], model, None, views=["PA"])
+    assert rows == [folder / "a_pa.dcm"] and x.shape == (1, 1, 64, 64)
+    assert "2 of 3 inputs skipped: ViewPosition not PA" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"no input has ViewPosition LL \(3 files looked at\)"):
+        load_inputs([folder], model, None, views=["LL"])

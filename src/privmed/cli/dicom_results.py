@@ -107,4 +107,10 @@ def write_segmentation(
     from privmed.data.dicom_out import write_seg
 
     sources = [pydicom.dcmread(f) for f in files]
+    if len(sources) == 1 and int(sources[0].get("NumberOfFrames", 1) or 1) > 1:
+        from privmed.data.dicom_enhanced import frame_order
+
+        in_file_order = np.empty_like(labels)  # the SEG's frames follow the source file's frames
+        in_file_order[frame_order(sources[0], files[0])] = labels
+        labels = in_file_order
     return write_seg(output, sources, labels, classes, algorithm_info(model, stats, secure))

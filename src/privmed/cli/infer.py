@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(one row per image file, one column per model output, named from the model's labels); "
                         "for DICOM inputs also a DICOM SR (TID 1500): result.dcm for one image, or a folder "
                         "(one SR_<SOPInstanceUID>.dcm per image)")
+    p.add_argument("--view", metavar="PA[,AP]", help="DICOM radiographs: only these ViewPosition values (others skipped)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="DICOM SR: a finding is reported present when its probability is at least this (0.5)")
     p.add_argument("--chunk", type=int, default=1, help="images per batch; all batches share one session (default 1)")
@@ -113,13 +114,25 @@ def input_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def load_inputs(paths: list[Path], model: Path | None, preprocess: Path | None) -> tuple[np.ndarray, list[Path]]:
+def load_inputs(
+    paths: list[Path], model: Path | None, preprocess: Path | None, views: list[str] | None = None
+) -> tuple[np.ndarray, list[Path]]:
     """All inputs as one float32 batch (N, ...), and the file behind each row.
 
     Every file is read before anything runs; if any cannot be read, the error names each one
-    (up to 5) and nothing is run.
+    (up to 5) and nothing is run. ``views``: keep only DICOM files with one of these
+    ViewPosition values (e.g. PA for chest classifiers trained on PA radiographs).
     """
     files = input_files(paths)
+    if views:
+        from privmed.data.dicom_series import view_position
+
+        kept = [f for f in files if view_position(f) in views]
+        if not kept:
+            raise InputError(f"no input has ViewPosition {' or '.join(views)} ({len(files)} files looked at)")
+        if len(kept) < len(files):
+            print(f"{len(files) - len(kept)} of {len(files)} inputs skipped: ViewPosition not {' or '.join(views)}", file=sys.stderr)
+        files = kept
     per_sample = _input_shape(model) if model is not None else None  # read the model once, not per file
     arrays, rows, errors = [], [], []
     for f in files:
@@ -196,7 +209,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
         raise InputError(f"{args.output}: --to-pacs stores a DICOM SR: give --output result.dcm or a folder")
     if args.chunk < 1:
         raise InputError(f"--chunk: expected at least 1, got {args.chunk}")
-    x, rows = load_inputs(args.input, args.model, args.preprocess)
+    views = [v.strip().upper() for v in args.view.split(",")] if args.view else None
+    x, rows = load_inputs(args.input, args.model, args.preprocess, views)
     if dicom_out:
         check_report_inputs(args.output, rows)  # before any party starts
     if len(set(rows)) > 1:

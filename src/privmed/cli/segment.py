@@ -101,7 +101,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     mode = args.mode if args.mode != "auto" else ("3d" if model.spatial_dims == 3 else "2d")
     model.check_mode(mode)
     volume = read_volume(args.input, series_uid=args.series)
-    if args.output.suffix.lower() == ".dcm" and volume.kind != "dicom-series":
+    if args.output.suffix.lower() == ".dcm" and not volume.kind.startswith("dicom"):
         raise InputError(f"{args.output}: a DICOM SEG needs a DICOM series as --input, got a {volume.kind} file")
     engine: Any
     if args.plaintext:
@@ -119,7 +119,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
         write_segmentation(args.output, volume.files, seg.labels, model.classes, model.path, seg.run.stats,
                            secure=engine.name == "secure")  # fmt: skip
-        where = f"as a DICOM SEG over the {len(volume.files)} slices of the series"
+        what = "slices of the series" if volume.kind == "dicom-series" else "frames of the multi-frame image"
+        where = f"as a DICOM SEG over the {seg.labels.shape[0]} {what}"
     else:
         write_mask(args.output, seg.labels, volume.affine)
         where = "with the input affine"

@@ -85,7 +85,8 @@ def write_seg(
     """Write ``labels`` (slices, rows, cols), index k = ``sources[k]``, as a binary DICOM SEG.
 
     Pre: ``sources`` are the series' pydicom datasets in the order of the label map's first
-    axis (``read_dicom_series``'s order); ``classes[0]`` is the background. Classes that occur
+    axis (``read_dicom_series``'s order), or one enhanced multi-frame image with the label
+    slices in its frame order; ``classes[0]`` is the background. Classes that occur
     nowhere still get a segment (an empty result is a result); slices without any foreground
     are omitted as frames, as highdicom does by default.
     """
@@ -94,8 +95,9 @@ def write_seg(
 
     p = Path(path)
     arr = np.asarray(labels)
-    if arr.ndim != 3 or arr.shape[0] != len(sources):
-        raise InputError(f"{p}: SEG needs one label slice per source image: labels {arr.shape}, {len(sources)} images")
+    n_frames = sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in sources)
+    if arr.ndim != 3 or arr.shape[0] != n_frames:
+        raise InputError(f"{p}: SEG needs one label slice per source frame: labels {arr.shape}, {n_frames} frames")
     rows_cols = {(int(ds.Rows), int(ds.Columns)) for ds in sources}
     if rows_cols != {arr.shape[1:]}:
         raise InputError(f"{p}: SEG label slices {arr.shape[1:]} differ from the images' rows x columns {sorted(rows_cols)}")
@@ -188,7 +190,8 @@ def write_sr(
 
 
 def read_seg_labels(path: str | Path, sources: Sequence[Any]) -> tuple[np.ndarray, list[str]]:
-    """A SEG back as a label map on ``sources`` (slices in that order) and its segment labels."""
+    """A SEG back as a label map on ``sources`` (slices in that order; for one enhanced
+    multi-frame source, its frames in file order) and its segment labels."""
     import highdicom as hd
 
     p = Path(path)
@@ -197,6 +200,12 @@ def read_seg_labels(path: str | Path, sources: Sequence[Any]) -> tuple[np.ndarra
     except Exception as exc:  # highdicom/pydicom raise many types on a non-SEG file
         raise InputError(f"{p}: not a readable DICOM SEG ({exc.__class__.__name__}: {exc})") from None
     names = [str(d.SegmentLabel) for d in seg.SegmentSequence]
+    if len(sources) == 1 and int(sources[0].get("NumberOfFrames", 1) or 1) > 1:  # enhanced: by frame
+        frames = list(range(1, int(sources[0].NumberOfFrames) + 1))
+        stack = seg.get_pixels_by_source_frame(source_sop_instance_uid=str(sources[0].SOPInstanceUID),
+                                               source_frame_numbers=frames, combine_segments=True,
+                                               skip_overlap_checks=True, ignore_spatial_locations=True)  # fmt: skip
+        return np.asarray(stack), names
     uids = [str(ds.SOPInstanceUID) for ds in sources]
     stack = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True,
                                               skip_overlap_checks=True, ignore_spatial_locations=True)  # fmt: skip

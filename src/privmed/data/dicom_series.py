@@ -18,7 +18,7 @@ from typing import Any
 
 from privmed.errors import InputError
 
-__all__ = ["NON_IMAGE_SOP_CLASSES", "is_image", "is_non_image_file", "choose_series", "describe_series"]
+__all__ = ["NON_IMAGE_SOP_CLASSES", "is_image", "is_non_image_file", "view_position", "choose_series", "describe_series"]
 
 # storage classes that are not images to segment or classify (results, reports, indexes)
 NON_IMAGE_SOP_CLASSES = {
@@ -49,6 +49,18 @@ def is_non_image_file(path: Path) -> bool:
         return False  # the reader will name the problem
     sop = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
     return sop in NON_IMAGE_SOP_CLASSES
+
+
+def view_position(path: Path) -> str:
+    """ViewPosition of a DICOM radiograph (``PA``, ``AP``, ``LL``...), upper case; "" if none."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["ViewPosition"])
+    except (InvalidDicomError, OSError, EOFError, ValueError):
+        return ""
+    return str(ds.get("ViewPosition", "") or "").strip().upper()
 
 
 def describe_series(uid: str, items: Sequence[tuple[Path, Any]]) -> str:

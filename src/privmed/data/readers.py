@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from privmed.data.dicom_enhanced import is_enhanced, read_enhanced_volume
+from privmed.data.dicom_enhanced import modality_values as enhanced_modality_values
 from privmed.data.dicom_series import choose_series
 from privmed.data.writers import write_nifti
 from privmed.errors import InputError
@@ -244,6 +246,8 @@ def _modality_values(ds: Any, p: Path) -> np.ndarray:
         raise InputError(
             f"{p}: cannot decode DICOM pixel data ({exc.__class__.__name__}: {exc})"
         ) from None
+    if is_enhanced(ds) and np.ndim(stored) == 3:  # the rescale lives in functional groups
+        return enhanced_modality_values(ds, np.asarray(stored))
     return np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
 
 
@@ -369,6 +373,8 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> tupl
     if not slices:
         raise InputError(f"{root}: no DICOM files found")
     slices = choose_series(root, slices, series_uid)
+    if len(slices) == 1 and is_enhanced(slices[0][1]):  # one enhanced CT/MR file: the whole volume
+        return read_enhanced_volume(*slices[0])
     first = slices[0][1]
     if all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for _, ds in slices):
         orient = np.array([float(v) for v in first.ImageOrientationPatient])

@@ -32,7 +32,7 @@ class Volume:
     array : float32 ``(D, H, W)`` in modality units (HU for CT).
     affine : float64 4x4, array index -> RAS millimetres.
     source : the file or folder it came from.
-    kind : "nifti" or "dicom-series".
+    kind : "nifti", "dicom-series" or "dicom-enhanced" (one multi-frame file).
     files : for a DICOM series, its slice files in array order (what a SEG references).
     """
 
@@ -83,7 +83,7 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
             if file_kind is None:
                 raise InputError(f"{p}: {want}, got a file of unknown format")
             if file_kind == "dicom":
-                raise InputError(f"{p}: {want}, got one DICOM file (give the folder of its series)")
+                return _enhanced_volume(p, want)
             label = {"pil": "2-D image", "npy": ".npy array"}.get(file_kind, file_kind)
             try:  # say what the file is: its shape, when it reads
                 array, meta = read_image(p)
@@ -99,6 +99,18 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
         affine = np.eye(4)
     files = tuple(meta.get("files", ()))
     return Volume(_as_volume(array, p), np.asarray(affine, dtype=np.float64), p, kind, files)
+
+
+def _enhanced_volume(p: Path, want: str) -> Volume:
+    """One enhanced multi-frame CT/MR file as a volume; other single DICOM files are refused."""
+    from privmed.data.dicom_enhanced import is_enhanced, read_enhanced_volume
+    from privmed.data.readers import _dcmread
+
+    ds = _dcmread(p)
+    if not is_enhanced(ds):
+        raise InputError(f"{p}: {want}, got one DICOM file (give the folder of its series)")
+    array, meta = read_enhanced_volume(p, ds)
+    return Volume(_as_volume(array, p), np.asarray(meta["affine"], dtype=np.float64), p, "dicom-enhanced", (str(p),))
 
 
 def check_mask_path(path: str | Path) -> Path:
