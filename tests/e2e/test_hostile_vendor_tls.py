@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ENV, CertSet, PartyRun, TinyModel, error_message, free_port, wait_exits_all, write_session
+from .conftest import (
+    ENV,
+    CertSet,
+    PartyRun,
+    TinyModel,
+    error_message,
+    free_port,
+    wait_exits_all,
+    write_session,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,5 +68,5 @@ def test_real_processes_refuse_a_crafted_plan_before_any_opening(tmp_path: Path,
         assert run.code(role) == 2, run.report()
         message = error_message(run.stderr(role), run.report())
         assert "refused the model owner's plan: node spy (trunc): declared shape [1]" in message, message
-    assert "GOT A BATCH" not in out and "data-owner aborted the session: refused the model owner's plan" in out, out + err
+    assert "GOT A BATCH" not in out and "aborted the session: refused the model owner's plan" in out, out + err
     assert not (tmp_path / "out.npy").exists()
