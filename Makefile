@@ -1,4 +1,5 @@
-# Two commands from a fresh clone:  `make demo`  and  `make test`.
+# Two commands from a fresh clone:  `make demo`  and  `make test-all` (what CI runs).
+# `make test` is the fast tier for development: unit + protocol + a few end-to-end runs.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,7 +17,12 @@ install: $(BIN)/privmed
 demo: install
 	$(BIN)/privmed demo
 
+FAST := tests/unit tests/protocol tests/e2e/test_demo.py tests/e2e/test_hostile_vendor_tls.py tests/e2e/test_party_deploy.py
+
 test: install
+	$(BIN)/python -m pytest -q -ra -m "not slow" $(FAST)
+
+test-all: install
 	$(BIN)/python -m pytest -q -ra tests
 
 bench: install
@@ -26,4 +32,4 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy src
 
-.PHONY: install demo test bench lint
+.PHONY: install demo test test-all bench lint

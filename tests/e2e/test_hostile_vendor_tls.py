@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ENV, CertSet, PartyRun, TinyModel, error_message, free_port, wait_exits_all, write_session
+from .conftest import (
+    ENV,
+    CertSet,
+    PartyRun,
+    TinyModel,
+    error_message,
+    free_port,
+    wait_exits_all,
+    write_session,
+)
 
 pytestmark = pytest.mark.timeout(120)
 

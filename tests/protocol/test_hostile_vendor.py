@@ -24,19 +24,16 @@ from privmed.crypto.prg import SESSION, StreamKey
 from privmed.errors import PeerError, ProtocolError
 from privmed.ir.check import MAX_PLAN_BYTES, PlanError, check_plan, parse_plan
 from privmed.ir.plan import Plan
-from privmed.mpc import nonlinear as nl
-from privmed.mpc.correlated import (
-    NonlinearShares,
-    NonlinearSpec,
-    Purpose,
-    Request,
-    requests,
-    weight_mask_key,
-)
+from privmed.ir.walk import run_plan
+from privmed.mpc import compare as nl
+from privmed.mpc.correlation.expand import NonlinearShares
+from privmed.mpc.correlation.requests import NonlinearSpec, Purpose, Request
 from privmed.mpc.party import Party
+from privmed.mpc.protocols import Schedule
 from privmed.net.channel import in_process_pair
 from privmed.net.frame import HEADER, MAGIC, VERSION, unpack_header
 from privmed.runtime import session
+from privmed.runtime.backend import SecureBackend
 
 from .harness import run_three
 
@@ -134,7 +131,7 @@ def test_broadcast_mask_attack_is_refused(demo) -> None:
     (lambda raw: raw["nodes"].insert(2, raw["nodes"].pop(1)), "not earlier nodes"),
     (lambda raw: raw["nodes"][1].__setitem__("shape", [1 << 40, 1]), "entries must be integers"),
     (lambda raw: raw["nodes"].insert(-1, copy.deepcopy(raw["nodes"][-1])), "only it, must be the output"),
-    (lambda raw: raw.__setitem__("input_shape", [1, 32, 32]), "not the agreed"),
+    (lambda raw: raw.__setitem__("input_shape", [1, 32, 32]), "declared shape [1, 64, 64] but"),
     (lambda raw: raw["nodes"][1]["attrs"].__setitem__("bound", 3.5), "not allowed"),
     (lambda raw: raw["nodes"][1].__setitem__("op", "reveal_to_model_owner"), "unknown op"),
     (lambda raw: raw["nodes"][-1].__setitem__("id", "elsewhere"), "does not name the output node"),
@@ -166,6 +163,13 @@ def test_a_pinned_fingerprint_refuses_any_other_plan(demo) -> None:
         session.data_owner(d_m, d_x, _image(plan), expect_plan="00" * 32)
 
 
+def requests(plan: Plan, batch: int, index: int) -> list[Request]:
+    """Every request of one batch, as the dealer's recording walk serves them."""
+    served: list[Request] = []
+    run_plan(plan, SecureBackend(plan, Schedule(index, served.append)), batch)
+    return served
+
+
 def _norm_and_pool_plans(tmp_path: Path) -> list[Plan]:
     from onnx import helper
 
@@ -193,8 +197,8 @@ def test_stream_keys_of_every_request_are_distinct_over_plans_and_batches(demo, 
         for index, batch in enumerate((1, 4, 2, 3)):
             for r in requests(plan, batch, index):
                 drawn += [r.key, StreamKey(r.key.batch, r.key.node, Purpose.DEALER_BITS, r.key.step)]
-                if r.nonlinear is None and r.product is None:
-                    session_wide.add(weight_mask_key(r))  # the same B for every batch, by design
+                if r.linear is not None:
+                    session_wide.add(r.weight_mask_key)  # the same B for every batch, by design
         assert len(set(drawn)) == len(drawn), plan.model_name
         assert not session_wide & set(drawn)
         assert all(k.batch == SESSION for k in session_wide)
@@ -214,11 +218,9 @@ def test_a_mask_of_the_wrong_shape_aborts_the_protocol() -> None:
 
     class OneMask:
         def nonlinear(self, req: Request) -> NonlinearShares:
-            return NonlinearShares(r=np.zeros(1, np.uint64), R=np.zeros(1, np.uint64), M=np.zeros(1, np.uint64))
+            return NonlinearShares(r=np.zeros(1, np.uint64), r_high=np.zeros(1, np.uint64), r_msb=np.zeros(1, np.uint64))
 
-    from privmed.ir.plan import Node
-
-    req = Request("b0:1", Node("n1_trunc", "trunc", [], [16], 0), NonlinearSpec(1, 8))
+    req = Request("b0:1/0", StreamKey(0, 1, Purpose.NONLINEAR), 1, nonlinear=NonlinearSpec(1, 8))
     p = Party(0, a, OneMask())  # type: ignore[arg-type]
     with pytest.raises(ProtocolError, match="mask r has shape \\(1,\\), the value it protects \\(16,\\)"):
         nl.truncate(p, req, np.arange(16, dtype=np.uint64))

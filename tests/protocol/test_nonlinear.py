@@ -12,10 +12,11 @@ import threading
 import numpy as np
 import pytest
 
-from privmed.crypto.prg import PRG
-from privmed.ir.plan import Node
-from privmed.mpc import nonlinear as nl
-from privmed.mpc.correlated import DealerSource, NonlinearSpec, Request, nonlinear_correction
+from privmed.crypto.prg import PRG, StreamKey
+from privmed.mpc import compare as nl
+from privmed.mpc.correlation.expand import nonlinear_correction
+from privmed.mpc.correlation.requests import NonlinearSpec, Purpose, Request
+from privmed.mpc.correlation.source import DealerSource
 from privmed.mpc.party import Party
 from privmed.net.channel import in_process_pair
 
@@ -28,7 +29,7 @@ def run_protocol(spec: NonlinearSpec, x: np.ndarray, relu: bool) -> tuple[np.nda
     p0_ch, p1_ch = in_process_pair("data-owner", "model-owner", sid, 30)
     d_ch, p1_dealer = in_process_pair("dealer", "model-owner", sid, 30)
     s0, s1 = PRG.fresh().seed, PRG.fresh().seed
-    req = Request("L", Node("L", "relu" if relu else "trunc", [], [x.size], 0), spec)
+    req = Request("L", StreamKey(0, 0, Purpose.NONLINEAR), 0, nonlinear=spec)
     arith, tables, packed = nonlinear_correction(spec, PRG(s0).stream(req.key), PRG(s1).stream(req.key), PRG.fresh().stream(req.key))
     d_ch.send("L/A", arith)
     d_ch.send("L/B", packed)

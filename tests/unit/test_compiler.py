@@ -59,3 +59,27 @@ def test_plan_is_public_json_without_weights(tmp_path: Path) -> None:
     text = plan.to_json()
     assert "w_shape" in text and str(float(w[0, 0]))[:8] not in text
     assert set(weights.weight) == {n.id for n in plan.nodes if n.op == "linear"}
+
+
+def test_supported_ops_are_the_lowerings_own_and_the_upfront_check_agrees(tmp_path) -> None:
+    """The up-front check and the lowering cannot disagree: one list, derived from the Lowerer."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from privmed.compiler.compile import compile_model
+    from privmed.compiler.lower import SECRET_OPS, Lowerer
+    from privmed.errors import ModelError
+    from privmed.runtime.launch import check_input
+
+    assert SECRET_OPS == {name[3:] for name in dir(Lowerer) if name.startswith("op_")}
+    assert "Upsample" not in SECRET_OPS  # listed before but never lowered
+    # a Sigmoid inside the network is refused by the up-front check, before any party starts
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])])
+    path = tmp_path / "inner_sigmoid.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(ModelError, match=r"inner_sigmoid\.onnx: node .*Sigmoid is supported only as the model's final op"):
+        check_input(path, np.zeros((1, 1, 4, 4), np.float32))
+    with pytest.raises(ModelError, match="supported only as the model's final op"):
+        compile_model(path)

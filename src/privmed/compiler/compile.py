@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from privmed.compiler import calibrate, onnx_front
-from privmed.compiler.lower import Lowerer
+from privmed.compiler.lower import Lowerer, check_supported
 from privmed.errors import ModelError
 from privmed.ir.check import PlanError, check_plan
 from privmed.ir.plan import Plan, PrivateWeights
@@ -34,6 +34,7 @@ def compile_model(
     Raises ModelError (one line, listing all unsupported ops) on a bad model.
     """
     graph = onnx_front.load(Path(path), input_shape)
+    check_supported(graph, Path(path))
     low = Lowerer(graph)
     low.run()
     weights = PrivateWeights(float_weight=low.float_weight, float_bias=low.float_bias)

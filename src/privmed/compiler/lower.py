@@ -10,11 +10,12 @@ turns multiples into bits once f is chosen.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from privmed.compiler.onnx_front import FINAL_ONLY, OnnxGraph, OnnxNode, consumers
+from privmed.compiler.onnx_front import CONST_OPS, FINAL_ONLY, OnnxGraph, OnnxNode, consumers
 from privmed.errors import ModelError
 from privmed.ir.check import MAX_TEXT
 from privmed.ir.plan import Node
@@ -453,4 +454,22 @@ class Lowerer:
         return self._final(node, "softmax")
 
 
-assert FINAL_ONLY <= {name[3:] for name in dir(Lowerer) if name.startswith("op_")}
+# The supported-op list is the lowering itself: an op is supported on a secret tensor iff the
+# Lowerer has a method for it.
+SECRET_OPS = frozenset(name[3:] for name in dir(Lowerer) if name.startswith("op_"))
+assert FINAL_ONLY <= SECRET_OPS
+
+
+def check_supported(graph: OnnxGraph, path: Path) -> None:
+    """Refuse, in one line listing all of them, the ops that neither the lowering nor constant
+    folding knows; then lower the graph once (no calibration, cheap) so that ops refused in
+    context (a Sigmoid inside the network, a linear Resize) are reported before any party
+    starts."""
+    bad = sorted({f"{n.op} ({n.name})" for n in graph.nodes if n.op not in SECRET_OPS | CONST_OPS})
+    if bad:
+        ops = sorted({n.op for n in graph.nodes if n.op not in SECRET_OPS | CONST_OPS})
+        raise ModelError(f"{path}: unsupported ONNX ops {', '.join(ops)} in nodes: {'; '.join(bad[:20])}" + (" ..." if len(bad) > 20 else ""))
+    try:
+        Lowerer(graph).run()
+    except ModelError as exc:
+        raise ModelError(f"{path}: {exc}") from None

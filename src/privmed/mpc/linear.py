@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from privmed.ir.ops import conv_spec
-from privmed.ir.plan import Node
-from privmed.mpc.correlated import Request, require_shape
+from privmed.mpc.beaver import Triple, beaver
+from privmed.mpc.correlation.requests import Request, require_shape
 from privmed.mpc.party import Party
 from privmed.ring.linalg import linear
 
@@ -24,8 +23,8 @@ def private_linear(
 ) -> np.ndarray:
     """Shares of L(W, x) + b, where W and b are known to the model owner only.
 
-    Beaver-style masking with a dealer (Beaver 1991; the matrix form used by SecureML,
-    Mohassel-Zhang 2017, sec. 4.1, with one operand held in clear by one party):
+    ``privmed.mpc.beaver.beaver`` with B(x, W) = L(W, x) and W private to the model owner
+    (Beaver 1991; the matrix form of SecureML, Mohassel-Zhang 2017, sec. 4.1):
 
     1. The dealer gives the data owner a uniform mask A (shape of x) and the model owner a
        uniform mask B (shape of W), and shares C0 + C1 = L(B, A).
@@ -42,33 +41,23 @@ def private_linear(
     each message is uniform on its own, so the view is simulatable.
     The scale of y is the sum of the scales of W (f) and x.
     """
-    node: Node = req.node
-    spec = conv_spec(node.attrs) if "spec" in node.attrs else None
-    kind = node.attrs["kind"]
+    spec = req.linear
+    assert spec is not None
+    require_shape(req.label, "input", x, spec.x_shape)
     corr = p.source.linear(req)
-    cache = {} if masked_weights is None else masked_weights
-    first = node.id not in cache
-    w_tag = f"w{req.node_index}/F"
-    require_shape(req.label, "input", x, req.x_shape)
+
+    def masked(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return linear(spec.kind, spec.conv, w, a)
+
+    def real(d: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return linear(spec.kind, spec.conv, w, d, w_bits=weight_bits)
+
     if p.is_data_owner:
-        require_shape(req.label, "input mask A", corr.mask, x.shape)
-        p.peer.send(f"{req.label}/E", x - corr.mask)
-        if first:
-            cache[node.id] = p.peer.recv(w_tag, U64, tuple(node.attrs["w_shape"]))
-        p.rounds += 1
-        y0 = linear(kind, spec, cache[node.id], corr.mask)
-        require_shape(req.label, "product share C0", corr.product, y0.shape)
-        return y0 + corr.product
-    assert weight is not None
-    if first:
-        require_shape(req.label, "weight mask B", corr.mask, weight.shape)
-        p.peer.send(w_tag, weight - corr.mask)
-        cache[node.id] = np.zeros(0, U64)  # only remember that F was sent
-    masked_input = p.peer.recv(f"{req.label}/E", U64, x.shape)
-    p.rounds += 1
-    y = linear(kind, spec, weight, masked_input + x, w_bits=weight_bits)
-    require_shape(req.label, "product share C1", corr.product, y.shape)
-    y = y + corr.product
-    if bias is not None:
+        triple = Triple(corr.mask, None, corr.product)
+    else:
+        triple = Triple(None, corr.mask, corr.product)
+    y = beaver(p, req.label, x, weight, triple, masked, y_private=True, y_bilinear=real,
+               e_cache=masked_weights, e_tag=f"w{req.node_index}/F", e_shape=spec.w_shape)  # fmt: skip
+    if bias is not None and not p.is_data_owner:
         y = y + bias
     return y

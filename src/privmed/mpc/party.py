@@ -10,7 +10,7 @@ import numpy as np
 from privmed.net.channel import Channel
 
 if TYPE_CHECKING:
-    from privmed.mpc.correlated import CorrelationSource
+    from privmed.mpc.correlation.source import CorrelationSource
 
 DATA_OWNER, MODEL_OWNER = 0, 1
 ROLE_NAMES = {DATA_OWNER: "data-owner", MODEL_OWNER: "model-owner"}

@@ -73,14 +73,36 @@ class FloatBackend:
         return x
 
 
-class FixedBackend:
+def leaky_combine(relu_t: np.ndarray, t: np.ndarray, alpha: float, f: int) -> np.ndarray:
+    """LeakyReLU from r = ReLU(t) and t: r * 2^f + (t - r) * alpha (scale grows by f); linear
+    in (r, t), so it is the same on values and on shares."""
+    return relu_t * U64(1 << f) + (t - relu_t) * encode(np.array(alpha), f)
+
+
+class RingOps:
+    """The public ops of a plan on Z_2^64 values, the same on values and on shares (linear
+    with public coefficients): shared by the fixed-point reference and the secure backend."""
+
+    def __init__(self, frac_bits: int) -> None:
+        self.f = frac_bits
+
+    def upscale(self, node: Node, x: np.ndarray) -> np.ndarray:
+        return x << U64(node.attrs["shift"])
+
+    def avgpool(self, node: Node, x: np.ndarray) -> np.ndarray:
+        a = node.attrs
+        s = layout.pool_sum(x, a["kernel"], a["strides"], a["pads"])
+        return s * encode(1.0 / np.asarray(avg_divisor(node, x.shape)), self.f)
+
+
+class FixedBackend(RingOps):
     """Exact fixed-point semantics in Z_2^64 (floor truncation, exact comparisons)."""
 
     def __init__(self, plan: Plan, weights: PrivateWeights, x: np.ndarray) -> None:
+        super().__init__(plan.frac_bits)
         self.plan = plan
         self.w = weights
         self.x = encode(x, plan.frac_bits)
-        self.f = plan.frac_bits
         self.scales = {n.id: n.scale for n in plan.nodes}
 
     def input(self, node: Node, batch: int) -> np.ndarray:
@@ -100,24 +122,15 @@ class FixedBackend:
 
     def leaky_relu(self, node: Node, x: np.ndarray) -> np.ndarray:
         t = arith_shift(x, node.attrs["shift"])
-        r = np.where(signed(t) > 0, t, U64(0))
-        return r * U64(1 << self.f) + (t - r) * encode(np.array(node.attrs["alpha"]), self.f)
+        return leaky_combine(np.where(signed(t) > 0, t, U64(0)), t, node.attrs["alpha"], self.f)
 
     def trunc(self, node: Node, x: np.ndarray) -> np.ndarray:
         return arith_shift(x, node.attrs["shift"])
-
-    def upscale(self, node: Node, x: np.ndarray) -> np.ndarray:
-        return x << U64(node.attrs["shift"])
 
     def maxpool(self, node: Node, x: np.ndarray) -> np.ndarray:
         a = node.attrs
         w = layout.windows(signed(x), a["kernel"], a["strides"], a["pads"], a["dilations"], pad_mode="edge")
         return w.max(axis=-1).view(U64)
-
-    def avgpool(self, node: Node, x: np.ndarray) -> np.ndarray:
-        a = node.attrs
-        s = layout.pool_sum(x, a["kernel"], a["strides"], a["pads"])
-        return s * encode(1.0 / np.asarray(avg_divisor(node, x.shape)), self.f)
 
     def pad_value(self, node: Node, dtype: np.dtype) -> Any:
         return encode(np.array(node.attrs["value"]), self.scales[node.id])

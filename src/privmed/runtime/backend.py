@@ -1,4 +1,11 @@
-"""One party's execution of the plan ops on additive shares."""
+"""One party's execution of the plan ops on additive shares, or the dealer's recording walk.
+
+``SecureBackend`` implements ``privmed.ir.walk.Backend``. Its public ops (upscale, average
+pooling, the combination of LeakyReLU) are ``privmed.reference.executors.RingOps``, shared
+with the fixed-point reference; everything secret goes through a ``privmed.mpc.protocols``
+set: ``Online`` for the data owner and the model owner, ``Schedule`` for the dealer, which
+thereby serves every correlation in the order the parties consume it.
+"""
 
 from __future__ import annotations
 
@@ -6,78 +13,62 @@ from typing import Any
 
 import numpy as np
 
-from privmed.ir.ops import avg_divisor
+from privmed.ir.ops import conv_spec
 from privmed.ir.plan import Node, Plan, PrivateWeights
-from privmed.mpc import linear as lin
-from privmed.mpc import nonlinear as nl
-from privmed.mpc.correlated import Request, maxpool_levels, requests
 from privmed.mpc.norm import secure_instance_norm
-from privmed.mpc.party import Party
+from privmed.mpc.protocols import Protocols
+from privmed.reference.executors import RingOps, leaky_combine
 from privmed.ring import layout
 from privmed.ring.fixed import U64, encode
 
 
-class SecureBackend:
-    """Implements ``privmed.ir.walk.Backend`` for party 0 or 1."""
+class SecureBackend(RingOps):
+    """The plan's ops on this party's shares; ``weights`` for the model owner, ``x`` (float
+    input) for the data owner, neither for the dealer's recording walk."""
 
-    def __init__(
-        self,
-        party: Party,
-        plan: Plan,
-        batch: int,
-        weights: PrivateWeights | None = None,
-        x: np.ndarray | None = None,
-        index: int = 0,
-        masked_weights: dict[str, np.ndarray] | None = None,
-    ) -> None:
-        self.p = party
-        self.masked_weights = {} if masked_weights is None else masked_weights
-        self.plan = plan
+    def __init__(self, plan: Plan, protocols: Protocols, weights: PrivateWeights | None = None, x: np.ndarray | None = None) -> None:
+        super().__init__(plan.frac_bits)
+        self.pr = protocols
         self.w = weights
         self.x = x
-        self.f = plan.frac_bits
+        self.data_owner = x is not None
         self.scales = {n.id: n.scale for n in plan.nodes}
-        self._pre = f"b{index}:"
         self._index = {n.id: k for k, n in enumerate(plan.nodes)}
-        self._reqs: dict[str, Request] = {r.label: r for r in requests(plan, batch, index)}
 
-    def _label(self, node: Node) -> str:
-        return f"{self._pre}{self._index[node.id]}"
+    def _at(self, node: Node) -> Protocols:
+        self.pr.at_node(self._index[node.id])
+        return self.pr
 
     def input(self, node: Node, batch: int) -> np.ndarray:
-        if self.p.is_data_owner:
-            assert self.x is not None
+        if self.x is not None:
             return encode(self.x, self.f)
         return np.zeros((batch, *node.shape), dtype=U64)
 
     def linear(self, node: Node, x: np.ndarray) -> np.ndarray:
-        req = self._reqs[self._label(node)]
-        if self.p.is_data_owner:
-            return lin.private_linear(self.p, req, x, masked_weights=self.masked_weights)
-        assert self.w is not None
-        return lin.private_linear(
-            self.p, req, x, self.w.weight[node.id], self.w.weight_bits.get(node.id), self.w.bias.get(node.id), self.masked_weights
-        )
+        a = node.attrs
+        conv = conv_spec(a) if "spec" in a else None
+        out_shape = (x.shape[0], *node.shape)
+        if self.w is None:
+            return self._at(node).linear(x, a["kind"], conv, tuple(a["w_shape"]), out_shape)
+        return self._at(node).linear(x, a["kind"], conv, tuple(a["w_shape"]), out_shape,
+                                     self.w.weight[node.id], self.w.weight_bits.get(node.id), self.w.bias.get(node.id))  # fmt: skip
 
     def bias(self, node: Node, x: np.ndarray) -> np.ndarray:
-        if self.p.is_data_owner:
+        if self.w is None:
             return x
-        assert self.w is not None
         return x + self.w.bias[node.id]
 
     def relu(self, node: Node, x: np.ndarray) -> np.ndarray:
-        return nl.relu(self.p, self._reqs[self._label(node)], x)[0]
+        a = node.attrs
+        return self._at(node).relu(x, a["shift"], a["bits"], a["drop"])[0].reshape(x.shape)
 
     def leaky_relu(self, node: Node, x: np.ndarray) -> np.ndarray:
-        r, t = nl.relu(self.p, self._reqs[self._label(node)], x)
-        alpha = encode(np.array(node.attrs["alpha"]), self.f)
-        return r * U64(1 << self.f) + (t - r) * alpha
+        a = node.attrs
+        r, t = self._at(node).relu(x, a["shift"], a["bits"], a["drop"])
+        return leaky_combine(r.reshape(x.shape), t.reshape(x.shape), a["alpha"], self.f)
 
     def trunc(self, node: Node, x: np.ndarray) -> np.ndarray:
-        return nl.truncate(self.p, self._reqs[self._label(node)], x)
-
-    def upscale(self, node: Node, x: np.ndarray) -> np.ndarray:
-        return x << U64(node.attrs["shift"])
+        return self._at(node).truncate(x, node.attrs["shift"]).reshape(x.shape)
 
     def maxpool(self, node: Node, x: np.ndarray) -> np.ndarray:
         """Pairwise tree: max(a, b) = b + ReLU(a - b), one ReLU layer per level.
@@ -86,31 +77,30 @@ class SecureBackend:
         same window, so the max is unchanged (and padding shares is a public linear map).
         """
         a = node.attrs
+        pr = self._at(node)
         win = layout.windows(x, a["kernel"], a["strides"], a["pads"], a["dilations"], pad_mode="edge")
         lead = win.shape[:-1]
         win = win.reshape(-1, win.shape[-1])
-        for lvl, _size in enumerate(maxpool_levels(node, x.shape[0])):
+        while win.shape[1] > 1:
             k = win.shape[1]
             half = k // 2
             lo, hi = win[:, 0 : 2 * half : 2], win[:, 1 : 2 * half : 2]
             diff = np.ascontiguousarray(lo - hi)
-            rel, _ = nl.relu(self.p, self._reqs[f"{self._label(node)}/{lvl}"], diff)
-            merged = hi + rel
+            rel, _ = pr.relu(diff, 0, a["bits"], 0)
+            merged = hi + rel.reshape(diff.shape)
             win = np.concatenate([merged, win[:, 2 * half :]], axis=1) if k % 2 else merged
         return win.reshape(lead)
 
-    def avgpool(self, node: Node, x: np.ndarray) -> np.ndarray:
-        a = node.attrs
-        s = layout.pool_sum(x, a["kernel"], a["strides"], a["pads"])
-        return s * encode(1.0 / np.asarray(avg_divisor(node, x.shape)), self.f)
-
     def instnorm(self, node: Node, x: np.ndarray) -> np.ndarray:
-        return secure_instance_norm(self.p, node, x, self._reqs, self._label(node), self.w, self.masked_weights, self.f)
+        gamma = beta = None
+        if self.w is not None and node.attrs["affine"]:
+            gamma, beta = self.w.weight[node.id], self.w.bias.get(node.id)
+        return secure_instance_norm(self._at(node), x, node.attrs, self.f, gamma, beta)
 
     def pad_value(self, node: Node, dtype: np.dtype) -> Any:
-        if self.p.is_data_owner:
+        if self.data_owner:
             return encode(np.array(node.attrs["value"]), self.scales[node.id])
         return U64(0)
 
     def output(self, node: Node, x: np.ndarray) -> np.ndarray | None:
-        return nl.reveal_to_data_owner(self.p, self._label(node), x)
+        return self._at(node).reveal(x)

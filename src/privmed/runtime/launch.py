@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from privmed.compiler import onnx_front
+from privmed.compiler.lower import check_supported
 from privmed.crypto.certs import ROLES, ephemeral_session
 from privmed.errors import InputError, PeerError, PrivmedError
 from privmed.runtime.config import Endpoint, write_config
@@ -41,6 +42,7 @@ class SessionResult:
 def check_input(model_path: Path, x: np.ndarray, input_shape: list[int] | None = None) -> onnx_front.OnnxGraph:
     """Fail fast, before any process starts: bad model file, unsupported ops, wrong input."""
     graph = onnx_front.load(Path(model_path), input_shape)
+    check_supported(graph, Path(model_path))
     if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
         raise InputError(f"input must be a float32 array, got {getattr(x, 'dtype', type(x))}")
     if list(x.shape[1:]) != list(graph.input_shape) or x.ndim != len(graph.input_shape) + 1:

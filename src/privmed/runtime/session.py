@@ -35,8 +35,11 @@ from privmed.ir.check import MAX_PLAN_BYTES, PlanError, parse_plan
 from privmed.ir.ops import postprocess
 from privmed.ir.plan import Node, Plan, PrivateWeights
 from privmed.ir.walk import run_plan
-from privmed.mpc.correlated import DealerSource, Request, run_dealer
+from privmed.mpc.correlation.dealer import serve
+from privmed.mpc.correlation.requests import Request
+from privmed.mpc.correlation.source import DealerSource
 from privmed.mpc.party import Party
+from privmed.mpc.protocols import Online, Schedule
 from privmed.net.channel import Channel
 from privmed.ring.fixed import decode
 from privmed.runtime.backend import SecureBackend
@@ -156,18 +159,16 @@ def data_owner(
     """Run the data owner's side over one batch or a stream of batches (one session: the
     masked weights travel once). Returns (outputs of all batches concatenated, stats).
 
-    The plan is checked against the first batch's shape before anything is sent;
+    The plan, and then each batch against it, is checked before anything is sent;
     ``on_plan`` sees the accepted plan (the CLI prints its fingerprint)."""
     t0 = time.perf_counter()
     if isinstance(batches, np.ndarray):
         batches, total_batches = [batches], 1
-    batches = iter(batches)
-    first = next(batches, None)
-    shape = list(first.shape[1:]) if isinstance(first, np.ndarray) else None
-    plan = receive_plan(to_model, [to_dealer], shape, expect_plan)
+    # the plan is checked on its own here; the input against it just below (_check_batch), so
+    # that a wrong input is reported as such: both before anything is sent
+    plan = receive_plan(to_model, [to_dealer], None, expect_plan)
     if on_plan:
         on_plan(plan)
-    batches = _chain_first(first, batches)
     party: Party | None = None
     cache: dict[str, np.ndarray] = {}
     outputs: list[np.ndarray] = []
@@ -191,7 +192,7 @@ def data_owner(
             party = Party(0, to_model, DealerSource(0, seed, None))
         r0 = party.rounds
         tracker = LayerTracker(party, chans, plan, _batch_progress(progress, index, total_batches))
-        backend = SecureBackend(party, plan, int(n[0]), x=x.astype(np.float64), index=index, masked_weights=cache)
+        backend = SecureBackend(plan, Online(party, index, cache), x=x.astype(np.float64))
         ring_out, _ = run_plan(plan, backend, int(n[0]), on_node=tracker)
         outputs.append(postprocess(decode(ring_out, out_node.scale), out_node.attrs.get("post", {})).astype(np.float32))
         layers = _sum_layers(layers, tracker.layers)
@@ -207,12 +208,6 @@ def data_owner(
     stats["plan"] = {"frac_bits": plan.frac_bits, "fingerprint": plan.fingerprint(), "nodes": len(plan.nodes),
                      "comparisons": _comparisons(plan)}
     return np.concatenate(outputs), stats
-
-
-def _chain_first(first: np.ndarray | None, rest: Iterable[np.ndarray]) -> Iterable[np.ndarray]:
-    if first is not None:
-        yield first
-    yield from rest
 
 
 def _comparisons(plan: Plan) -> int:
@@ -270,7 +265,7 @@ def model_owner(to_data: Channel, to_dealer: Channel, plan: Plan, weights: Priva
             seed = bytes(to_dealer.recv("seed", np.uint8, (SEED_BYTES,)))
             party = Party(1, to_data, DealerSource(1, seed, to_dealer))
         tracker = LayerTracker(party, chans, plan, None)
-        run_plan(plan, SecureBackend(party, plan, batch, weights=weights, index=index, masked_weights=cache), batch, on_node=tracker)
+        run_plan(plan, SecureBackend(plan, Online(party, index, cache), weights=weights), batch, on_node=tracker)
         layers = _sum_layers(layers, tracker.layers)
         per_batch.append({"index": index, "bytes_sent": sum(c.counters.bytes_sent for c in chans) - b0})
     to_dealer.send("done", np.zeros(1, np.uint8))
@@ -280,16 +275,20 @@ def model_owner(to_data: Channel, to_dealer: Channel, plan: Plan, weights: Priva
     return stats
 
 
-def dealer(to_data: Channel, to_model: Channel, progress: Callable[[Request], None] | None = None) -> dict[str, Any]:
-    """Run the dealer: seeds to both parties, then every correction to the model owner."""
+def dealer(to_data: Channel, to_model: Channel) -> dict[str, Any]:
+    """Run the dealer: seeds to both parties, then every correction to the model owner.
+
+    The dealer walks the plan with the parties' own executor and a recording protocol set
+    (``privmed.mpc.protocols.Schedule``): each correlation is served in the order the parties
+    consume it, by construction."""
     t0 = time.perf_counter()
     plan = receive_plan(to_model, [to_data])
     prgs: tuple[PRG, PRG, PRG] | None = None
-    layers: dict[str, dict[str, Any]] = {}
+    layers: list[dict[str, Any]] = []
     per_batch: list[dict[str, Any]] = []
-    for index in range(1 << 62):
+    while True:
         to_data.step = "waiting for the next batch"
-        batch = int(to_data.recv("batch", np.int64, (1,), timeout_s=DONE_TIMEOUT_S if index else None)[0])
+        batch = int(to_data.recv("batch", np.int64, (1,), timeout_s=DONE_TIMEOUT_S if per_batch else None)[0])
         _check_batch_size(batch, plan, "data-owner")
         if batch == 0:
             to_data.finish()
@@ -299,24 +298,18 @@ def dealer(to_data: Channel, to_model: Channel, progress: Callable[[Request], No
             to_data.send("seed", np.frombuffer(prgs[0].seed, np.uint8))
             to_model.send("seed", np.frombuffer(prgs[1].seed, np.uint8))
         b0 = to_model.counters.bytes_sent
-        last = [time.perf_counter(), b0, ""]
+        tracker = LayerTracker(None, [to_model], plan, None)
+        keys = prgs
 
-        def on_request(req: Request, last: list = last) -> None:  # noqa: B006 - per-batch state
-            now, sent = time.perf_counter(), to_model.counters.bytes_sent
-            if last[2]:
-                entry = layers.setdefault(last[2], {"id": last[2], "time_s": 0.0, "bytes_sent": 0})
-                entry["time_s"] = round(entry["time_s"] + now - last[0], 6)
-                entry["bytes_sent"] += sent - last[1]
-            last[0], last[1], last[2] = now, sent, req.node.id if req.label != "end" else ""
-            if progress and req.label != "end":
-                progress(req)
+        def serve_request(req: Request, keys: tuple[PRG, PRG, PRG] = keys) -> None:
+            serve(req, keys, to_model)
 
-        run_dealer(plan, batch, index, prgs, to_model, on_request)
-        on_request(Request("end", plan.nodes[-1]))
-        per_batch.append({"index": index, "bytes_sent": to_model.counters.bytes_sent - b0})
+        run_plan(plan, SecureBackend(plan, Schedule(len(per_batch), serve_request)), batch, on_node=tracker)
+        layers = _sum_layers(layers, tracker.layers)
+        per_batch.append({"index": len(per_batch), "bytes_sent": to_model.counters.bytes_sent - b0})
     to_model.step = "waiting for the end of the session"
     to_model.recv("done", np.uint8, (1,))
     to_model.finish()
-    stats = _stats("dealer", t0, [to_data, to_model], 0, list(layers.values()))
+    stats = _stats("dealer", t0, [to_data, to_model], 0, layers)
     stats["batches"] = per_batch
     return stats

@@ -1,4 +1,5 @@
-"""Truncation, ReLU, LeakyReLU, max-pooling and the reveal, on shares over Z_2^64.
+"""Truncation, ReLU, sign and the reveal, on shares over Z_2^64 (max-pooling and LeakyReLU are
+built from ReLU by ``privmed.runtime.backend``).
 
 All comparisons follow one construction (a dealer-assisted variant of the masked comparison in
 "Improved Primitives for MPC over Mixed Arithmetic-Binary Circuits", Escudero et al., CRYPTO
@@ -40,14 +41,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from privmed.mpc.correlated import (
-    CHUNK,
-    NonlinearShares,
-    Request,
-    merge_schedule,
-    nibbles,
-    require_shape,
-)
+from privmed.mpc.beaver import BITS, Triple, beaver
+from privmed.mpc.correlation.expand import NonlinearShares, nibbles
+from privmed.mpc.correlation.requests import CHUNK, Request, merge_schedule, require_shape
 from privmed.mpc.party import Party
 from privmed.ring.fixed import U64, public_const
 
@@ -55,32 +51,25 @@ OFFSET = U64(1 << 62)
 
 
 def _and(p: Party, tag: str, x: np.ndarray, y: np.ndarray, triple: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
-    """XOR-shared x AND y with a Beaver bit triple, on packed bits (8 gates per byte).
+    """XOR-shared x AND y on packed bits (8 gates per byte): ``beaver`` over GF(2) with B = AND.
 
     One round; each party sends 2 bits per gate.
     """
     a, b, z = triple
-    for what, arr in (("triple a", a), ("triple b", b), ("triple z", z), ("second operand", y)):
-        require_shape(tag, f"AND {what}", arr, x.shape)
-    mine = np.concatenate([x ^ a, y ^ b])
-    both = mine ^ p.exchange(tag, mine)
-    d, e = both[: len(x)], both[len(x) :]
-    out = z ^ (d & b) ^ (e & a)
-    if p.is_data_owner:
-        out ^= d & e
-    return out
+    require_shape(tag, "AND triple z", z, x.shape)
+    return beaver(p, tag, x, y, Triple(a, b, z), np.bitwise_and, BITS)
 
 
 def _borrow(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, bits: int, drop: int) -> np.ndarray:
     """Packed XOR share of [c mod 2^bits < r mod 2^bits] on bits [drop, bits) (step 3)."""
     m = (bits - drop) // CHUNK
     cj = nibbles(c, drop, m)
-    assert corr.lt is not None and corr.eq is not None
-    require_shape(label, "comparison table lt", corr.lt, cj.shape)
-    require_shape(label, "comparison table eq", corr.eq, cj.shape)
+    assert corr.lt_tables is not None and corr.eq_tables is not None
+    require_shape(label, "comparison table lt", corr.lt_tables, cj.shape)
+    require_shape(label, "comparison table eq", corr.eq_tables, cj.shape)
     one = np.uint16(1)
-    lt = np.packbits(((corr.lt >> cj) & one).astype(np.uint8), axis=1)
-    eq = np.packbits(((corr.eq >> cj) & one).astype(np.uint8), axis=1)
+    lt = np.packbits(((corr.lt_tables >> cj) & one).astype(np.uint8), axis=1)
+    eq = np.packbits(((corr.eq_tables >> cj) & one).astype(np.uint8), axis=1)
     nodes: list[tuple[np.ndarray, np.ndarray | None]] = [(lt[j], eq[j]) for j in range(m)]
     for lvl, pairs in enumerate(merge_schedule(m)):
         xs, ys = [], []
@@ -111,10 +100,10 @@ def _borrow(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, bits: in
 
 def _open_sign_mask(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, n: int, bits: int, drop: int) -> np.ndarray:
     """Steps 3-4 up to the opening: e = [x >= 0] XOR c_hat, public, as 0/1 ring elements."""
-    assert corr.q is not None
+    assert corr.e_mask is not None
     borrow = _borrow(p, label, c, corr, bits, drop)
-    require_shape(label, "sign mask q", corr.q, borrow.shape)
-    e_mine = borrow ^ corr.q
+    require_shape(label, "sign mask", corr.e_mask, borrow.shape)
+    e_mine = borrow ^ corr.e_mask
     if p.is_data_owner:
         e_mine ^= np.packbits((1 ^ ((c >> U64(bits)) & U64(1))).astype(np.uint8))
     return np.unpackbits(e_mine ^ p.exchange(f"{label}/e", e_mine), count=n).astype(U64)
@@ -124,7 +113,7 @@ def _open_masked(p: Party, label: str, x: np.ndarray, corr: NonlinearShares) -> 
     """Step 1: c = x + 2^62 + r, opened to both parties (one round, 8 bytes each way)."""
     flat = x.reshape(-1)
     require_shape(label, "mask r", corr.r, flat.shape)
-    for name in ("R", "M", "chat", "chatR", "chatM"):
+    for name in ("r_high", "r_msb", "c_hat", "c_hat_r_high", "c_hat_r_msb"):
         value = getattr(corr, name)
         if value is not None and value.size:
             require_shape(label, f"correlation {name}", value, flat.shape)
@@ -137,11 +126,11 @@ def _open_masked(p: Party, label: str, x: np.ndarray, corr: NonlinearShares) -> 
 def _truncated(p: Party, c: np.ndarray, corr: NonlinearShares, shift: int) -> tuple[np.ndarray, np.ndarray]:
     """Step 2: shares of t = x >> shift (+1 ulp at most), and the public part P of t."""
     public = (c >> U64(shift)) - public_const(1 << (62 - shift))
-    t = -corr.R
+    t = -corr.r_high
     if shift:
-        assert corr.M is not None
+        assert corr.r_msb is not None
         wrap_gate = (U64(1) - (c >> U64(63))) << U64(64 - shift)
-        t = t + corr.M * wrap_gate
+        t = t + corr.r_msb * wrap_gate
     if p.is_data_owner:
         t = t + public
     return t, public
@@ -164,13 +153,13 @@ def relu(p: Party, req: Request, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     c = _open_masked(p, req.label, x, corr)
     t, public = _truncated(p, c, corr, spec.shift)
     e = _open_sign_mask(p, req.label, c, corr, spec.n, spec.bits, spec.drop)
-    assert corr.chat is not None and corr.chatR is not None
+    assert corr.c_hat is not None and corr.c_hat_r_high is not None
     flip = U64(1) - U64(2) * e  # 1 - 2e in the ring
-    out = flip * public * corr.chat - (e * corr.R + flip * corr.chatR)
+    out = flip * public * corr.c_hat - (e * corr.r_high + flip * corr.c_hat_r_high)
     if spec.shift:
-        assert corr.M is not None and corr.chatM is not None
+        assert corr.r_msb is not None and corr.c_hat_r_msb is not None
         wrap_gate = (U64(1) - (c >> U64(63))) << U64(64 - spec.shift)
-        out = out + wrap_gate * (e * corr.M + flip * corr.chatM)
+        out = out + wrap_gate * (e * corr.r_msb + flip * corr.c_hat_r_msb)
     if p.is_data_owner:
         out = out + public * e
     return out.reshape(x.shape), t.reshape(x.shape)
@@ -184,8 +173,8 @@ def sign(p: Party, req: Request, x: np.ndarray) -> np.ndarray:
     corr = p.source.nonlinear(req)
     c = _open_masked(p, req.label, x, corr)
     e = _open_sign_mask(p, req.label, c, corr, spec.n, spec.bits, spec.drop)
-    assert corr.chat is not None
-    b = (U64(1) - U64(2) * e) * corr.chat  # b = e + (1 - 2e) c_hat
+    assert corr.c_hat is not None
+    b = (U64(1) - U64(2) * e) * corr.c_hat  # b = e + (1 - 2e) c_hat
     if p.is_data_owner:
         b = b + e
     return b.reshape(x.shape)

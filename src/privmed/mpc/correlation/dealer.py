@@ -1,0 +1,37 @@
+"""The dealer's side: the corrections of one request, sent to the model owner.
+
+The dealer does not keep a schedule of its own: it runs the parties' plan walk with the
+recording protocol set (``privmed.mpc.protocols.Schedule``), which calls ``serve`` with each
+request in the order the parties consume them.
+"""
+
+from __future__ import annotations
+
+from privmed.crypto.prg import PRG, StreamKey
+from privmed.mpc.correlation.expand import (
+    linear_correction,
+    nonlinear_correction,
+    product_correction,
+)
+from privmed.mpc.correlation.requests import Purpose, Request
+from privmed.net.channel import Channel
+
+
+def serve(req: Request, prgs: tuple[PRG, PRG, PRG], to_model_owner: Channel) -> None:
+    """Compute and send the model owner's correction(s) for ``req``.
+
+    ``prgs`` = (seed PRG shared with party 0, with party 1, the dealer's private PRG).
+    """
+    prg0, prg1, private = prgs
+    if req.product is not None:
+        to_model_owner.send(f"{req.label}/P", product_correction(req, prg0, prg1))
+    elif req.linear is not None:
+        to_model_owner.send(f"{req.label}/C", linear_correction(req, prg0, prg1))
+    else:
+        assert req.nonlinear is not None
+        bits_key = StreamKey(req.key.batch, req.key.node, Purpose.DEALER_BITS, req.key.step)
+        arith, tables, packed = nonlinear_correction(req.nonlinear, prg0.stream(req.key), prg1.stream(req.key), private.stream(bits_key))
+        to_model_owner.send(f"{req.label}/A", arith)
+        to_model_owner.send(f"{req.label}/B", packed)
+        if tables is not None:
+            to_model_owner.send(f"{req.label}/T", tables)

@@ -1,0 +1,178 @@
+"""Seed expansion and the dealer's corrections.
+
+Each party expands from its own 16-byte seed everything it can; the dealer, which holds both
+seeds, computes the remaining *correction* terms, which only the model owner (party 1)
+receives. Material per request (n elements, m = (bits - drop) / 4 comparison chunks):
+
+- linear layer L(W, x): party 0 gets A (input mask) and C0; party 1 gets B (weight mask, fixed
+  for the session) and C1 = L(B, A) - C0 (correction, |out| ring elements).
+- truncation by s: r (both seeded, r = r0 + r1), shares of r_high = r >> s and r_msb = msb(r);
+  correction to party 1: 2n ring elements.
+- ReLU (with optional truncation): additionally a random bit c_hat shared arithmetically,
+  shares of c_hat * r_high and c_hat * r_msb, XOR-shared truth tables for [v < r_j] and
+  [v == r_j] of every 4-bit chunk r_j of r's bits [drop, bits), the bit r_bits XOR c_hat
+  (``e_mask``), and AND triples for the comparison tree. Correction to party 1: 5n ring
+  elements (3n when s = 0) + 4m n bytes of tables + about (2m + 1) n / 8 bytes of bits.
+- product x * y (or x * x): Beaver triple a, b, c = a * b; correction |x| ring elements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from privmed.crypto.prg import PRG, Stream
+from privmed.mpc.correlation.requests import (
+    CHUNK,
+    NonlinearSpec,
+    Request,
+    ands_per_level,
+    packed_len,
+)
+from privmed.ring.linalg import linear
+
+U64 = np.uint64
+
+
+@dataclass
+class LinearShares:
+    mask: np.ndarray  # party 0: A (input mask); party 1: B (weight mask)
+    product: np.ndarray  # party 0: C0; party 1: C1 with C0 + C1 = L(B, A)
+
+
+@dataclass
+class NonlinearShares:
+    """One party's comparison/truncation material (arithmetic shares unless noted)."""
+
+    r: np.ndarray  # the mask r of the opening c = x + 2^62 + r
+    r_high: np.ndarray  # r >> shift
+    r_msb: np.ndarray | None = None  # msb(r) (truncations only)
+    c_hat: np.ndarray | None = None  # the dealer's random bit that hides the sign
+    c_hat_r_high: np.ndarray | None = None  # c_hat * (r >> shift)
+    c_hat_r_msb: np.ndarray | None = None  # c_hat * msb(r)
+    lt_tables: np.ndarray | None = None  # (m, n) uint16, XOR-shared: bit v of entry j is [v < r_j]
+    eq_tables: np.ndarray | None = None  # (m, n) uint16, XOR-shared: bit v of entry j is [v == r_j]
+    e_mask: np.ndarray | None = None  # packed XOR shares of bit_l(r) XOR c_hat
+    triples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)  # packed AND triples per tree level
+
+
+@dataclass
+class ProductShares:
+    a: np.ndarray
+    b: np.ndarray | None  # None for a square (b = a)
+    c: np.ndarray  # party 0: seeded; party 1: the dealer's correction
+
+
+def expand_linear(prg: PRG, req: Request, index: int) -> LinearShares:
+    """Party 0: A and C0 (fresh per batch); party 1: B, fixed for the whole session so that the
+    masked weights W - B are sent once per session and reused for every batch."""
+    spec = req.linear
+    assert spec is not None
+    if index == 0:
+        s = prg.stream(req.key)
+        return LinearShares(s.uint64(spec.x_shape), s.uint64(spec.out_shape))
+    return LinearShares(prg.stream(req.weight_mask_key).uint64(spec.w_shape), np.zeros(0, dtype=U64))
+
+
+def expand_nonlinear(stream: Stream, index: int, spec: NonlinearSpec) -> NonlinearShares:
+    """Seeded material; bits (e_mask, triples) are kept packed, 8 elements per byte."""
+    n, nb = spec.n, packed_len(spec.n)
+    sh = NonlinearShares(r=stream.uint64(n), r_high=np.zeros(0, U64))
+    m = spec.chunks
+    if index == 0:
+        sh.r_high = stream.uint64(n)
+        sh.r_msb = stream.uint64(n) if spec.shift else None
+        if spec.relu:
+            sh.c_hat, sh.c_hat_r_high = stream.uint64(n), stream.uint64(n)
+            sh.c_hat_r_msb = stream.uint64(n) if spec.shift else None
+            sh.lt_tables, sh.eq_tables = stream.uint16((m, n)), stream.uint16((m, n))
+            sh.e_mask = stream.uint8(nb)
+    for k in ands_per_level(m):
+        a, b = stream.uint8((k, nb)), stream.uint8((k, nb))
+        z = stream.uint8((k, nb)) if index == 0 else np.zeros((k, nb), np.uint8)
+        sh.triples.append((a, b, z))
+    return sh
+
+
+def expand_product(prg: PRG, req: Request, index: int) -> ProductShares:
+    spec = req.product
+    assert spec is not None
+    s = prg.stream(req.key)
+    a = s.uint64(spec.x_shape)
+    b = None if spec.square else s.uint64(spec.y_shape)
+    c = s.uint64(spec.x_shape) if index == 0 else np.zeros(0, U64)
+    return ProductShares(a, b, c)
+
+
+def arith_fields(spec: NonlinearSpec) -> list[str]:
+    """The arithmetic fields the dealer corrects for party 1, in the order it sends them."""
+    names = ["r_high"] + (["r_msb"] if spec.shift else [])
+    if spec.relu:
+        names += ["c_hat", "c_hat_r_high"] + (["c_hat_r_msb"] if spec.shift else [])
+    return names
+
+
+def linear_correction(req: Request, prg0: PRG, prg1: PRG) -> np.ndarray:
+    """C1 = L(B, A) - C0."""
+    spec = req.linear
+    assert spec is not None
+    p0, p1 = expand_linear(prg0, req, 0), expand_linear(prg1, req, 1)
+    return linear(spec.kind, spec.conv, p1.mask, p0.mask) - p0.product
+
+
+def product_correction(req: Request, prg0: PRG, prg1: PRG) -> np.ndarray:
+    """c1 = a * b - c0 (a * a for a square), b broadcast over a's shape."""
+    p0, p1 = expand_product(prg0, req, 0), expand_product(prg1, req, 1)
+    a = p0.a + p1.a
+    b = a if p0.b is None or p1.b is None else p0.b + p1.b
+    return a * b - p0.c
+
+
+def nonlinear_correction(spec: NonlinearSpec, s0: Stream, s1: Stream, private: Stream) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(arithmetic corrections (k, n) u64, tables (2, m, n) u16 or None, packed bits u8)."""
+    p0, p1 = expand_nonlinear(s0, 0, spec), expand_nonlinear(s1, 1, spec)
+    r = p0.r + p1.r
+    full = {"r_high": r >> U64(spec.shift), "r_msb": r >> U64(63)}
+    bits: list[np.ndarray] = []
+    tables = None
+    if spec.relu:
+        c_hat_bits = private.bits(spec.n)
+        c_hat = c_hat_bits.astype(U64)
+        full.update(c_hat=c_hat, c_hat_r_high=c_hat * full["r_high"], c_hat_r_msb=c_hat * full["r_msb"])
+        rj = nibbles(r, spec.drop, spec.chunks)
+        one = np.uint16(1)
+        tables = np.empty((2, spec.chunks, spec.n), dtype=np.uint16)
+        np.subtract(one << rj, one, out=tables[0])
+        np.left_shift(one, rj, out=tables[1])
+        tables[0] ^= p0.lt_tables
+        tables[1] ^= p0.eq_tables
+        r_top = ((r >> U64(spec.bits)) & U64(1)).astype(np.uint8)
+        bits.append(np.packbits(r_top ^ c_hat_bits) ^ p0.e_mask)  # type: ignore[operator]
+    names = arith_fields(spec)
+    arith = np.empty((len(names), spec.n), dtype=U64)
+    for i, name in enumerate(names):
+        np.subtract(full[name], getattr(p0, name), out=arith[i])
+    for (a0, b0, z0), (a1, b1, _) in zip(p0.triples, p1.triples, strict=True):
+        bits.append((((a0 ^ a1) & (b0 ^ b1)) ^ z0).reshape(-1))
+    packed = np.concatenate(bits) if bits else np.zeros(0, np.uint8)
+    return arith, tables, packed
+
+
+def nibbles(v: np.ndarray, drop: int, m: int) -> np.ndarray:
+    """The m 4-bit chunks of v's bits [drop, drop + 4m) as uint16 (m, n).
+
+    With drop a multiple of 4 the chunks are read from the little-endian bytes of v, which
+    touches 8x less memory than 64-bit shifts.
+    """
+    out = np.empty((m, v.shape[0]), dtype=np.uint16)
+    if drop % CHUNK == 0:
+        by = v.view(np.uint8).reshape(-1, 8)
+        for j in range(m):
+            off = drop + CHUNK * j
+            col = by[:, off // 8]
+            np.bitwise_and(col >> np.uint8(off % 8) if off % 8 else col, np.uint8(15), out=out[j], casting="unsafe")
+        return out
+    for j in range(m):
+        out[j] = (v >> U64(drop + CHUNK * j)) & U64(15)
+    return out

@@ -1,0 +1,99 @@
+"""Where a party's correlated randomness comes from.
+
+``CorrelationSource`` is the interface the protocols see. ``DealerSource`` implements it from a
+seed plus the dealer's corrections: the dealer is a third party that only produces
+input-independent randomness (it never sees a share of the image, the weights or the output).
+At session start it sends a fresh 16-byte seed to each party over mutual TLS; everything a
+party can expand from its own seed it expands locally, and only the model owner (party 1)
+receives correction terms, one to three messages per request, each checked for its exact
+shape before use. A dealer-free source (OT extension / HE, as in CrypTFlow2 and Cheetah)
+implements the same three methods.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from privmed.crypto.prg import PRG
+from privmed.mpc.correlation.expand import (
+    LinearShares,
+    NonlinearShares,
+    ProductShares,
+    arith_fields,
+    expand_linear,
+    expand_nonlinear,
+    expand_product,
+)
+from privmed.mpc.correlation.requests import Request, ands_per_level, packed_len
+from privmed.net.channel import Channel
+
+U64 = np.uint64
+
+
+class CorrelationSource(ABC):
+    """Where a party's correlated randomness comes from (dealer now, dealer-free later)."""
+
+    @abstractmethod
+    def linear(self, req: Request) -> LinearShares: ...
+
+    @abstractmethod
+    def nonlinear(self, req: Request) -> NonlinearShares: ...
+
+    @abstractmethod
+    def product(self, req: Request) -> ProductShares: ...
+
+
+class DealerSource(CorrelationSource):
+    """Party side of the dealer: expand from the seed, receive corrections (party 1 only)."""
+
+    def __init__(self, index: int, seed: bytes, dealer: Channel | None) -> None:
+        self.index = index
+        self.prg = PRG(seed)
+        self.dealer = dealer
+
+    def _from_dealer(self) -> Channel:
+        if self.dealer is None:
+            raise ValueError("the model owner's correlation source needs its channel to the dealer")
+        return self.dealer
+
+    def linear(self, req: Request) -> LinearShares:
+        sh = expand_linear(self.prg, req, self.index)
+        if self.index == 1:
+            assert req.linear is not None
+            sh.product = self._from_dealer().recv(f"{req.label}/C", U64, req.linear.out_shape)
+        return sh
+
+    def product(self, req: Request) -> ProductShares:
+        sh = expand_product(self.prg, req, self.index)
+        if self.index == 1:
+            assert req.product is not None
+            sh.c = self._from_dealer().recv(f"{req.label}/P", U64, req.product.x_shape)
+        return sh
+
+    def nonlinear(self, req: Request) -> NonlinearShares:
+        spec = req.nonlinear
+        assert spec is not None
+        sh = expand_nonlinear(self.prg.stream(req.key), self.index, spec)
+        if self.index == 0:
+            return sh
+        dealer = self._from_dealer()
+        names = arith_fields(spec)
+        arith = dealer.recv(f"{req.label}/A", U64, (len(names), spec.n))
+        for i, name in enumerate(names):
+            setattr(sh, name, arith[i])
+        levels = ands_per_level(spec.chunks)
+        nb = packed_len(spec.n)
+        total = (nb if spec.relu else 0) + sum(levels) * nb
+        flat = dealer.recv(f"{req.label}/B", np.uint8, (total,))
+        pos = 0
+        if spec.relu:
+            tables = dealer.recv(f"{req.label}/T", np.uint16, (2, spec.chunks, spec.n))
+            sh.lt_tables, sh.eq_tables = tables[0], tables[1]
+            sh.e_mask, pos = flat[:nb], nb
+        for lvl, k in enumerate(levels):
+            a, b, _ = sh.triples[lvl]
+            sh.triples[lvl] = (a, b, flat[pos : pos + k * nb].reshape(k, nb))
+            pos += k * nb
+        return sh
