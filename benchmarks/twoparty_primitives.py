@@ -135,21 +135,18 @@ def _relu_once(n: int, bits: int, rng: np.random.Generator) -> None:
 def relu_dealer(quick: bool) -> None:
     """The dealer mode's ReLU as tests/protocol/test_nonlinear.py runs it (bits 40, shift 16)."""
     try:
-        from privmed.ir.plan import Node
-        from privmed.mpc import nonlinear as nl
-        from privmed.mpc.correlated import (
-            DealerSource,
-            NonlinearSpec,
-            Request,
-            nonlinear_correction,
-        )
+        from privmed.crypto.prg import StreamKey
+        from privmed.mpc import compare as nl
+        from privmed.mpc.correlation.expand import nonlinear_correction
+        from privmed.mpc.correlation.requests import NonlinearSpec, Purpose, Request
+        from privmed.mpc.correlation.source import DealerSource
         from privmed.mpc.party import Party
     except ImportError as exc:
         print(f"dealer ReLU: not measured ({exc})")
         return
     n = 20_000 if quick else 100_000
     spec = NonlinearSpec(n, 16, 40, 16, True)
-    req = Request("L", Node("L", "relu", [], [n], 0), spec)
+    req = Request("L", StreamKey(0, 0, Purpose.NONLINEAR), 0, nonlinear=spec)
     s0, s1 = PRG.fresh().seed, PRG.fresh().seed
     d_ch, p1_dealer = in_process_pair("dealer", "model-owner", bytes(16), 60)
     start = time.perf_counter()
