@@ -68,6 +68,31 @@ def test_he_matmul_is_exact_mod_2_to_the_l(x_shape, w_shape) -> None:  # type: i
     assert got.shape == want.shape and np.array_equal(got, want)
 
 
+def _spec_t(k, stride, pads, dil=None, groups=1, op=()) -> ConvSpec:  # type: ignore[no-untyped-def]
+    return ConvSpec(tuple(k), tuple(stride), tuple(pads), tuple(dil or (1,) * len(k)), groups, tuple(op))
+
+
+@pytest.mark.parametrize(
+    ("kind", "x_shape", "w_shape", "spec"),
+    [
+        ("conv_transpose", (1, 4, 5, 6), (4, 3, 3, 3), _spec_t((3, 3), (2, 2), (1, 1, 1, 1), op=(1, 0))),
+        ("conv_transpose", (2, 4, 4, 4), (4, 2, 2, 2), _spec_t((2, 2), (2, 2), (0, 0, 0, 0), groups=2)),  # U-Net up
+        ("conv_transpose", (1, 2, 7), (2, 3, 3), _spec_t((3,), (2,), (2, 0), dil=(2,))),  # 1-D, dilated
+        ("conv", (2, 3, 17), (5, 3, 4), _spec_t((4,), (3,), (1, 2))),  # 1-D
+        ("channel_scale", (2, 6, 5, 4), (6,), None),
+        ("channel_scale", (3, 7), (7,), None),
+    ],
+)
+def test_he_other_layer_kinds_are_exact_mod_2_to_the_l(kind, x_shape, w_shape, spec) -> None:  # type: ignore[no-untyped-def]
+    got, want, _ = _secure(kind, spec, x_shape, w_shape)
+    assert got.shape == want.shape and np.array_equal(got, want)
+
+
+def test_3d_kernels_are_refused_by_name() -> None:
+    with pytest.raises(RuntimeError, match="HE linear layer for kind 'conv' \\(3-d\\) is not implemented"):
+        _secure("conv", _spec_t((1, 1, 1), (1, 1, 1), (0,) * 6), (1, 1, 2, 2, 2), (1, 1, 1, 1, 1))
+
+
 def test_he_offline_mask_correlation_and_a_wider_ring() -> None:
     # the offline use: the data owner encrypts a random mask A; shares of L(W, A) mod 2^44
     got, want, (ch0, ch1) = _secure("conv", _spec((3, 3), pads=(1, 1, 1, 1)), (1, 8, 6, 6), (2, 8, 3, 3), bits=44, mask_only=True)

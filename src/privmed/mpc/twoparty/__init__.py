@@ -6,6 +6,7 @@ Modules, in dependency order:
 - ``seal_io``      BFV parameter set (N = 8192, log2 q = 218, t = 2^l) and raw numpy <-> SEAL
                    conversion through TenSEAL's ``sealapi`` (imported lazily: optional extra).
 - ``he_encoding``  Cheetah's coefficient packing of convolutions and matrix products (pure).
+- ``he_layers``    every linear-layer kind as a 2-D conv or a matmul (public data movement).
 - ``he_linear``    shares over Z_2^l of L(W, x) by BFV with the model owner's plaintext weights.
 - ``ot``           base OT (Chou-Orlandi over X25519), IKNP OT extension, 1-out-of-16 OT.
 - ``compare``      CrypTFlow2's millionaires' protocol, AND triples by OT, DReLU / ReLU on

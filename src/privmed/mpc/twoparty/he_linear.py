@@ -29,6 +29,7 @@ from privmed.mpc.twoparty.he_encoding import (
     signed_weights,
     weight_polys,
 )
+from privmed.mpc.twoparty.he_layers import lower
 from privmed.mpc.twoparty.seal_io import SealIO
 from privmed.net.channel import Channel
 from privmed.ring.linalg import ConvSpec
@@ -76,7 +77,9 @@ def he_linear(
     weight_bits: int = 16,
     stream: Stream | None = None,
 ) -> np.ndarray:
-    """Shares over Z_2^l of L(W, x0 + x1): the data owner passes x (its share x0, or a random mask
+    """Shares over Z_2^l of L(W, x0 + x1) for every kind of ``ring.linalg.linear`` (conv 1-D/2-D,
+    conv_transpose 1-D/2-D, matmul, channel_scale; ``he_layers`` lowers them to 2-D conv or
+    matmul): the data owner passes x (its share x0, or a random mask
     A), the model owner passes weight (signed int64, |w| < 2^weight_bits), optionally x (its share
     x1), and a PRG stream for its masks. Returns this party's share, values in [0, 2^l).
 
@@ -113,14 +116,15 @@ def he_linear(
     """
     io, params = he.io, he.io.params
     n, t_mask = params.n, (1 << params.plain_bits) - 1
-    g: Geometry = geometry(kind, spec, x_shape, w_shape, n)
+    low = lower(kind, spec, x_shape, w_shape)  # conv-transpose, 1-D, channel scale -> 2-D conv
+    g: Geometry = geometry(low.kind, low.spec, low.x_shape, low.w_shape, n)
     plan = block_plan(g)
     n_in, n_out, targets = g.input_polys(), g.output_polys(), g.targets()
     k_top = len(params.data_bits)
     if he.is_data_owner:
         if x is None:
             raise ValueError("he_linear: the data owner must pass its input share or mask")
-        polys = encode_input(g, x.reshape(x_shape) & U64(t_mask), n)
+        polys = encode_input(g, low.x_map(x.reshape(x_shape) & U64(t_mask)), n)
         blobs = [io.to_bytes(he.encryptor.encrypt_symmetric(io.plaintext(polys[i]))) for i in range(n_in)]
         ch.send(f"{label}/he/len", np.array([len(b) for b in blobs], dtype=U64))
         ch.send(f"{label}/he/x", np.frombuffer(b"".join(blobs), dtype=np.uint8))
@@ -135,10 +139,12 @@ def he_linear(
             pt = io.s.Plaintext()
             he.decryptor.decrypt(io.ciphertext(data, level), pt)
             out[i] = io.plain_coeffs(pt)
-        return decode_output(g, out)
+        y = decode_output(g, out)
+        return y.reshape(low.out_shape(y.shape))
     if weight is None or stream is None:
         raise ValueError("he_linear: the model owner must pass its weights and a PRG stream")
     w = signed_weights(weight.reshape(w_shape), weight_bits)
+    w_low = low.w_map(w)
     flood = flood_bits(params, weight_bits, max(len(ins) for _, ins in plan))
     lengths = ch.recv(f"{label}/he/len", U64, (n_in,))
     if np.any(lengths < 16) or np.any(lengths > 16 * 2 * k_top * n + 4096):
@@ -158,7 +164,7 @@ def he_linear(
     for o, (slot, inputs) in enumerate(plan):
         if slot not in cache:  # plans list the slots in runs: keep one run's plaintexts
             cache.clear()
-            cache[slot] = [_ntt_plain(io, p, first) for p in weight_polys(g, w, slot, n, t_mask)]
+            cache[slot] = [_ntt_plain(io, p, first) for p in weight_polys(g, w_low, slot, n, t_mask)]
         acc = io.s.Ciphertext()
         prod = io.s.Ciphertext()
         for j, idx in enumerate(inputs):
@@ -178,6 +184,7 @@ def he_linear(
         replies[o, :, n:] = _add_mod(data[0][:, targets], noise[o][:, targets], io.primes[: k_top - 1])
     ch.send(f"{label}/he/y", replies)
     share = decode_output(g, masks)
+    share = share.reshape(low.out_shape(share.shape))
     if x is not None:
         share = share + plaintext_product(kind, spec, w, x.reshape(x_shape), params.plain_bits)
     return share & U64(t_mask)
