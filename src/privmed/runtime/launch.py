@@ -1,10 +1,12 @@
-"""``run_local_session``: the three roles as three OS processes on this machine.
+"""``run_local_session``: a secure session on this machine, the caller being the data owner.
 
-Each role is ``python -m privmed.cli.main party --role ...`` talking TCP + mutual TLS 1.3 on
-127.0.0.1 with OS-assigned ports and an ephemeral CA made for the run, exactly as a
-deployment with three hosts would (only the addresses differ). The data owner streams
-per-layer progress as JSON lines on stdout; every role writes its stats JSON; a role that exits
-non-zero stops the others at once and its one-line error is raised here.
+The process that calls it *is* the data owner (the hospital's side: it holds the image and
+receives the output); it starts the model owner and the dealer as two OS processes
+(``python -m privmed.cli.main party --role ...``) and talks to them TCP + mutual TLS 1.3 on
+127.0.0.1 with OS-assigned ports and an ephemeral CA made for the run, exactly as a deployment
+with three hosts would (only the addresses differ). Progress comes straight from the data
+owner's walk; the two children write their stats JSON; when the session fails, the data
+owner's error and each child's one-line error are raised together, the root cause first.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ import numpy as np
 
 from privmed.compiler import onnx_front
 from privmed.compiler.lower import check_supported
-from privmed.crypto.certs import ROLES, ephemeral_session
+from privmed.crypto.certs import ephemeral_session
 from privmed.errors import InputError, PeerError, PrivmedError
 from privmed.runtime.config import Endpoint, write_config
 
@@ -75,20 +78,24 @@ def run_local_session(
     stall_s: float | None = None,
     expect_plan: str | None = None,
 ) -> SessionResult:
-    """Run one secure-inference session of ``model_path`` on ``inputs`` (N, ...) float32.
+    """Run one secure-inference session of ``model_path`` on ``inputs`` (N, ...) float32,
+    this process acting as the data owner.
 
     With ``chunk`` the N inputs stream through the session in batches of that size (memory
     stays bounded by one batch; the masked weights are sent once for the whole session).
 
-    Every receive of every role has its own deadline (``timeout_s``). On top, the launcher
-    stops the session when the data owner reports no progress (one line per layer) for
-    ``stall_s`` seconds (default ``20 * timeout_s``), e.g. a role stuck without waiting on a
-    receive. It is a watchdog on progress, not a limit on the session's length: a volume of
-    hundreds of slices may run for hours.
+    Every receive of every role has its own deadline (``timeout_s``). On top, a watchdog stops
+    the session when the data owner finishes no layer for ``stall_s`` seconds (default
+    ``20 * timeout_s``), e.g. a child stuck without waiting on a receive. It is a watchdog on
+    progress, not a limit on the session's length: a volume of hundreds of slices may run for
+    hours.
 
     ``expect_plan``: the data owner refuses any plan whose SHA-256 fingerprint differs (the
     fingerprint of the accepted plan is in ``stats["plan"]["fingerprint"]``).
     """
+    from privmed.runtime.config import load_config
+    from privmed.runtime.party import run_role
+
     x = np.ascontiguousarray(inputs, dtype=np.float32) if isinstance(inputs, np.ndarray) and inputs.dtype.kind == "f" else inputs
     check_input(Path(model_path), x, input_shape)
     t0 = time.perf_counter()
@@ -97,95 +104,117 @@ def run_local_session(
         ids = ephemeral_session(tmp / "certs")
         eps = {r: Endpoint("127.0.0.1", 0, tmp / f"{r}.port") for r in ("model-owner", "dealer")}
         write_config(tmp / "session.toml", ids, eps, timeout_s, connect_timeout_s=min(60.0, timeout_s))
-        np.save(tmp / "input.npy", x)
         base = [sys.executable, "-m", "privmed.cli.main", "party", "--config", str(tmp / "session.toml")]
         extra = {
-            "data-owner": ["--input", str(tmp / "input.npy"), "--output", str(tmp / "output.npy"), "--progress-jsonl"]
-            + (["--chunk", str(chunk)] if chunk else [])
-            + (["--expect-plan", expect_plan] if expect_plan else []),
             "model-owner": ["--model", str(model_path)]
             + (["--calibration", str(calibration)] if calibration else [])
             + (["--frac-bits", str(frac_bits)] if frac_bits else [])
             + (["--input-shape", ",".join(map(str, input_shape))] if input_shape else []),
             "dealer": [],
         }
-        # three processes share the machine: one BLAS thread each avoids spinning threads
+        # three roles share the machine: one BLAS thread each avoids spinning threads
         # fighting over the cores (measured: 56 -> 34 CPU-seconds for DenseNet-121 on 2 cores)
         threads = os.environ.get("PRIVMED_BLAS_THREADS", "1")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
         procs = {
             role: subprocess.Popen(
                 base + ["--role", role, "--stats", str(tmp / f"{role}.stats.json")] + extra[role],
-                stdout=subprocess.PIPE if role == "data-owner" else subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
                 stderr=open(tmp / f"{role}.err", "wb"),  # noqa: SIM115 - closed with the process
                 env=env,
                 start_new_session=True,
             )
-            for role in ("dealer", "model-owner", "data-owner")
+            for role in ("dealer", "model-owner")
         }
+        watchdog = Watchdog(stall_s if stall_s is not None else timeout_s * 20, lambda: _kill(procs))
         try:
-            _follow(procs, progress, stall_s=stall_s if stall_s is not None else timeout_s * 20)
+            out, do_stats = run_role("data-owner", load_config(tmp / "session.toml"), x=x, chunk=chunk,
+                                     progress=_relay(progress, watchdog), expect_plan=expect_plan)  # fmt: skip
+        except PrivmedError as exc:
+            raise _session_error(exc, procs, tmp, watchdog) from None
         finally:
-            for p in procs.values():
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
+            watchdog.stop()
+            try:
+                for p in procs.values():
+                    p.wait(timeout=timeout_s)
+            finally:
+                _kill(procs)
         codes = {r: p.returncode for r, p in procs.items()}
         if any(codes.values()):
             errs = {r: _first_error((tmp / f"{r}.err").read_text(errors="replace")) for r, c in codes.items() if c}
-            for r in codes:  # full stderr of every role with `privmed -v`
-                log.debug("%s stderr:\n%s", r, (tmp / f"{r}.err").read_text(errors="replace"))
-            # the party that failed first usually names the cause; others report it aborted
-            primary = next((r for r, e in errs.items() if "aborted the session" not in e and "lost connection" not in e), next(iter(errs)))
-            raise PeerError(f"{primary}: {errs[primary]}" + "".join(f" | {r}: {e}" for r, e in errs.items() if r != primary))
-        out = np.load(tmp / "output.npy")
-        stats = {r: json.loads((tmp / f"{r}.stats.json").read_text()) for r in ROLES}
+            raise PeerError("; ".join(f"{r}: {e}" for r, e in errs.items()))
+        stats = {r: json.loads((tmp / f"{r}.stats.json").read_text()) for r in procs}
+        stats["data-owner"] = do_stats
+    assert out is not None
     wall = time.perf_counter() - t0
     return SessionResult(out, merge_stats(stats, wall))
 
 
-def _follow(procs: dict[str, subprocess.Popen], progress: Callable[[dict[str, Any]], None] | None, stall_s: float) -> None:
-    """Relay the data owner's progress; stop everyone as soon as one role fails, or when the
-    data owner has reported nothing for ``stall_s`` seconds."""
-    import selectors
+class Watchdog:
+    """Calls ``on_stall`` once when ``tick`` has not been called for ``stall_s`` seconds."""
 
-    sel = selectors.DefaultSelector()
-    do = procs["data-owner"]
-    assert do.stdout is not None
-    sel.register(do.stdout, selectors.EVENT_READ)
-    buf = b""
-    last_news = time.monotonic()
-    while True:
-        if time.monotonic() - last_news > stall_s:
-            raise PeerError(f"the session made no progress for {stall_s:.0f} s (no layer finished); stopped")
-        failed = [r for r, p in procs.items() if p.poll() not in (None, 0)]
-        if failed:
-            time.sleep(0.5)  # let the others record their view of the failure
-            for p in procs.values():
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            for p in procs.values():
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-            return
-        if all(p.poll() == 0 for p in procs.values()):
-            return
-        for _key, _ in sel.select(timeout=0.2):
-            chunk = os.read(do.stdout.fileno(), 65536)
-            if chunk:
-                last_news = time.monotonic()
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                if progress and line.startswith(b"{"):
-                    try:
-                        progress(json.loads(line))
-                    except (ValueError, PrivmedError):
-                        pass
-            if not chunk:
-                sel.unregister(do.stdout)
+    def __init__(self, stall_s: float, on_stall: Callable[[], None]) -> None:
+        self.stall_s = stall_s
+        self.stalled = False
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self._on_stall = on_stall
+        self._thread = threading.Thread(target=self._watch, name="privmed-watchdog", daemon=True)
+        self._thread.start()
+
+    def tick(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(0.2, self.stall_s / 4)):
+            if time.monotonic() - self._last > self.stall_s:
+                self.stalled = True
+                self._on_stall()
+                return
+
+
+def _relay(progress: Callable[[dict[str, Any]], None] | None, watchdog: Watchdog) -> Callable[..., None]:
+    """The data owner's per-layer callback: feed the watchdog, pass an event to ``progress``."""
+
+    def emit(done: int, total: int, node: Any, batch: int = 0, batches: int | None = None) -> None:
+        watchdog.tick()
+        if progress:
+            progress({"done": done, "total": total, "op": node.op, "onnx": node.attrs.get("onnx", ""), "batch": batch, "batches": batches})
+
+    return emit
+
+
+def _kill(procs: dict[str, subprocess.Popen]) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def _session_error(exc: PrivmedError, procs: dict[str, subprocess.Popen], tmp: Path, watchdog: Watchdog) -> PeerError:
+    """One line: the root cause first (the party whose error is not a consequence of another
+    party's abort or disconnection), then every other party's view."""
+    if watchdog.stalled:
+        return PeerError(f"the session made no progress for {watchdog.stall_s:.0f} s (no layer finished); stopped")
+    for p in procs.values():  # the children see the data owner's abort and exit at once
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill(procs)
+    errs = {"data-owner": str(exc)}
+    errs.update({r: _first_error((tmp / f"{r}.err").read_text(errors="replace")) for r, p in procs.items() if p.returncode})
+    for r in procs:  # full stderr of every role with `privmed -v`
+        log.debug("%s stderr:\n%s", r, (tmp / f"{r}.err").read_text(errors="replace"))
+    primary = next((r for r, e in errs.items() if "aborted the session" not in e and "lost connection" not in e), "data-owner")
+    return PeerError(f"{primary}: {errs[primary]}" + "".join(f" | {r}: {e}" for r, e in errs.items() if r != primary))
 
 
 def merge_stats(per_role: dict[str, dict[str, Any]], wall_s: float) -> dict[str, Any]:
