@@ -111,3 +111,41 @@ def test_and_triples_are_correct_and_shares_look_uniform() -> None:
     assert np.array_equal(c0 ^ c1, (a0 ^ a1) & (b0 ^ b1))
     for share in (a0, a1, b0, b1, c0):
         assert 0.45 < share.mean() < 0.55
+
+
+@pytest.mark.parametrize(("bits", "shift"), [(37, 12), (64, 16), (20, 1)])
+def test_truncation_is_floor_or_one_below_and_never_wraps(bits: int, shift: int) -> None:
+    # Prepare: the whole admissible range |x| < 2^(bits - 2), edges included
+    rng = np.random.default_rng(bits + shift)
+    lim = 1 << (bits - 2)
+    x = rng.integers(-lim + 1, lim - 1, 20_000, dtype=np.int64, endpoint=True)
+    x[:6] = [0, -1, 1, lim - 1, -lim + 1, -(1 << shift)]
+    x0, x1 = _share(x, bits, rng)
+
+    # Execute
+    t0, t1 = _both(
+        lambda ot, st: cmp.truncate(ot, "t", True, x0, bits, shift),
+        lambda ot, st: cmp.truncate(ot, "t", False, x1, bits, shift),
+    )
+
+    # Assert
+    got = ((t0 + t1) << U64(64 - bits)).view(np.int64) >> (64 - bits)  # sign-extend from bit l - 1
+    assert set(np.unique(got - (x >> shift)).tolist()) <= {-1, 0}
+
+
+def test_maximum_over_a_pooling_window_equals_numpy() -> None:
+    # Prepare: 9 candidates (a 3x3 window) for 500 outputs, ties included
+    rng = np.random.default_rng(9)
+    bits = 37
+    x = rng.integers(-(1 << 30), 1 << 30, (9, 500), dtype=np.int64)
+    x[:, :20] = 5
+    x0, x1 = (a.reshape(9, 500) for a in _share(x.reshape(-1), bits, rng))
+
+    # Execute
+    m0, m1 = _both(
+        lambda ot, st: cmp.maximum(ot, "p", True, x0, bits, st),
+        lambda ot, st: cmp.maximum(ot, "p", False, x1, bits, st),
+    )
+
+    # Assert
+    assert np.array_equal((m0 + m1) & _mask(bits), x.max(axis=0).view(U64) & _mask(bits))

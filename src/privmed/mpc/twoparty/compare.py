@@ -13,6 +13,9 @@ Inference", CCS 2020:
   l - 1 bits; the carry is the millionaires' bit [2^(l-1) - 1 - x0' < x1'].
 - ``mux`` / ``relu``: sec. 4.2 (F_MUX from two correlated OTs), ReLU(x) = DReLU(x) x.
 - ``b2a``: one correlated OT (CrypTFlow2's B2A, sec. 4.3 of SiRNN, Rathee et al. S&P 2021).
+- ``truncate``: SiRNN's truncation (sec. 4.1) with its known-MSB shortcut: after adding 2^(l-2)
+  the value's MSB is 0, so the wrap bit of the shares is the OR of the shares' MSBs: one COT.
+- ``maximum``: max over candidates by a tree of max(a, b) = b + ReLU(a - b).
 
 A correlated OT (COT) with correlation delta: the sender gets h0, the receiver with choice c gets
 h0 + c delta (mod 2^l), from one random OT and one l-bit correction from the sender.
@@ -197,3 +200,45 @@ def relu(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: int,
     Rounds: those of ``drelu`` + 2. Bytes: ``drelu`` + 24 per element per party.
     """
     return mux(ot, tag, is_data_owner, drelu(ot, tag, is_data_owner, x, bits, stream), x, bits)
+
+
+def truncate(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: int, shift: int) -> np.ndarray:
+    """Shares of floor(x / 2^shift) or that minus 1, for |x| < 2^(bits - 2), over Z_2^bits.
+
+    1. Data owner adds 2^(bits-2): x' = x + 2^(bits-2) is in [0, 2^(bits-1)), so msb(x') = 0.
+    2. With a_i = msb(x'_i), the shares' sum is x' + w 2^bits where w = a0 OR a1 (the top bits
+       a0 + a1 + carry are even, so they are 0 or 2): w = a0 + a1 - a0 a1, with a0 a1 from one
+       COT (data owner sends, delta = a0; model owner chooses a1).
+    3. t_i = (x'_i >> s) - w_i 2^(bits-s), and the data owner subtracts 2^(bits-2-s). The carry
+       of the low s bits is dropped: the result is floor(x / 2^s) - c with c in {0, 1}; there is
+       no probabilistic wrap, so no catastrophic error while |x| < 2^(bits-2).
+    Rounds: 2. Bytes per element: model owner 16 (random-OT matrix), data owner 8 (correction).
+    Security: COT (``ot``); nothing else is sent.
+    """
+    mask = ring_mask(bits)
+    offset = U64(1 << (bits - 2))
+    xs = (x + offset) & mask if is_data_owner else x & mask
+    top = (xs >> U64(bits - 1)).astype(np.uint8)
+    if is_data_owner:
+        prod = _cot_send(ot, f"{tag}/tr", top.astype(U64), bits)  # my share of a0 a1
+    else:
+        prod = _cot_recv(ot, f"{tag}/tr", top, bits)
+    wrap = (top.astype(U64) - prod) & mask
+    out = (xs >> U64(shift)) - (wrap << U64(bits - shift))
+    if is_data_owner:
+        out = out - U64(1 << (bits - 2 - shift))
+    return out & mask
+
+
+def maximum(ot: OTSession, tag: str, is_data_owner: bool, xs: np.ndarray, bits: int, stream: Stream) -> np.ndarray:
+    """Shares of the maximum over axis 0 of xs (k, n) (|values| < 2^(bits-2) so differences
+    do not wrap): ceil(log2 k) levels of max(a, b) = b + ReLU(a - b), each a batched ``relu``."""
+    level = 0
+    while len(xs) > 1:
+        half = len(xs) // 2
+        a, b = xs[:half], xs[half : 2 * half]
+        diff = relu(ot, f"{tag}/x{level}", is_data_owner, ((a - b) & ring_mask(bits)).reshape(-1), bits, stream)
+        merged = (b + diff.reshape(a.shape)) & ring_mask(bits)
+        xs = np.concatenate([merged, xs[2 * half :]])
+        level += 1
+    return xs[0]
