@@ -13,7 +13,7 @@ from tests.protocol.twoparty_harness import run_two
 pytest.importorskip("tenseal", reason="tenseal not installed: pip install 'privmed[twoparty]'")
 
 from privmed.mpc.twoparty.he_encoding import flood_bits, geometry  # noqa: E402
-from privmed.mpc.twoparty.he_linear import he_linear, he_setup  # noqa: E402
+from privmed.mpc.twoparty.he_linear import he_linear, he_setup, online_linear  # noqa: E402
 from privmed.mpc.twoparty.seal_io import HEParams, SealIO  # noqa: E402
 
 U64 = np.uint64
@@ -162,3 +162,32 @@ def test_replies_carry_the_flooding_noise(monkeypatch: pytest.MonkeyPatch) -> No
     flood = flood_bits(params, 8, 1)
     budgets = [he.decryptor.invariant_noise_budget(ct) for ct in replies]
     assert budgets and all(0 < b <= params.reply_bits - params.plain_bits - flood + 2 for b in budgets)
+
+
+def test_offline_he_on_a_mask_then_one_online_message_gives_the_layer() -> None:
+    # Prepare
+    rng = np.random.default_rng(5)
+    bits, kind, spec = 37, "conv", _spec((3, 3), pads=(1, 1, 1, 1))
+    x_shape, w_shape = (1, 3, 6, 6), (4, 3, 3, 3)
+    ring = U64((1 << bits) - 1)
+    x = rng.integers(0, 1 << bits, x_shape, dtype=U64)
+    x0 = rng.integers(0, 1 << bits, x_shape, dtype=U64)
+    x1 = (x - x0) & ring
+    w = rng.integers(-100, 100, w_shape, dtype=np.int64)
+    mask = PRG.fresh().stream("A").uint64(x_shape) & ring
+    params = HEParams(plain_bits=bits)
+
+    def data_owner(ch):  # type: ignore[no-untyped-def]
+        c0 = he_linear(he_setup(SealIO(params), ch, True), ch, "L1", kind, spec, x_shape, w_shape, x=mask)  # offline
+        return online_linear(ch, "L1", True, kind, spec, x0, c0, bits, mask=mask)
+
+    def model_owner(ch):  # type: ignore[no-untyped-def]
+        he = he_setup(SealIO(params), ch, False)
+        c1 = he_linear(he, ch, "L1", kind, spec, x_shape, w_shape, weight=w, weight_bits=8, stream=PRG.fresh().stream("m"))
+        return online_linear(ch, "L1", False, kind, spec, x1, c1, bits, weight=w)
+
+    # Execute
+    y0, y1, _ = run_two(data_owner, model_owner)
+
+    # Assert
+    assert np.array_equal((y0 + y1) & ring, linear(kind, spec, w.view(U64), x) & ring)

@@ -219,3 +219,41 @@ def _add_mod(a: np.ndarray, b: np.ndarray, primes: list[int]) -> np.ndarray:
     q = np.array(primes, dtype=U64).reshape(-1, 1)
     s = a + b
     return np.where(s >= q, s - q, s)
+
+
+def online_linear(
+    ch: Channel,
+    label: str,
+    is_data_owner: bool,
+    kind: str,
+    spec: ConvSpec | None,
+    x: np.ndarray,
+    product_share: np.ndarray,
+    bits: int,
+    mask: np.ndarray | None = None,
+    weight: np.ndarray | None = None,
+) -> np.ndarray:
+    """The online half of a linear layer after an offline ``he_linear`` on a random mask A.
+
+    Offline (input-independent): the data owner draws A uniform mod 2^l and runs ``he_linear``
+    on it; the parties hold C0 + C1 = L(W, A). Online:
+
+    1. Data owner sends E = x0 - A (|x| ring elements; uniform because A is used once).
+    2. Model owner: y1 = L(W, E + x1) + C1. Data owner: y0 = C0.
+       Then y0 + y1 = L(W, x - A) + L(W, A) = L(W, x) mod 2^l.
+
+    Rounds: 1. Bytes: 8 |x| from the data owner. The same message flow as the dealer's
+    ``private_linear`` with W itself in place of the masked weights W - B.
+    """
+    ring = U64((1 << bits) - 1)
+    if is_data_owner:
+        if mask is None:
+            raise ValueError("online_linear: the data owner must pass its offline mask A")
+        ch.send(f"{label}/E", (x - mask) & ring)
+        return product_share & ring
+    if weight is None:
+        raise ValueError("online_linear: the model owner must pass its weights")
+    masked = ch.recv(f"{label}/E", U64, x.shape)
+    if np.any(masked > ring):
+        raise ProtocolError(f"{label}/E: expected elements of Z_2^{bits}")
+    return (plaintext_product(kind, spec, weight, masked + x, bits) + product_share) & ring
