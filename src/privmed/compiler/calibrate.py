@@ -82,7 +82,7 @@ def finalize(nodes: list[Node], bounds: dict[str, float], f: int, margin: int, e
             if key in n.attrs:
                 n.attrs["shift"] = n.attrs.pop(key) * f
         in_bound = bounds.get(n.inputs[0], 0.0) if n.inputs else 0.0
-        if n.op in ("relu", "leaky_relu"):
+        if n.op in ("relu", "leaky_relu", "prelu"):
             n.attrs["bits"] = _width(in_bound * 2.0 ** (k_in * f), margin, n.attrs["shift"])
             n.attrs["drop"] = n.attrs["shift"]
             compared += int(np.prod(n.shape))

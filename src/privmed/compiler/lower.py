@@ -289,6 +289,16 @@ class Lowerer:
         x = self.ref(node.inputs[0], node)
         return self.emit("relu", [x], x.shape, 1, node.name, shift_k=x.k - 1)
 
+    def op_PRelu(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        """ReLU(x) + a * (x - ReLU(x)) with the model owner's private slopes a (one per channel,
+        or one shared): the ReLU's comparison, then one private per-channel product."""
+        x = self.ref(node.inputs[0], node)
+        slope = self._per_channel(node, self.const(node.inputs[1], node), x)
+        c = x.shape[0]
+        out = self.emit("prelu", [x], x.shape, 2, node.name, shift_k=x.k - 1, w_shape=[c])
+        self.float_weight[out.id] = np.broadcast_to(slope, (c,)).astype(np.float64).copy()
+        return out
+
     def op_LeakyRelu(self, node: OnnxNode, ins: list[Any]) -> Ref:
         x = self.ref(node.inputs[0], node)
         alpha = float(node.attrs.get("alpha", 0.01))

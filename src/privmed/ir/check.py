@@ -140,6 +140,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     "bias": {},
     "relu": {"shift": SHIFT, "bits": WIDTH, "drop": SHIFT},
     "leaky_relu": {"shift": SHIFT, "bits": WIDTH, "drop": SHIFT, "alpha": _float(-1e6, 1e6)},
+    "prelu": {"shift": SHIFT, "bits": WIDTH, "drop": SHIFT, "w_shape": _ints(1, MAX_DIM, 1, 1)},
     "trunc": {"shift": SHIFT},
     "upscale": {"shift": SHIFT},
     "maxpool": {**WINDOW, "dilations": _ints(1, 64, 1, 3), "bits": WIDTH, "drop": _int(0, 0)},
@@ -186,7 +187,7 @@ def _check_attrs(node: Node, frac_bits: int) -> None:
     op = node.op
     if op == "linear" and (("spec" in a) != (a["kind"] in ("conv", "conv_transpose"))):
         raise _fail(node, "a convolution spec is required for conv kinds and only for them")
-    if op in ("relu", "leaky_relu") and (a["drop"] != a["shift"] or a["bits"] <= a["drop"] or (a["bits"] - a["drop"]) % 4):
+    if op in ("relu", "leaky_relu", "prelu") and (a["drop"] != a["shift"] or a["bits"] <= a["drop"] or (a["bits"] - a["drop"]) % 4):
         raise _fail(node, "comparison window must be drop = shift < bits with bits - drop a multiple of 4")
     if op == "maxpool" and a["bits"] % 4:
         raise _fail(node, "comparison width must be a multiple of 4")

@@ -23,6 +23,7 @@ input          the data owner's tensor, encoded at scale f                      
 linear         L(W, x) + b with private W (scale f) and b (scale s+f); out s+f      Beaver, 1 rd
 bias           x + b with private b (scale s)                                       local (P1)
 relu           ReLU(x >> shift)                                                     compare
+prelu          t = x >> shift; ReLU(t) 2^f + a (t - ReLU(t)), private a (scale f)    compare+Beaver
 trunc          x >> shift                                                           1 round
 maxpool        max over windows (pairwise tree of ReLUs)                            compare
 avgpool        window sum times public 1/count (scale s -> s+f)                     local

@@ -106,6 +106,13 @@ def _instnorm(in_shapes: Sequence[Shape], attrs: dict[str, Any]) -> Shape:
     return list(x)
 
 
+def _per_channel(in_shapes: Sequence[Shape], attrs: dict[str, Any]) -> Shape:
+    x = in_shapes[0]
+    if list(attrs["w_shape"]) != [x[0]]:
+        raise ShapeError(f"per-channel weights {attrs['w_shape']} for {x[0]} channels")
+    return list(x)
+
+
 def _add(in_shapes: Sequence[Shape], attrs: dict[str, Any]) -> Shape:
     if len(in_shapes) != 2 or in_shapes[0] != in_shapes[1]:
         raise ShapeError(f"add of {in_shapes} (the two shapes must be equal: no broadcasting)")
@@ -179,7 +186,7 @@ def _prod(shape: Sequence[int]) -> int:
 
 INFER: dict[str, Callable[[Sequence[Shape], dict[str, Any]], Shape]] = {
     "linear": _linear, "bias": _same, "relu": _same, "leaky_relu": _same, "trunc": _same,
-    "upscale": _same, "maxpool": _maxpool, "avgpool": _avgpool, "instnorm": _instnorm,
+    "upscale": _same, "prelu": _per_channel, "maxpool": _maxpool, "avgpool": _avgpool, "instnorm": _instnorm,
     "add": _add, "concat": _concat, "reshape": _reshape, "transpose": _transpose,
     "slice": _slice, "pad": _pad, "resize": _resize, "output": _same,
 }

@@ -40,6 +40,10 @@ class FloatBackend:
     def leaky_relu(self, node: Node, x: np.ndarray) -> np.ndarray:
         return np.where(x > 0, x, node.attrs["alpha"] * x)
 
+    def prelu(self, node: Node, x: np.ndarray) -> np.ndarray:
+        slope = self.w.float_weight[node.id].astype(x.dtype, copy=False).reshape((-1,) + (1,) * (x.ndim - 2))
+        return np.where(x > 0, x, slope * x)
+
     def trunc(self, node: Node, x: np.ndarray) -> np.ndarray:
         return x
 
@@ -77,6 +81,12 @@ def leaky_combine(relu_t: np.ndarray, t: np.ndarray, alpha: float, f: int) -> np
     """LeakyReLU from r = ReLU(t) and t: r * 2^f + (t - r) * alpha (scale grows by f); linear
     in (r, t), so it is the same on values and on shares."""
     return relu_t * U64(1 << f) + (t - relu_t) * encode(np.array(alpha), f)
+
+
+def prelu_combine(relu_t: np.ndarray, slope_times_negative: np.ndarray, f: int) -> np.ndarray:
+    """PReLU from r = ReLU(t) and a * (t - r) (the private per-channel product, scale 2f):
+    r * 2^f + a (t - r), at scale 2f."""
+    return relu_t * U64(1 << f) + slope_times_negative
 
 
 class RingOps:
@@ -123,6 +133,11 @@ class FixedBackend(RingOps):
     def leaky_relu(self, node: Node, x: np.ndarray) -> np.ndarray:
         t = arith_shift(x, node.attrs["shift"])
         return leaky_combine(np.where(signed(t) > 0, t, U64(0)), t, node.attrs["alpha"], self.f)
+
+    def prelu(self, node: Node, x: np.ndarray) -> np.ndarray:
+        t = arith_shift(x, node.attrs["shift"])
+        r = np.where(signed(t) > 0, t, U64(0))
+        return prelu_combine(r, linear("channel_scale", None, self.w.weight[node.id], t - r), self.f)
 
     def trunc(self, node: Node, x: np.ndarray) -> np.ndarray:
         return arith_shift(x, node.attrs["shift"])

@@ -17,7 +17,7 @@ from privmed.ir.ops import conv_spec
 from privmed.ir.plan import Node, Plan, PrivateWeights
 from privmed.mpc.norm import secure_instance_norm
 from privmed.mpc.protocols import Protocols
-from privmed.reference.executors import RingOps, leaky_combine
+from privmed.reference.executors import RingOps, leaky_combine, prelu_combine
 from privmed.ring import layout
 from privmed.ring.fixed import U64, encode
 
@@ -66,6 +66,18 @@ class SecureBackend(RingOps):
         a = node.attrs
         r, t = self._at(node).relu(x, a["shift"], a["bits"], a["drop"])
         return leaky_combine(r.reshape(x.shape), t.reshape(x.shape), a["alpha"], self.f)
+
+    def prelu(self, node: Node, x: np.ndarray) -> np.ndarray:
+        """ReLU's comparison, then the private slopes times the negative part t - ReLU(t):
+        one ``private_linear`` (per-channel, Beaver with the model owner's weights)."""
+        a = node.attrs
+        pr = self._at(node)
+        r, t = pr.relu(x, a["shift"], a["bits"], a["drop"])
+        r, t = r.reshape(x.shape), t.reshape(x.shape)
+        weight = None if self.w is None else self.w.weight[node.id]
+        bits = None if self.w is None else self.w.weight_bits.get(node.id)
+        neg = pr.linear(np.ascontiguousarray(t - r), "channel_scale", None, tuple(a["w_shape"]), tuple(x.shape), weight, bits)
+        return prelu_combine(r, neg, self.f)
 
     def trunc(self, node: Node, x: np.ndarray) -> np.ndarray:
         return self._at(node).truncate(x, node.attrs["shift"]).reshape(x.shape)
