@@ -7,7 +7,8 @@ namespace with ``nsenter --net=/proc/PID/ns/net``. Orthanc keeps its database in
 temporary folder and is stopped (SIGTERM, then SIGKILL) at teardown.
 
 ``orthanc_or_skip`` skips with the reason when Orthanc (Debian package ``orthanc``,
-installed by ``.ci/run``) or namespaces (root / CAP_SYS_ADMIN) are not available.
+installed by ``.ci/run``) or namespaces (root / CAP_SYS_ADMIN) are not available. With the
+``orthanc-dicomweb`` package, Orthanc also serves DICOMweb at ``http://127.0.0.1:8042/dicom-web``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 from .conftest import ENV, PRIVMED
 
 ORTHANC = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian orthanc-dicomweb
 DICOM_PORT, HTTP_PORT = 4242, 8042  # inside the namespace: nothing else is there
 AET = "ORTHANC"
 
@@ -36,6 +38,12 @@ class Orthanc:
     @property
     def netns(self) -> str:
         return f"/proc/{self.process.pid}/ns/net"
+
+    @property
+    def dicomweb_args(self) -> list[str]:
+        if not DICOMWEB_PLUGIN.is_file():
+            pytest.skip("Orthanc's DICOMweb plugin is not installed (Debian package orthanc-dicomweb; .ci/run installs it)")
+        return ["--dicomweb", f"http://127.0.0.1:{HTTP_PORT}/dicom-web", "--pacs-timeout", "20"]
 
     @property
     def pacs_args(self) -> list[str]:
@@ -72,7 +80,9 @@ def start_orthanc(workdir: Path, deadline_s: float = 60.0) -> Orthanc:
         "DicomAet": AET, "DicomPort": DICOM_PORT, "HttpPort": HTTP_PORT, "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False, "DicomCheckCalledAet": True, "DicomAlwaysAllowEcho": True,
         "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True,
-        "DicomModalities": {}, "Plugins": [], "ConcurrentJobs": 1,
+        "DicomModalities": {}, "ConcurrentJobs": 1,
+        "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.is_file() else [],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }  # fmt: skip
     (workdir / "orthanc.json").write_text(json.dumps(config, indent=1))
     script = f"ip link set lo up && exec {ORTHANC} --logdir={workdir} {workdir / 'orthanc.json'}"

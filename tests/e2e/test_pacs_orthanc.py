@@ -160,3 +160,28 @@ def test_pacs_down_wrong_aet_unknown_study_and_two_series_give_one_line_errors(
     first = pydicom.dcmread(ct_files[0])  # type: ignore[index]
     assert msg["two"].startswith(f"study {stored['ct_study']} from PACS ORTHANC@127.0.0.1:4242: 2 series in this folder, choose one with --series UID: ")
     assert f"{first.SeriesInstanceUID} (CT, 'head 1.5 mm', 6 images)" in msg["two"] and "'scout', 2 images" in msg["two"]
+
+
+def test_dicomweb_stow_qido_wado_around_a_secure_segmentation(orthanc: Orthanc, tmp_path: Path) -> None:
+    # Prepare: a CT series of its own study, stored by STOW-RS
+    web = orthanc.dicomweb_args
+    files = write_ct_series(tmp_path / "ct", np.rint(np.linspace(-1000, 1000, 3 * 64 * 64)).reshape(3, 64, 64),
+                            (2.0, 1.0, 1.0), Identity(patient_name="SEEDED^WEB", patient_id="WEB-1"))  # fmt: skip
+    first = pydicom.dcmread(files[0])
+    hu, meta = read_dicom_series(files[0].parent)
+    model = threshold_model(tmp_path / "m.onnx", 2, 64, labels=["background", "tissue"])
+    ok(orthanc.run(["pacs", "store", files[0].parent, *web]), "STOW")
+    # Execute: WADO-RS in, secure segmentation, STOW-RS out, QIDO-RS and WADO-RS to check
+    run = orthanc.run(["segment", "--model", model, "--from-pacs", f"{first.StudyInstanceUID}/{first.SeriesInstanceUID}",
+                       "--output", tmp_path / "seg.dcm", "--to-pacs", *web])  # fmt: skip
+    rows = find_rows(ok(orthanc.run(["pacs", "find", "--level", "series", "--study", first.StudyInstanceUID, "--modality", "SEG", *web]), "QIDO"))
+    ok(orthanc.run(["pacs", "get", "--study", first.StudyInstanceUID, "--series", rows[0]["SeriesInstanceUID"],
+                    "--out", tmp_path / "back", *web]), "WADO")  # fmt: skip
+    # Assert
+    out = ok(run, "segment over DICOMweb")
+    assert "by WADO-RS" in run.stderr and "by STOW-RS" in out and "revealed to the data owner only" in out
+    assert len(rows) == 1 and rows[0]["Modality"] == "SEG"
+    sources = [pydicom.dcmread(f) for f in meta["files"]]
+    labels, _ = read_seg_labels(next((tmp_path / "back").rglob("*.dcm")), sources)
+    np.testing.assert_array_equal(labels, threshold_labels(hu))
+    assert 0.2 < labels.mean() < 0.9

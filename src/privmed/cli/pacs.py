@@ -1,7 +1,8 @@
 """`privmed pacs echo|find|get|store`, and the PACS options of `privmed infer` / `privmed segment`.
 
 The PACS is named by ``--pacs HOST:PORT`` (+ ``--pacs-aet``, ``--aet``) or by the ``[pacs]``
-table of ``--pacs-config FILE.toml`` (see ``privmed.pacs.config``). `infer` and `segment`
+table of ``--pacs-config FILE.toml`` (see ``privmed.pacs.config``) for DIMSE, or by
+``--dicomweb URL`` for DICOMweb (QIDO-RS / WADO-RS / STOW-RS); the commands are the same. `infer` and `segment`
 take ``--from-pacs STUDY_UID[/SERIES_UID]`` instead of ``--input`` (retrieved by C-GET into a
 temporary folder, deleted afterwards) and ``--to-pacs`` to C-STORE the SR/SEG they wrote.
 """
@@ -29,6 +30,7 @@ def add_pacs_options(p: argparse.ArgumentParser, job: bool = False) -> None:
     g.add_argument("--aet", default="PRIVMED", help="our AE title (default PRIVMED)")
     g.add_argument("--pacs-timeout", type=float, default=30.0, help="seconds for connecting and each response (30)")
     g.add_argument("--pacs-config", type=Path, help="TOML file with a [pacs] table instead of the flags above")
+    g.add_argument("--dicomweb", metavar="URL", help="a DICOMweb service root instead (e.g. http://pacs:8042/dicom-web)")
     if job:
         g.add_argument("--from-pacs", metavar="STUDY_UID[/SERIES_UID]",
                        help="retrieve the input from the PACS (C-GET) instead of --input")  # fmt: skip
@@ -38,6 +40,12 @@ def add_pacs_options(p: argparse.ArgumentParser, job: bool = False) -> None:
 def pacs_config(args: argparse.Namespace) -> Any:
     from privmed.pacs.config import PacsConfig, load_pacs_config, parse_address
 
+    if args.dicomweb:
+        from privmed.pacs.dicomweb import DicomwebConfig
+
+        if args.pacs or args.pacs_config:
+            raise InputError("give either --dicomweb or --pacs/--pacs-config, not both")
+        return DicomwebConfig(args.dicomweb, timeout_s=args.pacs_timeout)
     if args.pacs_config is not None:
         if args.pacs:
             raise InputError("give either --pacs or --pacs-config, not both")
@@ -46,6 +54,14 @@ def pacs_config(args: argparse.Namespace) -> Any:
         raise InputError("which PACS? give --pacs HOST:PORT (and --pacs-aet) or --pacs-config FILE.toml")
     host, port = parse_address(args.pacs)
     return PacsConfig(host, port, aet=args.pacs_aet, calling_aet=args.aet, timeout_s=args.pacs_timeout)
+
+
+def service(cfg: Any) -> Any:
+    """The module that talks to this PACS: ``privmed.pacs.dimse`` or ``privmed.pacs.dicomweb``
+    (both have ``echo``, ``find``, ``get`` and ``store`` with the same arguments)."""
+    from privmed.pacs import dicomweb, dimse
+
+    return dicomweb if isinstance(cfg, dicomweb.DicomwebConfig) else dimse
 
 
 def quiet_pynetdicom(args: argparse.Namespace) -> None:
@@ -72,8 +88,6 @@ def job_input(args: argparse.Namespace, need_one_series: bool) -> Iterator[Any]:
     A retrieved study with several image series is narrowed by ``--series`` where the
     command has it (segment) or refused by the reader, naming the series.
     """
-    from privmed.pacs.dimse import get
-
     if getattr(args, "to_pacs", False) or args.from_pacs:
         quiet_pynetdicom(args)
     if args.from_pacs is None:
@@ -87,9 +101,10 @@ def job_input(args: argparse.Namespace, need_one_series: bool) -> Iterator[Any]:
     study, series = split_target(args.from_pacs)
     with tempfile.TemporaryDirectory(prefix="privmed-pacs-") as tmp:
         t0 = time.perf_counter()
-        files = get(cfg, Path(tmp), study, series)
+        files = service(cfg).get(cfg, Path(tmp), study, series)
         size = sum(f.stat().st_size for f in files)
-        print(f"retrieved {len(files)} object{'s' if len(files) != 1 else ''} ({size / 1e6:.1f} MB) from PACS {cfg.name} by C-GET in "
+        how = "WADO-RS" if service(cfg).__name__.endswith("dicomweb") else "C-GET"
+        print(f"retrieved {len(files)} object{'s' if len(files) != 1 else ''} ({size / 1e6:.1f} MB) from PACS {cfg.name} by {how} in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
         # one sub-folder per series; the series reader looks into sub-folders and picks by --series
         try:
@@ -104,14 +119,13 @@ def job_input(args: argparse.Namespace, need_one_series: bool) -> Iterator[Any]:
 
 def store_result(args: argparse.Namespace, files: list[Path]) -> None:
     """C-STORE the DICOM results if ``--to-pacs``; prints one line."""
-    from privmed.pacs.dimse import store
-
     if not args.to_pacs:
         return
     cfg = pacs_config(args)
     t0 = time.perf_counter()
-    n = store(cfg, files)
-    print(f"stored {n} object{'s' if n != 1 else ''} into PACS {cfg.name} by C-STORE in {time.perf_counter() - t0:.1f} s")
+    n = service(cfg).store(cfg, files)
+    how = "STOW-RS" if service(cfg).__name__.endswith("dicomweb") else "C-STORE"
+    print(f"stored {n} object{'s' if n != 1 else ''} into PACS {cfg.name} by {how} in {time.perf_counter() - t0:.1f} s")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -142,18 +156,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_echo(args: argparse.Namespace) -> int:
     import pynetdicom  # noqa: F401 - imported before the clock starts (about 1 s on a busy machine)
 
-    from privmed.pacs.dimse import echo
-
     quiet_pynetdicom(args)
     cfg = pacs_config(args)
     t0 = time.perf_counter()
-    echo(cfg)
-    print(f"PACS {cfg.name} answered C-ECHO from {cfg.calling_aet} in {1000 * (time.perf_counter() - t0):.0f} ms")
+    service(cfg).echo(cfg)
+    how = "a QIDO-RS query" if service(cfg).__name__.endswith("dicomweb") else f"C-ECHO from {cfg.calling_aet}"
+    print(f"PACS {cfg.name} answered {how} in {1000 * (time.perf_counter() - t0):.0f} ms")
     return 0
 
 
 def cmd_find(args: argparse.Namespace) -> int:
-    from privmed.pacs.dimse import FIND_KEYS, find
+    from privmed.pacs.dimse import FIND_KEYS
 
     quiet_pynetdicom(args)
     cfg = pacs_config(args)
@@ -161,7 +174,7 @@ def cmd_find(args: argparse.Namespace) -> int:
     if args.modality:
         keys["ModalitiesInStudy" if args.level == "study" else "Modality"] = args.modality
     level = args.level.upper()
-    matches = find(cfg, level, **keys)
+    matches = service(cfg).find(cfg, level, **keys)
     columns = list(FIND_KEYS[level])
     print("\t".join(columns))
     for m in matches:
@@ -171,12 +184,10 @@ def cmd_find(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from privmed.pacs.dimse import get
-
     quiet_pynetdicom(args)
     cfg = pacs_config(args)
     t0 = time.perf_counter()
-    files = get(cfg, args.out, args.study, args.series)
+    files = service(cfg).get(cfg, args.out, args.study, args.series)
     size = sum(f.stat().st_size for f in files)
     for folder in sorted({f.parent for f in files}):
         n = sum(1 for f in files if f.parent == folder)
