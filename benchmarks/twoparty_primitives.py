@@ -130,6 +130,13 @@ def _relu_once(n: int, bits: int, rng: np.random.Generator) -> None:
     print(f"two-party ReLU over Z_2^{bits}, n={n}: exact={ok}; {r['wall'] / n * 1e6:.1f} us per element (wall), CPU "
           f"{r['cpu0'] / n * 1e6:.1f} (data owner) + {r['cpu1'] / n * 1e6:.1f} (model owner) us; "
           f"bytes per element: data owner {r['bytes'][0] / n:.0f}, model owner {r['bytes'][1] / n:.0f}")
+    r = two(lambda ch: cmp.truncate(_rebind(sessions[0], ch), "t", True, x0, bits, 12),
+            lambda ch: cmp.truncate(_rebind(sessions[1], ch), "t", False, x1, bits, 12))
+    got = ((r[0] + r[1]) << U64(64 - bits)).view(np.int64) >> (64 - bits)
+    ok = set(np.unique(got - (x >> 12)).tolist()) <= {-1, 0}
+    print(f"two-party truncation by 12 over Z_2^{bits}, n={n}: floor or floor-1={ok}; {r['wall'] / n * 1e6:.2f} us per "
+          f"element (wall), CPU {r['cpu0'] / n * 1e6:.2f} + {r['cpu1'] / n * 1e6:.2f} us; bytes per element: "
+          f"data owner {r['bytes'][0] / n:.1f}, model owner {r['bytes'][1] / n:.1f}")
 
 
 def relu_dealer(quick: bool) -> None:

@@ -7,10 +7,12 @@ Modules, in dependency order:
                    conversion through TenSEAL's ``sealapi`` (imported lazily: optional extra).
 - ``he_encoding``  Cheetah's coefficient packing of convolutions and matrix products (pure).
 - ``he_layers``    every linear-layer kind as a 2-D conv or a matmul (public data movement).
-- ``he_linear``    shares over Z_2^l of L(W, x) by BFV with the model owner's plaintext weights.
+- ``he_linear``    shares over Z_2^l of L(W, x) by BFV with the model owner's plaintext weights
+                   (offline on a random mask, then ``online_linear``: one message).
 - ``ot``           base OT (Chou-Orlandi over X25519), IKNP OT extension, 1-out-of-16 OT.
-- ``compare``      CrypTFlow2's millionaires' protocol, AND triples by OT, DReLU / ReLU on
-                   arithmetic shares over Z_2^l, bit-to-arithmetic conversion.
+- ``compare``      CrypTFlow2's millionaires' protocol, AND triples by OT, DReLU / ReLU / MUX on
+                   arithmetic shares over Z_2^l, bit-to-arithmetic conversion, truncation
+                   (one COT), max by a ReLU tree.
 
 None of these is wired into the runtime yet (see docs/twoparty.md for what remains).
 """
