@@ -19,6 +19,18 @@ Inference", CCS 2020:
 
 A correlated OT (COT) with correlation delta: the sender gets h0, the receiver with choice c gets
 h0 + c delta (mod 2^l), from one random OT and one l-bit correction from the sender.
+
+Costs per element and party (m = ceil((l - 1) / 4) chunks, T = 2m - 3 AND gates; measured in
+``benchmarks/twoparty_primitives.py`` and ``docs/twoparty.md``): ReLU over Z_2^37 is
+304 B (data owner) and 844 B (model owner), over Z_2^64 559 B and 1519 B, in
+5 + ceil(log2 m) rounds (triples 1, OT16 2, ANDs ceil(log2 m), MUX 2).
+Truncation: 8 B and 16 B, 2 rounds.
+
+Security (semi-honest, two parties, no dealer): every message is either an IKNP matrix
+(pseudorandom to its receiver), a table or correction masked by a one-time pad from an OT key
+the receiver lacks, or an AND-gate opening masked by a triple used once; each party's view is
+simulated by uniform strings plus its own output shares, and the protocols compose
+sequentially (CrypTFlow2 sec. 3-4).
 """
 
 from __future__ import annotations
@@ -97,7 +109,7 @@ def millionaire(ot: OTSession, tag: str, is_data_owner: bool, value: np.ndarray,
     3. Merge adjacent chunks (lo, hi): lt = lt_hi ^ (eq_hi AND lt_lo), eq = eq_hi AND eq_lo (the
        XOR is an OR of disjoint events), ceil(log2 m) levels of ANDs on triples from
        ``and_triples``.
-    Rounds: 2 (OT16) + 1 (triples, overlapping) + ceil(log2 m). Bytes per element per party:
+    Rounds: 1 (triples) + 2 (OT16) + ceil(log2 m). Bytes per element per party:
     model owner 64 m (random-OT matrices) + 16 T + T/4, data owner 4 m + 16 T + T/4 for
     T = 2m - 3 AND gates (m > 1), plus 136-byte headers per message.
     Security: the OT16 hides b_j and the other 15 messages; every message is masked by the
@@ -136,8 +148,11 @@ def millionaire(ot: OTSession, tag: str, is_data_owner: bool, value: np.ndarray,
 def drelu(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: int, stream: Stream) -> np.ndarray:
     """XOR shares of [x >= 0] for x additively shared over Z_2^bits (two's complement sign).
 
-    One ``millionaire`` on bits - 1 bits (the carry of the low parts), then local XORs:
-    DReLU = 1 ^ msb(x0) ^ msb(x1) ^ carry. Same rounds and bytes as ``millionaire``.
+    1. Data owner's millionaire input: 2^(l-1) - 1 - (x0 mod 2^(l-1)); model owner's:
+       x1 mod 2^(l-1); ``millionaire`` gives XOR shares of the carry of the low parts.
+    2. Locally: DReLU = 1 ^ msb(x0) ^ msb(x1) ^ carry (the data owner adds the 1).
+    Rounds and bytes: those of ``millionaire`` on l - 1 bits. Security: ``millionaire``; step 2
+    is local.
     """
     low_mask = U64((1 << (bits - 1)) - 1)
     low = x & low_mask
@@ -182,6 +197,8 @@ def mux(ot: OTSession, tag: str, is_data_owner: bool, d: np.ndarray, x: np.ndarr
     d x_i = d_i x_i + d_peer (1 - 2 d_i) x_i: each party is COT sender for its own x_i
     (delta = (1 - 2 d_i) x_i) and receiver (choice d_i) for the peer's. Both COTs run at once.
     Rounds: 2. Bytes per element per party: 16 (random-OT matrix) + 8 (correction).
+    Security: two COTs (see ``b2a``); each correction is masked by a random-OT key the
+    receiver lacks, and the outputs are fresh additive shares.
     """
     di = d.astype(U64)
     mine = random_ot_recv(ot, f"{tag}/mux", d)  # my choice d_i in the peer's COT
@@ -198,6 +215,7 @@ def relu(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: int,
     """Arithmetic shares of ReLU(x) = DReLU(x) x over Z_2^bits (``drelu`` then ``mux``).
 
     Rounds: those of ``drelu`` + 2. Bytes: ``drelu`` + 24 per element per party.
+    Security: sequential composition of ``drelu`` and ``mux`` (the bit stays XOR-shared).
     """
     return mux(ot, tag, is_data_owner, drelu(ot, tag, is_data_owner, x, bits, stream), x, bits)
 
@@ -232,7 +250,11 @@ def truncate(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: 
 
 def maximum(ot: OTSession, tag: str, is_data_owner: bool, xs: np.ndarray, bits: int, stream: Stream) -> np.ndarray:
     """Shares of the maximum over axis 0 of xs (k, n) (|values| < 2^(bits-2) so differences
-    do not wrap): ceil(log2 k) levels of max(a, b) = b + ReLU(a - b), each a batched ``relu``."""
+    do not wrap): ceil(log2 k) levels of max(a, b) = b + ReLU(a - b), each a batched ``relu``.
+
+    Rounds: ceil(log2 k) times those of ``relu``; bytes: (k - 1) ReLUs per output element.
+    Security: sequential composition of ``relu``; subtraction and addition are local.
+    """
     level = 0
     while len(xs) > 1:
         half = len(xs) // 2

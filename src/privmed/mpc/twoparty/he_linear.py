@@ -50,7 +50,11 @@ class HESession:
 def he_setup(io: SealIO, ch: Channel, is_data_owner: bool) -> HESession:
     """Key set-up: the data owner generates a BFV key pair and sends the public key (one message,
     2 x 4 x N ring elements mod the key-level primes: 512 KiB at N = 8192). The model owner uses
-    it only to add fresh encryptions of zero; no relinearisation or Galois keys exist."""
+    it only to add fresh encryptions of zero; no relinearisation or Galois keys exist.
+
+    Security: a BFV public key is an RLWE sample, pseudorandom under RLWE (128-bit parameters);
+    the model owner sends nothing here. SEAL's key generator draws from the OS's randomness.
+    """
     s = io.s
     if is_data_owner:
         keygen = s.KeyGenerator(io.ctx)
@@ -244,6 +248,8 @@ def online_linear(
 
     Rounds: 1. Bytes: 8 |x| from the data owner. The same message flow as the dealer's
     ``private_linear`` with W itself in place of the masked weights W - B.
+    Security: E is x0 masked by the uniform one-time A (the model owner never saw A: it only
+    handled A encrypted), so the model owner's view is uniform; the data owner receives nothing.
     """
     ring = U64((1 << bits) - 1)
     if is_data_owner:

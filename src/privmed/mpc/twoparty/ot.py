@@ -191,10 +191,15 @@ def _expand(seed: bytes, label: str, nbytes: int) -> np.ndarray:
 
 
 def random_ot_send(ot: OTSession, tag: str, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """IKNP sender: m random OTs; returns (k0, k1), each (m, 16) uint8.
+    """IKNP sender: m random OTs; returns (k0, k1), each (m, 16) uint8 (IKNP03 sec. 3, fig. 1,
+    random-OT form: no sender message).
 
-    Receives U = T ^ G(k^1) ^ r (KAPPA x m bits, 16 m bytes); Q_i = G(k^{s_i}) ^ s_i U_i, so
-    row j of Q is t_j ^ r_j s; k_b,j = H(j, q_j ^ b s). One message, from the receiver.
+    1. Receive U (KAPPA x m bits) from the receiver (``random_ot_recv``).
+    2. Q_i = G(k_i^{s_i}) ^ s_i U_i for each base seed, so row j of Q is t_j ^ r_j s.
+    3. k_{b,j} = H(j, q_j ^ b s), b = 0, 1.
+    Rounds: 1 (the receiver's message). Bytes: receiver 16 per OT, sender 0.
+    Security: see ``random_ot_recv``; the receiver learns only k_{r_j, j} = H(j, t_j), since
+    the other key needs s, which it never sees (correlation robustness of H, GKWY20).
     """
     mb = (m + 7) // 8
     batch = f"{ot.label}/x{ot.sent}"
@@ -212,9 +217,13 @@ def random_ot_send(ot: OTSession, tag: str, m: int) -> tuple[np.ndarray, np.ndar
 def random_ot_recv(ot: OTSession, tag: str, choices: np.ndarray) -> np.ndarray:
     """IKNP receiver: keys k_{r_j, j} for choice bits r (m,) uint8 0/1; (m, 16) uint8.
 
-    Sends U = G(k^0) ^ G(k^1) ^ r (16 m bytes). Security (semi-honest): U_i is masked by the
-    PRG output G(k_i^{1 - s_i}) the sender does not know; the sender's other key is
-    H(j, t_j ^ s) with s unknown to the receiver (correlation robustness of H).
+    1. T_i = G(k_i^0), U_i = T_i ^ G(k_i^1) ^ r for each of the KAPPA base-seed pairs; send U.
+    2. Key j = H(j, t_j) with t_j row j of T (bit transpose).
+    Rounds: 1. Bytes: 16 per OT (KAPPA m bits) plus one frame header.
+    Security (semi-honest): the sender sees U_i = G(k_i^{s_i}) ^ G(k_i^{1 - s_i}) ^ ... masked
+    by the PRG output G(k_i^{1 - s_i}) of a base-OT key it does not have, so U is
+    pseudorandom whatever r is (simulator: send uniform bits); the receiver's view is its own
+    randomness plus the sender's base-OT messages.
     """
     m = len(choices)
     mb = (m + 7) // 8
@@ -269,7 +278,11 @@ def ot16_send(ot: OTSession, tag: str, tables: np.ndarray, bits: int) -> None:
 
 
 def ot16_recv(ot: OTSession, tag: str, choices: np.ndarray, bits: int) -> np.ndarray:
-    """Receiver of m 1-out-of-16 OTs for choices (m,) < 16: the chosen entries, (m,) uint8."""
+    """Receiver of m 1-out-of-16 OTs for choices (m,) < 16: the chosen entries, (m,) uint8.
+
+    The mirror of ``ot16_send`` (same steps, rounds, bytes and argument): its random-OT
+    choice bits are the four index bits of c, and it removes the XOR of the four key bytes c.
+    """
     m = len(choices)
     c = choices.astype(np.uint8)
     choice_bits = ((c.reshape(-1, 1) >> np.arange(3, -1, -1, dtype=np.uint8)) & 1).reshape(-1)
