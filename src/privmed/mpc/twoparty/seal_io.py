@@ -16,7 +16,11 @@ else travels as RNS coefficients, uint64 arrays of shape (..., k, N) (prime, coe
 coefficient form), k = number of primes at its level, checked to be below their primes. The
 public key travels that way too, shape (2, 4, N), in NTT form (SEAL's storage).
 SEAL's Python binding has no buffer access, so objects move through SEAL's own uncompressed
-serialization in a private temporary directory (``SealIO``).
+serialization in a private temporary directory (``SealIO``, on tmpfs when available).
+
+Randomness: the protocol's masks and flooding noise come from ``privmed.crypto.prg``; SEAL's
+own (secret key, encryption noise, the seed of c1, Enc_pk(0)) from its default Blake2xb PRNG,
+which SEAL seeds from the operating system (``std::random_device``).
 """
 
 from __future__ import annotations
