@@ -39,6 +39,7 @@ import numpy as np
 
 from privmed.crypto.prg import Stream
 from privmed.mpc.twoparty.ot import OTSession, ot16_recv, ot16_send, random_ot_recv, random_ot_send
+from privmed.net.channel import Channel
 
 U64 = np.uint64
 CHUNK = 4
@@ -53,10 +54,10 @@ def _as_ring(keys: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(keys[:, :8]).view("<u8").reshape(-1) & ring_mask(bits)
 
 
-def _exchange_bits(ot: OTSession, tag: str, bits: np.ndarray) -> np.ndarray:
+def exchange_bits(ch: Channel, tag: str, bits: np.ndarray) -> np.ndarray:
     """Send my 0/1 array packed, receive the peer's of the same length (one round)."""
-    ot.ch.send(tag, np.packbits(bits))
-    theirs = ot.ch.recv(tag, np.uint8, ((len(bits) + 7) // 8,))
+    ch.send(tag, np.packbits(bits))
+    theirs = ch.recv(tag, np.uint8, ((len(bits) + 7) // 8,))
     return np.unpackbits(theirs, count=len(bits))
 
 
@@ -79,17 +80,21 @@ def and_triples(ot: OTSession, tag: str, n: int, stream: Stream) -> tuple[np.nda
     return a, b, (a & b) ^ m0 ^ mine
 
 
-def _and(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, y: np.ndarray, triple: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+Triple = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _and(ch: Channel, tag: str, is_data_owner: bool, x: np.ndarray, y: np.ndarray, triple: Triple) -> np.ndarray:
     """XOR-shared x AND y with a bit triple: open d = x ^ a, e = y ^ b (1 round, 2 bits each)."""
     a, b, c = triple
     both = np.concatenate([x ^ a, y ^ b])
-    opened = both ^ _exchange_bits(ot, tag, both)
+    opened = both ^ exchange_bits(ch, tag, both)
     d, e = opened[: len(x)], opened[len(x) :]
     z = c ^ (d & b) ^ (e & a)
     return z ^ (d & e) if is_data_owner else z
 
 
-def _tree_ands(m: int) -> int:
+def tree_ands(m: int) -> int:
+    """AND gates per element of the comparison tree over m chunks (2m - 3 for m > 1)."""
     count, total = m, 0
     while count > 1:
         pairs = count // 2
@@ -116,18 +121,35 @@ def millionaire(ot: OTSession, tag: str, is_data_owner: bool, value: np.ndarray,
     data owner's fresh lt0, eq0; AND openings are masked by triples used once.
     """
     n, m = len(value), -(-bits // CHUNK)
-    shifts = (CHUNK * np.arange(m, dtype=U64)).reshape(-1, 1)
-    chunks = ((value.reshape(1, -1) >> shifts) & U64(15)).astype(np.uint8)  # (m, n)
-    triples = and_triples(ot, f"{tag}/tr", n * _tree_ands(m), stream)
+    chunks = split_chunks(value, m)
+    triples = and_triples(ot, f"{tag}/tr", n * tree_ands(m), stream)
     if is_data_owner:
         lt, eq = stream.bits((m, n)), stream.bits((m, n))
-        v = np.arange(16, dtype=np.uint8).reshape(1, 1, 16)
-        less = (chunks[..., None] < v).astype(np.uint8) ^ lt[..., None]
-        equal = (chunks[..., None] == v).astype(np.uint8) ^ eq[..., None]
-        ot16_send(ot, f"{tag}/ot16", (less | (equal << 1)).reshape(-1, 16), 2)
+        ot16_send(ot, f"{tag}/ot16", chunk_tables(chunks, lt, eq), 2)
     else:
         got = ot16_recv(ot, f"{tag}/ot16", chunks.reshape(-1), 2).reshape(m, n)
         lt, eq = got & 1, got >> 1
+    return and_tree(ot.ch, tag, is_data_owner, lt, eq, triples)
+
+
+def split_chunks(value: np.ndarray, m: int) -> np.ndarray:
+    """(n,) uint64 -> (m, n) uint8 4-bit chunks, least significant first."""
+    shifts = (CHUNK * np.arange(m, dtype=U64)).reshape(-1, 1)
+    return ((value.reshape(1, -1) >> shifts) & U64(15)).astype(np.uint8)
+
+
+def chunk_tables(chunks: np.ndarray, lt: np.ndarray, eq: np.ndarray) -> np.ndarray:
+    """The sender's 1-of-16 tables (m n, 16): entry v = (lt ^ [a_j < v]) | (eq ^ [a_j == v]) << 1."""
+    v = np.arange(16, dtype=np.uint8).reshape(1, 1, 16)
+    less = (chunks[..., None] < v).astype(np.uint8) ^ lt[..., None]
+    equal = (chunks[..., None] == v).astype(np.uint8) ^ eq[..., None]
+    return (less | (equal << 1)).reshape(-1, 16)
+
+
+def and_tree(ch: Channel, tag: str, is_data_owner: bool, lt: np.ndarray, eq: np.ndarray, triples: Triple) -> np.ndarray:
+    """Step 3 of ``millionaire``: merge (m, n) chunk shares into the share of [a < b], using
+    ``tree_ands(m)`` triples per element, one round per level."""
+    n, m = lt.shape[1], lt.shape[0]
     nodes = [(lt[j], eq[j]) for j in range(m)]
     used, level = 0, 0
     while len(nodes) > 1:
@@ -136,9 +158,9 @@ def millionaire(ot: OTSession, tag: str, is_data_owner: bool, value: np.ndarray,
         xs = [nodes[2 * p + 1][1] for p in range(pairs)] + ([] if final else [nodes[2 * p + 1][1] for p in range(pairs)])
         ys = [nodes[2 * p][0] for p in range(pairs)] + ([] if final else [nodes[2 * p][1] for p in range(pairs)])
         k = len(xs) * n
-        tri = tuple(t[used : used + k] for t in triples)
+        tri = (triples[0][used : used + k], triples[1][used : used + k], triples[2][used : used + k])
         used += k
-        prod = _and(ot, f"{tag}/and{level}", is_data_owner, np.concatenate(xs), np.concatenate(ys), tri).reshape(-1, n)  # type: ignore[arg-type]
+        prod = _and(ch, f"{tag}/and{level}", is_data_owner, np.concatenate(xs), np.concatenate(ys), tri).reshape(-1, n)
         merged = [(nodes[2 * p + 1][0] ^ prod[p], prod[pairs + p] if not final else prod[p]) for p in range(pairs)]
         nodes = merged + ([nodes[-1]] if len(nodes) % 2 else [])
         level += 1
@@ -154,10 +176,18 @@ def drelu(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: int
     Rounds and bytes: those of ``millionaire`` on l - 1 bits. Security: ``millionaire``; step 2
     is local.
     """
+    carry = millionaire(ot, tag, is_data_owner, drelu_input(x, bits, is_data_owner), bits - 1, stream)
+    return drelu_output(x, carry, bits, is_data_owner)
+
+
+def drelu_input(x: np.ndarray, bits: int, is_data_owner: bool) -> np.ndarray:
+    """Step 1 of ``drelu``: this party's millionaires' input from its share."""
     low_mask = U64((1 << (bits - 1)) - 1)
-    low = x & low_mask
-    value = (low_mask - low) if is_data_owner else low
-    carry = millionaire(ot, tag, is_data_owner, value, bits - 1, stream)
+    return (low_mask - (x & low_mask)) if is_data_owner else x & low_mask
+
+
+def drelu_output(x: np.ndarray, carry: np.ndarray, bits: int, is_data_owner: bool) -> np.ndarray:
+    """Step 2 of ``drelu``: 1 ^ msb(x0) ^ msb(x1) ^ carry, locally on XOR shares."""
     msb = ((x >> U64(bits - 1)) & U64(1)).astype(np.uint8)
     return msb ^ carry ^ np.uint8(1) if is_data_owner else msb ^ carry
 
