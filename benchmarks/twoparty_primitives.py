@@ -23,6 +23,7 @@ import numpy as np
 
 from privmed.crypto.prg import PRG
 from privmed.mpc.twoparty import compare as cmp
+from privmed.mpc.twoparty import offline
 from privmed.mpc.twoparty.ot import ot16_recv, ot16_send, ot_setup
 from privmed.net.channel import Channel, in_process_pair
 from privmed.ring.linalg import ConvSpec, linear
@@ -130,6 +131,16 @@ def _relu_once(n: int, bits: int, rng: np.random.Generator) -> None:
     print(f"two-party ReLU over Z_2^{bits}, n={n}: exact={ok}; {r['wall'] / n * 1e6:.1f} us per element (wall), CPU "
           f"{r['cpu0'] / n * 1e6:.1f} (data owner) + {r['cpu1'] / n * 1e6:.1f} (model owner) us; "
           f"bytes per element: data owner {r['bytes'][0] / n:.0f}, model owner {r['bytes'][1] / n:.0f}")
+    mats: dict[int, Any] = {}
+    r = two(lambda ch: mats.__setitem__(0, offline.relu_offline(_rebind(sessions[0], ch), "o", True, n, bits, PRG.fresh().stream("p"))),
+            lambda ch: mats.__setitem__(1, offline.relu_offline(_rebind(sessions[1], ch), "o", False, n, bits, PRG.fresh().stream("p"))))
+    off = r
+    r = two(lambda ch: offline.relu_online(ch, "o", True, x0, mats[0]), lambda ch: offline.relu_online(ch, "o", False, x1, mats[1]))
+    ok = np.array_equal((r[0] + r[1]) & mask, np.maximum(x, 0).view(U64) & mask)
+    print(f"  split: exact={ok}; offline CPU {off['cpu0'] / n * 1e6:.1f} + {off['cpu1'] / n * 1e6:.1f} us, bytes "
+          f"{off['bytes'][0] / n:.0f} + {off['bytes'][1] / n:.0f}; online {r['wall'] / n * 1e6:.2f} us per element (wall), "
+          f"CPU {r['cpu0'] / n * 1e6:.2f} + {r['cpu1'] / n * 1e6:.2f} us, bytes data owner {r['bytes'][0] / n:.1f}, "
+          f"model owner {r['bytes'][1] / n:.1f}")
     r = two(lambda ch: cmp.truncate(_rebind(sessions[0], ch), "t", True, x0, bits, 12),
             lambda ch: cmp.truncate(_rebind(sessions[1], ch), "t", False, x1, bits, 12))
     got = ((r[0] + r[1]) << U64(64 - bits)).view(np.int64) >> (64 - bits)

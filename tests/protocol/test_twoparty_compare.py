@@ -10,6 +10,7 @@ import pytest
 
 from privmed.crypto.prg import PRG
 from privmed.mpc.twoparty import compare as cmp
+from privmed.mpc.twoparty import offline
 from privmed.mpc.twoparty.ot import OTSession, ot_setup
 from tests.protocol.twoparty_harness import run_two
 
@@ -149,3 +150,33 @@ def test_maximum_over_a_pooling_window_equals_numpy() -> None:
 
     # Assert
     assert np.array_equal((m0 + m1) & _mask(bits), x.max(axis=0).view(U64) & _mask(bits))
+
+
+@pytest.mark.parametrize("bits", [16, 37, 64])
+def test_relu_from_precomputed_material_equals_numpy_and_the_online_phase_is_light(bits: int) -> None:
+    # Prepare
+    rng = np.random.default_rng(200 + bits)
+    n = 3001  # odd: the 4-bit packing of d has a padding nibble
+    x = _edge_signed(bits, n, rng)
+    x0, x1 = _share(x, bits, rng)
+    online_bytes: dict[int, int] = {}
+
+    def party(is_do: bool, share: np.ndarray):  # type: ignore[no-untyped-def]
+        def run(ch):  # type: ignore[no-untyped-def]
+            stream = PRG.fresh().stream("p")
+            mat = offline.relu_offline(ot_setup(ch, "s", PRG.fresh(), is_do), "r", is_do, n, bits, stream)
+            before = ch.counters.bytes_sent
+            y = offline.relu_online(ch, "r", is_do, share, mat)
+            online_bytes[int(not is_do)] = ch.counters.bytes_sent - before
+            return y
+        return run
+
+    # Execute
+    y0, y1, _ = run_two(party(True, x0), party(False, x1))
+
+    # Assert: exact, and the online phase sends tens of bytes per element, not hundreds
+    assert np.array_equal((y0 + y1) & _mask(bits), np.maximum(x, 0).view(U64) & _mask(bits))
+    m = -(-(bits - 1) // 4)
+    ands = (2 * m - 3) / 4  # two opened bits per AND gate
+    assert online_bytes[1] / n < m / 2 + ands + 1 / 8 + 8 + 1  # d, openings, flip, correction (+ headers)
+    assert online_bytes[0] / n < 4 * m + ands + 1 / 8 + 8 + 1  # tables instead of d

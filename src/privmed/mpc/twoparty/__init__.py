@@ -13,6 +13,8 @@ Modules, in dependency order:
 - ``compare``      CrypTFlow2's millionaires' protocol, AND triples by OT, DReLU / ReLU / MUX on
                    arithmetic shares over Z_2^l, bit-to-arithmetic conversion, truncation
                    (one COT), max by a ReLU tree.
+- ``offline``      ReLU split into input-independent material (all OT extension) and a light
+                   online phase (Beaver's OT precomputation).
 
 None of these is wired into the runtime yet (see docs/twoparty.md for what remains).
 """

@@ -49,7 +49,7 @@ def ring_mask(bits: int) -> np.uint64:
     return U64((1 << bits) - 1)
 
 
-def _as_ring(keys: np.ndarray, bits: int) -> np.ndarray:
+def as_ring(keys: np.ndarray, bits: int) -> np.ndarray:
     """First 8 bytes of each 16-byte OT key as an element of Z_2^bits."""
     return np.ascontiguousarray(keys[:, :8]).view("<u8").reshape(-1) & ring_mask(bits)
 
@@ -195,13 +195,13 @@ def drelu_output(x: np.ndarray, carry: np.ndarray, bits: int, is_data_owner: boo
 def _cot_send(ot: OTSession, tag: str, delta: np.ndarray, bits: int) -> np.ndarray:
     """COT sender: returns -h0; the receiver ends with h0 + c delta (sends the l-bit correction)."""
     k0, k1 = random_ot_send(ot, tag, len(delta))
-    h0, h1 = _as_ring(k0, bits), _as_ring(k1, bits)
+    h0, h1 = as_ring(k0, bits), as_ring(k1, bits)
     ot.ch.send(f"{tag}/e", (h0 + delta - h1) & ring_mask(bits))
     return (U64(0) - h0) & ring_mask(bits)
 
 
 def _cot_recv(ot: OTSession, tag: str, choice: np.ndarray, bits: int) -> np.ndarray:
-    h = _as_ring(random_ot_recv(ot, tag, choice), bits)
+    h = as_ring(random_ot_recv(ot, tag, choice), bits)
     e = ot.ch.recv(f"{tag}/e", U64, (len(choice),))
     return (h + choice.astype(U64) * e) & ring_mask(bits)
 
@@ -233,11 +233,11 @@ def mux(ot: OTSession, tag: str, is_data_owner: bool, d: np.ndarray, x: np.ndarr
     di = d.astype(U64)
     mine = random_ot_recv(ot, f"{tag}/mux", d)  # my choice d_i in the peer's COT
     k0, k1 = random_ot_send(ot, f"{tag}/mux", len(d))
-    h0, h1 = _as_ring(k0, bits), _as_ring(k1, bits)
+    h0, h1 = as_ring(k0, bits), as_ring(k1, bits)
     delta = (U64(1) - U64(2) * di) * x
     ot.ch.send(f"{tag}/mux/e", (h0 + delta - h1) & ring_mask(bits))
     e = ot.ch.recv(f"{tag}/mux/e", U64, (len(d),))
-    received = _as_ring(mine, bits) + di * e
+    received = as_ring(mine, bits) + di * e
     return (di * x - h0 + received) & ring_mask(bits)
 
 

@@ -238,7 +238,7 @@ def random_ot_recv(ot: OTSession, tag: str, choices: np.ndarray) -> np.ndarray:
 
 
 # -- chosen-message and 1-out-of-16 OT on top of random OT ---------------------------------
-def _pack_small(values: np.ndarray, bits: int) -> np.ndarray:
+def pack_small(values: np.ndarray, bits: int) -> np.ndarray:
     """(m, 16) uint8 values < 2^bits, bits in {1, 2, 4, 8} -> (m, 2 bits) bytes, MSB first."""
     per = 8 // bits
     shifts = (8 - bits - bits * np.arange(per, dtype=np.uint8)).astype(np.uint8)
@@ -246,7 +246,7 @@ def _pack_small(values: np.ndarray, bits: int) -> np.ndarray:
     return np.bitwise_or.reduce(grouped, axis=2).astype(np.uint8)
 
 
-def _unpack_small(packed: np.ndarray, bits: int) -> np.ndarray:
+def unpack_small(packed: np.ndarray, bits: int) -> np.ndarray:
     per = 8 // bits
     shifts = (8 - bits - bits * np.arange(per, dtype=np.uint8)).astype(np.uint8)
     return ((packed[:, :, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(len(packed), -1)
@@ -274,7 +274,7 @@ def ot16_send(ot: OTSession, tag: str, tables: np.ndarray, bits: int) -> None:
         bit = (v >> (3 - i)) & 1
         pads ^= keys[bit, :, i, v].T
     masked = (tables ^ pads) & np.uint8((1 << bits) - 1)
-    ot.ch.send(f"{tag}/t", _pack_small(masked, bits))
+    ot.ch.send(f"{tag}/t", pack_small(masked, bits))
 
 
 def ot16_recv(ot: OTSession, tag: str, choices: np.ndarray, bits: int) -> np.ndarray:
@@ -289,4 +289,4 @@ def ot16_recv(ot: OTSession, tag: str, choices: np.ndarray, bits: int) -> np.nda
     keys = random_ot_recv(ot, f"{tag}/r", choice_bits).reshape(m, 4, 16)
     pad = np.bitwise_xor.reduce(keys[np.arange(m), :, c], axis=1)
     packed = ot.ch.recv(f"{tag}/t", np.uint8, (m, 2 * bits))
-    return (_unpack_small(packed, bits)[np.arange(m), c] ^ pad) & np.uint8((1 << bits) - 1)
+    return (unpack_small(packed, bits)[np.arange(m), c] ^ pad) & np.uint8((1 << bits) - 1)
