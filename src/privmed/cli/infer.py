@@ -17,7 +17,11 @@ from privmed.errors import InputError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="secure inference: three parties on this machine over mutual TLS")
-    p.add_argument("--model", required=True, type=Path, help="ONNX model (the model owner's secret)")
+    p.add_argument("--model", type=Path, help="ONNX model (the model owner's secret); not with --service")
+    p.add_argument("--service", type=Path, metavar="SESSION_TOML",
+                   help="use a vendor's model owner and dealer services (addresses in this session file) instead of "
+                        "running all three roles here; the hospital only connects out")
+    p.add_argument("--model-name", help="with --service: the model's name at the vendor's service")
     p.add_argument("--input", type=Path, nargs="+",
                    help=".npy (N, C, H, W), image files (DICOM, PNG, NIfTI) or folders of them (read recursively, "
                         "sorted); or --from-pacs")
@@ -65,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     cs.add_argument("--name", required=True, choices=["data-owner", "model-owner", "dealer"])
     cs.add_argument("--out", type=Path, help="directory for NAME.pem / NAME.key (default CA_DIR)")
     cs.set_defaults(func=cmd_certs_issue)
+    from privmed.cli.certs_flow import register_certs
+
+    register_certs(csub)  # request / sign / fingerprint: each party keeps its own key
 
 
 def load_input(path: Path, model: Path | None, preprocess: Path | None) -> np.ndarray:
@@ -192,6 +199,12 @@ def _input_shape(model: Path) -> list[int]:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    if args.service is not None:
+        from privmed.cli.serve import cmd_infer_service
+
+        return cmd_infer_service(args)
+    if args.model is None:
+        raise InputError("--model is required (or --service with --model-name)")
     if args.from_pacs is not None or args.input is None:
         from privmed.cli.pacs import job_input
 

@@ -25,6 +25,7 @@ SUBCOMMANDS = [
     "federate",  # privmed federate
     "attack",  # privmed attack
     "pacs",  # privmed pacs echo / find / get / store
+    "serve",  # privmed serve model-owner / dealer (long-running services)
 ]
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from privmed.crypto.certs import Identity
 from privmed.errors import ConfigError, PeerError
 from privmed.net.channel import DEFAULT_TIMEOUT_S, Channel, FailureGroup
-from privmed.net.frame import HEADER_BYTES, pack_header, unpack_header
+from privmed.net.frame import HEADER_BYTES, MAX_ABORT_BYTES, pack_header, unpack_header
 
 READ_CHUNK = 1 << 20  # bytes handed to one SSL write
 MAX_BUFFERED = 256 << 20  # stop reading complete frames beyond this (TCP backpressure)
@@ -63,6 +63,49 @@ def _refuse(tls: ssl.SSLSocket, reason: str) -> None:
         tls.settimeout(2.0)
         tls.sendall(pack_header(bytes(16), 0, "abort", payload) + payload.tobytes())
     except OSError:
+        pass
+    finally:
+        tls.close()
+
+
+def server_context(identity: Identity) -> ssl.SSLContext:
+    """A listener's context: TLS 1.3 only, a client certificate from the CA required."""
+    return _context(identity, server=True)
+
+
+def server_handshake(ctx: ssl.SSLContext, raw: socket.socket, timeout_s: float) -> ssl.SSLSocket:
+    """Run the server side of the handshake on an accepted socket within ``timeout_s`` (raises
+    ``ssl.SSLError`` / ``OSError``; the caller closes ``raw``). One silent peer delays only
+    the thread that runs this for it."""
+    raw.settimeout(timeout_s)
+    return ctx.wrap_socket(raw, server_side=True)
+
+
+def peer_certificate(sock: ssl.SSLSocket) -> tuple[str, str, bytes]:
+    """(role = common name, organisation or "", DER bytes) of a connected peer's certificate."""
+    cert: Any = sock.getpeercert() or {}
+    org = ""
+    for field in cert.get("subject", ()):
+        for key, value in field:
+            if key == "organizationName":
+                org = str(value)
+    return _peer_name(sock), org, sock.getpeercert(binary_form=True) or b""
+
+
+def refuse(tls: ssl.SSLSocket, reason: str, linger_s: float = 2.0) -> None:
+    """Send ``abort`` with ``reason`` to a peer that completed the handshake, then read (and
+    drop) what it sends until it closes, for at most ``linger_s``: closing with its first
+    message unread would reset the connection and could destroy the abort before it is read."""
+    import numpy as np
+
+    payload = np.frombuffer(reason.encode("utf-8")[:MAX_ABORT_BYTES], dtype=np.uint8)
+    deadline = time.monotonic() + linger_s
+    try:
+        tls.settimeout(linger_s)
+        tls.sendall(pack_header(bytes(16), 0, "abort", payload) + payload.tobytes())
+        while time.monotonic() < deadline and tls.recv(4096):
+            pass
+    except (OSError, ssl.SSLError):
         pass
     finally:
         tls.close()
@@ -184,6 +227,12 @@ class TlsChannel(Channel):
         self.group.register(self._lock)
         self._thread = threading.Thread(target=self._io_loop, name=f"tls-{me}->{peer}", daemon=True)
         self._thread.start()
+
+    def move_to_group(self, group: FailureGroup) -> None:
+        """Make this channel part of ``group`` (a dealer service pairs two connections that
+        arrived separately into one session: an abort on either then wakes both)."""
+        self.group = group
+        group.register(self._lock)
 
     # -- I/O thread --------------------------------------------------------------
     def _io_loop(self) -> None:

@@ -267,7 +267,7 @@ def model_owner(to_data: Channel, to_dealer: Channel, plan: Plan, weights: Priva
         tracker = LayerTracker(party, chans, plan, None)
         run_plan(plan, SecureBackend(plan, Online(party, index, cache), weights=weights), batch, on_node=tracker)
         layers = _sum_layers(layers, tracker.layers)
-        per_batch.append({"index": index, "bytes_sent": sum(c.counters.bytes_sent for c in chans) - b0})
+        per_batch.append({"index": index, "n": batch, "bytes_sent": sum(c.counters.bytes_sent for c in chans) - b0})
     to_dealer.send("done", np.zeros(1, np.uint8))
     to_dealer.finish()
     stats = _stats("model-owner", t0, chans, party.rounds if party else 0, layers)
@@ -306,7 +306,7 @@ def dealer(to_data: Channel, to_model: Channel) -> dict[str, Any]:
 
         run_plan(plan, SecureBackend(plan, Schedule(len(per_batch), serve_request)), batch, on_node=tracker)
         layers = _sum_layers(layers, tracker.layers)
-        per_batch.append({"index": len(per_batch), "bytes_sent": to_model.counters.bytes_sent - b0})
+        per_batch.append({"index": len(per_batch), "n": batch, "bytes_sent": to_model.counters.bytes_sent - b0})
     to_model.step = "waiting for the end of the session"
     to_model.recv("done", np.uint8, (1,))
     to_model.finish()
