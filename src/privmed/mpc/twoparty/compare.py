@@ -5,15 +5,15 @@ XOR shares (uint8 0/1). The data owner is party 0, the model owner party 1. Cons
 Rathee, Rastogi, Gupta, Chandran, Gupta, Sharma, "CrypTFlow2: Practical 2-Party Secure
 Inference", CCS 2020:
 
-- ``millionaire``: sec. 3.1 (Algorithm 1) with 4-bit chunks and 1-out-of-16 OT (``ot.ot16_*``),
+- ``millionaire``: the millionaires' protocol (sec. 3) with 4-bit chunks and 1-out-of-16 OT (``ot.ot16_*``),
   then the log-depth AND tree over (lt, eq) pairs.
 - ``and_triples``: bit Beaver triples from two random OTs (one in each direction): with
   random-OT messages (m0, m1) and choice c, m0 ^ m_c is an XOR sharing of (m0 ^ m1) c.
-- ``drelu``: sec. 4.1: msb(x) = msb(x0) ^ msb(x1) ^ [x0' + x1' >= 2^(l-1)] where x' are the low
+- ``drelu``: DReLU over Z_2^l (sec. 4): msb(x) = msb(x0) ^ msb(x1) ^ [x0' + x1' >= 2^(l-1)] where x' are the low
   l - 1 bits; the carry is the millionaires' bit [2^(l-1) - 1 - x0' < x1'].
-- ``mux`` / ``relu``: sec. 4.2 (F_MUX from two correlated OTs), ReLU(x) = DReLU(x) x.
-- ``b2a``: one correlated OT (CrypTFlow2's B2A, sec. 4.3 of SiRNN, Rathee et al. S&P 2021).
-- ``truncate``: SiRNN's truncation (sec. 4.1) with its known-MSB shortcut: after adding 2^(l-2)
+- ``mux`` / ``relu``: CrypTFlow2's multiplexer from two correlated OTs, ReLU(x) = DReLU(x) x.
+- ``b2a``: CrypTFlow2's bit-to-arithmetic conversion by one correlated OT.
+- ``truncate``: SiRNN's truncation (Rathee et al., S&P 2021) with its known-MSB shortcut: after adding 2^(l-2)
   the value's MSB is 0, so the wrap bit of the shares is the OR of the shares' MSBs: one COT.
 - ``maximum``: max over candidates by a tree of max(a, b) = b + ReLU(a - b).
 

@@ -6,7 +6,7 @@ the data owner holds x0 (or an input-independent random mask A, for the offline 
 model owner holds W and optionally x1. See ``he_encoding`` for the packing and the ring.
 
 Parameter set: see ``seal_io`` (N = 8192, log2 q = 218 with the special prime, t = 2^37:
-128-bit classical security by the HE standard's Table 1 for ternary secrets).
+128-bit classical security by the HE standard's tables for ternary secrets).
 """
 
 from __future__ import annotations

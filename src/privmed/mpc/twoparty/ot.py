@@ -1,6 +1,6 @@
 """Oblivious transfer: base OT over Curve25519, IKNP extension, 1-out-of-16 OT (numpy).
 
-- Base OT: Chou-Orlandi "simplest OT" (LATINCRYPT 2015, fig. 1) in the prime-order subgroup of
+- Base OT: Chou-Orlandi "simplest OT" (LATINCRYPT 2015) in the prime-order subgroup of
   Curve25519. Scalar multiplications are X25519 from ``cryptography`` (x-only); the one point
   addition per OT (B = P + A) uses affine Montgomery formulas here, with the square root of the
   curve equation chosen canonically. Keys hash only x-coordinates, so the sign ambiguity of
@@ -8,9 +8,9 @@
 - IKNP (Ishai, Kilian, Nissim, Petrank, CRYPTO 2003, sec. 3) semi-honest OT extension with
   kappa = 128 base OTs in the reverse direction; G is privmed's AES-128-CTR PRG, and the
   correlation-robust hash is the fixed-key AES TCCR hash H(j, x) = pi(pi(x) ^ j) ^ pi(x)
-  (Guo, Katz, Wang, Yu, S&P 2020, sec. 7.2), pi = AES-128 under a public key derived from the
+  (Guo, Katz, Wang, Yu, S&P 2020), pi = AES-128 under a public key derived from the
   session label; j is a session-unique OT index.
-- 1-out-of-16 OT from four random 1-of-2 OTs (Naor-Pinkas, SODA 2001, sec. 4: one key per
+- 1-out-of-16 OT from four random 1-of-2 OTs (Naor-Pinkas, SODA 2001: one key per
   index bit, a PRF of each key per message); the PRF output for message v is byte v of the
   128-bit OT key, so each pad byte is used for one message only.
 
@@ -191,7 +191,7 @@ def _expand(seed: bytes, label: str, nbytes: int) -> np.ndarray:
 
 
 def random_ot_send(ot: OTSession, tag: str, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """IKNP sender: m random OTs; returns (k0, k1), each (m, 16) uint8 (IKNP03 sec. 3, fig. 1,
+    """IKNP sender: m random OTs; returns (k0, k1), each (m, 16) uint8 (IKNP03 sec. 3,
     random-OT form: no sender message).
 
     1. Receive U (KAPPA x m bits) from the receiver (``random_ot_recv``).

@@ -4,7 +4,7 @@ Parameter set (``HEParams()``): N = 8192, ciphertext modulus q = q0 q1 q2 with t
 primes (180 bits), a 38-bit special prime (total 218 bits; it only serves key generation here,
 as no key switching is ever done), plaintext modulus t = 2^l (default l = 37), ternary secret,
 error sigma = 3.2. Replies are decrypted under q0 q1 (120 bits) after dropping q2. The HE standard (Albrecht et al., "Homomorphic
-Encryption Security Standard", 2018, Table 1, uniform ternary secret) allows log2(q) <= 218 for
+Encryption Security Standard", 2018, the tables for a uniform ternary secret) allows log2(q) <= 218 for
 N = 8192 at 128-bit classical security, so this is a 128-bit parameter set; SEAL's own check
 (``sec_level_type.tc128``) is enabled when the context is built.
 
