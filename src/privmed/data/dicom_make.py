@@ -53,7 +53,7 @@ def write_ct_series(
     Returns the files in slice order. UIDs not given in ``identity`` are generated (random).
     """
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     vol = np.asarray(hu)
     if vol.ndim != 3:
@@ -68,7 +68,7 @@ def write_ct_series(
     files = []
     for k in range(vol.shape[0]):
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+        meta.MediaStorageSOPClassUID = UID(CT_IMAGE_STORAGE)
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = out / f"CT{k + 1:04d}.dcm"

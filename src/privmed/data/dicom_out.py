@@ -223,7 +223,8 @@ def read_sr_findings(path: str | Path) -> dict[str, dict[str, Any]]:
     except Exception as exc:  # as above
         raise InputError(f"{p}: not a readable DICOM SR ({exc.__class__.__name__}: {exc})") from None
     out: dict[str, dict[str, Any]] = {}
-    for group in sr.content.get_image_measurement_groups():
+    content: Any = sr.content  # a MeasurementReport for TID 1500 documents
+    for group in content.get_image_measurement_groups():
         name = str(group.finding_type.meaning)
         prob = [m for m in group.get_measurements() if m.name == codes.DCM.Probability]
         evaluation = group.get_qualitative_evaluations()

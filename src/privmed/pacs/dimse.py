@@ -31,6 +31,9 @@ __all__ = ["echo", "find", "get", "store", "RETRIEVE_STORAGE_CLASSES"]
 log = logging.getLogger(__name__)
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+VERIFICATION = "1.2.840.10008.1.1"  # Verification SOP class (C-ECHO)
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information Model - FIND
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Query/Retrieve Information Model - GET
 # what `get` accepts back (SCP role for C-STORE sub-operations): images privmed reads and its results
 RETRIEVE_STORAGE_CLASSES = (
     "CTImageStorage", "EnhancedCTImageStorage", "MRImageStorage", "EnhancedMRImageStorage",
@@ -103,10 +106,8 @@ def _check_status(cfg: PacsConfig, what: str, status: Any, ok: Sequence[int] = (
 
 def echo(cfg: PacsConfig) -> None:
     """C-ECHO: PeerError unless the PACS answers with success."""
-    from pynetdicom.sop_class import Verification
-
     ae = _ae(cfg)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION)
     with _association(cfg, ae) as assoc:
         _check_status(cfg, "C-ECHO", assoc.send_c_echo())
 
@@ -118,7 +119,6 @@ def find(cfg: PacsConfig, level: str, **keys: str) -> list[dict[str, str]]:
     ``Modality="SEG"``); the level's usual return keys are asked for as well.
     """
     from pydicom.dataset import Dataset
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as Find
 
     level = level.upper()
     if level not in FIND_KEYS:
@@ -131,10 +131,10 @@ def find(cfg: PacsConfig, level: str, **keys: str) -> list[dict[str, str]]:
         except (ValueError, TypeError) as exc:
             raise InputError(f"C-FIND key {keyword}: {exc}") from None
     ae = _ae(cfg)
-    ae.add_requested_context(Find)
+    ae.add_requested_context(STUDY_ROOT_FIND)
     matches = []
     with _association(cfg, ae) as assoc:
-        for status, identifier in assoc.send_c_find(query, Find):
+        for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
             code = _check_status(cfg, "C-FIND", status, ok=(0x0000, 0xFF00, 0xFF01))
             if code in (0xFF00, 0xFF01) and identifier is not None:
                 matches.append({k: _text(identifier.get(k)) for k in (*FIND_KEYS[level], *keys)})
@@ -161,7 +161,6 @@ def get(cfg: PacsConfig, dest: Path, study_uid: str, series_uid: str | None = No
     """C-GET a study (or one series of it) into ``dest``; returns the files written."""
     from pydicom.dataset import Dataset
     from pynetdicom import build_role, evt, sop_class
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as Get
 
     dest = Path(dest)
     written: list[Path] = []
@@ -182,7 +181,7 @@ def get(cfg: PacsConfig, dest: Path, study_uid: str, series_uid: str | None = No
         return 0x0000
 
     ae = _ae(cfg)
-    ae.add_requested_context(Get)
+    ae.add_requested_context(STUDY_ROOT_GET)
     classes = [getattr(sop_class, name) for name in RETRIEVE_STORAGE_CLASSES]
     for uid in classes:
         ae.add_requested_context(uid, list(TRANSFER_SYNTAXES))
@@ -195,7 +194,7 @@ def get(cfg: PacsConfig, dest: Path, study_uid: str, series_uid: str | None = No
     what = f"series {series_uid}" if series_uid else f"study {study_uid}"
     with _association(cfg, ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
         final = None
-        for status, _ in assoc.send_c_get(query, Get):
+        for status, _ in assoc.send_c_get(query, STUDY_ROOT_GET):
             final = status
             _check_status(cfg, f"C-GET of {what}", status, ok=(0x0000, 0xFF00, 0xB000))
     failed = int(final.get("NumberOfFailedSuboperations", 0) or 0) if final is not None else 0
