@@ -21,7 +21,7 @@ Encodings (all indices public, derived from shapes only):
   channels x Hw x Ww with Cw Hw Ww <= N, overlapping by kh - 1 / kw - 1; input polynomial
   x(X) = sum x[c, i, j] X^(c Hw Ww + i Ww + j); kernel polynomial for output channel m
   k(X) = sum w[m, c, a, b] X^(O - c Hw Ww - a Ww - b), O = (Cw - 1) Hw Ww + (kh - 1) Ww + kw - 1.
-  Coefficient O + i Ww + j of x k is the stride-1 output at (i, j) (Cheetah, sec. 4; no
+  Coefficient O + i Ww + j of x k is the stride-1 output at (i, j) (Cheetah's HomConv; no
   negacyclic wrap reaches these indices since Cw Hw Ww <= N). Dilation is applied to the
   kernel (zeros), stride by subsampling the stride-1 output.
 - matmul x (B, K) @ W (K, M): per row, nk inputs and nm outputs per polynomial (nk nm <= N);
