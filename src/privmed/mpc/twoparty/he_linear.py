@@ -165,8 +165,9 @@ def he_linear(
     noise = _flood_noise(stream, n_out, n, flood, io.primes[: k_top - 1])
     replies = np.empty((n_out, k_top - 1, n + len(targets)), dtype=U64)
     cache: dict[int, list[Any]] = {}
-    for o, (slot, inputs) in enumerate(plan):
-        if slot not in cache:  # plans list the slots in runs: keep one run's plaintexts
+    for o in sorted(range(len(plan)), key=lambda i: plan[i][0]):  # by weight slot: encode each once
+        slot, inputs = plan[o]
+        if slot not in cache:  # keep only the current slot's NTT plaintexts in memory
             cache.clear()
             cache[slot] = [_ntt_plain(io, p, first) for p in weight_polys(g, w_low, slot, n, t_mask)]
         acc = io.s.Ciphertext()
