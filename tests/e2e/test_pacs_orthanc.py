@@ -144,10 +144,12 @@ def test_pacs_down_wrong_aet_unknown_study_and_two_series_give_one_line_errors(
     ok(orthanc.run(["pacs", "store", second[0].parent, *orthanc.pacs_args]), "store second series")
     model = threshold_model(tmp_path / "head.onnx", 2, 64)
     down = ["--pacs", "127.0.0.1:4299", "--pacs-aet", "ORTHANC", "--pacs-timeout", "5"]
+    wrong_aet = tmp_path / "pacs.toml"  # the [pacs] table a session file may carry
+    wrong_aet.write_text('[pacs]\nhost = "127.0.0.1"\nport = 4242\naet = "NOT_ORTHANC"\ntimeout = 10\n')
     # Execute
     runs = {
         "down": orthanc.run(["pacs", "echo", *down]),
-        "aet": orthanc.run(["pacs", "echo", "--pacs", "127.0.0.1:4242", "--pacs-aet", "NOT_ORTHANC"]),
+        "aet": orthanc.run(["pacs", "echo", "--pacs-config", wrong_aet]),
         "study": orthanc.run(["segment", "--model", model, "--from-pacs", "1.2.3.4", "--output", tmp_path / "s.dcm", *orthanc.pacs_args]),
         "two": orthanc.run(["segment", "--model", model, "--from-pacs", str(stored["ct_study"]), "--output", tmp_path / "s.dcm", *orthanc.pacs_args]),
     }  # fmt: skip
