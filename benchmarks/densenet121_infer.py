@@ -60,7 +60,7 @@ def main() -> None:
     ort_s = (time.perf_counter() - t) / runs
 
     result = run_local_session(model, x, timeout_s=300)
-    st = result.stats
+    st = result.stats.to_dict()
     err = float(np.max(np.abs(result.outputs - ref)))
     summary = {
         "date": time.strftime("%Y-%m-%d"),

@@ -166,7 +166,7 @@ def run_privmed(model: Path, x: np.ndarray, timeout_s: float) -> dict[str, Any]:
     result = run_local_session(model, x, timeout_s=timeout_s)
     wall = time.perf_counter() - t
     b1, p1 = loopback_tx()
-    st = result.stats
+    st = result.stats.to_dict()
     return {"outputs": result.outputs, "wall_s": round(wall, 3), "online_s": st["online_s"],
             "loopback_bytes": b1 - b0, "loopback_packets": p1 - p0,
             "own_bytes": st["bytes_total"], "own_bytes_by_role": st["bytes_sent"],

@@ -86,7 +86,7 @@ def ort_per_item(model: Any, inputs: np.ndarray, repeats: int = 3) -> float:
     from privmed.segment.engines import PlaintextEngine
 
     PlaintextEngine().run(model, inputs[:1])  # warm-up
-    times = [PlaintextEngine().run(model, inputs).stats["batches"] for _ in range(repeats)]
+    times = [PlaintextEngine().run(model, inputs).stats.to_dict()["batches"] for _ in range(repeats)]
     return float(np.median([b["time_s"] for run in times for b in run]))
 
 
@@ -109,7 +109,8 @@ def network_costs(kind: str, side: int, n: int, out: Path, timeout_s: float) -> 
     run = SecureEngine(chunk=1, timeout_s=timeout_s, progress=LayerProgress(label=f"{kind} {side}")).run(model, inputs)
     secure_wall = time.perf_counter() - t0
     plain = PlaintextEngine().run(model, inputs)
-    st, batches = run.stats, run.stats["batches"]
+    st = run.stats.to_dict()
+    batches = st["batches"]
     p_sec, p_ort = to_probabilities(run.outputs, model.final), to_probabilities(plain.outputs, model.final)
     same = float(np.mean([np.mean(labels_from(a) == labels_from(b)) for a, b in zip(p_sec, p_ort, strict=True)]))
     return {

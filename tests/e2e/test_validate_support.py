@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from privmed.runtime.stats import SessionStats
+
 FINDINGS = ["opacity", "nodule", "effusion", "cardiomegaly"]
 SIDE = 32
 
@@ -134,7 +136,7 @@ class InsecureTestPerturbation:
         self._lock = threading.Lock()
         self._sessions: dict[str, Any] = {}
 
-    def __call__(self, model_path: Path, x: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    def __call__(self, model_path: Path, x: np.ndarray) -> tuple[np.ndarray, SessionStats]:
         import onnxruntime as ort
 
         n = len(x)
@@ -157,10 +159,10 @@ class InsecureTestPerturbation:
             plain = np.concatenate([sess.run(None, {"input": x[i : i + 1]})[0] for i in range(n)])
             with self._lock:
                 noise = self.rng.normal(scale=self.noise, size=plain.shape)
-            stats = {"wall_s": self.sleep_s * n, "online_s": 0.01 * n,
-                     "bytes_sent": {"data-owner": 100 * n, "model-owner": 200 * n, "dealer": 300 * n},
-                     "rounds": 15 * n, "peak_rss_mb": {"data-owner": 90.0, "model-owner": 91.0, "dealer": 92.0},
-                     "cpu_s": {"data-owner": 0.5 * n, "model-owner": 0.6 * n, "dealer": 0.4 * n}}  # fmt: skip
+            stats = SessionStats(wall_s=self.sleep_s * n, online_s=0.01 * n,
+                                 bytes_sent={"data-owner": 100 * n, "model-owner": 200 * n, "dealer": 300 * n},
+                                 rounds=15 * n, peak_rss_mb={"data-owner": 90.0, "model-owner": 91.0, "dealer": 92.0},
+                                 cpu_s={"data-owner": 0.5 * n, "model-owner": 0.6 * n, "dealer": 0.4 * n})  # fmt: skip
             return (plain + noise).astype(np.float32), stats
         finally:
             with self._lock:

@@ -13,6 +13,9 @@ import pytest
 
 from privmed.evaluate.costs import apportion, split_session_costs
 from privmed.evaluate.runner import group_sizes
+from privmed.runtime.stats import SessionStats
+
+S = SessionStats.from_dict
 
 REAL_4 = {
     "wall_s": 1.554, "online_s": 0.253, "rounds": 104, "bytes_total": 6296233,
@@ -41,7 +44,7 @@ def test_apportion_sums_exactly_and_is_proportional() -> None:
 
 def test_real_session_weights_and_setup_are_shared_evenly() -> None:
     # Execute
-    costs = split_session_costs(REAL_4, 4, wall_s=1.6)
+    costs = split_session_costs(S(REAL_4), 4, wall_s=1.6)
     # Assert: one-off = total - (3 steady batches + batch 0 without the weights), split evenly
     steady = 1537624
     one_off = 6296233 - 4 * steady  # 145,737: weights (138,472) + outside any batch (7,265)
@@ -68,7 +71,7 @@ def test_one_image_session_is_charged_the_whole_session() -> None:
     one = {**REAL_4, "rounds": 26, "bytes_total": 1683361, "online_s": 0.1102,
            "bytes_sent": {"data-owner": 302456, "model-owner": 294353, "dealer": 1086552},
            "batches": [{"index": 0, "n": 1, "time_s": 0.109, "rounds": 26, "bytes": 1676096}]}  # fmt: skip
-    (c,) = split_session_costs(one, 1, wall_s=1.746)
+    (c,) = split_session_costs(S(one), 1, wall_s=1.746)
     assert c.bytes_by_role == one["bytes_sent"] and c.rounds == 26
     assert c.secure_s == pytest.approx(1.746) and c.online_s == pytest.approx(0.1102)
     assert c.cpu_s == one["cpu_s"]
@@ -76,7 +79,7 @@ def test_one_image_session_is_charged_the_whole_session() -> None:
 
 def test_without_batches_totals_are_divided_evenly() -> None:
     stats = {"online_s": 0.3, "rounds": 45, "bytes_sent": {"a": 301, "b": 600}, "cpu_s": {"a": 1.5}}
-    costs = split_session_costs(stats, 3, wall_s=0.9)
+    costs = split_session_costs(S(stats), 3, wall_s=0.9)
     assert [c.rounds for c in costs] == [15, 15, 15]
     assert [c.bytes_by_role for c in costs] == [{"a": 101, "b": 200}, {"a": 100, "b": 200},
                                                 {"a": 100, "b": 200}]  # fmt: skip
@@ -84,14 +87,14 @@ def test_without_batches_totals_are_divided_evenly() -> None:
     assert all(c.cpu_s == {"a": pytest.approx(0.5)} for c in costs)
     # batches that do not match the images (another chunking) are ignored the same way
     wrong = {**stats, "batches": [{"index": 0, "n": 3, "time_s": 0.2, "rounds": 45, "bytes": 900}]}
-    assert [c.rounds for c in split_session_costs(wrong, 3, wall_s=0.9)] == [15, 15, 15]
+    assert [c.rounds for c in split_session_costs(S(wrong), 3, wall_s=0.9)] == [15, 15, 15]
 
 
-def test_missing_measurements_stay_missing() -> None:
-    (c,) = split_session_costs({}, 1, wall_s=2.0)
-    assert c.rounds is None and c.bytes_by_role == {} and c.cpu_s == {}
-    assert c.secure_s == 2.0 and np.isnan(c.online_s)
-    assert split_session_costs({}, 0, wall_s=1.0) == []
+def test_an_engine_that_measures_nothing_is_charged_only_the_callers_wall_time() -> None:
+    (c,) = split_session_costs(SessionStats(wall_s=0.0, online_s=0.0), 1, wall_s=2.0)
+    assert c.rounds == 0 and c.bytes_by_role == {} and c.cpu_s == {}
+    assert c.secure_s == 2.0 and c.online_s == 0.0
+    assert split_session_costs(SessionStats(wall_s=0.0, online_s=0.0), 0, wall_s=1.0) == []
 
 
 @pytest.mark.parametrize(

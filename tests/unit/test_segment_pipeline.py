@@ -129,12 +129,12 @@ def test_volume_summary_matches_numpy() -> None:
 
 
 def test_cost_summary_divides_batches_into_items() -> None:
-    stats = {
-        "wall_s": 9.0, "online_s": 8.0, "bytes_total": 1300 + 300 + 150 + 50, "rounds": 30,
-        "batches": [{"n": 4, "time_s": 2.0, "bytes": 1300, "rounds": 10},
-                    {"n": 4, "time_s": 1.6, "bytes": 300, "rounds": 10},
-                    {"n": 2, "time_s": 0.8, "bytes": 150, "rounds": 10}],
-    }  # fmt: skip
+    from privmed.runtime.stats import BatchCost, SessionStats
+
+    stats = SessionStats(
+        wall_s=9.0, online_s=8.0, bytes_sent={"data-owner": 1300 + 300 + 150 + 50}, rounds=30,
+        batches=[BatchCost(0, 4, 2.0, 10, 1300), BatchCost(1, 4, 1.6, 10, 300), BatchCost(2, 2, 0.8, 10, 150)],
+    )  # fmt: skip
     got = cost_summary(stats, 10, "slice")
     assert got["per_item"]["time_s"] == pytest.approx(4.4 / 10)
     assert got["per_item"]["bytes"] == pytest.approx(1750 / 10)

@@ -83,16 +83,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
             cells.append(f"{secure[i, j]:>9.4f} / {plain[i, j]:.4f}  ({mark})")
         print(f"{r.image_id[:17]:<18}{r.site:<8}" + "".join(f"{c:>26}" for c in cells))
     st = result.stats
-    print(f"plan {st.get('plan', {}).get('fingerprint', '?')} (pin it with --expect-plan)")
-    per = st["batches"]
-    t = np.array([b["time_s"] for b in per])
-    by = np.array([b["bytes"] for b in per])
+    print(f"plan {st.plan.fingerprint if st.plan else '?'} (pin it with --expect-plan)")
+    per = st.batches
+    t = np.array([b.time_s for b in per])
+    by = np.array([b.bytes for b in per])
     print(f"\nmax |secure - plaintext| = {diff.max():.2e} (tolerance {TOLERANCE:g}); mean {diff.mean():.2e}")
     print(f"per image, secure: {np.median(t):.3f} s median (max {t.max():.3f} s), {human_bytes(float(np.median(by)))}, "
-          f"{per[0]['rounds']} rounds | plaintext onnxruntime: {plain_s * 1000:.2f} ms (no protection)")
+          f"{per[0].rounds} rounds | plaintext onnxruntime: {plain_s * 1000:.2f} ms (no protection)")
     print(summary_table(st, top=5))
     if args.stats:
-        args.stats.write_text(json.dumps(st, indent=1))
+        args.stats.write_text(json.dumps(st.to_dict(), indent=1))
     if diff.max() > TOLERANCE:
         print(f"privmed: error: secure output differs from plaintext by {diff.max():.2e} > {TOLERANCE:g}")
         return 1

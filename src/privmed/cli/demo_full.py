@@ -109,7 +109,7 @@ def radiograph(folder: Path) -> float:
     for name, s, p in zip(CHESTXRAY14, result.outputs[0], plain[0], strict=True):
         print(f"{name:<20}{s:>10.4f}{p:>10.4f}")
     print(f"max |secure - plaintext| = {diff.max():.2e} (tolerance {TOLERANCE:g}) | onnxruntime {plain_s * 1000:.0f} ms (no protection)")
-    print(f"plan {result.stats.get('plan', {}).get('fingerprint', '?')}")
+    print(f"plan {result.stats.plan.fingerprint if result.stats.plan else '?'}")
     print(summary_table(result.stats, top=3))
     return float(diff.max())
 

@@ -7,6 +7,11 @@ it), and where each SR goes (one ``.dcm`` file, or a folder with one SR per imag
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from privmed.runtime.stats import SessionStats
+
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,24 +22,10 @@ import numpy as np
 from privmed.errors import InputError
 
 
-def find_key(tree: Any, key: str) -> Any:
-    """The first value stored under ``key`` anywhere in nested dicts/lists, else None."""
-    if isinstance(tree, dict):
-        if key in tree:
-            return tree[key]
-        tree = list(tree.values())
-    if isinstance(tree, list):
-        for item in tree:
-            found = find_key(item, key)
-            if found is not None:
-                return found
-    return None
-
-
-def algorithm_info(model: Path, stats: dict[str, Any], secure: bool = True) -> Any:
+def algorithm_info(model: Path, stats: SessionStats | None, secure: bool = True) -> Any:
     """``AlgorithmInfo`` for ``model``: name = file stem, version = ONNX model_version.
 
-    The plan fingerprint is the session's ``stats["plan"]["fingerprint"]`` (the SHA-256 of
+    The plan fingerprint is the session's ``stats.plan.fingerprint`` (the SHA-256 of
     the plan the data owner accepted) when the runtime reports it;
     otherwise the SHA-256 of the model file, marked as such (the data owner of a local run
     has the file).
@@ -45,8 +36,7 @@ def algorithm_info(model: Path, stats: dict[str, Any], secure: bool = True) -> A
 
     proto = onnx.load(str(model), load_external_data=False)
     version = str(proto.model_version) if proto.model_version else "1"
-    plan_stats = find_key(stats, "plan")
-    plan = plan_stats.get("fingerprint") if isinstance(plan_stats, dict) else None
+    plan = stats.plan.fingerprint if stats is not None and stats.plan is not None else None
     if not plan:
         plan = "model-file:" + hashlib.sha256(model.read_bytes()).hexdigest()
     info = AlgorithmInfo(name=model.stem, version=version, plan_sha256=str(plan))
@@ -72,7 +62,7 @@ def check_report_inputs(output: Path, rows: Sequence[Path]) -> None:
 
 
 def write_reports(
-    output: Path, outputs: np.ndarray, rows: Sequence[Path], model: Path, stats: dict[str, Any], threshold: float
+    output: Path, outputs: np.ndarray, rows: Sequence[Path], model: Path, stats: SessionStats | None, threshold: float
 ) -> list[Path]:
     """One TID 1500 SR per input image: ``output`` itself for one image, else ``output/SR_<SOP UID>.dcm``."""
     import pydicom
@@ -99,7 +89,7 @@ def write_reports(
 
 
 def write_segmentation(
-    output: Path, files: Sequence[str], labels: np.ndarray, classes: Sequence[str], model: Path, stats: dict[str, Any], secure: bool
+    output: Path, files: Sequence[str], labels: np.ndarray, classes: Sequence[str], model: Path, stats: SessionStats | None, secure: bool
 ) -> Path:
     """The label map over the series ``files`` (array order) as one DICOM SEG."""
     import pydicom

@@ -232,9 +232,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
         args.model, x, timeout_s=args.timeout, progress=LayerProgress(), calibration=args.calibration,
         frac_bits=args.frac_bits, chunk=args.chunk if x.shape[0] > 1 else None, expect_plan=args.expect_plan,
     )  # fmt: skip
-    print(f"plan {result.stats.get('plan', {}).get('fingerprint', '?')} (pin it with --expect-plan)")
+    print(f"plan {result.stats.plan.fingerprint if result.stats.plan else '?'} (pin it with --expect-plan)")
     if args.stats:
-        args.stats.write_text(json.dumps(result.stats, indent=1))
+        args.stats.write_text(json.dumps(result.stats.to_dict(), indent=1))
     if dicom_out:
         written = write_reports(args.output, result.outputs, rows, args.model, result.stats, args.threshold)
     else:

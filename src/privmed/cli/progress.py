@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from privmed.runtime.stats import SessionStats
 
 
 def human_bytes(n: float) -> str:
@@ -42,20 +45,19 @@ class LayerProgress:
         self.stream.flush()
 
 
-def summary_table(stats: dict[str, Any], top: int = 8) -> str:
+def summary_table(stats: SessionStats, top: int = 8) -> str:
     """The cost summary printed at the end of a secure run."""
-    roles = ("data-owner", "model-owner", "dealer")
     lines = [
-        f"wall {stats['wall_s']:.2f} s (online {stats['online_s']:.2f} s)   rounds {stats['rounds']}   total sent {human_bytes(stats['bytes_total'])}",
+        f"wall {stats.wall_s:.2f} s (online {stats.online_s:.2f} s)   rounds {stats.rounds}   total sent {human_bytes(stats.bytes_total)}",
         f"{'role':<12} {'sent':>10} {'peak RSS':>10}",
     ]
-    for r in roles:
-        lines.append(f"{r:<12} {human_bytes(stats['bytes_sent'][r]):>10} {stats['peak_rss_mb'][r]:>7.0f} MB")
-    layers = sorted(stats.get("layers", []), key=lambda layer: -layer["time_s"])[:top]
+    for r in stats.bytes_sent:
+        lines.append(f"{r:<12} {human_bytes(stats.bytes_sent[r]):>10} {stats.peak_rss_mb.get(r, 0.0):>7.0f} MB")
+    layers = sorted(stats.layers, key=lambda layer: -layer.time_s)[:top]
     if layers:
         lines.append(f"slowest layers: {'layer':<28} {'op':<10} {'time':>8} {'bytes':>10} {'rounds':>6}")
         for layer in layers:
-            name = (layer["onnx"] or layer["id"])[:28]
-            op = layer["op"] + ("/" + layer["kind"] if layer.get("kind") else "")
-            lines.append(f"{'':<16}{name:<28} {op:<10} {layer['time_s']:>7.3f}s {human_bytes(layer['bytes']):>10} {layer['rounds']:>6}")
+            name = (layer.onnx or layer.id)[:28]
+            op = layer.op + ("/" + layer.kind if layer.kind else "")
+            lines.append(f"{'':<16}{name:<28} {op:<10} {layer.time_s:>7.3f}s {human_bytes(layer.bytes):>10} {layer.rounds:>6}")
     return "\n".join(lines)

@@ -134,8 +134,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         store_result(args, [args.output])
     print(f"volumes (voxel {volume.voxel_ml * 1000:.3f} mm^3):")
     print("\n".join(summary.format_volumes(vols)))
-    if seg.run.stats.get("plan", {}).get("fingerprint"):
-        print(f"plan {seg.run.stats['plan']['fingerprint']} (pin it with --expect-plan)")
+    if seg.run.stats.plan is not None:
+        print(f"plan {seg.run.stats.plan.fingerprint} (pin it with --expect-plan)")
     print(f"costs ({engine.name}):")
     print("\n".join(summary.format_costs(costs, engine.name)))
     report: dict[str, Any] = {
@@ -158,7 +158,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         report["plaintext"] = {"costs": pcosts, "dice_vs_secure": dice, "max_abs_prob_diff": diff,
                                "voxels_differing": int((seg.labels != plain.labels).sum())}  # fmt: skip
     if args.stats:
-        report["session"] = seg.run.stats
+        report["session"] = seg.run.stats.to_dict()
         args.stats.parent.mkdir(parents=True, exist_ok=True)
         args.stats.write_text(json.dumps(report, indent=1, default=float) + "\n")
     print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

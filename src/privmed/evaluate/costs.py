@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+
+from privmed.runtime.stats import SessionStats
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,10 @@ def _steady(first: float, later: Sequence[float]) -> float:
     return min(first, float(np.median(later))) if later else first
 
 
-def split_session_costs(stats: Mapping[str, Any], n_images: int, wall_s: float) -> list[ImageCost]:
+def split_session_costs(stats: SessionStats, n_images: int, wall_s: float) -> list[ImageCost]:
     """Each image's cost in a secure session that streamed ``n_images`` inputs one per batch.
 
-    Image i is charged its own batch's time, bytes and rounds (``stats["batches"][i]``) plus
+    Image i is charged its own batch's time, bytes and rounds (``stats.batches[i]``) plus
     an even share (1/n) of the session's one-off part, so the n shares add up to the
     session's totals:
 
@@ -118,24 +119,24 @@ def split_session_costs(stats: Mapping[str, Any], n_images: int, wall_s: float) 
     ``bytes_by_role``: the engine reports per-batch bytes summed over roles only, so each
     image's bytes are split over roles in proportion to the roles' session totals.
     ``cpu_s`` (per role, per session only) is divided evenly; ``peak_rss_mb`` is the session's
-    peak, which does not divide. Without ``stats["batches"]`` (an engine that does not report
+    peak, which does not divide. Without ``stats.batches`` (an engine that does not report
     them, or a batch count that differs from ``n_images``) every total is divided evenly.
     Integer quantities (bytes, rounds) are split with :func:`apportion`, so they sum exactly.
     """
     n = int(n_images)
     if n < 1:
         return []
-    role_bytes = {str(k): int(v) for k, v in dict(stats.get("bytes_sent") or {}).items()}
-    total_bytes = int(stats.get("bytes_total") or sum(role_bytes.values()))
-    total_rounds = stats.get("rounds")
-    online = stats.get("online_s")
-    batches = list(stats.get("batches") or [])
+    role_bytes = dict(stats.bytes_sent)
+    total_bytes = stats.bytes_total
+    total_rounds: int | None = stats.rounds
+    online: float | None = stats.online_s
+    batches = list(stats.batches)
     if len(batches) != n:
         batches = []
     if batches:
-        own_bytes = [int(b["bytes"]) for b in batches]
-        own_rounds = [int(b["rounds"]) for b in batches]
-        own_time = [float(b["time_s"]) for b in batches]
+        own_bytes = [b.bytes for b in batches]
+        own_rounds = [b.rounds for b in batches]
+        own_time = [b.time_s for b in batches]
         own_bytes[0] = int(_steady(own_bytes[0], own_bytes[1:]))
         own_rounds[0] = int(_steady(own_rounds[0], own_rounds[1:]))
         own_time[0] = _steady(own_time[0], own_time[1:])
@@ -152,8 +153,8 @@ def split_session_costs(stats: Mapping[str, Any], n_images: int, wall_s: float) 
     secure_extra = max(0.0, float(wall_s) - t_own) / n
     online_extra = max(0.0, float(online) - t_own) / n if online is not None else float("nan")
     roles = list(role_bytes)
-    cpu = {str(k): float(v) / n for k, v in dict(stats.get("cpu_s") or {}).items()}
-    peak = {str(k): float(v) for k, v in dict(stats.get("peak_rss_mb") or {}).items()}
+    cpu = {k: v / n for k, v in stats.cpu_s.items()}
+    peak = dict(stats.peak_rss_mb)
     costs = []
     for i in range(n):
         by_role = dict(

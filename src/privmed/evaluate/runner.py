@@ -61,12 +61,13 @@ from privmed.evaluate.study import (
     prepare_image,
     sha256_file,
 )
+from privmed.runtime.stats import SessionStats
 
 log = logging.getLogger(__name__)
 
-# (model_path, inputs (N, ...) float32) -> (outputs (N, ...) float32, stats dict as in
-# SessionResult.stats; "batches" optional)
-SecureInfer = Callable[[Path, np.ndarray], tuple[np.ndarray, dict[str, Any]]]
+# (model_path, inputs (N, ...) float32) -> (outputs (N, ...) float32, the session's costs;
+# ``batches`` may be empty for an engine that does not report them)
+SecureInfer = Callable[[Path, np.ndarray], tuple[np.ndarray, SessionStats]]
 
 
 @dataclass(frozen=True)
@@ -117,17 +118,17 @@ def engine_secure_infer(timeout_s: float, expect_plan: str | None = None, plans:
     """The real secure inference: three parties over TLS on loopback (privmed.runtime).
 
     ``chunk=1``: the N inputs go through one session one per batch, so the engine reports
-    each image's own time, bytes and rounds in ``stats["batches"]``. Every accepted plan's
+    each image's own time, bytes and rounds in ``stats.batches``. Every accepted plan's
     fingerprint is added to ``plans``; ``expect_plan`` refuses any other plan.
     """
 
-    def run(model_path: Path, inputs: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    def run(model_path: Path, inputs: np.ndarray) -> tuple[np.ndarray, SessionStats]:
         from privmed.runtime.launch import run_local_session
 
         result = run_local_session(model_path, inputs, timeout_s=timeout_s, chunk=1, expect_plan=expect_plan)
-        if plans is not None and result.stats.get("plan", {}).get("fingerprint"):
-            plans.add(result.stats["plan"]["fingerprint"])
-        return np.asarray(result.outputs, dtype=np.float32), dict(result.stats)
+        if plans is not None and result.stats.plan is not None:
+            plans.add(result.stats.plan.fingerprint)
+        return np.asarray(result.outputs, dtype=np.float32), result.stats
 
     return run
 

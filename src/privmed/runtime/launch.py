@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from privmed.compiler.lower import check_supported
 from privmed.crypto.certs import ephemeral_session
 from privmed.errors import InputError, PeerError, PrivmedError
 from privmed.runtime.config import Endpoint, write_config
+from privmed.runtime.stats import SessionStats, merge_roles
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class SessionResult:
     outputs: np.ndarray  # what the data owner learned (final Sigmoid/Softmax applied in clear)
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: SessionStats
 
 
 def check_input(model_path: Path, x: np.ndarray, input_shape: list[int] | None = None) -> onnx_front.OnnxGraph:
@@ -91,7 +92,7 @@ def run_local_session(
     hours.
 
     ``expect_plan``: the data owner refuses any plan whose SHA-256 fingerprint differs (the
-    fingerprint of the accepted plan is in ``stats["plan"]["fingerprint"]``).
+    fingerprint of the accepted plan is ``stats.plan.fingerprint``).
     """
     from privmed.runtime.config import load_config
     from privmed.runtime.party import run_role
@@ -147,7 +148,7 @@ def run_local_session(
         stats["data-owner"] = do_stats
     assert out is not None
     wall = time.perf_counter() - t0
-    return SessionResult(out, merge_stats(stats, wall))
+    return SessionResult(out, merge_roles(stats, wall))
 
 
 class Watchdog:
@@ -215,39 +216,3 @@ def _session_error(exc: PrivmedError, procs: dict[str, subprocess.Popen], tmp: P
         log.debug("%s stderr:\n%s", r, (tmp / f"{r}.err").read_text(errors="replace"))
     primary = next((r for r, e in errs.items() if "aborted the session" not in e and "lost connection" not in e), "data-owner")
     return PeerError(f"{primary}: {errs[primary]}" + "".join(f" | {r}: {e}" for r, e in errs.items() if r != primary))
-
-
-def merge_stats(per_role: dict[str, dict[str, Any]], wall_s: float) -> dict[str, Any]:
-    """One stats document: totals, per role, and per layer (data owner's view + model owner)."""
-    do, mo, de = per_role["data-owner"], per_role["model-owner"], per_role["dealer"]
-    mo_layers = {layer["id"]: layer for layer in mo["layers"]}
-    dealer_bytes: dict[str, int] = {}
-    for entry in de["layers"]:
-        key = entry["id"].split("/")[0]
-        dealer_bytes[key] = dealer_bytes.get(key, 0) + int(entry.get("bytes_sent", 0))
-    layers = []
-    for layer in do["layers"]:
-        m = mo_layers.get(layer["id"], {})
-        dealer = dealer_bytes.get(layer["id"], 0)
-        layers.append({
-            "id": layer["id"], "op": layer["op"], "onnx": layer["onnx"], "kind": layer.get("kind", ""), "elements": layer["elements"],
-            "time_s": max(layer["time_s"], m.get("time_s", 0.0)), "rounds": layer["rounds"],
-            "bytes": layer["bytes_sent"] + m.get("bytes_sent", 0) + dealer,
-            "bytes_by_role": {"data-owner": layer["bytes_sent"], "model-owner": m.get("bytes_sent", 0), "dealer": dealer},
-        })
-    batches = []
-    for i, b in enumerate(do.get("batches", [])):
-        other = sum(s.get("batches", [{}] * (i + 1))[i].get("bytes_sent", 0) for s in (mo, de))
-        batches.append({"index": b["index"], "n": b["n"], "time_s": b["time_s"], "rounds": b["rounds"], "bytes": b["bytes_sent"] + other})
-    return {
-        "wall_s": round(wall_s, 3),
-        "batches": batches,
-        "online_s": do["wall_s"],
-        "bytes_sent": {r: s["bytes_sent"] for r, s in per_role.items()},
-        "bytes_total": sum(s["bytes_sent"] for s in per_role.values()),
-        "rounds": do["rounds"],
-        "peak_rss_mb": {r: s["peak_rss_mb"] for r, s in per_role.items()},
-        "cpu_s": {r: s.get("cpu_s", 0.0) for r, s in per_role.items()},
-        "plan": do.get("plan", {}),
-        "layers": layers,
-    }

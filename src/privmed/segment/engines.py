@@ -23,13 +23,14 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from privmed.errors import InputError
+from privmed.runtime.stats import BatchCost, SessionStats
 from privmed.segment.model import SegmentationModel
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,13 @@ CHUNK_ELEMENTS = 1 << 16  # fallback when shape inference gives no estimate: inp
 class EngineRun:
     """Outputs of one engine run and what it cost.
 
-    ``stats`` for the secure engine is ``run_local_session``'s merged stats (wall_s,
-    online_s, bytes_total, bytes_sent, rounds, peak_rss_mb, cpu_s, layers, batches); for the
-    plaintext engine: wall_s and batches (time per batch; no bytes, no rounds).
+    ``stats`` for the secure engine is ``run_local_session``'s ``SessionStats``; for the
+    plaintext engine the same record with wall time and batches only (no bytes, no rounds).
     """
 
     engine: str
     outputs: np.ndarray
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: SessionStats
 
 
 class Engine(Protocol):
@@ -114,7 +114,7 @@ class SecureEngine:
             chunk=chunk,
             expect_plan=self.expect_plan,
         )
-        return EngineRun(self.name, result.outputs, dict(result.stats))
+        return EngineRun(self.name, result.outputs, result.stats)
 
 
 @dataclass
@@ -137,16 +137,16 @@ class PlaintextEngine:
         batch_dim = session.get_inputs()[0].shape[0]
         step = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else 1
         outs: list[np.ndarray] = []
-        batches: list[dict[str, Any]] = []
+        batches: list[BatchCost] = []
         x = np.ascontiguousarray(inputs, dtype=np.float32)
         for i in range(0, len(x), step):
             tb = time.perf_counter()
             outs.append(np.asarray(session.run(None, {name: x[i : i + step]})[0]))
             n = len(x[i : i + step])
-            batches.append({"index": len(batches), "n": n, "time_s": round(time.perf_counter() - tb, 6), "bytes": 0, "rounds": 0})
+            batches.append(BatchCost(len(batches), n, round(time.perf_counter() - tb, 6)))
         wall = time.perf_counter() - t0
         out = np.concatenate(outs) if outs else np.zeros((0, model.num_outputs, *model.side), np.float32)
-        return EngineRun(self.name, out, {"wall_s": round(wall, 3), "online_s": round(wall, 3), "batches": batches})
+        return EngineRun(self.name, out, SessionStats(wall_s=round(wall, 3), online_s=round(wall, 3), batches=batches))
 
 
 def to_probabilities(outputs: np.ndarray, final: str) -> np.ndarray:

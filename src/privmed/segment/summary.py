@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from privmed.runtime.stats import BatchCost, SessionStats
+
 LESION_NAMES = ("lesion", "infection", "ggo", "consolidation")
 
 
@@ -59,44 +61,44 @@ def volume_summary(labels: np.ndarray, classes: Sequence[str], voxel_ml: float) 
     return out
 
 
-def _first_batch_extra(batches: list[dict[str, Any]]) -> int | None:
+def _first_batch_extra(batches: list[BatchCost]) -> int | None:
     """Bytes the first batch sent beyond the median later batch of the same size (None: no such batch)."""
-    same = [int(b.get("bytes", 0)) for b in batches[1:] if b["n"] == batches[0]["n"]]
+    same = [b.bytes for b in batches[1:] if b.n == batches[0].n]
     if not same:
         return None
-    return max(0, int(batches[0].get("bytes", 0)) - int(np.median(same)))
+    return max(0, batches[0].bytes - int(np.median(same)))
 
 
-def cost_summary(stats: dict[str, Any], n_items: int, unit: str) -> dict[str, Any]:
+def cost_summary(stats: SessionStats, n_items: int, unit: str) -> dict[str, Any]:
     """Per-item and total time/bytes/rounds from an engine's stats (see the module docstring)."""
-    batches = stats.get("batches") or []
-    n_in_batches = sum(int(b["n"]) for b in batches) or n_items
-    time_s = sum(float(b["time_s"]) for b in batches)
-    batch_bytes = sum(int(b.get("bytes", 0)) for b in batches)
-    total_bytes = int(stats.get("bytes_total", batch_bytes))
+    batches = stats.batches
+    n_in_batches = sum(b.n for b in batches) or n_items
+    time_s = sum(b.time_s for b in batches)
+    batch_bytes = sum(b.bytes for b in batches)
+    total_bytes = stats.bytes_total if stats.bytes_sent else batch_bytes
     out: dict[str, Any] = {
         "unit": unit,
         "items": n_items,
         "batches": len(batches),
-        "batch_size": max((int(b["n"]) for b in batches), default=0),
+        "batch_size": max((b.n for b in batches), default=0),
         "per_item": {
             "time_s": time_s / n_in_batches if n_in_batches else 0.0,
             "bytes": batch_bytes / n_in_batches if n_in_batches else 0.0,
         },
-        "rounds_per_batch": int(np.median([int(b.get("rounds", 0)) for b in batches])) if batches else 0,
+        "rounds_per_batch": int(np.median([b.rounds for b in batches])) if batches else 0,
         "outside_batches_bytes": max(0, total_bytes - batch_bytes),
         "first_batch_extra_bytes": _first_batch_extra(batches),
         "total": {
-            "wall_s": float(stats.get("wall_s", 0.0)),
-            "online_s": float(stats.get("online_s", 0.0)),
+            "wall_s": stats.wall_s,
+            "online_s": stats.online_s,
             "bytes": total_bytes,
-            "rounds": int(stats.get("rounds", 0)),
+            "rounds": stats.rounds,
         },
     }
-    if "peak_rss_mb" in stats:
-        out["peak_rss_mb"] = dict(stats["peak_rss_mb"])
-    if "cpu_s" in stats:
-        out["cpu_s"] = dict(stats["cpu_s"])
+    if stats.peak_rss_mb:
+        out["peak_rss_mb"] = dict(stats.peak_rss_mb)
+    if stats.cpu_s:
+        out["cpu_s"] = dict(stats.cpu_s)
     return out
 
 
