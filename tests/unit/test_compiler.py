@@ -16,20 +16,28 @@ H = helper.make_node
 
 
 def test_all_unsupported_ops_are_listed_at_once(tmp_path: Path) -> None:
-    nodes = [H("Tanh", ["x"], ["a"], name="t1"), H("Erf", ["a"], ["b"], name="e1"), H("Sin", ["b"], ["y"], name="s1")]
+    nodes = [H("Cos", ["x"], ["a"], name="c1"), H("Atan", ["a"], ["b"], name="a1"), H("Sin", ["b"], ["y"], name="s1")]
     p = build(tmp_path / "m.onnx", nodes, {}, [1, 4])
     with pytest.raises(ModelError) as err:
         compile_model(p)
     msg = str(err.value)
-    assert "Erf, Sin, Tanh" in msg and "t1" in msg and "e1" in msg and "s1" in msg
+    assert "Atan, Cos, Sin" in msg and "c1" in msg and "a1" in msg and "s1" in msg
 
 
-def test_sigmoid_only_as_final_op(tmp_path: Path) -> None:
+def test_softmax_only_as_final_op(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    nodes = [H("Sigmoid", ["x"], ["s"], name="mid"), H("MatMul", ["s", "w"], ["y"])]
+    nodes = [H("Softmax", ["x"], ["s"], name="mid"), H("MatMul", ["s", "w"], ["y"])]
     p = build(tmp_path / "m.onnx", nodes, {"w": rand(rng, 4, 2)}, [1, 4])
-    with pytest.raises(ModelError, match="mid: Sigmoid is supported only as the model's final op"):
+    with pytest.raises(ModelError, match="mid: Softmax is supported only as the model's final op"):
         compile_model(p)
+
+
+def test_sigmoid_inside_becomes_an_approximation_and_a_final_one_stays_in_clear(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    nodes = [H("Sigmoid", ["x"], ["s"]), H("MatMul", ["s", "w"], ["m"]), H("Sigmoid", ["m"], ["y"])]
+    plan, _ = compile_model(build(tmp_path / "m.onnx", nodes, {"w": rand(rng, 4, 2)}, [1, 4]))
+    assert [n.op for n in plan.nodes] == ["input", "approx", "trunc", "linear", "output"]
+    assert plan.nodes[1].attrs["fn"] == "sigmoid" and plan.nodes[-1].attrs["post"]["kind"] == "sigmoid"
 
 
 def test_missing_and_corrupt_model_files(tmp_path: Path) -> None:
@@ -73,13 +81,13 @@ def test_supported_ops_are_the_lowerings_own_and_the_upfront_check_agrees(tmp_pa
 
     assert SECRET_OPS == {name[3:] for name in dir(Lowerer) if name.startswith("op_")}
     assert "Upsample" not in SECRET_OPS  # listed before but never lowered
-    # a Sigmoid inside the network is refused by the up-front check, before any party starts
-    nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
+    # a Softmax inside the network is refused by the up-front check, before any party starts
+    nodes = [helper.make_node("Softmax", ["x"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])])
-    path = tmp_path / "inner_sigmoid.onnx"
+    path = tmp_path / "inner_softmax.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    with pytest.raises(ModelError, match=r"inner_sigmoid\.onnx: node .*Sigmoid is supported only as the model's final op"):
+    with pytest.raises(ModelError, match=r"inner_softmax\.onnx: node .*Softmax is supported only as the model's final op"):
         check_input(path, np.zeros((1, 1, 4, 4), np.float32))
     with pytest.raises(ModelError, match="supported only as the model's final op"):
         compile_model(path)

@@ -90,6 +90,10 @@ def finalize(nodes: list[Node], bounds: dict[str, float], f: int, margin: int, e
             n.attrs["bits"] = _width(2 * in_bound * 2.0 ** (k_in * f), margin, 0)
             n.attrs["drop"] = 0
             compared += int(np.prod(n.shape)) * (int(np.prod(n.attrs["kernel"])) - 1)
+        elif n.op == "approx":  # the knot comparisons see x - t_j
+            reach = in_bound + max(abs(t) for t in n.attrs["knots"])
+            n.attrs["bits"] = _width(reach * 2.0 ** (k_in * f), margin, 0)
+            compared += int(np.prod(n.shape)) * len(n.attrs["knots"])
         elif n.op == "instnorm":
             _instnorm_params(n, (extras or {}).get(n.id, {}), f, margin)
     for n in nodes:

@@ -9,29 +9,17 @@ turns multiples into bits once f is chosen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from privmed.compiler.onnx_front import CONST_OPS, FINAL_ONLY, OnnxGraph, OnnxNode, consumers
+from privmed.compiler.lower_base import Ref, Value
+from privmed.compiler.lower_nonlinear import NonlinearLowering
+from privmed.compiler.onnx_front import CONST_OPS, FINAL_ONLY, OnnxGraph, OnnxNode
 from privmed.errors import ModelError
-from privmed.ir.check import MAX_TEXT
-from privmed.ir.plan import Node
-from privmed.ir.shapes import infer_shape
 from privmed.ring.layout import resize_nearest_index
 from privmed.ring.linalg import ConvSpec
-
-
-@dataclass
-class Ref:
-    id: str
-    shape: list[int]  # per sample
-    k: int
-
-
-Value = np.ndarray | Ref
 
 
 def _conv_spec(attrs: dict[str, Any], kernel: tuple[int, ...], spatial: list[int], transpose: bool = False) -> ConvSpec:
@@ -77,55 +65,8 @@ def _pool_out(spatial: list[int], kernel: list[int], strides: list[int], pads: l
     return out, pads
 
 
-class Lowerer:
+class Lowerer(NonlinearLowering):
     """Walks the ONNX graph once, emitting IR nodes and collecting private float weights."""
-
-    def __init__(self, graph: OnnxGraph) -> None:
-        self.g = graph
-        self.nodes: list[Node] = []
-        self.float_weight: dict[str, np.ndarray] = {}
-        self.float_bias: dict[str, np.ndarray] = {}
-        self.env: dict[str, Value] = {k: v for k, v in graph.consts.items()}
-        self.cons = consumers(graph)
-        self.post: dict[str, Any] = {"kind": "none"}
-        self._n = 0
-
-    # -- helpers ---------------------------------------------------------------------
-    def emit(self, op: str, inputs: list[Ref], shape: list[int], k: int, name: str, **attrs: Any) -> Ref:
-        self._n += 1
-        nid = f"n{self._n}_{op}"
-        attrs["onnx"] = "".join(ch if ch.isprintable() else "?" for ch in name)[:MAX_TEXT]
-        shape = [int(s) for s in shape]
-        if op != "input":
-            # the receivers recompute every shape with the same rule (privmed.ir.check)
-            inferred = infer_shape(op, [r.shape for r in inputs], attrs)
-            if inferred != shape:
-                raise ModelError(f"node {name} ({op}): lowered shape {shape} but the IR shape rule gives {inferred}")
-        self.nodes.append(Node(nid, op, [r.id for r in inputs], shape, k, attrs))
-        return Ref(nid, shape, k)
-
-    def at_k1(self, ref: Ref, name: str) -> Ref:
-        if ref.k == 1:
-            return ref
-        return self.emit("trunc", [ref], ref.shape, 1, name, shift_k=ref.k - 1)
-
-    def const(self, name: str, node: OnnxNode) -> np.ndarray:
-        v = self.env.get(name)
-        if not isinstance(v, np.ndarray):
-            raise ModelError(f"node {node.name} ({node.op}): input {name!r} must be a constant (model weights), got a secret tensor")
-        return v
-
-    def ref(self, name: str, node: OnnxNode) -> Ref:
-        v = self.env.get(name)
-        if not isinstance(v, Ref):
-            raise ModelError(f"node {node.name} ({node.op}): input {name!r} must be the data tensor")
-        return v
-
-    def _axis(self, axis: int, rank: int, node: OnnxNode) -> int:
-        axis = axis + rank if axis < 0 else axis
-        if axis == 0:
-            raise ModelError(f"node {node.name} ({node.op}) acts on the batch axis, which is not supported")
-        return axis - 1
 
     # -- main ------------------------------------------------------------------------
     def run(self) -> None:
@@ -166,14 +107,6 @@ class Lowerer:
         return np.array(full[start:end], dtype=np.int64)
 
     # -- linear layers -----------------------------------------------------------------
-    def _linear(self, node: OnnxNode, x: Ref, kind: str, w: np.ndarray, b: np.ndarray | None, shape: list[int], **attrs: Any) -> Ref:
-        x = self.at_k1(x, node.name)
-        out = self.emit("linear", [x], shape, x.k + 1, node.name, kind=kind, w_shape=list(w.shape), **attrs)
-        self.float_weight[out.id] = w.astype(np.float64)
-        if b is not None:
-            self.float_bias[out.id] = b.astype(np.float64)
-        return out
-
     def op_Conv(self, node: OnnxNode, ins: list[Any]) -> Ref:
         x = self.ref(node.inputs[0], node)
         w = self.const(node.inputs[1], node)
@@ -212,12 +145,6 @@ class Lowerer:
             raise ModelError(f"node {node.name}: MatMul needs a 2-D constant right operand")
         return self._linear(node, x, "matmul", w, None, x.shape[:-1] + [w.shape[1]])
 
-    def _channel_affine(self, node: OnnxNode, x: Ref, a: np.ndarray, b: np.ndarray | None) -> Ref:
-        c = x.shape[0]
-        a = np.broadcast_to(np.asarray(a, dtype=np.float64).reshape(-1), (c,)).copy()
-        bias = None if b is None else np.broadcast_to(np.asarray(b, np.float64).reshape(-1), (c,)).reshape((c,) + (1,) * (len(x.shape) - 1)).copy()
-        return self._linear(node, x, "channel_scale", a, bias, x.shape)
-
     def op_BatchNormalization(self, node: OnnxNode, ins: list[Any]) -> Ref:
         x = self.ref(node.inputs[0], node)
         gamma, beta, mean, var = (self.const(i, node).astype(np.float64) for i in node.inputs[1:5])
@@ -238,19 +165,10 @@ class Lowerer:
             self.float_bias[out.id] = np.broadcast_to(beta, (c,)).reshape(c, 1).copy()
         return out
 
-    def _per_channel(self, node: OnnxNode, c: np.ndarray, x: Ref) -> np.ndarray:
-        c = np.asarray(c, dtype=np.float64)
-        if c.size == 1:
-            return c.reshape(1)
-        squeezed = c.reshape(c.shape[1:]) if c.ndim == len(x.shape) + 1 else c
-        if squeezed.ndim == len(x.shape) and squeezed.shape[0] == x.shape[0] and all(s == 1 for s in squeezed.shape[1:]):
-            return squeezed.reshape(-1)
-        raise ModelError(f"node {node.name} ({node.op}): only scalar or per-channel constants are supported, got shape {c.shape}")
-
     def op_Mul(self, node: OnnxNode, ins: list[Any]) -> Ref:
         x, c = (ins[0], ins[1]) if isinstance(ins[0], Ref) else (ins[1], ins[0])
         if isinstance(c, Ref):
-            raise ModelError(f"node {node.name}: Mul of two secret tensors is not supported")
+            return self._secret_product(node, x, c)
         return self._channel_affine(node, x, self._per_channel(node, c, x), None)
 
     def op_Div(self, node: OnnxNode, ins: list[Any]) -> Ref:
@@ -283,26 +201,6 @@ class Lowerer:
 
     def op_Sub(self, node: OnnxNode, ins: list[Any]) -> Ref:
         return self._add(node, ins, -1)
-
-    # -- non-linear ------------------------------------------------------------------------
-    def op_Relu(self, node: OnnxNode, ins: list[Any]) -> Ref:
-        x = self.ref(node.inputs[0], node)
-        return self.emit("relu", [x], x.shape, 1, node.name, shift_k=x.k - 1)
-
-    def op_PRelu(self, node: OnnxNode, ins: list[Any]) -> Ref:
-        """ReLU(x) + a * (x - ReLU(x)) with the model owner's private slopes a (one per channel,
-        or one shared): the ReLU's comparison, then one private per-channel product."""
-        x = self.ref(node.inputs[0], node)
-        slope = self._per_channel(node, self.const(node.inputs[1], node), x)
-        c = x.shape[0]
-        out = self.emit("prelu", [x], x.shape, 2, node.name, shift_k=x.k - 1, w_shape=[c])
-        self.float_weight[out.id] = np.broadcast_to(slope, (c,)).astype(np.float64).copy()
-        return out
-
-    def op_LeakyRelu(self, node: OnnxNode, ins: list[Any]) -> Ref:
-        x = self.ref(node.inputs[0], node)
-        alpha = float(node.attrs.get("alpha", 0.01))
-        return self.emit("leaky_relu", [x], x.shape, 2, node.name, shift_k=x.k - 1, alpha=alpha)
 
     def op_MaxPool(self, node: OnnxNode, ins: list[Any]) -> Ref:
         x = self.at_k1(self.ref(node.inputs[0], node), node.name)
@@ -340,11 +238,6 @@ class Lowerer:
         shape = list(refs[0].shape)
         shape[axis] = sum(r.shape[axis] for r in refs)
         return self.emit("concat", refs, shape, refs[0].k, node.name, axis=axis)
-
-    def _reshape(self, node: OnnxNode, x: Ref, shape: list[int]) -> Ref:
-        if int(np.prod(shape)) != int(np.prod(x.shape)):
-            raise ModelError(f"node {node.name}: cannot reshape {x.shape} to {shape}")
-        return self.emit("reshape", [x], shape, x.k, node.name, to=[int(d) for d in shape])
 
     def op_Flatten(self, node: OnnxNode, ins: list[Any]) -> Ref:
         x = self.ref(node.inputs[0], node)
@@ -449,19 +342,6 @@ class Lowerer:
     def op_Dropout(self, node: OnnxNode, ins: list[Any]) -> Value:
         return ins[0]
 
-    def _final(self, node: OnnxNode, kind: str) -> Ref:
-        x = self.ref(node.inputs[0], node)
-        if node.outputs[0] != self.g.output_name:
-            raise ModelError(f"node {node.name}: {node.op} is supported only as the model's final op (applied by the data owner in clear)")
-        axis = int(node.attrs.get("axis", -1))
-        self.post = {"kind": kind, "axis": axis}
-        return x
-
-    def op_Sigmoid(self, node: OnnxNode, ins: list[Any]) -> Ref:
-        return self._final(node, "sigmoid")
-
-    def op_Softmax(self, node: OnnxNode, ins: list[Any]) -> Ref:
-        return self._final(node, "softmax")
 
 
 # The supported-op list is the lowering itself: an op is supported on a secret tensor iff the

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from privmed.errors import ProtocolError
+from privmed.ir.approx import FUNCTIONS
 from privmed.ir.plan import PLAN_VERSION, Node, Plan
 from privmed.ir.shapes import ShapeError, elements, infer_shape
 
@@ -37,6 +38,7 @@ MAX_ELEMENTS = 1 << 28  # per sample and node (2 GiB of ring elements)
 MAX_TEXT = 256
 ID_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
 MIN_FRAC_BITS, MAX_FRAC_BITS = 6, 20
+MAX_INTERVALS, MAX_DEGREE = 64, 5  # piecewise-polynomial tables of approx nodes
 PLAN_KEYS = {"version", "model_name", "frac_bits", "input_name", "input_shape", "output_name", "nodes"}
 NODE_KEYS = {"id", "op", "inputs", "shape", "scale", "attrs"}
 
@@ -83,6 +85,29 @@ def _ints(lo: int, hi: int, min_len: int = 0, max_len: int = MAX_RANK) -> Rule:
             return f"entries must be integers in [{lo}, {hi}], got {bad!r}"
         return None
     return rule
+
+
+def _floats(lo: float, hi: float, min_len: int, max_len: int) -> Rule:
+    def rule(v: Any) -> str | None:
+        if type(v) is not list or not min_len <= len(v) <= max_len:
+            return f"must be a list of {min_len}..{max_len} numbers, got {_short(v)}"
+        bad = next((x for x in v if type(x) not in (int, float) or not math.isfinite(x) or not lo <= x <= hi), None)
+        if bad is not None:
+            return f"entries must be finite numbers in [{lo}, {hi}], got {bad!r}"
+        return None
+    return rule
+
+
+def _coeffs(v: Any) -> str | None:
+    if type(v) is not list or not 2 <= len(v) <= MAX_INTERVALS:
+        return f"must be one coefficient list per interval (2..{MAX_INTERVALS}), got {_short(v)}"
+    for row in v:
+        problem = _floats(-1e6, 1e6, 2, MAX_DEGREE + 1)(row)
+        if problem:
+            return problem
+    if len({len(row) for row in v}) != 1:
+        return "every interval must have the same number of coefficients"
+    return None
 
 
 def _text(v: Any) -> str | None:
@@ -155,10 +180,13 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     "slice": {"slices": _slices},
     "pad": {"pads": _ints(0, 1 << 16, 2, 2 * MAX_RANK), "mode": _enum("constant", "reflect", "edge"), "value": _float(-1e9, 1e9)},
     "resize": {"indices": _indices},
+    "approx": {"fn": _enum(*FUNCTIONS), "knots": _floats(-1024.0, 1024.0, 1, MAX_INTERVALS - 1),
+               "centers": _floats(-1024.0, 1024.0, 2, MAX_INTERVALS), "coeffs": _coeffs, "bits": WIDTH},
+    "mul": {},
     "output": {"post": _post},
 }
 OPTIONAL: dict[str, dict[str, Rule]] = {"linear": {"spec": _spec}}
-ARITY = {"input": (0, 0), "add": (2, 2), "concat": (1, 1024)}
+ARITY = {"input": (0, 0), "add": (2, 2), "mul": (2, 2), "concat": (1, 1024)}
 
 
 def _short(v: Any) -> str:
@@ -195,8 +223,18 @@ def _check_attrs(node: Node, frac_bits: int) -> None:
         raise _fail(node, "instnorm frac_bits must equal the plan's, k_lo <= k_hi, sign_bits a multiple of 4")
     if op == "add" and a["signs"][0] != 1 or op == "add" and a["signs"][1] == 0:
         raise _fail(node, "signs must be [1, 1] or [1, -1]")
+    if op == "approx" and not _table_fits(a):
+        raise _fail(node, "approx needs increasing knots on the 2^-6 grid, one center (on the grid) and one "
+                          "coefficient list per interval, and a comparison width that is a multiple of 4")
     if op in ("maxpool", "avgpool") and not (len(a["strides"]) == len(a["kernel"]) and len(a["pads"]) == 2 * len(a["kernel"])):
         raise _fail(node, "strides and pads must match the kernel's rank")
+
+
+def _table_fits(a: dict[str, Any]) -> bool:
+    knots, centers = a["knots"], a["centers"]
+    on_grid = all(float(v) * 64 == int(float(v) * 64) for v in [*knots, *centers])  # exact at every frac_bits >= 6
+    increasing = all(p < q for p, q in zip(knots, knots[1:], strict=False))
+    return on_grid and increasing and len(centers) == len(knots) + 1 == len(a["coeffs"]) and a["bits"] % 4 == 0
 
 
 def _check_node_fields(node: Node) -> None:

@@ -30,6 +30,9 @@ avgpool        window sum times public 1/count (scale s -> s+f)                 
 instnorm       instance norm (+ private gamma, beta) over trailing axes; out 2f     see mpc.norm
 upscale        x * 2^shift                                                          local
 add            x + y (same scale)                                                   local
+mul            x * y, both secret, y broadcast over x (scale f each -> 2f)          Beaver, 1 rd
+approx         public piecewise cubic of x (Sigmoid/Tanh/Erf/SiLU/GELU; table in    compare+
+               the attrs, ``privmed.ir.approx``); scale f -> 2f                     Beaver
 concat         along axis                                                           local
 reshape        to shape (per sample, batch dim prepended)                           local
 transpose      perm                                                                 local

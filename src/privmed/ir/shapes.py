@@ -119,6 +119,13 @@ def _add(in_shapes: Sequence[Shape], attrs: dict[str, Any]) -> Shape:
     return list(in_shapes[0])
 
 
+def _mul(in_shapes: Sequence[Shape], attrs: dict[str, Any]) -> Shape:
+    x, y = in_shapes
+    if len(x) != len(y) or any(b not in (1, a) for a, b in zip(x, y, strict=True)):
+        raise ShapeError(f"secret product of {x} and {y} (the second must broadcast to the first)")
+    return list(x)
+
+
 def _concat(in_shapes: Sequence[Shape], attrs: dict[str, Any]) -> Shape:
     axis, first = attrs["axis"], in_shapes[0]
     if not 0 <= axis < len(first):
@@ -187,7 +194,7 @@ def _prod(shape: Sequence[int]) -> int:
 INFER: dict[str, Callable[[Sequence[Shape], dict[str, Any]], Shape]] = {
     "linear": _linear, "bias": _same, "relu": _same, "leaky_relu": _same, "trunc": _same,
     "upscale": _same, "prelu": _per_channel, "maxpool": _maxpool, "avgpool": _avgpool, "instnorm": _instnorm,
-    "add": _add, "concat": _concat, "reshape": _reshape, "transpose": _transpose,
+    "add": _add, "mul": _mul, "approx": _same, "concat": _concat, "reshape": _reshape, "transpose": _transpose,
     "slice": _slice, "pad": _pad, "resize": _resize, "output": _same,
 }
 

@@ -29,6 +29,8 @@ class Backend(Protocol):
     def maxpool(self, node: Node, x: np.ndarray) -> np.ndarray: ...
     def avgpool(self, node: Node, x: np.ndarray) -> np.ndarray: ...
     def instnorm(self, node: Node, x: np.ndarray) -> np.ndarray: ...
+    def approx(self, node: Node, x: np.ndarray) -> np.ndarray: ...
+    def mul(self, node: Node, x: np.ndarray, y: np.ndarray) -> np.ndarray: ...
     def pad_value(self, node: Node, dtype: np.dtype) -> Any: ...
     def output(self, node: Node, x: np.ndarray) -> Any: ...
 
@@ -70,11 +72,13 @@ def _step(node: Node, xs: list[np.ndarray], be: Backend, batch: int) -> Any:
     if op == "input":
         return be.input(node, batch)
     x = xs[0]
-    if op in ("linear", "bias", "relu", "leaky_relu", "prelu", "trunc", "upscale", "maxpool", "avgpool", "instnorm", "output"):
+    if op in ("linear", "bias", "relu", "leaky_relu", "prelu", "trunc", "upscale", "maxpool", "avgpool", "instnorm", "approx", "output"):
         return getattr(be, op)(node, x)
     if op == "add":
         y = xs[1]
         return x + y if a.get("signs", [1, 1])[1] > 0 else x - y
+    if op == "mul":
+        return be.mul(node, x, xs[1])
     if op == "concat":
         return np.concatenate(xs, axis=a["axis"] + 1)
     if op == "reshape":

@@ -13,4 +13,6 @@ Modules, in dependency order:
                   comparison, and the reveal to the data owner.
 - ``norm``        instance / group normalisation on shares (the reference algorithm's ops as
                   protocols).
+- ``approx``      Sigmoid / Tanh / Erf / SiLU / GELU as public piecewise cubics on shares
+                  (comparisons select the interval, Beaver products evaluate the cubic).
 """

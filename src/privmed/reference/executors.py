@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from privmed.ir.approx import PlainApproxOps, exact, piecewise
 from privmed.ir.ops import avg_divisor, conv_spec
 from privmed.ir.plan import Node, Plan, PrivateWeights
 from privmed.ring import layout
@@ -72,6 +73,12 @@ class FloatBackend:
         if node.id in self.w.float_bias:
             y = y + self.w.float_bias[node.id]
         return y.reshape(x.shape)
+
+    def approx(self, node: Node, x: np.ndarray) -> np.ndarray:
+        return exact(node.attrs["fn"])(x).astype(x.dtype, copy=False)
+
+    def mul(self, node: Node, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return x * y
 
     def output(self, node: Node, x: np.ndarray) -> np.ndarray:
         return x
@@ -155,6 +162,12 @@ class FixedBackend(RingOps):
 
         ops = PlainNormOps(self.w.weight.get(node.id), self.w.bias.get(node.id))
         return instance_norm(ops, x, node.attrs, self.f)
+
+    def approx(self, node: Node, x: np.ndarray) -> np.ndarray:
+        return piecewise(PlainApproxOps(), x, node.attrs, self.f)
+
+    def mul(self, node: Node, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return x * y
 
     def output(self, node: Node, x: np.ndarray) -> np.ndarray:
         return decode(x, node.scale)

@@ -15,6 +15,7 @@ import numpy as np
 
 from privmed.ir.ops import conv_spec
 from privmed.ir.plan import Node, Plan, PrivateWeights
+from privmed.mpc.approx import secure_approx
 from privmed.mpc.norm import secure_instance_norm
 from privmed.mpc.protocols import Protocols
 from privmed.reference.executors import RingOps, leaky_combine, prelu_combine
@@ -108,6 +109,14 @@ class SecureBackend(RingOps):
         if self.w is not None and node.attrs["affine"]:
             gamma, beta = self.w.weight[node.id], self.w.bias.get(node.id)
         return secure_instance_norm(self._at(node), x, node.attrs, self.f, gamma, beta)
+
+    def approx(self, node: Node, x: np.ndarray) -> np.ndarray:
+        """A smooth activation as a public piecewise cubic (``privmed.mpc.approx``)."""
+        return secure_approx(self._at(node), x, node.attrs, self.f)
+
+    def mul(self, node: Node, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Product of two secret tensors, y broadcast over x: one Beaver product."""
+        return self._at(node).multiply(np.ascontiguousarray(x), np.ascontiguousarray(y))
 
     def pad_value(self, node: Node, dtype: np.dtype) -> Any:
         if self.data_owner:

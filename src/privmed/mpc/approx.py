@@ -1,0 +1,67 @@
+"""Smooth activations on shares: ``privmed.ir.approx.piecewise`` (a public piecewise cubic,
+Sigmoid / Tanh / Erf / SiLU / GELU) with each of its ops one protocol of
+``privmed.mpc.protocols``, so the dealer serves it without any code of its own.
+
+Construction: the spline on comparison-selected intervals of SIRNN (Rathee et al., S&P 2021,
+sec. 5) and CrypTen (Knott et al., NeurIPS 2021, sec. 3.3), with the interval's coefficients
+selected by a public linear map of the comparison bits instead of a lookup table. For x at
+scale f, K intervals (K - 1 knots) and degree d = 3:
+
+1. b = [x >= t_j] for the K - 1 knots: one ``compare.sign`` on the (K - 1) n differences
+   x - t_j (the data owner subtracts the public t_j), width ``bits`` from calibration.
+2. Local: the interval's center M and coefficients C_0..C_d, linear in the bits.
+3. u = x - M; u^2 = trunc(square(u)); u^3 = trunc(u^2 * u) (two Beaver products, two
+   truncations).
+4. y = C_0 2^f + sum_k C_k u^k: one Beaver product of the stacked (d, n) tensors.
+
+Rounds: (2 + ceil(log2 m)) + 4 + 1, m = bits / 4 comparison chunks (10 for m = 6).
+Bytes per element and party: (K - 1)(8 + (2m - 1) / 4 + 1/8) (comparisons) + 16 (square and
+its truncation) + 24 (product and truncation) + 16 d (the final product) = (K - 1)(8.125 +
+(2m - 1) / 4) + 88; e.g. Sigmoid (12 knots) at m = 6: 208 B. Dealer to the model owner:
+(K - 1)(24 + 4m + (2m + 1) / 8) + 8 + 8 + 2 * 16 + 8 d bytes per element (sign material,
+the two products' c, the two truncations' r_high and r_msb, the final product's c).
+Error: the table's fit error (measured at fit time, <= 1e-4 for every shipped function over
+the whole real line) plus ``privmed.ir.approx.fixed_point_error`` (3e-5 at f = 16) plus the
+truncations' +1 ulp, which the secure result adds to the reference's.
+
+Security (semi-honest, non-colluding dealer): the composition of protocols each of whose
+views is simulatable (``compare.sign``, ``arith`` Beaver products, ``compare.truncate``), each
+with fresh correlations under its own ``StreamKey``; nothing is opened but masked values, and
+the table is public, so the composition is simulatable (sequential composition).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from privmed.ir.approx import piecewise
+from privmed.mpc.protocols import Protocols
+
+
+class SecureApproxOps:
+    """``privmed.ir.approx.ApproxOps`` on shares (the dealer's recording walk included)."""
+
+    def __init__(self, pr: Protocols, bits: int) -> None:
+        self.pr, self.bits = pr, bits
+
+    def const(self, value: np.ndarray) -> np.ndarray:
+        return value if getattr(self.pr, "is_data_owner", False) else np.zeros_like(value)
+
+    def sign(self, x: np.ndarray) -> np.ndarray:
+        return self.pr.sign(np.ascontiguousarray(x), self.bits).reshape(x.shape)
+
+    def square(self, x: np.ndarray) -> np.ndarray:
+        return self.pr.square(np.ascontiguousarray(x))
+
+    def mul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self.pr.multiply(np.ascontiguousarray(x), np.ascontiguousarray(y))
+
+    def trunc(self, x: np.ndarray, shift: int) -> np.ndarray:
+        return self.pr.truncate(np.ascontiguousarray(x), shift).reshape(x.shape)
+
+
+def secure_approx(pr: Protocols, x: np.ndarray, attrs: dict[str, Any], f: int) -> np.ndarray:
+    """Shares of the node's piecewise cubic of x (scale f), at scale 2f."""
+    return piecewise(SecureApproxOps(pr, attrs["bits"]), x, attrs, f)
