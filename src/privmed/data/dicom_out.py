@@ -5,7 +5,7 @@
   reference, so viewers overlay it on the series.
 - ``write_sr``: per-finding probabilities of one image -> a DICOM Comprehensive 3D SR with a
   TID 1500 Measurement Report: one measurement group (TID 1501) per finding, holding a
-  qualitative evaluation (present/absent at ``threshold``) and the probability (DCM 113004
+  qualitative evaluation (present/absent at ``threshold``) and the probability (DCM 122157
   "Probability", unit UCUM "1"), the source image referenced in every group.
 - ``read_seg_labels`` / ``read_sr_findings``: read them back (the tests' oracle and what a
   hospital script would do), through highdicom's parsers.
