@@ -1,0 +1,380 @@
+"""Inference as a service: `privmed serve model-owner` and `privmed serve dealer` as real
+long-running processes, hospitals as `privmed infer --service` processes, all over mutual TLS
+1.3 on 127.0.0.1; every organisation's key made on its own "host" folder by a certificate
+request that the consortium CA signs.
+
+Claims tested: sessions run concurrently up to ``max_sessions`` and one more is refused as busy
+at once; one hospital killed mid-session ends only its own session; SIGTERM finishes running
+sessions and refuses new ones; a data owner cannot join another hospital's session; a
+certificate of the wrong role, or a hospital off the allow-list, is refused with a one-line
+reason; handshake messages that break the schema end only that connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from privmed.crypto.certs import Identity, init_ca
+from privmed.crypto.csr import fingerprint_file, request, sign
+from privmed.errors import PeerError
+from privmed.net.tls import TlsChannel, connect
+from privmed.runtime import service_wire as wire
+
+from .conftest import ENV, PRIVMED, TinyModel, error_message, free_port
+
+pytestmark = pytest.mark.timeout(180)
+ATOL = 1e-3  # 16 fractional bits, a few layers, then softmax (as in test_party_deploy)
+START_S = 60.0  # a service's start (imports, compiling the model) on 2 busy cores
+ORGS = {  # folder -> (role, organisation)
+    "vendor": ("model-owner", "Acme Imaging AI"),
+    "helper": ("dealer", "Regional Health IT"),
+    "st-mary": ("data-owner", "St Mary Hospital"),
+    "northfield": ("data-owner", "Northfield Clinic"),
+    "outsider": ("data-owner", "Unlisted Clinic"),
+}
+
+
+@dataclass(frozen=True)
+class Orgs:
+    base: Path
+    ca: Path
+
+    def ident(self, org: str) -> Identity:
+        role = ORGS[org][0]
+        d = self.base / org
+        return Identity(role, d / f"{role}.pem", d / f"{role}.key", d / "ca.pem")
+
+
+def make_orgs(base: Path) -> Orgs:
+    """A consortium CA that signs each organisation's request; keys stay in their folders."""
+    init_ca(base / "consortium")
+    for org, (role, name) in ORGS.items():
+        _key, csr = request(role, name, base / org)
+        sign(base / "consortium", csr, role, base / org / f"{role}.pem")
+        (base / org / "ca.pem").write_bytes((base / "consortium" / "ca.pem").read_bytes())
+    return Orgs(base, base / "consortium" / "ca.pem")
+
+
+def _service_toml(orgs: Orgs, org: str, port: int, *, max_sessions: int, allow: list[str], dealer_port: int | None) -> Path:
+    role = ORGS[org][0]
+    lines = ["[service]", 'host = "127.0.0.1"', f"port = {port}", 'ca = "ca.pem"', f'cert = "{role}.pem"', f'key = "{role}.key"',
+             f"max_sessions = {max_sessions}", "timeout_s = 20", "connect_timeout_s = 15", 'audit_log = "audit.jsonl"',
+             "allow = [" + ", ".join(json.dumps(a) for a in allow) + "]"]  # fmt: skip
+    if dealer_port is not None:
+        lines += ["", "[dealer]", 'host = "127.0.0.1"', f"port = {dealer_port}"]
+    path = orgs.base / org / "service.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _session_toml(orgs: Orgs, org: str, model_port: int, dealer_port: int) -> None:
+    (orgs.base / org / "session.toml").write_text(
+        f'[session]\nca = "ca.pem"\ntimeout_s = 20\nconnect_timeout_s = 15\n\n[data-owner]\ncert = "data-owner.pem"\nkey = "data-owner.key"\n\n'
+        f'[model-owner]\nhost = "127.0.0.1"\nport = {model_port}\ncert = "-"\nkey = "-"\n\n'
+        f'[dealer]\nhost = "127.0.0.1"\nport = {dealer_port}\ncert = "-"\nkey = "-"\n'
+    )
+
+
+@dataclass
+class Proc:
+    """One `privmed` process with stdout/stderr in files."""
+
+    name: str
+    cwd: Path
+    argv: list[str]
+    popen: subprocess.Popen = field(init=False)
+    started: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        with open(self.cwd / f"{self.name}.out", "wb") as out, open(self.cwd / f"{self.name}.err", "wb") as err:
+            self.popen = subprocess.Popen(PRIVMED + self.argv, cwd=self.cwd, stdout=out, stderr=err, env=ENV, start_new_session=True)
+        self.started = time.monotonic()
+
+    def out(self) -> str:
+        return (self.cwd / f"{self.name}.out").read_text(errors="replace")
+
+    def err(self) -> str:
+        return (self.cwd / f"{self.name}.err").read_text(errors="replace")
+
+    def report(self) -> str:
+        return f"--- {self.name}: exit {self.popen.poll()}\nstdout:\n{self.out()}\nstderr:\n{self.err()}"
+
+    def wait_text(self, text: str, timeout_s: float, stream: str = "out") -> float:
+        """Block until ``text`` appears in stdout (or stderr); returns the monotonic time."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if text in (self.out() if stream == "out" else self.err()):
+                return time.monotonic()
+            if self.popen.poll() is not None:
+                pytest.fail(f"{self.name} exited before printing {text!r}\n{self.report()}")
+            time.sleep(0.05)
+        pytest.fail(f"{self.name} did not print {text!r} within {timeout_s}s\n{self.report()}")
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            return self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.name} did not exit within {timeout_s}s\n{self.report()}")
+
+    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, sig)
+
+
+@dataclass
+class Deployment:
+    orgs: Orgs
+    model: TinyModel
+    vendor: Proc
+    helper: Proc
+    procs: list[Proc] = field(default_factory=list)
+
+    def hospital(self, org: str, name: str, images: int = 1) -> Proc:
+        """`privmed infer --service` on ``images`` copies of the model's input (one session of
+        ``images`` batches: long enough for other requests to arrive while it runs)."""
+        d = self.orgs.base / org
+        np.save(d / f"{name}-in.npy", np.repeat(self.model.x, images, axis=0))
+        proc = Proc(name, d, ["infer", "--service", "session.toml", "--model-name", "slow", "--input", f"{name}-in.npy",
+                              "--output", f"{name}.npy"])  # fmt: skip
+        self.procs.append(proc)
+        return proc
+
+    def audit(self, org: str) -> list[dict]:
+        return [json.loads(line) for line in (self.orgs.base / org / "audit.jsonl").read_text().splitlines()]
+
+    def stop(self) -> None:
+        for p in [*self.procs, self.vendor, self.helper]:
+            p.kill()
+            p.popen.wait(timeout=10)
+
+
+def deploy(base: Path, model: TinyModel, *, max_sessions: int) -> Deployment:
+    orgs = make_orgs(base)
+    mport, dport = free_port(), free_port()
+    allow = [fingerprint_file(orgs.ident("st-mary").cert), "O=Northfield Clinic"]
+    _service_toml(orgs, "helper", dport, max_sessions=4, allow=["O=Acme Imaging AI"], dealer_port=None)
+    _service_toml(orgs, "vendor", mport, max_sessions=max_sessions, allow=allow, dealer_port=dport)
+    for org in ("st-mary", "northfield", "outsider"):
+        _session_toml(orgs, org, mport, dport)
+    (base / "vendor" / "slow.onnx").write_bytes(model.onnx.read_bytes())
+    helper = Proc("dealer", base / "helper", ["serve", "dealer", "--config", "service.toml"])
+    vendor = Proc("vendor", base / "vendor", ["serve", "model-owner", "--config", "service.toml", "--model", "slow=slow.onnx"])
+    dep = Deployment(orgs, model, vendor, helper)
+    try:
+        helper.wait_text("listening on", START_S)
+        vendor.wait_text("listening on", START_S)
+    except BaseException:
+        dep.stop()
+        raise
+    return dep
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory, slow_cnn: TinyModel) -> Iterator[Deployment]:
+    """One vendor service (at most 2 sessions) and one dealer service for the module's tests."""
+    dep = deploy(tmp_path_factory.mktemp("service"), slow_cnn, max_sessions=2)
+    try:
+        yield dep
+    finally:
+        dep.stop()
+
+
+def _check_output(dep: Deployment, proc: Proc, images: int = 1) -> None:
+    assert proc.wait(90) == 0, proc.report()
+    got = np.load(proc.cwd / f"{proc.name}.npy")
+    np.testing.assert_allclose(got, np.repeat(dep.model.expected, images, axis=0), atol=ATOL, rtol=0)
+
+
+def test_two_sessions_run_concurrently_and_a_third_is_refused_busy(services: Deployment) -> None:
+    # Prepare: a silent TCP connection to each service (a port scanner) must delay nobody
+    silent = [socket.create_connection(("127.0.0.1", _port(services, o)), timeout=5) for o in ("vendor", "helper")]
+    try:
+        # Execute: two hospitals at once; when both compute, a third request
+        a = services.hospital("st-mary", "a", images=5)
+        b = services.hospital("northfield", "b", images=5)
+        a.wait_text("secure inference:", 60, "err")
+        b.wait_text("secure inference:", 60, "err")
+        c = services.hospital("st-mary", "c")
+        code_c = c.wait(60)
+        latency = time.monotonic() - c.started
+        # Assert: the third is refused as busy, in one line, and the two others are right
+        assert code_c == 2, c.report()
+        msg = error_message(c.err(), c.report())
+        assert "model-owner at 127.0.0.1" in msg and "refused the session (busy)" in msg and "2 of 2 sessions" in msg, msg
+        assert latency < 20, f"busy refusal took {latency:.1f}s"
+        _check_output(services, a, images=5)
+        _check_output(services, b, images=5)
+    finally:
+        for s in silent:
+            s.close()
+    records = [r for r in services.audit("vendor") if r.get("outcome") == "ok"]
+    ok = {r["peer"]["org"]: r for r in records[-2:]}
+    assert set(ok) == {"St Mary Hospital", "Northfield Clinic"}, records
+    first, second = sorted(ok.values(), key=lambda r: r["time"])
+    assert second["time"] < first["end"], f"the sessions did not overlap: {first} {second}"
+    for r in ok.values():
+        assert r["images"] == 5 and r["model"] == "slow" and r["plan"] == records[-1]["plan"] and r["bytes_sent"] > 0, r
+        assert len(r["session"]) == 32
+    assert ok["St Mary Hospital"]["session"] != ok["Northfield Clinic"]["session"]
+    busy = [r for r in services.audit("vendor") if r.get("code") == "busy"]
+    assert busy and busy[-1]["peer"]["org"] == "St Mary Hospital", services.audit("vendor")
+    dealer_ok = {r["session"] for r in services.audit("helper") if r.get("outcome") == "ok"}
+    assert {r["session"] for r in ok.values()} <= dealer_ok
+
+
+def _port(dep: Deployment, org: str) -> int:
+    for line in (dep.orgs.base / org / "service.toml").read_text().splitlines():
+        if line.startswith("port = "):
+            return int(line.split("=")[1])
+    raise AssertionError(org)
+
+
+def test_a_hospital_killed_mid_session_ends_only_its_own_session(services: Deployment) -> None:
+    # Prepare: two sessions running
+    a = services.hospital("st-mary", "killed", images=5)
+    b = services.hospital("northfield", "survivor", images=2)
+    a.wait_text("secure inference:", 60, "err")
+    b.wait_text("secure inference:", 60, "err")
+    # Execute
+    a.kill()
+    # Assert: the other hospital's session completes correctly; the services log the loss
+    _check_output(services, b, images=2)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        failed = [r for r in services.audit("vendor") if r.get("outcome") == "failed" and r["peer"]["org"] == "St Mary Hospital"]
+        if failed:
+            break
+        time.sleep(0.2)
+    assert failed and "data-owner" in failed[-1]["error"], services.audit("vendor")
+    assert services.vendor.popen.poll() is None and services.helper.popen.poll() is None
+
+
+def _channel(ident: Identity, peer: str, port: int) -> TlsChannel:
+    return TlsChannel(ident.name, peer, bytes(16), connect(ident, peer, "127.0.0.1", port, 10), 15)
+
+
+def test_a_data_owner_cannot_join_another_hospitals_session(services: Deployment) -> None:
+    # Prepare: St Mary asks the vendor for a session and learns its id
+    st_mary, northfield = services.orgs.ident("st-mary"), services.orgs.ident("northfield")
+    to_model = _channel(st_mary, "model-owner", _port(services, "vendor"))
+    wire.send(to_model, wire.REQUEST, model="slow", plan="")
+    granted = wire.receive(to_model, wire.REPLY, 15)
+    assert granted["ok"] and len(granted["session"]) == 32, granted
+    try:
+        # Execute: Northfield presents that id at the dealer; then an id nobody opened
+        replies = []
+        for sid in (granted["session"], os.urandom(16).hex()):
+            ch = _channel(northfield, "dealer", _port(services, "helper"))
+            wire.send(ch, wire.JOIN, session=sid)
+            replies.append(wire.receive(ch, wire.REPLY, 15))
+            ch.close(flush_s=1.0)
+        # St Mary can still join its own session afterwards
+        own = _channel(st_mary, "dealer", _port(services, "helper"))
+        wire.send(own, wire.JOIN, session=granted["session"])
+        joined = wire.receive(own, wire.REPLY, 15)
+        own.close(flush_s=1.0)
+    finally:
+        to_model.close(flush_s=1.0)
+    # Assert
+    assert replies[0]["ok"] is False and replies[0]["code"] == "not-allowed", replies[0]
+    assert "another data owner" in replies[0]["error"]
+    assert replies[1]["ok"] is False and replies[1]["code"] == "unknown-session", replies[1]
+    assert joined["ok"] is True and joined["session"] == granted["session"], joined
+
+
+def test_wrong_role_certificates_are_refused(services: Deployment, tmp_path: Path) -> None:
+    # Execute 1: the vendor's own certificate knocks on the vendor as if it were a hospital
+    vendor = services.orgs.ident("vendor")
+    ch = _channel(vendor, "model-owner", _port(services, "vendor"))
+    wire.send(ch, wire.REQUEST, model="slow", plan="")
+    with pytest.raises(PeerError, match="refused a certificate issued to 'model-owner'; expected data-owner"):
+        wire.receive(ch, wire.REPLY, 15)
+    ch.close(flush_s=1.0)
+    # Execute 2: a hospital certificate asks the dealer to open a session (what vendors do)
+    ch = _channel(services.orgs.ident("st-mary"), "dealer", _port(services, "helper"))
+    wire.send(ch, wire.OPEN, session=os.urandom(16).hex(), data_owner="sha256:" + "0" * 64, model="slow", plan="")
+    with pytest.raises(PeerError):  # the dealer expects only svc/join from a data owner: it hangs up
+        wire.receive(ch, wire.REPLY, 15)
+    ch.close(flush_s=1.0)
+    # Execute 3: a hospital's certificate used to start a dealer service
+    hospital = services.orgs.base / "st-mary"
+    toml = (services.orgs.base / "helper" / "service.toml").read_text()
+    (hospital / "dealer.toml").write_text(toml.replace('"dealer.pem"', '"data-owner.pem"').replace('"dealer.key"', '"data-owner.key"')
+                                          .replace(f"port = {_port(services, 'helper')}", "port = 0"))
+    bad = Proc("bad-dealer", hospital, ["serve", "dealer", "--config", "dealer.toml"])
+    # Assert
+    assert bad.wait(60) == 2, bad.report()
+    msg = error_message(bad.err(), bad.report())
+    assert msg == "data-owner.pem: a certificate for 'data-owner' (St Mary Hospital), not for dealer; a dealer service needs a dealer certificate", msg
+    hospital_at_dealer = [r for r in services.audit("helper") if r["peer"]["org"] == "St Mary Hospital" and "session" not in r]
+    assert "tag 'svc/open', expected 'svc/join'" in hospital_at_dealer[-1]["error"], services.audit("helper")
+
+
+def test_a_hospital_off_the_allow_list_is_refused_in_one_line(services: Deployment) -> None:
+    # Execute
+    proc = services.hospital("outsider", "outsider")
+    code = proc.wait(60)
+    # Assert
+    assert code == 2, proc.report()
+    msg = error_message(proc.err(), proc.report())
+    assert msg.startswith("model-owner at 127.0.0.1:") and "refused the connection: model-owner does not admit 'Unlisted Clinic'" in msg, msg
+    assert msg.endswith("not on its allow-list"), msg
+    assert not (proc.cwd / "outsider.npy").exists()
+    record = [r for r in services.audit("vendor") if r["peer"]["org"] == "Unlisted Clinic"][-1]
+    assert record["outcome"] == "refused" and record["code"] == "not-allowed", record
+
+
+def test_a_request_that_breaks_the_schema_ends_only_that_connection(services: Deployment) -> None:
+    # Execute: an extra field, then a model name that is a path
+    errors = []
+    for fields in ({"model": "slow", "plan": "", "debug": True}, {"model": "../../etc/passwd", "plan": ""}):
+        ch = _channel(services.orgs.ident("northfield"), "model-owner", _port(services, "vendor"))
+        ch.send_text(wire.REQUEST, json.dumps(fields))
+        with pytest.raises(PeerError):  # the service hangs up without a reply
+            wire.receive(ch, wire.REPLY, 15)
+        ch.close(flush_s=1.0)
+        errors.append([r for r in services.audit("vendor") if r["peer"]["org"] == "Northfield Clinic"][-1]["error"])
+    # Assert: named in the audit log; the service still serves
+    assert "svc/request with fields" in errors[0] and "'debug'" in errors[0], errors
+    assert "invalid 'model'" in errors[1], errors
+    ok = services.hospital("northfield", "after-bad")
+    _check_output(services, ok)
+
+
+def test_sigterm_finishes_running_sessions_and_refuses_new_ones(tmp_path: Path, slow_cnn: TinyModel) -> None:
+    dep = deploy(tmp_path, slow_cnn, max_sessions=2)
+    try:
+        # Prepare: one session running
+        a = dep.hospital("st-mary", "running", images=3)
+        a.wait_text("secure inference:", 60, "err")
+        # Execute: SIGTERM to both services, then a new request
+        dep.vendor.kill(signal.SIGTERM)
+        dep.helper.kill(signal.SIGTERM)
+        dep.vendor.wait_text("refusing new sessions", 10)
+        late = _channel(dep.orgs.ident("northfield"), "model-owner", _port(dep, "vendor"))
+        wire.send(late, wire.REQUEST, model="slow", plan="")
+        refusal = wire.receive(late, wire.REPLY, 15)
+        late.close(flush_s=1.0)
+        # Assert: the late one is refused, the running one completes, both services exit 0
+        assert a.popen.poll() is None, "the running session ended before the late request: no drain was tested"
+        assert refusal["ok"] is False and refusal["code"] == "shutting-down", refusal
+        assert refusal["error"] == "model-owner service is shutting down; try again later", refusal
+        _check_output(dep, a, images=3)
+        assert dep.vendor.wait(30) == 0, dep.vendor.report()
+        assert dep.helper.wait(30) == 0, dep.helper.report()
+        assert "model-owner service stopped" in dep.vendor.out()
+        outcomes = [(r["peer"]["org"], r["outcome"]) for r in dep.audit("vendor")]
+        assert ("St Mary Hospital", "ok") in outcomes and ("Northfield Clinic", "refused") in outcomes, outcomes
+    finally:
+        dep.stop()
