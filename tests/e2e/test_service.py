@@ -66,10 +66,11 @@ def make_orgs(base: Path) -> Orgs:
     return Orgs(base, base / "consortium" / "ca.pem")
 
 
-def _service_toml(orgs: Orgs, org: str, port: int, *, max_sessions: int, allow: list[str], dealer_port: int | None) -> Path:
+def _service_toml(orgs: Orgs, org: str, port: int, *, max_sessions: int, allow: list[str], dealer_port: int | None,
+                  timeout_s: float = 20) -> Path:
     role = ORGS[org][0]
     lines = ["[service]", 'host = "127.0.0.1"', f"port = {port}", 'ca = "ca.pem"', f'cert = "{role}.pem"', f'key = "{role}.key"',
-             f"max_sessions = {max_sessions}", "timeout_s = 20", "connect_timeout_s = 15", 'audit_log = "audit.jsonl"',
+             f"max_sessions = {max_sessions}", f"timeout_s = {timeout_s}", "connect_timeout_s = 15", 'audit_log = "audit.jsonl"',
              "allow = [" + ", ".join(json.dumps(a) for a in allow) + "]"]  # fmt: skip
     if dealer_port is not None:
         lines += ["", "[dealer]", 'host = "127.0.0.1"', f"port = {dealer_port}"]
@@ -159,12 +160,12 @@ class Deployment:
             p.popen.wait(timeout=10)
 
 
-def deploy(base: Path, model: TinyModel, *, max_sessions: int) -> Deployment:
+def deploy(base: Path, model: TinyModel, *, max_sessions: int, timeout_s: float = 20) -> Deployment:
     orgs = make_orgs(base)
     mport, dport = free_port(), free_port()
     allow = [fingerprint_file(orgs.ident("st-mary").cert), "O=Northfield Clinic"]
-    _service_toml(orgs, "helper", dport, max_sessions=4, allow=["O=Acme Imaging AI"], dealer_port=None)
-    _service_toml(orgs, "vendor", mport, max_sessions=max_sessions, allow=allow, dealer_port=dport)
+    _service_toml(orgs, "helper", dport, max_sessions=4, allow=["O=Acme Imaging AI"], dealer_port=None, timeout_s=timeout_s)
+    _service_toml(orgs, "vendor", mport, max_sessions=max_sessions, allow=allow, dealer_port=dport, timeout_s=timeout_s)
     for org in ("st-mary", "northfield", "outsider"):
         _session_toml(orgs, org, mport, dport)
     (base / "vendor" / "slow.onnx").write_bytes(model.onnx.read_bytes())
@@ -376,5 +377,33 @@ def test_sigterm_finishes_running_sessions_and_refuses_new_ones(tmp_path: Path, 
         assert "model-owner service stopped" in dep.vendor.out()
         outcomes = [(r["peer"]["org"], r["outcome"]) for r in dep.audit("vendor")]
         assert ("St Mary Hospital", "ok") in outcomes and ("Northfield Clinic", "refused") in outcomes, outcomes
+    finally:
+        dep.stop()
+
+
+def test_a_hospital_that_hangs_is_dropped_after_timeout_s_while_another_completes(tmp_path: Path, slow_cnn: TinyModel) -> None:
+    timeout_s = 4.0
+    dep = deploy(tmp_path, slow_cnn, max_sessions=2, timeout_s=timeout_s)
+    try:
+        # Prepare: two sessions running
+        hung = dep.hospital("st-mary", "hung", images=4)
+        other = dep.hospital("northfield", "other", images=4)
+        hung.wait_text("secure inference:", 60, "err")
+        other.wait_text("secure inference:", 60, "err")
+        # Execute: one hospital's process stops (SIGSTOP: its connections stay open, silent)
+        hung.kill(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        # Assert: the other completes; the vendor gives up on the hung one after about timeout_s
+        _check_output(dep, other, images=4)
+        deadline = stopped_at + timeout_s + 20
+        failed: list[dict] = []
+        while not failed and time.monotonic() < deadline:
+            failed = [r for r in dep.audit("vendor") if r.get("outcome") == "failed"]
+            time.sleep(0.2)
+        elapsed = time.monotonic() - stopped_at
+        assert failed and failed[0]["peer"]["org"] == "St Mary Hospital", dep.audit("vendor")
+        assert f"data-owner did not send a message within {timeout_s:.0f}s" in failed[0]["error"], failed[0]
+        assert timeout_s - 0.5 < elapsed < timeout_s + 15, f"dropped after {elapsed:.1f}s"
+        assert dep.vendor.popen.poll() is None
     finally:
         dep.stop()
