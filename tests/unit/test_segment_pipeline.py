@@ -233,7 +233,7 @@ def test_volume_errors(tmp_path: Path) -> None:
         read_volume(tmp_path / "notes.txt")
     with pytest.raises(InputError, match=r"empty: no DICOM files found"):
         read_volume(tmp_path / "empty")
-    with pytest.raises(InputError, match=r"mask\.npy: expected a \.nii or \.nii\.gz output"):
+    with pytest.raises(InputError, match=r"mask\.npy: expected a \.nii, \.nii\.gz or \.dcm \(DICOM SEG\) output"):
         write_mask(tmp_path / "mask.npy", np.zeros((2, 2, 2), np.uint8), np.eye(4))
 
 
