@@ -257,7 +257,7 @@ def test_two_weight_sets_give_plans_that_differ_only_in_integer_widths(tmp_path:
     other = tmp_path / "other.onnx"
     onnx.save(model, str(other))
     a, b = _raw(compile_model(DEMO)[0]), _raw(compile_model(other)[0])
-    allowed = {"bits", "k_hi", "sign_bits", "sum_first"}
+    allowed = {"bits", "k_hi", "sign_bits", "sum_first", "pre"}
     assert len(a["nodes"]) == len(b["nodes"])
     for na, nb in zip(a["nodes"], b["nodes"], strict=True):
         assert {k: v for k, v in na.items() if k != "attrs"} == {k: v for k, v in nb.items() if k != "attrs"}

@@ -57,17 +57,24 @@ def _width(bound_scaled: float, margin: int, drop: int) -> int:
 
 
 def _instnorm_params(n: Node, extra: dict[str, float], f: int, margin: int) -> None:
-    """Threshold range, comparison width and summation order of a secure instance norm."""
+    """Pre-shift, threshold range, comparison width and summation order of a secure instance
+    norm. The pre-shift p brings the smallest calibrated channel variance to at least 2^-6
+    (about f - 6 significant bits of var at scale f) without taking the largest above 2^8
+    (1/sqrt(var) keeps f - 4 bits) or the squares' sum near the ring's limit."""
     m = int(np.prod(n.shape[1:]))
-    var_top = extra.get("var_max", 1.0) + n.attrs["eps"]
+    var_min, var_max, d_max = extra.get("var_min", 1.0), extra.get("var_max", 1.0), extra.get("d_max", 1.0)
+    room = math.floor((61 - margin - math.log2(m) - 2 * f - 2 * _log2(d_max)) / 2)  # squares' sum stays < 2^61
+    pre = max(0, min(math.ceil((-6 - _log2(var_min)) / 2), math.floor((8 - _log2(var_max)) / 2), room))
+    var_top = (var_max + n.attrs["eps"]) * 4.0**pre
     k_hi = math.ceil(_log2(var_top)) + margin
     n.attrs.update(
+        pre=pre,
         frac_bits=f,
         k_lo=-(f - 2),
         k_hi=k_hi,
         iters=3,
         sign_bits=_width(2.0 ** (k_hi + 1 + f), 0, 0),
-        sum_first=bool(math.log2(m) + 2 * _log2(extra.get("d_max", 1.0)) + 2 * f + margin < 61),
+        sum_first=bool(math.log2(m) + 2 * (_log2(d_max) + pre) + 2 * f + margin < 61),
     )
 
 

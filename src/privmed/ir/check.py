@@ -172,7 +172,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     "avgpool": {**WINDOW, "count_include_pad": _bool},
     "instnorm": {"eps": _float(1e-12, 1.0), "affine": _bool, "kind": _enum("channel_scale"), "w_shape": _ints(1, MAX_DIM, 1, 1),
                  "frac_bits": _int(MIN_FRAC_BITS, MAX_FRAC_BITS), "k_lo": _int(-64, 64), "k_hi": _int(-64, 64),
-                 "iters": _int(0, 8), "sign_bits": WIDTH, "sum_first": _bool},
+                 "iters": _int(0, 8), "sign_bits": WIDTH, "sum_first": _bool, "pre": _int(0, 30)},
     "add": {"signs": _ints(-1, 1, 2, 2)},
     "concat": {"axis": _int(0, MAX_RANK - 1)},
     "reshape": {"to": _ints(1, MAX_DIM, 1, MAX_RANK)},

@@ -5,7 +5,10 @@ y = gamma * (x - mean) / sqrt(var + eps) + beta over the trailing axes of each (
 channel); GroupNorm exports as Reshape -> InstanceNormalization -> Reshape -> Mul -> Add and
 runs through the same op. Steps, for x at scale f with M elements per channel:
 
-1. mean = trunc(sum(x) * round(2^f / M)) (scale f); d = x - mean.
+1. mean = trunc(sum(x) * round(2^f / M)) (scale f); d = (x - mean) 2^pre, a public shift that
+   the compiler picks from calibration so that small-variance channels keep enough bits of
+   var at scale f (normalisation is scale-invariant: (d 2^p) / sqrt(var 4^p + eps 4^p) is
+   the same value; eps is scaled with it).
 2. var = trunc(trunc(sum(d^2)) * round(2^f / M)) + eps (the squares are truncated before the
    sum instead when M * max|d|^2 could approach 2^61).
 3. Initial guess of 1/sqrt(var) from K sign bits b_k = [var >= 2^k], k = k_lo..k_hi:
@@ -55,13 +58,13 @@ def instance_norm(ops: NormOps, x: np.ndarray, a: dict[str, Any], f: int) -> np.
     x3 = x.reshape(n, c, m)
     inv_m = encode(np.array(1.0 / m), f)
     mean = ops.trunc(x3.sum(axis=2, keepdims=True, dtype=U64) * inv_m, "mu", f)
-    d = x3 - mean
+    d = (x3 - mean) << U64(a["pre"])
     d2 = ops.square(d, "sq")
     if a["sum_first"]:
         s2 = ops.trunc(d2.sum(axis=2, keepdims=True, dtype=U64), "s2t", f)
     else:
         s2 = ops.trunc(d2, "sqt", f).sum(axis=2, keepdims=True, dtype=U64)
-    var = ops.trunc(s2 * inv_m, "var", f) + ops.const(encode(np.array(a["eps"]), f))
+    var = ops.trunc(s2 * inv_m, "var", f) + ops.const(encode(np.array(a["eps"] * 4.0 ** a["pre"]), f))
     base, delta = initial_guess_weights(a["k_lo"], a["k_hi"])
     thresholds = encode(2.0 ** np.arange(a["k_lo"], a["k_hi"] + 1, dtype=np.float64), f)
     bits = ops.sign(var[..., None] - ops.const(thresholds), "sign")  # (n, c, 1, K), scale 0

@@ -10,7 +10,7 @@ leave the model owner.
 
 Fields that depend on the weights and are public all the same, because the protocols need
 them: ``frac_bits`` and the integer comparison widths (``bits`` of relu / leaky_relu / maxpool;
-``k_hi``, ``sign_bits`` and ``sum_first`` of instnorm). Each is a small integer (a handful of
+``k_hi``, ``sign_bits``, ``sum_first`` and ``pre`` of instnorm; ``bits`` of approx). Each is a small integer (a handful of
 bits of information per layer); ``tests/protocol/test_hostile_vendor.py`` checks that two
 weight sets of one architecture give plans that differ only there.
 

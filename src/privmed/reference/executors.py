@@ -66,7 +66,7 @@ class FloatBackend:
         x3 = x.reshape(n, c, -1)
         d = x3 - x3.mean(axis=2, keepdims=True)
         var = (d * d).mean(axis=2, keepdims=True)
-        self.stats[node.id] = {"var_max": float(var.max()), "d_max": float(np.abs(d).max())}
+        self.stats[node.id] = {"var_max": float(var.max()), "var_min": float(var.min()), "d_max": float(np.abs(d).max())}
         y = d / np.sqrt(var + node.attrs["eps"])
         if node.id in self.w.float_weight:
             y = y * self.w.float_weight[node.id].reshape(1, -1, 1)
