@@ -83,10 +83,10 @@ def export_default(kind: str, side: int, out: Path) -> Path:
 
 
 def ort_per_item(model: Any, inputs: np.ndarray, repeats: int = 3) -> float:
-    from privmed.segment.engines import PlaintextEngine
+    from privmed.engines import PlaintextEngine
 
-    PlaintextEngine().run(model, inputs[:1])  # warm-up
-    times = [PlaintextEngine().run(model, inputs).stats.to_dict()["batches"] for _ in range(repeats)]
+    PlaintextEngine().run(model.card, inputs[:1])  # warm-up
+    times = [PlaintextEngine().run(model.card, inputs).stats.to_dict()["batches"] for _ in range(repeats)]
     return float(np.median([b["time_s"] for run in times for b in run]))
 
 
@@ -94,7 +94,8 @@ def network_costs(kind: str, side: int, n: int, out: Path, timeout_s: float) -> 
     """n slices/patches of a phantom through the secure engine (batches of 1) and onnxruntime."""
     from privmed.cli.progress import LayerProgress
     from privmed.data.synth_ct import ct_phantom
-    from privmed.segment.engines import PlaintextEngine, SecureEngine, to_probabilities
+    from privmed.engines import PlaintextEngine, SecureEngine
+    from privmed.segment.engines import to_probabilities
     from privmed.segment.model import load_model
     from privmed.segment.pipeline import labels_from, prepare
 
@@ -106,9 +107,9 @@ def network_costs(kind: str, side: int, n: int, out: Path, timeout_s: float) -> 
     inputs = prepared.inputs[(depth - n) // 2 : (depth - n) // 2 + n] if dims == 2 else prepared.inputs[:n]
     floor = launcher_peak_mb()
     t0 = time.perf_counter()
-    run = SecureEngine(chunk=1, timeout_s=timeout_s, progress=LayerProgress(label=f"{kind} {side}")).run(model, inputs)
+    run = SecureEngine(chunk=1, timeout_s=timeout_s, progress=LayerProgress(label=f"{kind} {side}")).run(model.card, inputs)
     secure_wall = time.perf_counter() - t0
-    plain = PlaintextEngine().run(model, inputs)
+    plain = PlaintextEngine().run(model.card, inputs)
     st = run.stats.to_dict()
     batches = st["batches"]
     p_sec, p_ort = to_probabilities(run.outputs, model.final), to_probabilities(plain.outputs, model.final)
@@ -151,8 +152,8 @@ def train_volume_models(out: Path) -> dict[str, Path]:
 def volume_runs(out: Path, timeout_s: float) -> dict[str, Any]:
     from privmed.cli.progress import LayerProgress
     from privmed.data.synth_ct import CT_SITES, ct_affine, ct_phantom
+    from privmed.engines import PlaintextEngine, SecureEngine
     from privmed.evaluate.masks import dice
-    from privmed.segment.engines import PlaintextEngine, SecureEngine
     from privmed.segment.model import load_model
     from privmed.segment.pipeline import segment_volume
     from privmed.segment.summary import cost_summary, volume_summary

@@ -24,8 +24,8 @@ import pytest
 from privmed.cli.main import main as privmed_main
 from privmed.data.synth_ct import ct_affine, ct_phantom
 from privmed.data.writers import write_nifti
+from privmed.engines import PlaintextEngine
 from privmed.evaluate.masks import dice
-from privmed.segment.engines import PlaintextEngine
 from privmed.segment.model import load_model
 from privmed.segment.pipeline import segment_volume
 from privmed.segment.volume import read_volume

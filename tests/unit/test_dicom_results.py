@@ -159,7 +159,7 @@ def test_enhanced_multiframe_ct_reads_in_hounsfield_units_and_its_seg_follows_th
     volume = read_volume(path)
     labels = (volume.array > -500).astype(np.uint8)
     out = write_segmentation(tmp_path / "seg.dcm", volume.files, labels, ["background", "tissue"],
-                             Path(__file__).parents[2] / "src/privmed/assets/models/chest_smallcnn.onnx", {}, secure=True)  # fmt: skip
+                             Path(__file__).parents[2] / "src/privmed/assets/models/chest_smallcnn.onnx", None, secure=True)  # fmt: skip
     back, names = read_seg_labels(out, [source])
     # Assert: rescale from the functional groups (intercept -1024), frames sorted along the normal
     assert volume.kind == "dicom-enhanced" and volume.array.shape == (2, 512, 512)

@@ -16,8 +16,9 @@ import pytest
 
 from privmed.data.preprocess import resize
 from privmed.data.synth_ct import ct_affine, ct_phantom
+from privmed.engines import PlaintextEngine
 from privmed.errors import InputError, ModelError
-from privmed.segment.engines import PlaintextEngine, auto_chunk, to_probabilities
+from privmed.segment.engines import auto_chunk, to_probabilities
 from privmed.segment.model import load_model
 from privmed.segment.pipeline import segment_volume
 from privmed.segment.summary import cost_summary, volume_summary

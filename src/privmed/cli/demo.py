@@ -36,13 +36,12 @@ def shipped_model() -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import onnxruntime as ort
 
     from privmed.cli.progress import LayerProgress, human_bytes, summary_table
     from privmed.data.datasets import demo_study_path, load_study
     from privmed.data.preprocess import Preprocess, load_for_model, sidecar_path
+    from privmed.engines import ModelCard, PlaintextEngine, SecureEngine
     from privmed.errors import InputError
-    from privmed.runtime.launch import run_local_session
 
     model = args.model or shipped_model()
     if not model.exists():
@@ -56,19 +55,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     metrics = model.with_suffix(".metrics.json")
     findings = json.loads(metrics.read_text()).get("findings", study.findings) if metrics.exists() else study.findings
 
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    import time
-
-    sess.run(None, {name: x[:1]})  # warm-up
-    t0 = time.perf_counter()
-    plain = np.concatenate([sess.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
-    plain_s = (time.perf_counter() - t0) / len(x)
+    card = ModelCard.read(model)
+    plaintext = PlaintextEngine()
+    plaintext.run(card, x[:1])  # warm-up
+    plain_run = plaintext.run(card, x, default_chunk=1)
+    plain = plain_run.outputs
+    plain_s = float(np.median([b.time_s for b in plain_run.stats.batches]))
 
     print(f"privmed demo: {len(records)} images from {len(study.sites())} sites, model {model.name} "
           f"(input {tuple(x.shape[1:])}, {len(findings)} findings)")
     print("secure inference: data owner (images) + model owner (weights) + dealer, three processes, mutual TLS 1.3 on 127.0.0.1")
-    result = run_local_session(model, x, chunk=1, progress=LayerProgress(label="secure inference"))
+    result = SecureEngine(chunk=1, progress=LayerProgress(label="secure inference")).run(card, x)
     secure = result.outputs
     diff = np.abs(secure - plain)
 

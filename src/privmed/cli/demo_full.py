@@ -118,9 +118,9 @@ def head_ct(folder: Path) -> float:
     """U-Net on eight slices of the InVesalius head CT; returns 1 - min Dice (0 = identical)."""
     from privmed.cli.progress import LayerProgress
     from privmed.data.dicom_make import INVESALIUS_CRANIUM, read_invesalius, write_ct_series
+    from privmed.engines import PlaintextEngine, SecureEngine
     from privmed.evaluate.masks import dice
     from privmed.segment import summary
-    from privmed.segment.engines import PlaintextEngine, SecureEngine
     from privmed.segment.model import load_model
     from privmed.segment.pipeline import segment_volume
     from privmed.segment.volume import read_volume
@@ -134,7 +134,7 @@ def head_ct(folder: Path) -> float:
     print(f"\n[2/2] InVesalius head CT, {volume.array.shape[0]} of {hu.shape[0]} slices as a DICOM series "
           f"{volume.array.shape} -> 2-D U-Net 128x128 for the head")  # fmt: skip
     model = load_model(_unet(folder, hu))
-    engine = SecureEngine(chunk=4, timeout_s=600.0, calibration=None, progress=LayerProgress(label="secure U-Net"))
+    engine = SecureEngine(chunk=4, timeout_s=600.0, progress=LayerProgress(label="secure U-Net"))
     secure = segment_volume(volume.array, model, engine, "2d")
     plain = segment_volume(volume.array, model, PlaintextEngine(), "2d")
     d = dice(secure.labels == 1, plain.labels == 1)

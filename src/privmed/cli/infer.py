@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from privmed.cli.pacs import add_pacs_options
+from privmed.engines import ModelCard
 from privmed.errors import InputError
 
 
@@ -122,7 +123,7 @@ def input_files(paths: list[Path]) -> list[Path]:
 
 
 def load_inputs(
-    paths: list[Path], model: Path | None, preprocess: Path | None, views: list[str] | None = None
+    paths: list[Path], model: Path | ModelCard | None, preprocess: Path | None, views: list[str] | None = None
 ) -> tuple[np.ndarray, list[Path]]:
     """All inputs as one float32 batch (N, ...), and the file behind each row.
 
@@ -140,7 +141,9 @@ def load_inputs(
         if len(kept) < len(files):
             print(f"{len(files) - len(kept)} of {len(files)} inputs skipped: ViewPosition not {' or '.join(views)}", file=sys.stderr)
         files = kept
-    per_sample = _input_shape(model) if model is not None else None  # read the model once, not per file
+    card = ModelCard.read(model) if isinstance(model, Path) else model  # the model is read once, not per file
+    per_sample = list(card.input_shape) if card is not None else None
+    model = card.path if card is not None else None
     arrays, rows, errors = [], [], []
     for f in files:
         try:
@@ -161,15 +164,14 @@ def load_inputs(
     return np.concatenate(arrays), rows
 
 
-def write_outputs(path: Path, outputs: np.ndarray, rows: list[Path], model: Path) -> list[Path]:
+def write_outputs(path: Path, outputs: np.ndarray, rows: list[Path], model: Path | ModelCard) -> list[Path]:
     """Write ``outputs`` as .npy (plus PATH.inputs.txt naming each row's file) or .csv."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".csv" and outputs.ndim == 2:
         import csv
 
-        from privmed.evaluate.study import model_labels
-
-        labels = model_labels(model)
+        card = model if isinstance(model, ModelCard) else ModelCard.read(model)
+        labels = list(card.labels) if card.labels else None
         names = labels if labels and len(labels) == outputs.shape[1] else [f"output_{k}" for k in range(outputs.shape[1])]
         with path.open("w", newline="") as fh:
             writer = csv.writer(fh)
@@ -191,13 +193,6 @@ def write_outputs(path: Path, outputs: np.ndarray, rows: list[Path], model: Path
     return written
 
 
-def _input_shape(model: Path) -> list[int]:
-    """The model's per-sample input shape (C, H, W) from its ONNX graph."""
-    from privmed.compiler import onnx_front
-
-    return list(onnx_front.load(model).input_shape)
-
-
 def cmd_infer(args: argparse.Namespace) -> int:
     if args.service is not None:
         from privmed.cli.serve import cmd_infer_service
@@ -213,7 +208,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             return cmd_infer(args)
     from privmed.cli.dicom_results import check_report_inputs, dicom_output_wanted, write_reports
     from privmed.cli.progress import LayerProgress, summary_table
-    from privmed.runtime.launch import run_local_session
+    from privmed.engines import CompileOptions, SecureEngine
 
     dicom_out = dicom_output_wanted(args.output)
     if args.output.suffix.lower() not in (".npy", ".csv") and not dicom_out:
@@ -223,27 +218,25 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.chunk < 1:
         raise InputError(f"--chunk: expected at least 1, got {args.chunk}")
     views = [v.strip().upper() for v in args.view.split(",")] if args.view else None
-    x, rows = load_inputs(args.input, args.model, args.preprocess, views)
+    card = ModelCard.read(args.model)  # read once: input shape, labels, preprocessing
+    x, rows = load_inputs(args.input, card, args.preprocess, views)
     if dicom_out:
         check_report_inputs(args.output, rows)  # before any party starts
     if len(set(rows)) > 1:
         print(f"{len(rows)} inputs from {len(set(rows))} files, batches of {args.chunk}, one session", file=sys.stderr)
-    result = run_local_session(
-        args.model, x, timeout_s=args.timeout, progress=LayerProgress(), calibration=args.calibration,
-        frac_bits=args.frac_bits, chunk=args.chunk if x.shape[0] > 1 else None, expect_plan=args.expect_plan,
-    )  # fmt: skip
+    engine = SecureEngine(chunk=args.chunk, timeout_s=args.timeout, progress=LayerProgress(),
+                          compile=CompileOptions(args.frac_bits, args.calibration), expect_plan=args.expect_plan)  # fmt: skip
+    result = engine.run(card, x)
     print(f"plan {result.stats.plan.fingerprint if result.stats.plan else '?'} (pin it with --expect-plan)")
     if args.stats:
         args.stats.write_text(json.dumps(result.stats.to_dict(), indent=1))
     if dicom_out:
         written = write_reports(args.output, result.outputs, rows, args.model, result.stats, args.threshold)
     else:
-        written = write_outputs(args.output, result.outputs, rows, args.model)
+        written = write_outputs(args.output, result.outputs, rows, card)
     print(f"output {tuple(result.outputs.shape)} written to {', '.join(map(str, written))} (known to the data owner only)")
     if dicom_out:
-        from privmed.evaluate.study import model_labels
-
-        names = model_labels(args.model) or [f"output_{k}" for k in range(result.outputs.shape[1])]
+        names = list(card.labels) if card.labels else [f"output_{k}" for k in range(result.outputs.shape[1])]
         for report, probs in zip(written, result.outputs, strict=True):
             print(f"{report.name}: " + ", ".join(f"{n} {p:.4f}{' *' if p >= args.threshold else ''}" for n, p in zip(names, probs, strict=True))
                   + f"   (* = reported present, threshold {args.threshold:g})")  # fmt: skip

@@ -56,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="deadline of each receive, seconds (300)")
     p.add_argument("--expect-plan", metavar="SHA256", help="refuse any plan but this fingerprint (printed by every run)")
     p.add_argument("--calibration", type=Path, help="model owner's calibration input (.npy) for the fixed-point scale")
+    p.add_argument("--frac-bits", type=int, help="fixed-point fractional bits (default: chosen from calibration, at most 16)")
     p.add_argument("--preprocess", type=Path, help="preprocessing JSON (default: <model>.preprocess.json)")
     p.add_argument("--plaintext", action="store_true",
                    help="INSECURE: run the model with onnxruntime on this machine instead (needs the weights)")  # fmt: skip
@@ -81,8 +82,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     import numpy as np
 
     from privmed.cli.progress import LayerProgress
+    from privmed.engines import CompileOptions, PlaintextEngine, SecureEngine
     from privmed.segment import summary
-    from privmed.segment.engines import PlaintextEngine, SecureEngine
     from privmed.segment.model import load_model
     from privmed.segment.pipeline import segment_volume
     from privmed.segment.volume import check_mask_path, read_volume, write_mask
@@ -107,7 +108,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.plaintext:
         engine = PlaintextEngine()
     else:
-        engine = SecureEngine(chunk=args.chunk, timeout_s=args.timeout, calibration=args.calibration, expect_plan=args.expect_plan,
+        engine = SecureEngine(chunk=args.chunk, timeout_s=args.timeout, compile=CompileOptions(args.frac_bits, args.calibration), expect_plan=args.expect_plan,
                               progress=LayerProgress(label=f"secure segmentation ({mode})"))  # fmt: skip
     side = "x".join(map(str, model.side))
     print(f"{engine.name} segmentation: {volume.source} {volume.array.shape} ({volume.kind}), mode {mode}, "

@@ -56,6 +56,8 @@ def register(subparsers: Any) -> None:
     v.add_argument(
         "--threshold", type=float, default=0.5, help="label threshold for agreement (default 0.5)"
     )
+    v.add_argument("--frac-bits", type=int, help="model owner: fixed-point fractional bits (as `privmed infer --frac-bits`)")
+    v.add_argument("--calibration", type=Path, help="model owner: calibration input (.npy), as `privmed infer --calibration`")
     v.add_argument("--expect-plan", metavar="SHA256", help="refuse any plan but this fingerprint (stored with the results)")
     v.add_argument("--no-report", action="store_true", help="skip writing report.html at the end")
     v.set_defaults(func=run_validate)
@@ -129,12 +131,14 @@ def _print_summary(summary: dict[str, Any], html: Path, js: Path) -> None:
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    from privmed.engines import CompileOptions
     from privmed.evaluate.report import build_report
     from privmed.evaluate.runner import ValidateOptions, run_validation
 
     opts = ValidateOptions(workers=args.workers, limit=args.limit, timeout_s=args.timeout,
                            retry_errors=args.retry_errors, margin=args.margin, threshold=args.threshold,
-                           images_per_session=args.per_session, expect_plan=args.expect_plan)  # fmt: skip
+                           images_per_session=args.per_session, expect_plan=args.expect_plan,
+                           compile=CompileOptions(args.frac_bits, args.calibration))  # fmt: skip
     run = run_validation(args.model, args.data, args.out, opts, progress=_progress_printer())
     print(f"validate: {run.processed} images run now ({run.ok} ok, {run.failed} failed), "
           f"{run.already_done} already stored, {run.total} in study, {_hms(run.elapsed_s)} elapsed")  # fmt: skip

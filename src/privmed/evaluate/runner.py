@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from privmed.engines import CompileOptions, ModelCard, SecureEngine
 from privmed.errors import InputError, ModelError, PrivmedError
 from privmed.evaluate.costs import split_session_costs
 from privmed.evaluate.store import ImageResult, ResultStore
@@ -57,9 +58,7 @@ from privmed.evaluate.study import (
     Prepared,
     StudyModel,
     fail,
-    output_kind,
     prepare_image,
-    sha256_file,
 )
 from privmed.runtime.stats import SessionStats
 
@@ -87,6 +86,7 @@ class ValidateOptions:
     max_consecutive_failures: int = 10
     images_per_session: int = 16
     expect_plan: str | None = None  # SHA-256 of the only plan the data owner accepts
+    compile: CompileOptions = CompileOptions()  # what infer deploys: frac bits, calibration
 
 
 @dataclass(frozen=True)
@@ -114,21 +114,21 @@ class RunSummary:
     elapsed_s: float
 
 
-def engine_secure_infer(timeout_s: float, expect_plan: str | None = None, plans: set[str] | None = None) -> SecureInfer:
-    """The real secure inference: three parties over TLS on loopback (privmed.runtime).
+def engine_secure_infer(card: ModelCard, engine: SecureEngine, plans: set[str] | None = None) -> SecureInfer:
+    """The real secure inference (``privmed.engines.SecureEngine``) on the study's model card.
 
-    ``chunk=1``: the N inputs go through one session one per batch, so the engine reports
-    each image's own time, bytes and rounds in ``stats.batches``. Every accepted plan's
-    fingerprint is added to ``plans``; ``expect_plan`` refuses any other plan.
+    Batches of one: the N inputs of a group go through one session one per batch, so the
+    engine reports each image's own time, bytes and rounds in ``stats.batches``. Every
+    accepted plan's fingerprint is added to ``plans``.
     """
 
     def run(model_path: Path, inputs: np.ndarray) -> tuple[np.ndarray, SessionStats]:
-        from privmed.runtime.launch import run_local_session
-
-        result = run_local_session(model_path, inputs, timeout_s=timeout_s, chunk=1, expect_plan=expect_plan)
-        if plans is not None and result.stats.plan is not None:
-            plans.add(result.stats.plan.fingerprint)
-        return np.asarray(result.outputs, dtype=np.float32), result.stats
+        if Path(model_path) != card.path:
+            raise InputError(f"{model_path}: the engine was set up for {card.path}")
+        done = engine.run(card, inputs, default_chunk=1)
+        if plans is not None and done.stats.plan is not None:
+            plans.add(done.stats.plan.fingerprint)
+        return np.asarray(done.outputs, dtype=np.float32), done.stats
 
     return run
 
@@ -227,21 +227,23 @@ def run_validation(
     model_path = Path(model_path).resolve()
     study = StudyModel(model_path, Path(data_dir))
     plans: set[str] = set()
-    secure_infer = secure_infer or engine_secure_infer(options.timeout_s, options.expect_plan, plans)
+    engine = SecureEngine(chunk=1, timeout_s=options.timeout_s, compile=options.compile, expect_plan=options.expect_plan)
+    secure_infer = secure_infer or engine_secure_infer(study.card, engine, plans)
     records = list(study.study.records)
     if options.limit is not None:
         records = records[: max(0, options.limit)]
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     with ResultStore.open(out_dir) as store:
         store.check_or_set_meta({
-            "model_sha256": sha256_file(model_path),
+            "model_sha256": study.card.sha256,
             # a folder name may name a patient: the study folder by pseudonym, like its images
             "data_dir": study.pseudonyms.of(f"dir:{Path(data_dir).resolve().as_posix()}", "study"),
             "pseudonym_key_id": study.pseudonyms.key_id,
             "findings": study.findings,
         })  # fmt: skip
         store.set_meta({
-            "model_path": str(model_path), "output_kind": output_kind(model_path),
+            "model_path": str(model_path), "output_kind": study.card.output_kind,
+            "frac_bits": options.compile.frac_bits, "calibration": options.compile.calibration.name if options.compile.calibration else "",
             "margin": options.margin, "threshold": options.threshold,
             "n_images_study": len(study.study.records), "workers": options.workers,
             "images_per_session": options.images_per_session,

@@ -1,14 +1,14 @@
 """The model under validation, its preprocessing and the study's images, one image at a time.
 
-:class:`StudyModel` loads the ONNX model into onnxruntime, the preprocessing sidecar and the
-study records; :func:`prepare_image` turns one record into the model's input and runs the
+:class:`StudyModel` reads the model's card once (``privmed.engines.ModelCard``), its
+preprocessing sidecar and the study records, and runs the plaintext arm with
+``privmed.engines.PlaintextEngine``; :func:`prepare_image` turns one record into the model's input and runs the
 plaintext arm on it. The secure arm (one session for a group of prepared images) is the
 runner's (:mod:`privmed.evaluate.runner`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from privmed.engines import ModelCard, PlaintextEngine, sha256_file  # noqa: F401 - sha256_file for the runner
 from privmed.errors import InputError, ModelError
 from privmed.evaluate.masks import nearest_resize
 from privmed.evaluate.store import ImageResult
@@ -25,42 +26,15 @@ from privmed.evaluate.store import ImageResult
 log = logging.getLogger(__name__)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def output_kind(model_path: Path) -> str:
     """ "probability" if the graph's output comes from Sigmoid/Softmax, else "logit"."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    out_name = graph.output[0].name
-    for node in graph.node:
-        if out_name in node.output:
-            return "probability" if node.op_type in ("Sigmoid", "Softmax") else "logit"
-    return "logit"
+    return ModelCard.read(model_path).output_kind
 
 
 def model_labels(model_path: Path) -> list[str] | None:
     """Finding names stored in the ONNX metadata ``privmed.labels`` (JSON list), if any."""
-    import json
-
-    import onnx
-
-    props = {
-        p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props
-    }
-    if "privmed.labels" not in props:
-        return None
-    try:
-        labels = json.loads(props["privmed.labels"])
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{model_path}: metadata privmed.labels is not JSON ({exc})") from exc
-    return [str(x) for x in labels]
+    labels = ModelCard.read(model_path).labels
+    return list(labels) if labels is not None else None
 
 
 class StudyModel:
@@ -69,8 +43,6 @@ class StudyModel:
     def __init__(self, model_path: Path, data_dir: Path, pseudonyms: Any = None) -> None:
         """``pseudonyms``: a ``privmed.data.pseudonym.Pseudonymizer`` (default: the data
         owner's key from ``default_key_path``). Records are named by it from here on."""
-        import onnxruntime as ort
-
         from privmed.data.datasets import load_study
         from privmed.data.preprocess import Preprocess, sidecar_path
         from privmed.data.pseudonym import Pseudonymizer, load_or_create_key, pseudonymise_study
@@ -87,17 +59,13 @@ class StudyModel:
         # nothing written about an image (store, report, logs) may name the patient or the file
         self.pseudonyms = pseudonyms if pseudonyms is not None else Pseudonymizer(load_or_create_key())
         pseudonymise_study(self.study, self.pseudonyms)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1  # leave the cores to the secure parties
-        try:
-            self.session = ort.InferenceSession(
-                str(model_path), opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelError(f"{model_path}: onnxruntime cannot load the model ({exc})") from exc
-        self.input_name = self.session.get_inputs()[0].name
-        out_shape = self.session.get_outputs()[0].shape
-        self.findings = model_labels(model_path) or list(self.study.findings)
+        self.card = ModelCard.read(model_path)
+        self.plaintext = PlaintextEngine(threads=1)  # one thread: leave the cores to the secure parties
+        self.plaintext.session(self.card)  # an unloadable model fails here, before any image
+        out_shape = [None, *self.card.output_shape]
+        if len(out_shape) == 2 and isinstance(out_shape[1], int) and out_shape[1] < 0:
+            out_shape[1] = None
+        self.findings = list(self.card.labels) if self.card.labels else list(self.study.findings)
         # Classifier: (N, F) output, one column per finding; map study label columns by name.
         self.is_classifier = len(out_shape) == 2
         if (
@@ -157,7 +125,7 @@ def prepare_image(study: StudyModel, record: Any, run_id: str) -> Prepared:
         x = np.ascontiguousarray(study.model_input(record), dtype=np.float32)
         stage = "plaintext inference"
         t0 = time.perf_counter()
-        plain = study.session.run(None, {study.input_name: x})[0]
+        plain = study.plaintext.run(study.card, x).outputs
         result.plain_s = time.perf_counter() - t0
         result.plain_output = np.asarray(plain, dtype=np.float32)
         if not study.is_classifier and getattr(record, "mask_path", None) is not None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from privmed.engines import ModelCard, sha256_file
 from privmed.errors import InputError, ModelError
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class SegmentationModel:
     final : "Softmax", "Sigmoid" or "none" (raw logits; the data owner applies the activation).
     classes : class names indexed by label value, background first.
     preprocess : ``privmed.data.preprocess.Preprocess`` from ``<model>.preprocess.json``.
+    card : the ``privmed.engines.ModelCard`` the engines run.
     work_elements : per-sample size of the largest linear-layer work array (``work_elements``),
         the quantity that sets a party's peak memory per slice/patch in the secure engine.
     """
@@ -58,6 +60,7 @@ class SegmentationModel:
     classes: tuple[str, ...]
     preprocess: Preprocess
     work_elements: int = 0
+    card: ModelCard | None = None  # what the engines run (privmed.engines)
 
     @property
     def side(self) -> tuple[int, ...]:
@@ -224,4 +227,5 @@ def load_model(
         raise InputError(f"{pre_path}: size {tuple(pre.size)} differs from the model input {shape[1:]}")
     # 3-D: the json's size is the training crop; inference runs patches of the model's side
     pre = replace(pre, size=shape[1:])
-    return SegmentationModel(p, shape, dims, k, final, _labels(meta, k, p), pre, work_elements(proto, shape))
+    card = ModelCard.from_proto(p, proto, sha256_file(p), shape)
+    return SegmentationModel(p, shape, dims, k, final, _labels(meta, k, p), pre, work_elements(proto, shape), card)

@@ -31,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from privmed.engines import Engine, EngineRun, ModelCard
 from privmed.errors import InputError
 from privmed.segment import views
-from privmed.segment.engines import Engine, EngineRun, to_probabilities
+from privmed.segment.engines import auto_chunk, to_probabilities
 from privmed.segment.model import MODES, SegmentationModel
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,8 @@ def segment_volume(
     seconds["prepare_s"] = time.perf_counter() - t0
     log.info("%s: %d %ss of %s", mode, len(prepared.inputs), prepared.unit, model.side)
     t1 = time.perf_counter()
-    run = engine.run(model, prepared.inputs)
+    card = model.card or ModelCard.read(model.path, model.input_shape)
+    run = engine.run(card, prepared.inputs, default_chunk=auto_chunk(model, len(prepared.inputs)))
     seconds["engine_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     expected = (len(prepared.inputs), model.num_outputs, *model.side)
