@@ -279,3 +279,24 @@ def test_instance_norm_of_small_variance_channels_keeps_its_precision(tmp_path: 
     secure, _ = run_three(plan, weights, x)
     onnx_out = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(secure, onnx_out, rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "ctm,in_shape,sizes",
+    [
+        ("half_pixel", [1, 2, 5, 6], [1, 2, 10, 12]),  # SegResNet's upsampling (dyadic weights: exact)
+        ("pytorch_half_pixel", [1, 2, 5, 6], [1, 2, 7, 9]),  # non-integer factors
+        ("align_corners", [1, 2, 5, 6], [1, 2, 9, 6]),  # one axis not resized
+        ("asymmetric", [1, 1, 3, 4, 5], [1, 1, 6, 8, 10]),  # trilinear
+    ],
+)
+def test_linear_resize_is_a_public_linear_map(tmp_path: Path, rng: np.random.Generator, ctm: str, in_shape: list, sizes: list) -> None:
+    """Local on shares; each of the 2^d combined weights is rounded once to 2^-(f+1): the
+    onnxruntime bound of _check with k_terms = 2^d taps."""
+    inits = {"roi": np.zeros(0, np.float32), "sc": np.zeros(0, np.float32), "sz": np.array(sizes, np.int64), "w": rand(rng, 2, in_shape[1], *([1] * (len(in_shape) - 2)))}
+    nodes = [H("Resize", ["x", "roi", "sc", "sz"], ["r"], mode="linear", coordinate_transformation_mode=ctm), H("Conv", ["r", "w"], ["y"])]
+    p = build(tmp_path / "m.onnx", nodes, inits, in_shape)
+    plan, _ = compile_model(p)
+    assert "interp" in {n.op for n in plan.nodes}
+    stats = _check(p, rand(rng, *in_shape, scale=1.0), k_terms=2 ** (len(in_shape) - 2) * in_shape[1])
+    assert stats["data-owner"]["rounds"] == 1 + 1 + 1  # trunc + conv + reveal: the resize is local

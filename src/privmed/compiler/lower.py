@@ -18,7 +18,7 @@ from privmed.compiler.lower_base import Ref, Value
 from privmed.compiler.lower_nonlinear import NonlinearLowering
 from privmed.compiler.onnx_front import CONST_OPS, FINAL_ONLY, OnnxGraph, OnnxNode
 from privmed.errors import ModelError
-from privmed.ring.layout import resize_nearest_index
+from privmed.ring.layout import resize_linear_taps, resize_nearest_index
 from privmed.ring.linalg import ConvSpec
 
 
@@ -304,20 +304,34 @@ class Lowerer(NonlinearLowering):
         return self.emit("pad", [x], shape, x.k, node.name, pads=per, mode=node.attrs.get("mode", "constant"), value=value)
 
     def op_Resize(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        """Nearest: a public gather. Linear (bilinear / trilinear): a public linear map with the
+        interpolation weights at scale f (local; the next op truncates)."""
         x = self.ref(node.inputs[0], node)
         mode = node.attrs.get("mode", "nearest")
-        if mode != "nearest":
-            raise ModelError(f"node {node.name}: Resize mode {mode!r} is not supported (nearest only)")
+        if mode not in ("nearest", "linear"):
+            raise ModelError(f"node {node.name}: Resize mode {mode!r} is not supported (nearest, linear)")
+        if node.attrs.get("antialias", 0) or len(node.attrs.get("axes", [])):
+            raise ModelError(f"node {node.name}: Resize with antialias or axes is not supported")
         full = [1] + x.shape
         sizes = self.const(node.inputs[3], node) if len(node.inputs) > 3 and node.inputs[3] else None
         if sizes is not None and np.size(sizes):
             out = [int(s) for s in sizes]
+            scales = [o / i for o, i in zip(out, full, strict=True)]
         else:
-            scales = self.const(node.inputs[2], node)
-            out = [int(np.floor(full[i] * float(scales[i]))) for i in range(len(full))]
+            scales = [float(s) for s in self.const(node.inputs[2], node)]
+            out = [int(np.floor(full[i] * scales[i])) for i in range(len(full))]
         if out[:2] != full[:2]:
             raise ModelError(f"node {node.name}: Resize of batch or channel axes is not supported")
         ctm = node.attrs.get("coordinate_transformation_mode", "half_pixel")
+        if mode == "linear":
+            try:
+                per_axis = [resize_linear_taps(full[d], out[d], ctm, scales[d]) for d in range(2, len(full))]
+            except ValueError as exc:
+                raise ModelError(f"node {node.name}: {exc}") from None
+            x = self.at_k1(x, node.name)
+            taps = [[t.tolist() for t in idx] for idx, _ in per_axis]
+            weights = [[w.tolist() for w in ws] for _, ws in per_axis]
+            return self.emit("interp", [x], out[1:], x.k + 1, node.name, taps=taps, weights=weights)
         nm = node.attrs.get("nearest_mode", "round_prefer_floor")
         idx = [resize_nearest_index(full[d], out[d], ctm, nm).tolist() for d in range(2, len(full))]
         return self.emit("resize", [x], out[1:], x.k, node.name, indices=idx)

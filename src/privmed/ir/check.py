@@ -39,6 +39,7 @@ MAX_TEXT = 256
 ID_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
 MIN_FRAC_BITS, MAX_FRAC_BITS = 6, 20
 MAX_INTERVALS, MAX_DEGREE = 64, 5  # piecewise-polynomial tables of approx nodes
+MAX_TAPS = 4  # interpolation taps per axis (linear 2, cubic 4)
 PLAN_KEYS = {"version", "model_name", "frac_bits", "input_name", "input_shape", "output_name", "nodes"}
 NODE_KEYS = {"id", "op", "inputs", "shape", "scale", "attrs"}
 
@@ -151,6 +152,22 @@ def _indices(v: Any) -> str | None:
     return None
 
 
+def _per_axis_taps(entry: Rule) -> Rule:
+    """One list per spatial dim of 1..MAX_TAPS lists, each checked by ``entry``."""
+    def rule(v: Any) -> str | None:
+        if type(v) is not list or not 1 <= len(v) <= MAX_RANK - 1:
+            return f"must be one list of taps per spatial dim, got {_short(v)}"
+        for axis in v:
+            if type(axis) is not list or not 1 <= len(axis) <= MAX_TAPS:
+                return f"each spatial dim must have 1..{MAX_TAPS} taps, got {_short(axis)}"
+            for t in axis:
+                problem = entry(t)
+                if problem:
+                    return problem
+        return None
+    return rule
+
+
 def _post(v: Any) -> str | None:
     if type(v) is not dict or not set(v) <= {"kind", "axis"} or "kind" not in v:
         return f"must be {{kind, axis}}, got {_short(v)}"
@@ -180,6 +197,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     "slice": {"slices": _slices},
     "pad": {"pads": _ints(0, 1 << 16, 2, 2 * MAX_RANK), "mode": _enum("constant", "reflect", "edge"), "value": _float(-1e9, 1e9)},
     "resize": {"indices": _indices},
+    "interp": {"taps": _per_axis_taps(_ints(0, MAX_DIM, 1, MAX_DIM)), "weights": _per_axis_taps(_floats(-2.0, 2.0, 1, MAX_DIM))},
     "approx": {"fn": _enum(*FUNCTIONS), "knots": _floats(-1024.0, 1024.0, 1, MAX_INTERVALS - 1),
                "centers": _floats(-1024.0, 1024.0, 2, MAX_INTERVALS), "coeffs": _coeffs, "bits": WIDTH},
     "mul": {},

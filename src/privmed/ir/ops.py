@@ -16,6 +16,26 @@ def conv_spec(attrs: dict[str, Any]) -> ConvSpec:
     return ConvSpec(tuple(s["kernel"]), tuple(s["strides"]), tuple(s["pads"]), tuple(s["dilations"]), s["groups"], tuple(s["output_padding"]))
 
 
+def interp_taps(attrs: dict[str, Any]) -> list[list[np.ndarray]]:
+    """Per spatial axis, the source index list of each tap of an ``interp`` node."""
+    return [[np.asarray(t, dtype=np.int64) for t in axis] for axis in attrs["taps"]]
+
+
+def interp_weights(attrs: dict[str, Any]) -> list[np.ndarray]:
+    """Per combination of one tap per axis, the product of the taps' weights over the output's
+    spatial grid (float64; each executor encodes it for its domain)."""
+    from itertools import product
+
+    ws = attrs["weights"]
+    grids = []
+    for combo in product(*(range(len(axis)) for axis in ws)):
+        g = np.ones(())
+        for d, t in enumerate(combo):
+            g = np.multiply.outer(g, np.asarray(ws[d][t], dtype=np.float64))
+        grids.append(g)
+    return grids
+
+
 def postprocess(logits: np.ndarray, post: dict[str, Any]) -> np.ndarray:
     """The final op applied by the data owner in clear."""
     kind = post.get("kind", "none")

@@ -38,6 +38,7 @@ reshape        to shape (per sample, batch dim prepended)                       
 transpose      perm                                                                 local
 pad            ONNX Pad (constant value encoded at scale s, added by P0)            local
 resize         nearest-neighbour gather                                             local
+interp         linear resize: sum of gathers times public weights (scale s -> s+f)  local
 slice          ONNX Slice with constant bounds                                      local
 output         reveal to the data owner, then post-processing in clear              1 round
 ============== ==================================================================== ============

@@ -184,6 +184,21 @@ def _resize(in_shapes: Sequence[Shape], attrs: dict[str, Any]) -> Shape:
     return [x[0], *(len(ind) for ind in idx)]
 
 
+def _interp(in_shapes: Sequence[Shape], attrs: dict[str, Any]) -> Shape:
+    x, taps, weights = in_shapes[0], attrs["taps"], attrs["weights"]
+    if len(taps) != len(x) - 1 or len(weights) != len(taps):
+        raise ShapeError(f"{len(taps)} tap lists and {len(weights)} weight lists for {len(x) - 1} spatial dims")
+    out = [x[0]]
+    for d, (axis, w) in enumerate(zip(taps, weights, strict=True)):
+        size = len(axis[0])
+        if len(w) != len(axis) or any(len(t) != size for t in [*axis, *w]):
+            raise ShapeError(f"spatial dim {d}: every tap and weight list must have the same length")
+        if any(min(t) < 0 or max(t) >= x[d + 1] for t in axis):
+            raise ShapeError(f"interpolation taps of spatial dim {d} outside [0, {x[d + 1]})")
+        out.append(size)
+    return out
+
+
 def _prod(shape: Sequence[int]) -> int:
     out = 1
     for s in shape:
@@ -195,7 +210,7 @@ INFER: dict[str, Callable[[Sequence[Shape], dict[str, Any]], Shape]] = {
     "linear": _linear, "bias": _same, "relu": _same, "leaky_relu": _same, "trunc": _same,
     "upscale": _same, "prelu": _per_channel, "maxpool": _maxpool, "avgpool": _avgpool, "instnorm": _instnorm,
     "add": _add, "mul": _mul, "approx": _same, "concat": _concat, "reshape": _reshape, "transpose": _transpose,
-    "slice": _slice, "pad": _pad, "resize": _resize, "output": _same,
+    "slice": _slice, "pad": _pad, "resize": _resize, "interp": _interp, "output": _same,
 }
 
 

@@ -2,7 +2,7 @@
 
 The same walk serves the float executor (calibration), the fixed-point reference (the test
 oracle) and the secure runtime (one party's view on shares). Public data movement (reshape,
-transpose, concat, resize, pad layout, add) is done here once; anything that depends on the
+transpose, concat, nearest resize, pad layout, add) is done here once; anything that depends on the
 number domain or needs a protocol is a backend method.
 """
 
@@ -28,6 +28,7 @@ class Backend(Protocol):
     def upscale(self, node: Node, x: np.ndarray) -> np.ndarray: ...
     def maxpool(self, node: Node, x: np.ndarray) -> np.ndarray: ...
     def avgpool(self, node: Node, x: np.ndarray) -> np.ndarray: ...
+    def interp(self, node: Node, x: np.ndarray) -> np.ndarray: ...
     def instnorm(self, node: Node, x: np.ndarray) -> np.ndarray: ...
     def approx(self, node: Node, x: np.ndarray) -> np.ndarray: ...
     def mul(self, node: Node, x: np.ndarray, y: np.ndarray) -> np.ndarray: ...
@@ -72,7 +73,7 @@ def _step(node: Node, xs: list[np.ndarray], be: Backend, batch: int) -> Any:
     if op == "input":
         return be.input(node, batch)
     x = xs[0]
-    if op in ("linear", "bias", "relu", "leaky_relu", "prelu", "trunc", "upscale", "maxpool", "avgpool", "instnorm", "approx", "output"):
+    if op in ("linear", "bias", "relu", "leaky_relu", "prelu", "trunc", "upscale", "maxpool", "avgpool", "instnorm", "approx", "interp", "output"):
         return getattr(be, op)(node, x)
     if op == "add":
         y = xs[1]

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from privmed.ir.approx import PlainApproxOps, exact, piecewise
-from privmed.ir.ops import avg_divisor, conv_spec
+from privmed.ir.ops import avg_divisor, conv_spec, interp_taps, interp_weights
 from privmed.ir.plan import Node, Plan, PrivateWeights
 from privmed.ring import layout
 from privmed.ring.fixed import U64, arith_shift, decode, encode, signed
@@ -61,6 +61,9 @@ class FloatBackend:
     def pad_value(self, node: Node, dtype: np.dtype) -> Any:
         return node.attrs["value"]
 
+    def interp(self, node: Node, x: np.ndarray) -> np.ndarray:
+        return layout.interpolate(x, interp_taps(node.attrs), [g.astype(x.dtype) for g in interp_weights(node.attrs)])
+
     def instnorm(self, node: Node, x: np.ndarray) -> np.ndarray:
         n, c = x.shape[:2]
         x3 = x.reshape(n, c, -1)
@@ -110,6 +113,11 @@ class RingOps:
         a = node.attrs
         s = layout.pool_sum(x, a["kernel"], a["strides"], a["pads"])
         return s * encode(1.0 / np.asarray(avg_divisor(node, x.shape)), self.f)
+
+    def interp(self, node: Node, x: np.ndarray) -> np.ndarray:
+        """Linear resize: public weights at scale f (scale s -> s + f; exact for the dyadic
+        weights of integer scale factors)."""
+        return layout.interpolate(x, interp_taps(node.attrs), [encode(g, self.f) for g in interp_weights(node.attrs)])
 
 
 class FixedBackend(RingOps):

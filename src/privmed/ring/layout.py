@@ -1,5 +1,5 @@
 """Public data movement on arrays of any dtype: pad, window extraction, pooling sums,
-concatenation, nearest-neighbour resize.
+concatenation, nearest-neighbour and linear resize.
 
 These maps are linear and public, so each party applies them to its own share and the shares
 still add up to the map applied to the secret. The same functions serve the float executor
@@ -85,3 +85,44 @@ def resize_nearest(x: np.ndarray, indices: Sequence[np.ndarray]) -> np.ndarray:
     for d, idx in enumerate(indices):
         x = np.take(x, idx, axis=x.ndim - n + d)
     return x
+
+
+def resize_linear_taps(in_size: int, out_size: int, mode: str, scale: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Source indices and weights of ONNX Resize(mode=linear) along one axis: output o reads
+    (1 - w) x[i0] + w x[i1] with the source coordinate clamped to [0, in_size - 1] (what
+    onnxruntime and PyTorch's ``align_corners=False`` do at the borders). One tap when every
+    weight w is 0 (an axis that is not resized)."""
+    o = np.arange(out_size, dtype=np.float64)
+    if mode == "half_pixel":
+        src = (o + 0.5) / scale - 0.5
+    elif mode == "pytorch_half_pixel":
+        src = (o + 0.5) / scale - 0.5 if out_size > 1 else np.zeros(1)
+    elif mode == "align_corners":
+        src = o * (in_size - 1) / max(out_size - 1, 1)
+    elif mode == "asymmetric":
+        src = o / scale
+    else:
+        raise ValueError(f"coordinate_transformation_mode {mode!r} is not supported for linear resize")
+    src = np.clip(src, 0.0, in_size - 1)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, in_size - 1)
+    w = src - lo
+    if not w.any():
+        return [lo], [np.ones(out_size)]
+    return [lo, hi], [1.0 - w, w]
+
+
+def interpolate(x: np.ndarray, taps: Sequence[Sequence[np.ndarray]], weights: Sequence[np.ndarray]) -> np.ndarray:
+    """sum over one tap per trailing axis of (the product of the taps' weights) x[taps]: a
+    separable interpolation as one public linear map. ``weights`` holds, per combination of
+    taps (in ``itertools.product`` order), the weight grid over the output's spatial shape, of
+    x's dtype (ring-encoded on the ring: the product of the per-axis weights is then rounded
+    once, not once per axis)."""
+    from itertools import product
+
+    out = None
+    for k, combo in enumerate(product(*(range(len(t)) for t in taps))):
+        term = resize_nearest(x, [taps[d][t] for d, t in enumerate(combo)]) * weights[k]
+        out = term if out is None else out + term
+    assert out is not None
+    return out

@@ -1,6 +1,7 @@
-"""MONAI networks at their default settings that need the smooth activations and secret
-products: AttentionUnet (PReLU, Sigmoid attention gates: x * Sigmoid(psi)) and EfficientNetBN
-(SiLU everywhere, squeeze-excitation gates x * Sigmoid(fc(pool x))), securely vs onnxruntime.
+"""MONAI networks at their default settings that were refused before issue 13, securely vs
+onnxruntime: AttentionUnet (PReLU, Sigmoid attention gates x * Sigmoid(psi)), EfficientNetBN
+(SiLU everywhere, squeeze-excitation gates x * Sigmoid(fc(pool x))) and SegResNet (GroupNorm,
+bilinear upsampling). MONAI UNet is in test_ops.py.
 """
 
 from __future__ import annotations
@@ -68,3 +69,21 @@ def test_monai_efficientnet_b0_with_default_settings_runs_securely(tmp_path: Pat
     ops, err, top = _secure_vs_onnxruntime(_export(net, x, tmp_path / "effnet.onnx"), x.numpy())
     assert {"approx", "mul"} <= ops
     assert err < 3e-3 and top > 0.1
+
+
+def test_monai_segresnet_with_default_settings_runs_securely(tmp_path: Path) -> None:
+    """Refused before (Resize mode linear). The bilinear upsampling is local with exact dyadic
+    weights; the bound is the instance norm's (test_ops.test_instance_normalization: rtol 3e-3
+    + 2e-3; measured 3.6e-4)."""
+    import torch
+    from monai.networks.nets import SegResNet
+
+    torch.manual_seed(0)
+    net = SegResNet(spatial_dims=2, in_channels=1, out_channels=2, init_filters=8).eval()
+    x = torch.randn(1, 1, 32, 32)
+    path = _export(net, x, tmp_path / "segresnet.onnx")
+    plan, weights = compile_model(path, calibration=x.numpy())
+    assert "interp" in {n.op for n in plan.nodes}
+    secure, _ = run_three(plan, weights, x.numpy().astype(np.float64), timeout_s=300)
+    onnx_out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(secure, onnx_out, rtol=3e-3, atol=2e-3)
