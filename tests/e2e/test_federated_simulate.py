@@ -16,7 +16,8 @@ import pytest
 
 PRIVMED = [sys.executable, "-m", "privmed.cli.main"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-TINY = ["--model", "small-cnn", "--features", "8,16,16", "--image-size", "32", "--batch-size", "8"]
+TINY = ["--model", "small-cnn", "--recipe", "end-to-end", "--features", "8,16,16", "--image-size", "32",
+        "--batch-size", "8"]
 
 
 @pytest.fixture(scope="module")

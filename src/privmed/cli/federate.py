@@ -22,19 +22,48 @@ from pathlib import Path
 from typing import Any
 
 MODELS = ("small-cnn", "resnet18", "densenet121")
+RECIPES = ("end-to-end", "scatter")
+TRAIN_PARAMS = ("all", "norms-head", "head")
+DEFAULT_LR = {"end-to-end": 0.05, "scatter": 0.5}
+
+
+def _schedule(args: argparse.Namespace, smallest_site: int | None) -> tuple[str, int, int, float, str | None]:
+    """(recipe, rounds, batch size, lr, why) from the flags; with --dp-epsilon and neither
+    --rounds nor --batch-size given, the accountant picks rounds and batch (``plan_dp``)."""
+    from privmed.errors import InputError
+
+    recipe = args.recipe or ("scatter" if args.dp_epsilon is not None else "end-to-end")
+    lr = args.lr if args.lr is not None else DEFAULT_LR[recipe]
+    if args.rounds is None and args.batch_size is None and args.dp_epsilon is not None and smallest_site:
+        from privmed.federated.recipes import plan_dp
+
+        plan = plan_dp(args.dp_epsilon, args.dp_delta, smallest_site, max_grad_norm=args.max_grad_norm)
+        return recipe, plan.rounds, plan.batch_size, lr, plan.reason
+    if args.rounds is None:
+        raise InputError("--rounds: required unless --dp-epsilon lets the accountant choose (federate simulate)")
+    return recipe, args.rounds, args.batch_size or 16, lr, None
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, choices=MODELS)
-    p.add_argument("--rounds", type=int, required=True, help="federated rounds")
+    p.add_argument("--model", default="small-cnn", choices=MODELS,
+                   help="network of the end-to-end recipe (small-cnn)")  # fmt: skip
+    p.add_argument("--recipe", default=None, choices=RECIPES,
+                   help="scatter: frozen scattering features + DP-trained head (default with --dp-epsilon);"
+                        " end-to-end: the whole --model (default without DP)")  # fmt: skip
+    p.add_argument("--train-params", default="all", choices=TRAIN_PARAMS,
+                   help="parameters local training updates: all (default), norms-head, head")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=None,
+                   help="federated rounds (with --dp-epsilon and no --rounds/--batch-size: chosen by the accountant)")  # fmt: skip
     p.add_argument("--out", required=True, help="run folder (checkpoints, model.onnx, report)")
     p.add_argument("--image-size", type=int, default=64, help="input side in pixels (64)")
     p.add_argument("--features", default="", help="small-cnn widths, e.g. 8,16,16 (default: zoo)")
     p.add_argument("--norm", default="group", choices=("group", "none", "batch"),
                    help="normalisation: group (default), none (small-cnn; secure-servable), batch (not with DP)")  # fmt: skip
     p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round (1)")
-    p.add_argument("--batch-size", type=int, default=16, help="(expected) local batch size (16)")
-    p.add_argument("--lr", type=float, default=0.05, help="local SGD learning rate (0.05)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="(expected) local batch size (16; with DP and no --rounds: chosen by the accountant)")  # fmt: skip
+    p.add_argument("--lr", type=float, default=None,
+                   help="local SGD learning rate (end-to-end 0.05, scatter 0.5)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="model initialisation seed (0)")
     sa = p.add_mutually_exclusive_group()
     sa.add_argument("--secagg", dest="secagg", action="store_true", default=True,
@@ -127,6 +156,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--secagg-max-weight", type=float, default=1000.0,
                    help=">= the largest site's training images (1000)")  # fmt: skip
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share per site (0.2)")
+    p.add_argument("--dp-plan-site-size", type=int, default=None,
+                   help="training images at the smallest site, for the accountant to choose rounds and batch")  # fmt: skip
     p.add_argument("--wait", type=float, default=60.0,
                    help="seconds to wait for the SuperLink to become reachable (60)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="give up after this many seconds")
@@ -180,17 +211,24 @@ def _on_round(metrics: dict[str, Any]) -> None:
 
 def run_simulate(args: argparse.Namespace) -> int:
     from privmed.federated.simulate import prepare_config, simulate
+    from privmed.federated.sitedata import summarize_study
 
+    smallest = min(summarize_study(args.data).train_counts.values())
+    recipe, rounds, batch_size, lr, why = _schedule(args, smallest)
     config = prepare_config(
-        args.data, args.out, model=args.model, rounds=args.rounds, secagg=args.secagg, dp=_dp(args),
+        args.data, args.out, model=args.model, rounds=rounds, secagg=args.secagg, dp=_dp(args),
         image_size=args.image_size, features=_features(args.features), norm=args.norm,
-        local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        recipe=recipe, train_params=args.train_params,
+        local_epochs=args.local_epochs, batch_size=batch_size, lr=lr, seed=args.seed,
         secagg_clip=args.secagg_clip, secagg_threshold=args.secagg_threshold,
     )  # fmt: skip
     started = time.perf_counter()
     print(f"federated simulation: {len(config.sites)} sites {', '.join(config.sites)}; "
           f"SecAgg+ {'on' if config.secagg else 'OFF (insecure)'}; "
-          f"DP {'epsilon=' + format(config.dp.epsilon, 'g') if config.dp else 'off'}", flush=True)  # fmt: skip
+          f"DP {'epsilon=' + format(config.dp.epsilon, 'g') if config.dp else 'off'}; recipe {config.recipe}"
+          f" (trains {config.train_params} parameters)", flush=True)  # fmt: skip
+    if why:
+        print(f"DP plan: {why}", flush=True)
     result = simulate(
         args.data, config, args.out, baselines=not args.no_baselines, on_round=_on_round,
         cpus=args.cpus, verbose=bool(getattr(args, "verbose", False)),
@@ -301,12 +339,16 @@ def run_deployment(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     rd = RunDir(out)
     run_name = rd.stored_config().run_name if rd.manifest_path.exists() else safe_run_name(out.name, os.urandom(4).hex())
+    smallest = int(args.dp_plan_site_size) if args.dp_plan_site_size else None
+    recipe, rounds, batch_size, lr, why = _schedule(args, smallest)
+    if why:
+        print(f"DP plan: {why}", flush=True)
     config = FederatedConfig(
-        model=args.model, rounds=args.rounds,
+        model=args.model, rounds=rounds, recipe=recipe, train_params=args.train_params,
         labels=tuple(s.strip() for s in args.labels.split(",") if s.strip()),
         sites=tuple(s.strip() for s in args.sites.split(",") if s.strip()),
         image_size=args.image_size, features=_features(args.features),
-        local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, norm=args.norm,
+        local_epochs=args.local_epochs, batch_size=batch_size, lr=lr, norm=args.norm,
         test_fraction=args.test_fraction, seed=args.seed, run_name=run_name,
         secagg=SecAggConfig(reconstruction_threshold=args.secagg_threshold,
                             clipping_range=args.secagg_clip, max_weight=args.secagg_max_weight)

@@ -145,6 +145,9 @@ class FederatedConfig:
         expected Poisson batch is ``batch_size``).
     norm : "group" (default), "none" (small-cnn: DP-trainable and servable by the secure
         engine) or "batch" (not with DP).
+    recipe : "end-to-end" (``model`` trained whole) or "scatter" (frozen scattering
+        features + a small DP-trained head); see ``recipes``.
+    train_params : "all", "norms-head" or "head": the parameters local training updates.
     test_fraction : share of each site's images held out (by a hash of the image id).
     seed : seeds model initialisation and data order (not DP noise, see ``local``).
     run_name : identifies the run in every site's privacy ledger (``check_run_name``); the
@@ -162,6 +165,8 @@ class FederatedConfig:
     batch_size: int = 16
     lr: float = 0.05
     norm: str = "group"
+    recipe: str = "end-to-end"
+    train_params: str = "all"
     test_fraction: float = 0.2
     seed: int = 0
     run_name: str = "run"
@@ -188,6 +193,12 @@ class FederatedConfig:
             raise ConfigError(f"test fraction: expected 0 < f < 1, got {self.test_fraction}")
         if any(w < 1 for w in self.features):
             raise ConfigError(f"features: expected positive widths, got {list(self.features)}")
+        from privmed.federated.recipes import RECIPES, TRAIN_PARAMS
+
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"recipe: expected one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        if self.train_params not in TRAIN_PARAMS:
+            raise ConfigError(f"train-params: expected one of {', '.join(TRAIN_PARAMS)}, got {self.train_params!r}")
         self._check_size()
         if self.norm not in ("group", "batch", "none"):
             raise ConfigError(f"norm: expected 'group', 'batch' or 'none', got {self.norm!r}")
@@ -202,21 +213,32 @@ class FederatedConfig:
                 )
 
     def _check_size(self) -> None:
+        from privmed.federated.recipes import SCATTER_J
         from privmed.models.zoo import min_input_side
 
-        side = min_input_side(self.model, self.features or None)
+        if self.recipe == "scatter":
+            side, what = 2**SCATTER_J * 2, "the scatter recipe"
+        else:
+            side, what = min_input_side(self.model, self.features or None), f"model {self.model}"
         if self.image_size < side or self.image_size % side:
-            raise ConfigError(
-                f"image size {self.image_size}: model {self.model} needs a multiple of {side}"
-            )
+            raise ConfigError(f"image size {self.image_size}: {what} needs a multiple of {side}")
 
     def build_model(self) -> Any:
-        """A fresh network of this run (1 input channel, one output per label)."""
+        """A fresh network of this run: what the sites train and exchange (the zoo model on
+        1-channel images, or the scatter head on scattering features), one output per label,
+        with only ``train_params`` trainable."""
+        from privmed.federated.recipes import SCATTER_J, SCATTER_L, select_trainable
+        from privmed.models.scatter import ScatterHead, scattering_channels
         from privmed.models.zoo import build_model
 
-        return build_model(
-            self.model, 1, len(self.labels), norm=self.norm, features=self.features or None
-        )
+        if self.recipe == "scatter":
+            side = self.image_size // 2**SCATTER_J
+            model = ScatterHead(scattering_channels(SCATTER_J, SCATTER_L), len(self.labels), side)
+        else:
+            model = build_model(
+                self.model, 1, len(self.labels), norm=self.norm, features=self.features or None
+            )
+        return select_trainable(model, self.train_params)
 
     # -- flat form: Flower run config / FitIns.config / manifest -------------------------
     def to_flat(self) -> dict[str, int | float | str | bool]:
@@ -239,6 +261,9 @@ class FederatedConfig:
     def from_flat(cls, flat: Mapping[str, Any], *, source: str = "run config") -> FederatedConfig:
         """Parse ``to_flat`` output (extra keys ignored); raise ConfigError on missing/wrong keys."""
         data = {str(k).replace("-", "_"): v for k, v in flat.items()}
+
+        for name, default in (("recipe", "end-to-end"), ("train_params", "all")):
+            data.setdefault(name, default)  # runs started before recipes existed
 
         def take(name: str, kind: type) -> Any:
             if name not in data:

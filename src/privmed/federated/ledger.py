@@ -271,6 +271,10 @@ class PrivacyLedger:
         """Epsilon spent on this data set over all runs, at the site's total delta."""
         return epsilon_of(self.total_history(), self.total.delta)
 
+    def total_spent_bound(self) -> float:
+        """``epsilon_upper_bound`` of ``total_spent`` (>= it; integer orders only, 20x faster)."""
+        return epsilon_upper_bound(self.total_history(), self.total.delta)
+
     def check_next_round(self) -> float:
         """The run's ``epsilon_upper_bound`` after one more round; PrivacyBudgetExhausted if
         that round would exceed the run's budget or the site's total budget.

@@ -123,6 +123,9 @@ def prepare_for_opacus(model: nn.Module) -> nn.Module:
     """Make ``model`` (in place) safe for Opacus hooks; raise ModelError if it mixes samples."""
     from opacus.validators import ModuleValidator
 
+    from privmed.models.scatter import register_opacus_grad_sampler
+
+    register_opacus_grad_sampler()  # weight-standardised convolutions (scatter recipe)
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ModelError(

@@ -134,7 +134,8 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         f"Status: **{report['status']['state']}** {report['status']['message']}".rstrip(),
         "",
-        f"Model {cfg['model']} ({cfg['norm']} norm), {cfg['image-size']}x{cfg['image-size']},"
+        f"Recipe {cfg.get('recipe', 'end-to-end')} (trains {cfg.get('train-params', 'all')} parameters);"
+        f" model {cfg['model']} ({cfg['norm']} norm), {cfg['image-size']}x{cfg['image-size']},"
         f" {len(report['rounds'])}/{cfg['rounds']} rounds x {cfg['local-epochs']} local epoch(s),"
         f" batch {cfg['batch-size']}, lr {cfg['lr']}; SecAgg+ {'on' if cfg['secagg'] else 'off'};"
         f" DP {'on' if cfg['dp'] else 'off'}. Labels: {', '.join(report['labels'])}.",

@@ -55,6 +55,8 @@ def prepare_config(
     image_size: int = 64,
     features: tuple[int, ...] = (),
     norm: str = "group",
+    recipe: str = "end-to-end",
+    train_params: str = "all",
     local_epochs: int = 1,
     batch_size: int = 16,
     lr: float = 0.05,
@@ -87,7 +89,8 @@ def prepare_config(
     config = FederatedConfig(
         model=model, rounds=rounds, labels=summary.labels, sites=summary.sites,
         image_size=image_size, features=tuple(features), local_epochs=local_epochs, batch_size=batch_size, lr=lr,
-        norm=norm, test_fraction=test_fraction, seed=seed, run_name=run_name,
+        norm=norm, recipe=recipe, train_params=train_params, test_fraction=test_fraction, seed=seed,
+        run_name=run_name,
         secagg=sa, dp=dp,
     )  # fmt: skip
     config.check()
@@ -100,25 +103,29 @@ def export_final_model(run_dir: RunDir, config: FederatedConfig) -> Path:
 
     from privmed.federated.arrays import set_arrays
     from privmed.federated.baselines import initial_model
+    from privmed.federated.recipes import feature_extractor
     from privmed.federated.sitedata import preprocess_for
     from privmed.models.export import export_onnx
 
     _, weights, _ = run_dir.load_round(run_dir.last_round())
     model = initial_model(config)
     set_arrays(model, weights)
-    served = nn.Sequential(model, nn.Sigmoid()).eval()
+    extractor = feature_extractor(config.recipe)
+    served = nn.Sequential(*([extractor] if extractor is not None else []), model, nn.Sigmoid()).eval()
     return export_onnx(
         served, (1, 1, config.image_size, config.image_size), run_dir.root / "model.onnx",
         preprocess_for(config.image_size),
         metadata={"privmed.task": "multilabel-classification", "privmed.output": "probabilities",
                   "privmed.labels": json.dumps(list(config.labels)),
-                  "privmed.federated.run": config.run_name},
+                  "privmed.federated.run": config.run_name,
+                  "privmed.federated.recipe": config.recipe},
     )  # fmt: skip
 
 
 def _baselines(study_dir: str | Path, run_dir: RunDir, config: FederatedConfig) -> dict[str, Any]:
     """Central and local-only baselines, cached per configuration in RUN_DIR/baselines.json."""
     from privmed.federated.baselines import central_baseline, local_only_baseline
+    from privmed.federated.recipes import site_inputs
     from privmed.federated.sitedata import load_site
 
     key = {k: v for k, v in config.to_flat().items() if not k.startswith(("secagg", "dp", "run-name"))}
@@ -128,8 +135,8 @@ def _baselines(study_dir: str | Path, run_dir: RunDir, config: FederatedConfig) 
         if body.get("key") == key:
             return dict(body["baselines"])
     sites = [
-        load_site(study_dir, s, labels=config.labels, image_size=config.image_size,
-                  test_fraction=config.test_fraction)
+        site_inputs(config.recipe, load_site(study_dir, s, labels=config.labels, image_size=config.image_size,
+                                             test_fraction=config.test_fraction), run_dir.site_state_dir(s))
         for s in config.sites
     ]  # fmt: skip
     result = {"central": central_baseline(config, sites), "local_only": local_only_baseline(config, sites)}
