@@ -70,8 +70,14 @@ def orthanc_or_skip() -> None:
         pytest.skip(f"cannot create a network namespace for Orthanc: {probe.stderr.strip()}")
 
 
-def start_orthanc(workdir: Path, deadline_s: float = 60.0) -> Orthanc:
-    """Start Orthanc in its own namespace and wait until it answers C-ECHO through privmed."""
+def start_orthanc(
+    workdir: Path, deadline_s: float = 60.0, extra_config: dict | None = None, probe: list[str] | None = None
+) -> Orthanc:
+    """Start Orthanc in its own namespace and wait until it answers C-ECHO through privmed.
+
+    ``extra_config`` adds to / overrides Orthanc's configuration (e.g. DICOM TLS); ``probe``
+    are the ``privmed pacs echo`` arguments that reach it (default ``pacs_args``).
+    """
     orthanc_or_skip()
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "db").mkdir(exist_ok=True)
@@ -84,6 +90,7 @@ def start_orthanc(workdir: Path, deadline_s: float = 60.0) -> Orthanc:
         "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.is_file() else [],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }  # fmt: skip
+    config.update(extra_config or {})
     (workdir / "orthanc.json").write_text(json.dumps(config, indent=1))
     script = f"ip link set lo up && exec {ORTHANC} --logdir={workdir} {workdir / 'orthanc.json'}"
     # unshare and sh exec into Orthanc: the child's pid is Orthanc's, its namespace ours to join
@@ -94,7 +101,7 @@ def start_orthanc(workdir: Path, deadline_s: float = 60.0) -> Orthanc:
     while time.monotonic() - t0 < deadline_s:
         if proc.poll() is not None:
             raise RuntimeError(f"Orthanc exited with {proc.returncode}: {server.log()}")
-        res = server.run(["pacs", "echo", *server.pacs_args], timeout=30)
+        res = server.run(["pacs", "echo", *(probe or server.pacs_args)], timeout=30)
         if res.returncode == 0:
             return server
         last = res.stderr.strip()

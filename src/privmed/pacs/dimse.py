@@ -18,6 +18,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,17 +76,28 @@ def _tls_args(cfg: PacsConfig) -> tuple[ssl.SSLContext, str] | None:
 @contextmanager
 def _association(cfg: PacsConfig, ae: Any, **kwargs: Any) -> Iterator[Any]:
     """An established association (released on exit), or PeerError saying why not."""
+    tls = _tls_args(cfg)
     try:  # pynetdicom only logs why a connection failed: find out ourselves, within the deadline
-        socket.create_connection((cfg.host, cfg.port), timeout=cfg.timeout_s).close()
+        with socket.create_connection((cfg.host, cfg.port), timeout=cfg.timeout_s) as probe:
+            if tls is not None:  # the handshake alone: is the PACS's certificate one we trust?
+                tls[0].wrap_socket(probe, server_hostname=tls[1]).close()
+    except ssl.SSLCertVerificationError as exc:
+        raise PeerError(f"PACS {cfg.name}: its TLS certificate is not trusted ({exc.verify_message})") from None
+    except ssl.SSLError as exc:
+        raise PeerError(f"PACS {cfg.name}: TLS handshake failed ({exc.reason or exc})") from None
     except OSError as exc:
         reason = exc.strerror or exc.__class__.__name__
         raise PeerError(f"PACS {cfg.name}: not reachable ({reason}); is it running and is the port right?") from None
-    assoc = ae.associate(cfg.host, cfg.port, ae_title=cfg.aet, tls_args=_tls_args(cfg), **kwargs)
+    t0 = time.monotonic()
+    assoc = ae.associate(cfg.host, cfg.port, ae_title=cfg.aet, tls_args=tls, **kwargs)
     if not assoc.is_established:
         if assoc.is_rejected:
             why = f"rejected the association from {cfg.calling_aet!r} (does it know this AE title, and is it called {cfg.aet!r}?)"
+        elif time.monotonic() - t0 < cfg.timeout_s:
+            hint = "does it accept our TLS certificate?" if tls else "does it require TLS?"
+            why = f"closed the connection without an association ({hint})"
         else:
-            why = f"no association within {cfg.timeout_s:g} s (aborted or no answer)"
+            why = f"no association within {cfg.timeout_s:g} s"
         raise PeerError(f"PACS {cfg.name}: {why}")
     try:
         yield assoc
