@@ -52,6 +52,8 @@ def _spec(k, stride=(1, 1), pads=(0, 0, 0, 0), dil=(1, 1), groups=1) -> ConvSpec
         ((1, 300, 10, 10), (5, 300, 1, 1), _spec((1, 1))),  # several channel blocks summed
         ((1, 2, 100, 90), (3, 2, 5, 5), _spec((5, 5), (1, 2), (2, 2, 2, 2))),  # several spatial tiles
         ((1, 4, 7, 7), (4, 1, 3, 3), _spec((3, 3), pads=(1, 1, 1, 1), groups=4)),  # depthwise
+        ((1, 3, 30, 29), (4, 3, 7, 7), _spec((7, 7), (2, 2), (3, 3, 3, 3))),  # a stem: space-to-depth
+        ((1, 2, 17, 16), (3, 2, 4, 3), _spec((4, 3), (3, 2), (0, 1, 2, 0), (2, 1))),  # stride 3, dilated
     ],
 )
 def test_he_conv_is_exact_mod_2_to_the_l(x_shape, w_shape, spec) -> None:  # type: ignore[no-untyped-def]

@@ -69,7 +69,8 @@ class ConvTiling:
 
 
 def conv_tiling(n: int, channels: int, hp: int, wp: int, kh: int, kw: int, m_out: int) -> ConvTiling:
-    """Tile sizes minimising bytes on the wire: 3 primes per input, 2 per output ciphertext."""
+    """Tile sizes minimising bytes on the wire: about 24 N per (seeded) input ciphertext and
+    16 (N + T) per reply (2 primes, c1 and the T result coefficients of c0); products break ties."""
     best: tuple[float, ConvTiling] | None = None
     for hw in range(kh, hp + 1):
         for ww in range(kw, wp + 1):
@@ -79,7 +80,8 @@ def conv_tiling(n: int, channels: int, hp: int, wp: int, kh: int, kw: int, m_out
             tiling = ConvTiling(cw, hw, ww, kh, kw, -(-channels // cw), -(-(hp - kh + 1) // (hw - kh + 1)),
                                 -(-(wp - kw + 1) // (ww - kw + 1)))
             tiles = tiling.tiles_h * tiling.tiles_w
-            cost = 3 * tiling.n_cb * tiles + 2 * m_out * tiles + 1e-3 * m_out * tiling.n_cb * tiles
+            results = (hw - kh + 1) * (ww - kw + 1)
+            cost = 24 * n * tiling.n_cb * tiles + 16 * (n + results) * m_out * tiles + m_out * tiling.n_cb * tiles
             if best is None or cost < best[0]:
                 best = (cost, tiling)
     if best is None:

@@ -143,8 +143,7 @@ def he_linear(
             pt = io.s.Plaintext()
             he.decryptor.decrypt(io.ciphertext(data, level), pt)
             out[i] = io.plain_coeffs(pt)
-        y = decode_output(g, out)
-        return y.reshape(low.out_shape(y.shape))
+        return low.y_map(decode_output(g, out))
     if weight is None or stream is None:
         raise ValueError("he_linear: the model owner must pass its weights and a PRG stream")
     w = signed_weights(weight.reshape(w_shape), weight_bits)
@@ -188,8 +187,7 @@ def he_linear(
         replies[o, :, :n] = data[1]
         replies[o, :, n:] = _add_mod(data[0][:, targets], noise[o][:, targets], io.primes[: k_top - 1])
     ch.send(f"{label}/he/y", replies)
-    share = decode_output(g, masks)
-    share = share.reshape(low.out_shape(share.shape))
+    share = low.y_map(decode_output(g, masks))
     if x is not None:
         share = share + plaintext_product(kind, spec, w, x.reshape(x_shape), params.plain_bits)
     return share & U64(t_mask)
