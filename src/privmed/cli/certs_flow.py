@@ -37,12 +37,12 @@ def cmd_certs_request(args: argparse.Namespace) -> int:
 def cmd_certs_sign(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
 
-    from privmed.crypto.csr import fingerprint_der, sign
+    from privmed.crypto.csr import certificate_role, fingerprint_der, sign
 
     cert = sign(args.ca_dir, args.request, args.role, args.out, args.days)
-    org = cert.subject.rfc4514_string()
+    _role, org = certificate_role(args.out)
     fp = fingerprint_der(cert.public_bytes(serialization.Encoding.DER))
-    print(f"{args.role} certificate {args.out} for {org}, valid until {cert.not_valid_after_utc:%Y-%m-%d}, fingerprint {fp}")
+    print(f"{args.role} certificate {args.out} for {org!r}, valid until {cert.not_valid_after_utc:%Y-%m-%d}, fingerprint {fp}")
     return 0
 
 
