@@ -262,3 +262,38 @@ def test_a_renamed_run_cannot_reset_a_sites_budget_and_training_stops_with_a_mes
         (ledger,) = (state / site).glob("privacy-ledger-*.json")  # one ledger, both runs
         assert sorted(json.loads(ledger.read_text())["runs"]) == sorted(names)
         assert len(json.loads(ledger.read_text())["entries"]) == 1
+
+
+def test_scatter_recipe_round_through_secagg_with_dp_and_export(study3, tmp_path):
+    """The default DP recipe through the real workflow: sites compute (and cache) frozen
+    scattering features, train the head under DP-SGD, SecAgg+ aggregates; only head
+    parameters travel; the exported ONNX (scattering + head + sigmoid) equals torch."""
+    import onnxruntime as ort
+
+    from privmed.data.preprocess import Preprocess, load_for_model
+    from privmed.federated.arrays import set_arrays
+    from privmed.federated.recipes import feature_extractor
+    from privmed.federated.simulate import export_final_model
+
+    out = tmp_path / "run"
+    dp = DPConfig(epsilon=8.0, delta=1e-3, max_grad_norm=1.0)
+    cfg = prepare_config(study3, out, model="small-cnn", rounds=1, secagg=True, dp=dp, image_size=32,
+                         recipe="scatter", batch_size=8, lr=0.5)  # fmt: skip
+    assert _run(study3, out, cfg)["state"] == "complete"
+    run = RunDir(out)
+    names, weights, metrics = run.load_round(1)
+    assert sum(w.size for w in weights) < 20_000 and all(n.startswith(("features.", "head.")) for n in names)
+    assert sorted(metrics["fit"]) == ["site_a", "site_b", "site_c"]
+    assert all(0 < f["dp-epsilon"] <= 8.0 for f in metrics["fit"].values())
+    for site in cfg.sites:
+        assert len(list(run.site_state_dir(site).glob("features-*.npz"))) == 1
+
+    onnx_path = export_final_model(run, cfg)
+    image = next((study3 / "images").iterdir())
+    x = load_for_model(image, Preprocess.load(out / "model.preprocess.json"))
+    head = cfg.build_model()
+    set_arrays(head, weights)
+    with torch.no_grad():
+        expected = torch.sigmoid(head(feature_extractor("scatter")(torch.from_numpy(x)))).numpy()
+    got = ort.InferenceSession(str(onnx_path)).run(None, {"input": x.astype(np.float32)})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
