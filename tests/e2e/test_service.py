@@ -407,3 +407,30 @@ def test_a_hospital_that_hangs_is_dropped_after_timeout_s_while_another_complete
         assert dep.vendor.popen.poll() is None
     finally:
         dep.stop()
+
+
+def test_dealer_restarted_mid_session_fails_that_session_naming_the_dealer_and_new_ones_succeed(
+    tmp_path: Path, slow_cnn: TinyModel
+) -> None:
+    dep = deploy(tmp_path, slow_cnn, max_sessions=2)
+    try:
+        # Prepare: a session running
+        a = dep.hospital("st-mary", "cut", images=5)
+        a.wait_text("secure inference:", 60, "err")
+        # Execute: the dealer's process dies; an operator restarts it on the same port
+        dep.helper.kill()
+        dep.helper.popen.wait(10)
+        code_a = a.wait(60)
+        dep.helper = Proc("dealer-2", dep.orgs.base / "helper", ["serve", "dealer", "--config", "service.toml"])
+        dep.helper.wait_text("listening on", START_S)
+        b = dep.hospital("northfield", "after-restart")
+        # Assert: the cut session fails in one line that names the dealer; the next one is right
+        assert code_a == 2, a.report()
+        msg = error_message("\n".join(ln for ln in a.err().splitlines() if not ln.startswith("secure inference:")), a.report())
+        assert "lost connection to dealer" in msg, msg
+        _check_output(dep, b)
+        failed = [r for r in dep.audit("vendor") if r.get("outcome") == "failed"]
+        assert len(failed) == 1 and "dealer" in failed[0]["error"], dep.audit("vendor")
+        assert dep.vendor.popen.poll() is None
+    finally:
+        dep.stop()
