@@ -4,7 +4,8 @@ ReLU, LeakyReLU and PReLU become comparisons (fused with the truncation of their
 Sigmoid, Tanh, Erf, SiLU (``Swish``, fused by ``onnx_front``) and GELU inside the network become
 ``approx`` nodes whose public piecewise-cubic table (``privmed.compiler.approx``) travels in the
 plan; a final Sigmoid or Softmax is applied by the data owner in clear; a product of two secret
-tensors is one ``mul`` node (a Beaver product).
+tensors is one ``mul`` node and a MatMul / Einsum of two secret tensors one ``einsum`` node (a
+Beaver product each).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from privmed.compiler.approx import fit_table
 from privmed.compiler.lower_base import LowererBase, Ref
 from privmed.compiler.onnx_front import OnnxNode
 from privmed.errors import ModelError
+from privmed.ir.shapes import ShapeError, infer_shape
 
 
 class NonlinearLowering(LowererBase):
@@ -94,3 +96,35 @@ class NonlinearLowering(LowererBase):
             raise ModelError(f"node {node.name}: Mul of secret tensors {x.shape} and {y.shape}: one must broadcast to the other")
         x, y = self.at_k1(x, node.name), self.at_k1(y, node.name)
         return self.emit("mul", [x, y], x.shape, 2, node.name)
+
+    def _secret_matmul(self, node: OnnxNode, x: Ref, y: Ref) -> Ref:
+        """MatMul of two secret tensors (..., m, k) @ (..., k, n) with equal leading dims, or a
+        per-sample (k, n) y: one Beaver einsum."""
+        rx, ry = len(x.shape), len(y.shape)
+        if rx < 2 or ry < 2 or (ry != 2 and ry != rx) or (ry == rx and x.shape[:-2] != y.shape[:-2]):
+            raise ModelError(f"node {node.name}: MatMul of secret tensors {x.shape} and {y.shape} (leading dims must match)")
+        lead = "abcd"[: rx - 2]
+        ylead = lead if ry == rx else ""
+        return self._einsum(node, x, y, f"{lead}mk,{ylead}kn->{lead}mn")
+
+    def op_Einsum(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        """Einsum of two secret tensors whose first axis is the batch (attention's Q K^T and P V)."""
+        eq = str(node.attrs.get("equation", "")).replace(" ", "")
+        x, y = (self.ref(i, node) for i in node.inputs) if len(node.inputs) == 2 else (None, None)
+        parts = eq.replace("->", ",").split(",") if "->" in eq and "." not in eq else []
+        if x is None or y is None or len(parts) != 3 or len({p[:1] for p in parts}) != 1 or any(p[:1] in p[1:] for p in parts):
+            raise ModelError(f"node {node.name}: Einsum {eq!r} is supported for two secret operands sharing the batch axis first, no ellipsis")
+        letters = sorted(set("".join(p[1:] for p in parts)))
+        if len(letters) > 25:
+            raise ModelError(f"node {node.name}: Einsum {eq!r} has too many axes")
+        rename = {c: chr(ord("a") + i) for i, c in enumerate(letters)}
+        xs, ys, out = ("".join(rename[c] for c in p[1:]) for p in parts)
+        return self._einsum(node, x, y, f"{xs},{ys}->{out}")
+
+    def _einsum(self, node: OnnxNode, x: Ref, y: Ref, equation: str) -> Ref:
+        x, y = self.at_k1(x, node.name), self.at_k1(y, node.name)
+        try:
+            shape = infer_shape("einsum", [x.shape, y.shape], {"equation": equation})
+        except ShapeError as exc:
+            raise ModelError(f"node {node.name}: {exc}") from None
+        return self.emit("einsum", [x, y], shape, 2, node.name, equation=equation)

@@ -168,6 +168,18 @@ def _per_axis_taps(entry: Rule) -> Rule:
     return rule
 
 
+EINSUM = re.compile(r"([a-y]{1,6}),([a-y]{1,6})->([a-y]{0,6})")
+
+
+def _equation(v: Any) -> str | None:
+    """Two operands and an output over the letters a-y (z is the batch axis), no letter twice
+    in one operand (no diagonals), every output letter from an input."""
+    m = EINSUM.fullmatch(v) if type(v) is str else None
+    if m is None or any(len(set(g)) != len(g) for g in m.groups()) or not set(m[3]) <= set(m[1]) | set(m[2]):
+        return f"must be an einsum equation 'ab,bc->ac' over a-y without repeated letters, got {_short(v)}"
+    return None
+
+
 def _post(v: Any) -> str | None:
     if type(v) is not dict or not set(v) <= {"kind", "axis"} or "kind" not in v:
         return f"must be {{kind, axis}}, got {_short(v)}"
@@ -201,10 +213,11 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     "approx": {"fn": _enum(*FUNCTIONS), "knots": _floats(-1024.0, 1024.0, 1, MAX_INTERVALS - 1),
                "centers": _floats(-1024.0, 1024.0, 2, MAX_INTERVALS), "coeffs": _coeffs, "bits": WIDTH},
     "mul": {},
+    "einsum": {"equation": _equation},
     "output": {"post": _post},
 }
 OPTIONAL: dict[str, dict[str, Rule]] = {"linear": {"spec": _spec}}
-ARITY = {"input": (0, 0), "add": (2, 2), "mul": (2, 2), "concat": (1, 1024)}
+ARITY = {"input": (0, 0), "add": (2, 2), "mul": (2, 2), "einsum": (2, 2), "concat": (1, 1024)}
 
 
 def _short(v: Any) -> str:

@@ -16,6 +16,16 @@ def conv_spec(attrs: dict[str, Any]) -> ConvSpec:
     return ConvSpec(tuple(s["kernel"]), tuple(s["strides"]), tuple(s["pads"]), tuple(s["dilations"]), s["groups"], tuple(s["output_padding"]))
 
 
+BATCH_AXIS = "z"  # einsum letter of the batch axis; plan equations use a-y only
+
+
+def batched_equation(equation: str) -> str:
+    """A per-sample einsum equation with the batch axis prepended to every operand."""
+    ins, out = equation.split("->")
+    x, y = ins.split(",")
+    return f"{BATCH_AXIS}{x},{BATCH_AXIS}{y}->{BATCH_AXIS}{out}"
+
+
 def interp_taps(attrs: dict[str, Any]) -> list[list[np.ndarray]]:
     """Per spatial axis, the source index list of each tap of an ``interp`` node."""
     return [[np.asarray(t, dtype=np.int64) for t in axis] for axis in attrs["taps"]]

@@ -126,6 +126,18 @@ def _mul(in_shapes: Sequence[Shape], attrs: dict[str, Any]) -> Shape:
     return list(x)
 
 
+def _einsum(in_shapes: Sequence[Shape], attrs: dict[str, Any]) -> Shape:
+    ins, out = attrs["equation"].split("->")
+    sizes: dict[str, int] = {}
+    for letters, shape in zip(ins.split(","), in_shapes, strict=True):
+        if len(letters) != len(shape):
+            raise ShapeError(f"einsum operand {letters!r} for a rank-{len(shape)} tensor")
+        for c, n in zip(letters, shape, strict=True):
+            if sizes.setdefault(c, n) != n:
+                raise ShapeError(f"einsum axis {c!r} has sizes {sizes[c]} and {n}")
+    return [sizes[c] for c in out]
+
+
 def _concat(in_shapes: Sequence[Shape], attrs: dict[str, Any]) -> Shape:
     axis, first = attrs["axis"], in_shapes[0]
     if not 0 <= axis < len(first):
@@ -209,7 +221,7 @@ def _prod(shape: Sequence[int]) -> int:
 INFER: dict[str, Callable[[Sequence[Shape], dict[str, Any]], Shape]] = {
     "linear": _linear, "bias": _same, "relu": _same, "leaky_relu": _same, "trunc": _same,
     "upscale": _same, "prelu": _per_channel, "maxpool": _maxpool, "avgpool": _avgpool, "instnorm": _instnorm,
-    "add": _add, "mul": _mul, "approx": _same, "concat": _concat, "reshape": _reshape, "transpose": _transpose,
+    "add": _add, "mul": _mul, "einsum": _einsum, "approx": _same, "concat": _concat, "reshape": _reshape, "transpose": _transpose,
     "slice": _slice, "pad": _pad, "resize": _resize, "interp": _interp, "output": _same,
 }
 

@@ -1,5 +1,6 @@
-"""Products of two secret tensors, with broadcasting, and squares: ``privmed.mpc.beaver``
-with B = elementwise product over Z_2^64."""
+"""Products of two secret tensors, with broadcasting, squares, and einsums (matrix products of
+two secret tensors): ``privmed.mpc.beaver`` with B = elementwise product or the einsum over
+Z_2^64."""
 
 from __future__ import annotations
 
@@ -24,3 +25,17 @@ def square(p: Party, req: Request, x: np.ndarray) -> np.ndarray:
     |x| elements."""
     corr = p.source.product(req)
     return beaver(p, req.label, x, None, Triple(corr.a, corr.a, corr.c), np.multiply)
+
+
+def einsum(p: Party, req: Request, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Shares of einsum(x, y) for two secret tensors (attention's Q K^T and P V): ``beaver``
+    with B the einsum, bilinear over Z_2^64 (SecureML, Mohassel-Zhang, S&P 2017, sec. 4.1, for
+    matrix products; CrypTen's generic ``beaver_protocol``).
+
+    One round; |x| + |y| ring elements each way; dealer to model owner: |einsum(x, y)|
+    elements. Security: as ``beaver`` (d = x - a and e = y - b are uniform).
+    """
+    spec = req.product
+    assert spec is not None and spec.equation
+    corr = p.source.product(req)
+    return beaver(p, req.label, x, y, Triple(corr.a, corr.b, corr.c), spec.bilinear)

@@ -73,6 +73,11 @@ class Protocols(ABC):
         """Shares of x * y, y broadcast over x (``mpc.arith.multiply``)."""
         return self._multiply(self._request(Purpose.PRODUCT, product=ProductSpec(tuple(x.shape), tuple(y.shape))), x, y)
 
+    def einsum(self, equation: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Shares of einsum(equation, x, y), every axis (batch included) named (``mpc.arith.einsum``)."""
+        spec = ProductSpec(tuple(x.shape), tuple(y.shape), equation=equation)
+        return self._einsum(self._request(Purpose.PRODUCT, product=spec), x, y)
+
     def square(self, x: np.ndarray) -> np.ndarray:
         """Shares of x * x (``mpc.arith.square``)."""
         return self._square(self._request(Purpose.PRODUCT, product=ProductSpec(tuple(x.shape), square=True)), x)
@@ -89,6 +94,8 @@ class Protocols(ABC):
     def _multiply(self, req: Request, x: np.ndarray, y: np.ndarray) -> np.ndarray: ...
     @abstractmethod
     def _square(self, req: Request, x: np.ndarray) -> np.ndarray: ...
+    @abstractmethod
+    def _einsum(self, req: Request, x: np.ndarray, y: np.ndarray) -> np.ndarray: ...
     @abstractmethod
     def reveal(self, x: np.ndarray) -> np.ndarray | None:
         """Open x to the data owner only (``mpc.compare.reveal_to_data_owner``)."""
@@ -124,6 +131,9 @@ class Online(Protocols):
     def _square(self, req: Request, x: np.ndarray) -> np.ndarray:
         return arith.square(self.p, req, np.ascontiguousarray(x))
 
+    def _einsum(self, req: Request, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return arith.einsum(self.p, req, np.ascontiguousarray(x), np.ascontiguousarray(y))
+
     def reveal(self, x: np.ndarray) -> np.ndarray | None:
         return compare.reveal_to_data_owner(self.p, f"b{self.batch_index}:{self.node}", x)
 
@@ -158,6 +168,11 @@ class Schedule(Protocols):
         return np.zeros(x.shape, U64)
 
     _square = _truncate
+
+    def _einsum(self, req: Request, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        self.serve(req)
+        assert req.product is not None
+        return np.zeros(req.product.out_shape, U64)
 
     def reveal(self, x: np.ndarray) -> np.ndarray | None:
         return None

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from privmed.ir.approx import PlainApproxOps, exact, piecewise
-from privmed.ir.ops import avg_divisor, conv_spec, interp_taps, interp_weights
+from privmed.ir.ops import avg_divisor, batched_equation, conv_spec, interp_taps, interp_weights
 from privmed.ir.plan import Node, Plan, PrivateWeights
 from privmed.ring import layout
 from privmed.ring.fixed import U64, arith_shift, decode, encode, signed
@@ -82,6 +82,9 @@ class FloatBackend:
 
     def mul(self, node: Node, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return x * y
+
+    def einsum(self, node: Node, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return np.einsum(batched_equation(node.attrs["equation"]), x, y)
 
     def output(self, node: Node, x: np.ndarray) -> np.ndarray:
         return x
@@ -176,6 +179,9 @@ class FixedBackend(RingOps):
 
     def mul(self, node: Node, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return x * y
+
+    def einsum(self, node: Node, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return np.einsum(batched_equation(node.attrs["equation"]), x, y)
 
     def output(self, node: Node, x: np.ndarray) -> np.ndarray:
         return decode(x, node.scale)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from privmed.ir.ops import conv_spec
+from privmed.ir.ops import batched_equation, conv_spec
 from privmed.ir.plan import Node, Plan, PrivateWeights
 from privmed.mpc.approx import secure_approx
 from privmed.mpc.norm import secure_instance_norm
@@ -117,6 +117,10 @@ class SecureBackend(RingOps):
     def mul(self, node: Node, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Product of two secret tensors, y broadcast over x: one Beaver product."""
         return self._at(node).multiply(np.ascontiguousarray(x), np.ascontiguousarray(y))
+
+    def einsum(self, node: Node, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Matrix products of two secret tensors (attention): one Beaver einsum."""
+        return self._at(node).einsum(batched_equation(node.attrs["equation"]), x, y)
 
     def pad_value(self, node: Node, dtype: np.dtype) -> Any:
         if self.data_owner:

@@ -13,7 +13,8 @@ receives. Material per request (n elements, m = (bits - drop) / 4 comparison chu
   [v == r_j] of every 4-bit chunk r_j of r's bits [drop, bits), the bit r_bits XOR c_hat
   (``e_mask``), and AND triples for the comparison tree. Correction to party 1: 5n ring
   elements (3n when s = 0) + 4m n bytes of tables + about (2m + 1) n / 8 bytes of bits.
-- product x * y (or x * x): Beaver triple a, b, c = a * b; correction |x| ring elements.
+- product x * y (or x * x, or einsum(x, y)): Beaver triple a, b, c = B(a, b); correction
+  |B(x, y)| ring elements.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def expand_product(prg: PRG, req: Request, index: int) -> ProductShares:
     s = prg.stream(req.key)
     a = s.uint64(spec.x_shape)
     b = None if spec.square else s.uint64(spec.y_shape)
-    c = s.uint64(spec.x_shape) if index == 0 else np.zeros(0, U64)
+    c = s.uint64(spec.out_shape) if index == 0 else np.zeros(0, U64)
     return ProductShares(a, b, c)
 
 
@@ -122,11 +123,14 @@ def linear_correction(req: Request, prg0: PRG, prg1: PRG) -> np.ndarray:
 
 
 def product_correction(req: Request, prg0: PRG, prg1: PRG) -> np.ndarray:
-    """c1 = a * b - c0 (a * a for a square), b broadcast over a's shape."""
+    """c1 = B(a, b) - c0: a * b (b broadcast over a's shape), a * a for a square, or the
+    einsum of a and b."""
+    spec = req.product
+    assert spec is not None
     p0, p1 = expand_product(prg0, req, 0), expand_product(prg1, req, 1)
     a = p0.a + p1.a
     b = a if p0.b is None or p1.b is None else p0.b + p1.b
-    return a * b - p0.c
+    return spec.bilinear(a, b) - p0.c
 
 
 def nonlinear_correction(spec: NonlinearSpec, s0: Stream, s1: Stream, private: Stream) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:

@@ -61,11 +61,25 @@ class NonlinearSpec:
 @dataclass(frozen=True)
 class ProductSpec:
     """A Beaver product of two secret tensors: x (x_shape) times y (y_shape, broadcast to
-    x_shape), or the square of x."""
+    x_shape), the square of x, or, with ``equation``, the einsum of x and y (a matrix product,
+    attention's Q K^T; the equation names every axis, batch included)."""
 
     x_shape: tuple[int, ...]
     y_shape: tuple[int, ...] = ()
     square: bool = False
+    equation: str = ""
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        if not self.equation:
+            return self.x_shape
+        ins, out = self.equation.split("->")
+        sizes = dict(zip(ins.split(",")[0], self.x_shape, strict=True)) | dict(zip(ins.split(",")[1], self.y_shape, strict=True))
+        return tuple(sizes[c] for c in out)
+
+    def bilinear(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """B(x, y) over Z_2^64 (numpy's integer einsum wraps modulo 2^64, like every ring op)."""
+        return np.einsum(self.equation, x, y) if self.equation else x * y
 
 
 @dataclass(frozen=True)

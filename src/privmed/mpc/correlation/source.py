@@ -69,7 +69,7 @@ class DealerSource(CorrelationSource):
         sh = expand_product(self.prg, req, self.index)
         if self.index == 1:
             assert req.product is not None
-            sh.c = self._from_dealer().recv(f"{req.label}/P", U64, req.product.x_shape)
+            sh.c = self._from_dealer().recv(f"{req.label}/P", U64, req.product.out_shape)
         return sh
 
     def nonlinear(self, req: Request) -> NonlinearShares:
