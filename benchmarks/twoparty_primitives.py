@@ -141,6 +141,10 @@ def _relu_once(n: int, bits: int, rng: np.random.Generator) -> None:
           f"{off['bytes'][0] / n:.0f} + {off['bytes'][1] / n:.0f}; online {r['wall'] / n * 1e6:.2f} us per element (wall), "
           f"CPU {r['cpu0'] / n * 1e6:.2f} + {r['cpu1'] / n * 1e6:.2f} us, bytes data owner {r['bytes'][0] / n:.1f}, "
           f"model owner {r['bytes'][1] / n:.1f}")
+    r = two(lambda ch: offline.relu_offline(_rebind(sessions[0], ch), "d", True, n, bits, PRG.fresh().stream("p"), 12),
+            lambda ch: offline.relu_offline(_rebind(sessions[1], ch), "d", False, n, bits, PRG.fresh().stream("p"), 12))
+    print(f"  comparison ignoring the low 12 bits (drop=12): offline bytes {r['bytes'][0] / n:.0f} + {r['bytes'][1] / n:.0f} "
+          f"per element, CPU {r['cpu0'] / n * 1e6:.1f} + {r['cpu1'] / n * 1e6:.1f} us")
     r = two(lambda ch: cmp.truncate(_rebind(sessions[0], ch), "t", True, x0, bits, 12),
             lambda ch: cmp.truncate(_rebind(sessions[1], ch), "t", False, x1, bits, 12))
     got = ((r[0] + r[1]) << U64(64 - bits)).view(np.int64) >> (64 - bits)

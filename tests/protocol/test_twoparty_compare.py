@@ -180,3 +180,32 @@ def test_relu_from_precomputed_material_equals_numpy_and_the_online_phase_is_lig
     ands = (2 * m - 3) / 4  # two opened bits per AND gate
     assert online_bytes[1] / n < m / 2 + ands + 1 / 8 + 8 + 1  # d, openings, flip, correction (+ headers)
     assert online_bytes[0] / n < 4 * m + ands + 1 / 8 + 8 + 1  # tables instead of d
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_relu_ignoring_low_bits_errs_only_below_2_to_the_drop(online: bool) -> None:
+    # Prepare: values near 0 (where dropping bits may misjudge the sign) and far from it
+    rng = np.random.default_rng(int(online))
+    bits, drop, n = 37, 12, 6000
+    x = np.concatenate([rng.integers(-(1 << 14), 1 << 14, n // 2), rng.integers(-(1 << 34), 1 << 34, n // 2)]).astype(np.int64)
+    x[:4] = [0, -1, (1 << drop), -(1 << drop)]
+    x0, x1 = _share(x, bits, rng)
+
+    def party(is_do: bool, share: np.ndarray):  # type: ignore[no-untyped-def]
+        def run(ch):  # type: ignore[no-untyped-def]
+            ot, stream = ot_setup(ch, "s", PRG.fresh(), is_do), PRG.fresh().stream("p")
+            if online:
+                return offline.relu_online(ch, "r", is_do, share, offline.relu_offline(ot, "r", is_do, n, bits, stream, drop))
+            return cmp.relu(ot, "r", is_do, share, bits, stream, drop)
+        return run
+
+    # Execute
+    y0, y1, _ = run_two(party(True, x0), party(False, x1))
+
+    # Assert: exact for |x| >= 2^drop; otherwise 0 or x, i.e. off by less than 2^drop
+    got = ((y0 + y1) << U64(64 - bits)).view(np.int64) >> (64 - bits)
+    want = np.maximum(x, 0)
+    far = np.abs(x) >= (1 << drop)
+    assert np.array_equal(got[far], want[far])
+    assert np.all((got[~far] == 0) | (got[~far] == x[~far]))
+    assert np.abs(got - want).max() < (1 << drop)

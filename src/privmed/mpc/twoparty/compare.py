@@ -167,23 +167,31 @@ def and_tree(ch: Channel, tag: str, is_data_owner: bool, lt: np.ndarray, eq: np.
     return nodes[0][0]
 
 
-def drelu(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: int, stream: Stream) -> np.ndarray:
-    """XOR shares of [x >= 0] for x additively shared over Z_2^bits (two's complement sign).
+def drelu(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: int, stream: Stream, drop: int = 0) -> np.ndarray:
+    """XOR shares of [x >= 0] for x additively shared over Z_2^bits (two's complement sign);
+    with ``drop`` = d > 0, exact for |x| >= 2^d and possibly wrong for |x| < 2^d.
 
-    1. Data owner's millionaire input: 2^(l-1) - 1 - (x0 mod 2^(l-1)); model owner's:
-       x1 mod 2^(l-1); ``millionaire`` gives XOR shares of the carry of the low parts.
+    1. Data owner's millionaire input: (2^(l-1) - 1 - (x0 mod 2^(l-1))) >> d; model owner's:
+       (x1 mod 2^(l-1)) >> d; ``millionaire`` on l - 1 - d bits gives XOR shares of the carry of
+       the low parts (with d > 0, of their top l - 1 - d bits: the dropped bits' carry can flip
+       it only when x mod 2^(l-1) is within 2^d of 0, as in the dealer mode's ``drop``).
     2. Locally: DReLU = 1 ^ msb(x0) ^ msb(x1) ^ carry (the data owner adds the 1).
-    Rounds and bytes: those of ``millionaire`` on l - 1 bits. Security: ``millionaire``; step 2
-    is local.
+    Rounds and bytes: those of ``millionaire`` on l - 1 - d bits (d = 12 at l = 37 saves a third).
+    Security: ``millionaire``; step 2 is local.
     """
-    carry = millionaire(ot, tag, is_data_owner, drelu_input(x, bits, is_data_owner), bits - 1, stream)
+    value = drelu_input(x, bits, is_data_owner, drop)
+    carry = millionaire(ot, tag, is_data_owner, value, bits - 1 - drop, stream)
     return drelu_output(x, carry, bits, is_data_owner)
 
 
-def drelu_input(x: np.ndarray, bits: int, is_data_owner: bool) -> np.ndarray:
-    """Step 1 of ``drelu``: this party's millionaires' input from its share."""
+def drelu_input(x: np.ndarray, bits: int, is_data_owner: bool, drop: int = 0) -> np.ndarray:
+    """Step 1 of ``drelu``: this party's millionaires' input from its share (NOT of the low
+    l - 1 bits commutes with the shift, so the data owner's input is 2^(l-1-d) - 1 - (x0' >> d))."""
+    if not 0 <= drop < bits - 1:
+        raise ValueError(f"drelu: expected 0 <= drop < {bits - 1}, got {drop}")
     low_mask = U64((1 << (bits - 1)) - 1)
-    return (low_mask - (x & low_mask)) if is_data_owner else x & low_mask
+    low = (low_mask - (x & low_mask)) if is_data_owner else x & low_mask
+    return low >> U64(drop)
 
 
 def drelu_output(x: np.ndarray, carry: np.ndarray, bits: int, is_data_owner: bool) -> np.ndarray:
@@ -241,13 +249,15 @@ def mux(ot: OTSession, tag: str, is_data_owner: bool, d: np.ndarray, x: np.ndarr
     return (di * x - h0 + received) & ring_mask(bits)
 
 
-def relu(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: int, stream: Stream) -> np.ndarray:
-    """Arithmetic shares of ReLU(x) = DReLU(x) x over Z_2^bits (``drelu`` then ``mux``).
+def relu(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: int, stream: Stream, drop: int = 0) -> np.ndarray:
+    """Arithmetic shares of ReLU(x) = DReLU(x) x over Z_2^bits (``drelu`` then ``mux``); with
+    ``drop`` = d the result may be x instead of 0 or 0 instead of x when |x| < 2^d, an error
+    below one unit once x is truncated by d bits (use d <= the following truncation).
 
     Rounds: those of ``drelu`` + 2. Bytes: ``drelu`` + 24 per element per party.
     Security: sequential composition of ``drelu`` and ``mux`` (the bit stays XOR-shared).
     """
-    return mux(ot, tag, is_data_owner, drelu(ot, tag, is_data_owner, x, bits, stream), x, bits)
+    return mux(ot, tag, is_data_owner, drelu(ot, tag, is_data_owner, x, bits, stream, drop), x, bits)
 
 
 def truncate(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: int, shift: int) -> np.ndarray:

@@ -14,7 +14,7 @@ made ahead of time into OTs on the real inputs with a few bits of online traffic
 sending), the AND triples of the comparison tree and random COTs in both directions for the
 MUX; ``relu_online`` is CrypTFlow2's ReLU (``compare.relu``) on that material.
 
-Online cost per element (m = ceil((l - 1) / 4) chunks, T = 2m - 3 ANDs): model owner m / 2 + T / 4
+Online cost per element (m = ceil((l - 1 - drop) / 4) chunks, T = 2m - 3 ANDs): model owner m / 2 + T / 4
 + 1/8 + 8 bytes, data owner 4 m + T / 4 + 1/8 + 8 bytes; rounds 2 + ceil(log2 m) + 2. No OT
 extension, no AES online. Offline cost: that of ``compare.relu`` (IKNP matrices).
 
@@ -61,6 +61,7 @@ class ReluMaterial:
 
     n: int
     bits: int
+    drop: int  # low bits ignored by the comparison (see ``compare.drelu``)
     pads: np.ndarray  # data owner: (n m, 16) 2-bit pads; model owner: (n m,) pad of its choice
     choices: np.ndarray  # model owner: (n m,) random c' < 16; data owner: empty
     triples: Triple
@@ -70,15 +71,16 @@ class ReluMaterial:
     tables_mask: tuple[np.ndarray, np.ndarray]  # data owner: lt0, eq0 (m, n); model owner: empty
 
 
-def relu_offline(ot: OTSession, tag: str, is_data_owner: bool, n: int, bits: int, stream: Stream) -> ReluMaterial:
-    """Input-independent material for ``relu_online`` (n ReLUs over Z_2^bits).
+def relu_offline(ot: OTSession, tag: str, is_data_owner: bool, n: int, bits: int, stream: Stream, drop: int = 0) -> ReluMaterial:
+    """Input-independent material for ``relu_online`` (n ReLUs over Z_2^bits, comparison on
+    bits [drop, bits - 1) as ``compare.relu`` with ``drop``).
 
     1. n m random 1-of-16 OTs from 4 n m random OTs (data owner sending).
     2. n ``tree_ands(m)`` AND triples (``compare.and_triples``).
     3. n random OTs each way for the MUX's correlated OTs.
     Rounds: 3 (could all share one). Bytes: those of ``compare.relu`` except the online parts.
     """
-    m = -(-(bits - 1) // CHUNK)
+    m = -(-(bits - 1 - drop) // CHUNK)
     triples = and_triples(ot, f"{tag}/tr", n * tree_ands(m), stream)
     if is_data_owner:
         k0, k1 = random_ot_send(ot, f"{tag}/o16", 4 * n * m)
@@ -99,7 +101,7 @@ def relu_offline(ot: OTSession, tag: str, is_data_owner: bool, n: int, bits: int
     recv_choice = stream.bits(n)
     recv_key = as_ring(random_ot_recv(ot, f"{tag}/mux", recv_choice), bits)
     s0, s1 = random_ot_send(ot, f"{tag}/mux", n)
-    return ReluMaterial(n, bits, pads, choices, triples, (as_ring(s0, bits), as_ring(s1, bits)), recv_choice, recv_key, masks)
+    return ReluMaterial(n, bits, drop, pads, choices, triples, (as_ring(s0, bits), as_ring(s1, bits)), recv_choice, recv_key, masks)
 
 
 def relu_online(ch: Channel, tag: str, is_data_owner: bool, x: np.ndarray, mat: ReluMaterial) -> np.ndarray:
@@ -117,8 +119,8 @@ def relu_online(ch: Channel, tag: str, is_data_owner: bool, x: np.ndarray, mat: 
     bits, n = mat.bits, len(x)
     if n != mat.n:
         raise ValueError(f"relu_online: material for {mat.n} elements, got {n}")
-    m = -(-(bits - 1) // CHUNK)
-    chunks = split_chunks(drelu_input(x, bits, is_data_owner), m)  # (m, n)
+    m = -(-(bits - 1 - mat.drop) // CHUNK)
+    chunks = split_chunks(drelu_input(x, bits, is_data_owner, mat.drop), m)  # (m, n)
     if is_data_owner:
         d = unpack_small(ch.recv(f"{tag}/d", np.uint8, ((n * m + 1) // 2, 1)), 4).reshape(-1)[: n * m]
         tables = chunk_tables(chunks, *mat.tables_mask)
