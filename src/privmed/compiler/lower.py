@@ -16,6 +16,7 @@ import numpy as np
 
 from privmed.compiler.lower_base import Ref, Value
 from privmed.compiler.lower_nonlinear import NonlinearLowering
+from privmed.compiler.lower_norm import NormLowering
 from privmed.compiler.onnx_front import CONST_OPS, FINAL_ONLY, OnnxGraph, OnnxNode
 from privmed.errors import ModelError
 from privmed.ring.layout import resize_linear_taps, resize_nearest_index
@@ -65,7 +66,7 @@ def _pool_out(spatial: list[int], kernel: list[int], strides: list[int], pads: l
     return out, pads
 
 
-class Lowerer(NonlinearLowering):
+class Lowerer(NonlinearLowering, NormLowering):
     """Walks the ONNX graph once, emitting IR nodes and collecting private float weights."""
 
     # -- main ------------------------------------------------------------------------
@@ -152,20 +153,6 @@ class Lowerer(NonlinearLowering):
         gamma, beta, mean, var = (self.const(i, node).astype(np.float64) for i in node.inputs[1:5])
         a = gamma / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
         return self._channel_affine(node, x, a, beta - mean * a)
-
-    def op_InstanceNormalization(self, node: OnnxNode, ins: list[Any]) -> Ref:
-        x = self.at_k1(self.ref(node.inputs[0], node), node.name)
-        gamma = self.const(node.inputs[1], node).astype(np.float64).reshape(-1)
-        beta = self.const(node.inputs[2], node).astype(np.float64).reshape(-1)
-        c = x.shape[0]
-        # affine-free instance norms (GroupNorm's inner op) skip the private gamma step
-        affine = not (np.all(gamma == 1.0) and np.all(beta == 0.0))
-        out = self.emit("instnorm", [x], x.shape, 2, node.name, eps=float(node.attrs.get("epsilon", 1e-5)), affine=bool(affine),
-                        kind="channel_scale", w_shape=[c])
-        if affine:
-            self.float_weight[out.id] = np.broadcast_to(gamma, (c,)).copy()
-            self.float_bias[out.id] = np.broadcast_to(beta, (c,)).reshape(c, 1).copy()
-        return out
 
     def op_Mul(self, node: OnnxNode, ins: list[Any]) -> Ref:
         x, c = (ins[0], ins[1]) if isinstance(ins[0], Ref) else (ins[1], ins[0])
