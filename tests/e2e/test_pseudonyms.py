@@ -81,6 +81,10 @@ def test_seeded_patient_names_and_ids_never_appear_in_validation_results_or_outp
         assert not leaks, f"{secret!r} written into {leaks}"
         assert secret not in printed, f"{secret!r} printed by the CLI"
     assert str(study) not in printed and str(study).encode() not in b"".join(written.values())
+    # Assert: the data owner (same key) can map each stored pseudonym back to its file
+    mapping = run_privmed("data", "pseudonym", study, timeout_s=60)
+    back = dict(line.split("\t") for line in mapping.stdout.splitlines())
+    assert {back[r.image_id] for r in rows} == {str(f) for f in sorted((study / "images").glob("*.dcm"))[:N_IMAGES]}
     summary = json.loads(written[out / "summary.json"])
     bad = pseudonyms.of(image_identity(study / "images" / "ZEBEDEE9_PIDX00977.dcm", study), "file")
     assert [line.split(":")[0] for line in summary["data_skipped"]] == [bad]  # reported, by pseudonym
