@@ -179,6 +179,18 @@ class RunDir:
             arrays = [data[f"{i:04d}"] for i in range(len(names))]
         return names, arrays, _read_json(meta)
 
+    def ema_weights(self, decay: float, upto: int) -> list[np.ndarray]:
+        """Exponential moving average of the global weights of rounds 0..``upto``:
+        ``ema_0 = w_0``, ``ema_r = decay ema_(r-1) + (1 - decay) w_r`` (float64, then float32).
+        A function of the checkpoints only, so a resumed run recomputes it exactly."""
+        ema: list[np.ndarray] | None = None
+        for r in range(upto + 1):
+            weights = [np.asarray(w, np.float64) for w in self.load_round(r)[1]]
+            ema = weights if ema is None else [decay * e + (1 - decay) * w for e, w in zip(ema, weights, strict=True)]
+        if ema is None:
+            raise InputError(f"{self.root}: no completed rounds to average")
+        return [e.astype(np.float32) for e in ema]
+
     def round_metrics(self) -> list[dict[str, Any]]:
         """Metrics of completed rounds 1..last, in order."""
         return [self.load_round(r)[2] for r in self.completed_rounds() if r > 0]

@@ -148,6 +148,9 @@ class FederatedConfig:
     recipe : "end-to-end" (``model`` trained whole) or "scatter" (frozen scattering
         features + a small DP-trained head); see ``recipes``.
     train_params : "all", "norms-head" or "head": the parameters local training updates.
+    ema : decay of an exponential moving average of the global weights over rounds (0 =
+        off). The sites train from the plain global weights; evaluation and the exported
+        model use the average (post-processing of released models: no privacy cost).
     test_fraction : share of each site's images held out (by a hash of the image id).
     seed : seeds model initialisation and data order (not DP noise, see ``local``).
     run_name : identifies the run in every site's privacy ledger (``check_run_name``); the
@@ -167,6 +170,7 @@ class FederatedConfig:
     norm: str = "group"
     recipe: str = "end-to-end"
     train_params: str = "all"
+    ema: float = 0.0
     test_fraction: float = 0.2
     seed: int = 0
     run_name: str = "run"
@@ -199,6 +203,8 @@ class FederatedConfig:
             raise ConfigError(f"recipe: expected one of {', '.join(RECIPES)}, got {self.recipe!r}")
         if self.train_params not in TRAIN_PARAMS:
             raise ConfigError(f"train-params: expected one of {', '.join(TRAIN_PARAMS)}, got {self.train_params!r}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"ema: expected a decay in [0, 1), got {self.ema}")
         self._check_size()
         if self.norm not in ("group", "batch", "none"):
             raise ConfigError(f"norm: expected 'group', 'batch' or 'none', got {self.norm!r}")
@@ -262,7 +268,7 @@ class FederatedConfig:
         """Parse ``to_flat`` output (extra keys ignored); raise ConfigError on missing/wrong keys."""
         data = {str(k).replace("-", "_"): v for k, v in flat.items()}
 
-        for name, default in (("recipe", "end-to-end"), ("train_params", "all")):
+        for name, default in (("recipe", "end-to-end"), ("train_params", "all"), ("ema", 0.0)):
             data.setdefault(name, default)  # runs started before recipes existed
 
         def take(name: str, kind: type) -> Any:

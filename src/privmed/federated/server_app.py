@@ -86,6 +86,8 @@ class RoundStrategy(Strategy):
         self.on_round = on_round
         self.connect_timeout = connect_timeout
         self.pending: tuple[int, list[np.ndarray], dict[str, Any]] | None = None
+        # moving average of the global weights (config.ema > 0): what is evaluated and exported
+        self.ema: list[np.ndarray] | None = run_dir.ema_weights(config.ema, start_round) if config.ema else None
         self.stop_state: str | None = None  # "stopped-budget" | "failed"
         self.stop_message = ""
         self.next_epsilon: dict[str, float] = {}
@@ -203,8 +205,16 @@ class RoundStrategy(Strategy):
             if self.stop_state is None:
                 self._stop("failed", f"round {r}: aggregation did not complete (SecAgg+ halted or sites failed)")
             return []
+        if self.ema is not None:
+            parameters = ndarrays_to_parameters(self._ema_after(self.ema, self.pending[1]))
         ins = EvaluateIns(parameters, self._instructions(server_round))
         return [(p, ins) for p in self._all_sites(client_manager)]
+
+    def _ema_after(self, ema: list[np.ndarray], new_weights: list[np.ndarray]) -> list[np.ndarray]:
+        """The moving average once ``new_weights`` is committed (as ``RunDir.ema_weights``)."""
+        d = self.config.ema
+        return [(d * np.asarray(e, np.float64) + (1 - d) * np.asarray(w, np.float64)).astype(np.float32)
+                for e, w in zip(ema, new_weights, strict=True)]  # fmt: skip
 
     def aggregate_evaluate(
         self,
@@ -238,6 +248,8 @@ class RoundStrategy(Strategy):
         }
         metrics = json.loads(json.dumps(metrics, default=json_default).replace("NaN", "null"))
         self.run_dir.save_round(r, self.names, new_weights, metrics)
+        if self.ema is not None:
+            self.ema = self._ema_after(self.ema, new_weights)
         self.weights, self.pending = new_weights, None
         if self.on_round is not None:
             self.on_round(metrics)

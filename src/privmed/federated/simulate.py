@@ -57,6 +57,7 @@ def prepare_config(
     norm: str = "group",
     recipe: str = "end-to-end",
     train_params: str = "all",
+    ema: float = 0.0,
     local_epochs: int = 1,
     batch_size: int = 16,
     lr: float = 0.05,
@@ -89,7 +90,7 @@ def prepare_config(
     config = FederatedConfig(
         model=model, rounds=rounds, labels=summary.labels, sites=summary.sites,
         image_size=image_size, features=tuple(features), local_epochs=local_epochs, batch_size=batch_size, lr=lr,
-        norm=norm, recipe=recipe, train_params=train_params, test_fraction=test_fraction, seed=seed,
+        norm=norm, recipe=recipe, train_params=train_params, ema=ema, test_fraction=test_fraction, seed=seed,
         run_name=run_name,
         secagg=sa, dp=dp,
     )  # fmt: skip
@@ -107,7 +108,8 @@ def export_final_model(run_dir: RunDir, config: FederatedConfig) -> Path:
     from privmed.federated.sitedata import preprocess_for
     from privmed.models.export import export_onnx
 
-    _, weights, _ = run_dir.load_round(run_dir.last_round())
+    last = run_dir.last_round()
+    weights = run_dir.ema_weights(config.ema, last) if config.ema else run_dir.load_round(last)[1]
     model = initial_model(config)
     set_arrays(model, weights)
     extractor = feature_extractor(config.recipe)
