@@ -16,6 +16,7 @@ from privmed.mpc.twoparty.ot import (
     random_ot_send,
     transpose_bits,
 )
+from privmed.net.channel import Channel
 from tests.protocol.twoparty_harness import run_two
 
 
@@ -102,3 +103,27 @@ def test_bit_transpose_equals_the_unpacked_definition(mb: int) -> None:
     rows = np.random.default_rng(mb).integers(0, 256, (128, mb), dtype=np.uint8)
     want = np.packbits(np.unpackbits(rows, axis=1).T, axis=1)
     assert np.array_equal(transpose_bits(rows), want)
+
+
+def test_base_ot_receiver_points_do_not_reveal_the_choice_by_their_sign(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: record the receiver's points B_i when every choice is 0 (B_i = +-[b_i]G)
+    sent: dict[str, np.ndarray] = {}
+    original = Channel.send
+
+    def spy(self, tag, arr):  # type: ignore[no-untyped-def]
+        if tag == "bo/B":
+            sent[self.me] = np.array(arr)
+        return original(self, tag, arr)
+
+    monkeypatch.setattr(Channel, "send", spy)
+    zeros = np.zeros(KAPPA, dtype=np.uint8)
+
+    # Execute
+    run_two(
+        lambda ch: base_ot(ch, "bo", PRG.fresh().stream("b"), zeros),
+        lambda ch: base_ot(ch, "bo", PRG.fresh().stream("b"), zeros),
+    )
+
+    # Assert: the parity of v (byte 32, little-endian) is balanced, as it is when c_i = 1
+    odd = int((sent["data-owner"][:, 32] & 1).sum())
+    assert 30 < odd < KAPPA - 30

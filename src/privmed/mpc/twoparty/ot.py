@@ -82,8 +82,9 @@ def base_ot(ch: Channel, label: str, stream: Stream, choices: np.ndarray) -> tup
     the mirror roles with the same call.
 
     1. Each party sends A = [a]G (32 bytes, u-coordinate).
-    2. As receiver with choice c_i: P_i = [b_i]G, sends B_i = P_i + c_i A_peer (64 bytes: u, v);
-       its key is H(i, A, B_i, u([b_i] A_peer)).
+    2. As receiver with choice c_i: P_i = +-[b_i]G (x25519 gives u only; the sign of v is drawn
+       at random, since a fixed rule would make B_i = P_i recognisable), sends
+       B_i = P_i + c_i A_peer (64 bytes: u, v); its key is H(i, A, B_i, u([b_i] A_peer)).
     3. As sender: keys k0_i = H(i, A, B_i, u([a] B_i)), k1_i = H(i, A, B_i, u([a](B_i - A))).
 
     Rounds: 2. Bytes per party: 32 + 64 per OT received. Security (semi-honest, ROM for H, CDH
@@ -100,7 +101,8 @@ def base_ot(ch: Channel, label: str, stream: Stream, choices: np.ndarray) -> tup
     for i, c in enumerate(choices.tolist()):
         b_scalar = bytes(stream.bytes(32))
         p_u = int.from_bytes(X25519PrivateKey.from_private_bytes(b_scalar).public_key().public_bytes_raw(), "little")
-        point = (p_u, _curve_v(p_u))
+        v = _curve_v(p_u)
+        point = (p_u, v if stream.bits(1)[0] else (_P - v) % _P)  # random sign: a canonical one would show c
         if c:
             point = _add(point, peer_point)
         mine.append(point)
