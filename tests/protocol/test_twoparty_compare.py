@@ -168,6 +168,8 @@ def test_relu_from_precomputed_material_equals_numpy_and_the_online_phase_is_lig
             before = ch.counters.bytes_sent
             y = offline.relu_online(ch, "r", is_do, share, mat)
             online_bytes[int(not is_do)] = ch.counters.bytes_sent - before
+            with pytest.raises(ValueError, match="already used"):
+                offline.relu_online(ch, "r2", is_do, share, mat)
             return y
         return run
 

@@ -69,6 +69,7 @@ class ReluMaterial:
     recv_choice: np.ndarray  # my COT as receiver: random b' (0/1)
     recv_key: np.ndarray  # h_b'
     tables_mask: tuple[np.ndarray, np.ndarray]  # data owner: lt0, eq0 (m, n); model owner: empty
+    spent: bool = False  # one-time pads: a second use would leak the difference of two inputs
 
 
 def relu_offline(ot: OTSession, tag: str, is_data_owner: bool, n: int, bits: int, stream: Stream, drop: int = 0) -> ReluMaterial:
@@ -119,6 +120,9 @@ def relu_online(ch: Channel, tag: str, is_data_owner: bool, x: np.ndarray, mat: 
     bits, n = mat.bits, len(x)
     if n != mat.n:
         raise ValueError(f"relu_online: material for {mat.n} elements, got {n}")
+    if mat.spent:
+        raise ValueError("relu_online: this material was already used (its pads are one-time)")
+    mat.spent = True
     m = -(-(bits - 1 - mat.drop) // CHUNK)
     chunks = split_chunks(drelu_input(x, bits, is_data_owner, mat.drop), m)  # (m, n)
     if is_data_owner:
