@@ -108,6 +108,7 @@ def job_input(args: argparse.Namespace, need_one_series: bool) -> Iterator[Any]:
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
         # one sub-folder per series; the series reader looks into sub-folders and picks by --series
         try:
+            args.source_label = f"{'series ' + series if series else 'study ' + study} from PACS {cfg.name}"
             yield Path(tmp) if need_one_series else [Path(tmp)]
         except InputError as exc:  # name what the user asked for, not our temporary folder
             text = str(exc)

@@ -111,7 +111,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         engine = SecureEngine(chunk=args.chunk, timeout_s=args.timeout, compile=CompileOptions(args.frac_bits, args.calibration), expect_plan=args.expect_plan,
                               progress=LayerProgress(label=f"secure segmentation ({mode})"))  # fmt: skip
     side = "x".join(map(str, model.side))
-    print(f"{engine.name} segmentation: {volume.source} {volume.array.shape} ({volume.kind}), mode {mode}, "
+    source = getattr(args, "source_label", None) or volume.source  # what the user named, not a temp folder
+    print(f"{engine.name} segmentation: {source} {volume.array.shape} ({volume.kind}), mode {mode}, "
           f"model input {side}", file=sys.stderr)  # fmt: skip
     kwargs = {"overlap": args.overlap, "blend": args.blend, "resample": args.resample}
     seg = segment_volume(volume.array, model, engine, mode, **kwargs)
@@ -140,7 +141,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     print(f"costs ({engine.name}):")
     print("\n".join(summary.format_costs(costs, engine.name)))
     report: dict[str, Any] = {
-        "input": str(volume.source), "shape": list(seg.labels.shape), "kind": volume.kind,
+        "input": str(source), "shape": list(seg.labels.shape), "kind": volume.kind,
         "affine": np.asarray(volume.affine).tolist(), "model": str(model.path), "mode": mode,
         "engine": engine.name, "classes": list(model.classes), "items": seg.n_items,
         "unit": seg.prepared.unit, "volumes": vols, "costs": costs, "seconds": seg.seconds,
