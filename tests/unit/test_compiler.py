@@ -24,12 +24,12 @@ def test_all_unsupported_ops_are_listed_at_once(tmp_path: Path) -> None:
     assert "Atan, Cos, Sin" in msg and "c1" in msg and "a1" in msg and "s1" in msg
 
 
-def test_softmax_only_as_final_op(tmp_path: Path) -> None:
+def test_softmax_inside_is_secure_and_a_final_one_stays_in_clear(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    nodes = [H("Softmax", ["x"], ["s"], name="mid"), H("MatMul", ["s", "w"], ["y"])]
-    p = build(tmp_path / "m.onnx", nodes, {"w": rand(rng, 4, 2)}, [1, 4])
-    with pytest.raises(ModelError, match="mid: Softmax is supported only as the model's final op"):
-        compile_model(p)
+    nodes = [H("Softmax", ["x"], ["s"], name="mid"), H("MatMul", ["s", "w"], ["m"]), H("Softmax", ["m"], ["y"], axis=1)]
+    plan, _ = compile_model(build(tmp_path / "m.onnx", nodes, {"w": rand(rng, 4, 2)}, [1, 4]))
+    assert [n.op for n in plan.nodes] == ["input", "softmax", "trunc", "linear", "output"]
+    assert plan.nodes[1].attrs["axis"] == 0 and plan.nodes[-1].attrs["post"] == {"kind": "softmax", "axis": 1}
 
 
 def test_sigmoid_inside_becomes_an_approximation_and_a_final_one_stays_in_clear(tmp_path: Path) -> None:
@@ -81,13 +81,15 @@ def test_supported_ops_are_the_lowerings_own_and_the_upfront_check_agrees(tmp_pa
 
     assert SECRET_OPS == {name[3:] for name in dir(Lowerer) if name.startswith("op_")}
     assert "Upsample" not in SECRET_OPS  # listed before but never lowered
-    # a Softmax inside the network is refused by the up-front check, before any party starts
-    nodes = [helper.make_node("Softmax", ["x"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
+    # an op refused in context (Resize is lowered, its cubic mode is not) is refused by the
+    # up-front check, before any party starts
+    scales = helper.make_tensor("sc", TensorProto.FLOAT, [4], [1.0, 1.0, 2.0, 2.0])
+    nodes = [helper.make_node("Resize", ["x", "", "sc"], ["r"], mode="cubic", name="up"), helper.make_node("Relu", ["r"], ["y"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])])
-    path = tmp_path / "inner_softmax.onnx"
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 8, 8])], [scales])
+    path = tmp_path / "cubic.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    with pytest.raises(ModelError, match=r"inner_softmax\.onnx: node .*Softmax is supported only as the model's final op"):
+    with pytest.raises(ModelError, match=r"cubic\.onnx: node up: Resize mode 'cubic' is not supported"):
         check_input(path, np.zeros((1, 1, 4, 4), np.float32))
-    with pytest.raises(ModelError, match="supported only as the model's final op"):
+    with pytest.raises(ModelError, match="Resize mode 'cubic' is not supported"):
         compile_model(path)

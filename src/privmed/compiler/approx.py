@@ -5,7 +5,8 @@ Method (the spline-on-comparison-selected-intervals approach of SIRNN, Rathee et
 interval instead of lookup tables):
 
 1. Asymptotes. The outer intervals hold the function's limits: 0 and 1 for Sigmoid, -1 and 1
-   for Tanh and Erf, 0 and x for SiLU and GELU. R is the smallest multiple of 1/16 with
+   for Tanh and Erf, 0 and x for SiLU and GELU, 0 and 1 for exp(min(x, 0)) (softmax's
+   exponential after the row maximum is subtracted; its interior ends at 0). R is the smallest multiple of 1/16 with
    |f(x) - asymptote| <= eps for all |x| >= R (checked on [R, R + 64]; every error there
    decreases with |x|), so the table is valid for every input, not only a calibrated range.
 2. Interior. From -R, each interval is grown in steps of 1/16 while the Chebyshev
@@ -39,7 +40,9 @@ ASYMPTOTES: dict[str, tuple[float, tuple[float, float]]] = {
     "erf": (-1.0, (1.0, 0.0)),
     "silu": (0.0, (0.0, 1.0)),
     "gelu": (0.0, (0.0, 1.0)),
+    "expneg": (0.0, (1.0, 0.0)),
 }
+INTERIOR_END = {"expneg": 0.0}  # exp(min(x, 0)) is exactly 1 from 0 on: no knots there
 
 
 def _tail_radius(fn: str, eps: float) -> tuple[float, float]:
@@ -74,11 +77,11 @@ def fit_table(fn: str, degree: int = DEGREE, eps: float = EPS) -> dict[str, Any]
     r, worst = _tail_radius(fn, eps)
     low, (const, slope) = ASYMPTOTES[fn]
     knots, centers, coeffs = [-r], [0.0], [[low] + [0.0] * degree]
-    a = -r
-    while a < r:
+    a, end = -r, INTERIOR_END.get(fn, r)
+    while a < end:
         best = None
         b = a + STEP
-        while b <= min(r, a + MAX_WIDTH) + 1e-12:
+        while b <= min(end, a + MAX_WIDTH) + 1e-12:
             m, coef, err = _fit(fn, a, b, degree)
             if err > eps:
                 break

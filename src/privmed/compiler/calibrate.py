@@ -97,6 +97,11 @@ def finalize(nodes: list[Node], bounds: dict[str, float], f: int, margin: int, e
             n.attrs["bits"] = _width(2 * in_bound * 2.0 ** (k_in * f), margin, 0)
             n.attrs["drop"] = 0
             compared += int(np.prod(n.shape)) * (int(np.prod(n.attrs["kernel"])) - 1)
+        elif n.op == "softmax":  # max tree: x_i - x_j; knots: z - t_j; 1/S guess: S - 2^k, S <= L
+            length = n.shape[n.attrs["axis"]]
+            reach = max(2 * in_bound + max(abs(t) for t in n.attrs["knots"]), 4.0 * length)
+            n.attrs["bits"] = _width(reach * 2.0 ** (k_in * f), margin, 0)
+            compared += int(np.prod(n.shape)) * (len(n.attrs["knots"]) + 1)
         elif n.op == "approx":  # the knot comparisons see x - t_j
             reach = in_bound + max(abs(t) for t in n.attrs["knots"])
             n.attrs["bits"] = _width(reach * 2.0 ** (k_in * f), margin, 0)

@@ -17,7 +17,7 @@ import numpy as np
 from privmed.compiler.lower_base import Ref, Value
 from privmed.compiler.lower_nonlinear import NonlinearLowering
 from privmed.compiler.lower_norm import NormLowering
-from privmed.compiler.onnx_front import CONST_OPS, FINAL_ONLY, OnnxGraph, OnnxNode
+from privmed.compiler.onnx_front import CONST_OPS, OnnxGraph, OnnxNode
 from privmed.errors import ModelError
 from privmed.ring.layout import resize_linear_taps, resize_nearest_index
 from privmed.ring.linalg import ConvSpec
@@ -350,13 +350,12 @@ class Lowerer(NonlinearLowering, NormLowering):
 # The supported-op list is the lowering itself: an op is supported on a secret tensor iff the
 # Lowerer has a method for it.
 SECRET_OPS = frozenset(name[3:] for name in dir(Lowerer) if name.startswith("op_"))
-assert FINAL_ONLY <= SECRET_OPS
 
 
 def check_supported(graph: OnnxGraph, path: Path) -> None:
     """Refuse, in one line listing all of them, the ops that neither the lowering nor constant
     folding knows; then lower the graph once (no calibration, cheap) so that ops refused in
-    context (a Sigmoid inside the network, a linear Resize) are reported before any party
+    context (a cubic Resize, a Transpose that moves the batch axis) are reported before any party
     starts."""
     bad = sorted({f"{n.op} ({n.name})" for n in graph.nodes if n.op not in SECRET_OPS | CONST_OPS})
     if bad:

@@ -32,7 +32,6 @@ CONST_OPS = {
     "Squeeze", "Reshape", "Mul", "Add", "Sub", "Div", "Equal", "Where", "Expand", "Identity",
     "ReduceProd", "Floor", "Sqrt", "Neg",
 }
-FINAL_ONLY = {"Sigmoid", "Softmax"}
 
 
 @dataclass

@@ -31,7 +31,7 @@ import numpy as np
 
 from privmed.ring.fixed import U64, arith_shift, encode, signed
 
-FUNCTIONS = ("sigmoid", "tanh", "erf", "silu", "gelu")
+FUNCTIONS = ("sigmoid", "tanh", "erf", "silu", "gelu", "expneg")  # expneg(x) = exp(min(x, 0)): softmax's
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -50,6 +50,7 @@ def exact(fn: str) -> Callable[[np.ndarray], np.ndarray]:
         "erf": _erf,
         "silu": lambda x: np.asarray(x, dtype=np.float64) * sigmoid(x),
         "gelu": lambda x: 0.5 * np.asarray(x, dtype=np.float64) * (1.0 + _erf(np.asarray(x) / math.sqrt(2.0))),
+        "expneg": lambda x: np.exp(np.minimum(np.asarray(x, dtype=np.float64), 0.0)),
     }
     return table[fn]
 
@@ -60,6 +61,7 @@ class ApproxOps(Protocol):
     def square(self, x: np.ndarray) -> np.ndarray: ...
     def mul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray: ...
     def trunc(self, x: np.ndarray, shift: int) -> np.ndarray: ...
+    def relu(self, x: np.ndarray) -> np.ndarray: ...
 
 
 def _select(bits: np.ndarray, values: np.ndarray, ops: ApproxOps) -> np.ndarray:
@@ -127,3 +129,6 @@ class PlainApproxOps:
 
     def trunc(self, x: np.ndarray, shift: int) -> np.ndarray:
         return arith_shift(x, shift)
+
+    def relu(self, x: np.ndarray) -> np.ndarray:
+        return np.where(signed(x) > 0, x, U64(0))

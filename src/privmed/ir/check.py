@@ -212,6 +212,8 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     "interp": {"taps": _per_axis_taps(_ints(0, MAX_DIM, 1, MAX_DIM)), "weights": _per_axis_taps(_floats(-2.0, 2.0, 1, MAX_DIM))},
     "approx": {"fn": _enum(*FUNCTIONS), "knots": _floats(-1024.0, 1024.0, 1, MAX_INTERVALS - 1),
                "centers": _floats(-1024.0, 1024.0, 2, MAX_INTERVALS), "coeffs": _coeffs, "bits": WIDTH},
+    "softmax": {"axis": _int(0, MAX_RANK - 1), "knots": _floats(-1024.0, 1024.0, 1, MAX_INTERVALS - 1),
+                "centers": _floats(-1024.0, 1024.0, 2, MAX_INTERVALS), "coeffs": _coeffs, "bits": WIDTH, "iters": _int(1, 8)},
     "mul": {},
     "einsum": {"equation": _equation},
     "output": {"post": _post},
@@ -254,7 +256,7 @@ def _check_attrs(node: Node, frac_bits: int) -> None:
         raise _fail(node, "instnorm frac_bits must equal the plan's, k_lo <= k_hi, sign_bits a multiple of 4")
     if op == "add" and a["signs"][0] != 1 or op == "add" and a["signs"][1] == 0:
         raise _fail(node, "signs must be [1, 1] or [1, -1]")
-    if op == "approx" and not _table_fits(a):
+    if op in ("approx", "softmax") and not _table_fits(a):
         raise _fail(node, "approx needs increasing knots on the 2^-6 grid, one center (on the grid) and one "
                           "coefficient list per interval, and a comparison width that is a multiple of 4")
     if op in ("maxpool", "avgpool") and not (len(a["strides"]) == len(a["kernel"]) and len(a["pads"]) == 2 * len(a["kernel"])):

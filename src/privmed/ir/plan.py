@@ -31,6 +31,7 @@ instnorm       instance norm (+ private gamma, beta) over trailing axes; out 2f 
 upscale        x * 2^shift                                                          local
 add            x + y (same scale)                                                   local
 mul            x * y, both secret, y broadcast over x (scale f each -> 2f)          Beaver, 1 rd
+softmax        along an axis (attention): max tree, exp cubic, Newton 1/S; f -> 2f   see ir.softmax
 einsum         einsum of two secret tensors (attention's Q K^T, P V); f each -> 2f  Beaver, 1 rd
 approx         public piecewise cubic of x (Sigmoid/Tanh/Erf/SiLU/GELU; table in    compare+
                the attrs, ``privmed.ir.approx``); scale f -> 2f                     Beaver

@@ -126,6 +126,12 @@ def _mul(in_shapes: Sequence[Shape], attrs: dict[str, Any]) -> Shape:
     return list(x)
 
 
+def _softmax(in_shapes: Sequence[Shape], attrs: dict[str, Any]) -> Shape:
+    if attrs["axis"] >= len(in_shapes[0]):
+        raise ShapeError(f"softmax axis {attrs['axis']} of a rank-{len(in_shapes[0])} tensor")
+    return list(in_shapes[0])
+
+
 def _einsum(in_shapes: Sequence[Shape], attrs: dict[str, Any]) -> Shape:
     ins, out = attrs["equation"].split("->")
     sizes: dict[str, int] = {}
@@ -221,7 +227,7 @@ def _prod(shape: Sequence[int]) -> int:
 INFER: dict[str, Callable[[Sequence[Shape], dict[str, Any]], Shape]] = {
     "linear": _linear, "bias": _same, "relu": _same, "leaky_relu": _same, "trunc": _same,
     "upscale": _same, "prelu": _per_channel, "maxpool": _maxpool, "avgpool": _avgpool, "instnorm": _instnorm,
-    "add": _add, "mul": _mul, "einsum": _einsum, "approx": _same, "concat": _concat, "reshape": _reshape, "transpose": _transpose,
+    "add": _add, "mul": _mul, "einsum": _einsum, "approx": _same, "softmax": _softmax, "concat": _concat, "reshape": _reshape, "transpose": _transpose,
     "slice": _slice, "pad": _pad, "resize": _resize, "interp": _interp, "output": _same,
 }
 

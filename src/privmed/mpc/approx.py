@@ -1,6 +1,7 @@
-"""Smooth activations on shares: ``privmed.ir.approx.piecewise`` (a public piecewise cubic,
-Sigmoid / Tanh / Erf / SiLU / GELU) with each of its ops one protocol of
-``privmed.mpc.protocols``, so the dealer serves it without any code of its own.
+"""Smooth activations and softmax on shares: ``privmed.ir.approx.piecewise`` (a public
+piecewise cubic, Sigmoid / Tanh / Erf / SiLU / GELU / exp) and ``privmed.ir.softmax`` with each
+of their ops one protocol of ``privmed.mpc.protocols``, so the dealer serves them without any
+code of its own.
 
 Construction: the spline on comparison-selected intervals of SIRNN (Rathee et al., S&P 2021,
 sec. 5) and CrypTen (Knott et al., NeurIPS 2021, sec. 3.3), with the interval's coefficients
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from privmed.ir.approx import piecewise
+from privmed.ir.softmax import softmax
 from privmed.mpc.protocols import Protocols
 
 
@@ -61,7 +63,24 @@ class SecureApproxOps:
     def trunc(self, x: np.ndarray, shift: int) -> np.ndarray:
         return self.pr.truncate(np.ascontiguousarray(x), shift).reshape(x.shape)
 
+    def relu(self, x: np.ndarray) -> np.ndarray:
+        return self.pr.relu(np.ascontiguousarray(x), 0, self.bits, 0)[0].reshape(x.shape)
+
 
 def secure_approx(pr: Protocols, x: np.ndarray, attrs: dict[str, Any], f: int) -> np.ndarray:
     """Shares of the node's piecewise cubic of x (scale f), at scale 2f."""
     return piecewise(SecureApproxOps(pr, attrs["bits"]), x, attrs, f)
+
+
+def secure_softmax(pr: Protocols, x: np.ndarray, attrs: dict[str, Any], f: int) -> np.ndarray:
+    """Shares of softmax along the node's axis, at scale 2f (``privmed.ir.softmax``).
+
+    Protocols per row of length L: ceil(log2 L) ReLU layers (the max tree, L - 1 ReLUs), the
+    exponential's piecewise cubic on L elements (8 knots; see above), one truncation, K =
+    ceil(log2 L) sign bits and 4 Newton steps (2 products + 2 truncations each) on one value,
+    the final product on L elements. Rounds: (ceil(log2 L) + 2)(2 + ceil(log2 m)) + 5 + 1 +
+    16 + 1; e.g. 62 for L = 16 and m = 6. Bytes per element and party: about (L - 1)/L ReLUs
+    (~11 B each) + 8 comparisons (~11 B) + 88 (the cubic) + 8 + 16 (the product) ~ 210 B.
+    Security: a composition of the simulatable protocols above, each with fresh correlations.
+    """
+    return softmax(SecureApproxOps(pr, attrs["bits"]), x, attrs, f)

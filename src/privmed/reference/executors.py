@@ -7,8 +7,16 @@ from typing import Any
 import numpy as np
 
 from privmed.ir.approx import PlainApproxOps, exact, piecewise
-from privmed.ir.ops import avg_divisor, batched_equation, conv_spec, interp_taps, interp_weights
+from privmed.ir.ops import (
+    avg_divisor,
+    batched_equation,
+    conv_spec,
+    interp_taps,
+    interp_weights,
+    postprocess,
+)
 from privmed.ir.plan import Node, Plan, PrivateWeights
+from privmed.ir.softmax import softmax
 from privmed.ring import layout
 from privmed.ring.fixed import U64, arith_shift, decode, encode, signed
 from privmed.ring.linalg import linear
@@ -79,6 +87,9 @@ class FloatBackend:
 
     def approx(self, node: Node, x: np.ndarray) -> np.ndarray:
         return exact(node.attrs["fn"])(x).astype(x.dtype, copy=False)
+
+    def softmax(self, node: Node, x: np.ndarray) -> np.ndarray:
+        return postprocess(x, {"kind": "softmax", "axis": node.attrs["axis"] + 1})
 
     def mul(self, node: Node, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return x * y
@@ -176,6 +187,9 @@ class FixedBackend(RingOps):
 
     def approx(self, node: Node, x: np.ndarray) -> np.ndarray:
         return piecewise(PlainApproxOps(), x, node.attrs, self.f)
+
+    def softmax(self, node: Node, x: np.ndarray) -> np.ndarray:
+        return softmax(PlainApproxOps(), x, node.attrs, self.f)
 
     def mul(self, node: Node, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return x * y

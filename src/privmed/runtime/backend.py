@@ -15,7 +15,7 @@ import numpy as np
 
 from privmed.ir.ops import batched_equation, conv_spec
 from privmed.ir.plan import Node, Plan, PrivateWeights
-from privmed.mpc.approx import secure_approx
+from privmed.mpc.approx import secure_approx, secure_softmax
 from privmed.mpc.norm import secure_instance_norm
 from privmed.mpc.protocols import Protocols
 from privmed.reference.executors import RingOps, leaky_combine, prelu_combine
@@ -113,6 +113,10 @@ class SecureBackend(RingOps):
     def approx(self, node: Node, x: np.ndarray) -> np.ndarray:
         """A smooth activation as a public piecewise cubic (``privmed.mpc.approx``)."""
         return secure_approx(self._at(node), x, node.attrs, self.f)
+
+    def softmax(self, node: Node, x: np.ndarray) -> np.ndarray:
+        """Softmax inside the network (``privmed.mpc.approx.secure_softmax``)."""
+        return secure_softmax(self._at(node), x, node.attrs, self.f)
 
     def mul(self, node: Node, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Product of two secret tensors, y broadcast over x: one Beaver product."""
