@@ -103,19 +103,18 @@ def job_input(args: argparse.Namespace, need_one_series: bool) -> Iterator[Any]:
         t0 = time.perf_counter()
         files = service(cfg).get(cfg, Path(tmp), study, series)
         size = sum(f.stat().st_size for f in files)
-        how = "WADO-RS" if service(cfg).__name__.endswith("dicomweb") else "C-GET"
-        print(f"retrieved {len(files)} object{'s' if len(files) != 1 else ''} ({size / 1e6:.1f} MB) from PACS {cfg.name} by {how} in "
+        print(f"retrieved {len(files)} object{'s' if len(files) != 1 else ''} ({size / 1e6:.1f} MB) from PACS {cfg.name} "
+              f"by {service(cfg).VERBS['get']} in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
         # one sub-folder per series; the series reader looks into sub-folders and picks by --series
+        args.source_label = f"{'series ' + series if series else 'study ' + study} from PACS {cfg.name}"
         try:
-            args.source_label = f"{'series ' + series if series else 'study ' + study} from PACS {cfg.name}"
             yield Path(tmp) if need_one_series else [Path(tmp)]
         except InputError as exc:  # name what the user asked for, not our temporary folder
             text = str(exc)
             if not text.startswith(tmp):
                 raise
-            where = f"{'series ' + series if series else 'study ' + study} from PACS {cfg.name}"
-            raise InputError(where + re.sub(re.escape(tmp) + r"/[^:;,]*", "", text[len(tmp):])) from None
+            raise InputError(args.source_label + re.sub(re.escape(tmp) + r"/[^:;,]*", "", text[len(tmp):])) from None
 
 
 def store_result(args: argparse.Namespace, files: list[Path]) -> None:
@@ -125,8 +124,8 @@ def store_result(args: argparse.Namespace, files: list[Path]) -> None:
     cfg = pacs_config(args)
     t0 = time.perf_counter()
     n = service(cfg).store(cfg, files)
-    how = "STOW-RS" if service(cfg).__name__.endswith("dicomweb") else "C-STORE"
-    print(f"stored {n} object{'s' if n != 1 else ''} into PACS {cfg.name} by {how} in {time.perf_counter() - t0:.1f} s")
+    print(f"stored {n} object{'s' if n != 1 else ''} into PACS {cfg.name} by {service(cfg).VERBS['store']} in "
+          f"{time.perf_counter() - t0:.1f} s")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -161,7 +160,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
     cfg = pacs_config(args)
     t0 = time.perf_counter()
     service(cfg).echo(cfg)
-    how = "a QIDO-RS query" if service(cfg).__name__.endswith("dicomweb") else f"C-ECHO from {cfg.calling_aet}"
+    how = service(cfg).VERBS["echo"] + (f" from {cfg.calling_aet}" if hasattr(cfg, "calling_aet") else "")
     print(f"PACS {cfg.name} answered {how} in {1000 * (time.perf_counter() - t0):.0f} ms")
     return 0
 

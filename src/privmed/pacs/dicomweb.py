@@ -23,6 +23,7 @@ __all__ = ["DicomwebConfig", "echo", "find", "get", "store"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+VERBS = {"echo": "a QIDO-RS query", "get": "WADO-RS", "store": "STOW-RS"}  # how messages name each call
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ __all__ = ["echo", "find", "get", "store", "RETRIEVE_STORAGE_CLASSES"]
 log = logging.getLogger(__name__)
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+VERBS = {"echo": "C-ECHO", "get": "C-GET", "store": "C-STORE"}  # how messages name each call
 VERIFICATION = "1.2.840.10008.1.1"  # Verification SOP class (C-ECHO)
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information Model - FIND
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Query/Retrieve Information Model - GET
