@@ -211,3 +211,22 @@ def test_relu_ignoring_low_bits_errs_only_below_2_to_the_drop(online: bool) -> N
     assert np.array_equal(got[far], want[far])
     assert np.all((got[~far] == 0) | (got[~far] == x[~far]))
     assert np.abs(got - want).max() < (1 << drop)
+
+
+@pytest.mark.parametrize(("bits", "to_bits"), [(37, 64), (20, 37), (5, 64)])
+def test_extension_to_a_wider_ring_is_exact(bits: int, to_bits: int) -> None:
+    # Prepare: signed values over the admissible range |x| < 2^(bits - 2)
+    rng = np.random.default_rng(bits * to_bits)
+    lim = (1 << (bits - 2)) - 1
+    x = rng.integers(-lim, lim, 5000, dtype=np.int64, endpoint=True)
+    x[:4] = [0, -1, lim, -lim]
+    x0, x1 = _share(x, bits, rng)
+
+    # Execute
+    y0, y1 = _both(
+        lambda ot, st: cmp.extend(ot, "e", True, x0, bits, to_bits),
+        lambda ot, st: cmp.extend(ot, "e", False, x1, bits, to_bits),
+    )
+
+    # Assert
+    assert np.array_equal((y0 + y1) & _mask(to_bits), x.view(U64) & _mask(to_bits))

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from privmed.crypto.prg import PRG
+from privmed.mpc.twoparty import compare
+from privmed.mpc.twoparty.ot import ot_setup
 from privmed.ring.linalg import ConvSpec, linear
 from tests.protocol.twoparty_harness import run_two
 
@@ -193,3 +195,30 @@ def test_offline_he_on_a_mask_then_one_online_message_gives_the_layer() -> None:
 
     # Assert
     assert np.array_equal((y0 + y1) & ring, linear(kind, spec, w.view(U64), x) & ring)
+
+
+def test_z2_64_shares_through_an_he_layer_and_back_by_extension() -> None:
+    # Prepare: Z_2^64 shares of a small activation; |L(W, x)| < 2^35 fits the 37-bit HE ring
+    rng = np.random.default_rng(11)
+    bits, kind, spec = 37, "conv", _spec((3, 3), pads=(1, 1, 1, 1))
+    x_shape, w_shape = (1, 4, 6, 6), (3, 4, 3, 3)
+    x = rng.integers(-(1 << 16), 1 << 16, x_shape, dtype=np.int64).view(U64)
+    w = rng.integers(-(1 << 8), 1 << 8, w_shape, dtype=np.int64)
+    x0 = rng.integers(0, 2**64 - 1, x_shape, dtype=U64, endpoint=True)
+    x1 = x - x0
+    params = HEParams(plain_bits=bits)
+
+    def data_owner(ch):  # type: ignore[no-untyped-def]
+        y = he_linear(he_setup(SealIO(params), ch, True), ch, "L1", kind, spec, x_shape, w_shape, x=x0)  # x0 mod 2^37
+        return compare.extend(ot_setup(ch, "s", PRG.fresh(), True), "L1", True, y.reshape(-1), bits, 64)
+
+    def model_owner(ch):  # type: ignore[no-untyped-def]
+        he = he_setup(SealIO(params), ch, False)
+        y = he_linear(he, ch, "L1", kind, spec, x_shape, w_shape, x=x1, weight=w, weight_bits=9, stream=PRG.fresh().stream("m"))
+        return compare.extend(ot_setup(ch, "s", PRG.fresh(), False), "L1", False, y.reshape(-1), bits, 64)
+
+    # Execute
+    y0, y1, _ = run_two(data_owner, model_owner)
+
+    # Assert: the Z_2^64 result of the layer, exactly
+    assert np.array_equal((y0 + y1).reshape(-1), linear(kind, spec, w.view(U64), x).reshape(-1))

@@ -12,7 +12,7 @@ Modules, in dependency order:
 - ``ot``           base OT (Chou-Orlandi over X25519), IKNP OT extension, 1-out-of-16 OT.
 - ``compare``      CrypTFlow2's millionaires' protocol, AND triples by OT, DReLU / ReLU / MUX on
                    arithmetic shares over Z_2^l, bit-to-arithmetic conversion, truncation
-                   (one COT), max by a ReLU tree.
+                   and extension to a wider ring (one COT each), max by a ReLU tree.
 - ``offline``      ReLU split into input-independent material (all OT extension) and a light
                    online phase (Beaver's OT precomputation).
 

@@ -15,6 +15,7 @@ Inference", CCS 2020:
 - ``b2a``: CrypTFlow2's bit-to-arithmetic conversion by one correlated OT.
 - ``truncate``: SiRNN's truncation (Rathee et al., S&P 2021) with its known-MSB shortcut: after adding 2^(l-2)
   the value's MSB is 0, so the wrap bit of the shares is the OR of the shares' MSBs: one COT.
+- ``extend``: SiRNN's signed extension from Z_2^l to a wider ring with the same shortcut.
 - ``maximum``: max over candidates by a tree of max(a, b) = b + ReLU(a - b).
 
 A correlated OT (COT) with correlation delta: the sender gets h0, the receiver with choice c gets
@@ -274,18 +275,42 @@ def truncate(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: 
     Security: COT (``ot``); nothing else is sent.
     """
     mask = ring_mask(bits)
-    offset = U64(1 << (bits - 2))
-    xs = (x + offset) & mask if is_data_owner else x & mask
-    top = (xs >> U64(bits - 1)).astype(np.uint8)
-    if is_data_owner:
-        prod = _cot_send(ot, f"{tag}/tr", top.astype(U64), bits)  # my share of a0 a1
-    else:
-        prod = _cot_recv(ot, f"{tag}/tr", top, bits)
-    wrap = (top.astype(U64) - prod) & mask
+    xs, wrap = _offset_and_wrap(ot, f"{tag}/tr", is_data_owner, x, bits, bits)
     out = (xs >> U64(shift)) - (wrap << U64(bits - shift))
     if is_data_owner:
         out = out - U64(1 << (bits - 2 - shift))
     return out & mask
+
+
+def _offset_and_wrap(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: int, out_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 1-2 of ``truncate``: my share of x' = x + 2^(bits-2) in Z_2^bits, and my share over
+    Z_2^out_bits of its wrap bit w = a0 OR a1 (one COT over Z_2^out_bits)."""
+    xs = (x + U64(1 << (bits - 2))) & ring_mask(bits) if is_data_owner else x & ring_mask(bits)
+    top = (xs >> U64(bits - 1)).astype(np.uint8)
+    if is_data_owner:
+        prod = _cot_send(ot, tag, top.astype(U64), out_bits)  # my share of a0 a1
+    else:
+        prod = _cot_recv(ot, tag, top, out_bits)
+    return xs, (top.astype(U64) - prod) & ring_mask(out_bits)
+
+
+def extend(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: int, to_bits: int) -> np.ndarray:
+    """Shares over Z_2^to_bits of x shared over Z_2^bits (bits < to_bits), exactly, for
+    |x| < 2^(bits - 2): SiRNN's signed extension with the same known-MSB shortcut as
+    ``truncate``. Lets Z_2^l results of ``he_linear`` rejoin a Z_2^64 computation.
+
+    1-2. As ``truncate``: x' = x + 2^(bits-2), wrap w = a0 OR a1 as shares mod 2^to_bits.
+    3. y_i = x'_i - w_i 2^bits (mod 2^to_bits); the data owner subtracts 2^(bits-2). Then
+       y0 + y1 = x'0 + x'1 - w 2^bits - 2^(bits-2) = x over the integers, hence mod 2^to_bits.
+    Rounds: 2. Bytes per element: model owner 16, data owner 8. Security: one COT.
+    """
+    if not 2 < bits < to_bits <= 64:
+        raise ValueError(f"extend: expected 2 < bits < to_bits <= 64, got {bits} -> {to_bits}")
+    xs, wrap = _offset_and_wrap(ot, f"{tag}/ext", is_data_owner, x, bits, to_bits)
+    out = xs - (wrap << U64(bits))
+    if is_data_owner:
+        out = out - U64(1 << (bits - 2))
+    return out & ring_mask(to_bits)
 
 
 def maximum(ot: OTSession, tag: str, is_data_owner: bool, xs: np.ndarray, bits: int, stream: Stream) -> np.ndarray:
