@@ -9,9 +9,12 @@ in use, a session file or key that is missing. Tests marked ``xfail(strict=True)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,19 +233,54 @@ def test_bad_server_certificate_is_refused(
         connect_timeout_s=REFUSED_CONNECT_TIMEOUT_S,
         override=override,
     )
-    # Execute
+    # Execute: `privmed party` checks its own certificate's role at start, so with the dealer's
+    # certificate a program that does not check (below: a bare TLS server) plays the vendor
     party_run.start("model-owner", "--model", tiny_cnn.onnx)
+    rogue = _bare_tls_server(override["model-owner"], model_port) if case == "wrong-role" else None
     party_run.start(
         "data-owner", "--input", tiny_cnn.input, "--output", party_run.workdir / "out.npy"
     )
     party_run.wait_exits(("data-owner", "model-owner"), REFUSED_CONNECT_TIMEOUT_S + 3 * MARGIN_S)
+    if rogue is not None:
+        rogue.join(5)
     # Assert: the data owner refuses at the handshake and says why, naming model-owner
     assert party_run.code("data-owner") == 2, party_run.report()
     message = party_run.message("data-owner")
     assert "model-owner" in message and str(model_port) in message, message
     assert re.search(r"(?i)certificate", message), message
     assert party_run.code("model-owner") == 2, party_run.report()
+    if case == "wrong-role":
+        assert party_run.message("model-owner").endswith(
+            "a certificate for 'dealer', not for model-owner; a model-owner needs a model-owner certificate"
+        ), party_run.report()
     assert not (party_run.workdir / "out.npy").exists()
+
+
+def _bare_tls_server(certs: CertSet, port: int) -> threading.Thread:
+    """Accept one TLS connection on ``port`` presenting ``certs``' model-owner files (no role
+    check of its own), for at most 20 s."""
+    from privmed.crypto.certs import Identity
+    from privmed.net.tls import server_context, server_handshake
+
+    cert, key = certs.certs["model-owner"]
+    ctx = server_context(Identity("model-owner", cert, key, certs.ca))
+    lsock = socket.create_server(("127.0.0.1", port))
+    lsock.settimeout(20)
+
+    def serve_once() -> None:
+        try:
+            raw, _ = lsock.accept()
+            with contextlib.suppress(OSError):
+                server_handshake(ctx, raw, 5).close()
+            raw.close()
+        except OSError:
+            pass
+        finally:
+            lsock.close()
+
+    thread = threading.Thread(target=serve_once, daemon=True)
+    thread.start()
+    return thread
 
 
 # -- 7. a port already in use -----------------------------------------------------------------------

@@ -97,3 +97,60 @@ def test_service_file_mistakes_are_one_line_each(tmp_path: Path, line: str, mess
         load_service_config(path, "dealer")
     path.write_text("[service]\n" + "\n".join(f"{k} = {v}" for k, v in base.items()) + "\n")
     assert load_service_config(path, "dealer").port == 7101
+
+
+SESSION = """[session]
+ca = "ca/ca.pem"
+timeout_s = 60
+connect_timeout_s = 30
+
+[data-owner]
+cert = "h/data-owner.pem"
+key = "h/data-owner.key"
+
+[model-owner]
+host = "127.0.0.1"
+port = 7100
+cert = "-"
+key = "-"
+
+[dealer]
+host = "127.0.0.1"
+port = 7101
+cert = "-"
+key = "-"
+"""
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("timeout_s = 60", 'timeout_s = "60s"', "[session]: 'timeout_s' must be int or float, got '60s'"),
+        ("port = 7100", "port = 70000", "[model-owner]: 'port' must be 0..65535, got 70000"),
+        ("connect_timeout_s = 30", "conect_timeout_s = 30", "[session]: unknown key 'conect_timeout_s'"),
+        ("[dealer]", "[dealers]", "unknown table [dealers]"),
+        ("timeout_s = 60", "timeout_s = 0", "[session]: 'timeout_s' must be positive, got 0"),
+    ],
+)
+def test_session_file_mistakes_are_one_line_each(tmp_path: Path, old: str, new: str, message: str) -> None:
+    from privmed.runtime.config import load_config
+
+    path = tmp_path / "session.toml"
+    path.write_text(SESSION.replace(old, new, 1))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value) and "\n" not in str(err.value), err.value
+    path.write_text(SESSION)
+    assert load_config(path).endpoints["dealer"].port == 7101
+
+
+def test_a_party_with_another_roles_certificate_stops_at_start(tmp_path: Path) -> None:
+    from privmed.runtime.config import load_config
+    from privmed.runtime.party import connect_role
+
+    _signed(tmp_path, "dealer", "h")  # the helper's certificate, at the hospital's paths
+    (tmp_path / "h" / "dealer.pem").rename(tmp_path / "h" / "data-owner.pem")
+    (tmp_path / "h" / "dealer.key").rename(tmp_path / "h" / "data-owner.key")
+    (tmp_path / "session.toml").write_text(SESSION)
+    with pytest.raises(ConfigError, match="a certificate for 'dealer' \\(h\\), not for data-owner; a data-owner needs a data-owner certificate"):
+        connect_role("data-owner", load_config(tmp_path / "session.toml"))

@@ -142,3 +142,16 @@ def certificate_role(path: Path) -> tuple[str, str]:
     cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     org = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     return (str(cn[0].value) if cn else "", str(org[0].value) if org else "")
+
+
+def check_own_role(cert: Path, role: str, what: str = "") -> None:
+    """Refuse to start as ``role`` with a certificate issued for another role (one line, at
+    start: not after a peer's timeout). An unreadable file is left to the TLS loader, which
+    names all three files."""
+    try:
+        own, org = certificate_role(cert)
+    except ConfigError:
+        return
+    if own != role:
+        raise ConfigError(f"{cert}: a certificate for {own!r}{f' ({org})' if org else ''}, not for {role}; "
+                          f"a {what or role} needs a {role} certificate")

@@ -26,6 +26,9 @@ Example ``session.toml`` (paths are relative to the file)::
 The model owner and the dealer listen; the data owner connects to both and the model owner
 connects to the dealer. ``port = 0`` with ``port_file = "..."`` lets the OS choose the port and
 publishes it in that file (used by ``privmed infer`` on one machine).
+
+The file is checked against a schema (``check_table``): unknown tables or keys, missing keys,
+wrong types, ports outside 0..65535 and non-positive timeouts are each refused in one line.
 """
 
 from __future__ import annotations
@@ -60,6 +63,37 @@ class SessionConfig:
     connect_timeout_s: float
 
 
+Schema = dict[str, tuple[type | tuple[type, ...], bool]]  # key -> (type, required)
+_SESSION: Schema = {"ca": (str, True), "timeout_s": ((int, float), False), "connect_timeout_s": ((int, float), False)}
+_ROLE: Schema = {"cert": (str, True), "key": (str, True)}
+_LISTENER: Schema = {**_ROLE, "host": (str, True), "port": (int, True), "port_file": (str, False)}
+
+
+def check_table(raw: dict[str, Any], name: str, schema: Schema, where: str) -> dict[str, Any]:
+    """Table ``[name]`` of a parsed TOML file, every key known and of its type (one line per
+    problem: unknown key, missing key, wrong type, port out of range, non-positive timeout)."""
+    sec = raw.get(name)
+    if not isinstance(sec, dict):
+        raise ConfigError(f"{where}: missing table [{name}]")
+    unknown = sorted(set(sec) - set(schema))
+    if unknown:
+        raise ConfigError(f"{where} [{name}]: unknown key {unknown[0]!r} (expected {', '.join(schema)})")
+    for key, (kind, required) in schema.items():
+        if key not in sec:
+            if required:
+                raise ConfigError(f"{where} [{name}]: missing '{key}'")
+            continue
+        value = sec[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            want = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+            raise ConfigError(f"{where} [{name}]: '{key}' must be {want}, got {value!r}")
+        if key == "port" and isinstance(value, int) and not 0 <= value <= 65535:
+            raise ConfigError(f"{where} [{name}]: 'port' must be 0..65535, got {value}")
+        if key.endswith("timeout_s") and isinstance(value, (int, float)) and not value > 0:
+            raise ConfigError(f"{where} [{name}]: '{key}' must be positive, got {value}")
+    return sec
+
+
 def _path(base: Path, section: dict[str, Any], key: str, where: str) -> Path:
     if key not in section:
         raise ConfigError(f"{where}: missing '{key}'")
@@ -76,18 +110,17 @@ def load_config(path: Path) -> SessionConfig:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: not a valid TOML session file: {exc}") from exc
     base = path.parent
-    sess = raw.get("session", {})
+    extra = sorted(set(raw) - {"session", *ROLES})
+    if extra:
+        raise ConfigError(f"{path}: unknown table [{extra[0]}] (expected session, {', '.join(ROLES)})")
+    sess = check_table(raw, "session", _SESSION, str(path))
     ca = _path(base, sess, "ca", f"{path} [session]")
     identities, endpoints = {}, {}
     for role in ROLES:
-        sec = raw.get(role)
-        if sec is None:
-            raise ConfigError(f"{path}: missing section [{role}]")
+        sec = check_table(raw, role, _ROLE if role == "data-owner" else _LISTENER, str(path))
         where = f"{path} [{role}]"
         identities[role] = Identity(role, _path(base, sec, "cert", where), _path(base, sec, "key", where), ca)
         if role != "data-owner":
-            if "host" not in sec or "port" not in sec:
-                raise ConfigError(f"{where}: needs host and port")
             pf = sec.get("port_file")
             endpoints[role] = Endpoint(str(sec["host"]), int(sec["port"]), (base / pf) if pf else None)
     return SessionConfig(path, identities, endpoints, float(sess.get("timeout_s", 60.0)), float(sess.get("connect_timeout_s", 30.0)))

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from privmed.crypto.csr import check_own_role
 from privmed.errors import ConfigError, PeerError, ProtocolError
 from privmed.net.channel import Channel, FailureGroup
 from privmed.net.tls import Listener, TlsChannel, connect
@@ -67,6 +68,7 @@ def connect_role(role: str, cfg: SessionConfig, on_listening: Callable[[], None]
     """
     deadline = time.monotonic() + cfg.connect_timeout_s
     ident = cfg.identities[role]
+    check_own_role(ident.cert, role)  # at start, not after the peers' timeouts
     chans: dict[str, Channel] = {}
     group = FailureGroup()
     if role == "data-owner":

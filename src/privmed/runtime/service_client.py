@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from privmed.crypto.csr import certificate_role
-from privmed.errors import ConfigError, PeerError
+from privmed.crypto.csr import check_own_role
+from privmed.errors import PeerError
 from privmed.net.channel import Channel, FailureGroup
 from privmed.net.tls import TlsChannel, connect
 from privmed.runtime import service_wire as wire
@@ -53,9 +53,7 @@ def open_session(cfg: SessionConfig, model_name: str, expect_plan: str | None, g
     """Request ``model_name`` and join its session at the dealer: (session id hex, to_model,
     to_dealer), both channels already carrying the session id."""
     ident = cfg.identities["data-owner"]
-    role, org = certificate_role(ident.cert)
-    if role != "data-owner":
-        raise ConfigError(f"{ident.cert}: a certificate for {role!r}{f' ({org})' if org else ''}, not for data-owner")
+    check_own_role(ident.cert, "data-owner")
     chans: list[Channel] = []
     try:
         mep = cfg.endpoints["model-owner"]

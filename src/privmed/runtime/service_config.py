@@ -32,11 +32,11 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from privmed.crypto.certs import Identity
-from privmed.crypto.csr import certificate_role
+from privmed.crypto.csr import certificate_role, check_own_role
 from privmed.errors import ConfigError
+from privmed.runtime.config import Schema, check_table
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,12 +46,12 @@ else:  # pragma: no cover
 SERVICE_ROLES = ("model-owner", "dealer")
 _FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
 # key -> (type, required); the checks below give each its range
-_SERVICE_KEYS: dict[str, tuple[type | tuple[type, ...], bool]] = {
+_SERVICE_KEYS: Schema = {
     "host": (str, True), "port": (int, True), "ca": (str, True), "cert": (str, True), "key": (str, True),
     "max_sessions": (int, False), "timeout_s": ((int, float), False), "connect_timeout_s": ((int, float), False),
     "audit_log": (str, False), "allow": (list, True),
 }
-_DEALER_KEYS: dict[str, tuple[type | tuple[type, ...], bool]] = {"host": (str, True), "port": (int, True)}
+_DEALER_KEYS: Schema = {"host": (str, True), "port": (int, True)}
 
 
 @dataclass(frozen=True)
@@ -67,34 +67,6 @@ class ServiceConfig:
     audit_log: Path | None
     allow: tuple[str, ...]
     dealer: tuple[str, int] | None  # the model owner's dealer address
-
-
-def _table(raw: dict[str, Any], name: str, schema: dict[str, tuple[type | tuple[type, ...], bool]], where: str) -> dict[str, Any]:
-    sec = raw.get(name)
-    if not isinstance(sec, dict):
-        raise ConfigError(f"{where}: missing table [{name}]")
-    unknown = sorted(set(sec) - set(schema))
-    if unknown:
-        raise ConfigError(f"{where} [{name}]: unknown key {unknown[0]!r} (expected {', '.join(schema)})")
-    for key, (kind, required) in schema.items():
-        if key not in sec:
-            if required:
-                raise ConfigError(f"{where} [{name}]: missing '{key}'")
-            continue
-        value = sec[key]
-        if isinstance(value, bool) or not isinstance(value, kind):
-            want = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
-            raise ConfigError(f"{where} [{name}]: '{key}' must be {want}, got {value!r}")
-    if "port" in sec and not 0 <= sec["port"] <= 65535:
-        raise ConfigError(f"{where} [{name}]: 'port' must be 0..65535, got {sec['port']}")
-    return sec
-
-
-def _positive(sec: dict[str, Any], key: str, default: float, where: str) -> float:
-    value = float(sec.get(key, default))
-    if not value > 0:
-        raise ConfigError(f"{where} [service]: '{key}' must be positive, got {value}")
-    return value
 
 
 def check_allow_entry(entry: object, where: str) -> str:
@@ -116,7 +88,7 @@ def load_service_config(path: Path, role: str) -> ServiceConfig:
     extra = sorted(set(raw) - tables)
     if extra:
         raise ConfigError(f"{path}: unknown table [{extra[0]}] for a {role} service (expected {', '.join(sorted(tables))})")
-    sec = _table(raw, "service", _SERVICE_KEYS, str(path))
+    sec = check_table(raw, "service", _SERVICE_KEYS, str(path))
     base = path.parent
 
     def rel(p: str) -> Path:
@@ -129,16 +101,14 @@ def load_service_config(path: Path, role: str) -> ServiceConfig:
     if not allow:
         raise ConfigError(f"{path} [service]: 'allow' is empty: nobody could open a session (use [\"*\"] for any certified peer)")
     identity = Identity(role, rel(sec["cert"]), rel(sec["key"]), rel(sec["ca"]))
-    own_role, org = certificate_role(identity.cert)
-    if own_role != role:
-        raise ConfigError(f"{identity.cert}: a certificate for {own_role!r}{f' ({org})' if org else ''}, not for {role}; "
-                          f"a {role} service needs a {role} certificate")
+    certificate_role(identity.cert)  # readable (the service's own file: refuse early)
+    check_own_role(identity.cert, role, f"{role} service")
     dealer = None
     if role == "model-owner":
-        d = _table(raw, "dealer", _DEALER_KEYS, str(path))
+        d = check_table(raw, "dealer", _DEALER_KEYS, str(path))
         dealer = (str(d["host"]), int(d["port"]))
     return ServiceConfig(
         path, role, identity, str(sec["host"]), int(sec["port"]), max_sessions,
-        _positive(sec, "timeout_s", 60.0, str(path)), _positive(sec, "connect_timeout_s", 30.0, str(path)),
+        float(sec.get("timeout_s", 60.0)), float(sec.get("connect_timeout_s", 30.0)),
         rel(sec["audit_log"]) if "audit_log" in sec else None, allow, dealer,
     )  # fmt: skip
