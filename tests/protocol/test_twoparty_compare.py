@@ -230,3 +230,20 @@ def test_extension_to_a_wider_ring_is_exact(bits: int, to_bits: int) -> None:
 
     # Assert
     assert np.array_equal((y0 + y1) & _mask(to_bits), x.view(U64) & _mask(to_bits))
+
+
+def test_relu_on_z2_64_shares_compares_only_the_bits_the_range_needs() -> None:
+    # Prepare: Z_2^64 shares of values with |x| < 2^36, compared on 37 bits
+    rng = np.random.default_rng(64)
+    x = _edge_signed(37, 3000, rng)
+    x0, x1 = _share(x, 64, rng)
+
+    # Execute
+    (y0, _), (y1, b1) = _both(
+        lambda ot, st: (cmp.relu(ot, "r", True, x0, 64, st, compare_bits=37), ot.ch.counters.bytes_sent),
+        lambda ot, st: (cmp.relu(ot, "r", False, x1, 64, st, compare_bits=37), ot.ch.counters.bytes_sent),
+    )
+
+    # Assert: exact over Z_2^64, with the traffic of a 37-bit comparison plus a 64-bit MUX
+    assert np.array_equal(y0 + y1, np.maximum(x, 0).view(U64))
+    assert b1 / 3000 < 844 + 10

@@ -250,15 +250,24 @@ def mux(ot: OTSession, tag: str, is_data_owner: bool, d: np.ndarray, x: np.ndarr
     return (di * x - h0 + received) & ring_mask(bits)
 
 
-def relu(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: int, stream: Stream, drop: int = 0) -> np.ndarray:
+def relu(
+    ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: int, stream: Stream, drop: int = 0, compare_bits: int | None = None
+) -> np.ndarray:
     """Arithmetic shares of ReLU(x) = DReLU(x) x over Z_2^bits (``drelu`` then ``mux``); with
     ``drop`` = d the result may be x instead of 0 or 0 instead of x when |x| < 2^d, an error
     below one unit once x is truncated by d bits (use d <= the following truncation).
 
-    Rounds: those of ``drelu`` + 2. Bytes: ``drelu`` + 24 per element per party.
-    Security: sequential composition of ``drelu`` and ``mux`` (the bit stays XOR-shared).
+    ``compare_bits`` = L < bits runs the DReLU on x mod 2^L (reduction is free), exact when
+    |x| < 2^(L-1): the comparison costs what the value's range needs, not the ring's width
+    (the dealer mode's ``NonlinearSpec.bits`` plays this role).
+    Rounds: those of ``drelu`` + 2. Bytes: ``drelu`` (on L bits) + 16 + bits / 8 per element
+    per party. Security: sequential composition of ``drelu`` and ``mux`` (the bit stays XOR-shared).
     """
-    return mux(ot, tag, is_data_owner, drelu(ot, tag, is_data_owner, x, bits, stream, drop), x, bits)
+    width = bits if compare_bits is None else compare_bits
+    if not 2 <= width <= bits:
+        raise ValueError(f"relu: expected 2 <= compare_bits <= {bits}, got {width}")
+    sign_bit = drelu(ot, tag, is_data_owner, x & ring_mask(width), width, stream, drop)
+    return mux(ot, tag, is_data_owner, sign_bit, x, bits)
 
 
 def truncate(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, bits: int, shift: int) -> np.ndarray:
