@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from privmed.compiler.lower_base import Ref, Value
+from privmed.compiler.lower_base import BatchMove, Ref, Value
 from privmed.compiler.lower_nonlinear import NonlinearLowering
 from privmed.compiler.lower_norm import NormLowering
+from privmed.compiler.lower_tokens import TokenLowering
 from privmed.compiler.onnx_front import CONST_OPS, OnnxGraph, OnnxNode
 from privmed.errors import ModelError
 from privmed.ring.layout import resize_linear_taps, resize_nearest_index
@@ -66,7 +67,7 @@ def _pool_out(spatial: list[int], kernel: list[int], strides: list[int], pads: l
     return out, pads
 
 
-class Lowerer(NonlinearLowering, NormLowering):
+class Lowerer(NonlinearLowering, NormLowering, TokenLowering):
     """Walks the ONNX graph once, emitting IR nodes and collecting private float weights."""
 
     # -- main ------------------------------------------------------------------------
@@ -220,7 +221,7 @@ class Lowerer(NonlinearLowering, NormLowering):
     def op_Concat(self, node: OnnxNode, ins: list[Any]) -> Ref:
         refs = [v for v in ins if v is not None]
         if not all(isinstance(r, Ref) for r in refs):
-            raise ModelError(f"node {node.name}: Concat of a secret with a constant is not supported")
+            return self._concat_with_constants(node, refs)
         if len({r.k for r in refs}) > 1:
             refs = [self.at_k1(r, node.name) for r in refs]
         axis = self._axis(int(node.attrs["axis"]), len(refs[0].shape) + 1, node)
@@ -271,11 +272,11 @@ class Lowerer(NonlinearLowering, NormLowering):
             full.insert(a, 1)
         return self._reshape(node, x, full[1:])
 
-    def op_Transpose(self, node: OnnxNode, ins: list[Any]) -> Ref:
+    def op_Transpose(self, node: OnnxNode, ins: list[Any]) -> Ref | BatchMove:
         x = self.ref(node.inputs[0], node)
         perm = list(node.attrs.get("perm", list(range(len(x.shape), -1, -1))))
         if perm[0] != 0:
-            raise ModelError(f"node {node.name}: Transpose that moves the batch axis is not supported")
+            return BatchMove(x, perm, node.name)  # resolved by the Gathers that use it (lower_tokens)
         p = [q - 1 for q in perm[1:]]
         return self.emit("transpose", [x], [x.shape[i] for i in p], x.k, node.name, perm=p)
 

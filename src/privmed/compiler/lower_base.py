@@ -25,7 +25,18 @@ class Ref:
     k: int
 
 
-Value = np.ndarray | Ref
+@dataclass
+class BatchMove:
+    """A Transpose that moves the batch axis (``perm[0] != 0``), kept pending: its only allowed
+    uses are Gathers of one index of the new first axis (einops' "b h (qkv l d) -> qkv b l h d"
+    then [0], [1], [2]), which bring the batch axis back to the front."""
+
+    ref: Ref
+    perm: list[int]  # over the full axes, batch included
+    name: str
+
+
+Value = np.ndarray | Ref | BatchMove
 
 
 class LowererBase:
@@ -68,6 +79,9 @@ class LowererBase:
 
     def ref(self, name: str, node: OnnxNode) -> Ref:
         v = self.env.get(name)
+        if isinstance(v, BatchMove):
+            raise ModelError(f"node {v.name}: a Transpose that moves the batch axis is supported only when every use selects one "
+                             f"index of its first axis (Gather), not by {node.name} ({node.op})")
         if not isinstance(v, Ref):
             raise ModelError(f"node {node.name} ({node.op}): input {name!r} must be the data tensor")
         return v
