@@ -111,3 +111,18 @@ def test_pseudonyms_depend_on_the_key_and_are_stable_and_the_key_is_private(tmp_
     a.hide("img-x", ["/data/DOE_JOHN/scan.dcm", "scan.dcm"])
     assert a.scrub("/data/DOE_JOHN/scan.dcm: unreadable (scan.dcm)") == "img-x: unreadable (img-x)"
     shutil.rmtree(tmp_path / "new")
+
+
+def test_resuming_a_study_under_another_key_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other pseudonyms would make every stored image look new and count it twice."""
+    from privmed.errors import InputError
+    from privmed.evaluate.runner import ValidateOptions, run_validation
+
+    from .test_validate_support import InsecureTestPerturbation, make_study_and_model
+
+    study, model = make_study_and_model(tmp_path / "study")
+    monkeypatch.setenv("PRIVMED_PSEUDONYM_KEY", str(tmp_path / "first.key"))
+    run_validation(model, study, tmp_path / "out", ValidateOptions(limit=2), secure_infer=InsecureTestPerturbation())
+    monkeypatch.setenv("PRIVMED_PSEUDONYM_KEY", str(tmp_path / "second.key"))
+    with pytest.raises(InputError, match=r"study was started with pseudonym_key_id = '[0-9a-f]{16}', got '[0-9a-f]{16}'"):
+        run_validation(model, study, tmp_path / "out", ValidateOptions(), secure_infer=InsecureTestPerturbation())

@@ -236,9 +236,9 @@ def run_validation(
     with ResultStore.open(out_dir) as store:
         store.check_or_set_meta({
             "model_sha256": study.card.sha256,
+            "pseudonym_key_id": study.pseudonyms.key_id,  # checked first: another key renames everything
             # a folder name may name a patient: the study folder by pseudonym, like its images
             "data_dir": study.pseudonyms.of(f"dir:{Path(data_dir).resolve().as_posix()}", "study"),
-            "pseudonym_key_id": study.pseudonyms.key_id,
             "findings": study.findings,
         })  # fmt: skip
         store.set_meta({
