@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from privmed.crypto.prg import PRG
+from privmed.mpc.twoparty import arith, offline
 from privmed.mpc.twoparty import compare as cmp
-from privmed.mpc.twoparty import offline
 from privmed.mpc.twoparty.ot import OTSession, ot_setup
 from tests.protocol.twoparty_harness import run_two
 
@@ -247,3 +247,26 @@ def test_relu_on_z2_64_shares_compares_only_the_bits_the_range_needs() -> None:
     # Assert: exact over Z_2^64, with the traffic of a 37-bit comparison plus a 64-bit MUX
     assert np.array_equal(y0 + y1, np.maximum(x, 0).view(U64))
     assert b1 / 3000 < 844 + 10
+
+
+@pytest.mark.parametrize("bits", [64, 37])
+def test_gilboa_products_and_beaver_triples_equal_numpy(bits: int) -> None:
+    # Prepare
+    rng = np.random.default_rng(bits + 1)
+    n = 700
+    x = rng.integers(0, 2**64 - 1, n, dtype=U64, endpoint=True) & _mask(bits)
+    y = rng.integers(0, 2**64 - 1, n, dtype=U64, endpoint=True) & _mask(bits)
+    x[:3], y[:3] = [0, _mask(bits), 1], [_mask(bits), _mask(bits), 0]
+    x0, x1 = _share(x.view(np.int64), bits, rng)
+    y0, y1 = _share(y.view(np.int64), bits, rng)
+
+    # Execute
+    (z0, t0), (z1, t1) = _both(
+        lambda ot, st: (arith.multiply(ot, "m", True, x0, y0, bits), arith.beaver_triples(ot, "t", True, 300, bits, st)),
+        lambda ot, st: (arith.multiply(ot, "m", False, x1, y1, bits), arith.beaver_triples(ot, "t", False, 300, bits, st)),
+    )
+
+    # Assert
+    assert np.array_equal((z0 + z1) & _mask(bits), (x * y) & _mask(bits))
+    a, b, c = ((u + v) & _mask(bits) for u, v in zip(t0, t1, strict=True))
+    assert np.array_equal(c, (a * b) & _mask(bits))

@@ -15,6 +15,7 @@ Modules, in dependency order:
                    and extension to a wider ring (one COT each), max by a ReLU tree.
 - ``offline``      ReLU split into input-independent material (all OT extension) and a light
                    online phase (Beaver's OT precomputation).
+- ``arith``        products of two secrets by Gilboa's OT multiplication; Beaver triples offline.
 
 None of these is wired into the runtime yet (see docs/twoparty.md for what remains).
 """
