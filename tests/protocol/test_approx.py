@@ -66,9 +66,11 @@ def _act_model(path: Path, fn: str) -> Path:
         one.update(consts)
         nodes = [H("Div", ["x", "r2"], ["d"]), H("Erf", ["d"], ["e"]), H("Add", ["e", "c1"], ["p"]), H("Mul", ["x", "p"], ["m"]),
                  H("Mul", ["m", "ch"], ["a"])]
+    elif fn == "gelu_tanh":
+        nodes = [H("Gelu", ["x"], ["a"], approximate="tanh")]  # ONNX opset 20
     else:
         nodes = [H({"sigmoid": "Sigmoid", "tanh": "Tanh", "erf": "Erf"}[fn], ["x"], ["a"])]
-    return build(path, [*nodes, H("Mul", ["a", "one"], ["y"])], one, [1, 2, 600])
+    return build(path, [*nodes, H("Mul", ["a", "one"], ["y"])], one, [1, 2, 600], opset=20 if fn == "gelu_tanh" else 17)
 
 
 @pytest.mark.parametrize("fn", [fn for fn in FUNCTIONS if fn != "expneg"])  # expneg: softmax's (test_softmax_inside)

@@ -40,6 +40,7 @@ ASYMPTOTES: dict[str, tuple[float, tuple[float, float]]] = {
     "erf": (-1.0, (1.0, 0.0)),
     "silu": (0.0, (0.0, 1.0)),
     "gelu": (0.0, (0.0, 1.0)),
+    "gelu_tanh": (0.0, (0.0, 1.0)),
     "expneg": (0.0, (1.0, 0.0)),
 }
 INTERIOR_END = {"expneg": 0.0}  # exp(min(x, 0)) is exactly 1 from 0 on: no knots there

@@ -77,11 +77,12 @@ class NonlinearLowering(LowererBase):
         return self._approx(node, "silu")
 
     def op_Gelu(self, node: OnnxNode, ins: list[Any]) -> Ref:
-        """ONNX Gelu (opset 20), or torch's exported x * (Erf(x / sqrt 2) + 1) * 0.5 fused by
-        ``onnx_front``."""
-        if node.attrs.get("approximate", "none") != "none":
-            raise ModelError(f"node {node.name}: Gelu approximate={node.attrs['approximate']!r} is not supported (erf form only)")
-        return self._approx(node, "gelu")
+        """ONNX Gelu (opset 20; erf or tanh form), or torch's exported x * (Erf(x / sqrt 2) + 1) * 0.5
+        fused by ``onnx_front``."""
+        approximate = node.attrs.get("approximate", "none")
+        if approximate not in ("none", "tanh"):
+            raise ModelError(f"node {node.name}: Gelu approximate={approximate!r} is not supported (none, tanh)")
+        return self._approx(node, "gelu" if approximate == "none" else "gelu_tanh")
 
     def op_Softmax(self, node: OnnxNode, ins: list[Any]) -> Ref:
         """The model's last op: in clear by the data owner. Inside (attention): the secure

@@ -31,7 +31,7 @@ import numpy as np
 
 from privmed.ring.fixed import U64, arith_shift, encode, signed
 
-FUNCTIONS = ("sigmoid", "tanh", "erf", "silu", "gelu", "expneg")  # expneg(x) = exp(min(x, 0)): softmax's
+FUNCTIONS = ("sigmoid", "tanh", "erf", "silu", "gelu", "gelu_tanh", "expneg")  # expneg(x) = exp(min(x, 0)): softmax's
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -44,12 +44,17 @@ def exact(fn: str) -> Callable[[np.ndarray], np.ndarray]:
     def sigmoid(x: np.ndarray) -> np.ndarray:
         return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))  # no overflow for large |x|
 
+    def gelu_tanh(x: np.ndarray) -> np.ndarray:  # ONNX Gelu(approximate="tanh")
+        x = np.asarray(x, dtype=np.float64)
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
     table: dict[str, Callable[[np.ndarray], np.ndarray]] = {
         "sigmoid": sigmoid,
         "tanh": lambda x: np.tanh(np.asarray(x, dtype=np.float64)),
         "erf": _erf,
         "silu": lambda x: np.asarray(x, dtype=np.float64) * sigmoid(x),
         "gelu": lambda x: 0.5 * np.asarray(x, dtype=np.float64) * (1.0 + _erf(np.asarray(x) / math.sqrt(2.0))),
+        "gelu_tanh": gelu_tanh,
         "expneg": lambda x: np.exp(np.minimum(np.asarray(x, dtype=np.float64), 0.0)),
     }
     return table[fn]

@@ -4,7 +4,7 @@ of their ops one protocol of ``privmed.mpc.protocols``, so the dealer serves the
 code of its own.
 
 Construction: the spline on comparison-selected intervals of SIRNN (Rathee et al., S&P 2021,
-sec. 5) and CrypTen (Knott et al., NeurIPS 2021, sec. 3.3), with the interval's coefficients
+sec. 5) and CrypTen (Knott et al., NeurIPS 2021, supplementary material), with the interval's coefficients
 selected by a public linear map of the comparison bits instead of a lookup table. For x at
 scale f, K intervals (K - 1 knots) and degree d = 3:
 
@@ -73,7 +73,10 @@ def secure_approx(pr: Protocols, x: np.ndarray, attrs: dict[str, Any], f: int) -
 
 
 def secure_softmax(pr: Protocols, x: np.ndarray, attrs: dict[str, Any], f: int) -> np.ndarray:
-    """Shares of softmax along the node's axis, at scale 2f (``privmed.ir.softmax``).
+    """Shares of softmax along the node's axis, at scale 2f (``privmed.ir.softmax``): as in
+    CrypTen (Knott et al., NeurIPS 2021, supplementary material), the row maximum by a tree of
+    comparisons, exp(x - max), and 1/sum by Newton-Raphson, here with the exponential as a
+    public piecewise cubic and the Newton start from sign bits of the sum.
 
     Protocols per row of length L: ceil(log2 L) ReLU layers (the max tree, L - 1 ReLUs), the
     exponential's piecewise cubic on L elements (8 knots; see above), one truncation, K =
