@@ -1,0 +1,367 @@
+"""``TwoPartyOnline``: the executor's protocol set (``privmed.mpc.protocols.Protocols``) run by
+the data owner and the model owner alone, with no dealer (issue 14).
+
+The ring. Shares are additive over Z_2^l, l = ``ring_bits(plan)``, carried in the executor's
+uint64 arrays: every public op of ``SecureBackend`` (sums, public scalings, pooling sums,
+upscaling, the LeakyReLU/PReLU combinations) is linear with public integer coefficients, so it
+commutes with the reduction Z_2^64 -> Z_2^l (a ring homomorphism), and every protocol here
+reduces its inputs mod 2^l first. The data owner sign-extends the revealed value from l bits.
+l is derived from the public plan alone (both parties compute it): the widest comparison the
+compiler set (``bits``: |x| < 2^bits before a ReLU's shift, |a - b| for max-pool pairs) plus
+2, because truncation needs |x| < 2^(l-2). Values that meet no comparison (the output layer,
+plain truncations) are covered by the model owner's own calibration report, checked in
+``check_headroom`` before the plan is sent. l must fit the HE plaintext modulus with flooding
+room (``he_encoding.flood_bits``): at most ``MAX_RING_BITS``.
+
+Per batch, an input-independent offline phase (``prepare_offline``) walks the plan with a
+recorder (the same executor, so the order and shapes come from the plan, never from a copy)
+and makes, for every linear layer, Cheetah's HE product on a fresh random mask A of the
+data owner, and for every ReLU the OT material of ``offline.relu_offline``. The online walk
+then runs:
+
+- ``linear``: ``he_linear.online_linear`` (data owner sends E = x0 - A, 1 round, l-bit
+  elements as uint64), the model owner adds its bias. Why a mask offline and not the HE
+  product on the masked input online: the HE work (the model owner's NTTs and products,
+  ~95 % of a layer's cost) leaves the critical path and can run before the image exists;
+  online a layer costs one message of |x| ring elements, the dealer mode's message flow
+  with W itself in place of W - B. The price is that message (8 |x| bytes), which the
+  online HE variant would not send.
+- ``relu``: ``offline.relu_online`` (CrypTFlow2's DReLU + MUX on Beaver-precomputed OTs),
+  comparing bits [drop, l-1) as the dealer mode does, then one ``compare.truncate`` of
+  (ReLU(x), x) together (ReLU(x) >> s = ReLU(x >> s) for floor shifts).
+- ``truncate``: ``compare.truncate`` (SiRNN, known MSB: one COT, 2 rounds, floor or floor - 1,
+  no probabilistic wrap while |x| < 2^(l-2)).
+- ``sign``: ``compare.drelu`` then ``compare.b2a``.
+- ``multiply`` / ``square`` / ``einsum``: refused (``ProductsNotSupported``): Beaver triples
+  made by OT or HE are not built. Instance/layer/group norm, smooth activations, softmax and
+  attention need them; ``check_two_party`` refuses such plans before anything is sent.
+- ``reveal``: the model owner sends its share (1 message, |x| elements); the data owner checks
+  every element is below 2^l.
+
+Security (semi-honest data owner or model owner, no third party): sequential composition of
+the protocols above, each simulatable from the corrupted party's input and output (see their
+docstrings): HE replies are masked and noise-flooded, E is masked by a one-time uniform A the
+model owner only saw encrypted, OT messages are masked by OT pads. The model owner's view is
+simulated without the output (it receives nothing at reveal).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from privmed.crypto.prg import PRG
+from privmed.errors import ModelError, ProtocolError
+from privmed.ir.plan import Plan, PrivateWeights
+from privmed.mpc.correlation.requests import Request
+from privmed.mpc.protocols import Protocols
+from privmed.mpc.twoparty import compare
+from privmed.mpc.twoparty.he_linear import HESession, he_linear, online_linear
+from privmed.mpc.twoparty.offline import ReluMaterial, relu_offline, relu_online
+from privmed.mpc.twoparty.ot import OTSession
+from privmed.net.channel import Channel
+
+U64 = np.uint64
+MIN_RING_BITS = 38
+MAX_RING_BITS = 43  # t = 2^l with room for flooding 17-bit weights over 64 channel blocks (he_encoding.flood_bits)
+DEFAULT_WEIGHT_BITS = 16
+
+
+class ProductsNotSupported(ProtocolError):
+    """A product of two secret values in two-party mode (no OT/HE Beaver triples yet)."""
+
+
+def ring_bits(plan: Plan) -> int:
+    """The two-party ring width l from the public plan: widest comparison + 2 (see module doc)."""
+    widths = [int(n.attrs["bits"]) for n in plan.nodes if "bits" in n.attrs]
+    widths += [int(n.attrs["sign_bits"]) for n in plan.nodes if "sign_bits" in n.attrs]
+    return max([MIN_RING_BITS, *(w + 2 for w in widths)])
+
+
+def check_headroom(plan: Plan, bits: int) -> None:
+    """Model owner: every calibrated value (with the compiler's margin) fits |x| < 2^(l-2)."""
+    report = plan.report
+    if "headroom_bits" not in report:
+        return
+    need = 62 - float(report["headroom_bits"]) + int(report.get("margin_bits", 0))
+    if need > bits - 2:
+        raise ModelError(
+            f"two-party mode: node {report.get('headroom_node', '?')} needs {need:.1f} bits with margin, "
+            f"the {bits}-bit ring holds {bits - 2}; lower --frac-bits"
+        )
+
+
+@dataclass
+class TwoPartySession:
+    """One party's session state: the channel to the peer, OT and HE set-ups, its own PRG."""
+
+    ch: Channel
+    is_data_owner: bool
+    bits: int
+    ot: OTSession
+    he: HESession
+    prg: PRG
+    rounds: int = 0
+
+    @property
+    def ring(self) -> np.uint64:
+        return U64((1 << self.bits) - 1)
+
+
+@dataclass
+class LinearMaterial:
+    """Offline result of one linear layer: the data owner's mask A and its share of L(W, A)
+    (model owner: A is None, its share)."""
+
+    mask: np.ndarray | None
+    share: np.ndarray
+
+
+@dataclass
+class Offline:
+    """One batch's offline material, keyed by request label; each entry used once."""
+
+    items: dict[str, LinearMaterial | ReluMaterial] = field(default_factory=dict)
+
+    def take(self, label: str, kind: type) -> Any:
+        item = self.items.pop(label, None)
+        if not isinstance(item, kind):
+            raise ProtocolError(f"{label}: no offline {kind.__name__} prepared for this step")
+        return item
+
+
+class Recorder(Protocols):
+    """Runs nothing: records (what, request) in consumption order and returns zeros."""
+
+    is_data_owner = False
+
+    def __init__(self, batch_index: int) -> None:
+        super().__init__(batch_index)
+        self.log: list[tuple[str, Request]] = []
+
+    def _linear(self, req: Request, x: np.ndarray, weight: np.ndarray | None, weight_bits: int | None, bias: np.ndarray | None) -> np.ndarray:
+        self.log.append(("linear", req))
+        assert req.linear is not None  # set by Protocols.linear
+        return np.zeros(req.linear.out_shape, U64)
+
+    def _truncate(self, req: Request, x: np.ndarray) -> np.ndarray:
+        self.log.append(("truncate", req))
+        return np.zeros(x.shape, U64)
+
+    def _relu(self, req: Request, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.log.append(("relu", req))
+        return np.zeros(x.shape, U64), np.zeros(x.shape, U64)
+
+    def _sign(self, req: Request, x: np.ndarray) -> np.ndarray:
+        self.log.append(("sign", req))
+        return np.zeros(x.shape, U64)
+
+    def _multiply(self, req: Request, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        self.log.append(("product", req))
+        return np.zeros(x.shape, U64)
+
+    def _square(self, req: Request, x: np.ndarray) -> np.ndarray:
+        self.log.append(("product", req))
+        return np.zeros(x.shape, U64)
+
+    def _einsum(self, req: Request, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        self.log.append(("product", req))
+        assert req.product is not None
+        return np.zeros(req.product.out_shape, U64)
+
+    def reveal(self, x: np.ndarray) -> np.ndarray | None:
+        return None
+
+
+def schedule(plan: Plan, batch: int, batch_index: int) -> list[tuple[str, Request]]:
+    """Every secret op of one batch, in the order the parties run them (a recording walk)."""
+    from privmed.ir.walk import run_plan
+    from privmed.runtime.backend import SecureBackend
+
+    rec = Recorder(batch_index)
+    run_plan(plan, SecureBackend(plan, rec), batch)
+    return rec.log
+
+
+def check_two_party(plan: Plan) -> int:
+    """Refuse, in one line, a plan the two-party mode cannot run; returns the ring width l.
+
+    Walks the plan (batch 1) and refuses products of two secrets (naming the nodes and ops),
+    linear layers Cheetah's encodings do not cover (3-D kernels), and rings wider than
+    ``MAX_RING_BITS``. Pure: both parties run it on the plan before anything else is sent.
+    """
+    from privmed.mpc.twoparty.he_layers import lower
+
+    bits = ring_bits(plan)
+    if bits > MAX_RING_BITS:
+        raise ProtocolError(f"two-party mode: the plan's comparisons need a {bits}-bit ring, at most {MAX_RING_BITS} is supported (lower --frac-bits)")
+    steps = schedule(plan, 1, 0)
+    products = sorted({plan.nodes[r.node_index].id + f" ({plan.nodes[r.node_index].op})" for what, r in steps if what == "product"})
+    if products:
+        raise ProductsNotSupported(
+            "two-party mode cannot run products of two secret values yet (instance/layer/group norm, smooth "
+            f"activations, softmax, attention need Beaver triples from OT or HE): {', '.join(products[:6])}"
+            + (f" and {len(products) - 6} more" if len(products) > 6 else "")
+        )
+    for what, r in steps:
+        if what == "linear" and r.linear is not None:
+            try:
+                lower(r.linear.kind, r.linear.conv, r.linear.x_shape, r.linear.w_shape)
+            except (ValueError, NotImplementedError, ProtocolError) as exc:
+                raise ProtocolError(f"two-party mode: node {plan.nodes[r.node_index].id}: {exc}") from None
+    return bits
+
+
+def _weight_bits(weights: PrivateWeights, node_id: str) -> int:
+    """|W| < 2^bits for the HE flooding bound: the compiler's figure, else from the values."""
+    if node_id in weights.weight_bits:
+        return int(weights.weight_bits[node_id])
+    w = weights.weight[node_id].view(np.int64)
+    return max(1, int(np.abs(w).max(initial=0)).bit_length())
+
+
+def prepare_offline(s: TwoPartySession, plan: Plan, batch: int, batch_index: int, weights: PrivateWeights | None = None) -> Offline:
+    """Input-independent material for one batch (before the image is used).
+
+    1. Walk the plan with ``Recorder`` (same executor as online): the list of secret ops.
+    2. Each linear layer: the data owner draws A uniform in Z_2^l of the input's exact shape
+       (its own PRG, key of the request) and both run ``he_linear`` on it: shares of L(W, A).
+    3. Each ReLU (with ``drop`` as the plan says): ``offline.relu_offline`` for |x| elements.
+    Rounds: 1 per linear layer + 3 per ReLU node. Bytes: ``he_linear`` and ``relu_offline``.
+    Security: nothing here depends on the input; A is seen by the model owner only encrypted.
+    """
+    if not s.is_data_owner and weights is None:
+        raise ValueError("prepare_offline: the model owner must pass its weights")
+    out = Offline()
+    for what, req in schedule(plan, batch, batch_index):
+        if what == "linear" and req.linear is not None:
+            spec = req.linear
+            node_id = plan.nodes[req.node_index].id
+            tag = f"off/{req.label}"
+            if s.is_data_owner:
+                mask = s.prg.stream(req.key).uint64(spec.x_shape) & s.ring
+                share = he_linear(s.he, s.ch, tag, spec.kind, spec.conv, spec.x_shape, spec.w_shape, x=mask)
+                out.items[req.label] = LinearMaterial(mask, share & s.ring)
+            else:
+                assert weights is not None
+                share = he_linear(s.he, s.ch, tag, spec.kind, spec.conv, spec.x_shape, spec.w_shape,
+                                  weight=weights.weight[node_id], weight_bits=_weight_bits(weights, node_id),
+                                  stream=s.prg.stream(req.key))  # fmt: skip
+                out.items[req.label] = LinearMaterial(None, share & s.ring)
+        elif what == "relu" and req.nonlinear is not None:
+            nl = req.nonlinear
+            out.items[req.label] = relu_offline(s.ot, f"off/{req.label}", s.is_data_owner, nl.n, s.bits,
+                                                s.prg.stream(req.key), nl.drop)  # fmt: skip
+    return out
+
+
+def _chunks(bits: int, drop: int) -> int:
+    return -(-(bits - 1 - drop) // compare.CHUNK)
+
+
+class TwoPartyOnline(Protocols):
+    """The online protocols of one party (see the module docstring), on a batch's ``Offline``.
+
+    The model owner's ``linear`` receives its weight and bias from ``SecureBackend``; the data
+    owner passes neither. ``rounds`` counts communication rounds by each protocol's stated count.
+    """
+
+    def __init__(self, session: TwoPartySession, batch_index: int, offline: Offline) -> None:
+        super().__init__(batch_index)
+        self.s = session
+        self.offline = offline
+
+    @property
+    def is_data_owner(self) -> bool:
+        return self.s.is_data_owner
+
+    def _linear(self, req: Request, x: np.ndarray, weight: np.ndarray | None, weight_bits: int | None, bias: np.ndarray | None) -> np.ndarray:
+        s, spec = self.s, req.linear
+        assert spec is not None  # set by Protocols.linear
+        mat: LinearMaterial = self.offline.take(req.label, LinearMaterial)
+        if mat.share.shape != spec.out_shape or (mat.mask is not None and mat.mask.shape != x.shape):
+            raise ProtocolError(f"{req.label}: offline material for {mat.share.shape}, the layer needs {spec.out_shape}")
+        xr = np.ascontiguousarray(x) & s.ring
+        y = online_linear(s.ch, req.label, s.is_data_owner, spec.kind, spec.conv, xr, mat.share, s.bits, mask=mat.mask, weight=weight)
+        s.rounds += 1
+        if not s.is_data_owner and bias is not None:
+            y = (y + bias) & s.ring
+        return y
+
+    def _truncate(self, req: Request, x: np.ndarray) -> np.ndarray:
+        assert req.nonlinear is not None
+        flat = np.ascontiguousarray(x).reshape(-1) & self.s.ring
+        out = compare.truncate(self.s.ot, req.label, self.is_data_owner, flat, self.s.bits, req.nonlinear.shift)
+        self.s.rounds += 2
+        return out.reshape(x.shape)
+
+    def _relu(self, req: Request, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ReLU(x) from the offline material (comparison on bits [drop, l-1)), then both ReLU(x)
+        and x truncated by ``shift`` in one call: floor is monotone and floor(0) = 0, so
+        ReLU(x) >> s = ReLU(x >> s); each result is floor or floor - 1 (independently)."""
+        s, nl = self.s, req.nonlinear
+        assert nl is not None
+        mat: ReluMaterial = self.offline.take(req.label, ReluMaterial)
+        flat = np.ascontiguousarray(x).reshape(-1) & s.ring
+        if mat.n != flat.size or mat.bits != s.bits or mat.drop != nl.drop:
+            raise ProtocolError(f"{req.label}: offline ReLU material for {mat.n} elements, the layer needs {flat.size}")
+        r = relu_online(s.ch, req.label, s.is_data_owner, flat, mat)
+        s.rounds += 4 + math.ceil(math.log2(max(1, _chunks(s.bits, nl.drop))))
+        if nl.shift == 0:
+            return r.reshape(x.shape), flat.reshape(x.shape)
+        both = compare.truncate(s.ot, f"{req.label}/t", s.is_data_owner, np.concatenate([r, flat]), s.bits, nl.shift)
+        s.rounds += 2
+        return both[: flat.size].reshape(x.shape), both[flat.size :].reshape(x.shape)
+
+    def _sign(self, req: Request, x: np.ndarray) -> np.ndarray:
+        s = self.s
+        flat = np.ascontiguousarray(x).reshape(-1) & s.ring
+        bit = compare.drelu(s.ot, req.label, s.is_data_owner, flat, s.bits, s.prg.stream(req.key))
+        out = compare.b2a(s.ot, req.label, s.is_data_owner, bit, s.bits)
+        s.rounds += 5 + math.ceil(math.log2(max(1, _chunks(s.bits, 0))))
+        return out.reshape(x.shape)
+
+    def _refuse(self, req: Request) -> np.ndarray:
+        raise ProductsNotSupported(f"{req.label}: two-party mode has no Beaver triples for products of two secrets yet")
+
+    def _multiply(self, req: Request, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self._refuse(req)
+
+    def _square(self, req: Request, x: np.ndarray) -> np.ndarray:
+        return self._refuse(req)
+
+    def _einsum(self, req: Request, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self._refuse(req)
+
+    def reveal(self, x: np.ndarray) -> np.ndarray | None:
+        """Open x to the data owner only: the model owner sends its share (1 message, |x|
+        elements); the data owner checks each is in Z_2^l and sign-extends the sum to 64 bits."""
+        s = self.s
+        label = f"b{self.batch_index}:{self.node}/reveal"
+        mine = np.ascontiguousarray(x) & s.ring
+        if not s.is_data_owner:
+            s.ch.send(label, mine)
+            return None
+        theirs = s.ch.recv(label, U64, mine.shape)
+        if np.any(theirs > s.ring):
+            raise ProtocolError(f"{label}: expected elements of Z_2^{s.bits} from the model owner")
+        s.rounds += 1
+        value = (mine + theirs) & s.ring
+        top = U64(1 << (s.bits - 1))
+        return np.where(value >= top, value | ~s.ring, value)
+
+
+def open_session(ch: Channel, is_data_owner: bool, bits: int) -> TwoPartySession:
+    """Once per session: the data owner's BFV public key (``he_setup``, t = 2^l) and base OTs
+    both ways (``ot_setup``); each party draws its own PRG seed from the OS."""
+    from privmed.mpc.twoparty.he_linear import he_setup
+    from privmed.mpc.twoparty.ot import ot_setup
+    from privmed.mpc.twoparty.seal_io import HEParams, SealIO
+
+    prg = PRG.fresh()
+    he = he_setup(SealIO(HEParams(plain_bits=bits)), ch, is_data_owner)
+    ot = ot_setup(ch, "privmed-2p", prg, is_data_owner)
+    return TwoPartySession(ch, is_data_owner, bits, ot, he, prg)

@@ -1,0 +1,180 @@
+"""The session protocol of the two-party mode (no dealer), over one connected channel per role.
+
+Order of a session (every message checked by tag, dtype and shape, every receive with a
+deadline; ``privmed.runtime.session`` is the three-role version of the same steps):
+
+1. model owner: checks the plan it compiled fits the two-party mode (``check_two_party``,
+   ``check_headroom``), then sends the public plan (canonical JSON);
+2. data owner: checks the plan exactly as in the dealer mode (``session.receive_plan``:
+   schema, ids, shapes, pinned fingerprint ``expect_plan``), then that the two-party mode can
+   run it (``check_two_party``: ring width, no products of two secrets, 2-D linear layers), and
+   its input against it; then sends the batch size (or ``abort`` with the reason). Nothing
+   derived from the input, and no key, is sent before the plan passed;
+3. set-up once per session (``open_session``): the data owner's BFV public key, base OTs both
+   ways;
+4. per batch: offline phase (``prepare_offline``: HE products on random masks, ReLU OT
+   material; input-independent), then the online walk over the plan;
+5. the output is revealed to the data owner only;
+6. steps 2 (batch size) and 4-5 repeat per batch; batch size 0 ends the session.
+
+Stats: the roles' dicts have the dealer mode's fields (``merge_two`` builds the same
+``SessionStats``), with ``offline_s`` / ``offline_bytes`` and ``online_s`` / ``online_bytes``
+per batch and in total.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import numpy as np
+
+from privmed.errors import InputError, PrivmedError
+from privmed.ir.ops import postprocess
+from privmed.ir.plan import Plan, PrivateWeights
+from privmed.ir.walk import run_plan
+from privmed.mpc.twoparty.protocols import (
+    TwoPartyOnline,
+    TwoPartySession,
+    check_headroom,
+    check_two_party,
+    open_session,
+    prepare_offline,
+)
+from privmed.net.channel import Channel
+from privmed.ring.fixed import decode
+from privmed.runtime.backend import SecureBackend
+from privmed.runtime.session import (
+    DONE_TIMEOUT_S,
+    LayerTracker,
+    Progress,
+    _batch_progress,
+    _check_batch,
+    _check_batch_size,
+    _comparisons,
+    _stats,
+    _sum_layers,
+    receive_plan,
+)
+from privmed.runtime.stats import SessionStats, merge_roles
+
+
+def _sent(ch: Channel) -> int:
+    return ch.counters.bytes_sent
+
+
+def _batch(s: TwoPartySession, plan: Plan, index: int, n: int, tracker: LayerTracker,
+           weights: PrivateWeights | None = None, x: np.ndarray | None = None) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Offline then online phase of one batch; returns (output ring values or None, costs)."""
+    t0, b0, r0 = time.perf_counter(), _sent(s.ch), s.rounds
+    offline = prepare_offline(s, plan, n, index, weights)
+    t1, b1 = time.perf_counter(), _sent(s.ch)
+    backend = SecureBackend(plan, TwoPartyOnline(s, index, offline), weights=weights, x=x)
+    out, _ = run_plan(plan, backend, n, on_node=tracker)
+    t2 = time.perf_counter()
+    return out, {"index": index, "n": n, "time_s": round(t2 - t0, 4), "bytes_sent": _sent(s.ch) - b0,
+                 "rounds": s.rounds - r0, "offline_s": round(t1 - t0, 4), "offline_bytes": b1 - b0,
+                 "online_s": round(t2 - t1, 4), "online_bytes": _sent(s.ch) - b1}  # fmt: skip
+
+
+def _totals(stats: dict[str, Any], per_batch: list[dict[str, Any]]) -> None:
+    stats["batches"] = per_batch
+    for key in ("offline_s", "online_s", "offline_bytes", "online_bytes"):
+        total = sum(b[key] for b in per_batch)
+        stats[key] = round(total, 4) if key.endswith("_s") else total
+
+
+def data_owner_2p(
+    to_model: Channel,
+    batches: np.ndarray | Iterable[np.ndarray],
+    progress: Progress | None = None,
+    total_batches: int | None = None,
+    expect_plan: str | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The data owner's side (see the module docstring). Returns (outputs, stats)."""
+    t0 = time.perf_counter()
+    if isinstance(batches, np.ndarray):
+        batches, total_batches = [batches], 1
+    plan = receive_plan(to_model, [], None, expect_plan)
+    try:
+        bits = check_two_party(plan)
+    except PrivmedError as exc:
+        to_model.abort(f"data owner refused the plan: {exc}")
+        raise
+    if on_plan:
+        on_plan(plan)
+    s: TwoPartySession | None = None
+    outputs: list[np.ndarray] = []
+    per_batch: list[dict[str, Any]] = []
+    layers: list[dict[str, Any]] = []
+    out_node = plan.node(plan.output_name)
+    for index, x in enumerate(batches):
+        problem = _check_batch(x, plan)
+        if problem:
+            to_model.abort(f"data owner rejected its input: {problem}")
+            raise InputError(problem)
+        to_model.send("batch", np.array([x.shape[0]], dtype=np.int64))
+        if s is None:
+            s = open_session(to_model, True, bits)
+        tracker = LayerTracker(cast(Any, s), [to_model], plan, _batch_progress(progress, index, total_batches))
+        ring_out, cost = _batch(s, plan, index, int(x.shape[0]), tracker, x=x.astype(np.float64))
+        assert ring_out is not None  # the data owner's reveal returns the value
+        outputs.append(postprocess(decode(ring_out, out_node.scale), out_node.attrs.get("post", {})).astype(np.float32))
+        layers = _sum_layers(layers, tracker.layers)
+        per_batch.append(cost)
+    if s is None:
+        raise InputError("no input batches")
+    to_model.send("batch", np.zeros(1, np.int64))
+    to_model.finish()
+    stats = _stats("data-owner", t0, [to_model], s.rounds, layers)
+    _totals(stats, per_batch)
+    stats["plan"] = {"frac_bits": plan.frac_bits, "fingerprint": plan.fingerprint(), "nodes": len(plan.nodes),
+                     "comparisons": _comparisons(plan)}  # fmt: skip
+    stats["ring_bits"] = bits
+    return np.concatenate(outputs), stats
+
+
+def model_owner_2p(to_data: Channel, plan: Plan, weights: PrivateWeights, progress: Progress | None = None) -> dict[str, Any]:
+    """The model owner's side; the weights never leave this function's process."""
+    t0 = time.perf_counter()
+    try:
+        bits = check_two_party(plan)
+        check_headroom(plan, bits)
+    except PrivmedError as exc:
+        to_data.abort(f"model owner cannot run this model in two-party mode: {exc}")
+        raise
+    to_data.send_text("plan", plan.to_json())
+    s: TwoPartySession | None = None
+    layers: list[dict[str, Any]] = []
+    per_batch: list[dict[str, Any]] = []
+    index = 0
+    while True:
+        to_data.step = "waiting for the next batch"
+        batch = int(to_data.recv("batch", np.int64, (1,), timeout_s=DONE_TIMEOUT_S if index else None)[0])
+        _check_batch_size(batch, plan, "data-owner")
+        if batch == 0:
+            to_data.finish()
+            break
+        if s is None:
+            s = open_session(to_data, False, bits)
+        tracker = LayerTracker(cast(Any, s), [to_data], plan, None)
+        _, cost = _batch(s, plan, index, batch, tracker, weights=weights)
+        layers = _sum_layers(layers, tracker.layers)
+        per_batch.append(cost)
+        index += 1
+    stats = _stats("model-owner", t0, [to_data], s.rounds if s else 0, layers)
+    _totals(stats, per_batch)
+    return stats
+
+
+def merge_two(per_role: dict[str, dict[str, Any]], wall_s: float) -> SessionStats:
+    """``merge_roles`` for the two roles (no dealer entry in any total)."""
+    empty = {"layers": [], "batches": [], "bytes_sent": 0, "peak_rss_mb": 0.0}
+    merged = merge_roles({**per_role, "dealer": empty}, wall_s)
+    for table in (merged.bytes_sent, merged.peak_rss_mb, merged.cpu_s):
+        table.pop("dealer", None)
+    for layer in merged.layers:
+        layer.bytes_by_role.pop("dealer", None)
+    return merged

@@ -1,0 +1,132 @@
+"""The two-party session (no dealer) in process: a small conv-ReLU-maxpool-Gemm model against the
+fixed-point reference, plans the mode cannot run refused in one line, and a crafted plan refused
+before the data owner sends anything but the abort.
+
+Tolerance against the reference: each truncation (fused into a ReLU or not) is floor or
+floor - 1 (``compare.truncate``), and the ReLU's comparison ignores the low ``drop`` bits (an
+error below one unit after the shift), so every non-linear layer adds at most 2 ulp of its
+output; a following linear layer of K terms with |w| <= W multiplies an ulp error by at most
+K W. For the model below that is below 2 + 2 * 9 * 0.5 * (1 + 2 * 4 * 0.5) ulp < 64 ulp.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from privmed.compiler.compile import compile_model
+from privmed.errors import PeerError, ProtocolError
+from privmed.ir.check import PlanError
+from privmed.ir.ops import postprocess
+from privmed.ir.walk import run_plan
+from privmed.net.channel import in_process_pair
+from privmed.reference.executors import FixedBackend
+from tests.protocol.onnx_models import build, rand
+from tests.protocol.twoparty_harness import run_two
+
+pytest.importorskip("tenseal", reason="tenseal not installed: pip install 'privmed[twoparty]'")
+
+from privmed.mpc.twoparty.protocols import ProductsNotSupported, check_two_party, ring_bits  # noqa: E402
+from privmed.runtime.twoparty import data_owner_2p, merge_two, model_owner_2p  # noqa: E402
+
+H = helper.make_node
+
+
+def _tiny(tmp_path: Path, rng: np.random.Generator) -> Path:
+    inits = {"w1": rand(rng, 4, 2, 3, 3), "b1": rand(rng, 4), "w2": rand(rng, 3, 16), "b2": rand(rng, 3)}
+    nodes = [
+        H("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+        H("Relu", ["c"], ["r"]),
+        H("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        H("GlobalAveragePool", ["p"], ["g"]),
+        H("Flatten", ["g"], ["f"]),
+        H("Gemm", ["f", "w2", "b2"], ["y"], transB=0),
+    ]
+    inits["w2"] = rand(rng, 4, 3)
+    return build(tmp_path / "tiny.onnx", nodes, inits, [2, 2, 6, 6])
+
+
+def test_conv_relu_maxpool_gemm_equals_the_fixed_point_reference(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    path = _tiny(tmp_path, rng)
+    x = rand(rng, 2, 2, 6, 6, scale=1.0)
+    plan, weights = compile_model(path, calibration=x)
+    x_batches = [x[:1], x[1:]]  # two batches in one session: fresh offline material each
+
+    (out, do_stats), mo_stats, _ = run_two(lambda ch: data_owner_2p(ch, iter(x_batches), total_batches=2),
+                                           lambda ch: model_owner_2p(ch, plan, weights), timeout_s=60)  # fmt: skip
+    ref_ring, _ = run_plan(plan, FixedBackend(plan, weights, x.astype(np.float64)), 2)
+    ref = postprocess(ref_ring, plan.node(plan.output_name).attrs.get("post", {}))
+    ulp = 2.0**-plan.frac_bits
+    np.testing.assert_allclose(out, ref, rtol=0, atol=64 * ulp)
+    assert do_stats["ring_bits"] == ring_bits(plan) <= 43
+    assert len(do_stats["batches"]) == 2 and all(b["offline_bytes"] > b["online_bytes"] > 0 for b in do_stats["batches"])
+    stats = merge_two({"data-owner": do_stats, "model-owner": mo_stats}, 1.0)
+    assert set(stats.bytes_sent) == {"data-owner", "model-owner"} and stats.rounds == do_stats["rounds"] > 0
+
+
+def test_products_of_two_secrets_are_refused_in_one_line(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    nodes = [H("Conv", ["x", "w"], ["c"]), H("InstanceNormalization", ["c", "s", "b"], ["y"])]
+    path = build(tmp_path / "norm.onnx", nodes, {"w": rand(rng, 3, 2, 1, 1), "s": rand(rng, 3), "b": rand(rng, 3)}, [1, 2, 4, 4])
+    plan, _ = compile_model(path)
+    with pytest.raises(ProductsNotSupported, match=r"products of two secret values.*instnorm") as info:
+        check_two_party(plan)
+    assert "\n" not in str(info.value)
+
+
+def test_crafted_plan_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    """The model owner sends a plan whose declared shape lies: the data owner refuses it and
+    its first message is the abort (no batch size, no public key, nothing input-derived)."""
+    rng = np.random.default_rng(2)
+    plan, _ = compile_model(_tiny(tmp_path, rng))
+    raw = json.loads(plan.to_json())
+    raw["nodes"][1]["shape"] = [1]  # the conv's output declared as one element
+    d_m, m_d = in_process_pair("data-owner", "model-owner", bytes(16), 5)
+    errors: list[BaseException] = []
+
+    def data_owner() -> None:
+        try:
+            data_owner_2p(d_m, rand(rng, 1, 2, 6, 6))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            errors.append(exc)
+
+    t = threading.Thread(target=data_owner)
+    t.start()
+    m_d.send_text("plan", json.dumps(raw))
+    with pytest.raises(PeerError, match="data-owner aborted the session: refused the model owner's plan"):
+        m_d.recv("batch", np.int64, (1,))
+    t.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], PlanError) and "\n" not in str(errors[0])
+
+
+def test_plan_the_two_party_mode_cannot_run_is_refused_by_the_data_owner(tmp_path: Path) -> None:
+    """A well-formed plan whose comparisons claim a ring wider than HE allows: refused after
+    the plan check, before the batch size, with the abort as the first message."""
+    rng = np.random.default_rng(3)
+    plan, _ = compile_model(_tiny(tmp_path, rng))
+    raw = json.loads(plan.to_json())
+    for n in raw["nodes"]:
+        if n["op"] == "relu":
+            n["attrs"]["bits"] = 60
+    d_m, m_d = in_process_pair("data-owner", "model-owner", bytes(16), 5)
+    errors: list[BaseException] = []
+
+    def data_owner() -> None:
+        try:
+            data_owner_2p(d_m, rand(rng, 1, 2, 6, 6))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            errors.append(exc)
+
+    t = threading.Thread(target=data_owner)
+    t.start()
+    m_d.send_text("plan", json.dumps(raw))
+    with pytest.raises(PeerError, match="data owner refused the plan: two-party mode"):
+        m_d.recv("batch", np.int64, (1,))
+    t.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], ProtocolError)
