@@ -93,3 +93,12 @@ def test_supported_ops_are_the_lowerings_own_and_the_upfront_check_agrees(tmp_pa
         check_input(path, np.zeros((1, 1, 4, 4), np.float32))
     with pytest.raises(ModelError, match="Resize mode 'cubic' is not supported"):
         compile_model(path)
+
+
+def test_mod_on_shapes_folds_with_onnx_sign_rules() -> None:
+    """SwinUNETR computes its window padding with Mod on shapes (folded at compile time)."""
+    from privmed.compiler.constfold import evaluate
+
+    a, b = np.array([-7, 7, -7]), np.array([3, 3, -3])
+    np.testing.assert_array_equal(evaluate("Mod", [a, b], {})[0], [2, 1, -1])  # sign of the divisor
+    np.testing.assert_array_equal(evaluate("Mod", [a, b], {"fmod": 1})[0], [-1, 1, -1])  # sign of the dividend

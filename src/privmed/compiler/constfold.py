@@ -62,6 +62,8 @@ def evaluate(op: str, ins: list[Any], attrs: dict[str, Any]) -> list[np.ndarray]
         num: Any = np.asarray(ins[0])
         den: Any = np.asarray(ins[1])
         return [num // den if np.issubdtype(num.dtype, np.integer) else num / den]
+    if op == "Mod":  # fmod=0: the sign of the divisor (numpy's mod); fmod=1: C's fmod
+        return [(np.fmod if attrs.get("fmod", 0) else np.mod)(ins[0], ins[1])]
     if op == "Where":
         return [np.where(ins[0], ins[1], ins[2])]
     if op == "Expand":
