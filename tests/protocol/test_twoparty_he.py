@@ -222,3 +222,11 @@ def test_z2_64_shares_through_an_he_layer_and_back_by_extension() -> None:
 
     # Assert: the Z_2^64 result of the layer, exactly
     assert np.array_equal((y0 + y1).reshape(-1), linear(kind, spec, w.view(U64), x).reshape(-1))
+
+
+@pytest.mark.slow
+def test_a_realistic_layer_is_exact_and_its_traffic_is_as_documented() -> None:
+    # the docs' measured layer: 56x56x128 -> 32 channels, 3x3, pad 1 (a few seconds)
+    got, want, (ch0, ch1) = _secure("conv", _spec((3, 3), pads=(1, 1, 1, 1)), (1, 128, 56, 56), (32, 128, 3, 3), wb=12)
+    assert np.array_equal(got, want)
+    assert ch0.counters.bytes_sent < 13.2e6 and ch1.counters.bytes_sent < 6.0e6
