@@ -136,6 +136,8 @@ class SecureEngine:
     progress : per-layer events (``privmed.cli.progress.LayerProgress``).
     compile : the model owner's compile options.
     expect_plan : refuse any plan whose SHA-256 fingerprint differs.
+    parties : 3 (data owner, model owner, dealer) or 2 (no dealer:
+        ``privmed.runtime.twoparty_launch.run_local_session_2p``).
     """
 
     chunk: int | None = None
@@ -145,9 +147,13 @@ class SecureEngine:
     workdir: Path | None = None
     expect_plan: str | None = None
     name: str = "secure"
+    parties: int = 3
 
     def run(self, card: ModelCard, inputs: np.ndarray, *, default_chunk: int | None = None) -> EngineRun:
         from privmed.runtime.launch import run_local_session
+
+        if self.parties == 2:
+            from privmed.runtime.twoparty_launch import run_local_session_2p as run_local_session  # type: ignore[assignment]
 
         chunk = self.chunk or default_chunk
         if chunk is not None and chunk < 1:

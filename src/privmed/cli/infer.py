@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frac-bits", type=int, help="fixed-point fractional bits (default: chosen from calibration, at most 16)")
     p.add_argument("--preprocess", type=Path, help="preprocessing JSON for image inputs (default: <model>.preprocess.json)")
     p.add_argument("--expect-plan", metavar="SHA256", help="refuse any plan but this fingerprint (printed by every run)")
+    add_parties_option(p)
     add_pacs_options(p, job=True)
     p.set_defaults(func=cmd_infer)
 
@@ -57,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--chunk", type=int, help="data owner: run the input N in batches of this size, one session")
     q.add_argument("--stats", type=Path, help="this role's stats JSON")
     q.add_argument("--expect-plan", metavar="SHA256", help="data owner: refuse any plan but this fingerprint")
+    add_parties_option(q)
     q.add_argument("--progress-jsonl", action="store_true", help=argparse.SUPPRESS)
     q.set_defaults(func=cmd_party)
 
@@ -73,6 +75,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     from privmed.cli.certs_flow import register_certs
 
     register_certs(csub)  # request / sign / fingerprint: each party keeps its own key
+
+
+def add_parties_option(p: argparse.ArgumentParser) -> None:
+    """``--parties 2|3`` (shared by infer, party, validate, segment)."""
+    p.add_argument("--parties", type=int, choices=[2, 3], default=3,
+                   help="3 (default): data owner, model owner and a dealer for correlated randomness; 2: no third "
+                        "party (HE linear layers, OT comparisons; slower, see docs/twoparty.md)")  # fmt: skip
 
 
 def load_input(path: Path, model: Path | None, preprocess: Path | None) -> np.ndarray:
@@ -195,6 +204,8 @@ def write_outputs(path: Path, outputs: np.ndarray, rows: list[Path], model: Path
 
 def cmd_infer(args: argparse.Namespace) -> int:
     if args.service is not None:
+        if args.parties == 2:
+            raise InputError("--service runs with the vendor's dealer service; --parties 2 is for local or `privmed party` sessions")
         from privmed.cli.serve import cmd_infer_service
 
         return cmd_infer_service(args)
@@ -225,7 +236,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if len(set(rows)) > 1:
         print(f"{len(rows)} inputs from {len(set(rows))} files, batches of {args.chunk}, one session", file=sys.stderr)
     engine = SecureEngine(chunk=args.chunk, timeout_s=args.timeout, progress=LayerProgress(),
-                          compile=CompileOptions(args.frac_bits, args.calibration), expect_plan=args.expect_plan)  # fmt: skip
+                          compile=CompileOptions(args.frac_bits, args.calibration), expect_plan=args.expect_plan,
+                          parties=args.parties)  # fmt: skip
     result = engine.run(card, x)
     print(f"plan {result.stats.plan.fingerprint if result.stats.plan else '?'} (pin it with --expect-plan)")
     if args.stats:
@@ -252,6 +264,9 @@ def cmd_party(args: argparse.Namespace) -> int:
     from privmed.runtime.config import load_config
     from privmed.runtime.party import run_role
 
+    if args.parties == 2:
+        from privmed.runtime.twoparty_launch import load_config_2p as load_config  # type: ignore[assignment]
+        from privmed.runtime.twoparty_launch import run_role_2p as run_role  # type: ignore[assignment]
     cfg = load_config(args.config)
     kwargs: dict[str, Any] = {}
     if args.role == "model-owner":

@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", type=Path, help="model owner's calibration input (.npy) for the fixed-point scale")
     p.add_argument("--frac-bits", type=int, help="fixed-point fractional bits (default: chosen from calibration, at most 16)")
     p.add_argument("--preprocess", type=Path, help="preprocessing JSON (default: <model>.preprocess.json)")
+    from privmed.cli.infer import add_parties_option
+
+    add_parties_option(p)
     p.add_argument("--plaintext", action="store_true",
                    help="INSECURE: run the model with onnxruntime on this machine instead (needs the weights)")  # fmt: skip
     p.add_argument("--compare-plaintext", action="store_true",
@@ -109,7 +112,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         engine = PlaintextEngine()
     else:
         engine = SecureEngine(chunk=args.chunk, timeout_s=args.timeout, compile=CompileOptions(args.frac_bits, args.calibration), expect_plan=args.expect_plan,
-                              progress=LayerProgress(label=f"secure segmentation ({mode})"))  # fmt: skip
+                              progress=LayerProgress(label=f"secure segmentation ({mode})"), parties=args.parties)  # fmt: skip
     side = "x".join(map(str, model.side))
     source = getattr(args, "source_label", None) or volume.source  # what the user named, not a temp folder
     print(f"{engine.name} segmentation: {source} {volume.array.shape} ({volume.kind}), mode {mode}, "

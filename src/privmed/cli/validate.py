@@ -60,6 +60,9 @@ def register(subparsers: Any) -> None:
     v.add_argument("--calibration", type=Path, help="model owner: calibration input (.npy), as `privmed infer --calibration`")
     v.add_argument("--expect-plan", metavar="SHA256", help="refuse any plan but this fingerprint (stored with the results)")
     v.add_argument("--no-report", action="store_true", help="skip writing report.html at the end")
+    from privmed.cli.infer import add_parties_option
+
+    add_parties_option(v)
     v.set_defaults(func=run_validate)
 
     r = subparsers.add_parser(
@@ -138,7 +141,7 @@ def run_validate(args: argparse.Namespace) -> int:
     opts = ValidateOptions(workers=args.workers, limit=args.limit, timeout_s=args.timeout,
                            retry_errors=args.retry_errors, margin=args.margin, threshold=args.threshold,
                            images_per_session=args.per_session, expect_plan=args.expect_plan,
-                           compile=CompileOptions(args.frac_bits, args.calibration))  # fmt: skip
+                           compile=CompileOptions(args.frac_bits, args.calibration), parties=args.parties)  # fmt: skip
     run = run_validation(args.model, args.data, args.out, opts, progress=_progress_printer())
     print(f"validate: {run.processed} images run now ({run.ok} ok, {run.failed} failed), "
           f"{run.already_done} already stored, {run.total} in study, {_hms(run.elapsed_s)} elapsed")  # fmt: skip

@@ -85,6 +85,7 @@ class ValidateOptions:
     threshold: float = 0.5
     max_consecutive_failures: int = 10
     images_per_session: int = 16
+    parties: int = 3  # 2: no dealer (privmed.runtime.twoparty_launch)
     expect_plan: str | None = None  # SHA-256 of the only plan the data owner accepts
     compile: CompileOptions = CompileOptions()  # what infer deploys: frac bits, calibration
 
@@ -227,7 +228,8 @@ def run_validation(
     model_path = Path(model_path).resolve()
     study = StudyModel(model_path, Path(data_dir))
     plans: set[str] = set()
-    engine = SecureEngine(chunk=1, timeout_s=options.timeout_s, compile=options.compile, expect_plan=options.expect_plan)
+    engine = SecureEngine(chunk=1, timeout_s=options.timeout_s, compile=options.compile, expect_plan=options.expect_plan,
+                          parties=options.parties)
     secure_infer = secure_infer or engine_secure_infer(study.card, engine, plans)
     records = list(study.study.records)
     if options.limit is not None:

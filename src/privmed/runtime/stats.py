@@ -60,6 +60,9 @@ class SessionStats:
     plan: PlanInfo | None = None
     layers: list[LayerCost] = field(default_factory=list)
     batches: list[BatchCost] = field(default_factory=list)
+    # two-party mode: the input-independent phase (HE on masks, OT material) inside wall_s
+    offline_s: float = 0.0
+    offline_bytes: int = 0
 
     @property
     def bytes_total(self) -> int:
@@ -81,6 +84,7 @@ class SessionStats:
             plan=PlanInfo(**plan) if plan else None,
             layers=[LayerCost(**layer) for layer in raw.get("layers", [])],
             batches=[BatchCost(**b) for b in raw.get("batches", [])],
+            offline_s=float(raw.get("offline_s", 0.0)), offline_bytes=int(raw.get("offline_bytes", 0)),
         )  # fmt: skip
 
 

@@ -68,21 +68,31 @@ def _batch(s: TwoPartySession, plan: Plan, index: int, n: int, tracker: LayerTra
            weights: PrivateWeights | None = None, x: np.ndarray | None = None) -> tuple[np.ndarray | None, dict[str, Any]]:
     """Offline then online phase of one batch; returns (output ring values or None, costs)."""
     t0, b0, r0 = time.perf_counter(), _sent(s.ch), s.rounds
+    o0 = s.offline_rounds
     offline = prepare_offline(s, plan, n, index, weights)
     t1, b1 = time.perf_counter(), _sent(s.ch)
     backend = SecureBackend(plan, TwoPartyOnline(s, index, offline), weights=weights, x=x)
     out, _ = run_plan(plan, backend, n, on_node=tracker)
     t2 = time.perf_counter()
     return out, {"index": index, "n": n, "time_s": round(t2 - t0, 4), "bytes_sent": _sent(s.ch) - b0,
-                 "rounds": s.rounds - r0, "offline_s": round(t1 - t0, 4), "offline_bytes": b1 - b0,
+                 "rounds": s.rounds - r0, "offline_s": round(t1 - t0, 4), "offline_bytes": b1 - b0, "offline_rounds": s.offline_rounds - o0,
                  "online_s": round(t2 - t1, 4), "online_bytes": _sent(s.ch) - b1}  # fmt: skip
 
 
-def _totals(stats: dict[str, Any], per_batch: list[dict[str, Any]]) -> None:
+def _open(ch: Channel, is_data_owner: bool, bits: int, setup: dict[str, float]) -> TwoPartySession:
+    """``open_session``, its time and bytes recorded as offline cost."""
+    t0, b0 = time.perf_counter(), _sent(ch)
+    s = open_session(ch, is_data_owner, bits)
+    setup.update(offline_s=time.perf_counter() - t0, offline_bytes=_sent(ch) - b0, offline_rounds=s.offline_rounds)
+    return s
+
+
+def _totals(stats: dict[str, Any], per_batch: list[dict[str, Any]], setup: dict[str, float]) -> None:
+    """Per-batch costs and totals; the session set-up (key, base OTs) counts as offline."""
     stats["batches"] = per_batch
-    for key in ("offline_s", "online_s", "offline_bytes", "online_bytes"):
-        total = sum(b[key] for b in per_batch)
-        stats[key] = round(total, 4) if key.endswith("_s") else total
+    for key in ("offline_s", "online_s", "offline_bytes", "online_bytes", "offline_rounds"):
+        total = sum(b[key] for b in per_batch) + setup.get(key, 0)
+        stats[key] = round(total, 4) if key.endswith("_s") else int(total)
 
 
 def data_owner_2p(
@@ -106,6 +116,7 @@ def data_owner_2p(
     if on_plan:
         on_plan(plan)
     s: TwoPartySession | None = None
+    setup: dict[str, float] = {}
     outputs: list[np.ndarray] = []
     per_batch: list[dict[str, Any]] = []
     layers: list[dict[str, Any]] = []
@@ -117,7 +128,7 @@ def data_owner_2p(
             raise InputError(problem)
         to_model.send("batch", np.array([x.shape[0]], dtype=np.int64))
         if s is None:
-            s = open_session(to_model, True, bits)
+            s = _open(to_model, True, bits, setup)
         tracker = LayerTracker(cast(Any, s), [to_model], plan, _batch_progress(progress, index, total_batches))
         ring_out, cost = _batch(s, plan, index, int(x.shape[0]), tracker, x=x.astype(np.float64))
         assert ring_out is not None  # the data owner's reveal returns the value
@@ -129,7 +140,7 @@ def data_owner_2p(
     to_model.send("batch", np.zeros(1, np.int64))
     to_model.finish()
     stats = _stats("data-owner", t0, [to_model], s.rounds, layers)
-    _totals(stats, per_batch)
+    _totals(stats, per_batch, setup)
     stats["plan"] = {"frac_bits": plan.frac_bits, "fingerprint": plan.fingerprint(), "nodes": len(plan.nodes),
                      "comparisons": _comparisons(plan)}  # fmt: skip
     stats["ring_bits"] = bits
@@ -147,6 +158,7 @@ def model_owner_2p(to_data: Channel, plan: Plan, weights: PrivateWeights, progre
         raise
     to_data.send_text("plan", plan.to_json())
     s: TwoPartySession | None = None
+    setup: dict[str, float] = {}
     layers: list[dict[str, Any]] = []
     per_batch: list[dict[str, Any]] = []
     index = 0
@@ -158,23 +170,29 @@ def model_owner_2p(to_data: Channel, plan: Plan, weights: PrivateWeights, progre
             to_data.finish()
             break
         if s is None:
-            s = open_session(to_data, False, bits)
+            s = _open(to_data, False, bits, setup)
         tracker = LayerTracker(cast(Any, s), [to_data], plan, None)
         _, cost = _batch(s, plan, index, batch, tracker, weights=weights)
         layers = _sum_layers(layers, tracker.layers)
         per_batch.append(cost)
         index += 1
     stats = _stats("model-owner", t0, [to_data], s.rounds if s else 0, layers)
-    _totals(stats, per_batch)
+    _totals(stats, per_batch, setup)
     return stats
 
 
 def merge_two(per_role: dict[str, dict[str, Any]], wall_s: float) -> SessionStats:
-    """``merge_roles`` for the two roles (no dealer entry in any total)."""
+    """``merge_roles`` for the two roles (no dealer entry in any total); ``online_s`` is the
+    data owner's online phases, ``offline_s`` / ``offline_bytes`` the input-independent ones
+    (both inside ``wall_s`` and ``bytes_sent``); ``rounds`` are online rounds."""
     empty = {"layers": [], "batches": [], "bytes_sent": 0, "peak_rss_mb": 0.0}
     merged = merge_roles({**per_role, "dealer": empty}, wall_s)
     for table in (merged.bytes_sent, merged.peak_rss_mb, merged.cpu_s):
         table.pop("dealer", None)
     for layer in merged.layers:
         layer.bytes_by_role.pop("dealer", None)
+    do = per_role["data-owner"]
+    merged.online_s = float(do.get("online_s", merged.online_s))
+    merged.offline_s = float(do.get("offline_s", 0.0))
+    merged.offline_bytes = sum(int(s.get("offline_bytes", 0)) for s in per_role.values())
     return merged

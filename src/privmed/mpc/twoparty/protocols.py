@@ -104,7 +104,8 @@ class TwoPartySession:
     ot: OTSession
     he: HESession
     prg: PRG
-    rounds: int = 0
+    rounds: int = 0  # online rounds (each protocol's stated count)
+    offline_rounds: int = 0  # set-up and offline phases
 
     @property
     def ring(self) -> np.uint64:
@@ -251,10 +252,12 @@ def prepare_offline(s: TwoPartySession, plan: Plan, batch: int, batch_index: int
                                   weight=weights.weight[node_id], weight_bits=_weight_bits(weights, node_id),
                                   stream=s.prg.stream(req.key))  # fmt: skip
                 out.items[req.label] = LinearMaterial(None, share & s.ring)
+            s.offline_rounds += 1
         elif what == "relu" and req.nonlinear is not None:
             nl = req.nonlinear
             out.items[req.label] = relu_offline(s.ot, f"off/{req.label}", s.is_data_owner, nl.n, s.bits,
                                                 s.prg.stream(req.key), nl.drop)  # fmt: skip
+            s.offline_rounds += 3
     return out
 
 
@@ -364,4 +367,4 @@ def open_session(ch: Channel, is_data_owner: bool, bits: int) -> TwoPartySession
     prg = PRG.fresh()
     he = he_setup(SealIO(HEParams(plain_bits=bits)), ch, is_data_owner)
     ot = ot_setup(ch, "privmed-2p", prg, is_data_owner)
-    return TwoPartySession(ch, is_data_owner, bits, ot, he, prg)
+    return TwoPartySession(ch, is_data_owner, bits, ot, he, prg, offline_rounds=3)  # key 1, base OTs 2

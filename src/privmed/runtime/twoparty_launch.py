@@ -1,0 +1,241 @@
+"""Two-party sessions as processes: the session file without a dealer, the one TLS channel, a
+role run, and ``run_local_session_2p`` (this process is the data owner; it starts only the
+model owner).
+
+Example two-party ``session.toml`` (paths relative to the file; no ``[dealer]`` table, and one
+is refused so that a three-party file is not silently half-used)::
+
+    [session]
+    ca = "certs/ca.pem"
+    timeout_s = 60
+    connect_timeout_s = 30
+
+    [data-owner]
+    cert = "certs/data-owner.pem"
+    key = "certs/data-owner.key"
+
+    [model-owner]
+    host = "10.0.0.2"
+    port = 7100
+    cert = "certs/model-owner.pem"
+    key = "certs/model-owner.key"
+
+The model owner listens; the data owner connects (mutual TLS 1.3, certificates checked for
+the peer's role name as in the three-party mode) and opens the session with a fresh id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from privmed.crypto.certs import Identity, ephemeral_session
+from privmed.errors import ConfigError, InputError, PeerError, PrivmedError
+from privmed.net.channel import Channel, FailureGroup
+from privmed.net.tls import connect
+from privmed.runtime.config import Endpoint, SessionConfig
+from privmed.runtime.launch import (
+    SessionResult,
+    Watchdog,
+    _first_error,
+    _kill,
+    _relay,
+    _session_error,
+    check_input,
+)
+from privmed.runtime.party import _await_hello, _channel, _hello, _listen, _resolve_port
+from privmed.runtime.twoparty import data_owner_2p, merge_two, model_owner_2p
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROLES_2P = ("data-owner", "model-owner")
+_KEYS = {"session": {"ca", "timeout_s", "connect_timeout_s"}, "data-owner": {"cert", "key"},
+         "model-owner": {"cert", "key", "host", "port", "port_file"}}  # fmt: skip
+
+
+def load_config_2p(path: Path) -> SessionConfig:
+    """A two-party session file (see the module docstring); one-line errors naming the table."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: session file not found") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not a valid TOML session file: {exc}") from None
+    if "dealer" in raw:
+        raise ConfigError(f"{path}: a two-party session file has no [dealer] table (remove it, or run without --parties 2)")
+    for name, keys in _KEYS.items():
+        sec = raw.get(name)
+        if not isinstance(sec, dict):
+            raise ConfigError(f"{path}: missing table [{name}]")
+        unknown = sorted(set(sec) - keys)
+        if unknown:
+            raise ConfigError(f"{path} [{name}]: unknown key {unknown[0]!r} (expected {', '.join(sorted(keys))})")
+    extra = sorted(set(raw) - set(_KEYS))
+    if extra:
+        raise ConfigError(f"{path}: unknown table [{extra[0]}] (expected session, data-owner, model-owner)")
+    base = path.parent
+
+    def file(sec: str, key: str) -> Path:
+        value = raw[sec].get(key)
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} [{sec}]: '{key}' must be a path string, got {value!r}")
+        p = Path(value)
+        return p if p.is_absolute() else base / p
+
+    ca = file("session", "ca")
+    idents = {r: Identity(r, file(r, "cert"), file(r, "key"), ca) for r in ROLES_2P}
+    mo = raw["model-owner"]
+    host, port = mo.get("host"), mo.get("port")
+    if not isinstance(host, str) or isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"{path} [model-owner]: needs host (string) and port (0..65535), got {host!r}, {port!r}")
+    pf = mo.get("port_file")
+    timeouts = []
+    for key, default in (("timeout_s", 60.0), ("connect_timeout_s", 30.0)):
+        value = raw["session"].get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"{path} [session]: '{key}' must be a positive number, got {value!r}")
+        timeouts.append(float(value))
+    endpoints = {"model-owner": Endpoint(host, port, (base / pf) if isinstance(pf, str) else None)}
+    return SessionConfig(path, idents, endpoints, timeouts[0], timeouts[1])
+
+
+def write_config_2p(path: Path, identities: dict[str, Identity], model_owner: Endpoint, timeout_s: float, connect_timeout_s: float) -> None:
+    """Write a two-party session file (local runs)."""
+    lines = ["[session]", f'ca = "{identities["data-owner"].ca}"', f"timeout_s = {timeout_s}", f"connect_timeout_s = {connect_timeout_s}", ""]
+    for role in ROLES_2P:
+        lines += [f"[{role}]", f'cert = "{identities[role].cert}"', f'key = "{identities[role].key}"']
+        if role == "model-owner":
+            lines += [f'host = "{model_owner.host}"', f"port = {model_owner.port}"]
+            if model_owner.port_file:
+                lines.append(f'port_file = "{model_owner.port_file}"')
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def connect_two(role: str, cfg: SessionConfig, on_listening: Callable[[], None] | None = None) -> Channel:
+    """This role's one channel: the model owner listens and accepts only the data owner's
+    certificate; the data owner connects and sends a fresh 16-byte session id."""
+    deadline = time.monotonic() + cfg.connect_timeout_s
+    ident = cfg.identities[role]
+    group = FailureGroup()
+    if role == "data-owner":
+        ep = cfg.endpoints["model-owner"]
+        port = _resolve_port(ep, deadline, "model-owner")
+        sock = connect(ident, "model-owner", ep.host, port, max(0.1, deadline - time.monotonic()))
+        ch = _channel(role, "model-owner", sock, cfg, group)
+        _hello(ch, os.urandom(16))
+        return ch
+    if role != "model-owner":
+        raise ConfigError(f"role {role!r} does not exist in a two-party session (data-owner or model-owner)")
+    lst = _listen(cfg, role)
+    try:
+        if on_listening:
+            on_listening()
+        _, sock = lst.accept({"data-owner"}, max(0.1, deadline - time.monotonic()))
+        ch = _channel(role, "data-owner", sock, cfg, group)
+        _await_hello(ch, cfg.connect_timeout_s)
+        return ch
+    finally:
+        lst.close()
+
+
+def run_role_2p(
+    role: str,
+    cfg: SessionConfig,
+    *,
+    plan_and_weights: tuple[Any, Any] | Callable[[], tuple[Any, Any]] | None = None,
+    x: np.ndarray | None = None,
+    chunk: int | None = None,
+    progress: Callable[..., None] | None = None,
+    expect_plan: str | None = None,
+    on_plan: Callable[[Any], None] | None = None,
+) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """``runtime.party.run_role`` for the two-party mode (same arguments and results)."""
+    compiled: list[tuple[Any, Any]] = []
+
+    def prepare() -> None:
+        compiled.append(plan_and_weights() if callable(plan_and_weights) else plan_and_weights)  # type: ignore[arg-type]
+
+    ch = connect_two(role, cfg, prepare if role == "model-owner" else None)
+    failed = False
+    try:
+        if role == "data-owner":
+            if x is None:
+                raise InputError("the data owner needs an input")
+            step = chunk or len(x)
+            parts = [x[i : i + step] for i in range(0, len(x), step)]
+            return data_owner_2p(ch, iter(parts), progress, len(parts), expect_plan=expect_plan, on_plan=on_plan)
+        if not compiled or compiled[0] is None:
+            raise InputError("the model owner needs a model")
+        return None, model_owner_2p(ch, *compiled[0], progress=progress)
+    except BaseException as exc:
+        failed = True
+        ch.abort(f"{role} failed: {exc}")
+        raise
+    finally:
+        ch.close(flush_s=2.0 if failed else None)
+
+
+def run_local_session_2p(
+    model_path: Path,
+    inputs: np.ndarray,
+    *,
+    timeout_s: float = 120.0,
+    workdir: Path | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    calibration: Path | None = None,
+    frac_bits: int | None = None,
+    input_shape: list[int] | None = None,
+    chunk: int | None = None,
+    stall_s: float | None = None,
+    expect_plan: str | None = None,
+) -> SessionResult:
+    """``runtime.launch.run_local_session`` without a dealer: this process is the data owner,
+    the model owner is one child process (``privmed party --parties 2 --role model-owner``),
+    TCP + mutual TLS on 127.0.0.1 with an OS-assigned port and an ephemeral CA."""
+    x = np.ascontiguousarray(inputs, dtype=np.float32) if isinstance(inputs, np.ndarray) and inputs.dtype.kind == "f" else inputs
+    check_input(Path(model_path), x, input_shape)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="privmed-2p-", dir=workdir) as tmp_s:
+        tmp = Path(tmp_s)
+        ids = ephemeral_session(tmp / "certs")
+        write_config_2p(tmp / "session.toml", ids, Endpoint("127.0.0.1", 0, tmp / "model-owner.port"), timeout_s, min(60.0, timeout_s))
+        cmd = [sys.executable, "-m", "privmed.cli.main", "party", "--parties", "2", "--config", str(tmp / "session.toml"),
+               "--role", "model-owner", "--stats", str(tmp / "model-owner.stats.json"), "--model", str(model_path)]  # fmt: skip
+        cmd += (["--calibration", str(calibration)] if calibration else []) + (["--frac-bits", str(frac_bits)] if frac_bits else [])
+        cmd += ["--input-shape", ",".join(map(str, input_shape))] if input_shape else []
+        threads = os.environ.get("PRIVMED_BLAS_THREADS", "1")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+        procs = {"model-owner": subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "model-owner.err", "wb"),  # noqa: SIM115
+                                                 env=env, start_new_session=True)}  # fmt: skip
+        watchdog = Watchdog(stall_s if stall_s is not None else timeout_s * 20, lambda: _kill(procs))
+        try:
+            out, do_stats = run_role_2p("data-owner", load_config_2p(tmp / "session.toml"), x=x, chunk=chunk,
+                                        progress=_relay(progress, watchdog), expect_plan=expect_plan)  # fmt: skip
+        except PrivmedError as exc:
+            raise _session_error(exc, procs, tmp, watchdog) from None
+        finally:
+            watchdog.stop()
+            try:
+                procs["model-owner"].wait(timeout=timeout_s)
+            finally:
+                _kill(procs)
+        code = procs["model-owner"].returncode
+        if code:
+            raise PeerError(f"model-owner: {_first_error((tmp / 'model-owner.err').read_text(errors='replace'))}")
+        stats = {"model-owner": json.loads((tmp / "model-owner.stats.json").read_text()), "data-owner": do_stats}
+    assert out is not None
+    return SessionResult(out, merge_two(stats, time.perf_counter() - t0))
