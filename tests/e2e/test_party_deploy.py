@@ -15,6 +15,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,6 +282,43 @@ def _bare_tls_server(certs: CertSet, port: int) -> threading.Thread:
     thread = threading.Thread(target=serve_once, daemon=True)
     thread.start()
     return thread
+
+
+def _silent_connections(port: int, count: int, timeout_s: float) -> list[socket.socket]:
+    """``count`` TCP connections to a listener that is starting up, each saying nothing."""
+    deadline, conns = time.monotonic() + timeout_s, []
+    while len(conns) < count:
+        try:
+            conns.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"nothing listens on {port} after {timeout_s}s")
+            time.sleep(0.05)
+    return conns
+
+
+def test_silent_connections_do_not_hold_up_the_session(
+    session_ca: CertSet, tiny_cnn: TinyModel, party_run: PartyRun
+) -> None:
+    # Prepare: three connections that never speak TLS (port scanners) to each listener
+    ports = {"model-owner": free_port(), "dealer": free_port()}
+    write_session(party_run.config, session_ca, ports, connect_timeout_s=40)
+    party_run.start("dealer")
+    party_run.start("model-owner", "--model", tiny_cnn.onnx)
+    silent = [c for port in ports.values() for c in _silent_connections(port, 3, 60)]
+    try:
+        # Execute
+        party_run.start("data-owner", "--input", tiny_cnn.input, "--output", party_run.workdir / "out.npy")
+        party_run.wait_exits(ROLES, 60)
+    finally:
+        for c in silent:
+            c.close()
+    # Assert: a handshake waits at most 10 s for its peer; six silent ones in a row would
+    # take a blocking listener a minute, here nobody waits for them
+    for role in ROLES:
+        assert party_run.code(role) == 0, party_run.report()
+    assert party_run.lifetime("data-owner") < 9.0, party_run.report()
+    np.testing.assert_allclose(np.load(party_run.workdir / "out.npy"), tiny_cnn.expected, atol=ATOL, rtol=0)
 
 
 # -- 7. a port already in use -----------------------------------------------------------------------

@@ -29,6 +29,9 @@ from privmed.net.frame import HEADER_BYTES, MAX_ABORT_BYTES, pack_header, unpack
 READ_CHUNK = 1 << 20  # bytes handed to one SSL write
 MAX_BUFFERED = 256 << 20  # stop reading complete frames beyond this (TCP backpressure)
 MAX_QUEUED = 256 << 20  # a sender blocks (bounded by its deadline) beyond this many unsent bytes
+HANDSHAKE_S = 10.0  # a TLS handshake takes milliseconds; a silent connection is dropped after this
+MAX_HANDSHAKES = 32  # connections in their handshake at once; beyond, new ones are closed at once
+ACCEPT_POLL_S = 0.02  # how often a waiting accept looks for a finished handshake
 
 
 def _context(identity: Identity, server: bool) -> ssl.SSLContext:
@@ -131,35 +134,68 @@ class Listener:
         self._sock.listen(8)
         self.host, self.port = self._sock.getsockname()[:2]
         self._last_refusal = ""
+        self._lock = threading.Lock()
+        self._ready: deque[tuple[str, str, ssl.SSLSocket]] = deque()  # (address, role, socket) handshaken
+        self._handshaking = 0
+        self._closed = False
 
     def accept(self, expected: set[str], timeout_s: float) -> tuple[str, ssl.SSLSocket]:
-        """Accept one peer whose certificate names one of ``expected``; others are dropped."""
+        """Accept one peer whose certificate names one of ``expected``; others are dropped.
+
+        Each connection's TLS handshake runs in a thread of its own (at most
+        ``MAX_HANDSHAKES`` at once, each within ``HANDSHAKE_S``), so a silent connection (a
+        port scanner, a health check) does not hold up the peer that connects next."""
         deadline = time.monotonic() + timeout_s
         while True:
+            with self._lock:
+                while self._ready:
+                    addr, name, tls = self._ready.popleft()
+                    if name in expected:
+                        return name, tls
+                    self._last_refusal = f"{addr}: its certificate names {name!r}, expected {' or '.join(sorted(expected))}"
+                    threading.Thread(target=_refuse, daemon=True, args=(
+                        tls, f"{self.identity.name} refused a certificate issued to {name!r}; expected {' or '.join(sorted(expected))}")).start()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 refused = f" (refused: {self._last_refusal})" if self._last_refusal else ""
                 raise PeerError(f"{' / '.join(sorted(expected))} did not connect to {self.identity.name} at {self.host}:{self.port} within {timeout_s:.0f}s{refused}")
-            self._sock.settimeout(remaining)
+            self._sock.settimeout(min(remaining, ACCEPT_POLL_S))
             try:
-                raw, _addr = self._sock.accept()
+                raw, addr = self._sock.accept()
             except TimeoutError:
                 continue
-            raw.settimeout(max(1.0, min(10.0, remaining)))
-            try:
-                tls = self._ctx.wrap_socket(raw, server_side=True)
-            except (ssl.SSLError, OSError) as exc:
-                raw.close()  # e.g. certificate not signed by the session CA: refused
-                self._last_refusal = f"{_addr[0]}:{_addr[1]}: {getattr(exc, 'reason', None) or exc}"
+            with self._lock:
+                full = self._handshaking >= MAX_HANDSHAKES
+                if not full:
+                    self._handshaking += 1
+            if full:
+                raw.close()
                 continue
-            name = _peer_name(tls)
-            if name not in expected:
-                self._last_refusal = f"{_addr[0]}:{_addr[1]}: its certificate names {name!r}, expected {' or '.join(sorted(expected))}"
-                _refuse(tls, f"{self.identity.name} refused a certificate issued to {name!r}; expected {' or '.join(sorted(expected))}")
-                continue
-            return name, tls
+            threading.Thread(target=self._handshake, args=(raw, f"{addr[0]}:{addr[1]}", min(HANDSHAKE_S, max(1.0, remaining))),
+                             daemon=True).start()
+
+    def _handshake(self, raw: socket.socket, addr: str, timeout_s: float) -> None:
+        try:
+            tls = server_handshake(self._ctx, raw, timeout_s)
+        except (ssl.SSLError, OSError) as exc:
+            raw.close()  # e.g. certificate not signed by the session CA, or silent: refused
+            self._last_refusal = f"{addr}: {getattr(exc, 'reason', None) or exc}"
+            return
+        finally:
+            with self._lock:
+                self._handshaking -= 1
+        with self._lock:
+            if self._closed:
+                tls.close()
+                return
+            self._ready.append((addr, _peer_name(tls), tls))
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            ready, self._ready = list(self._ready), deque()
+        for _addr, _name, tls in ready:  # connected after the session had its peers
+            tls.close()
         self._sock.close()
 
 
@@ -182,6 +218,12 @@ def connect(identity: Identity, peer: str, host: str, port: int, timeout_s: floa
         except ssl.SSLCertVerificationError as exc:
             raw.close()
             raise PeerError(f"{peer} at {host}:{port} presented a certificate not valid for the session CA/role: {exc.verify_message}") from exc
+        except (TimeoutError, ConnectionError, ssl.SSLEOFError) as exc:
+            # the listener was busy or dropped us before answering: retry within the budget
+            raw.close()
+            last = f"TLS handshake did not complete: {exc}"
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 1.0)
         except (ssl.SSLError, OSError) as exc:
             raw.close()
             raise PeerError(f"TLS handshake with {peer} at {host}:{port} failed (is our certificate from the session CA?): {exc}") from exc
