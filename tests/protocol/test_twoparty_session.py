@@ -31,8 +31,8 @@ from tests.protocol.twoparty_harness import run_two
 
 pytest.importorskip("tenseal", reason="tenseal not installed: pip install 'privmed[twoparty]'")
 
-from privmed.mpc.twoparty.protocols import ProductsNotSupported, check_two_party, ring_bits  # noqa: E402
-from privmed.runtime.twoparty import data_owner_2p, merge_two, model_owner_2p  # noqa: E402
+from privmed.mpc.twoparty.protocols import ProductsNotSupported, ring_bits  # noqa: E402
+from privmed.runtime.twoparty import check_two_party, data_owner_2p, merge_two, model_owner_2p  # noqa: E402
 
 H = helper.make_node
 

@@ -30,17 +30,22 @@ from typing import Any, cast
 
 import numpy as np
 
-from privmed.errors import InputError, PrivmedError
+from privmed.errors import InputError, PrivmedError, ProtocolError
 from privmed.ir.ops import postprocess
 from privmed.ir.plan import Plan, PrivateWeights
 from privmed.ir.walk import run_plan
+from privmed.mpc.correlation.requests import Request
+from privmed.mpc.twoparty.he_layers import lower
 from privmed.mpc.twoparty.protocols import (
+    MAX_RING_BITS,
+    ProductsNotSupported,
+    Recorder,
     TwoPartyOnline,
     TwoPartySession,
     check_headroom,
-    check_two_party,
     open_session,
     prepare_offline,
+    ring_bits,
 )
 from privmed.net.channel import Channel
 from privmed.ring.fixed import decode
@@ -60,6 +65,41 @@ from privmed.runtime.session import (
 from privmed.runtime.stats import SessionStats, merge_roles
 
 
+def schedule(plan: Plan, batch: int, batch_index: int) -> list[tuple[str, Request]]:
+    """Every secret op of one batch, in the order the parties run them (a recording walk)."""
+    rec = Recorder(batch_index)
+    run_plan(plan, SecureBackend(plan, rec), batch)
+    return rec.log
+
+
+def check_two_party(plan: Plan) -> int:
+    """Refuse, in one line, a plan the two-party mode cannot run; returns the ring width l.
+
+    Walks the plan (batch 1) and refuses products of two secrets (naming the nodes and ops),
+    linear layers Cheetah's encodings do not cover (3-D kernels), and rings wider than
+    ``MAX_RING_BITS``. Pure: both parties run it on the plan before anything else is sent.
+    """
+    bits = ring_bits(plan)
+    if bits > MAX_RING_BITS:
+        raise ProtocolError(f"two-party mode: the plan's comparisons need a {bits}-bit ring, at most {MAX_RING_BITS} is supported (lower --frac-bits)")
+    steps = schedule(plan, 1, 0)
+    products = sorted({plan.nodes[r.node_index].id + f" ({plan.nodes[r.node_index].op})" for what, r in steps if what == "product"})
+    if products:
+        raise ProductsNotSupported(
+            "two-party mode cannot run products of two secret values yet (instance/layer/group norm, smooth "
+            f"activations, softmax, attention need Beaver triples from OT or HE): {', '.join(products[:6])}"
+            + (f" and {len(products) - 6} more" if len(products) > 6 else "")
+        )
+    for what, r in steps:
+        if what == "linear" and r.linear is not None:
+            try:
+                lower(r.linear.kind, r.linear.conv, r.linear.x_shape, r.linear.w_shape)
+            except (ValueError, NotImplementedError, ProtocolError) as exc:
+                raise ProtocolError(f"two-party mode: node {plan.nodes[r.node_index].id}: {exc}") from None
+    return bits
+
+
+
 def _sent(ch: Channel) -> int:
     return ch.counters.bytes_sent
 
@@ -69,7 +109,7 @@ def _batch(s: TwoPartySession, plan: Plan, index: int, n: int, tracker: LayerTra
     """Offline then online phase of one batch; returns (output ring values or None, costs)."""
     t0, b0, r0 = time.perf_counter(), _sent(s.ch), s.rounds
     o0 = s.offline_rounds
-    offline = prepare_offline(s, plan, n, index, weights)
+    offline = prepare_offline(s, plan, schedule(plan, n, index), weights)
     t1, b1 = time.perf_counter(), _sent(s.ch)
     backend = SecureBackend(plan, TwoPartyOnline(s, index, offline), weights=weights, x=x)
     out, _ = run_plan(plan, backend, n, on_node=tracker)

@@ -13,9 +13,10 @@ plain truncations) are covered by the model owner's own calibration report, chec
 ``check_headroom`` before the plan is sent. l must fit the HE plaintext modulus with flooding
 room (``he_encoding.flood_bits``): at most ``MAX_RING_BITS``.
 
-Per batch, an input-independent offline phase (``prepare_offline``) walks the plan with a
-recorder (the same executor, so the order and shapes come from the plan, never from a copy)
-and makes, for every linear layer, Cheetah's HE product on a fresh random mask A of the
+Per batch, an input-independent offline phase (``prepare_offline``) takes the batch's secret
+ops as recorded by ``Recorder`` walking the plan with the online executor
+(``privmed.runtime.twoparty.schedule``: the order and shapes come from the plan, never from a
+hand-kept copy) and makes, for every linear layer, Cheetah's HE product on a fresh random mask A of the
 data owner, and for every ReLU the OT material of ``offline.relu_offline``. The online walk
 then runs:
 
@@ -34,7 +35,9 @@ then runs:
 - ``sign``: ``compare.drelu`` then ``compare.b2a``.
 - ``multiply`` / ``square`` / ``einsum``: refused (``ProductsNotSupported``): Beaver triples
   made by OT or HE are not built. Instance/layer/group norm, smooth activations, softmax and
-  attention need them; ``check_two_party`` refuses such plans before anything is sent.
+  attention need them; ``privmed.runtime.twoparty.check_two_party`` refuses such plans before
+  anything is sent. (Beyond the triples, their internal products would need bounds proven for
+  Z_2^l: the compiler's instance-norm parameters assume room up to 2^61.)
 - ``reveal``: the model owner sends its share (1 message, |x| elements); the data owner checks
   every element is below 2^l.
 
@@ -59,9 +62,10 @@ from privmed.ir.plan import Plan, PrivateWeights
 from privmed.mpc.correlation.requests import Request
 from privmed.mpc.protocols import Protocols
 from privmed.mpc.twoparty import compare
-from privmed.mpc.twoparty.he_linear import HESession, he_linear, online_linear
+from privmed.mpc.twoparty.he_linear import HESession, he_linear, he_setup, online_linear
 from privmed.mpc.twoparty.offline import ReluMaterial, relu_offline, relu_online
-from privmed.mpc.twoparty.ot import OTSession
+from privmed.mpc.twoparty.ot import OTSession, ot_setup
+from privmed.mpc.twoparty.seal_io import HEParams, SealIO
 from privmed.net.channel import Channel
 
 U64 = np.uint64
@@ -177,45 +181,6 @@ class Recorder(Protocols):
         return None
 
 
-def schedule(plan: Plan, batch: int, batch_index: int) -> list[tuple[str, Request]]:
-    """Every secret op of one batch, in the order the parties run them (a recording walk)."""
-    from privmed.ir.walk import run_plan
-    from privmed.runtime.backend import SecureBackend
-
-    rec = Recorder(batch_index)
-    run_plan(plan, SecureBackend(plan, rec), batch)
-    return rec.log
-
-
-def check_two_party(plan: Plan) -> int:
-    """Refuse, in one line, a plan the two-party mode cannot run; returns the ring width l.
-
-    Walks the plan (batch 1) and refuses products of two secrets (naming the nodes and ops),
-    linear layers Cheetah's encodings do not cover (3-D kernels), and rings wider than
-    ``MAX_RING_BITS``. Pure: both parties run it on the plan before anything else is sent.
-    """
-    from privmed.mpc.twoparty.he_layers import lower
-
-    bits = ring_bits(plan)
-    if bits > MAX_RING_BITS:
-        raise ProtocolError(f"two-party mode: the plan's comparisons need a {bits}-bit ring, at most {MAX_RING_BITS} is supported (lower --frac-bits)")
-    steps = schedule(plan, 1, 0)
-    products = sorted({plan.nodes[r.node_index].id + f" ({plan.nodes[r.node_index].op})" for what, r in steps if what == "product"})
-    if products:
-        raise ProductsNotSupported(
-            "two-party mode cannot run products of two secret values yet (instance/layer/group norm, smooth "
-            f"activations, softmax, attention need Beaver triples from OT or HE): {', '.join(products[:6])}"
-            + (f" and {len(products) - 6} more" if len(products) > 6 else "")
-        )
-    for what, r in steps:
-        if what == "linear" and r.linear is not None:
-            try:
-                lower(r.linear.kind, r.linear.conv, r.linear.x_shape, r.linear.w_shape)
-            except (ValueError, NotImplementedError, ProtocolError) as exc:
-                raise ProtocolError(f"two-party mode: node {plan.nodes[r.node_index].id}: {exc}") from None
-    return bits
-
-
 def _weight_bits(weights: PrivateWeights, node_id: str) -> int:
     """|W| < 2^bits for the HE flooding bound: the compiler's figure, else from the values."""
     if node_id in weights.weight_bits:
@@ -224,10 +189,11 @@ def _weight_bits(weights: PrivateWeights, node_id: str) -> int:
     return max(1, int(np.abs(w).max(initial=0)).bit_length())
 
 
-def prepare_offline(s: TwoPartySession, plan: Plan, batch: int, batch_index: int, weights: PrivateWeights | None = None) -> Offline:
+def prepare_offline(s: TwoPartySession, plan: Plan, steps: list[tuple[str, Request]], weights: PrivateWeights | None = None) -> Offline:
     """Input-independent material for one batch (before the image is used).
 
-    1. Walk the plan with ``Recorder`` (same executor as online): the list of secret ops.
+    1. ``steps``: the batch's secret ops in consumption order, from walking the plan with
+       ``Recorder`` and the online executor (``privmed.runtime.twoparty.schedule``).
     2. Each linear layer: the data owner draws A uniform in Z_2^l of the input's exact shape
        (its own PRG, key of the request) and both run ``he_linear`` on it: shares of L(W, A).
     3. Each ReLU (with ``drop`` as the plan says): ``offline.relu_offline`` for |x| elements.
@@ -237,7 +203,7 @@ def prepare_offline(s: TwoPartySession, plan: Plan, batch: int, batch_index: int
     if not s.is_data_owner and weights is None:
         raise ValueError("prepare_offline: the model owner must pass its weights")
     out = Offline()
-    for what, req in schedule(plan, batch, batch_index):
+    for what, req in steps:
         if what == "linear" and req.linear is not None:
             spec = req.linear
             node_id = plan.nodes[req.node_index].id
@@ -360,10 +326,6 @@ class TwoPartyOnline(Protocols):
 def open_session(ch: Channel, is_data_owner: bool, bits: int) -> TwoPartySession:
     """Once per session: the data owner's BFV public key (``he_setup``, t = 2^l) and base OTs
     both ways (``ot_setup``); each party draws its own PRG seed from the OS."""
-    from privmed.mpc.twoparty.he_linear import he_setup
-    from privmed.mpc.twoparty.ot import ot_setup
-    from privmed.mpc.twoparty.seal_io import HEParams, SealIO
-
     prg = PRG.fresh()
     he = he_setup(SealIO(HEParams(plain_bits=bits)), ch, is_data_owner)
     ot = ot_setup(ch, "privmed-2p", prg, is_data_owner)
