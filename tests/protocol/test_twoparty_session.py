@@ -130,3 +130,30 @@ def test_plan_the_two_party_mode_cannot_run_is_refused_by_the_data_owner(tmp_pat
         m_d.recv("batch", np.int64, (1,))
     t.join(10)
     assert len(errors) == 1 and isinstance(errors[0], ProtocolError)
+
+
+def test_model_owner_gone_mid_session_data_owner_names_it_within_the_deadline(tmp_path: Path) -> None:
+    """The model owner sends an honest plan, takes the batch size, then disappears: the data
+    owner's next receive fails naming the model owner, well within its 5 s deadline."""
+    import time
+
+    rng = np.random.default_rng(4)
+    plan, _ = compile_model(_tiny(tmp_path, rng))
+    d_m, m_d = in_process_pair("data-owner", "model-owner", bytes(16), 5)
+    errors: list[BaseException] = []
+
+    def data_owner() -> None:
+        try:
+            data_owner_2p(d_m, rand(rng, 1, 2, 6, 6))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            errors.append(exc)
+
+    t0 = time.monotonic()
+    t = threading.Thread(target=data_owner)
+    t.start()
+    m_d.send_text("plan", plan.to_json())
+    m_d.recv("batch", np.int64, (1,))
+    m_d.close()  # gone before the HE key set-up answers anything
+    t.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], PeerError) and "model-owner" in str(errors[0]), errors
+    assert time.monotonic() - t0 < 5
