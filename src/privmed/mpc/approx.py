@@ -16,10 +16,12 @@ scale f, K intervals (K - 1 knots) and degree d = 3:
 4. y = C_0 2^f + sum_k C_k u^k: one Beaver product of the stacked (d, n) tensors.
 
 Rounds: (2 + ceil(log2 m)) + 4 + 1, m = bits / 4 comparison chunks (10 for m = 6).
-Bytes per element and party: (K - 1)(8 + (2m - 1) / 4 + 1/8) (comparisons) + 16 (square and
-its truncation) + 24 (product and truncation) + 16 d (the final product) = (K - 1)(8.125 +
-(2m - 1) / 4) + 88; e.g. Sigmoid (12 knots) at m = 6: 208 B. Dealer to the model owner:
-(K - 1)(24 + 4m + (2m + 1) / 8) + 8 + 8 + 2 * 16 + 8 d bytes per element (sign material,
+Bytes per element and party: (K - 1)(8 + g / 4 + 1/8) (comparisons; g AND gates in the
+comparison tree, 7 for m = 6) + 16 (square and its truncation) + 24 (product and truncation) +
+16 d (the final product) = 9.875 (K - 1) + 88 at m = 6, e.g. Sigmoid and Tanh (12 knots) 207 B,
+Erf and GELU (11) 197 B, SiLU (16) 246 B (measured: data owner's bytes sent per element).
+Dealer to the model owner:
+(K - 1)(24 + 4m + (g + 1) / 8) + 8 + 8 + 2 * 16 + 8 d bytes per element (sign material,
 the two products' c, the two truncations' r_high and r_msb, the final product's c).
 Error: the table's fit error (measured at fit time, <= 1e-4 for every shipped function over
 the whole real line) plus ``privmed.ir.approx.fixed_point_error`` (3e-5 at f = 16) plus the
