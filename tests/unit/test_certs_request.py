@@ -154,3 +154,28 @@ def test_a_party_with_another_roles_certificate_stops_at_start(tmp_path: Path) -
     (tmp_path / "session.toml").write_text(SESSION)
     with pytest.raises(ConfigError, match="a certificate for 'dealer' \\(h\\), not for data-owner; a data-owner needs a data-owner certificate"):
         connect_role("data-owner", load_config(tmp_path / "session.toml"))
+
+
+def test_a_host_name_that_resolves_to_loopback_is_refused_and_ipv6_listens(tmp_path: Path) -> None:
+    from privmed.net.tls import Listener, listening_socket
+
+    name = socket.gethostname()
+    resolved = socket.getaddrinfo(name, 0, type=socket.SOCK_STREAM)[0][4][0]
+    if resolved.startswith("127.") or resolved == "::1":
+        with pytest.raises(ConfigError, match=f"host {name!r} resolves to {resolved} \\(loopback\\) on this machine"):
+            listening_socket("dealer", name, 0, 1)
+    listening_socket("dealer", "localhost", 0, 1).close()  # a loopback name: meant
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    hospital = _signed(tmp_path, "data-owner", "St Mary Hospital")
+    vendor = _signed(tmp_path, "model-owner", "Acme Imaging AI")
+    lst = Listener(vendor, "::1", 0)
+    got: list[str] = []
+    t = threading.Thread(target=lambda: got.append(lst.accept({"data-owner"}, 10)[0]), daemon=True)
+    t.start()
+    connect(hospital, "model-owner", "::1", lst.port, 10).close()
+    t.join(10)
+    lst.close()
+    assert got == ["data-owner"]

@@ -13,6 +13,7 @@ party that reads slowly pushes back on its sender through TCP.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import select
 import socket
 import ssl
@@ -114,24 +115,48 @@ def refuse(tls: ssl.SSLSocket, reason: str, linger_s: float = 2.0) -> None:
         tls.close()
 
 
+def _is_loopback_literal(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def listening_socket(name: str, host: str, port: int, backlog: int) -> socket.socket:
+    """A TCP socket bound to host:port (IPv4 or IPv6 literal, or a host name) and listening.
+
+    A host *name* that resolves to a loopback address (Debian maps the machine's own name to
+    127.0.1.1) is refused: peers on other hosts could never connect. A loopback literal
+    (127.0.0.1, ::1, localhost) is taken as meant."""
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"{name}: cannot resolve host {host!r}: {exc.strerror}") from exc
+    if not _is_loopback_literal(host) and ipaddress.ip_address(sockaddr[0]).is_loopback:
+        raise ConfigError(f"{name}: host {host!r} resolves to {sockaddr[0]} (loopback) on this machine, so peers on other "
+                          f"hosts could not connect; give the address of the interface they reach")
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # a port whose previous session is in TIME_WAIT can be reused; a live listener still
+    # makes bind fail (EADDRINUSE), which is reported below
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"{name}: port {port} on {host} is already in use") from exc
+        raise ConfigError(f"{name}: cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.listen(backlog)
+    return sock
+
+
 class Listener:
     """A bound, listening TCP socket that accepts mutually authenticated TLS peers."""
 
     def __init__(self, identity: Identity, host: str, port: int) -> None:
         self.identity = identity
         self._ctx = _context(identity, server=True)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        # a port whose previous session is in TIME_WAIT can be reused; a live listener still
-        # makes bind fail (EADDRINUSE), which is reported below
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self._sock.bind((host, port))
-        except OSError as exc:
-            self._sock.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(f"{identity.name}: port {port} on {host} is already in use") from exc
-            raise ConfigError(f"{identity.name}: cannot listen on {host}:{port}: {exc.strerror}") from exc
-        self._sock.listen(8)
+        self._sock = listening_socket(identity.name, host, port, 8)
         self.host, self.port = self._sock.getsockname()[:2]
         self._last_refusal = ""
         self._lock = threading.Lock()

@@ -25,7 +25,6 @@ The role-specific handlers are in ``runtime.service_roles``.
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import json
 import logging
 import socket
@@ -39,7 +38,13 @@ from typing import Any
 
 from privmed.crypto.csr import fingerprint_der
 from privmed.errors import ConfigError
-from privmed.net.tls import peer_certificate, refuse, server_context, server_handshake
+from privmed.net.tls import (
+    listening_socket,
+    peer_certificate,
+    refuse,
+    server_context,
+    server_handshake,
+)
 from privmed.runtime.service_config import ServiceConfig
 
 log = logging.getLogger(__name__)
@@ -121,16 +126,7 @@ class Service:
         self._connections = 0
         self.max_connections = 3 * cfg.max_sessions + 32
         self.draining = False
-        self._sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self._sock.bind((cfg.host, cfg.port))
-        except OSError as exc:
-            self._sock.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(f"{cfg.role} service: port {cfg.port} on {cfg.host} is already in use") from exc
-            raise ConfigError(f"{cfg.role} service: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from exc
-        self._sock.listen(64)
+        self._sock = listening_socket(f"{cfg.role} service", cfg.host, cfg.port, 64)
         self.port = int(self._sock.getsockname()[1])
 
     # -- slots -----------------------------------------------------------------------
