@@ -189,9 +189,9 @@ def _norm_and_pool_plans(tmp_path: Path) -> list[Plan]:
     return [compile_model(norm)[0], compile_model(pool3d)[0]]
 
 
-def test_stream_keys_of_every_request_are_distinct_over_plans_and_batches(demo, tmp_path: Path) -> None:
+def test_stream_keys_of_every_request_are_distinct_over_plans_and_batches(demo, issue13_plan: Plan, tmp_path: Path) -> None:
     """Over whole sessions of several batches (of different sizes): no key is drawn twice."""
-    for plan in [demo[0], *_norm_and_pool_plans(tmp_path)]:
+    for plan in [demo[0], *_norm_and_pool_plans(tmp_path), issue13_plan]:
         drawn: list[StreamKey] = []
         session_wide: set[StreamKey] = set()
         for index, batch in enumerate((1, 4, 2, 3)):
@@ -308,3 +308,49 @@ def test_model_owner_view_is_uniform_and_independent_of_the_image(demo) -> None:
     for view in (b_dark, b_bright):  # packed bits and tables: every byte value equally likely
         counts = np.bincount(view, minlength=256)
         assert stats.chisquare(counts).pvalue > 1e-4
+
+
+@pytest.fixture(scope="module")
+def issue13_plan(tmp_path_factory: pytest.TempPathFactory) -> Plan:
+    """A plan with every op of issue 13: approx, softmax, mul, einsum, interp."""
+    from onnx import helper
+
+    from .onnx_models import build
+
+    h = helper.make_node
+    rng = np.random.default_rng(0)
+    inits = {"w": (rng.standard_normal((2, 1, 1, 1)) * 0.5).astype(np.float32), "w1": (rng.standard_normal((1, 2, 1, 1)) * 0.5).astype(np.float32),
+             "roi": np.zeros(0, np.float32), "sc": np.array([1, 1, 2, 2], np.float32)}  # fmt: skip
+    nodes = [h("Conv", ["x", "w"], ["c"]), h("Conv", ["c", "w1"], ["q"]), h("Sigmoid", ["q"], ["s"]), h("Mul", ["c", "s"], ["g"]),
+             h("Softmax", ["g"], ["p"], axis=-1), h("Transpose", ["g"], ["t"], perm=[0, 1, 3, 2]), h("MatMul", ["p", "t"], ["m"]),
+             h("Tanh", ["m"], ["a"]), h("Resize", ["a", "roi", "sc"], ["y"], mode="linear")]  # fmt: skip
+    path = build(tmp_path_factory.mktemp("i13") / "m.onnx", nodes, inits, [1, 1, 4, 4])
+    return compile_model(path)[0]
+
+
+def _node_of(raw: dict, op: str) -> dict:
+    return next(n for n in raw["nodes"] if n["op"] == op)
+
+
+@pytest.mark.parametrize("mutate, rule", [
+    (lambda raw: _node_of(raw, "approx")["attrs"]["knots"].reverse(), "increasing knots"),
+    (lambda raw: _node_of(raw, "approx")["attrs"]["knots"].__setitem__(0, -9.2501), "on the 2^-6 grid"),
+    (lambda raw: _node_of(raw, "approx")["attrs"]["coeffs"][1].append(0.0), "same number of coefficients"),
+    (lambda raw: _node_of(raw, "approx")["attrs"].__setitem__("coeffs", [[0.0, 1.0]] * 100), "one coefficient list per interval"),
+    (lambda raw: _node_of(raw, "approx")["attrs"].__setitem__("fn", "exp"), "fn must be one of"),
+    (lambda raw: _node_of(raw, "softmax")["attrs"].__setitem__("axis", 5), "softmax axis 5"),
+    (lambda raw: _node_of(raw, "einsum")["attrs"].__setitem__("equation", "abc,acd->zbd"), "einsum equation"),
+    (lambda raw: _node_of(raw, "einsum")["attrs"].__setitem__("equation", "abc,abd->abcd"), "declared shape"),
+    (lambda raw: _node_of(raw, "mul")["inputs"].reverse(), "must broadcast to the first"),
+    (lambda raw: _node_of(raw, "interp")["attrs"]["taps"][0][0].__setitem__(0, 4), "outside [0, 4)"),
+    (lambda raw: _node_of(raw, "interp")["attrs"]["weights"][0].append([0.5] * 8), "same length"),
+], ids=["knots-order", "knot-grid", "ragged-coeffs", "too-many-intervals", "unknown-fn", "softmax-axis", "einsum-batch-letter",
+        "einsum-shape", "mul-broadcast", "interp-taps", "interp-weights"])  # fmt: skip
+def test_crafted_issue13_attributes_are_refused(issue13_plan: Plan, mutate, rule) -> None:
+    """A hostile model owner's tables, equations and taps are checked like every attribute:
+    they decide which masks are drawn and how large, so nothing unchecked reaches a protocol."""
+    raw = _raw(issue13_plan)
+    parse_plan(json.dumps(raw), [1, 4, 4])  # the honest plan passes
+    mutate(raw)
+    with pytest.raises(PlanError, match=rule.replace("[", r"\[").replace("^", r"\^").replace("(", r"\(").replace(")", r"\)")):
+        parse_plan(json.dumps(raw), [1, 4, 4])
