@@ -72,23 +72,23 @@ def schedule(plan: Plan, batch: int, batch_index: int) -> list[tuple[str, Reques
     return rec.log
 
 
-def check_two_party(plan: Plan) -> int:
-    """Refuse, in one line, a plan the two-party mode cannot run; returns the ring width l.
+def check_two_party(plan: Plan) -> tuple[int, int]:
+    """Refuse, in one line, a plan the two-party mode cannot run; else the rings
+    (shares' ring bits, HE ring bits), from the public plan alone (both parties run it before
+    anything else is sent).
 
-    Walks the plan (batch 1) and refuses products of two secrets (naming the nodes and ops),
-    linear layers Cheetah's encodings do not cover (3-D kernels), and rings wider than
-    ``MAX_RING_BITS``. Pure: both parties run it on the plan before anything else is sent.
+    Narrow mode (l, l), l = ``ring_bits``: plans without products of two secrets whose
+    comparisons fit l <= ``MAX_RING_BITS``. Wide mode (64, ``MAX_RING_BITS``) otherwise:
+    shares over Z_2^64 as in the dealer mode, each HE layer's result extended back to 64 bits
+    and comparisons run on their own width. Refused: matrix products of two secrets (einsum:
+    attention) and linear layers Cheetah's encodings do not cover (3-D kernels).
     """
-    bits = ring_bits(plan)
-    if bits > MAX_RING_BITS:
-        raise ProtocolError(f"two-party mode: the plan's comparisons need a {bits}-bit ring, at most {MAX_RING_BITS} is supported (lower --frac-bits)")
     steps = schedule(plan, 1, 0)
-    products = sorted({plan.nodes[r.node_index].id + f" ({plan.nodes[r.node_index].op})" for what, r in steps if what == "product"})
-    if products:
+    einsums = sorted({plan.nodes[r.node_index].id for what, r in steps if what == "product" and r.product and r.product.equation})
+    if einsums:
         raise ProductsNotSupported(
-            "two-party mode cannot run products of two secret values yet (instance/layer/group norm, smooth "
-            f"activations, softmax, attention need Beaver triples from OT or HE): {', '.join(products[:6])}"
-            + (f" and {len(products) - 6} more" if len(products) > 6 else "")
+            "two-party mode cannot run matrix products of two secret tensors yet (attention: no two-party matrix "
+            f"triples): {', '.join(einsums[:6])}" + (f" and {len(einsums) - 6} more" if len(einsums) > 6 else "")
         )
     for what, r in steps:
         if what == "linear" and r.linear is not None:
@@ -96,8 +96,10 @@ def check_two_party(plan: Plan) -> int:
                 lower(r.linear.kind, r.linear.conv, r.linear.x_shape, r.linear.w_shape)
             except (ValueError, NotImplementedError, ProtocolError) as exc:
                 raise ProtocolError(f"two-party mode: node {plan.nodes[r.node_index].id}: {exc}") from None
-    return bits
-
+    narrow = ring_bits(plan)
+    if any(what == "product" for what, _ in steps) or narrow > MAX_RING_BITS:
+        return 64, MAX_RING_BITS
+    return narrow, narrow
 
 
 def _sent(ch: Channel) -> int:
@@ -119,10 +121,10 @@ def _batch(s: TwoPartySession, plan: Plan, index: int, n: int, tracker: LayerTra
                  "online_s": round(t2 - t1, 4), "online_bytes": _sent(s.ch) - b1}  # fmt: skip
 
 
-def _open(ch: Channel, is_data_owner: bool, bits: int, setup: dict[str, float]) -> TwoPartySession:
+def _open(ch: Channel, is_data_owner: bool, bits: int, he_bits: int, setup: dict[str, float]) -> TwoPartySession:
     """``open_session``, its time and bytes recorded as offline cost."""
     t0, b0 = time.perf_counter(), _sent(ch)
-    s = open_session(ch, is_data_owner, bits)
+    s = open_session(ch, is_data_owner, bits, he_bits)
     setup.update(offline_s=time.perf_counter() - t0, offline_bytes=_sent(ch) - b0, offline_rounds=s.offline_rounds)
     return s
 
@@ -149,7 +151,7 @@ def data_owner_2p(
         batches, total_batches = [batches], 1
     plan = receive_plan(to_model, [], None, expect_plan)
     try:
-        bits = check_two_party(plan)
+        bits, he_bits = check_two_party(plan)
     except PrivmedError as exc:
         to_model.abort(f"data owner refused the plan: {exc}")
         raise
@@ -168,7 +170,7 @@ def data_owner_2p(
             raise InputError(problem)
         to_model.send("batch", np.array([x.shape[0]], dtype=np.int64))
         if s is None:
-            s = _open(to_model, True, bits, setup)
+            s = _open(to_model, True, bits, he_bits, setup)
         tracker = LayerTracker(cast(Any, s), [to_model], plan, _batch_progress(progress, index, total_batches))
         ring_out, cost = _batch(s, plan, index, int(x.shape[0]), tracker, x=x.astype(np.float64))
         assert ring_out is not None  # the data owner's reveal returns the value
@@ -183,7 +185,7 @@ def data_owner_2p(
     _totals(stats, per_batch, setup)
     stats["plan"] = {"frac_bits": plan.frac_bits, "fingerprint": plan.fingerprint(), "nodes": len(plan.nodes),
                      "comparisons": _comparisons(plan)}  # fmt: skip
-    stats["ring_bits"] = bits
+    stats["ring_bits"], stats["he_ring_bits"] = bits, he_bits
     return np.concatenate(outputs), stats
 
 
@@ -191,8 +193,8 @@ def model_owner_2p(to_data: Channel, plan: Plan, weights: PrivateWeights, progre
     """The model owner's side; the weights never leave this function's process."""
     t0 = time.perf_counter()
     try:
-        bits = check_two_party(plan)
-        check_headroom(plan, bits)
+        bits, he_bits = check_two_party(plan)
+        check_headroom(plan, he_bits)
     except PrivmedError as exc:
         to_data.abort(f"model owner cannot run this model in two-party mode: {exc}")
         raise
@@ -210,7 +212,7 @@ def model_owner_2p(to_data: Channel, plan: Plan, weights: PrivateWeights, progre
             to_data.finish()
             break
         if s is None:
-            s = _open(to_data, False, bits, setup)
+            s = _open(to_data, False, bits, he_bits, setup)
         tracker = LayerTracker(cast(Any, s), [to_data], plan, None)
         _, cost = _batch(s, plan, index, batch, tracker, weights=weights)
         layers = _sum_layers(layers, tracker.layers)

@@ -1,51 +1,58 @@
 """``TwoPartyOnline``: the executor's protocol set (``privmed.mpc.protocols.Protocols``) run by
 the data owner and the model owner alone, with no dealer (issue 14).
 
-The ring. Shares are additive over Z_2^l, l = ``ring_bits(plan)``, carried in the executor's
-uint64 arrays: every public op of ``SecureBackend`` (sums, public scalings, pooling sums,
-upscaling, the LeakyReLU/PReLU combinations) is linear with public integer coefficients, so it
-commutes with the reduction Z_2^64 -> Z_2^l (a ring homomorphism), and every protocol here
-reduces its inputs mod 2^l first. The data owner sign-extends the revealed value from l bits.
-l is derived from the public plan alone (both parties compute it): the widest comparison the
-compiler set (``bits``: |x| < 2^bits before a ReLU's shift, |a - b| for max-pool pairs) plus
-2, because truncation needs |x| < 2^(l-2). Values that meet no comparison (the output layer,
-plain truncations) are covered by the model owner's own calibration report, checked in
-``check_headroom`` before the plan is sent. l must fit the HE plaintext modulus with flooding
-room (``he_encoding.flood_bits``): at most ``MAX_RING_BITS``.
+Two rings, chosen from the public plan by both parties (``privmed.runtime.twoparty.check_two_party``):
+
+- **Narrow** (plans without products of two secrets): shares over Z_2^l, l = ``ring_bits``
+  (the widest comparison width ``bits`` in the plan, |x| < 2^bits, plus 2 because truncation
+  needs |x| < 2^(l-2)), carried in the executor's uint64 arrays. Every public op of
+  ``SecureBackend`` (sums, public scalings, pooling sums, upscaling, the LeakyReLU/PReLU
+  combinations) is linear with integer coefficients, so it commutes with Z_2^64 -> Z_2^l (a
+  ring homomorphism); every protocol reduces its inputs mod 2^l first and the data owner
+  sign-extends the revealed value. l <= ``MAX_RING_BITS``, the HE plaintext modulus with room
+  for noise flooding (``he_encoding.flood_bits``). Cheapest: comparisons, HE and truncations
+  all at l bits.
+- **Wide** (products of two secrets, or comparisons wider than that): shares over Z_2^64 as in
+  the dealer mode (same |x| < 2^62 contract, so the compiler's bounds for norms and
+  polynomials hold unchanged). HE layers run at ``MAX_RING_BITS`` and their results are
+  extended back (``compare.extend``, one COT per element); a ReLU runs in Z_2^(bits+2) and is
+  extended back; a sign in Z_2^(bits+2); truncation at 64 bits; products by Beaver triples.
+
+Either way, values that meet no comparison but go through HE (linear outputs) are covered by
+the model owner's calibration report, checked in ``check_headroom`` before the plan is sent.
 
 Per batch, an input-independent offline phase (``prepare_offline``) takes the batch's secret
 ops as recorded by ``Recorder`` walking the plan with the online executor
-(``privmed.runtime.twoparty.schedule``: the order and shapes come from the plan, never from a
-hand-kept copy) and makes, for every linear layer, Cheetah's HE product on a fresh random mask A of the
-data owner, and for every ReLU the OT material of ``offline.relu_offline``. The online walk
-then runs:
+(``privmed.runtime.twoparty.schedule``: order and shapes come from the plan, never from a
+hand-kept copy) and makes, for every linear layer, Cheetah's HE product on a fresh random
+mask A of the data owner; for every ReLU, the OT material of ``offline.relu_offline``; for
+every product, a Beaver triple by Gilboa OT (``products.product_offline``). The online walk:
 
-- ``linear``: ``he_linear.online_linear`` (data owner sends E = x0 - A, 1 round, l-bit
-  elements as uint64), the model owner adds its bias. Why a mask offline and not the HE
-  product on the masked input online: the HE work (the model owner's NTTs and products,
-  ~95 % of a layer's cost) leaves the critical path and can run before the image exists;
-  online a layer costs one message of |x| ring elements, the dealer mode's message flow
-  with W itself in place of W - B. The price is that message (8 |x| bytes), which the
-  online HE variant would not send.
+- ``linear``: ``he_linear.online_linear`` (data owner sends E = x0 - A, 1 round, |x| ring
+  elements), wide mode extends the result (2 rounds), the model owner adds its bias. Why a
+  mask offline and not the HE product on the masked input online: the HE work (the model
+  owner's NTTs and products, ~95 % of a layer's cost) leaves the critical path and can run
+  before the image exists; online a layer costs one message of |x| ring elements, the dealer
+  mode's message flow with W itself in place of W - B. The price is that message (8 |x|
+  bytes), which the online HE variant would not send.
 - ``relu``: ``offline.relu_online`` (CrypTFlow2's DReLU + MUX on Beaver-precomputed OTs),
-  comparing bits [drop, l-1) as the dealer mode does, then one ``compare.truncate`` of
-  (ReLU(x), x) together (ReLU(x) >> s = ReLU(x >> s) for floor shifts).
+  comparing bits [drop, ring-1) as the dealer mode does, then one ``compare.truncate`` of
+  (ReLU(x), x) together (ReLU(x) >> s = ReLU(x >> s) for floor shifts): 4 + ceil(log2 m)
+  rounds, + 2 with a shift, + 2 for the extension in wide mode.
 - ``truncate``: ``compare.truncate`` (SiRNN, known MSB: one COT, 2 rounds, floor or floor - 1,
-  no probabilistic wrap while |x| < 2^(l-2)).
+  no probabilistic wrap while |x| < 2^(ring-2)).
 - ``sign``: ``compare.drelu`` then ``compare.b2a``.
-- ``multiply`` / ``square`` / ``einsum``: refused (``ProductsNotSupported``): Beaver triples
-  made by OT or HE are not built. Instance/layer/group norm, smooth activations, softmax and
-  attention need them; ``privmed.runtime.twoparty.check_two_party`` refuses such plans before
-  anything is sent. (Beyond the triples, their internal products would need bounds proven for
-  Z_2^l: the compiler's instance-norm parameters assume room up to 2^61.)
+- ``multiply`` / ``square``: ``products.product_online`` (1 round, |x| + |y| elements each).
+  ``einsum`` (attention's matrix products of two secrets): refused, no matrix triples yet.
 - ``reveal``: the model owner sends its share (1 message, |x| elements); the data owner checks
-  every element is below 2^l.
+  every element is in the ring.
 
 Security (semi-honest data owner or model owner, no third party): sequential composition of
 the protocols above, each simulatable from the corrupted party's input and output (see their
 docstrings): HE replies are masked and noise-flooded, E is masked by a one-time uniform A the
-model owner only saw encrypted, OT messages are masked by OT pads. The model owner's view is
-simulated without the output (it receives nothing at reveal).
+model owner only saw encrypted, OT messages are masked by OT pads, Beaver openings by triples
+used once. The model owner's view is simulated without the output (it receives nothing at
+reveal).
 """
 
 from __future__ import annotations
@@ -62,9 +69,11 @@ from privmed.ir.plan import Plan, PrivateWeights
 from privmed.mpc.correlation.requests import Request
 from privmed.mpc.protocols import Protocols
 from privmed.mpc.twoparty import compare
+from privmed.mpc.twoparty.compare import ring_mask
 from privmed.mpc.twoparty.he_linear import HESession, he_linear, he_setup, online_linear
 from privmed.mpc.twoparty.offline import ReluMaterial, relu_offline, relu_online
 from privmed.mpc.twoparty.ot import OTSession, ot_setup
+from privmed.mpc.twoparty.products import ProductMaterial, product_offline, product_online
 from privmed.mpc.twoparty.seal_io import HEParams, SealIO
 from privmed.net.channel import Channel
 
@@ -75,7 +84,7 @@ DEFAULT_WEIGHT_BITS = 16
 
 
 class ProductsNotSupported(ProtocolError):
-    """A product of two secret values in two-party mode (no OT/HE Beaver triples yet)."""
+    """A matrix product of two secret tensors in two-party mode (no matrix triples yet)."""
 
 
 def ring_bits(plan: Plan) -> int:
@@ -104,7 +113,8 @@ class TwoPartySession:
 
     ch: Channel
     is_data_owner: bool
-    bits: int
+    bits: int  # the shares' ring Z_2^bits: l (narrow mode) or 64 (wide mode)
+    he_bits: int  # the HE plaintext ring of linear layers (= bits in narrow mode)
     ot: OTSession
     he: HESession
     prg: PRG
@@ -114,6 +124,22 @@ class TwoPartySession:
     @property
     def ring(self) -> np.uint64:
         return U64((1 << self.bits) - 1)
+
+    @property
+    def wide(self) -> bool:
+        return self.bits > self.he_bits
+
+    def width(self, value_bits: int) -> int:
+        """The ring a comparison on |x| < 2^value_bits runs in: the session's (narrow mode), or
+        value_bits + 2 (wide mode: reduction is free, truncation needs |x| < 2^(ring-2))."""
+        return self.bits if not self.wide else min(self.bits, value_bits + 2)
+
+    def lift(self, tag: str, x: np.ndarray, bits: int) -> np.ndarray:
+        """Shares over Z_2^bits back to the session's ring (``compare.extend``; no-op if equal)."""
+        if bits == self.bits:
+            return x
+        self.rounds += 2
+        return compare.extend(self.ot, tag, self.is_data_owner, x, bits, self.bits)
 
 
 @dataclass
@@ -129,7 +155,7 @@ class LinearMaterial:
 class Offline:
     """One batch's offline material, keyed by request label; each entry used once."""
 
-    items: dict[str, LinearMaterial | ReluMaterial] = field(default_factory=dict)
+    items: dict[str, LinearMaterial | ReluMaterial | ProductMaterial] = field(default_factory=dict)
 
     def take(self, label: str, kind: type) -> Any:
         item = self.items.pop(label, None)
@@ -209,21 +235,27 @@ def prepare_offline(s: TwoPartySession, plan: Plan, steps: list[tuple[str, Reque
             node_id = plan.nodes[req.node_index].id
             tag = f"off/{req.label}"
             if s.is_data_owner:
-                mask = s.prg.stream(req.key).uint64(spec.x_shape) & s.ring
+                mask = s.prg.stream(req.key).uint64(spec.x_shape) & ring_mask(s.he_bits)
                 share = he_linear(s.he, s.ch, tag, spec.kind, spec.conv, spec.x_shape, spec.w_shape, x=mask)
-                out.items[req.label] = LinearMaterial(mask, share & s.ring)
+                out.items[req.label] = LinearMaterial(mask, share)
             else:
                 assert weights is not None
                 share = he_linear(s.he, s.ch, tag, spec.kind, spec.conv, spec.x_shape, spec.w_shape,
                                   weight=weights.weight[node_id], weight_bits=_weight_bits(weights, node_id),
                                   stream=s.prg.stream(req.key))  # fmt: skip
-                out.items[req.label] = LinearMaterial(None, share & s.ring)
+                out.items[req.label] = LinearMaterial(None, share)
             s.offline_rounds += 1
         elif what == "relu" and req.nonlinear is not None:
             nl = req.nonlinear
-            out.items[req.label] = relu_offline(s.ot, f"off/{req.label}", s.is_data_owner, nl.n, s.bits,
+            out.items[req.label] = relu_offline(s.ot, f"off/{req.label}", s.is_data_owner, nl.n, s.width(nl.bits),
                                                 s.prg.stream(req.key), nl.drop)  # fmt: skip
             s.offline_rounds += 3
+        elif what == "product" and req.product is not None:
+            ps = req.product
+            y_shape = None if ps.square else ps.y_shape
+            out.items[req.label] = product_offline(s.ot, f"off/{req.label}", s.is_data_owner, ps.x_shape, y_shape, s.bits,
+                                                   s.prg.stream(req.key))  # fmt: skip
+            s.offline_rounds += 2
     return out
 
 
@@ -253,9 +285,10 @@ class TwoPartyOnline(Protocols):
         mat: LinearMaterial = self.offline.take(req.label, LinearMaterial)
         if mat.share.shape != spec.out_shape or (mat.mask is not None and mat.mask.shape != x.shape):
             raise ProtocolError(f"{req.label}: offline material for {mat.share.shape}, the layer needs {spec.out_shape}")
-        xr = np.ascontiguousarray(x) & s.ring
-        y = online_linear(s.ch, req.label, s.is_data_owner, spec.kind, spec.conv, xr, mat.share, s.bits, mask=mat.mask, weight=weight)
+        xr = np.ascontiguousarray(x) & ring_mask(s.he_bits)
+        y = online_linear(s.ch, req.label, s.is_data_owner, spec.kind, spec.conv, xr, mat.share, s.he_bits, mask=mat.mask, weight=weight)
         s.rounds += 1
+        y = s.lift(f"{req.label}/ext", y.reshape(-1), s.he_bits).reshape(y.shape)
         if not s.is_data_owner and bias is not None:
             y = (y + bias) & s.ring
         return y
@@ -274,36 +307,41 @@ class TwoPartyOnline(Protocols):
         s, nl = self.s, req.nonlinear
         assert nl is not None
         mat: ReluMaterial = self.offline.take(req.label, ReluMaterial)
-        flat = np.ascontiguousarray(x).reshape(-1) & s.ring
-        if mat.n != flat.size or mat.bits != s.bits or mat.drop != nl.drop:
+        ring = s.width(nl.bits)
+        flat = np.ascontiguousarray(x).reshape(-1) & ring_mask(ring)
+        if mat.n != flat.size or mat.bits != ring or mat.drop != nl.drop:
             raise ProtocolError(f"{req.label}: offline ReLU material for {mat.n} elements, the layer needs {flat.size}")
         r = relu_online(s.ch, req.label, s.is_data_owner, flat, mat)
-        s.rounds += 4 + math.ceil(math.log2(max(1, _chunks(s.bits, nl.drop))))
-        if nl.shift == 0:
-            return r.reshape(x.shape), flat.reshape(x.shape)
-        both = compare.truncate(s.ot, f"{req.label}/t", s.is_data_owner, np.concatenate([r, flat]), s.bits, nl.shift)
-        s.rounds += 2
+        s.rounds += 4 + math.ceil(math.log2(max(1, _chunks(ring, nl.drop))))
+        both = np.concatenate([r, flat])
+        if nl.shift:
+            both = compare.truncate(s.ot, f"{req.label}/t", s.is_data_owner, both, ring, nl.shift)
+            s.rounds += 2
+        both = s.lift(f"{req.label}/ext", both, ring)
         return both[: flat.size].reshape(x.shape), both[flat.size :].reshape(x.shape)
 
     def _sign(self, req: Request, x: np.ndarray) -> np.ndarray:
         s = self.s
-        flat = np.ascontiguousarray(x).reshape(-1) & s.ring
-        bit = compare.drelu(s.ot, req.label, s.is_data_owner, flat, s.bits, s.prg.stream(req.key))
+        assert req.nonlinear is not None
+        ring = s.width(req.nonlinear.bits) if s.wide else s.bits  # |x| < 2^bits: the sign lives mod 2^(bits+1)
+        flat = np.ascontiguousarray(x).reshape(-1) & ring_mask(ring)
+        bit = compare.drelu(s.ot, req.label, s.is_data_owner, flat, ring, s.prg.stream(req.key))
         out = compare.b2a(s.ot, req.label, s.is_data_owner, bit, s.bits)
-        s.rounds += 5 + math.ceil(math.log2(max(1, _chunks(s.bits, 0))))
+        s.rounds += 5 + math.ceil(math.log2(max(1, _chunks(ring, 0))))
         return out.reshape(x.shape)
 
-    def _refuse(self, req: Request) -> np.ndarray:
-        raise ProductsNotSupported(f"{req.label}: two-party mode has no Beaver triples for products of two secrets yet")
-
     def _multiply(self, req: Request, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return self._refuse(req)
+        mat: ProductMaterial = self.offline.take(req.label, ProductMaterial)
+        self.s.rounds += 1
+        return product_online(self.s.ot, req.label, self.is_data_owner, x & self.s.ring, y & self.s.ring, mat)
 
     def _square(self, req: Request, x: np.ndarray) -> np.ndarray:
-        return self._refuse(req)
+        mat: ProductMaterial = self.offline.take(req.label, ProductMaterial)
+        self.s.rounds += 1
+        return product_online(self.s.ot, req.label, self.is_data_owner, x & self.s.ring, None, mat)
 
     def _einsum(self, req: Request, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return self._refuse(req)
+        raise ProductsNotSupported(f"{req.label}: two-party mode has no matrix triples for products of two secret matrices yet")
 
     def reveal(self, x: np.ndarray) -> np.ndarray | None:
         """Open x to the data owner only: the model owner sends its share (1 message, |x|
@@ -323,10 +361,11 @@ class TwoPartyOnline(Protocols):
         return np.where(value >= top, value | ~s.ring, value)
 
 
-def open_session(ch: Channel, is_data_owner: bool, bits: int) -> TwoPartySession:
+def open_session(ch: Channel, is_data_owner: bool, bits: int, he_bits: int | None = None) -> TwoPartySession:
     """Once per session: the data owner's BFV public key (``he_setup``, t = 2^l) and base OTs
     both ways (``ot_setup``); each party draws its own PRG seed from the OS."""
     prg = PRG.fresh()
-    he = he_setup(SealIO(HEParams(plain_bits=bits)), ch, is_data_owner)
+    he_bits = bits if he_bits is None else he_bits
+    he = he_setup(SealIO(HEParams(plain_bits=he_bits)), ch, is_data_owner)
     ot = ot_setup(ch, "privmed-2p", prg, is_data_owner)
-    return TwoPartySession(ch, is_data_owner, bits, ot, he, prg, offline_rounds=3)  # key 1, base OTs 2
+    return TwoPartySession(ch, is_data_owner, bits, he_bits, ot, he, prg, offline_rounds=3)  # key 1, base OTs 2

@@ -1,0 +1,77 @@
+"""Products of two secret tensors in the two-party mode: Beaver triples made offline by Gilboa's
+OT multiplication (``arith.multiply``), consumed online by the usual one-round opening.
+
+Broadcasting as the executor's ``multiply`` (y broadcast over x by numpy's rules): the triple's
+b has y's exact shape and c = a * broadcast(b), so the opened e = y - b is y-shaped and every
+mask has exactly the shape of what it hides. Squares use a pair (a, a^2) and open only x - a.
+Ring: Z_2^64 (the products' range is the dealer mode's contract, |.| < 2^62, checked by the
+compiler); ``bits`` is kept as a parameter for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from privmed.crypto.prg import Stream
+from privmed.errors import ProtocolError
+from privmed.mpc.twoparty.arith import multiply
+from privmed.mpc.twoparty.compare import ring_mask
+from privmed.mpc.twoparty.ot import OTSession
+
+U64 = np.uint64
+
+
+@dataclass
+class ProductMaterial:
+    """One party's shares of a (x's shape), b (y's shape; None for a square) and c = a b."""
+
+    a: np.ndarray
+    b: np.ndarray | None
+    c: np.ndarray
+    bits: int
+
+
+def product_offline(ot: OTSession, tag: str, is_data_owner: bool, x_shape: tuple[int, ...], y_shape: tuple[int, ...] | None,
+                    bits: int, stream: Stream) -> ProductMaterial:  # fmt: skip
+    """A Beaver triple (a, b, a * broadcast(b)), or a square pair (a, a^2) when ``y_shape`` is
+    None, over Z_2^bits: a, b from this party's PRG, the product by ``arith.multiply``
+    (Gilboa: l COTs per element per cross term). Rounds 2; bytes per element of x and party:
+    24 l (1,536 at l = 64). Security: ``arith.multiply``; a, b are uniform and input-independent.
+    """
+    mask = ring_mask(bits)
+    a = stream.uint64(x_shape) & mask
+    if y_shape is None:
+        return ProductMaterial(a, None, multiply(ot, tag, is_data_owner, a, a, bits), bits)
+    b = stream.uint64(y_shape) & mask
+    wide = np.ascontiguousarray(np.broadcast_to(b, x_shape))
+    return ProductMaterial(a, b, multiply(ot, tag, is_data_owner, a, wide, bits), bits)
+
+
+def product_online(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, y: np.ndarray | None, mat: ProductMaterial) -> np.ndarray:
+    """Shares of x * y (y broadcast over x), or of x * x when y is None (Beaver 1991).
+
+    1. Each party sends d_i = x_i - a_i and e_i = y_i - b_i (one round; |x| + |y| elements).
+    2. d = x - a and e = y - b are public; z_i = c_i + d b_i + a_i e, and the data owner adds
+       d e (square: z_i = c_i + 2 d a_i, data owner + d^2). Then z0 + z1 = (d + a)(e + b) = x y.
+    Security: d, e are masked by a, b, uniform and used once; nothing else is sent.
+    """
+    mask = ring_mask(mat.bits)
+    if x.shape != mat.a.shape or (y is None) != (mat.b is None) or (y is not None and mat.b is not None and y.shape != mat.b.shape):
+        raise ProtocolError(f"{tag}: the product's material does not have the shape of its operands")
+    mine = ((x - mat.a) & mask).reshape(-1)
+    if y is not None and mat.b is not None:
+        mine = np.concatenate([mine, ((y - mat.b) & mask).reshape(-1)])
+    ot.ch.send(f"{tag}/de", mine)
+    theirs = ot.ch.recv(f"{tag}/de", U64, mine.shape)
+    if np.any(theirs > mask):
+        raise ProtocolError(f"{tag}/de: expected elements of Z_2^{mat.bits} from the peer")
+    opened = (mine + theirs) & mask
+    d = opened[: x.size].reshape(x.shape)
+    if y is None or mat.b is None:
+        z = mat.c + U64(2) * d * mat.a
+        return (z + d * d if is_data_owner else z) & mask
+    e = np.broadcast_to(opened[x.size :].reshape(y.shape), x.shape)
+    z = mat.c + d * np.broadcast_to(mat.b, x.shape) + mat.a * e
+    return (z + d * e if is_data_owner else z) & mask
