@@ -282,21 +282,26 @@ def test_instance_norm_of_small_variance_channels_keeps_its_precision(tmp_path: 
 
 
 @pytest.mark.parametrize(
-    "ctm,in_shape,sizes",
+    "mode,ctm,in_shape,sizes,extra",
     [
-        ("half_pixel", [1, 2, 5, 6], [1, 2, 10, 12]),  # SegResNet's upsampling (dyadic weights: exact)
-        ("pytorch_half_pixel", [1, 2, 5, 6], [1, 2, 7, 9]),  # non-integer factors
-        ("align_corners", [1, 2, 5, 6], [1, 2, 9, 6]),  # one axis not resized
-        ("asymmetric", [1, 1, 3, 4, 5], [1, 1, 6, 8, 10]),  # trilinear
+        ("linear", "half_pixel", [1, 2, 5, 6], [1, 2, 10, 12], {}),  # SegResNet's upsampling (dyadic weights: exact)
+        ("linear", "pytorch_half_pixel", [1, 2, 5, 6], [1, 2, 7, 9], {}),  # non-integer factors
+        ("linear", "align_corners", [1, 2, 5, 6], [1, 2, 9, 6], {}),  # one axis not resized
+        ("linear", "asymmetric", [1, 1, 3, 4, 5], [1, 1, 6, 8, 10], {}),  # trilinear
+        ("cubic", "half_pixel", [1, 2, 5, 6], [1, 2, 10, 12], {}),  # torch's bicubic (a = -0.75)
+        ("cubic", "align_corners", [1, 2, 5, 6], [1, 2, 8, 11], {"cubic_coeff_a": -0.5, "exclude_outside": 1}),
     ],
 )
-def test_linear_resize_is_a_public_linear_map(tmp_path: Path, rng: np.random.Generator, ctm: str, in_shape: list, sizes: list) -> None:
-    """Local on shares; each of the 2^d combined weights is rounded once to 2^-(f+1): the
-    onnxruntime bound of _check with k_terms = 2^d taps."""
-    inits = {"roi": np.zeros(0, np.float32), "sc": np.zeros(0, np.float32), "sz": np.array(sizes, np.int64), "w": rand(rng, 2, in_shape[1], *([1] * (len(in_shape) - 2)))}
-    nodes = [H("Resize", ["x", "roi", "sc", "sz"], ["r"], mode="linear", coordinate_transformation_mode=ctm), H("Conv", ["r", "w"], ["y"])]
+def test_linear_and_cubic_resize_are_public_linear_maps(tmp_path: Path, rng: np.random.Generator, mode: str, ctm: str,
+                                                        in_shape: list, sizes: list, extra: dict) -> None:  # fmt: skip
+    """Local on shares; each of the 2^d (linear) or 4^d (cubic) combined weights is rounded once
+    to 2^-(f+1): the onnxruntime bound of _check with k_terms = taps times channels."""
+    inits = {"roi": np.zeros(0, np.float32), "sc": np.zeros(0, np.float32), "sz": np.array(sizes, np.int64),
+             "w": rand(rng, 2, in_shape[1], *([1] * (len(in_shape) - 2)))}  # fmt: skip
+    nodes = [H("Resize", ["x", "roi", "sc", "sz"], ["r"], mode=mode, coordinate_transformation_mode=ctm, **extra), H("Conv", ["r", "w"], ["y"])]
     p = build(tmp_path / "m.onnx", nodes, inits, in_shape)
     plan, _ = compile_model(p)
     assert "interp" in {n.op for n in plan.nodes}
-    stats = _check(p, rand(rng, *in_shape, scale=1.0), k_terms=2 ** (len(in_shape) - 2) * in_shape[1])
+    taps = (2 if mode == "linear" else 4) ** (len(in_shape) - 2)
+    stats = _check(p, rand(rng, *in_shape, scale=1.0), k_terms=taps * in_shape[1])
     assert stats["data-owner"]["rounds"] == 1 + 1 + 1  # trunc + conv + reveal: the resize is local

@@ -81,17 +81,18 @@ def test_supported_ops_are_the_lowerings_own_and_the_upfront_check_agrees(tmp_pa
 
     assert SECRET_OPS == {name[3:] for name in dir(Lowerer) if name.startswith("op_")}
     assert "Upsample" not in SECRET_OPS  # listed before but never lowered
-    # an op refused in context (Resize is lowered, its cubic mode is not) is refused by the
-    # up-front check, before any party starts
+    # an op refused in context (Resize is lowered, its tf_crop_and_resize coordinates are not)
+    # is refused by the up-front check, before any party starts
     scales = helper.make_tensor("sc", TensorProto.FLOAT, [4], [1.0, 1.0, 2.0, 2.0])
-    nodes = [helper.make_node("Resize", ["x", "", "sc"], ["r"], mode="cubic", name="up"), helper.make_node("Relu", ["r"], ["y"])]
+    nodes = [helper.make_node("Resize", ["x", "", "sc"], ["r"], mode="cubic", name="up",
+                                  coordinate_transformation_mode="tf_crop_and_resize"), helper.make_node("Relu", ["r"], ["y"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 8, 8])], [scales])
-    path = tmp_path / "cubic.onnx"
+    path = tmp_path / "crop.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    with pytest.raises(ModelError, match=r"cubic\.onnx: node up: Resize mode 'cubic' is not supported"):
+    with pytest.raises(ModelError, match=r"crop\.onnx: node up: coordinate_transformation_mode 'tf_crop_and_resize' is not supported"):
         check_input(path, np.zeros((1, 1, 4, 4), np.float32))
-    with pytest.raises(ModelError, match="Resize mode 'cubic' is not supported"):
+    with pytest.raises(ModelError, match="'tf_crop_and_resize' is not supported"):
         compile_model(path)
 
 

@@ -20,7 +20,7 @@ from privmed.compiler.lower_norm import NormLowering
 from privmed.compiler.lower_tokens import TokenLowering
 from privmed.compiler.onnx_front import CONST_OPS, OnnxGraph, OnnxNode
 from privmed.errors import ModelError
-from privmed.ring.layout import resize_linear_taps, resize_nearest_index
+from privmed.ring.layout import resize_cubic_taps, resize_linear_taps, resize_nearest_index
 from privmed.ring.linalg import ConvSpec
 
 
@@ -294,12 +294,12 @@ class Lowerer(NonlinearLowering, NormLowering, TokenLowering):
         return self.emit("pad", [x], shape, x.k, node.name, pads=per, mode=node.attrs.get("mode", "constant"), value=value)
 
     def op_Resize(self, node: OnnxNode, ins: list[Any]) -> Ref:
-        """Nearest: a public gather. Linear (bilinear / trilinear): a public linear map with the
-        interpolation weights at scale f (local; the next op truncates)."""
+        """Nearest: a public gather. Linear (bilinear / trilinear) and cubic: a public linear map
+        with the interpolation weights at scale f (local; the next op truncates)."""
         x = self.ref(node.inputs[0], node)
         mode = node.attrs.get("mode", "nearest")
-        if mode not in ("nearest", "linear"):
-            raise ModelError(f"node {node.name}: Resize mode {mode!r} is not supported (nearest, linear)")
+        if mode not in ("nearest", "linear", "cubic"):
+            raise ModelError(f"node {node.name}: Resize mode {mode!r} is not supported (nearest, linear, cubic)")
         if node.attrs.get("antialias", 0) or len(node.attrs.get("axes", [])):
             raise ModelError(f"node {node.name}: Resize with antialias or axes is not supported")
         full = [1] + x.shape
@@ -313,9 +313,11 @@ class Lowerer(NonlinearLowering, NormLowering, TokenLowering):
         if out[:2] != full[:2]:
             raise ModelError(f"node {node.name}: Resize of batch or channel axes is not supported")
         ctm = node.attrs.get("coordinate_transformation_mode", "half_pixel")
-        if mode == "linear":
+        if mode in ("linear", "cubic"):
+            a, exclude = float(node.attrs.get("cubic_coeff_a", -0.75)), bool(node.attrs.get("exclude_outside", 0))
             try:
-                per_axis = [resize_linear_taps(full[d], out[d], ctm, scales[d]) for d in range(2, len(full))]
+                per_axis = [resize_linear_taps(full[d], out[d], ctm, scales[d]) if mode == "linear"
+                            else resize_cubic_taps(full[d], out[d], ctm, scales[d], a, exclude) for d in range(2, len(full))]  # fmt: skip
             except ValueError as exc:
                 raise ModelError(f"node {node.name}: {exc}") from None
             x = self.at_k1(x, node.name)

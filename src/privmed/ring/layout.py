@@ -1,5 +1,5 @@
 """Public data movement on arrays of any dtype: pad, window extraction, pooling sums,
-concatenation, nearest-neighbour and linear resize.
+concatenation, nearest-neighbour, linear and cubic resize.
 
 These maps are linear and public, so each party applies them to its own share and the shares
 still add up to the map applied to the secret. The same functions serve the float executor
@@ -87,11 +87,8 @@ def resize_nearest(x: np.ndarray, indices: Sequence[np.ndarray]) -> np.ndarray:
     return x
 
 
-def resize_linear_taps(in_size: int, out_size: int, mode: str, scale: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Source indices and weights of ONNX Resize(mode=linear) along one axis: output o reads
-    (1 - w) x[i0] + w x[i1] with the source coordinate clamped to [0, in_size - 1] (what
-    onnxruntime and PyTorch's ``align_corners=False`` do at the borders). One tap when every
-    weight w is 0 (an axis that is not resized)."""
+def _source_coordinate(in_size: int, out_size: int, mode: str, scale: float) -> np.ndarray:
+    """ONNX Resize's coordinate_transformation_mode: the input coordinate of each output."""
     o = np.arange(out_size, dtype=np.float64)
     if mode == "half_pixel":
         src = (o + 0.5) / scale - 0.5
@@ -102,14 +99,45 @@ def resize_linear_taps(in_size: int, out_size: int, mode: str, scale: float) -> 
     elif mode == "asymmetric":
         src = o / scale
     else:
-        raise ValueError(f"coordinate_transformation_mode {mode!r} is not supported for linear resize")
-    src = np.clip(src, 0.0, in_size - 1)
+        raise ValueError(f"coordinate_transformation_mode {mode!r} is not supported for linear or cubic resize")
+    return src
+
+
+def resize_linear_taps(in_size: int, out_size: int, mode: str, scale: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Source indices and weights of ONNX Resize(mode=linear) along one axis: output o reads
+    (1 - w) x[i0] + w x[i1] with the source coordinate clamped to [0, in_size - 1] (what
+    onnxruntime and PyTorch's ``align_corners=False`` do at the borders). One tap when every
+    weight w is 0 (an axis that is not resized)."""
+    src = np.clip(_source_coordinate(in_size, out_size, mode, scale), 0.0, in_size - 1)
     lo = np.floor(src).astype(np.int64)
     hi = np.minimum(lo + 1, in_size - 1)
     w = src - lo
     if not w.any():
         return [lo], [np.ones(out_size)]
     return [lo, hi], [1.0 - w, w]
+
+
+def resize_cubic_taps(in_size: int, out_size: int, mode: str, scale: float, a: float = -0.75,
+                      exclude_outside: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:  # fmt: skip
+    """Source indices and weights of ONNX Resize(mode=cubic) along one axis: the four
+    neighbours floor(x) - 1 .. floor(x) + 2 with Keys' cubic coefficients (parameter ``a``),
+    outside indices replaced by the edge (the ONNX reference pads with edge values) or, with
+    ``exclude_outside``, given weight 0 and the rest renormalised."""
+    src = _source_coordinate(in_size, out_size, mode, scale)
+    base = np.floor(src)
+    s = src - base
+    t = s + 1.0
+    w0 = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    w1 = ((a + 2) * s - (a + 3)) * s * s + 1
+    u = 1.0 - s
+    w2 = ((a + 2) * u - (a + 3)) * u * u + 1
+    weights = [w0, w1, w2, 1.0 - w0 - w1 - w2]
+    taps = [base.astype(np.int64) + k for k in (-1, 0, 1, 2)]
+    if exclude_outside:
+        weights = [np.where((i >= 0) & (i < in_size), w, 0.0) for i, w in zip(taps, weights, strict=True)]
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    return [np.clip(i, 0, in_size - 1) for i in taps], weights
 
 
 def interpolate(x: np.ndarray, taps: Sequence[Sequence[np.ndarray]], weights: Sequence[np.ndarray]) -> np.ndarray:
