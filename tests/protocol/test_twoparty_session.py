@@ -91,6 +91,26 @@ def test_instance_norm_runs_in_the_wide_ring_and_equals_the_reference(tmp_path: 
     assert stats["ring_bits"] == 64
 
 
+def test_silu_and_softmax_inside_the_network_equal_the_reference(tmp_path: Path) -> None:
+    """x * sigmoid(x) (a public piecewise cubic: signs and products) and a softmax over
+    channels (max tree, exp cubic, Newton 1/S) in the wide ring. Tolerance: the dealer mode's
+    for these ops (``test_approx``: the tables' 1e-4 plus truncations, 2e-3 here); measured
+    4.2e-5 (2026-11-30)."""
+    rng = np.random.default_rng(5)
+    nodes = [H("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), H("Sigmoid", ["c"], ["s"]), H("Mul", ["c", "s"], ["m"]),
+             H("Softmax", ["m"], ["sm"], axis=1), H("Conv", ["sm", "w2"], ["y"])]  # fmt: skip
+    path = build(tmp_path / "act.onnx", nodes, {"w": rand(rng, 4, 2, 3, 3), "w2": rand(rng, 3, 4, 1, 1)}, [1, 2, 6, 6])
+    x = rand(rng, 1, 2, 6, 6, scale=1.0)
+    plan, weights = compile_model(path, calibration=x)
+    assert {"approx", "softmax"} <= {n.op for n in plan.nodes}
+
+    (out, stats), _, _ = run_two(lambda ch: data_owner_2p(ch, x), lambda ch: model_owner_2p(ch, plan, weights), timeout_s=60)
+    ref_ring, _ = run_plan(plan, FixedBackend(plan, weights, x.astype(np.float64)), 1)
+    ref = postprocess(ref_ring, plan.node(plan.output_name).attrs.get("post", {}))
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-3)
+    assert stats["ring_bits"] == 64
+
+
 def test_matrix_products_of_two_secrets_are_refused_in_one_line(tmp_path: Path) -> None:
     nodes = [H("Transpose", ["x"], ["t"], perm=[0, 2, 1]), H("MatMul", ["x", "t"], ["y"])]
     plan, _ = compile_model(build(tmp_path / "att.onnx", nodes, {}, [1, 4, 3]))
