@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,11 +68,13 @@ def make_orgs(base: Path) -> Orgs:
 
 
 def _service_toml(orgs: Orgs, org: str, port: int, *, max_sessions: int, allow: list[str], dealer_port: int | None,
-                  timeout_s: float = 20) -> Path:
+                  timeout_s: float = 20, metrics_port: int | None = None) -> Path:
     role = ORGS[org][0]
     lines = ["[service]", 'host = "127.0.0.1"', f"port = {port}", 'ca = "ca.pem"', f'cert = "{role}.pem"', f'key = "{role}.key"',
              f"max_sessions = {max_sessions}", f"timeout_s = {timeout_s}", "connect_timeout_s = 15", 'audit_log = "audit.jsonl"',
              "allow = [" + ", ".join(json.dumps(a) for a in allow) + "]"]  # fmt: skip
+    if metrics_port is not None:
+        lines.append(f'metrics = "127.0.0.1:{metrics_port}"')
     if dealer_port is not None:
         lines += ["", "[dealer]", 'host = "127.0.0.1"', f"port = {dealer_port}"]
     path = orgs.base / org / "service.toml"
@@ -165,7 +168,8 @@ def deploy(base: Path, model: TinyModel, *, max_sessions: int, timeout_s: float 
     mport, dport = free_port(), free_port()
     allow = [fingerprint_file(orgs.ident("st-mary").cert), "O=Northfield Clinic"]
     _service_toml(orgs, "helper", dport, max_sessions=4, allow=["O=Acme Imaging AI"], dealer_port=None, timeout_s=timeout_s)
-    _service_toml(orgs, "vendor", mport, max_sessions=max_sessions, allow=allow, dealer_port=dport, timeout_s=timeout_s)
+    _service_toml(orgs, "vendor", mport, max_sessions=max_sessions, allow=allow, dealer_port=dport, timeout_s=timeout_s,
+                  metrics_port=free_port())
     for org in ("st-mary", "northfield", "outsider"):
         _session_toml(orgs, org, mport, dport)
     (base / "vendor" / "slow.onnx").write_bytes(model.onnx.read_bytes())
@@ -351,6 +355,25 @@ def test_a_request_that_breaks_the_schema_ends_only_that_connection(services: De
     assert "invalid 'model'" in errors[1], errors
     ok = services.hospital("northfield", "after-bad")
     _check_output(services, ok)
+
+
+def test_the_metrics_endpoint_counts_what_the_audit_log_records(services: Deployment) -> None:
+    # Prepare: where the vendor said it serves metrics
+    url = next(line.split(" on ", 1)[1] for line in services.vendor.out().splitlines() if "metrics on http" in line)
+    # Execute
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    # Assert: the text format, counts equal to the audit log's, no peer identity in any label
+    audit = services.audit("vendor")
+    ok = [r for r in audit if r.get("outcome") == "ok"]
+    busy = [r for r in audit if r.get("code") == "busy"]
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    assert values['privmed_sessions_total{model="slow",outcome="ok",service="model-owner"}'] == len(ok), text
+    assert values['privmed_refusals_total{code="busy",service="model-owner"}'] == len(busy) >= 1, text
+    assert values['privmed_images_total{model="slow",service="model-owner"}'] == sum(r["images"] for r in ok)
+    assert values['privmed_session_slots{service="model-owner"}'] == 2
+    assert values['privmed_sessions_active{service="model-owner"}'] == 0
+    assert "St Mary" not in text and "sha256" not in text and "127.0.0.1" not in text
 
 
 def test_sigterm_finishes_running_sessions_and_refuses_new_ones(tmp_path: Path, slow_cnn: TinyModel) -> None:

@@ -85,12 +85,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     role = args.serve_role
     cfg = load_service_config(args.config, role)
-    audit = AuditLog(cfg.audit_log, _print_record)
+    counters: list[Any] = []  # the metrics, once the service exists (they read its slots)
+
+    def on_record(rec: dict[str, Any]) -> None:
+        _print_record(rec)
+        for metrics in counters:
+            metrics.record(rec)
+
+    audit = AuditLog(cfg.audit_log, on_record)
     if role == "model-owner":
         models = _compile_models(args)  # before listening: a broken model stops the start
         service = ModelOwnerService(cfg, models, audit).service
     else:
         service = DealerService(cfg, audit).service
+    if cfg.metrics:
+        from privmed.runtime.service_metrics import ServiceMetrics
+
+        metrics = ServiceMetrics(role, cfg.max_sessions, lambda: float(service.active))
+        port = metrics.serve(*cfg.metrics)
+        counters.append(metrics)
+        print(f"{role} metrics on http://{cfg.metrics[0]}:{port}/metrics", flush=True)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

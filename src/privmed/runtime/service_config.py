@@ -13,6 +13,7 @@ Example ``service.toml`` (paths are relative to the file)::
     connect_timeout_s = 30     # handshake, request and pairing deadline
     audit_log = "audit.jsonl"  # one JSON line per session (rotation: left to the system)
     allow = ["sha256:9f1c...", "O=St Mary Hospital"]  # who may open sessions, or ["*"]
+    metrics = "127.0.0.1:9100" # optional: Prometheus text format at http://.../metrics
 
     [dealer]                   # the model owner only: where the dealer service listens
     host = "10.0.0.3"
@@ -37,6 +38,7 @@ from privmed.crypto.certs import Identity
 from privmed.crypto.csr import certificate_role, check_own_role
 from privmed.errors import ConfigError
 from privmed.runtime.config import Schema, check_table
+from privmed.runtime.service_metrics import parse_address
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,7 +51,7 @@ _FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
 _SERVICE_KEYS: Schema = {
     "host": (str, True), "port": (int, True), "ca": (str, True), "cert": (str, True), "key": (str, True),
     "max_sessions": (int, False), "timeout_s": ((int, float), False), "connect_timeout_s": ((int, float), False),
-    "audit_log": (str, False), "allow": (list, True),
+    "audit_log": (str, False), "allow": (list, True), "metrics": (str, False),
 }
 _DEALER_KEYS: Schema = {"host": (str, True), "port": (int, True)}
 
@@ -67,6 +69,7 @@ class ServiceConfig:
     audit_log: Path | None
     allow: tuple[str, ...]
     dealer: tuple[str, int] | None  # the model owner's dealer address
+    metrics: tuple[str, int] | None = None  # Prometheus endpoint (host, port), plain HTTP
 
 
 def check_allow_entry(entry: object, where: str) -> str:
@@ -111,4 +114,5 @@ def load_service_config(path: Path, role: str) -> ServiceConfig:
         path, role, identity, str(sec["host"]), int(sec["port"]), max_sessions,
         float(sec.get("timeout_s", 60.0)), float(sec.get("connect_timeout_s", 30.0)),
         rel(sec["audit_log"]) if "audit_log" in sec else None, allow, dealer,
+        parse_address(sec["metrics"], str(path)) if "metrics" in sec else None,
     )  # fmt: skip
