@@ -29,6 +29,7 @@ import pytest
 from privmed.crypto.certs import Identity, init_ca
 from privmed.crypto.csr import fingerprint_file, request, sign
 from privmed.errors import PeerError
+from privmed.net.channel import FailureGroup
 from privmed.net.tls import TlsChannel, connect
 from privmed.runtime import service_wire as wire
 
@@ -355,6 +356,30 @@ def test_a_request_that_breaks_the_schema_ends_only_that_connection(services: De
     assert "invalid 'model'" in errors[1], errors
     ok = services.hospital("northfield", "after-bad")
     _check_output(services, ok)
+
+
+def test_a_bad_frame_mid_session_ends_only_that_session(services: Deployment) -> None:
+    from privmed.runtime.config import load_config
+    from privmed.runtime.service_client import open_session
+
+    # Prepare: an honest hospital's job running, and a second session opened in this process
+    honest = services.hospital("st-mary", "honest", images=3)
+    honest.wait_text("secure inference:", 60, "err")
+    cfg = load_config(services.orgs.base / "northfield" / "session.toml")
+    sid, to_model, to_dealer = open_session(cfg, "slow", None, FailureGroup())
+    try:
+        to_model.recv_text("plan", 1 << 20)
+        # Execute: the batch size as float64 instead of int64
+        to_model.send("batch", np.ones(1, np.float64))
+        with pytest.raises(PeerError, match="model-owner aborted the session: model-owner failed: unexpected message from data-owner: dtype float64, expected int64"):
+            to_model.recv("anything", np.uint8, (1,), timeout_s=15)
+    finally:
+        to_model.close(flush_s=1.0)
+        to_dealer.close(flush_s=1.0)
+    # Assert: the honest job is unaffected; the vendor's audit names the bad session's cause
+    _check_output(services, honest, images=3)
+    bad = [r for r in services.audit("vendor") if r.get("session") == sid]
+    assert bad and bad[0]["outcome"] == "failed" and "dtype float64, expected int64" in bad[0]["error"], bad
 
 
 def test_the_metrics_endpoint_counts_what_the_audit_log_records(services: Deployment) -> None:
