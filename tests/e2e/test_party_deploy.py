@@ -261,7 +261,7 @@ def _bare_tls_server(certs: CertSet, port: int) -> threading.Thread:
     """Accept one TLS connection on ``port`` presenting ``certs``' model-owner files (no role
     check of its own), for at most 20 s."""
     from privmed.crypto.certs import Identity
-    from privmed.net.tls import server_context, server_handshake
+    from privmed.net.tls_listen import server_context, server_handshake
 
     cert, key = certs.certs["model-owner"]
     ctx = server_context(Identity("model-owner", cert, key, certs.ca))

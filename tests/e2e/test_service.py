@@ -19,7 +19,7 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,6 +158,14 @@ class Deployment:
     def audit(self, org: str) -> list[dict]:
         return [json.loads(line) for line in (self.orgs.base / org / "audit.jsonl").read_text().splitlines()]
 
+    def wait_audit(self, org: str, done: Callable[[list[dict]], bool], timeout_s: float = 20) -> list[dict]:
+        """The audit log once ``done`` holds for it (a service writes a session's line after
+        closing its connections, so a peer may see the end first); as it is after the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while not done(records := self.audit(org)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return records
+
     def stop(self) -> None:
         for p in [*self.procs, self.vendor, self.helper]:
             p.kill()
@@ -204,6 +212,7 @@ def _check_output(dep: Deployment, proc: Proc, images: int = 1) -> None:
 
 def test_two_sessions_run_concurrently_and_a_third_is_refused_busy(services: Deployment) -> None:
     # Prepare: a silent TCP connection to each service (a port scanner) must delay nobody
+    before = len(services.audit("vendor"))
     silent = [socket.create_connection(("127.0.0.1", _port(services, o)), timeout=5) for o in ("vendor", "helper")]
     try:
         # Execute: two hospitals at once; when both compute, a third request
@@ -224,7 +233,8 @@ def test_two_sessions_run_concurrently_and_a_third_is_refused_busy(services: Dep
     finally:
         for s in silent:
             s.close()
-    records = [r for r in services.audit("vendor") if r.get("outcome") == "ok"]
+    audit = services.wait_audit("vendor", lambda rs: len(rs) >= before + 3)
+    records = [r for r in audit if r.get("outcome") == "ok"]
     ok = {r["peer"]["org"]: r for r in records[-2:]}
     assert set(ok) == {"St Mary Hospital", "Northfield Clinic"}, records
     first, second = sorted(ok.values(), key=lambda r: r["time"])
@@ -233,9 +243,11 @@ def test_two_sessions_run_concurrently_and_a_third_is_refused_busy(services: Dep
         assert r["images"] == 5 and r["model"] == "slow" and r["plan"] == records[-1]["plan"] and r["bytes_sent"] > 0, r
         assert len(r["session"]) == 32
     assert ok["St Mary Hospital"]["session"] != ok["Northfield Clinic"]["session"]
-    busy = [r for r in services.audit("vendor") if r.get("code") == "busy"]
-    assert busy and busy[-1]["peer"]["org"] == "St Mary Hospital", services.audit("vendor")
-    dealer_ok = {r["session"] for r in services.audit("helper") if r.get("outcome") == "ok"}
+    busy = [r for r in audit if r.get("code") == "busy"]
+    assert busy and busy[-1]["peer"]["org"] == "St Mary Hospital", audit
+    sessions = {r["session"] for r in ok.values()}
+    helper = services.wait_audit("helper", lambda rs: sessions <= {r.get("session") for r in rs})
+    dealer_ok = {r["session"] for r in helper if r.get("outcome") == "ok"}
     assert {r["session"] for r in ok.values()} <= dealer_ok
 
 
@@ -323,8 +335,9 @@ def test_wrong_role_certificates_are_refused(services: Deployment, tmp_path: Pat
     assert bad.wait(60) == 2, bad.report()
     msg = error_message(bad.err(), bad.report())
     assert msg == "data-owner.pem: a certificate for 'data-owner' (St Mary Hospital), not for dealer; a dealer service needs a dealer certificate", msg
-    hospital_at_dealer = [r for r in services.audit("helper") if r["peer"]["org"] == "St Mary Hospital" and "session" not in r]
-    assert "tag 'svc/open', expected 'svc/join'" in hospital_at_dealer[-1]["error"], services.audit("helper")
+    helper = services.wait_audit("helper", lambda rs: any("svc/open" in r.get("error", "") for r in rs))
+    hospital_at_dealer = [r for r in helper if r["peer"]["org"] == "St Mary Hospital" and "session" not in r]
+    assert "tag 'svc/open', expected 'svc/join'" in hospital_at_dealer[-1]["error"], helper
 
 
 def test_a_hospital_off_the_allow_list_is_refused_in_one_line(services: Deployment) -> None:
@@ -337,7 +350,8 @@ def test_a_hospital_off_the_allow_list_is_refused_in_one_line(services: Deployme
     assert msg.startswith("model-owner at 127.0.0.1:") and "refused the connection: model-owner does not admit 'Unlisted Clinic'" in msg, msg
     assert msg.endswith("not on its allow-list"), msg
     assert not (proc.cwd / "outsider.npy").exists()
-    record = [r for r in services.audit("vendor") if r["peer"]["org"] == "Unlisted Clinic"][-1]
+    audit = services.wait_audit("vendor", lambda rs: any(r["peer"]["org"] == "Unlisted Clinic" for r in rs))
+    record = [r for r in audit if r["peer"]["org"] == "Unlisted Clinic"][-1]
     assert record["outcome"] == "refused" and record["code"] == "not-allowed", record
 
 
@@ -345,12 +359,14 @@ def test_a_request_that_breaks_the_schema_ends_only_that_connection(services: De
     # Execute: an extra field, then a model name that is a path
     errors = []
     for fields in ({"model": "slow", "plan": "", "debug": True}, {"model": "../../etc/passwd", "plan": ""}):
+        before = len(services.audit("vendor"))
         ch = _channel(services.orgs.ident("northfield"), "model-owner", _port(services, "vendor"))
         ch.send_text(wire.REQUEST, json.dumps(fields))
         with pytest.raises(PeerError):  # the service hangs up without a reply
             wire.receive(ch, wire.REPLY, 15)
         ch.close(flush_s=1.0)
-        errors.append([r for r in services.audit("vendor") if r["peer"]["org"] == "Northfield Clinic"][-1]["error"])
+        audit = services.wait_audit("vendor", lambda rs, n=before: len(rs) > n)
+        errors.append([r for r in audit if r["peer"]["org"] == "Northfield Clinic"][-1]["error"])
     # Assert: named in the audit log; the service still serves
     assert "svc/request with fields" in errors[0] and "'debug'" in errors[0], errors
     assert "invalid 'model'" in errors[1], errors
@@ -378,7 +394,7 @@ def test_a_bad_frame_mid_session_ends_only_that_session(services: Deployment) ->
         to_dealer.close(flush_s=1.0)
     # Assert: the honest job is unaffected; the vendor's audit names the bad session's cause
     _check_output(services, honest, images=3)
-    bad = [r for r in services.audit("vendor") if r.get("session") == sid]
+    bad = [r for r in services.wait_audit("vendor", lambda rs: any(r.get("session") == sid for r in rs)) if r.get("session") == sid]
     assert bad and bad[0]["outcome"] == "failed" and "dtype float64, expected int64" in bad[0]["error"], bad
 
 

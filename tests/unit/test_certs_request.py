@@ -15,7 +15,8 @@ from privmed.cli.main import main
 from privmed.crypto.certs import Identity, init_ca
 from privmed.crypto.csr import fingerprint_file, request, sign
 from privmed.errors import ConfigError, PeerError
-from privmed.net.tls import connect, server_context, server_handshake
+from privmed.net.tls import connect
+from privmed.net.tls_listen import server_context, server_handshake
 from privmed.runtime.service_config import load_service_config
 
 
@@ -157,7 +158,7 @@ def test_a_party_with_another_roles_certificate_stops_at_start(tmp_path: Path) -
 
 
 def test_a_host_name_that_resolves_to_loopback_is_refused_and_ipv6_listens(tmp_path: Path) -> None:
-    from privmed.net.tls import Listener, listening_socket
+    from privmed.net.tls_listen import Listener, listening_socket
 
     name = socket.gethostname()
     resolved = socket.getaddrinfo(name, 0, type=socket.SOCK_STREAM)[0][4][0]

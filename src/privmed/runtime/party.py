@@ -13,7 +13,8 @@ import numpy as np
 from privmed.crypto.csr import check_own_role
 from privmed.errors import ConfigError, PeerError, ProtocolError
 from privmed.net.channel import Channel, FailureGroup
-from privmed.net.tls import Listener, TlsChannel, connect
+from privmed.net.tls import TlsChannel, connect
+from privmed.net.tls_listen import Listener
 from privmed.runtime import session
 from privmed.runtime.config import Endpoint, SessionConfig
 

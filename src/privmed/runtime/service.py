@@ -38,7 +38,7 @@ from typing import Any
 
 from privmed.crypto.csr import fingerprint_der
 from privmed.errors import ConfigError
-from privmed.net.tls import (
+from privmed.net.tls_listen import (
     listening_socket,
     peer_certificate,
     refuse,
