@@ -7,7 +7,7 @@ benchmarks/results/monai_<net>_<size>[_f<bits>].json.
 
     python benchmarks/monai_nets_infer.py unet --size 256     # UNet (PReLU, instance norm)
     python benchmarks/monai_nets_infer.py unetr --size 64     # UNETR, 12 transformer layers
-    python benchmarks/monai_nets_infer.py attentionunet|segresnet|efficientnet|vit --size 64 [--frac-bits 20]
+    python benchmarks/monai_nets_infer.py attentionunet|segresnet|efficientnet|vit|swinunetr --size 64 [--frac-bits 20]
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def build(net: str, size: int) -> Any:
     if net == "unetr":
         return nets.UNETR(in_channels=1, out_channels=2, img_size=(size, size), feature_size=16, hidden_size=96, mlp_dim=384,
                           num_heads=4, spatial_dims=2)  # fmt: skip
+    if net == "swinunetr":
+        return nets.SwinUNETR(in_channels=1, out_channels=2, spatial_dims=2)
     if net == "vit":
         return nets.ViT(in_channels=1, img_size=(size, size), patch_size=(16, 16), spatial_dims=2, hidden_size=96, mlp_dim=384,
                         num_heads=4, classification=True, num_classes=2)  # fmt: skip

@@ -67,3 +67,57 @@ def test_monai_unetr_runs_securely(tmp_path: Path) -> None:
     ops, err, top = _run(net, tmp_path / "unetr.onnx")
     assert {"softmax", "einsum", "approx", "instnorm", "leaky_relu"} <= ops
     assert err < 1e-2 and top > 1.0
+
+
+def test_window_attention_with_windows_merged_into_the_batch_axis(tmp_path: Path) -> None:
+    """Swin's window partition: (b, H, W, C) -> (b * windows, tokens, C), attention per window,
+    then the reverse. Per sample the windows are a leading axis (compiler ``Ref.merged``).
+    Tolerance: as test_attention (softmax 1.3e-4 (1 + L p) on 16 tokens, products of values
+    below ~2): 1e-3."""
+    import torch
+
+    class WindowAttention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.proj = torch.nn.Linear(4, 12), torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, h, w, c = x.shape
+            win = x.view(b, h // 4, 4, w // 4, 4, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, 16, c)
+            qkv = self.qkv(win).reshape(-1, 16, 3, 2, 2).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            att = torch.softmax((q * 0.7) @ k.transpose(-2, -1), dim=-1)
+            out = self.proj((att @ v).transpose(1, 2).reshape(-1, 16, c))
+            return out.view(b, h // 4, w // 4, 4, 4, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+
+    torch.manual_seed(0)
+    net = WindowAttention().eval()
+    x = torch.randn(1, 8, 8, 4)
+    path = tmp_path / "win.onnx"
+    torch.onnx.export(net, (x,), str(path), opset_version=17, dynamo=False, input_names=["x"], output_names=["y"])
+    plan, weights = compile_model(path, calibration=x.numpy())
+    assert [n.shape for n in plan.nodes if n.op == "softmax"] == [[4, 2, 16, 16]]  # 4 windows per sample
+    secure, _ = run_three(plan, weights, x.numpy().astype(np.float64))
+    onnx_out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(secure, onnx_out, rtol=0, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_monai_swin_unetr_with_default_settings_runs_securely(tmp_path: Path) -> None:
+    """SwinUNETR at its defaults (feature 24, depths 2-2-2-2, shifted windows of 7, heads 3-24)
+    in 2-D at 64x64: window partition folds windows into the batch axis, the shifted-window
+    mask is folded at compile time (ScatterND, Not on shapes). Tolerance as UNETR's: 1e-2
+    (measured 7.0e-4)."""
+    import torch
+    from monai.networks.nets import SwinUNETR
+
+    torch.manual_seed(0)
+    net = SwinUNETR(in_channels=1, out_channels=2, spatial_dims=2).eval()
+    x = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "swin.onnx"
+    torch.onnx.export(net, (x,), str(path), opset_version=17, dynamo=False, input_names=["x"], output_names=["y"])
+    plan, weights = compile_model(path, calibration=x.numpy())
+    secure, _ = run_three(plan, weights, x.numpy().astype(np.float64), timeout_s=600)
+    onnx_out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert {"softmax", "einsum", "approx", "instnorm"} <= {n.op for n in plan.nodes}
+    assert float(np.abs(secure - onnx_out).max()) < 1e-2 and float(np.abs(onnx_out).max()) > 1.0

@@ -103,3 +103,18 @@ def test_mod_on_shapes_folds_with_onnx_sign_rules() -> None:
     a, b = np.array([-7, 7, -7]), np.array([3, 3, -3])
     np.testing.assert_array_equal(evaluate("Mod", [a, b], {})[0], [2, 1, -1])  # sign of the divisor
     np.testing.assert_array_equal(evaluate("Mod", [a, b], {"fmod": 1})[0], [-1, 1, -1])  # sign of the dividend
+
+
+def test_scatternd_and_not_fold_like_onnx() -> None:
+    """SwinUNETR builds its shifted-window mask with ScatterND and Not on shapes."""
+    from privmed.compiler.constfold import evaluate
+
+    data = np.zeros((2, 3))
+    out = evaluate("ScatterND", [data, np.array([[0, 1], [1, 2]]), np.array([5.0, 7.0])], {})[0]
+    np.testing.assert_array_equal(out, [[0, 5, 0], [0, 0, 7]])
+    assert not data.any()  # the input constant is not modified
+    rows = evaluate("ScatterND", [data, np.array([[1]]), np.array([[1.0, 2.0, 3.0]])], {})[0]
+    np.testing.assert_array_equal(rows, [[0, 0, 0], [1, 2, 3]])
+    np.testing.assert_array_equal(evaluate("Not", [np.array([True, False])], {})[0], [False, True])
+    with pytest.raises(ValueError, match="reduction"):
+        evaluate("ScatterND", [data, np.array([[0, 0]]), np.array([1.0])], {"reduction": "add"})

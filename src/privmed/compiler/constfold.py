@@ -64,6 +64,15 @@ def evaluate(op: str, ins: list[Any], attrs: dict[str, Any]) -> list[np.ndarray]
         return [num // den if np.issubdtype(num.dtype, np.integer) else num / den]
     if op == "Mod":  # fmod=0: the sign of the divisor (numpy's mod); fmod=1: C's fmod
         return [(np.fmod if attrs.get("fmod", 0) else np.mod)(ins[0], ins[1])]
+    if op == "Not":
+        return [np.logical_not(x)]
+    if op == "ScatterND":  # Swin's shifted-window mask, built from shapes only
+        if attrs.get("reduction", "none") != "none":
+            raise ValueError(f"ScatterND reduction {attrs['reduction']!r}")
+        out, idx, upd = np.array(x, copy=True), np.asarray(ins[1]).astype(np.int64), np.asarray(ins[2])
+        for i in np.ndindex(*idx.shape[:-1]):
+            out[tuple(idx[i])] = upd[i]
+        return [out]
     if op == "Where":
         return [np.where(ins[0], ins[1], ins[2])]
     if op == "Expand":

@@ -84,11 +84,13 @@ class Lowerer(NonlinearLowering, NormLowering, TokenLowering):
             method = getattr(self, f"op_{node.op}", None)
             if method is None:
                 raise ModelError(f"node {node.name}: {node.op} on a secret tensor is not supported")
+            if node.op not in WINDOW_OPS and any(isinstance(v, Ref | BatchMove) and (v if isinstance(v, Ref) else v.ref).merged for v in ins):
+                raise ModelError(f"node {node.name}: {node.op} on windows merged into the batch axis (Swin) is not supported")
             out = method(node, ins)
             self.env[node.outputs[0]] = out
         final = self.env.get(self.g.output_name)
-        if not isinstance(final, Ref):
-            raise ModelError("the model output does not depend on its input")
+        if not isinstance(final, Ref) or final.merged:
+            raise ModelError("the model output does not depend on its input, or keeps windows merged into the batch axis")
         self.emit("output", [final], final.shape, final.k, self.g.output_name, post=self.post)
 
     # -- constant folding (shapes are static) ----------------------------------------
@@ -103,8 +105,8 @@ class Lowerer(NonlinearLowering, NormLowering, TokenLowering):
             self.env[name] = np.asarray(val)
 
     def op_Shape(self, node: OnnxNode, ins: list[Any]) -> np.ndarray:
-        v = ins[0]
-        full = [1] + v.shape if isinstance(v, Ref) else list(np.shape(v))
+        v = ins[0].ref if isinstance(ins[0], BatchMove) else ins[0]
+        full = v.onnx_shape if isinstance(v, Ref) else list(np.shape(v))
         start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
         return np.array(full[start:end], dtype=np.int64)
 
@@ -238,16 +240,30 @@ class Lowerer(NonlinearLowering, NormLowering, TokenLowering):
         return self._reshape(node, x, [int(np.prod(x.shape))])
 
     def op_Reshape(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        """Per sample, in C order. A target whose first dim is not the batch (1 at export) folds
+        windows into the batch axis (Swin's window partition): per sample that is a leading
+        axis, and the result is ``merged`` (see ``Ref``) until a reshape unfolds it."""
         x = self.ref(node.inputs[0], node)
         target = [int(t) for t in self.const(node.inputs[1], node)]
-        full_in = [1] + x.shape
+        full_in = x.onnx_shape
         target = [full_in[i] if t == 0 and not node.attrs.get("allowzero", 0) else t for i, t in enumerate(target)]
         if -1 in target:
             known = int(np.prod([t for t in target if t != -1]))
             target[target.index(-1)] = int(np.prod(full_in)) // max(known, 1)
-        if not target or target[0] != 1:
+        if not target:
+            raise ModelError(f"node {node.name}: Reshape to a scalar")
+        if target[0] == 1:
+            return self._reshape(node, x, target[1:], merged=False)
+        if int(np.prod(target)) != int(np.prod(x.shape)) or len(target) < 2:
             raise ModelError(f"node {node.name}: Reshape to {target} changes the batch axis")
-        return self._reshape(node, x, target[1:])
+        return self._reshape(node, x, target, merged=True)
+
+    def op_Cast(self, node: OnnxNode, ins: list[Any]) -> Ref:
+        """A cast to a float type is the identity on a fixed-point tensor."""
+        x = self.ref(node.inputs[0], node)
+        if int(node.attrs.get("to", 0)) not in FLOAT_TYPES:
+            raise ModelError(f"node {node.name}: Cast of a secret tensor to ONNX type {node.attrs.get('to')} (only to a float type)")
+        return x
 
     def _axes(self, node: OnnxNode) -> list[int]:
         if len(node.inputs) > 1 and node.inputs[1]:
@@ -274,10 +290,10 @@ class Lowerer(NonlinearLowering, NormLowering, TokenLowering):
 
     def op_Transpose(self, node: OnnxNode, ins: list[Any]) -> Ref | BatchMove:
         x = self.ref(node.inputs[0], node)
-        perm = list(node.attrs.get("perm", list(range(len(x.shape), -1, -1))))
+        perm = list(node.attrs.get("perm", list(range(len(x.onnx_shape) - 1, -1, -1))))
         if perm[0] != 0:
             return BatchMove(x, perm, node.name)  # resolved by the Gathers that use it (lower_tokens)
-        p = [q - 1 for q in perm[1:]]
+        p = perm if x.merged else [q - 1 for q in perm[1:]]
         return self.emit("transpose", [x], [x.shape[i] for i in p], x.k, node.name, perm=p)
 
     def op_Pad(self, node: OnnxNode, ins: list[Any]) -> Ref:
@@ -352,6 +368,11 @@ class Lowerer(NonlinearLowering, NormLowering, TokenLowering):
 
 # The supported-op list is the lowering itself: an op is supported on a secret tensor iff the
 # Lowerer has a method for it.
+# Ops whose lowering handles tensors with windows merged into the batch axis (``Ref.merged``).
+WINDOW_OPS = frozenset({"MatMul", "Add", "Sub", "Mul", "Div", "Reshape", "Transpose", "Gather", "Softmax", "Cast", "Identity",
+                        "Dropout", "Shape"})
+FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
 SECRET_OPS = frozenset(name[3:] for name in dir(Lowerer) if name.startswith("op_"))
 
 

@@ -23,6 +23,16 @@ class Ref:
     id: str
     shape: list[int]  # per sample
     k: int
+    # Swin's window partition reshapes (b, H, W, C) to (b * windows, ...): the ONNX graph then
+    # sees the windows inside its batch axis. Per sample that is an ordinary leading axis of
+    # ``shape``; ``merged`` says that the ONNX axes of this tensor are the per-sample axes
+    # (ONNX axis 0 is ``shape[0]``) instead of the batch followed by them.
+    merged: bool = False
+
+    @property
+    def onnx_shape(self) -> list[int]:
+        """The tensor's shape as the ONNX graph (exported with batch 1) sees it."""
+        return list(self.shape) if self.merged else [1, *self.shape]
 
 
 @dataclass
@@ -53,7 +63,7 @@ class LowererBase:
         self._n = 0
         self._tables: dict[str, dict[str, Any]] = {}  # fitted once per function and model
 
-    def emit(self, op: str, inputs: list[Ref], shape: list[int], k: int, name: str, **attrs: Any) -> Ref:
+    def emit(self, op: str, inputs: list[Ref], shape: list[int], k: int, name: str, *, merged: bool | None = None, **attrs: Any) -> Ref:
         self._n += 1
         nid = f"n{self._n}_{op}"
         attrs["onnx"] = "".join(ch if ch.isprintable() else "?" for ch in name)[:MAX_TEXT]
@@ -64,7 +74,7 @@ class LowererBase:
             if inferred != shape:
                 raise ModelError(f"node {name} ({op}): lowered shape {shape} but the IR shape rule gives {inferred}")
         self.nodes.append(Node(nid, op, [r.id for r in inputs], shape, k, attrs))
-        return Ref(nid, shape, k)
+        return Ref(nid, shape, k, inputs[0].merged if merged is None and inputs else bool(merged))
 
     def at_k1(self, ref: Ref, name: str) -> Ref:
         if ref.k == 1:
@@ -85,6 +95,15 @@ class LowererBase:
         if not isinstance(v, Ref):
             raise ModelError(f"node {node.name} ({node.op}): input {name!r} must be the data tensor")
         return v
+
+    def axis_of(self, x: Ref, axis: int, node: OnnxNode) -> int:
+        """The per-sample axis of ONNX ``axis`` of x (see ``Ref.merged``)."""
+        if not x.merged:
+            return self._axis(axis, len(x.shape) + 1, node)
+        axis = axis + len(x.shape) if axis < 0 else axis
+        if axis == 0:
+            raise ModelError(f"node {node.name} ({node.op}) acts on the windows merged into the batch axis, which is not supported")
+        return axis
 
     def _axis(self, axis: int, rank: int, node: OnnxNode) -> int:
         axis = axis + rank if axis < 0 else axis
@@ -108,6 +127,8 @@ class LowererBase:
 
     def _per_channel(self, node: OnnxNode, c: np.ndarray, x: Ref) -> np.ndarray:
         c = np.asarray(c, dtype=np.float64)
+        if x.merged and c.size != 1:
+            raise ModelError(f"node {node.name} ({node.op}): only scalar constants on windows merged into the batch axis")
         if c.size == 1:
             return c.reshape(1)
         squeezed = c.reshape(c.shape[1:]) if c.ndim == len(x.shape) + 1 else c
@@ -115,7 +136,7 @@ class LowererBase:
             return squeezed.reshape(-1)
         raise ModelError(f"node {node.name} ({node.op}): only scalar or per-channel constants are supported, got shape {c.shape}")
 
-    def _reshape(self, node: OnnxNode, x: Ref, shape: list[int]) -> Ref:
+    def _reshape(self, node: OnnxNode, x: Ref, shape: list[int], merged: bool | None = None) -> Ref:
         if int(np.prod(shape)) != int(np.prod(x.shape)):
             raise ModelError(f"node {node.name}: cannot reshape {x.shape} to {shape}")
-        return self.emit("reshape", [x], shape, x.k, node.name, to=[int(d) for d in shape])
+        return self.emit("reshape", [x], shape, x.k, node.name, merged=merged, to=[int(d) for d in shape])

@@ -90,7 +90,7 @@ class NonlinearLowering(LowererBase):
         if node.outputs[0] == self.g.output_name:
             return self._final(node, "softmax")
         x = self.at_k1(self.ref(node.inputs[0], node), node.name)
-        axis = self._axis(int(node.attrs.get("axis", -1)), len(x.shape) + 1, node)
+        axis = self.axis_of(x, int(node.attrs.get("axis", -1)), node)
         if "expneg" not in self._tables:
             self._tables["expneg"] = fit_table("expneg")
         t = self._tables["expneg"]

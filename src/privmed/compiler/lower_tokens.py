@@ -38,17 +38,18 @@ class TokenLowering(LowererBase):
         if isinstance(data, BatchMove):
             if axis != 0:
                 raise ModelError(f"node {node.name}: Gather axis {axis} of a Transpose that moved the batch axis (only axis 0)")
-            moved = data.perm[0]  # full axis (>= 1) that the transpose brought to the front
+            moved = data.perm[0]  # ONNX axis (>= 1) that the transpose brought to the front
             rest = [q if q < moved else q - 1 for q in data.perm[1:]]
             if rest[0] != 0:
                 raise ModelError(f"node {node.name}: after Gather the batch axis is not first (perm {data.perm})")
-            x = self._take(node, data.ref, moved - 1, index)
-            p = [q - 1 for q in rest[1:]]
+            merged = data.ref.merged  # then ONNX axes are the per-sample axes (lower_base.Ref)
+            x = self._take(node, data.ref, moved if merged else moved - 1, index)
+            p = rest if merged else [q - 1 for q in rest[1:]]
             if p == sorted(p):
                 return x
             return self.emit("transpose", [x], [x.shape[i] for i in p], x.k, node.name, perm=p)
         x = self.ref(node.inputs[0], node)
-        return self._take(node, x, self._axis(axis, len(x.shape) + 1, node), index)
+        return self._take(node, x, self.axis_of(x, axis, node), index)
 
     def _concat_with_constants(self, node: OnnxNode, parts: list[Any]) -> Ref:
         """Concat(c_1.., x.., c_k): the constants (the model owner's, e.g. a class token) before

@@ -30,7 +30,7 @@ OPSET_MIN, OPSET_MAX = 13, 21
 CONST_OPS = {
     "Constant", "Shape", "Gather", "Cast", "Slice", "ConstantOfShape", "Range", "Concat", "Unsqueeze",
     "Squeeze", "Reshape", "Mul", "Add", "Sub", "Div", "Equal", "Where", "Expand", "Identity",
-    "ReduceProd", "Floor", "Sqrt", "Neg", "Mod",
+    "ReduceProd", "Floor", "Sqrt", "Neg", "Mod", "Not", "ScatterND",
 }
 
 
