@@ -36,10 +36,11 @@ class ServiceRefused(PeerError):
 
 
 def _ask(ch: Channel, where: str, tag: str, timeout_s: float, **fields: Any) -> dict[str, Any]:
-    wire.send(ch, tag, **fields)
     try:
+        wire.send(ch, tag, **fields)
         rep = wire.receive(ch, wire.REPLY, timeout_s)
-    except PeerError as exc:  # a service refuses a certificate (role, allow-list) with an abort
+    except PeerError as exc:  # a service refuses a certificate (role, allow-list) with an abort,
+        # which may arrive before our request is sent
         prefix = f"{ch.peer} aborted the session: "
         if str(exc).startswith(prefix):
             raise ServiceRefused(f"{ch.peer} at {where} refused the connection: {str(exc)[len(prefix):]}", "refused") from None
