@@ -21,6 +21,12 @@ EPSILONS: list[Any] = [1.0, 2.0, 4.0, 8.0, 16.0, "inf"]
 RECIPES = {"end-to-end": "end-to-end small-cnn (first recipe)", "scatter": "scatter + DP head (new default)"}
 
 
+def _recipes(points: dict[tuple[int, str, Any], list[float]]) -> dict[str, str]:
+    """Known recipes first, then variants found in the points (e.g. scatter+ema0.5)."""
+    found = sorted({k[1] for k in points} - set(RECIPES))
+    return {**RECIPES, **{r: r for r in found}}
+
+
 def _load(path: Path) -> dict[tuple[int, str, Any], list[float]]:
     by_point: dict[tuple[int, str, Any], list[float]] = defaultdict(list)
     for line in path.read_text().splitlines():
@@ -44,7 +50,9 @@ def table(points: dict[tuple[int, str, Any], list[float]]) -> str:
     head = "| images/site | recipe | " + " | ".join(f"eps {e}" if e != "inf" else "no DP" for e in EPSILONS)
     lines = [head + " | loss at eps 8 |", "|---|---|" + "---|" * (len(EPSILONS) + 1)]
     for n in sizes:
-        for recipe in RECIPES:
+        for recipe in _recipes(points):
+            if not any(k[0] == n and k[1] == recipe for k in points):
+                continue
             cells = [_cell(points.get((n, recipe, e), [])) for e in EPSILONS]
             dp8, plain = points.get((n, recipe, 8.0), []), points.get((n, recipe, "inf"), [])
             loss = (
@@ -66,7 +74,7 @@ def figure(points: dict[tuple[int, str, Any], list[float]], out: Path) -> None:
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4), sharey=True, squeeze=False)
     xs = {e: (math.log2(e) if e != "inf" else 5.3) for e in EPSILONS}
     for ax, n in zip(axes[0], sizes, strict=True):
-        for recipe, label in RECIPES.items():
+        for recipe, label in _recipes(points).items():
             eps = [e for e in EPSILONS if points.get((n, recipe, e))]
             if not eps:
                 continue

@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--epsilons", default="8,inf,1,2,4,16")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--recipes", default="scatter,end-to-end")
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="moving average of the global weights (points recorded as RECIPE+emaD)")  # fmt: skip
     ap.add_argument("--out", default="benchmarks/results/federated_dp")
     ap.add_argument("--work", default="/tmp/privmed-dp-sweep", help="run folders and studies (deleted per run)")
     args = ap.parse_args()
@@ -107,16 +109,17 @@ def main() -> None:
         for recipe in args.recipes.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
                 eps_key = "inf" if math.isinf(epsilon) else epsilon
-                if (args.per_site, recipe, eps_key, seed) in done():
+                label = f"{recipe}+ema{args.ema:g}" if args.ema else recipe
+                if (args.per_site, label, eps_key, seed) in done():
                     continue
                 sched = _schedule(recipe, epsilon, smallest)
                 dp = None if math.isinf(epsilon) else DPConfig(epsilon, DELTA, 1.0)
-                run = work / f"{recipe}-eps{eps_text}-seed{seed}"
+                run = work / f"{label}-eps{eps_text}-seed{seed}"
                 shutil.rmtree(run, ignore_errors=True)
                 cfg = prepare_config(
                     study, run, model="small-cnn", rounds=sched["rounds"], secagg=True, dp=dp,
                     image_size=args.size, features=(8, 16, 16), recipe=recipe,
-                    batch_size=sched["batch_size"], lr=sched["lr"], seed=seed,
+                    batch_size=sched["batch_size"], lr=sched["lr"], seed=seed, ema=args.ema,
                 )  # fmt: skip
                 sites = SimulationSites(
                     data_dir=study.resolve(), sites=cfg.sites, run_dir=run.resolve(), require_secagg=True,
@@ -139,7 +142,7 @@ def main() -> None:
                 metrics = rd.load_round(last)[2] if last > 0 else {}
                 fit = metrics.get("fit", {})
                 point = {
-                    "per_site": args.per_site, "recipe": recipe, "epsilon": eps_key, "seed": seed,
+                    "per_site": args.per_site, "recipe": label, "epsilon": eps_key, "seed": seed, "ema": args.ema,
                     "pooled_auroc": metrics.get("pooled_auroc_macro"),
                     "sites": {s: metrics.get("evaluation", {}).get(s, {}).get("auroc_macro") for s in cfg.sites},
                     "per_label": metrics.get("pooled_auroc"),
@@ -154,7 +157,7 @@ def main() -> None:
                 }  # fmt: skip
                 with points.open("a") as fh:
                     fh.write(json.dumps(point) + "\n")
-                print(f"n={args.per_site} {recipe} eps={eps_text} seed={seed}: pooled AUROC"
+                print(f"n={args.per_site} {label} eps={eps_text} seed={seed}: pooled AUROC"
                       f" {point['pooled_auroc']} ({status.get('state')}, {last} rounds, {wall:.0f} s)", flush=True)  # fmt: skip
                 shutil.rmtree(run, ignore_errors=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from privmed.models.scatter import (
     ScatterHead,
     Scattering2D,
     WSConv2d,
+    fold_weight_standardization,
     register_opacus_grad_sampler,
     scattering_channels,
 )
@@ -46,6 +49,8 @@ def test_scattering_matches_kymatio_away_from_the_border():
 
 
 def test_scatter_model_exports_to_onnx_and_matches_torch(tmp_path):
+    """Exported with the weight standardisation folded into plain Conv kernels (as
+    ``export_final_model`` does); oracle: the unfolded torch model."""
     import onnxruntime as ort
 
     from privmed.models.export import export_onnx
@@ -53,7 +58,9 @@ def test_scatter_model_exports_to_onnx_and_matches_torch(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(Scattering2D(), ScatterHead(81, 4, 8), torch.nn.Sigmoid()).eval()
     x = _phantoms(2)
-    path = export_onnx(model, (1, 1, 32, 32), tmp_path / "m.onnx")
+    folded = fold_weight_standardization(copy.deepcopy(model))
+    assert not any(isinstance(m, WSConv2d) for m in folded.modules())
+    path = export_onnx(folded, (1, 1, 32, 32), tmp_path / "m.onnx")
     got = ort.InferenceSession(str(path)).run(None, {"input": x[:1].numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(x[:1]).numpy(), atol=1e-5)

@@ -107,11 +107,13 @@ def export_final_model(run_dir: RunDir, config: FederatedConfig) -> Path:
     from privmed.federated.recipes import feature_extractor
     from privmed.federated.sitedata import preprocess_for
     from privmed.models.export import export_onnx
+    from privmed.models.scatter import fold_weight_standardization
 
     last = run_dir.last_round()
     weights = run_dir.ema_weights(config.ema, last) if config.ema else run_dir.load_round(last)[1]
     model = initial_model(config)
     set_arrays(model, weights)
+    fold_weight_standardization(model)  # one Conv in the ONNX graph (same function)
     extractor = feature_extractor(config.recipe)
     served = nn.Sequential(*([extractor] if extractor is not None else []), model, nn.Sigmoid()).eval()
     return export_onnx(

@@ -34,6 +34,7 @@ __all__ = [
     "ScatterHead",
     "Scattering2D",
     "WSConv2d",
+    "fold_weight_standardization",
     "register_opacus_grad_sampler",
     "scattering_channels",
 ]
@@ -129,6 +130,23 @@ class WSConv2d(nn.Conv2d):
         if self.groups != 1 or self.dilation != (1, 1):
             raise ValueError("WSConv2d: only groups=1, dilation=1")
         return F.conv2d(x, self.standardized()[0], self.bias, self.stride, self.padding)
+
+
+def fold_weight_standardization(model: nn.Module) -> nn.Module:
+    """Replace (in place) every WSConv2d by a plain Conv2d holding its standardised kernel:
+    the same function, exported as one Conv instead of reductions over the weights."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, WSConv2d):
+            conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                             child.padding, bias=child.bias is not None)  # fmt: skip
+            with torch.no_grad():
+                conv.weight.copy_(child.standardized()[0])
+                if child.bias is not None and conv.bias is not None:
+                    conv.bias.copy_(child.bias)
+            setattr(model, name, conv)
+        else:
+            fold_weight_standardization(child)
+    return model
 
 
 def _ws_conv_grad_sample(
