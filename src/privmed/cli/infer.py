@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="use a vendor's model owner and dealer services (addresses in this session file) instead of "
                         "running all three roles here; the hospital only connects out")
     p.add_argument("--model-name", help="with --service: the model's name at the vendor's service")
+    p.add_argument("--busy-wait", type=float, default=0.0, metavar="SECONDS",
+                   help="with --service: while the services are busy, retry for up to this long (default 0: fail at once)")
     p.add_argument("--input", type=Path, nargs="+",
                    help=".npy (N, C, H, W), image files (DICOM, PNG, NIfTI) or folders of them (read recursively, "
                         "sorted); or --from-pacs")

@@ -152,9 +152,15 @@ def cmd_infer_service(args: argparse.Namespace) -> int:
     cfg = load_config(args.service)
     views = [v.strip().upper() for v in args.view.split(",")] if args.view else None
     x, rows = load_inputs(args.input, None, args.preprocess, views)
+    if args.busy_wait < 0:
+        raise InputError(f"--busy-wait: expected seconds >= 0, got {args.busy_wait}")
+
+    def on_busy(reason: str) -> None:
+        print(f"{reason.split(': ', 1)[-1]}; retrying (--busy-wait {args.busy_wait:g})", file=sys.stderr, flush=True)
+
     out, stats = run_service_session(
         cfg, args.model_name, x, chunk=args.chunk if x.shape[0] > 1 else None, expect_plan=args.expect_plan,
-        progress=_progress_adapter(LayerProgress()),
+        progress=_progress_adapter(LayerProgress()), busy_wait_s=args.busy_wait, on_busy=on_busy,
     )  # fmt: skip
     print(f"session {stats['session'][:8]}: model {args.model_name}, plan {stats['plan']['fingerprint']} (pin it with --expect-plan)")
     if args.stats:

@@ -11,6 +11,7 @@ and its reason; nothing derived from the input has been sent by then.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +78,30 @@ def open_session(cfg: SessionConfig, model_name: str, expect_plan: str | None, g
     return sid, to_model, to_dealer
 
 
+BUSY_CODES = ("busy", "shutting-down")
+MAX_BUSY_DELAY_S = 10.0
+
+
+def open_session_waiting(cfg: SessionConfig, model_name: str, expect_plan: str | None, busy_wait_s: float,
+                         on_busy: Callable[[str], None] | None = None) -> tuple[str, Channel, Channel, FailureGroup]:
+    """``open_session``, retried while the services answer busy or shutting-down, for at most
+    ``busy_wait_s`` (delays doubling from 1 s up to 10 s); then the refusal is raised."""
+    deadline = time.monotonic() + busy_wait_s
+    delay = 1.0
+    while True:
+        group = FailureGroup()
+        try:
+            return (*open_session(cfg, model_name, expect_plan, group), group)
+        except ServiceRefused as exc:
+            left = deadline - time.monotonic()
+            if exc.code not in BUSY_CODES or left <= 0:
+                raise
+            if on_busy:
+                on_busy(str(exc))
+            time.sleep(min(delay, left))
+            delay = min(2 * delay, MAX_BUSY_DELAY_S)
+
+
 def run_service_session(
     cfg: SessionConfig,
     model_name: str,
@@ -86,10 +111,11 @@ def run_service_session(
     expect_plan: str | None = None,
     progress: Callable[..., None] | None = None,
     on_plan: Callable[[Any], None] | None = None,
+    busy_wait_s: float = 0.0,
+    on_busy: Callable[[str], None] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """One session with the services named in ``cfg``: (outputs, the data owner's stats)."""
-    group = FailureGroup()
-    sid, to_model, to_dealer = open_session(cfg, model_name, expect_plan, group)
+    sid, to_model, to_dealer, _group = open_session_waiting(cfg, model_name, expect_plan, busy_wait_s, on_busy)
     failed = False
     try:
         step = chunk or len(x)
