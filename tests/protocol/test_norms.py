@@ -54,3 +54,23 @@ def test_onnx_group_normalization(tmp_path: Path, opset: int, per: str) -> None:
     secure, onnx_out, ops = _secure_and_onnxruntime(path, rand(rng, 1, 2, 5, 6, scale=1.0))
     assert ops.count("instnorm") == 1
     np.testing.assert_allclose(secure, onnx_out, rtol=3e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layernorm_exported_before_opset_17_is_fused(tmp_path: Path, affine: bool) -> None:
+    """torch at opset 14 writes LayerNorm as ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div
+    (then Mul, Add): one LayerNormalization after the front end, same bound as above."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8, elementwise_affine=affine), torch.nn.Linear(8, 3)).eval()
+    if affine:
+        with torch.no_grad():
+            net[1].weight.uniform_(0.5, 1.5)
+            net[1].bias.uniform_(-0.3, 0.3)
+    x = torch.randn(1, 5, 6)
+    path = tmp_path / "ln14.onnx"
+    torch.onnx.export(net, (x,), str(path), opset_version=14, dynamo=False, input_names=["x"])
+    secure, onnx_out, ops = _secure_and_onnxruntime(path, x.numpy())
+    assert ops.count("instnorm") == 1
+    np.testing.assert_allclose(secure, onnx_out, rtol=3e-3, atol=2e-3)

@@ -8,7 +8,9 @@ starts. Exact rewrites done here, in float64 on the model owner's machine:
   consumer is folded into that layer's weights and bias;
 - x * Sigmoid(x) becomes one ``Swish`` node (SiLU) and torch's GELU export
   x * (Erf(x / sqrt(2)) + 1) * 0.5 one ``Gelu`` node: one approximation each instead of an
-  approximation followed by a secret product (cheaper, and the error is not multiplied by |x|).
+  approximation followed by a secret product (cheaper, and the error is not multiplied by |x|);
+- a LayerNorm exported before opset 17 (ReduceMean, Sub, Pow 2, ReduceMean, Add eps, Sqrt,
+  Div, then the optional Mul by the scale and Add of the bias) becomes one LayerNormalization.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def load(path: Path, input_shape: list[int] | None = None) -> OnnxGraph:
     graph = OnnxGraph(nodes, consts, inp.name, shape, g.output[0].name, opset, g.name or path.stem)
     _fold_batchnorm(graph)
     _fuse_activations(graph)
+    _fuse_layernorm(graph)
     return graph
 
 
@@ -186,4 +189,62 @@ def _fuse_activations(graph: OnnxGraph) -> None:
             if half is not None and near(other(half, mul.outputs[0]) or "", 0.5):  # type: ignore[union-attr]
                 half.op, half.inputs, half.attrs = "Gelu", [x], {}
                 drop.update(id(n) for n in (s, erf, add, mul))
+    graph.nodes = [n for n in graph.nodes if id(n) not in drop]
+
+
+def _fuse_layernorm(graph: OnnxGraph) -> None:
+    """The pre-opset-17 LayerNorm subgraph -> one LayerNormalization (module docstring)."""
+    cons = consumers(graph)
+    producer = {o: n for n in graph.nodes for o in n.outputs}
+
+    def value(name: str) -> np.ndarray | None:
+        if name in graph.consts:
+            return graph.consts[name]
+        p = producer.get(name)
+        return np.asarray(p.attrs["value"]) if p is not None and p.op == "Constant" and "value" in p.attrs else None
+
+    def only(name: str, op: str) -> OnnxNode | None:
+        c = cons.get(name, [])
+        return c[0] if len(c) == 1 and c[0].op == op and name != graph.output_name else None
+
+    def axes(n: OnnxNode) -> list[int] | None:
+        a = value(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1] else n.attrs.get("axes")
+        return None if a is None or not n.attrs.get("keepdims", 1) else sorted(int(v) for v in np.asarray(a).reshape(-1))
+
+    drop: set[int] = set()
+    for mean in [n for n in graph.nodes if n.op == "ReduceMean"]:
+        x, ax = mean.inputs[0], axes(mean)
+        if ax is None or ax != list(range(-len(ax), 0)):
+            continue  # normalised axes must be the trailing ones, given as negative numbers
+        sub = only(mean.outputs[0], "Sub")
+        if sub is None or sub.inputs != [x, mean.outputs[0]]:
+            continue
+        uses = cons.get(sub.outputs[0], [])
+        pow_ = next((u for u in uses if u.op == "Pow"), None)
+        div = next((u for u in uses if u.op == "Div" and u.inputs[0] == sub.outputs[0]), None)
+        exponent = value(pow_.inputs[1]) if pow_ is not None else None
+        if len(uses) != 2 or pow_ is None or div is None or exponent is None or float(exponent) != 2.0:
+            continue
+        var = only(pow_.outputs[0], "ReduceMean")
+        add = only(var.outputs[0], "Add") if var is not None and axes(var) == ax else None
+        eps = value(next((i for i in add.inputs if i != var.outputs[0]), "")) if add is not None and var is not None else None
+        sqrt = only(add.outputs[0], "Sqrt") if add is not None and eps is not None and eps.size == 1 else None
+        if sqrt is None or div.inputs[1] != sqrt.outputs[0] or add is None or var is None or eps is None:
+            continue
+        absorbed, scale, bias = [mean, sub, pow_, var, add, sqrt, div], np.array(1.0, np.float32), np.array(0.0, np.float32)
+        mul = only(div.outputs[0], "Mul")
+        gamma = value(next((i for i in mul.inputs if i != div.outputs[0]), "")) if mul is not None else None
+        if mul is not None and gamma is not None:
+            absorbed.append(mul)
+            scale = gamma
+            plus = only(mul.outputs[0], "Add")
+            beta = value(next((i for i in plus.inputs if i != mul.outputs[0]), "")) if plus is not None else None
+            if plus is not None and beta is not None:
+                absorbed.append(plus)
+                bias = beta
+        last = absorbed.pop()  # becomes the LayerNormalization, keeping its output name
+        graph.consts[f"{mean.name}__ln_scale"], graph.consts[f"{mean.name}__ln_bias"] = scale, bias
+        last.op, last.inputs = "LayerNormalization", [x, f"{mean.name}__ln_scale", f"{mean.name}__ln_bias"]
+        last.attrs = {"axis": ax[0], "epsilon": float(eps.reshape(-1)[0])}
+        drop.update(id(n) for n in absorbed)
     graph.nodes = [n for n in graph.nodes if id(n) not in drop]
