@@ -305,3 +305,24 @@ def test_linear_and_cubic_resize_are_public_linear_maps(tmp_path: Path, rng: np.
     taps = (2 if mode == "linear" else 4) ** (len(in_shape) - 2)
     stats = _check(p, rand(rng, *in_shape, scale=1.0), k_terms=taps * in_shape[1])
     assert stats["data-owner"]["rounds"] == 1 + 1 + 1  # trunc + conv + reveal: the resize is local
+
+
+@pytest.mark.parametrize(
+    "mode,ctm,nearest,scales,opset",
+    [
+        ("nearest", "tf_half_pixel_for_nn", "round_prefer_ceil", [1, 1, 2, 1.5], 17),
+        ("nearest", "pytorch_half_pixel", "floor", [1, 1, 1.5, 2], 17),
+        ("nearest", "asymmetric", "round_prefer_floor", [1, 1, 1.7, 0.6], 17),  # the given scales, not out / in
+        ("nearest", "half_pixel_symmetric", "round_prefer_floor", [1, 1, 1.5, 2.5], 19),
+        ("linear", "half_pixel_symmetric", "round_prefer_floor", [1, 1, 1.5, 2.5], 19),
+    ],
+)
+def test_resize_coordinate_transformation_modes(tmp_path: Path, rng: np.random.Generator, mode: str, ctm: str, nearest: str,
+                                                scales: list, opset: int) -> None:  # fmt: skip
+    """Every coordinate transformation of ONNX Resize but tf_crop_and_resize (refused), with the
+    model's scale factors (which need not be out / in): the same bound as the other resizes."""
+    inits = {"roi": np.zeros(0, np.float32), "sc": np.array(scales, np.float32), "w": rand(rng, 2, 2, 1, 1)}
+    nodes = [H("Resize", ["x", "roi", "sc"], ["r"], mode=mode, coordinate_transformation_mode=ctm, nearest_mode=nearest),
+             H("Conv", ["r", "w"], ["y"])]  # fmt: skip
+    p = build(tmp_path / "m.onnx", nodes, inits, [1, 2, 5, 6], opset=opset)
+    _check(p, rand(rng, 1, 2, 5, 6, scale=1.0), k_terms=4 * 2)

@@ -341,7 +341,10 @@ class Lowerer(NonlinearLowering, NormLowering, TokenLowering):
             weights = [[w.tolist() for w in ws] for _, ws in per_axis]
             return self.emit("interp", [x], out[1:], x.k + 1, node.name, taps=taps, weights=weights)
         nm = node.attrs.get("nearest_mode", "round_prefer_floor")
-        idx = [resize_nearest_index(full[d], out[d], ctm, nm).tolist() for d in range(2, len(full))]
+        try:
+            idx = [resize_nearest_index(full[d], out[d], ctm, nm, scales[d]).tolist() for d in range(2, len(full))]
+        except ValueError as exc:
+            raise ModelError(f"node {node.name}: {exc}") from None
         return self.emit("resize", [x], out[1:], x.k, node.name, indices=idx)
 
     def op_Slice(self, node: OnnxNode, ins: list[Any]) -> Ref:

@@ -58,16 +58,11 @@ def pool_counts(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence
     return pool_sum(ones, kernel, strides, pads)[0, 0]
 
 
-def resize_nearest_index(in_size: int, out_size: int, mode: str = "asymmetric", rounding: str = "floor") -> np.ndarray:
-    """Source index per output index for ONNX Resize(mode=nearest) on one axis."""
-    scale = out_size / in_size
-    o = np.arange(out_size, dtype=np.float64)
-    if mode == "half_pixel":
-        src = (o + 0.5) / scale - 0.5
-    elif mode == "align_corners":
-        src = o * (in_size - 1) / max(out_size - 1, 1)
-    else:  # asymmetric
-        src = o / scale
+def resize_nearest_index(in_size: int, out_size: int, mode: str = "asymmetric", rounding: str = "floor",
+                         scale: float | None = None) -> np.ndarray:  # fmt: skip
+    """Source index per output index for ONNX Resize(mode=nearest) on one axis (``scale``:
+    the model's scale factor when it gave one, else out_size / in_size)."""
+    src = _source_coordinate(in_size, out_size, mode, out_size / in_size if scale is None else scale)
     if rounding == "round_prefer_ceil":
         idx = np.floor(src + 0.5)
     elif rounding == "round_prefer_floor":
@@ -98,8 +93,13 @@ def _source_coordinate(in_size: int, out_size: int, mode: str, scale: float) -> 
         src = o * (in_size - 1) / max(out_size - 1, 1)
     elif mode == "asymmetric":
         src = o / scale
+    elif mode == "tf_half_pixel_for_nn":
+        src = (o + 0.5) / scale
+    elif mode == "half_pixel_symmetric":  # opset 19
+        adjustment = out_size / (scale * in_size)
+        src = in_size / 2 * (1 - adjustment) + (o + 0.5) / scale - 0.5
     else:
-        raise ValueError(f"coordinate_transformation_mode {mode!r} is not supported for linear or cubic resize")
+        raise ValueError(f"coordinate_transformation_mode {mode!r} is not supported")
     return src
 
 
