@@ -56,3 +56,24 @@ def test_two_party_session_file_with_a_dealer_is_refused(tmp_path: Path) -> None
     (tmp_path / "three.toml").write_text(text + '[dealer]\nhost = "h"\nport = 1\ncert = "x"\nkey = "y"\n')
     with pytest.raises(ConfigError, match=r"has no \[dealer\] table"):
         load_config_2p(tmp_path / "three.toml")
+
+
+@pytest.mark.slow
+def test_validate_two_parties_stores_results_without_a_dealer(tmp_path: Path) -> None:
+    """`privmed validate --parties 2` on 2 images of the shipped demo study: stored outputs
+    within 1e-3 of plaintext (the dealer mode's validation bound, test_validate_engine), costs
+    recorded for the two roles only."""
+    from privmed.cli.main import main
+    from privmed.data.datasets import demo_study_path
+    from privmed.evaluate.store import ResultStore
+
+    out = tmp_path / "results"
+    rc = main(["validate", "--parties", "2", "--model", str(DEMO), "--data", str(demo_study_path()), "--out", str(out),
+               "--limit", "2", "--no-report"])  # fmt: skip
+    assert rc == 0
+    with ResultStore.open(out, create=False) as store:
+        rows = list(store.rows())
+    assert len(rows) == 2
+    for r in rows:
+        assert set(r.bytes_by_role) == {"data-owner", "model-owner"} and r.rounds and r.rounds > 0
+        np.testing.assert_allclose(r.secure_output, r.plain_output, atol=1e-3)
