@@ -193,3 +193,24 @@ def test_model_owner_gone_mid_session_data_owner_names_it_within_the_deadline(tm
     t.join(10)
     assert len(errors) == 1 and isinstance(errors[0], PeerError) and "model-owner" in str(errors[0]), errors
     assert time.monotonic() - t0 < 5
+
+
+def test_pinned_fingerprint_refuses_another_plan_before_anything_is_sent(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    plan, _ = compile_model(_tiny(tmp_path, rng))
+    d_m, m_d = in_process_pair("data-owner", "model-owner", bytes(16), 5)
+    errors: list[BaseException] = []
+
+    def data_owner() -> None:
+        try:
+            data_owner_2p(d_m, rand(rng, 1, 2, 6, 6), expect_plan="0" * 64)
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            errors.append(exc)
+
+    t = threading.Thread(target=data_owner)
+    t.start()
+    m_d.send_text("plan", plan.to_json())
+    with pytest.raises(PeerError, match=f"fingerprint {plan.fingerprint()} is not the approved"):
+        m_d.recv("batch", np.int64, (1,))
+    t.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], PlanError)
