@@ -8,7 +8,7 @@ Reusable pieces:
 
 - ``export_cnn`` / ``tiny_cnn`` / ``slow_cnn``: small torch CNNs exported to ONNX (opset 17)
   with an input ``.npy`` and onnxruntime's output as the oracle;
-- ``unsupported_model``: an ONNX model with Erf (GELU), Tanh and Sin nodes;
+- ``unsupported_model``: an ONNX model with Sin, Cos and Atan nodes;
 - ``session_ca`` / ``rogue_ca``: a CA and role certificates (``make_certs_cli``: the same
   through ``privmed certs init/issue``);
 - ``write_session``: a ``session.toml`` for given ports, certificates and timeouts;
@@ -132,7 +132,8 @@ def slow_cnn(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
 
 @pytest.fixture(scope="session")
 def unsupported_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
-    """Conv -> GELU (exported as Erf) -> Tanh -> Sin: three ops outside the secure op set."""
+    """Conv -> Sin -> Cos -> Atan: three ops outside the secure op set (GELU and Tanh, used
+    here before, are supported now)."""
     import torch
 
     class Unsupported(torch.nn.Module):
@@ -141,7 +142,7 @@ def unsupported_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
             self.conv = torch.nn.Conv2d(1, 2, 3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.sin(torch.tanh(torch.nn.functional.gelu(self.conv(x))))
+            return torch.atan(torch.cos(torch.sin(self.conv(x))))
 
     directory = tmp_path_factory.mktemp("unsupported")
     x = torch.zeros(1, 1, 8, 8)
