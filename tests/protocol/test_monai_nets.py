@@ -71,6 +71,7 @@ def test_monai_efficientnet_b0_with_default_settings_runs_securely(tmp_path: Pat
     assert err < 3e-3 and top > 0.1
 
 
+@pytest.mark.slow
 def test_monai_segresnet_with_default_settings_runs_securely(tmp_path: Path) -> None:
     """Refused before (Resize mode linear). The bilinear upsampling is local with exact dyadic
     weights; the bound is the instance norm's (test_ops.test_instance_normalization: rtol 3e-3
