@@ -5,18 +5,21 @@ Method (the spline-on-comparison-selected-intervals approach of SIRNN, Rathee et
 interval instead of lookup tables):
 
 1. Asymptotes. The outer intervals hold the function's limits: 0 and 1 for Sigmoid, -1 and 1
-   for Tanh and Erf, 0 and x for SiLU and GELU, 0 and 1 for exp(min(x, 0)) (softmax's
-   exponential after the row maximum is subtracted; its interior ends at 0). R is the smallest multiple of 1/16 with
-   |f(x) - asymptote| <= eps for all |x| >= R (checked on [R, R + 64]; every error there
-   decreases with |x|), so the table is valid for every input, not only a calibrated range.
-2. Interior. From -R, each interval is grown in steps of 1/16 while the Chebyshev
-   least-squares cubic (in u = x - m, m the midpoint rounded to 1/64) stays within eps of f on
-   a 2,000-point grid of the interval; the knots are then multiples of 1/16.
+   for Tanh and Erf, 0 and x for SiLU and both GELUs, 0 and 1 for exp(min(x, 0)) (softmax's
+   exponential after the row maximum is subtracted; its interior ends at 0). R is the
+   smallest multiple of 1/16 with |f(x) - asymptote| <= eps for all |x| >= R (checked on
+   [R, R + 64]; every error there decreases with |x|), so the table is valid for every input,
+   not only a calibrated range.
+2. Interior. From -R, each interval is grown in steps of 1/16, to a width of at most 2 (so
+   |u| <= 1 and coefficient rounding costs at most (d + 1) / 2 units of 2^-f), while the
+   Chebyshev least-squares cubic in u = x - m (m the midpoint rounded to 1/64) stays within
+   eps of f on a 2,000-point grid of the interval; the knots are multiples of 1/16.
 
 With eps = 1e-4 (about 6.5 units in the last place at the default 16 fractional bits), the
-tables have (knots): Sigmoid 12, Tanh 12, Erf 11, SiLU 16, GELU 11; the measured
-maximum errors are in ``TABLE_ERROR`` (tests/protocol/test_approx.py re-measures them over the
-whole real line). The compiler fits each function once per model.
+tables have (knots): Sigmoid 12, Tanh 12, Erf 11, SiLU 16, GELU 11, GELU-tanh 11, exp 8; the
+measured maximum error of each is returned as ``fit_error`` (tests/protocol/test_approx.py
+re-measures it in fixed point over the whole real line). The compiler fits each function
+once per model.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Smooth activations (Sigmoid, Tanh, Erf, SiLU, GELU) as public piecewise cubics: the one
+"""Smooth activations (Sigmoid, Tanh, Erf, SiLU, GELU, GELU-tanh, and softmax's exp(min(x, 0)))
+as public piecewise cubics: the one
 fixed-point algorithm that the reference runs on values and the secure runtime on shares
 (``privmed.mpc.approx`` supplies the ops), and the exact functions they approximate.
 
