@@ -1,7 +1,7 @@
 """Smooth activations (Sigmoid, Tanh, Erf, SiLU, GELU, GELU-tanh, and softmax's exp(min(x, 0)))
-as public piecewise cubics: the one
-fixed-point algorithm that the reference runs on values and the secure runtime on shares
-(``privmed.mpc.approx`` supplies the ops), and the exact functions they approximate.
+as public piecewise cubics: the one fixed-point algorithm that the reference runs on values and
+the secure runtime on shares (``privmed.mpc.approx`` supplies the ops), and the exact functions
+they approximate.
 
 An ``approx`` node carries its table in the plan (public): interior knots t_1 < ... < t_{K-1},
 and for each of the K intervals (-inf, t_1), [t_1, t_2), ..., [t_{K-1}, inf) a center m_j and
