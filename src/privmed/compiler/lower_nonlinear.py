@@ -3,9 +3,9 @@
 ReLU, LeakyReLU and PReLU become comparisons (fused with the truncation of their input);
 Sigmoid, Tanh, Erf, SiLU (``Swish``, fused by ``onnx_front``) and GELU inside the network become
 ``approx`` nodes whose public piecewise-cubic table (``privmed.compiler.approx``) travels in the
-plan; a final Sigmoid or Softmax is applied by the data owner in clear; a product of two secret
-tensors is one ``mul`` node and a MatMul / Einsum of two secret tensors one ``einsum`` node (a
-Beaver product each).
+plan; a Softmax inside is the secure ``softmax`` node (``privmed.ir.softmax``); a final Sigmoid
+or Softmax is applied by the data owner in clear; a product of two secret tensors is one ``mul``
+node and a MatMul / Einsum of two secret tensors one ``einsum`` node (a Beaver product each).
 """
 
 from __future__ import annotations
