@@ -23,9 +23,9 @@ from collections import deque
 from typing import Any
 
 from privmed.crypto.certs import Identity
-from privmed.errors import ConfigError, PeerError
+from privmed.errors import ConfigError, PeerError, PrivmedError, ProtocolError
 from privmed.net.channel import DEFAULT_TIMEOUT_S, Channel, FailureGroup
-from privmed.net.frame import HEADER_BYTES, unpack_header
+from privmed.net.frame import HEADER_BYTES, MAX_PAYLOAD, unpack_header
 
 READ_CHUNK = 1 << 20  # bytes handed to one SSL write
 MAX_BUFFERED = 256 << 20  # stop reading complete frames beyond this (TCP backpressure)
@@ -102,6 +102,9 @@ class TlsChannel(Channel):
     ) -> None:
         super().__init__(me, peer, session, timeout_s)
         self.group = group or FailureGroup()
+        # the largest frame this end accepts; a service lowers it so that one peer cannot make
+        # the process allocate what every other session needs (checked before allocating)
+        self.max_frame = MAX_PAYLOAD
         self._sock = sock
         # small protocol messages must not wait for Nagle + delayed ACK (~40 ms per round)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -195,8 +198,14 @@ class TlsChannel(Channel):
                 self._hdr_got += n
                 if self._hdr_got < HEADER_BYTES:
                     continue
-                length = unpack_header(bytes(self._hdr)).length  # validated before allocating
-                self._payload, self._payload_got = bytearray(length), 0
+                try:
+                    hdr = unpack_header(bytes(self._hdr))  # validated before allocating
+                except ProtocolError as exc:
+                    raise ProtocolError(f"{self.peer} sent a bad frame header: {exc} (during {self.step})") from None
+                if hdr.length > self.max_frame:
+                    raise ProtocolError(f"{self.peer} sent a frame of {hdr.length} bytes (tag {hdr.tag!r}); "
+                                        f"at most {self.max_frame} are accepted here (during {self.step})")
+                self._payload, self._payload_got = bytearray(hdr.length), 0
             else:
                 self._payload_got += n
             if self._payload_got == len(self._payload):
@@ -238,14 +247,14 @@ class TlsChannel(Channel):
                 if self.group.reason:  # a peer's abort explains the failure better than EOF
                     raise PeerError(self.group.reason)
                 if self._error is not None or self._eof:
-                    raise self._lost_error()
+                    raise self._io_failure()
                 if time.monotonic() > deadline:
                     raise PeerError(f"{self.peer} stopped reading for {self.timeout_s:.0f}s (during {self.step})")
                 self._lock.wait(0.5)
             if self.group.reason:
                 raise PeerError(self.group.reason)
             if self._error is not None or self._eof:
-                raise self._lost_error()
+                raise self._io_failure()
             self._out.append(memoryview(header))
             self._queued += len(header) + len(payload)
             if len(payload):
@@ -260,7 +269,7 @@ class TlsChannel(Channel):
                 if self.group.reason:  # this peer's own abort/EOF, or another peer's
                     raise PeerError(self.group.reason)
                 if self._error is not None or self._eof:
-                    raise self._lost_error()
+                    raise self._io_failure()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise self._timeout_error("a message")
@@ -271,6 +280,12 @@ class TlsChannel(Channel):
         if wake:  # reading had paused on a full buffer
             self._wake()
         return header
+
+    def _io_failure(self) -> PrivmedError:
+        """Why the I/O thread stopped: a header it refused, or the connection's end."""
+        if isinstance(self._error, ProtocolError):
+            return ProtocolError(str(self._error))
+        return self._lost_error()
 
     def _lost_error(self) -> PeerError:
         exc = self._read_error

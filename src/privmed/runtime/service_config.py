@@ -14,6 +14,8 @@ Example ``service.toml`` (paths are relative to the file)::
     audit_log = "audit.jsonl"  # one JSON line per session (rotation: left to the system)
     allow = ["sha256:9f1c...", "O=St Mary Hospital"]  # who may open sessions, or ["*"]
     metrics = "127.0.0.1:9100" # optional: Prometheus text format at http://.../metrics
+    max_frame_mb = 1024        # optional: the largest message a peer may send (checked before
+                               # allocating; sessions share the process's memory)
 
     [dealer]                   # the model owner only: where the dealer service listens
     host = "10.0.0.3"
@@ -51,7 +53,7 @@ _FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
 _SERVICE_KEYS: Schema = {
     "host": (str, True), "port": (int, True), "ca": (str, True), "cert": (str, True), "key": (str, True),
     "max_sessions": (int, False), "timeout_s": ((int, float), False), "connect_timeout_s": ((int, float), False),
-    "audit_log": (str, False), "allow": (list, True), "metrics": (str, False),
+    "audit_log": (str, False), "allow": (list, True), "metrics": (str, False), "max_frame_mb": (int, False),
 }
 _DEALER_KEYS: Schema = {"host": (str, True), "port": (int, True)}
 
@@ -70,6 +72,7 @@ class ServiceConfig:
     allow: tuple[str, ...]
     dealer: tuple[str, int] | None  # the model owner's dealer address
     metrics: tuple[str, int] | None = None  # Prometheus endpoint (host, port), plain HTTP
+    max_frame_bytes: int = 1 << 30  # the largest message a peer may send
 
 
 def check_allow_entry(entry: object, where: str) -> str:
@@ -97,6 +100,9 @@ def load_service_config(path: Path, role: str) -> ServiceConfig:
     def rel(p: str) -> Path:
         return Path(p) if Path(p).is_absolute() else base / p
 
+    max_frame_mb = int(sec.get("max_frame_mb", 1024))
+    if not 1 <= max_frame_mb <= 65536:
+        raise ConfigError(f"{path} [service]: 'max_frame_mb' must be 1..65536, got {max_frame_mb}")
     max_sessions = int(sec.get("max_sessions", 4))
     if not 1 <= max_sessions <= 256:
         raise ConfigError(f"{path} [service]: 'max_sessions' must be 1..256, got {max_sessions}")
@@ -114,5 +120,5 @@ def load_service_config(path: Path, role: str) -> ServiceConfig:
         path, role, identity, str(sec["host"]), int(sec["port"]), max_sessions,
         float(sec.get("timeout_s", 60.0)), float(sec.get("connect_timeout_s", 30.0)),
         rel(sec["audit_log"]) if "audit_log" in sec else None, allow, dealer,
-        parse_address(sec["metrics"], str(path)) if "metrics" in sec else None,
+        parse_address(sec["metrics"], str(path)) if "metrics" in sec else None, max_frame_mb << 20,
     )  # fmt: skip

@@ -36,6 +36,7 @@ from privmed.runtime.service import AuditLog, PeerId, Service, allowed, now_iso
 from privmed.runtime.service_config import ServiceConfig
 
 ZERO_SESSION = bytes(16)
+HANDSHAKE_FRAME = 2 * wire.MAX_HANDSHAKE_BYTES  # before admission: a handshake message or an abort
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class ModelOwnerService:
     def handle(self, svc: Service, peer: PeerId, tls: ssl.SSLSocket) -> None:
         group = FailureGroup()
         to_data = TlsChannel("model-owner", "data-owner", ZERO_SESSION, tls, self.cfg.timeout_s, group)
+        to_data.max_frame = HANDSHAKE_FRAME  # raised once the request is admitted
         record: dict[str, Any] = {"time": now_iso(), "service": "model-owner", "peer": peer.audit()}
         try:
             self._handle(svc, peer, to_data, group, record)
@@ -108,7 +110,7 @@ class ModelOwnerService:
             pass
         to_data.close(flush_s=2.0)
 
-    def _handle(self, svc: Service, peer: PeerId, to_data: Channel, group: FailureGroup, record: dict[str, Any]) -> None:
+    def _handle(self, svc: Service, peer: PeerId, to_data: TlsChannel, group: FailureGroup, record: dict[str, Any]) -> None:
         ct = self.cfg.connect_timeout_s
         try:
             req = wire.receive(to_data, wire.REQUEST, ct)
@@ -133,7 +135,7 @@ class ModelOwnerService:
         finally:
             svc.release()
 
-    def _session(self, peer: PeerId, model: ServedModel, to_data: Channel, group: FailureGroup, record: dict[str, Any]) -> None:
+    def _session(self, peer: PeerId, model: ServedModel, to_data: TlsChannel, group: FailureGroup, record: dict[str, Any]) -> None:
         ct = self.cfg.connect_timeout_s
         sid = os.urandom(16)
         record.update(session=sid.hex())
@@ -154,6 +156,7 @@ class ModelOwnerService:
             to_dealer.close(flush_s=1.0)
             code = rep["code"] if rep["code"] in ("busy", "shutting-down") else "dealer-unavailable"
             return self._refuse(to_data, record, code, f"the dealer refused the session: {rep['error']}")
+        to_data.max_frame = to_dealer.max_frame = self.cfg.max_frame_bytes  # before the peers may send more
         wire.reply(to_data, "ok", session=sid.hex(), plan=model.fingerprint)
         to_data.session = to_dealer.session = sid
         _run("model-owner", [to_data, to_dealer], record,
@@ -190,6 +193,7 @@ class DealerService:
 
     def handle(self, svc: Service, peer: PeerId, tls: ssl.SSLSocket) -> None:
         ch = TlsChannel("dealer", peer.role, ZERO_SESSION, tls, self.cfg.timeout_s)
+        ch.max_frame = HANDSHAKE_FRAME  # raised once the session is paired
         record: dict[str, Any] = {"time": now_iso(), "service": "dealer", "peer": peer.audit()}
         try:
             if peer.role == "data-owner":
@@ -210,7 +214,7 @@ class DealerService:
             pass
         ch.close(flush_s=2.0)
 
-    def _join(self, peer: PeerId, ch: Channel, record: dict[str, Any]) -> bool:
+    def _join(self, peer: PeerId, ch: TlsChannel, record: dict[str, Any]) -> bool:
         """Hand ``ch`` to the session it names (True), or refuse it (False)."""
         try:
             msg = wire.receive(ch, wire.JOIN, self.cfg.connect_timeout_s)
@@ -230,11 +234,12 @@ class DealerService:
         if pending.channel is not ch:
             self._refuse(ch, record, "not-allowed", "this session was opened for another data owner's certificate")
             return False
+        ch.max_frame = self.cfg.max_frame_bytes  # admitted: session messages may follow at once
         wire.reply(ch, "ok", session=msg["session"])
         pending.joined.set()
         return True
 
-    def _open(self, svc: Service, peer: PeerId, to_model: Channel, record: dict[str, Any]) -> None:
+    def _open(self, svc: Service, peer: PeerId, to_model: TlsChannel, record: dict[str, Any]) -> None:
         ct = self.cfg.connect_timeout_s
         try:
             msg = wire.receive(to_model, wire.OPEN, ct)
@@ -255,6 +260,7 @@ class DealerService:
                     self._pending[sid] = pending
             if clash:  # 2^-128 by chance: a model owner reusing an id is refused
                 return self._refuse(to_model, record, "unknown-session", "this session id is already waiting")
+            to_model.max_frame = self.cfg.max_frame_bytes  # the plan follows the reply at once
             wire.reply(to_model, "ok", session=msg["session"])
             if not pending.joined.wait(ct):
                 with self._lock:
@@ -268,7 +274,7 @@ class DealerService:
             to_data = pending.channel
             if to_data is None or pending.peer is None or not isinstance(to_data, TlsChannel):
                 raise ProtocolError("dealer: a joined session has no data owner channel")
-            to_data.move_to_group(to_model.group if isinstance(to_model, TlsChannel) else FailureGroup())
+            to_data.move_to_group(to_model.group)
             to_data.session = to_model.session = sid
             record.update(data_owner_peer=pending.peer.audit())
             _run("dealer", [to_data, to_model], record, lambda: session.dealer(to_data, to_model))
