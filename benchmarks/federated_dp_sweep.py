@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--recipes", default="scatter,end-to-end")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="moving average of the global weights (points recorded as RECIPE+emaD)")  # fmt: skip
+    ap.add_argument("--augment-mult", type=int, default=1,
+                    help="augmented views per training image (points recorded as RECIPE+augK)")  # fmt: skip
     ap.add_argument("--out", default="benchmarks/results/federated_dp")
     ap.add_argument("--work", default="/tmp/privmed-dp-sweep", help="run folders and studies (deleted per run)")
     args = ap.parse_args()
@@ -109,7 +111,8 @@ def main() -> None:
         for recipe in args.recipes.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
                 eps_key = "inf" if math.isinf(epsilon) else epsilon
-                label = f"{recipe}+ema{args.ema:g}" if args.ema else recipe
+                label = recipe + (f"+ema{args.ema:g}" if args.ema else "")
+                label += f"+aug{args.augment_mult}" if args.augment_mult > 1 else ""
                 if (args.per_site, label, eps_key, seed) in done():
                     continue
                 sched = _schedule(recipe, epsilon, smallest)
@@ -120,6 +123,7 @@ def main() -> None:
                     study, run, model="small-cnn", rounds=sched["rounds"], secagg=True, dp=dp,
                     image_size=args.size, features=(8, 16, 16), recipe=recipe,
                     batch_size=sched["batch_size"], lr=sched["lr"], seed=seed, ema=args.ema,
+                    augment_mult=args.augment_mult,
                 )  # fmt: skip
                 sites = SimulationSites(
                     data_dir=study.resolve(), sites=cfg.sites, run_dir=run.resolve(), require_secagg=True,
@@ -143,6 +147,7 @@ def main() -> None:
                 fit = metrics.get("fit", {})
                 point = {
                     "per_site": args.per_site, "recipe": label, "epsilon": eps_key, "seed": seed, "ema": args.ema,
+                    "augment_mult": args.augment_mult,
                     "pooled_auroc": metrics.get("pooled_auroc_macro"),
                     "sites": {s: metrics.get("evaluation", {}).get(s, {}).get("auroc_macro") for s in cfg.sites},
                     "per_label": metrics.get("pooled_auroc"),

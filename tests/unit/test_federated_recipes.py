@@ -105,3 +105,49 @@ def test_recipe_is_part_of_the_run_config_and_old_manifests_still_load():
     with pytest.raises(ConfigError, match="multiple of 8"):
         FederatedConfig(model="small-cnn", rounds=1, labels=("a",), sites=("s1", "s2", "s3"),
                         image_size=36, recipe="scatter").check()  # fmt: skip
+
+
+def test_augmentation_multiplicity_clips_the_mean_gradient_over_each_images_views():
+    """One DP step on 2 images x 3 views (q = 1). Oracle: per view gradients by autograd,
+    averaged per image, clipped as one example (Opacus' factor min(1, C / (|g| + 1e-6))),
+    summed, plus the noise recomputed from the insecure seed's stream, / 2."""
+    from privmed.federated.arrays import federated_names, get_arrays, set_arrays
+    from privmed.federated.local import DPSGD, LocalTraining, client_update
+    from privmed.federated.noise import NOISE_LABEL, gaussian_noise, insecure_seeded_prg
+    from privmed.federated.recipes import augmented_views
+    from privmed.models.zoo import build_model
+
+    torch.manual_seed(0)
+    model = build_model("small-cnn", 1, 3, norm="group", features=(4, 8))
+    rng = np.random.default_rng(3)
+    images = rng.standard_normal((2, 1, 16, 16)).astype(np.float32)
+    y = (rng.random((2, 3)) < 0.5).astype(np.float32)
+    x = augmented_views(images, 3)
+    assert x.shape == (2, 3, 1, 16, 16)
+    np.testing.assert_array_equal(x[:, 1], images[..., ::-1])
+    lr, sigma, clip, seed = 0.1, 1.3, 0.05, 11
+    update = client_update(model, get_arrays(model), x, y, LocalTraining(1, 2, lr),
+                           dp=DPSGD(sigma, clip), insecure_noise_seed=seed)  # fmt: skip
+
+    ref = build_model("small-cnn", 1, 3, norm="group", features=(4, 8))
+    set_arrays(ref, get_arrays(model))
+    params = list(ref.parameters())
+    clipped = [torch.zeros_like(p) for p in params]
+    for i in range(2):
+        per_view = []
+        for v in range(3):
+            logits = ref(torch.from_numpy(np.ascontiguousarray(x[i, v : v + 1])))
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, torch.from_numpy(y[i : i + 1]), reduction="sum") / 3  # fmt: skip
+            per_view.append(torch.autograd.grad(loss, params))
+        mean = [sum(g[k] for g in per_view) / 3 for k in range(len(params))]
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in mean))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        assert factor < 1.0
+        clipped = [c + factor * g for c, g in zip(clipped, mean, strict=True)]
+    stream = insecure_seeded_prg(seed).stream(NOISE_LABEL)
+    noisy = [c + gaussian_noise(stream, sigma * clip, c.shape) for c in clipped]
+    expected = {n: -lr * g / 2 for (n, _), g in zip(ref.named_parameters(), noisy, strict=True)}
+    assert update.steps == 1 and update.num_examples == 2
+    for name, delta in zip(federated_names(model), update.delta, strict=True):
+        np.testing.assert_allclose(delta, expected[name].numpy(), rtol=1e-5, atol=1e-7)

@@ -52,6 +52,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                         " end-to-end: the whole --model (default without DP)")  # fmt: skip
     p.add_argument("--ema", type=float, default=0.0,
                    help="evaluate and export a moving average of the global weights with this decay per round (0: off)")  # fmt: skip
+    p.add_argument("--augment-mult", type=int, default=1,
+                   help="augmented views per training image, gradients averaged per image before clipping (1: off)")  # fmt: skip
     p.add_argument("--train-params", default="all", choices=TRAIN_PARAMS,
                    help="parameters local training updates: all (default), norms-head, head")  # fmt: skip
     p.add_argument("--rounds", type=int, default=None,
@@ -221,6 +223,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         args.data, args.out, model=args.model, rounds=rounds, secagg=args.secagg, dp=_dp(args),
         image_size=args.image_size, features=_features(args.features), norm=args.norm,
         recipe=recipe, train_params=args.train_params, ema=args.ema,
+        augment_mult=args.augment_mult,
         local_epochs=args.local_epochs, batch_size=batch_size, lr=lr, seed=args.seed,
         secagg_clip=args.secagg_clip, secagg_threshold=args.secagg_threshold,
     )  # fmt: skip
@@ -346,7 +349,7 @@ def run_deployment(args: argparse.Namespace) -> int:
     if why:
         print(f"DP plan: {why}", flush=True)
     config = FederatedConfig(
-        model=args.model, rounds=rounds, recipe=recipe, train_params=args.train_params, ema=args.ema,
+        model=args.model, rounds=rounds, recipe=recipe, train_params=args.train_params, ema=args.ema, augment_mult=args.augment_mult,
         labels=tuple(s.strip() for s in args.labels.split(",") if s.strip()),
         sites=tuple(s.strip() for s in args.sites.split(",") if s.strip()),
         image_size=args.image_size, features=_features(args.features),

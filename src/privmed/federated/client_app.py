@@ -186,7 +186,7 @@ class SiteClient(NumPyClient):
             self.spec.data_dir, self.spec.site, labels=cfg.labels,
             image_size=cfg.image_size, test_fraction=cfg.test_fraction,
         )
-        data = site_inputs(cfg.recipe, data, self.spec.feature_cache or self.spec.state_dir)
+        data = site_inputs(cfg.recipe, data, self.spec.feature_cache or self.spec.state_dir, cfg.augment_mult)
         model = cfg.build_model()
         return cfg, server_round, data, model
 

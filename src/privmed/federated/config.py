@@ -148,6 +148,8 @@ class FederatedConfig:
     recipe : "end-to-end" (``model`` trained whole) or "scatter" (frozen scattering
         features + a small DP-trained head); see ``recipes``.
     train_params : "all", "norms-head" or "head": the parameters local training updates.
+    augment_mult : augmented views per training image (1 = off); each example's gradient is
+        the mean over its views before clipping (``local``, ``recipes.augmented_views``).
     ema : decay of an exponential moving average of the global weights over rounds (0 =
         off). The sites train from the plain global weights; evaluation and the exported
         model use the average (post-processing of released models: no privacy cost).
@@ -171,6 +173,7 @@ class FederatedConfig:
     recipe: str = "end-to-end"
     train_params: str = "all"
     ema: float = 0.0
+    augment_mult: int = 1
     test_fraction: float = 0.2
     seed: int = 0
     run_name: str = "run"
@@ -203,6 +206,8 @@ class FederatedConfig:
             raise ConfigError(f"recipe: expected one of {', '.join(RECIPES)}, got {self.recipe!r}")
         if self.train_params not in TRAIN_PARAMS:
             raise ConfigError(f"train-params: expected one of {', '.join(TRAIN_PARAMS)}, got {self.train_params!r}")
+        if not 1 <= self.augment_mult <= 6:
+            raise ConfigError(f"augment-mult: expected 1..6 views, got {self.augment_mult}")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"ema: expected a decay in [0, 1), got {self.ema}")
         self._check_size()
@@ -268,7 +273,7 @@ class FederatedConfig:
         """Parse ``to_flat`` output (extra keys ignored); raise ConfigError on missing/wrong keys."""
         data = {str(k).replace("-", "_"): v for k, v in flat.items()}
 
-        for name, default in (("recipe", "end-to-end"), ("train_params", "all"), ("ema", 0.0)):
+        for name, default in (("recipe", "end-to-end"), ("train_params", "all"), ("ema", 0.0), ("augment_mult", 1)):
             data.setdefault(name, default)  # runs started before recipes existed
 
         def take(name: str, kind: type) -> Any:

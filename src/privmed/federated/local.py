@@ -159,7 +159,10 @@ def client_update(
     ----------
     model : architecture; not modified (a deep copy is trained).
     global_arrays : global weights in ``federated_names(model)`` order.
-    x : float32 (N, C, H, W) images; y : float32 (N, K) labels, nan = unknown.
+    x : float32 (N, C, H, W) images, or (N, V, C, H, W) with V augmented views of each image
+        (augmentation multiplicity, De et al. 2022: an example's gradient is the mean over its
+        views, clipped as one example, so the privacy accounting is unchanged);
+        y : float32 (N, K) labels, nan = unknown.
     training : epochs, batch size, learning rate.
     dp : DP-SGD parameters, or None for plain SGD.
     data_seed : seeds the shuffling of plain SGD (DP sampling is from the crypto PRG).
@@ -266,17 +269,31 @@ class _IndexedBatches:
             yield tuple(t[indices] for t in self.tensors)
 
 
+def _average_views(model: nn.Module, views: int) -> None:
+    """Per-sample gradients of (B * views) rows -> (B) examples: the mean over each example's
+    views (rows ``b * views .. b * views + views - 1``), before Opacus clips per example."""
+    for p in model.parameters():
+        grad_sample = getattr(p, "grad_sample", None)
+        if isinstance(grad_sample, torch.Tensor):
+            p.grad_sample = grad_sample.reshape(-1, views, *grad_sample.shape[1:]).mean(dim=1)
+
+
 def _run_epochs(
     model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable[Any], epochs: int
 ) -> tuple[float, int]:
     loss_sum, steps = 0.0, 0
     for _ in range(epochs):
         for xb, yb in loader:
+            views = xb.shape[1] if xb.ndim == 5 else 1
+            if views > 1:  # (B, V, C, H, W) -> B * V rows, each row with its example's labels
+                xb, yb = xb.reshape(-1, *xb.shape[2:]), yb.repeat_interleave(views, dim=0)
             optimizer.zero_grad(set_to_none=True)
             logits = model(xb)
             # A Poisson batch can be empty: the step still happens (noise, accounting).
             loss = _masked_bce(logits, yb) if xb.shape[0] else logits.sum() * 0.0
             loss.backward()
+            if views > 1:
+                _average_views(model, views)
             optimizer.step()
             loss_sum += float(loss.detach())
             steps += 1

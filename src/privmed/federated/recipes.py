@@ -41,6 +41,7 @@ __all__ = [
     "RECIPES",
     "TRAIN_PARAMS",
     "DPPlan",
+    "augmented_views",
     "feature_extractor",
     "plan_dp",
     "select_trainable",
@@ -84,21 +85,59 @@ def select_trainable(model: Any, which: str) -> Any:
     return model
 
 
+MAX_VIEWS = 6
+
+
+def _shift(x: np.ndarray, axis: int, by: int) -> np.ndarray:
+    """Shift the images along ``axis`` by ``by`` pixels, filling with the reflected border."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (max(by, 0), max(-by, 0))
+    padded = np.pad(x, pad, mode="reflect")
+    start = max(-by, 0)
+    return np.take(padded, range(start, start + x.shape[axis]), axis=axis)
+
+
+def augmented_views(x: np.ndarray, views: int) -> np.ndarray:
+    """(N, C, H, W) -> (N, views, C, H, W): the image, its left-right mirror, then shifts by
+    2 pixels (down, right, up, left). Deterministic (no randomness), label-preserving for
+    the chest findings; the view axis is what ``local.client_update`` averages per example
+    (augmentation multiplicity)."""
+    if not 1 <= views <= MAX_VIEWS:
+        raise ConfigError(f"augmentation multiplicity: expected 1..{MAX_VIEWS} views, got {views}")
+    makers = [
+        lambda a: a,
+        lambda a: a[..., ::-1],
+        lambda a: _shift(a, 2, 2),
+        lambda a: _shift(a, 3, 2),
+        lambda a: _shift(a, 2, -2),
+        lambda a: _shift(a, 3, -2),
+    ]
+    return np.stack([np.ascontiguousarray(m(x)) for m in makers[:views]], axis=1).astype(np.float32)
+
+
 def _features(extractor: Any, x: np.ndarray, chunk: int = 128) -> np.ndarray:
+    """Features of (N, C, H, W) images, or of (N, V, C, H, W) views (kept as (N, V, ...))."""
     import torch
 
+    if x.ndim == 5:
+        flat = _features(extractor, x.reshape(-1, *x.shape[2:]), chunk)
+        return flat.reshape(x.shape[0], x.shape[1], *flat.shape[1:])
     with torch.no_grad():
         parts = [extractor(torch.as_tensor(x[i : i + chunk])).numpy() for i in range(0, len(x), chunk)]
     return np.concatenate(parts).astype(np.float32)
 
 
-def site_inputs(recipe: str, data: Any, cache_dir: str | Path | None) -> Any:
-    """``data`` (a ``SiteData``) with images replaced by the recipe's frozen features.
+def site_inputs(recipe: str, data: Any, cache_dir: str | Path | None, views: int = 1) -> Any:
+    """``data`` (a ``SiteData``) with the training images expanded to ``views`` augmented
+    views (``augmented_views``, if views > 1) and all images replaced by the recipe's
+    frozen features.
 
     Cached in ``cache_dir/features-<key>.npz``, ``key`` = SHA-256 of (recipe, data-set
     fingerprint, image shape, the image ids' split), and recomputed if the file does not
     match the arrays' shapes. The cache belongs to the site (derived from its images).
     """
+    if views > 1:
+        data = replace(data, x_train=augmented_views(data.x_train, views))
     if recipe == "end-to-end":
         return data
     key_text = f"{recipe}|{SCATTER_J}|{SCATTER_L}|{data.fingerprint}|{data.x_train.shape}|{data.x_test.shape}"

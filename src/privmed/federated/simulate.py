@@ -58,6 +58,7 @@ def prepare_config(
     recipe: str = "end-to-end",
     train_params: str = "all",
     ema: float = 0.0,
+    augment_mult: int = 1,
     local_epochs: int = 1,
     batch_size: int = 16,
     lr: float = 0.05,
@@ -90,7 +91,7 @@ def prepare_config(
     config = FederatedConfig(
         model=model, rounds=rounds, labels=summary.labels, sites=summary.sites,
         image_size=image_size, features=tuple(features), local_epochs=local_epochs, batch_size=batch_size, lr=lr,
-        norm=norm, recipe=recipe, train_params=train_params, ema=ema, test_fraction=test_fraction, seed=seed,
+        norm=norm, recipe=recipe, train_params=train_params, ema=ema, augment_mult=augment_mult, test_fraction=test_fraction, seed=seed,
         run_name=run_name,
         secagg=sa, dp=dp,
     )  # fmt: skip
@@ -140,7 +141,8 @@ def _baselines(study_dir: str | Path, run_dir: RunDir, config: FederatedConfig) 
             return dict(body["baselines"])
     sites = [
         site_inputs(config.recipe, load_site(study_dir, s, labels=config.labels, image_size=config.image_size,
-                                             test_fraction=config.test_fraction), run_dir.site_state_dir(s))
+                                             test_fraction=config.test_fraction), run_dir.site_state_dir(s),
+                    config.augment_mult)
         for s in config.sites
     ]  # fmt: skip
     result = {"central": central_baseline(config, sites), "local_only": local_only_baseline(config, sites)}
