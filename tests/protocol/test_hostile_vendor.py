@@ -344,8 +344,10 @@ def _node_of(raw: dict, op: str) -> dict:
     (lambda raw: _node_of(raw, "mul")["inputs"].reverse(), "must broadcast to the first"),
     (lambda raw: _node_of(raw, "interp")["attrs"]["taps"][0][0].__setitem__(0, 4), "outside [0, 4)"),
     (lambda raw: _node_of(raw, "interp")["attrs"]["weights"][0].append([0.5] * 8), "same length"),
+    (lambda raw: _node_of(raw, "interp")["attrs"].update(taps=[[[0] * 8] * 4] * 2 + [[[0] * 8] * 4], weights=[[[0.5] * 8] * 4] * 3),
+     "tap lists"),
 ], ids=["knots-order", "knot-grid", "ragged-coeffs", "too-many-intervals", "unknown-fn", "softmax-axis", "einsum-batch-letter",
-        "einsum-shape", "mul-broadcast", "interp-taps", "interp-weights"])  # fmt: skip
+        "einsum-shape", "mul-broadcast", "interp-taps", "interp-weights", "interp-rank"])  # fmt: skip
 def test_crafted_issue13_attributes_are_refused(issue13_plan: Plan, mutate, rule) -> None:
     """A hostile model owner's tables, equations and taps are checked like every attribute:
     they decide which masks are drawn and how large, so nothing unchecked reaches a protocol."""
@@ -354,3 +356,16 @@ def test_crafted_issue13_attributes_are_refused(issue13_plan: Plan, mutate, rule
     mutate(raw)
     with pytest.raises(PlanError, match=rule.replace("[", r"\[").replace("^", r"\^").replace("(", r"\(").replace(")", r"\)")):
         parse_plan(json.dumps(raw), [1, 4, 4])
+
+
+def test_interpolation_tap_combinations_are_capped() -> None:
+    """Each combination of taps is one gather of the whole output: 4 taps on 4 axes (256) would
+    multiply the data owner's work and memory by 256; tricubic (64) is the most allowed."""
+    from privmed.ir.shapes import ShapeError, infer_shape
+
+    def attrs(axes: int) -> dict:
+        return {"taps": [[[0, 1]] * 4] * axes, "weights": [[[0.25, 0.25]] * 4] * axes}
+
+    assert infer_shape("interp", [[1, 4, 4, 4]], attrs(3)) == [1, 2, 2, 2]
+    with pytest.raises(ShapeError, match="256 tap combinations"):
+        infer_shape("interp", [[1, 4, 4, 4, 4]], attrs(4))

@@ -19,6 +19,7 @@ from typing import Any
 from privmed.ring.linalg import ConvSpec
 
 Shape = list[int]
+MAX_TAP_COMBINATIONS = 64  # interp: 4 taps per axis in 3-D (tricubic)
 
 
 class ShapeError(ValueError):
@@ -206,6 +207,8 @@ def _interp(in_shapes: Sequence[Shape], attrs: dict[str, Any]) -> Shape:
     x, taps, weights = in_shapes[0], attrs["taps"], attrs["weights"]
     if len(taps) != len(x) - 1 or len(weights) != len(taps):
         raise ShapeError(f"{len(taps)} tap lists and {len(weights)} weight lists for {len(x) - 1} spatial dims")
+    if _prod([len(axis) for axis in taps]) > MAX_TAP_COMBINATIONS:  # each combination is one gather of the output
+        raise ShapeError(f"{_prod([len(axis) for axis in taps])} tap combinations, more than {MAX_TAP_COMBINATIONS} (tricubic)")
     out = [x[0]]
     for d, (axis, w) in enumerate(zip(taps, weights, strict=True)):
         size = len(axis[0])
