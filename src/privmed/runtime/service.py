@@ -91,14 +91,14 @@ class AuditLog:
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, sort_keys=True)
         with self._lock:
+            if self.on_record:  # first: once the line is in the file, the metrics count it too
+                self.on_record(record)
             if self.path is not None:
                 try:
                     with self.path.open("a") as fh:
                         fh.write(line + "\n")
                 except OSError as exc:  # the session itself is over; say so, keep serving
                     log.error("cannot append to the audit log %s: %s", self.path, exc)
-            if self.on_record:
-                self.on_record(record)
 
 
 def now_iso() -> str:
