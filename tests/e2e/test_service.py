@@ -70,7 +70,7 @@ def make_orgs(base: Path) -> Orgs:
 
 
 def _service_toml(orgs: Orgs, org: str, port: int, *, max_sessions: int, allow: list[str], dealer_port: int | None,
-                  timeout_s: float = 20, metrics_port: int | None = None) -> Path:
+                  timeout_s: float = 20, metrics_port: int | None = None, per_peer: int | None = None) -> Path:
     role = ORGS[org][0]
     lines = ["[service]", 'host = "127.0.0.1"', f"port = {port}", 'ca = "ca.pem"', f'cert = "{role}.pem"', f'key = "{role}.key"',
              f"max_sessions = {max_sessions}", f"timeout_s = {timeout_s}", "connect_timeout_s = 15", 'audit_log = "audit.jsonl"',
@@ -78,6 +78,8 @@ def _service_toml(orgs: Orgs, org: str, port: int, *, max_sessions: int, allow: 
     if metrics_port is not None:
         lines.append(f'metrics = "127.0.0.1:{metrics_port}"')
     lines.append(f"max_frame_mb = {MAX_FRAME_MB}")
+    if per_peer is not None:
+        lines.append(f"max_sessions_per_peer = {per_peer}")
     if dealer_port is not None:
         lines += ["", "[dealer]", 'host = "127.0.0.1"', f"port = {dealer_port}"]
     path = orgs.base / org / "service.toml"
@@ -174,13 +176,13 @@ class Deployment:
             p.popen.wait(timeout=10)
 
 
-def deploy(base: Path, model: TinyModel, *, max_sessions: int, timeout_s: float = 20) -> Deployment:
+def deploy(base: Path, model: TinyModel, *, max_sessions: int, timeout_s: float = 20, per_peer: int | None = None) -> Deployment:
     orgs = make_orgs(base)
     mport, dport = free_port(), free_port()
     allow = [fingerprint_file(orgs.ident("st-mary").cert), "O=Northfield Clinic"]
     _service_toml(orgs, "helper", dport, max_sessions=4, allow=["O=Acme Imaging AI"], dealer_port=None, timeout_s=timeout_s)
     _service_toml(orgs, "vendor", mport, max_sessions=max_sessions, allow=allow, dealer_port=dport, timeout_s=timeout_s,
-                  metrics_port=free_port())
+                  metrics_port=free_port(), per_peer=per_peer)
     for org in ("st-mary", "northfield", "outsider"):
         _session_toml(orgs, org, mport, dport)
     (base / "vendor" / "slow.onnx").write_bytes(model.onnx.read_bytes())
@@ -459,12 +461,26 @@ def test_the_metrics_endpoint_counts_what_the_audit_log_records(services: Deploy
     assert "St Mary" not in text and "sha256" not in text and "127.0.0.1" not in text
 
 
-def test_sigterm_finishes_running_sessions_and_refuses_new_ones(tmp_path: Path, slow_cnn: TinyModel) -> None:
-    dep = deploy(tmp_path, slow_cnn, max_sessions=2)
+def _request(dep: Deployment, org: str) -> dict:
+    """One in-process request for the model (the connection is closed after the reply)."""
+    ch = _channel(dep.orgs.ident(org), "model-owner", _port(dep, "vendor"))
     try:
-        # Prepare: one session running
+        wire.send(ch, wire.REQUEST, model="slow", plan="")
+        return wire.receive(ch, wire.REPLY, 15)
+    finally:
+        ch.close(flush_s=1.0)
+
+
+def test_sigterm_finishes_running_sessions_and_refuses_new_ones(tmp_path: Path, slow_cnn: TinyModel) -> None:
+    dep = deploy(tmp_path, slow_cnn, max_sessions=2, per_peer=1)
+    try:
+        # Prepare: one session running; with one slot per certificate, St Mary's second request
+        # is refused while Northfield's is admitted
         a = dep.hospital("st-mary", "running", images=3)
         a.wait_text("secure inference:", 60, "err")
+        second, other = _request(dep, "st-mary"), _request(dep, "northfield")
+        assert second["code"] == "busy" and "busy for this certificate (1 of at most 1 sessions per peer" in second["error"], second
+        assert other["ok"] is True, other
         # Execute: SIGTERM to both services, then a new request
         dep.vendor.kill(signal.SIGTERM)
         dep.helper.kill(signal.SIGTERM)

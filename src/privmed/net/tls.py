@@ -131,6 +131,11 @@ class TlsChannel(Channel):
         self._thread = threading.Thread(target=self._io_loop, name=f"tls-{me}->{peer}", daemon=True)
         self._thread.start()
 
+    def alive(self) -> bool:
+        """The peer has neither closed, failed nor aborted (as far as read so far)."""
+        with self._lock:
+            return not (self._eof or self._error is not None or self.group.reason)
+
     def move_to_group(self, group: FailureGroup) -> None:
         """Make this channel part of ``group`` (a dealer service pairs two connections that
         arrived separately into one session: an abort on either then wakes both)."""

@@ -123,6 +123,7 @@ class Service:
         self._ctx = server_context(cfg.identity)
         self._lock = threading.Lock()
         self.active = 0  # sessions holding a slot
+        self._per_peer: dict[str, int] = {}  # certificate fingerprint -> slots it holds
         self._connections = 0
         self.max_connections = 3 * cfg.max_sessions + 32
         self.draining = False
@@ -130,19 +131,29 @@ class Service:
         self.port = int(self._sock.getsockname()[1])
 
     # -- slots -----------------------------------------------------------------------
-    def reserve(self) -> tuple[str, str] | None:
-        """Take a session slot, or (code, reason) why not (atomic with the drain check)."""
+    def reserve(self, peer: PeerId) -> tuple[str, str] | None:
+        """Take a session slot for ``peer``, or (code, reason) why not (atomic with the drain
+        check). No certificate holds more than ``max_sessions_per_peer`` slots, so one hospital
+        submitting in parallel cannot starve the others."""
         with self._lock:
             if self.draining:
                 return "shutting-down", f"{self.cfg.role} service is shutting down; try again later"
             if self.active >= self.cfg.max_sessions:
                 return "busy", f"{self.cfg.role} service is busy ({self.active} of {self.cfg.max_sessions} sessions running); try again later"
+            mine = self._per_peer.get(peer.fingerprint, 0)
+            if mine >= self.cfg.max_sessions_per_peer:
+                return "busy", (f"{self.cfg.role} service is busy for this certificate ({mine} of at most "
+                                f"{self.cfg.max_sessions_per_peer} sessions per peer running); try again later")
             self.active += 1
+            self._per_peer[peer.fingerprint] = mine + 1
             return None
 
-    def release(self) -> None:
+    def release(self, peer: PeerId) -> None:
         with self._lock:
             self.active -= 1
+            left = self._per_peer.pop(peer.fingerprint) - 1
+            if left:
+                self._per_peer[peer.fingerprint] = left
 
     # -- accept loop -----------------------------------------------------------------
     def serve(self, stop: threading.Event) -> None:

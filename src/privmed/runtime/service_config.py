@@ -9,6 +9,7 @@ Example ``service.toml`` (paths are relative to the file)::
     cert = "model-owner.pem"   # this service's own certificate: its role must be the service's
     key = "model-owner.key"
     max_sessions = 4           # sessions at once; beyond that a client is refused as busy
+    max_sessions_per_peer = 2  # optional: at most this many for one certificate (default max_sessions)
     timeout_s = 60             # deadline of every receive during a session
     connect_timeout_s = 30     # handshake, request and pairing deadline
     audit_log = "audit.jsonl"  # one JSON line per session (rotation: left to the system)
@@ -54,6 +55,7 @@ _SERVICE_KEYS: Schema = {
     "host": (str, True), "port": (int, True), "ca": (str, True), "cert": (str, True), "key": (str, True),
     "max_sessions": (int, False), "timeout_s": ((int, float), False), "connect_timeout_s": ((int, float), False),
     "audit_log": (str, False), "allow": (list, True), "metrics": (str, False), "max_frame_mb": (int, False),
+    "max_sessions_per_peer": (int, False),
 }
 _DEALER_KEYS: Schema = {"host": (str, True), "port": (int, True)}
 
@@ -73,6 +75,7 @@ class ServiceConfig:
     dealer: tuple[str, int] | None  # the model owner's dealer address
     metrics: tuple[str, int] | None = None  # Prometheus endpoint (host, port), plain HTTP
     max_frame_bytes: int = 1 << 30  # the largest message a peer may send
+    max_sessions_per_peer: int = 256  # slots one certificate may hold at once
 
 
 def check_allow_entry(entry: object, where: str) -> str:
@@ -106,6 +109,9 @@ def load_service_config(path: Path, role: str) -> ServiceConfig:
     max_sessions = int(sec.get("max_sessions", 4))
     if not 1 <= max_sessions <= 256:
         raise ConfigError(f"{path} [service]: 'max_sessions' must be 1..256, got {max_sessions}")
+    per_peer = int(sec.get("max_sessions_per_peer", max_sessions))
+    if not 1 <= per_peer <= max_sessions:
+        raise ConfigError(f"{path} [service]: 'max_sessions_per_peer' must be 1..max_sessions ({max_sessions}), got {per_peer}")
     allow = tuple(check_allow_entry(e, str(path)) for e in sec["allow"])
     if not allow:
         raise ConfigError(f"{path} [service]: 'allow' is empty: nobody could open a session (use [\"*\"] for any certified peer)")
@@ -120,5 +126,5 @@ def load_service_config(path: Path, role: str) -> ServiceConfig:
         path, role, identity, str(sec["host"]), int(sec["port"]), max_sessions,
         float(sec.get("timeout_s", 60.0)), float(sec.get("connect_timeout_s", 30.0)),
         rel(sec["audit_log"]) if "audit_log" in sec else None, allow, dealer,
-        parse_address(sec["metrics"], str(path)) if "metrics" in sec else None, max_frame_mb << 20,
+        parse_address(sec["metrics"], str(path)) if "metrics" in sec else None, max_frame_mb << 20, per_peer,
     )  # fmt: skip

@@ -36,6 +36,7 @@ from privmed.runtime.service import AuditLog, PeerId, Service, allowed, now_iso
 from privmed.runtime.service_config import ServiceConfig
 
 ZERO_SESSION = bytes(16)
+JOIN_POLL_S = 0.2  # how often a session waiting for its data owner looks at its model owner
 HANDSHAKE_FRAME = 2 * wire.MAX_HANDSHAKE_BYTES  # before admission: a handshake message or an abort
 
 
@@ -127,13 +128,13 @@ class ModelOwnerService:
         if req["plan"] and req["plan"] != model.fingerprint:
             return self._refuse(to_data, record, "plan-mismatch",
                                 f"model {model.name!r} has plan {model.fingerprint}, not the pinned {req['plan']}")
-        refusal = svc.reserve()
+        refusal = svc.reserve(peer)
         if refusal is not None:
             return self._refuse(to_data, record, *refusal)
         try:
             self._session(peer, model, to_data, group, record)
         finally:
-            svc.release()
+            svc.release(peer)
 
     def _session(self, peer: PeerId, model: ServedModel, to_data: TlsChannel, group: FailureGroup, record: dict[str, Any]) -> None:
         ct = self.cfg.connect_timeout_s
@@ -249,7 +250,7 @@ class DealerService:
             return
         sid = bytes.fromhex(msg["session"])
         record.update(session=msg["session"], model=msg["model"], plan=msg["plan"], data_owner=msg["data_owner"])
-        refusal = svc.reserve()
+        refusal = svc.reserve(peer)
         if refusal is not None:
             return self._refuse(to_model, record, *refusal)
         try:
@@ -262,11 +263,15 @@ class DealerService:
                 return self._refuse(to_model, record, "unknown-session", "this session id is already waiting")
             to_model.max_frame = self.cfg.max_frame_bytes  # the plan follows the reply at once
             wire.reply(to_model, "ok", session=msg["session"])
-            if not pending.joined.wait(ct):
+            deadline = time.monotonic() + ct
+            while not pending.joined.wait(JOIN_POLL_S) and time.monotonic() < deadline and to_model.alive():
+                pass  # the model owner may give up first (its data owner left): free the slot then
+            if not pending.joined.is_set():
                 with self._lock:
                     timed_out = self._pending.pop(sid, None) is pending
                 if timed_out or not pending.joined.wait(5.0):
-                    err = PeerError(f"the data owner did not join session {msg['session'][:8]} at the dealer within {ct:.0f}s")
+                    err = PeerError(f"the data owner did not join session {msg['session'][:8]} at the dealer within {ct:.0f}s"
+                                    if to_model.alive() else "the model owner left the session before its data owner joined")
                     record.update(outcome="failed", error=str(err))
                     to_model.abort(f"dealer failed: {err}")
                     to_model.close(flush_s=2.0)
@@ -279,4 +284,4 @@ class DealerService:
             record.update(data_owner_peer=pending.peer.audit())
             _run("dealer", [to_data, to_model], record, lambda: session.dealer(to_data, to_model))
         finally:
-            svc.release()
+            svc.release(peer)
