@@ -268,8 +268,9 @@ def test_monai_unet_with_default_settings_runs_securely(tmp_path: Path) -> None:
 def test_instance_norm_of_small_variance_channels_keeps_its_precision(tmp_path: Path, rng: np.random.Generator) -> None:
     """Channel variances ~6e-5 (std 0.008) hold only ~4 ulps at 16 fractional bits; the
     compiler's public pre-shift (normalisation is scale-invariant) restores var's precision.
-    What remains is the activations' own: 0.008 is ~500 ulps, so 0.2% of |y| <= 3 after
-    weight and input rounding: 1e-2 (measured 7.2e-3; 8.0e-2 with the shift forced to 0)."""
+    What remains is the activations' own: std 0.008 is ~520 ulps and the convolution's output
+    carries up to ~4 ulps (weight rounding and the random +1-ulp truncation), 0.8% of |y| <= 2.8:
+    2.5e-2 (measured 7e-3 to 1.2e-2 over runs; 8.0e-2 with the shift forced to 0)."""
     inits = {"g": np.ones(3, np.float32), "b": np.zeros(3, np.float32), "w": rand(rng, 3, 2, 3, 3, scale=0.002)}
     nodes = [H("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), H("InstanceNormalization", ["c", "g", "b"], ["y"], epsilon=1e-7)]
     p = build(tmp_path / "m.onnx", nodes, inits, [1, 2, 8, 8])
@@ -278,7 +279,7 @@ def test_instance_norm_of_small_variance_channels_keeps_its_precision(tmp_path: 
     assert next(n for n in plan.nodes if n.op == "instnorm").attrs["pre"] >= 4
     secure, _ = run_three(plan, weights, x)
     onnx_out = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(secure, onnx_out, rtol=0, atol=1e-2)
+    np.testing.assert_allclose(secure, onnx_out, rtol=0, atol=2.5e-2)
 
 
 @pytest.mark.parametrize(
