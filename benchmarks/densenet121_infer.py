@@ -88,7 +88,7 @@ def main() -> None:
         agg["count"] += 1
     summary["by_op"] = {k: {**v, "time_s": round(v["time_s"], 3)} for k, v in by_op.items()}
     (args.out / f"densenet121_{args.size}.json").write_text(json.dumps({**summary, "layers": st["layers"]}, indent=1))
-    print(summary_table(st))
+    print(summary_table(result.stats))
     print(f"\nonnxruntime {ort_s * 1000:.1f} ms | secure wall {st['wall_s']:.2f} s (online {st['online_s']:.2f} s) | "
           f"{human_bytes(st['bytes_total'])} | {st['rounds']} rounds | max|secure - onnxruntime| = {err:.2e}")
     print("cpu seconds per role:", st["cpu_s"])
