@@ -139,3 +139,52 @@ def test_softmax_inside_the_network_matches_numpy(tmp_path: Path, length: int) -
     per_compare = 2 + int(np.ceil(np.log2(m)))
     max_tree = int(np.ceil(np.log2(length)))
     assert stats["data-owner"]["rounds"] == (max_tree + 2) * per_compare + 5 + 1 + 4 * 4 + 1 + 3  # + trunc, Mul, reveal
+
+
+def test_threshold_signs_with_one_shared_opening_are_exact() -> None:
+    """compare.sign_thresholds: x is opened once and compared with every knot; every bit
+    [x >= t_j] must be exact for |x - t_j| < 2^bits, including x equal to a knot and one ulp
+    on either side, and the data owner sends one ring element per x, not one per knot."""
+    import threading
+
+    from privmed.crypto.prg import PRG, StreamKey
+    from privmed.mpc import compare
+    from privmed.mpc.correlation.expand import thresholds_correction
+    from privmed.mpc.correlation.requests import Purpose, Request, ThresholdSpec
+    from privmed.mpc.correlation.source import DealerSource
+    from privmed.mpc.party import Party
+    from privmed.net.channel import in_process_pair
+
+    f, bits = 16, 28
+    knots = encode(np.array([-9.25, -2.5, -0.5, 0.0, 0.5, 3.0, 100.0]), f)
+    rng = np.random.default_rng(11)
+    near = (knots.view(np.int64)[:, None] + np.array([-1, 0, 1])).reshape(-1)
+    x = np.concatenate([near, rng.integers(-(2**26), 2**26, 5000)]).astype(np.int64).view(np.uint64)
+    spec = ThresholdSpec(x.size, knots.size, bits)
+    sid = bytes(16)
+    p0_ch, p1_ch = in_process_pair("data-owner", "model-owner", sid, 30)
+    d_ch, p1_dealer = in_process_pair("dealer", "model-owner", sid, 30)
+    s0, s1 = PRG.fresh().seed, PRG.fresh().seed
+    req = Request("T", StreamKey(0, 0, Purpose.NONLINEAR), 0, thresholds=spec)
+    c_hat, tables, packed = thresholds_correction(spec, PRG(s0).stream(req.key), PRG(s1).stream(req.key), PRG.fresh().stream(req.key))
+    for tag, value in (("T/A", c_hat), ("T/T", tables), ("T/B", packed)):
+        d_ch.send(tag, value)
+    x0 = PRG.fresh().stream("share").uint64(x.shape)
+    shares, out, sent = {0: x0, 1: x - x0}, {}, {}
+
+    def party(i: int) -> None:
+        p = Party(i, p0_ch if i == 0 else p1_ch, DealerSource(i, s0 if i == 0 else s1, None if i == 0 else p1_dealer))
+        out[i] = compare.sign_thresholds(p, req, shares[i], knots)
+        sent[i] = p.peer.counters.bytes_sent
+
+    threads = [threading.Thread(target=party, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert set(out) == {0, 1}, "a party failed"
+    want = (x.view(np.int64)[None, :] >= knots.view(np.int64)[:, None]).astype(np.uint64)
+    np.testing.assert_array_equal(out[0] + out[1], want)
+    # one opening (8 B per x) + per knot 9 AND gates of 2 bits and the 1-bit e (m = 7): ~25 B
+    # per x; separate signs would send 8 + 2.4 B per knot, 73 B per x
+    assert sent[0] < x.size * (8 + knots.size * 3) + 4096

@@ -10,7 +10,7 @@ The outer intervals hold the function's asymptote (a constant, or x for SiLU and
 m = 0, so no input is ever clamped. ``privmed.compiler.approx`` fits the table and measures its
 error; the algorithm, for x at scale f:
 
-1. b_j = [x >= t_j] for every knot (one batched comparison; scale 0).
+1. b_j = [x >= t_j] for every knot (one comparison of x with all the knots; scale 0).
 2. Interval selection by telescoping: for any per-interval constant v_j,
    v(x) = v_0 + sum_j b_j (v_j - v_{j-1}) is v_j on interval j; a public linear map of the bits.
    This gives the secret center M (scale f) and coefficients C_k (scale f) of x's interval.
@@ -63,7 +63,7 @@ def exact(fn: str) -> Callable[[np.ndarray], np.ndarray]:
 
 class ApproxOps(Protocol):
     def const(self, value: np.ndarray) -> np.ndarray: ...
-    def sign(self, x: np.ndarray) -> np.ndarray: ...
+    def sign_thresholds(self, x: np.ndarray, thresholds: np.ndarray) -> np.ndarray: ...
     def square(self, x: np.ndarray) -> np.ndarray: ...
     def mul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray: ...
     def trunc(self, x: np.ndarray, shift: int) -> np.ndarray: ...
@@ -81,8 +81,7 @@ def piecewise(ops: ApproxOps, x: np.ndarray, attrs: dict[str, Any], f: int) -> n
     """Steps 1-4 of the module docstring on x (scale f); the result is at scale 2f."""
     shape = x.shape
     flat = np.ascontiguousarray(x.reshape(-1))
-    knots = encode(np.asarray(attrs["knots"], dtype=np.float64), f)
-    bits = ops.sign(flat[None, :] - ops.const(np.broadcast_to(knots[:, None], (knots.size, flat.size)).copy()))
+    bits = ops.sign_thresholds(flat, encode(np.asarray(attrs["knots"], dtype=np.float64), f))  # (K - 1, n)
     centers = encode(np.asarray(attrs["centers"], dtype=np.float64), f)
     coeffs = encode(np.asarray(attrs["coeffs"], dtype=np.float64), f)  # (K, d + 1)
     u = flat - _select(bits, centers, ops)
@@ -124,8 +123,8 @@ class PlainApproxOps:
     def const(self, value: np.ndarray) -> np.ndarray:
         return value
 
-    def sign(self, x: np.ndarray) -> np.ndarray:
-        return (signed(x) >= 0).astype(U64)
+    def sign_thresholds(self, x: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+        return (signed(x[None] - thresholds.reshape(-1, *([1] * x.ndim))) >= 0).astype(U64)
 
     def square(self, x: np.ndarray) -> np.ndarray:
         return x * x

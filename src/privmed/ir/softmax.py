@@ -43,9 +43,9 @@ def row_max(ops: ApproxOps, x: np.ndarray) -> np.ndarray:
 def reciprocal_guess(ops: ApproxOps, s: np.ndarray, length: int, f: int) -> np.ndarray:
     """Step 4's y0 for S in [1, length] (s at scale f, any shape): (2/3) 2^-k on [2^k, 2^(k+1))."""
     ks = np.arange(1, max(1, math.ceil(math.log2(length))) + 1, dtype=np.float64)
-    bits = ops.sign(s[..., None] - ops.const(np.broadcast_to(encode(2.0**ks, f), (*s.shape, ks.size)).copy()))
-    steps = encode((2.0 / 3.0) * (2.0**-ks - 2.0 ** -(ks - 1)), f)
-    return ops.const(np.broadcast_to(encode(np.array(2.0 / 3.0), f), s.shape).copy()) + (bits * steps).sum(axis=-1, dtype=U64)
+    bits = ops.sign_thresholds(np.ascontiguousarray(s), encode(2.0**ks, f))  # (K, *s.shape)
+    steps = encode((2.0 / 3.0) * (2.0**-ks - 2.0 ** -(ks - 1)), f).reshape(-1, *([1] * s.ndim))
+    return ops.const(np.broadcast_to(encode(np.array(2.0 / 3.0), f), s.shape).copy()) + (bits * steps).sum(axis=0, dtype=U64)
 
 
 def softmax(ops: ApproxOps, x: np.ndarray, attrs: dict[str, Any], f: int) -> np.ndarray:

@@ -8,27 +8,27 @@ sec. 5) and CrypTen (Knott et al., NeurIPS 2021, supplementary material), with t
 selected by a public linear map of the comparison bits instead of a lookup table. For x at
 scale f, K intervals (K - 1 knots) and degree d = 3:
 
-1. b = [x >= t_j] for the K - 1 knots: one ``compare.sign`` on the (K - 1) n differences
-   x - t_j (the data owner subtracts the public t_j), width ``bits`` from calibration.
+1. b = [x >= t_j] for the K - 1 knots: one ``compare.sign_thresholds``, which opens x once
+   and compares it with every knot (the knots are public), width ``bits`` from calibration.
 2. Local: the interval's center M and coefficients C_0..C_d, linear in the bits.
 3. u = x - M; u^2 = trunc(square(u)); u^3 = trunc(u^2 * u) (two Beaver products, two
    truncations).
 4. y = C_0 2^f + sum_k C_k u^k: one Beaver product of the stacked (d, n) tensors.
 
 Rounds: (2 + ceil(log2 m)) + 4 + 1, m = bits / 4 comparison chunks (10 for m = 6).
-Bytes per element and party: (K - 1)(8 + g / 4 + 1/8) (comparisons; g AND gates in the
+Bytes per element and party: 8 + (K - 1)(g / 4 + 1/8) (the comparisons; g AND gates in the
 comparison tree, 7 for m = 6) + 16 (square and its truncation) + 24 (product and truncation) +
-16 d (the final product) = 9.875 (K - 1) + 88 at m = 6, e.g. Sigmoid and Tanh (12 knots) 207 B,
-Erf and GELU (11) 197 B, SiLU (16) 246 B (measured: data owner's bytes sent per element).
-Dealer to the model owner:
-(K - 1)(24 + 4m + (g + 1) / 8) + 8 + 8 + 2 * 16 + 8 d bytes per element (sign material,
-the two products' c, the two truncations' r_high and r_msb, the final product's c).
+16 d (the final product) = 1.875 (K - 1) + 96 at m = 6, e.g. Sigmoid and Tanh (12 knots) 120 B,
+Erf and GELU (11) 118 B, SiLU (16) 127 B (measured: data owner's bytes sent per element; with
+a separate opening per knot it was 207, 197 and 246 B). Dealer to the model owner:
+8 (K - 1) + 4m + (K - 1)(g + 1) / 8 (comparisons) + 8 + 8 + 2 * 16 + 8 d bytes per element
+(the two products' c, the two truncations' r_high and r_msb, the final product's c).
 Error: the table's fit error (measured at fit time, <= 1e-4 for every shipped function over
 the whole real line) plus ``privmed.ir.approx.fixed_point_error`` (3e-5 at f = 16) plus the
 truncations' +1 ulp, which the secure result adds to the reference's.
 
 Security (semi-honest, non-colluding dealer): the composition of protocols each of whose
-views is simulatable (``compare.sign``, ``arith`` Beaver products, ``compare.truncate``), each
+views is simulatable (``compare.sign_thresholds``, ``arith`` Beaver products, ``compare.truncate``), each
 with fresh correlations under its own ``StreamKey``; nothing is opened but masked values, and
 the table is public, so the composition is simulatable (sequential composition).
 """
@@ -53,8 +53,8 @@ class SecureApproxOps:
     def const(self, value: np.ndarray) -> np.ndarray:
         return value if getattr(self.pr, "is_data_owner", False) else np.zeros_like(value)
 
-    def sign(self, x: np.ndarray) -> np.ndarray:
-        return self.pr.sign(np.ascontiguousarray(x), self.bits).reshape(x.shape)
+    def sign_thresholds(self, x: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+        return self.pr.sign_thresholds(np.ascontiguousarray(x), thresholds, self.bits)
 
     def square(self, x: np.ndarray) -> np.ndarray:
         return self.pr.square(np.ascontiguousarray(x))
@@ -81,11 +81,11 @@ def secure_softmax(pr: Protocols, x: np.ndarray, attrs: dict[str, Any], f: int) 
     public piecewise cubic and the Newton start from sign bits of the sum.
 
     Protocols per row of length L: ceil(log2 L) ReLU layers (the max tree, L - 1 ReLUs), the
-    exponential's piecewise cubic on L elements (8 knots; see above), one truncation, K =
-    ceil(log2 L) sign bits and 4 Newton steps (2 products + 2 truncations each) on one value,
-    the final product on L elements. Rounds: (ceil(log2 L) + 2)(2 + ceil(log2 m)) + 5 + 1 +
-    16 + 1; e.g. 62 for L = 16 and m = 6. Bytes per element and party: about (L - 1)/L ReLUs
-    (~11 B each) + 8 comparisons (~11 B) + 88 (the cubic) + 8 + 16 (the product) ~ 210 B.
+    exponential's piecewise cubic on L elements (8 knots, one shared opening; see above), one
+    truncation, K = ceil(log2 L) threshold signs of the sum (one opening) and 4 Newton steps
+    (2 products + 2 truncations each) on one value, the final product on L elements. Rounds:
+    (ceil(log2 L) + 2)(2 + ceil(log2 m)) + 5 + 1 + 16 + 1; e.g. 53 for L = 16 and m = 7.
+    Bytes per element and party (measured): 161 B for L = 16, 151 B for L = 64.
     Security: a composition of the simulatable protocols above, each with fresh correlations.
     """
     return softmax(SecureApproxOps(pr, attrs["bits"]), x, attrs, f)

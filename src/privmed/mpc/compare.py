@@ -1,4 +1,5 @@
-"""Truncation, ReLU, sign and the reveal, on shares over Z_2^64 (max-pooling and LeakyReLU are
+"""Truncation, ReLU, sign, signs against many public thresholds with one opening
+(``sign_thresholds``) and the reveal, on shares over Z_2^64 (max-pooling and LeakyReLU are
 built from ReLU by ``privmed.runtime.backend``).
 
 All comparisons follow one construction (a dealer-assisted variant of the masked comparison in
@@ -178,6 +179,53 @@ def sign(p: Party, req: Request, x: np.ndarray) -> np.ndarray:
     if p.is_data_owner:
         b = b + e
     return b.reshape(x.shape)
+
+
+def sign_thresholds(p: Party, req: Request, x: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Arithmetic shares (scale 0) of the bits [x >= t_j] for k public ring-encoded thresholds
+    t_j, shape (k, *x.shape), for |x - t_j| < 2^bits: steps 1, 3 and 4 with ONE opening of
+    x for all k comparisons (piecewise approximations compare x with every knot).
+
+    1. Open c = x + 2^62 + r once (r uniform per element); then c_j = c - t_j is the opening
+       of x - t_j with the same r, computed locally by both parties.
+    2. For each j, steps 3-4 on c_j: look up the XOR-shared truth tables of r's chunks (one
+       set per element, shared by its k comparisons), merge the chunk results with fresh AND
+       triples per comparison, open e_j = [x >= t_j] XOR c_hat_j with a fresh c_hat_j.
+
+    Rounds: 2 + ceil(log2 m), as one sign. Bytes per element and party: 8 + k (g / 4 + 1/8)
+    for g AND gates (7 at m = 6), instead of k (8 + g / 4 + 1/8) for k separate signs. Dealer
+    to the model owner: 8k + 4m + about k (g + 1) / 8 bytes per element.
+    Security (semi-honest, non-colluding dealer): c is uniform (one fresh r per element,
+    opened once); the table shares and their lookups are never opened, only combined in AND
+    gates whose openings are masked by fresh triples, and each e_j by a fresh c_hat_j, so the
+    view (c, the AND openings, the e_j) is uniform and independent of x: simulatable exactly as
+    for k signs. The k comparisons of one element do share r's tables; nothing derived from a
+    table is opened without a fresh mask.
+    """
+    spec = req.thresholds
+    assert spec is not None
+    corr = p.source.thresholds(req)
+    flat = x.reshape(-1)
+    require_shape(req.label, "mask r", corr.r, flat.shape)
+    assert corr.lt_tables is not None and corr.eq_tables is not None and corr.c_hat is not None
+    m = spec.chunks
+    require_shape(req.label, "comparison table lt", corr.lt_tables, (m, flat.size))
+    require_shape(req.label, "comparison table eq", corr.eq_tables, (m, flat.size))
+    require_shape(req.label, "sign masks c_hat", corr.c_hat, (spec.k * flat.size,))
+    mine = flat + corr.r
+    if p.is_data_owner:
+        mine = mine + OFFSET
+    c = mine + p.exchange(f"{req.label}/c", mine)
+    cj = (c[None, :] - thresholds.reshape(-1, 1)).reshape(-1)  # public: the openings of x - t_j
+    per_comparison = NonlinearShares(
+        r=corr.r, r_high=corr.r_high, lt_tables=np.tile(corr.lt_tables, (1, spec.k)), eq_tables=np.tile(corr.eq_tables, (1, spec.k)),
+        e_mask=corr.e_mask, triples=corr.triples,
+    )  # fmt: skip
+    e = _open_sign_mask(p, req.label, cj, per_comparison, cj.size, spec.bits, 0)
+    b = (U64(1) - U64(2) * e) * corr.c_hat
+    if p.is_data_owner:
+        b = b + e
+    return b.reshape(spec.k, *x.shape)
 
 
 def reveal_to_data_owner(p: Party, label: str, x: np.ndarray) -> np.ndarray | None:

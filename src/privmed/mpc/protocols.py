@@ -24,6 +24,7 @@ from privmed.mpc.correlation.requests import (
     ProductSpec,
     Purpose,
     Request,
+    ThresholdSpec,
 )
 from privmed.mpc.party import Party
 from privmed.ring.linalg import ConvSpec
@@ -68,6 +69,20 @@ class Protocols(ABC):
         """Arithmetic shares of [x >= 0] (``mpc.compare.sign``)."""
         spec = NonlinearSpec(x.size, 0, bits, 0, True)
         return self._sign(self._request(Purpose.NONLINEAR, nonlinear=spec), x)
+
+    def sign_thresholds(self, x: np.ndarray, thresholds: np.ndarray, bits: int) -> np.ndarray:
+        """Arithmetic shares of [x >= t_j] for public ring-encoded thresholds t (k,), shape
+        (k, *x.shape) (``mpc.compare.sign_thresholds``: one opening of x for all k)."""
+        return self._sign_thresholds(x, thresholds, bits)
+
+    def _sign_thresholds(self, x: np.ndarray, thresholds: np.ndarray, bits: int) -> np.ndarray:
+        """For protocol sets without the shared-opening correlation: one comparison per
+        threshold on x - t_j (the data owner subtracts the public t_j)."""
+        public = thresholds.reshape(-1, *([1] * x.ndim)) if getattr(self, "is_data_owner", False) else U64(0)
+        return self.sign(np.ascontiguousarray(x[None] - public), bits).reshape(thresholds.size, *x.shape)
+
+    def _threshold_request(self, x: np.ndarray, thresholds: np.ndarray, bits: int) -> Request:
+        return self._request(Purpose.NONLINEAR, thresholds=ThresholdSpec(x.size, thresholds.size, bits))
 
     def multiply(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Shares of x * y, y broadcast over x (``mpc.arith.multiply``)."""
@@ -134,6 +149,10 @@ class Online(Protocols):
     def _einsum(self, req: Request, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return arith.einsum(self.p, req, np.ascontiguousarray(x), np.ascontiguousarray(y))
 
+    def _sign_thresholds(self, x: np.ndarray, thresholds: np.ndarray, bits: int) -> np.ndarray:
+        req = self._threshold_request(x, thresholds, bits)
+        return compare.sign_thresholds(self.p, req, np.ascontiguousarray(x), thresholds)
+
     def reveal(self, x: np.ndarray) -> np.ndarray | None:
         return compare.reveal_to_data_owner(self.p, f"b{self.batch_index}:{self.node}", x)
 
@@ -173,6 +192,10 @@ class Schedule(Protocols):
         self.serve(req)
         assert req.product is not None
         return np.zeros(req.product.out_shape, U64)
+
+    def _sign_thresholds(self, x: np.ndarray, thresholds: np.ndarray, bits: int) -> np.ndarray:
+        self.serve(self._threshold_request(x, thresholds, bits))
+        return np.zeros((thresholds.size, *x.shape), U64)
 
     def reveal(self, x: np.ndarray) -> np.ndarray | None:
         return None

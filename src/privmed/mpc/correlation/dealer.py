@@ -12,6 +12,7 @@ from privmed.mpc.correlation.expand import (
     linear_correction,
     nonlinear_correction,
     product_correction,
+    thresholds_correction,
 )
 from privmed.mpc.correlation.requests import Purpose, Request
 from privmed.net.channel import Channel
@@ -27,6 +28,12 @@ def serve(req: Request, prgs: tuple[PRG, PRG, PRG], to_model_owner: Channel) -> 
         to_model_owner.send(f"{req.label}/P", product_correction(req, prg0, prg1))
     elif req.linear is not None:
         to_model_owner.send(f"{req.label}/C", linear_correction(req, prg0, prg1))
+    elif req.thresholds is not None:
+        bits_key = StreamKey(req.key.batch, req.key.node, Purpose.DEALER_BITS, req.key.step)
+        c_hat, sign_tables, sign_bits = thresholds_correction(req.thresholds, prg0.stream(req.key), prg1.stream(req.key), private.stream(bits_key))
+        to_model_owner.send(f"{req.label}/A", c_hat)
+        to_model_owner.send(f"{req.label}/T", sign_tables)
+        to_model_owner.send(f"{req.label}/B", sign_bits)
     else:
         assert req.nonlinear is not None
         bits_key = StreamKey(req.key.batch, req.key.node, Purpose.DEALER_BITS, req.key.step)

@@ -15,6 +15,10 @@ receives. Material per request (n elements, m = (bits - drop) / 4 comparison chu
   elements (3n when s = 0) + 4m n bytes of tables + about (2m + 1) n / 8 bytes of bits.
 - product x * y (or x * x, or einsum(x, y)): Beaver triple a, b, c = B(a, b); correction
   |B(x, y)| ring elements.
+- k thresholds of n elements: one r per element and its truth tables (shared by the k
+  comparisons), and per comparison a fresh c_hat, its e_mask bit and the AND triples.
+  Correction to party 1: k n ring elements + 4m n bytes of tables + about k (2m - 1) n / 8
+  bytes of bits.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from privmed.mpc.correlation.requests import (
     CHUNK,
     NonlinearSpec,
     Request,
+    ThresholdSpec,
     ands_per_level,
     packed_len,
 )
@@ -94,6 +99,43 @@ def expand_nonlinear(stream: Stream, index: int, spec: NonlinearSpec) -> Nonline
         z = stream.uint8((k, nb)) if index == 0 else np.zeros((k, nb), np.uint8)
         sh.triples.append((a, b, z))
     return sh
+
+
+def expand_thresholds(stream: Stream, index: int, spec: ThresholdSpec) -> NonlinearShares:
+    """Seeded material of a threshold comparison: r and the tables per element (n), c_hat,
+    e_mask and the AND triples per comparison (k n; bits packed 8 per byte)."""
+    n, kn, m = spec.n, spec.k * spec.n, spec.chunks
+    nb = packed_len(kn)
+    sh = NonlinearShares(r=stream.uint64(n), r_high=np.zeros(0, U64))
+    if index == 0:
+        sh.c_hat = stream.uint64(kn)
+        sh.lt_tables, sh.eq_tables = stream.uint16((m, n)), stream.uint16((m, n))
+        sh.e_mask = stream.uint8(nb)
+    for k in ands_per_level(m):
+        a, b = stream.uint8((k, nb)), stream.uint8((k, nb))
+        z = stream.uint8((k, nb)) if index == 0 else np.zeros((k, nb), np.uint8)
+        sh.triples.append((a, b, z))
+    return sh
+
+
+def thresholds_correction(spec: ThresholdSpec, s0: Stream, s1: Stream, private: Stream) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(c_hat corrections (k n) u64, tables (2, m, n) u16, packed bits: e_mask then triples)."""
+    p0, p1 = expand_thresholds(s0, 0, spec), expand_thresholds(s1, 1, spec)
+    assert p0.c_hat is not None and p0.lt_tables is not None and p0.eq_tables is not None and p0.e_mask is not None
+    r = p0.r + p1.r
+    c_hat_bits = private.bits(spec.k * spec.n)
+    rj = nibbles(r, 0, spec.chunks)
+    one = np.uint16(1)
+    tables = np.empty((2, spec.chunks, spec.n), dtype=np.uint16)
+    np.subtract(one << rj, one, out=tables[0])
+    np.left_shift(one, rj, out=tables[1])
+    tables[0] ^= p0.lt_tables
+    tables[1] ^= p0.eq_tables
+    r_top = np.tile(((r >> U64(spec.bits)) & U64(1)).astype(np.uint8), spec.k)  # the same r for every threshold
+    bits = [np.packbits(r_top ^ c_hat_bits) ^ p0.e_mask]
+    for (a0, b0, z0), (a1, b1, _) in zip(p0.triples, p1.triples, strict=True):
+        bits.append((((a0 ^ a1) & (b0 ^ b1)) ^ z0).reshape(-1))
+    return c_hat_bits.astype(U64) - p0.c_hat, tables, np.concatenate(bits)
 
 
 def expand_product(prg: PRG, req: Request, index: int) -> ProductShares:

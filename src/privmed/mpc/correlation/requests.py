@@ -59,6 +59,20 @@ class NonlinearSpec:
 
 
 @dataclass(frozen=True)
+class ThresholdSpec:
+    """Signs [x - t_j >= 0] of n elements against k public thresholds t_j, with one masked
+    opening of x shared by the k comparisons (``privmed.mpc.compare.sign_thresholds``)."""
+
+    n: int
+    k: int
+    bits: int  # comparison width l (|x - t_j| < 2^l)
+
+    @property
+    def chunks(self) -> int:
+        return self.bits // CHUNK
+
+
+@dataclass(frozen=True)
 class ProductSpec:
     """A Beaver product of two secret tensors: x (x_shape) times y (y_shape, broadcast to
     x_shape), the square of x, or, with ``equation``, the einsum of x and y (a matrix product,
@@ -93,6 +107,7 @@ class Request:
     linear: LinearSpec | None = None
     nonlinear: NonlinearSpec | None = None
     product: ProductSpec | None = None
+    thresholds: ThresholdSpec | None = None
 
     @property
     def weight_mask_key(self) -> StreamKey:

@@ -7,7 +7,7 @@ At session start it sends a fresh 16-byte seed to each party over mutual TLS; ev
 party can expand from its own seed it expands locally, and only the model owner (party 1)
 receives correction terms, one to three messages per request, each checked for its exact
 shape before use. A dealer-free source (OT extension / HE, as in CrypTFlow2 and Cheetah)
-implements the same three methods.
+implements the same methods.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from privmed.mpc.correlation.expand import (
     expand_linear,
     expand_nonlinear,
     expand_product,
+    expand_thresholds,
 )
 from privmed.mpc.correlation.requests import Request, ands_per_level, packed_len
 from privmed.net.channel import Channel
@@ -43,6 +44,9 @@ class CorrelationSource(ABC):
 
     @abstractmethod
     def product(self, req: Request) -> ProductShares: ...
+
+    @abstractmethod
+    def thresholds(self, req: Request) -> NonlinearShares: ...
 
 
 class DealerSource(CorrelationSource):
@@ -92,6 +96,26 @@ class DealerSource(CorrelationSource):
             tables = dealer.recv(f"{req.label}/T", np.uint16, (2, spec.chunks, spec.n))
             sh.lt_tables, sh.eq_tables = tables[0], tables[1]
             sh.e_mask, pos = flat[:nb], nb
+        for lvl, k in enumerate(levels):
+            a, b, _ = sh.triples[lvl]
+            sh.triples[lvl] = (a, b, flat[pos : pos + k * nb].reshape(k, nb))
+            pos += k * nb
+        return sh
+
+    def thresholds(self, req: Request) -> NonlinearShares:
+        spec = req.thresholds
+        assert spec is not None
+        sh = expand_thresholds(self.prg.stream(req.key), self.index, spec)
+        if self.index == 0:
+            return sh
+        dealer = self._from_dealer()
+        kn, nb = spec.k * spec.n, packed_len(spec.k * spec.n)
+        sh.c_hat = dealer.recv(f"{req.label}/A", U64, (kn,))
+        tables = dealer.recv(f"{req.label}/T", np.uint16, (2, spec.chunks, spec.n))
+        sh.lt_tables, sh.eq_tables = tables[0], tables[1]
+        levels = ands_per_level(spec.chunks)
+        flat = dealer.recv(f"{req.label}/B", np.uint8, (nb + sum(levels) * nb,))
+        sh.e_mask, pos = flat[:nb], nb
         for lvl, k in enumerate(levels):
             a, b, _ = sh.triples[lvl]
             sh.triples[lvl] = (a, b, flat[pos : pos + k * nb].reshape(k, nb))
