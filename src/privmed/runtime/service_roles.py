@@ -158,10 +158,13 @@ class ModelOwnerService:
             code = rep["code"] if rep["code"] in ("busy", "shutting-down") else "dealer-unavailable"
             return self._refuse(to_data, record, code, f"the dealer refused the session: {rep['error']}")
         to_data.max_frame = to_dealer.max_frame = self.cfg.max_frame_bytes  # before the peers may send more
-        wire.reply(to_data, "ok", session=sid.hex(), plan=model.fingerprint)
-        to_data.session = to_dealer.session = sid
-        _run("model-owner", [to_data, to_dealer], record,
-             lambda: session.model_owner(to_data, to_dealer, model.plan, model.weights))
+
+        def body() -> dict[str, Any]:
+            wire.reply(to_data, "ok", session=sid.hex(), plan=model.fingerprint)
+            to_data.session = to_dealer.session = sid
+            return session.model_owner(to_data, to_dealer, model.plan, model.weights)
+
+        _run("model-owner", [to_data, to_dealer], record, body)
 
 
 @dataclass
@@ -236,7 +239,10 @@ class DealerService:
             self._refuse(ch, record, "not-allowed", "this session was opened for another data owner's certificate")
             return False
         ch.max_frame = self.cfg.max_frame_bytes  # admitted: session messages may follow at once
-        wire.reply(ch, "ok", session=msg["session"])
+        try:
+            wire.reply(ch, "ok", session=msg["session"])
+        except PrivmedError:
+            pass  # the channel is the session's now: it reports the loss and closes it
         pending.joined.set()
         return True
 
@@ -253,8 +259,8 @@ class DealerService:
         refusal = svc.reserve(peer)
         if refusal is not None:
             return self._refuse(to_model, record, *refusal)
+        pending = _Pending(msg["data_owner"])
         try:
-            pending = _Pending(msg["data_owner"])
             with self._lock:
                 clash = sid in self._pending
                 if not clash:
@@ -279,9 +285,15 @@ class DealerService:
             to_data = pending.channel
             if to_data is None or pending.peer is None or not isinstance(to_data, TlsChannel):
                 raise ProtocolError("dealer: a joined session has no data owner channel")
+            pending.channel = None  # the session owns it now
             to_data.move_to_group(to_model.group)
             to_data.session = to_model.session = sid
             record.update(data_owner_peer=pending.peer.audit())
             _run("dealer", [to_data, to_model], record, lambda: session.dealer(to_data, to_model))
         finally:
+            with self._lock:  # whatever happened above: no session id stays registered,
+                if self._pending.get(sid) is pending:
+                    del self._pending[sid]
+            if pending.channel is not None:  # and no joined data owner is left connected
+                pending.channel.close(flush_s=1.0)
             svc.release(peer)
