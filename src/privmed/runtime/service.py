@@ -39,6 +39,7 @@ from typing import Any
 from privmed.crypto.csr import fingerprint_der
 from privmed.errors import ConfigError
 from privmed.net.tls_listen import (
+    HANDSHAKE_S,
     listening_socket,
     peer_certificate,
     refuse,
@@ -48,7 +49,6 @@ from privmed.net.tls_listen import (
 from privmed.runtime.service_config import ServiceConfig
 
 log = logging.getLogger(__name__)
-HANDSHAKE_S = 10.0  # a TLS handshake on loopback or a LAN takes milliseconds
 ACCEPT_POLL_S = 0.2  # how often the accept loop looks at the stop flag
 
 
