@@ -214,3 +214,34 @@ def test_pinned_fingerprint_refuses_another_plan_before_anything_is_sent(tmp_pat
         m_d.recv("batch", np.int64, (1,))
     t.join(10)
     assert len(errors) == 1 and isinstance(errors[0], PlanError)
+
+
+@pytest.mark.parametrize("y_shape", [(2, 3, 4), (3, 1), (1,), None])
+def test_beaver_products_with_broadcast_and_squares_are_exact_mod_2_64(y_shape: tuple[int, ...] | None) -> None:
+    """``products``: x * broadcast(y) (and x * x) over Z_2^64, exact, for y of x's shape, a
+    broadcast column, a scalar-like vector, and squares; shares of random ring elements."""
+    from privmed.crypto.prg import PRG
+    from privmed.mpc.twoparty.ot import ot_setup
+    from privmed.mpc.twoparty.products import product_offline, product_online
+
+    rng = np.random.default_rng(7)
+    x_shape = (2, 3, 4)
+    u64 = np.uint64
+    x = rng.integers(0, 2**64 - 1, x_shape, dtype=u64, endpoint=True)
+    y = None if y_shape is None else rng.integers(0, 2**64 - 1, y_shape, dtype=u64, endpoint=True)
+    x0 = rng.integers(0, 2**64 - 1, x_shape, dtype=u64, endpoint=True)
+    y0 = None if y is None else rng.integers(0, 2**64 - 1, y.shape, dtype=u64, endpoint=True)
+
+    def party(is_do: bool):  # type: ignore[no-untyped-def]
+        def run(ch):  # type: ignore[no-untyped-def]
+            prg = PRG.fresh()
+            ot = ot_setup(ch, "t", prg, is_do)
+            mat = product_offline(ot, "p", is_do, x_shape, y_shape, 64, prg.stream("m"))
+            xi = x0 if is_do else x - x0
+            yi = None if y is None or y0 is None else (y0 if is_do else y - y0)
+            return product_online(ot, "p", is_do, xi, yi, mat)
+        return run
+
+    z0, z1, _ = run_two(party(True), party(False), timeout_s=30)
+    want = x * (x if y is None else np.broadcast_to(y, x_shape))
+    np.testing.assert_array_equal(z0 + z1, want)
