@@ -369,3 +369,32 @@ def test_interpolation_tap_combinations_are_capped() -> None:
     assert infer_shape("interp", [[1, 4, 4, 4]], attrs(3)) == [1, 2, 2, 2]
     with pytest.raises(ShapeError, match="256 tap combinations"):
         infer_shape("interp", [[1, 4, 4, 4, 4]], attrs(4))
+
+
+def test_model_owner_view_with_smooth_activations_and_softmax_is_uniform(tmp_path: Path) -> None:
+    """The same simulation check for the issue-13 protocols (one opening per element for all
+    knots, shared truth tables, Beaver cubics, the softmax's max tree and Newton steps): every
+    word the model owner receives is uniform and its distribution does not depend on the image
+    (all zeros, i.e. every element exactly on a knot, vs. large values)."""
+    from onnx import helper
+    from scipy import stats
+
+    from .onnx_models import build
+
+    h = helper.make_node
+    nodes = [h("Sigmoid", ["x"], ["s"]), h("Softmax", ["s"], ["p"], axis=-1), h("Mul", ["p", "one"], ["y"])]
+    path = build(tmp_path / "act.onnx", nodes, {"one": np.ones((1, 2, 1, 1), np.float32)}, [1, 2, 48, 48])
+    rng = np.random.default_rng(4)
+    plan, weights = compile_model(path, calibration=rng.standard_normal((1, 2, 48, 48)) * 4.0)
+    dark = np.zeros((1, 2, 48, 48))
+    bright = np.abs(rng.standard_normal((1, 2, 48, 48))) * 4.0
+    w_dark, b_dark = _model_owner_view(plan, weights, dark)
+    w_bright, b_bright = _model_owner_view(plan, weights, bright)
+    assert w_dark.size == w_bright.size > 50_000 and b_dark.size == b_bright.size > 10_000
+    u_dark = (w_dark >> np.uint64(11)).astype(np.float64) / 2.0**53
+    u_bright = (w_bright >> np.uint64(11)).astype(np.float64) / 2.0**53
+    assert stats.kstest(u_dark, "uniform").pvalue > 1e-4
+    assert stats.kstest(u_bright, "uniform").pvalue > 1e-4
+    assert stats.ks_2samp(u_dark, u_bright).pvalue > 1e-4
+    for view in (b_dark, b_bright):
+        assert stats.chisquare(np.bincount(view, minlength=256)).pvalue > 1e-4
