@@ -4,10 +4,14 @@ long-running processes, hospitals as `privmed infer --service` processes, all ov
 request that the consortium CA signs.
 
 Claims tested: sessions run concurrently up to ``max_sessions`` and one more is refused as busy
-at once; one hospital killed mid-session ends only its own session; SIGTERM finishes running
-sessions and refuses new ones; a data owner cannot join another hospital's session; a
-certificate of the wrong role, or a hospital off the allow-list, is refused with a one-line
-reason; handshake messages that break the schema end only that connection.
+at once (``--busy-wait`` retries until a slot frees; ``max_sessions_per_peer`` caps one
+certificate); a hospital killed, hung or sending a malformed or oversized frame mid-session ends
+only its own session; the dealer killed mid-session fails that session naming the dealer, and
+restarted serves the next; SIGTERM finishes running sessions and refuses new ones; a data owner
+cannot join another hospital's session; a certificate of the wrong role, or a hospital off the
+allow-list, is refused with a one-line reason; handshake messages that break the schema end
+only that connection; the metrics endpoint counts what the audit log records. The processes
+are started by ``service_harness``.
 """
 
 from __future__ import annotations
@@ -16,186 +20,32 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from privmed.crypto.certs import Identity, init_ca
-from privmed.crypto.csr import fingerprint_file, request, sign
 from privmed.errors import PeerError
 from privmed.net.channel import FailureGroup
-from privmed.net.tls import TlsChannel, connect
 from privmed.runtime import service_wire as wire
 
-from .conftest import ENV, PRIVMED, TinyModel, error_message, free_port
+from .conftest import TinyModel, error_message
+from .service_harness import (
+    MAX_FRAME_MB,
+    START_S,
+    Deployment,
+    Proc,
+    channel_to,
+    check_output,
+    deploy,
+    port_of,
+    request_model,
+)
 
 pytestmark = pytest.mark.timeout(180)
-ATOL = 1e-3  # 16 fractional bits, a few layers, then softmax (as in test_party_deploy)
-START_S = 60.0  # a service's start (imports, compiling the model) on 2 busy cores
-MAX_FRAME_MB = 16  # above every frame of the models here (slow_cnn's largest is well under 1 MB)
-ORGS = {  # folder -> (role, organisation)
-    "vendor": ("model-owner", "Acme Imaging AI"),
-    "helper": ("dealer", "Regional Health IT"),
-    "st-mary": ("data-owner", "St Mary Hospital"),
-    "northfield": ("data-owner", "Northfield Clinic"),
-    "outsider": ("data-owner", "Unlisted Clinic"),
-}
-
-
-@dataclass(frozen=True)
-class Orgs:
-    base: Path
-    ca: Path
-
-    def ident(self, org: str) -> Identity:
-        role = ORGS[org][0]
-        d = self.base / org
-        return Identity(role, d / f"{role}.pem", d / f"{role}.key", d / "ca.pem")
-
-
-def make_orgs(base: Path) -> Orgs:
-    """A consortium CA that signs each organisation's request; keys stay in their folders."""
-    init_ca(base / "consortium")
-    for org, (role, name) in ORGS.items():
-        _key, csr = request(role, name, base / org)
-        sign(base / "consortium", csr, role, base / org / f"{role}.pem")
-        (base / org / "ca.pem").write_bytes((base / "consortium" / "ca.pem").read_bytes())
-    return Orgs(base, base / "consortium" / "ca.pem")
-
-
-def _service_toml(orgs: Orgs, org: str, port: int, *, max_sessions: int, allow: list[str], dealer_port: int | None,
-                  timeout_s: float = 20, metrics_port: int | None = None, per_peer: int | None = None) -> Path:
-    role = ORGS[org][0]
-    lines = ["[service]", 'host = "127.0.0.1"', f"port = {port}", 'ca = "ca.pem"', f'cert = "{role}.pem"', f'key = "{role}.key"',
-             f"max_sessions = {max_sessions}", f"timeout_s = {timeout_s}", "connect_timeout_s = 15", 'audit_log = "audit.jsonl"',
-             "allow = [" + ", ".join(json.dumps(a) for a in allow) + "]"]  # fmt: skip
-    if metrics_port is not None:
-        lines.append(f'metrics = "127.0.0.1:{metrics_port}"')
-    lines.append(f"max_frame_mb = {MAX_FRAME_MB}")
-    if per_peer is not None:
-        lines.append(f"max_sessions_per_peer = {per_peer}")
-    if dealer_port is not None:
-        lines += ["", "[dealer]", 'host = "127.0.0.1"', f"port = {dealer_port}"]
-    path = orgs.base / org / "service.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _session_toml(orgs: Orgs, org: str, model_port: int, dealer_port: int) -> None:
-    (orgs.base / org / "session.toml").write_text(
-        f'[session]\nca = "ca.pem"\ntimeout_s = 20\nconnect_timeout_s = 15\n\n[data-owner]\ncert = "data-owner.pem"\nkey = "data-owner.key"\n\n'
-        f'[model-owner]\nhost = "127.0.0.1"\nport = {model_port}\ncert = "-"\nkey = "-"\n\n'
-        f'[dealer]\nhost = "127.0.0.1"\nport = {dealer_port}\ncert = "-"\nkey = "-"\n'
-    )
-
-
-@dataclass
-class Proc:
-    """One `privmed` process with stdout/stderr in files."""
-
-    name: str
-    cwd: Path
-    argv: list[str]
-    popen: subprocess.Popen = field(init=False)
-    started: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        with open(self.cwd / f"{self.name}.out", "wb") as out, open(self.cwd / f"{self.name}.err", "wb") as err:
-            self.popen = subprocess.Popen(PRIVMED + self.argv, cwd=self.cwd, stdout=out, stderr=err, env=ENV, start_new_session=True)
-        self.started = time.monotonic()
-
-    def out(self) -> str:
-        return (self.cwd / f"{self.name}.out").read_text(errors="replace")
-
-    def err(self) -> str:
-        return (self.cwd / f"{self.name}.err").read_text(errors="replace")
-
-    def report(self) -> str:
-        return f"--- {self.name}: exit {self.popen.poll()}\nstdout:\n{self.out()}\nstderr:\n{self.err()}"
-
-    def wait_text(self, text: str, timeout_s: float, stream: str = "out") -> float:
-        """Block until ``text`` appears in stdout (or stderr); returns the monotonic time."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if text in (self.out() if stream == "out" else self.err()):
-                return time.monotonic()
-            if self.popen.poll() is not None:
-                pytest.fail(f"{self.name} exited before printing {text!r}\n{self.report()}")
-            time.sleep(0.05)
-        pytest.fail(f"{self.name} did not print {text!r} within {timeout_s}s\n{self.report()}")
-
-    def wait(self, timeout_s: float) -> int:
-        try:
-            return self.popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{self.name} did not exit within {timeout_s}s\n{self.report()}")
-
-    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, sig)
-
-
-@dataclass
-class Deployment:
-    orgs: Orgs
-    model: TinyModel
-    vendor: Proc
-    helper: Proc
-    procs: list[Proc] = field(default_factory=list)
-
-    def hospital(self, org: str, name: str, images: int = 1, *extra: str) -> Proc:
-        """`privmed infer --service` on ``images`` copies of the model's input (one session of
-        ``images`` batches: long enough for other requests to arrive while it runs)."""
-        d = self.orgs.base / org
-        np.save(d / f"{name}-in.npy", np.repeat(self.model.x, images, axis=0))
-        proc = Proc(name, d, ["infer", "--service", "session.toml", "--model-name", "slow", "--input", f"{name}-in.npy",
-                              "--output", f"{name}.npy", *extra])  # fmt: skip
-        self.procs.append(proc)
-        return proc
-
-    def audit(self, org: str) -> list[dict]:
-        return [json.loads(line) for line in (self.orgs.base / org / "audit.jsonl").read_text().splitlines()]
-
-    def wait_audit(self, org: str, done: Callable[[list[dict]], bool], timeout_s: float = 20) -> list[dict]:
-        """The audit log once ``done`` holds for it (a service writes a session's line after
-        closing its connections, so a peer may see the end first); as it is after the timeout."""
-        deadline = time.monotonic() + timeout_s
-        while not done(records := self.audit(org)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return records
-
-    def stop(self) -> None:
-        for p in [*self.procs, self.vendor, self.helper]:
-            p.kill()
-            p.popen.wait(timeout=10)
-
-
-def deploy(base: Path, model: TinyModel, *, max_sessions: int, timeout_s: float = 20, per_peer: int | None = None) -> Deployment:
-    orgs = make_orgs(base)
-    mport, dport = free_port(), free_port()
-    allow = [fingerprint_file(orgs.ident("st-mary").cert), "O=Northfield Clinic"]
-    _service_toml(orgs, "helper", dport, max_sessions=4, allow=["O=Acme Imaging AI"], dealer_port=None, timeout_s=timeout_s)
-    _service_toml(orgs, "vendor", mport, max_sessions=max_sessions, allow=allow, dealer_port=dport, timeout_s=timeout_s,
-                  metrics_port=free_port(), per_peer=per_peer)
-    for org in ("st-mary", "northfield", "outsider"):
-        _session_toml(orgs, org, mport, dport)
-    (base / "vendor" / "slow.onnx").write_bytes(model.onnx.read_bytes())
-    helper = Proc("dealer", base / "helper", ["serve", "dealer", "--config", "service.toml"])
-    vendor = Proc("vendor", base / "vendor", ["serve", "model-owner", "--config", "service.toml", "--model", "slow=slow.onnx"])
-    dep = Deployment(orgs, model, vendor, helper)
-    try:
-        helper.wait_text("listening on", START_S)
-        vendor.wait_text("listening on", START_S)
-    except BaseException:
-        dep.stop()
-        raise
-    return dep
 
 
 @pytest.fixture(scope="module")
@@ -208,16 +58,10 @@ def services(tmp_path_factory: pytest.TempPathFactory, slow_cnn: TinyModel) -> I
         dep.stop()
 
 
-def _check_output(dep: Deployment, proc: Proc, images: int = 1) -> None:
-    assert proc.wait(90) == 0, proc.report()
-    got = np.load(proc.cwd / f"{proc.name}.npy")
-    np.testing.assert_allclose(got, np.repeat(dep.model.expected, images, axis=0), atol=ATOL, rtol=0)
-
-
 def test_two_sessions_run_concurrently_and_a_third_is_refused_busy(services: Deployment) -> None:
     # Prepare: a silent TCP connection to each service (a port scanner) must delay nobody
     before = len(services.audit("vendor"))
-    silent = [socket.create_connection(("127.0.0.1", _port(services, o)), timeout=5) for o in ("vendor", "helper")]
+    silent = [socket.create_connection(("127.0.0.1", port_of(services, o)), timeout=5) for o in ("vendor", "helper")]
     try:
         # Execute: two hospitals at once; when both compute, a third request
         a = services.hospital("st-mary", "a", images=5)
@@ -232,8 +76,8 @@ def test_two_sessions_run_concurrently_and_a_third_is_refused_busy(services: Dep
         msg = error_message(c.err(), c.report())
         assert "model-owner at 127.0.0.1" in msg and "refused the session (busy)" in msg and "2 of 2 sessions" in msg, msg
         assert latency < 20, f"busy refusal took {latency:.1f}s"
-        _check_output(services, a, images=5)
-        _check_output(services, b, images=5)
+        check_output(services, a, images=5)
+        check_output(services, b, images=5)
     finally:
         for s in silent:
             s.close()
@@ -255,13 +99,6 @@ def test_two_sessions_run_concurrently_and_a_third_is_refused_busy(services: Dep
     assert {r["session"] for r in ok.values()} <= dealer_ok
 
 
-def _port(dep: Deployment, org: str) -> int:
-    for line in (dep.orgs.base / org / "service.toml").read_text().splitlines():
-        if line.startswith("port = "):
-            return int(line.split("=")[1])
-    raise AssertionError(org)
-
-
 def test_busy_wait_retries_until_a_slot_frees(services: Deployment) -> None:
     from privmed.runtime.config import load_config
     from privmed.runtime.service_client import open_session
@@ -278,7 +115,7 @@ def test_busy_wait_retries_until_a_slot_frees(services: Deployment) -> None:
             to_model.close(flush_s=1.0)
             to_dealer.close(flush_s=1.0)
     # Assert: it said why it waits, then ran and got the right output
-    _check_output(services, patient)
+    check_output(services, patient)
     first = patient.err().splitlines()[0]
     assert first == "model-owner service is busy (2 of 2 sessions running); try again later; retrying (--busy-wait 60)", first
 
@@ -292,7 +129,7 @@ def test_a_hospital_killed_mid_session_ends_only_its_own_session(services: Deplo
     # Execute
     a.kill()
     # Assert: the other hospital's session completes correctly; the services log the loss
-    _check_output(services, b, images=2)
+    check_output(services, b, images=2)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         failed = [r for r in services.audit("vendor") if r.get("outcome") == "failed" and r["peer"]["org"] == "St Mary Hospital"]
@@ -303,14 +140,10 @@ def test_a_hospital_killed_mid_session_ends_only_its_own_session(services: Deplo
     assert services.vendor.popen.poll() is None and services.helper.popen.poll() is None
 
 
-def _channel(ident: Identity, peer: str, port: int) -> TlsChannel:
-    return TlsChannel(ident.name, peer, bytes(16), connect(ident, peer, "127.0.0.1", port, 10), 15)
-
-
 def test_a_data_owner_cannot_join_another_hospitals_session(services: Deployment) -> None:
     # Prepare: St Mary asks the vendor for a session and learns its id
     st_mary, northfield = services.orgs.ident("st-mary"), services.orgs.ident("northfield")
-    to_model = _channel(st_mary, "model-owner", _port(services, "vendor"))
+    to_model = channel_to(st_mary, "model-owner", port_of(services, "vendor"))
     wire.send(to_model, wire.REQUEST, model="slow", plan="")
     granted = wire.receive(to_model, wire.REPLY, 15)
     assert granted["ok"] and len(granted["session"]) == 32, granted
@@ -318,12 +151,12 @@ def test_a_data_owner_cannot_join_another_hospitals_session(services: Deployment
         # Execute: Northfield presents that id at the dealer; then an id nobody opened
         replies = []
         for sid in (granted["session"], os.urandom(16).hex()):
-            ch = _channel(northfield, "dealer", _port(services, "helper"))
+            ch = channel_to(northfield, "dealer", port_of(services, "helper"))
             wire.send(ch, wire.JOIN, session=sid)
             replies.append(wire.receive(ch, wire.REPLY, 15))
             ch.close(flush_s=1.0)
         # St Mary can still join its own session afterwards
-        own = _channel(st_mary, "dealer", _port(services, "helper"))
+        own = channel_to(st_mary, "dealer", port_of(services, "helper"))
         wire.send(own, wire.JOIN, session=granted["session"])
         joined = wire.receive(own, wire.REPLY, 15)
         own.close(flush_s=1.0)
@@ -339,13 +172,13 @@ def test_a_data_owner_cannot_join_another_hospitals_session(services: Deployment
 def test_wrong_role_certificates_are_refused(services: Deployment, tmp_path: Path) -> None:
     # Execute 1: the vendor's own certificate knocks on the vendor as if it were a hospital
     vendor = services.orgs.ident("vendor")
-    ch = _channel(vendor, "model-owner", _port(services, "vendor"))
+    ch = channel_to(vendor, "model-owner", port_of(services, "vendor"))
     wire.send(ch, wire.REQUEST, model="slow", plan="")
     with pytest.raises(PeerError, match="refused a certificate issued to 'model-owner'; expected data-owner"):
         wire.receive(ch, wire.REPLY, 15)
     ch.close(flush_s=1.0)
     # Execute 2: a hospital certificate asks the dealer to open a session (what vendors do)
-    ch = _channel(services.orgs.ident("st-mary"), "dealer", _port(services, "helper"))
+    ch = channel_to(services.orgs.ident("st-mary"), "dealer", port_of(services, "helper"))
     wire.send(ch, wire.OPEN, session=os.urandom(16).hex(), data_owner="sha256:" + "0" * 64, model="slow", plan="")
     with pytest.raises(PeerError):  # the dealer expects only svc/join from a data owner: it hangs up
         wire.receive(ch, wire.REPLY, 15)
@@ -354,7 +187,7 @@ def test_wrong_role_certificates_are_refused(services: Deployment, tmp_path: Pat
     hospital = services.orgs.base / "st-mary"
     toml = (services.orgs.base / "helper" / "service.toml").read_text()
     (hospital / "dealer.toml").write_text(toml.replace('"dealer.pem"', '"data-owner.pem"').replace('"dealer.key"', '"data-owner.key"')
-                                          .replace(f"port = {_port(services, 'helper')}", "port = 0"))
+                                          .replace(f"port = {port_of(services, 'helper')}", "port = 0"))
     bad = Proc("bad-dealer", hospital, ["serve", "dealer", "--config", "dealer.toml"])
     # Assert
     assert bad.wait(60) == 2, bad.report()
@@ -385,7 +218,7 @@ def test_a_request_that_breaks_the_schema_ends_only_that_connection(services: De
     errors = []
     for fields in ({"model": "slow", "plan": "", "debug": True}, {"model": "../../etc/passwd", "plan": ""}):
         before = len(services.audit("vendor"))
-        ch = _channel(services.orgs.ident("northfield"), "model-owner", _port(services, "vendor"))
+        ch = channel_to(services.orgs.ident("northfield"), "model-owner", port_of(services, "vendor"))
         ch.send_text(wire.REQUEST, json.dumps(fields))
         with pytest.raises(PeerError):  # the service hangs up without a reply
             wire.receive(ch, wire.REPLY, 15)
@@ -396,7 +229,7 @@ def test_a_request_that_breaks_the_schema_ends_only_that_connection(services: De
     assert "svc/request with fields" in errors[0] and "'debug'" in errors[0], errors
     assert "invalid 'model'" in errors[1], errors
     ok = services.hospital("northfield", "after-bad")
-    _check_output(services, ok)
+    check_output(services, ok)
 
 
 @pytest.mark.parametrize(
@@ -429,24 +262,26 @@ def test_a_bad_frame_mid_session_ends_only_that_session(services: Deployment, ba
         to_model.close(flush_s=1.0)
         to_dealer.close(flush_s=1.0)
     # Assert: the honest job is unaffected; the vendor's audit names the bad session's cause
-    _check_output(services, honest, images=3)
+    check_output(services, honest, images=3)
     bad = [r for r in services.wait_audit("vendor", lambda rs: any(r.get("session") == sid for r in rs)) if r.get("session") == sid]
     assert bad and bad[0]["outcome"] == "failed" and error in bad[0]["error"], bad
 
 
 def test_the_metrics_endpoint_counts_what_the_audit_log_records(services: Deployment) -> None:
-    # Prepare: one more completed job and one refusal; where the vendor said it serves metrics
-    _check_output(services, services.hospital("northfield", "counted"))
-    ch = _channel(services.orgs.ident("northfield"), "model-owner", _port(services, "vendor"))
+    # Prepare: one more completed job and one refusal, both in the audit log
+    ok_before = sum(r.get("outcome") == "ok" for r in services.audit("vendor"))
+    check_output(services, services.hospital("northfield", "counted"))
+    ch = channel_to(services.orgs.ident("northfield"), "model-owner", port_of(services, "vendor"))
     wire.send(ch, wire.REQUEST, model="nonexistent", plan="")
     assert wire.receive(ch, wire.REPLY, 15)["code"] == "unknown-model"
     ch.close(flush_s=1.0)
+    audit = services.wait_audit("vendor", lambda rs: sum(r.get("outcome") == "ok" for r in rs) > ok_before
+                                and any(r.get("model") == "nonexistent" for r in rs))
     url = next(line.split(" on ", 1)[1] for line in services.vendor.out().splitlines() if "metrics on http" in line)
-    # Execute
+    # Execute (a service counts a session before appending its audit line)
     with urllib.request.urlopen(url, timeout=10) as resp:
         text = resp.read().decode()
     # Assert: the text format, counts equal to the audit log's, no peer identity in any label
-    audit = services.wait_audit("vendor", lambda rs: any(r.get("model") == "nonexistent" for r in rs))
     ok = [r for r in audit if r.get("outcome") == "ok"]
     codes = {r["code"] for r in audit if r.get("outcome") == "refused"}
     values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
@@ -461,16 +296,6 @@ def test_the_metrics_endpoint_counts_what_the_audit_log_records(services: Deploy
     assert "St Mary" not in text and "sha256" not in text and "127.0.0.1" not in text
 
 
-def _request(dep: Deployment, org: str) -> dict:
-    """One in-process request for the model (the connection is closed after the reply)."""
-    ch = _channel(dep.orgs.ident(org), "model-owner", _port(dep, "vendor"))
-    try:
-        wire.send(ch, wire.REQUEST, model="slow", plan="")
-        return wire.receive(ch, wire.REPLY, 15)
-    finally:
-        ch.close(flush_s=1.0)
-
-
 def test_sigterm_finishes_running_sessions_and_refuses_new_ones(tmp_path: Path, slow_cnn: TinyModel) -> None:
     dep = deploy(tmp_path, slow_cnn, max_sessions=2, per_peer=1)
     try:
@@ -478,14 +303,14 @@ def test_sigterm_finishes_running_sessions_and_refuses_new_ones(tmp_path: Path, 
         # is refused while Northfield's is admitted
         a = dep.hospital("st-mary", "running", images=3)
         a.wait_text("secure inference:", 60, "err")
-        second, other = _request(dep, "st-mary"), _request(dep, "northfield")
+        second, other = request_model(dep, "st-mary"), request_model(dep, "northfield")
         assert second["code"] == "busy" and "busy for this certificate (1 of at most 1 sessions per peer" in second["error"], second
         assert other["ok"] is True, other
         # Execute: SIGTERM to both services, then a new request
         dep.vendor.kill(signal.SIGTERM)
         dep.helper.kill(signal.SIGTERM)
         dep.vendor.wait_text("refusing new sessions", 10)
-        late = _channel(dep.orgs.ident("northfield"), "model-owner", _port(dep, "vendor"))
+        late = channel_to(dep.orgs.ident("northfield"), "model-owner", port_of(dep, "vendor"))
         wire.send(late, wire.REQUEST, model="slow", plan="")
         refusal = wire.receive(late, wire.REPLY, 15)
         late.close(flush_s=1.0)
@@ -493,7 +318,7 @@ def test_sigterm_finishes_running_sessions_and_refuses_new_ones(tmp_path: Path, 
         assert a.popen.poll() is None, "the running session ended before the late request: no drain was tested"
         assert refusal["ok"] is False and refusal["code"] == "shutting-down", refusal
         assert refusal["error"] == "model-owner service is shutting down; try again later", refusal
-        _check_output(dep, a, images=3)
+        check_output(dep, a, images=3)
         assert dep.vendor.wait(30) == 0, dep.vendor.report()
         assert dep.helper.wait(30) == 0, dep.helper.report()
         assert "model-owner service stopped" in dep.vendor.out()
@@ -516,7 +341,7 @@ def test_a_hospital_that_hangs_is_dropped_after_timeout_s_while_another_complete
         hung.kill(signal.SIGSTOP)
         stopped_at = time.monotonic()
         # Assert: the other completes; the vendor gives up on the hung one after about timeout_s
-        _check_output(dep, other, images=4)
+        check_output(dep, other, images=4)
         deadline = stopped_at + timeout_s + 20
         failed: list[dict] = []
         while not failed and time.monotonic() < deadline:
@@ -550,7 +375,7 @@ def test_dealer_restarted_mid_session_fails_that_session_naming_the_dealer_and_n
         assert code_a == 2, a.report()
         msg = error_message("\n".join(ln for ln in a.err().splitlines() if not ln.startswith("secure inference:")), a.report())
         assert "lost connection to dealer" in msg, msg
-        _check_output(dep, b)
+        check_output(dep, b)
         failed = [r for r in dep.audit("vendor") if r.get("outcome") == "failed"]
         assert len(failed) == 1 and "dealer" in failed[0]["error"], dep.audit("vendor")
         assert dep.vendor.popen.poll() is None
