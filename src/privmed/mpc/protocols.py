@@ -78,8 +78,10 @@ class Protocols(ABC):
     def _sign_thresholds(self, x: np.ndarray, thresholds: np.ndarray, bits: int) -> np.ndarray:
         """For protocol sets without the shared-opening correlation: one comparison per
         threshold on x - t_j (the data owner subtracts the public t_j)."""
-        public = thresholds.reshape(-1, *([1] * x.ndim)) if getattr(self, "is_data_owner", False) else U64(0)
-        return self.sign(np.ascontiguousarray(x[None] - public), bits).reshape(thresholds.size, *x.shape)
+        diffs = np.repeat(x[None], thresholds.size, axis=0)  # one copy of x per threshold, each with its own mask
+        if getattr(self, "is_data_owner", False):
+            diffs = diffs - thresholds.reshape(-1, *([1] * x.ndim))
+        return self.sign(np.ascontiguousarray(diffs), bits).reshape(thresholds.size, *x.shape)
 
     def _threshold_request(self, x: np.ndarray, thresholds: np.ndarray, bits: int) -> Request:
         return self._request(Purpose.NONLINEAR, thresholds=ThresholdSpec(x.size, thresholds.size, bits))
