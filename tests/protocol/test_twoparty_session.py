@@ -245,3 +245,46 @@ def test_beaver_products_with_broadcast_and_squares_are_exact_mod_2_64(y_shape: 
     z0, z1, _ = run_two(party(True), party(False), timeout_s=30)
     want = x * (x if y is None else np.broadcast_to(y, x_shape))
     np.testing.assert_array_equal(z0 + z1, want)
+
+
+@pytest.mark.parametrize(("x_shape", "w_len"), [((2, 3, 4, 5), 3), ((1, 4, 2, 2, 2), 4), ((1, 3, 6), 1)])
+def test_channel_scale_by_vector_cots_is_exact(x_shape: tuple[int, ...], w_len: int) -> None:
+    """``scale.channel_scale_shares``: shares of w_c * A over Z_2^42 equal numpy's, for batch 2,
+    a 3-D map and one slope broadcast over every channel; signed weights."""
+    from privmed.crypto.prg import PRG
+    from privmed.mpc.twoparty.ot import ot_setup
+    from privmed.mpc.twoparty.scale import channel_scale_shares
+
+    rng = np.random.default_rng(8)
+    bits, ring = 42, np.uint64((1 << 42) - 1)
+    a = rng.integers(0, 2**64 - 1, x_shape, dtype=np.uint64, endpoint=True) & ring
+    w = rng.integers(-(2**17) + 1, 2**17, w_len).astype(np.int64)
+
+    def party(is_do: bool):  # type: ignore[no-untyped-def]
+        def run(ch):  # type: ignore[no-untyped-def]
+            ot = ot_setup(ch, "t", PRG.fresh(), is_do)
+            return channel_scale_shares(ot, "cs", is_do, x_shape, bits, mask=a if is_do else None, weight=None if is_do else w.view(np.uint64))
+        return run
+
+    y0, y1, _ = run_two(party(True), party(False), timeout_s=30)
+    want = (a * np.broadcast_to(w, (x_shape[1],)).view(np.uint64).reshape((1, -1) + (1,) * (len(x_shape) - 2))) & ring
+    np.testing.assert_array_equal((y0 + y1) & ring, want)
+
+
+def test_prelu_and_unfoldable_batchnorm_equal_the_reference(tmp_path: Path) -> None:
+    """Private per-channel scales (PReLU slopes, a BatchNorm after a concat) go through vector
+    COTs, not HE; within 64 ulp of the reference as the first test."""
+    rng = np.random.default_rng(9)
+    nodes = [H("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), H("Concat", ["c", "x"], ["k"], axis=1),
+             H("BatchNormalization", ["k", "s", "b", "mu", "var"], ["n"]), H("PRelu", ["n", "slope"], ["y"])]  # fmt: skip
+    inits = {"w": rand(rng, 3, 2, 3, 3), "s": rand(rng, 5) + 1.0, "b": rand(rng, 5), "mu": rand(rng, 5),
+             "var": np.abs(rand(rng, 5)) + 0.5, "slope": rand(rng, 5, 1, 1)}  # fmt: skip
+    path = build(tmp_path / "bn.onnx", nodes, inits, [1, 2, 5, 5])
+    x = rand(rng, 1, 2, 5, 5, scale=1.0)
+    plan, weights = compile_model(path, calibration=x)
+    assert [n.attrs["kind"] for n in plan.nodes if n.op == "linear"].count("channel_scale") >= 1
+
+    (out, _), _, _ = run_two(lambda ch: data_owner_2p(ch, x), lambda ch: model_owner_2p(ch, plan, weights), timeout_s=60)
+    ref_ring, _ = run_plan(plan, FixedBackend(plan, weights, x.astype(np.float64)), 1)
+    ref = postprocess(ref_ring, plan.node(plan.output_name).attrs.get("post", {}))
+    np.testing.assert_allclose(out, ref, rtol=0, atol=64 * 2.0**-plan.frac_bits)

@@ -91,7 +91,7 @@ def check_two_party(plan: Plan) -> tuple[int, int]:
             f"triples): {', '.join(einsums[:6])}" + (f" and {len(einsums) - 6} more" if len(einsums) > 6 else "")
         )
     for what, r in steps:
-        if what == "linear" and r.linear is not None:
+        if what == "linear" and r.linear is not None and r.linear.kind != "channel_scale":  # scales: by OT, any shape
             try:
                 lower(r.linear.kind, r.linear.conv, r.linear.x_shape, r.linear.w_shape)
             except (ValueError, NotImplementedError, ProtocolError) as exc:

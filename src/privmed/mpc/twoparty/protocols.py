@@ -25,7 +25,7 @@ Per batch, an input-independent offline phase (``prepare_offline``) takes the ba
 ops as recorded by ``Recorder`` walking the plan with the online executor
 (``privmed.runtime.twoparty.schedule``: order and shapes come from the plan, never from a
 hand-kept copy) and makes, for every linear layer, Cheetah's HE product on a fresh random
-mask A of the data owner; for every ReLU, the OT material of ``offline.relu_offline``; for
+mask A of the data owner (a per-channel scale by vector COTs instead, ``scale``); for every ReLU, the OT material of ``offline.relu_offline``; for
 every product, a Beaver triple by Gilboa OT (``products.product_offline``). The online walk:
 
 - ``linear``: ``he_linear.online_linear`` (data owner sends E = x0 - A, 1 round, |x| ring
@@ -74,6 +74,7 @@ from privmed.mpc.twoparty.he_linear import HESession, he_linear, he_setup, onlin
 from privmed.mpc.twoparty.offline import ReluMaterial, relu_offline, relu_online
 from privmed.mpc.twoparty.ot import OTSession, ot_setup
 from privmed.mpc.twoparty.products import ProductMaterial, product_offline, product_online
+from privmed.mpc.twoparty.scale import channel_scale_shares
 from privmed.mpc.twoparty.seal_io import HEParams, SealIO
 from privmed.net.channel import Channel
 
@@ -234,7 +235,12 @@ def prepare_offline(s: TwoPartySession, plan: Plan, steps: list[tuple[str, Reque
             spec = req.linear
             node_id = plan.nodes[req.node_index].id
             tag = f"off/{req.label}"
-            if s.is_data_owner:
+            if spec.kind == "channel_scale":  # vector COTs: HE would spend a ciphertext per channel
+                mask = s.prg.stream(req.key).uint64(spec.x_shape) & ring_mask(s.he_bits) if s.is_data_owner else None
+                weight = weights.weight[node_id] if weights is not None else None
+                share = channel_scale_shares(s.ot, tag, s.is_data_owner, spec.x_shape, s.he_bits, mask=mask, weight=weight)
+                out.items[req.label] = LinearMaterial(mask, share)
+            elif s.is_data_owner:
                 mask = s.prg.stream(req.key).uint64(spec.x_shape) & ring_mask(s.he_bits)
                 share = he_linear(s.he, s.ch, tag, spec.kind, spec.conv, spec.x_shape, spec.w_shape, x=mask)
                 out.items[req.label] = LinearMaterial(mask, share)
