@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -158,19 +159,27 @@ def loadavg() -> list[float]:
     return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's reaped children so far: the same measure,
+    whole processes from start to exit, for both systems' roles."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_privmed(model: Path, x: np.ndarray, timeout_s: float) -> dict[str, Any]:
     from privmed.runtime.launch import run_local_session
 
-    b0, p0 = loopback_tx()
+    b0, p0, c0 = *loopback_tx(), children_cpu_s()
     t = time.perf_counter()
     result = run_local_session(model, x, timeout_s=timeout_s)
     wall = time.perf_counter() - t
-    b1, p1 = loopback_tx()
+    b1, p1, c1 = *loopback_tx(), children_cpu_s()
     st = result.stats.to_dict()
     return {"outputs": result.outputs, "wall_s": round(wall, 3), "online_s": st["online_s"],
             "loopback_bytes": b1 - b0, "loopback_packets": p1 - p0,
             "own_bytes": st["bytes_total"], "own_bytes_by_role": st["bytes_sent"],
-            "rounds": st["rounds"], "cpu_s": st["cpu_s"], "peak_rss_mb": st["peak_rss_mb"]}
+            "rounds": st["rounds"], "cpu_s_total": round(c1 - c0, 3), "own_cpu_s_session": st["cpu_s"],
+            "peak_rss_mb": st["peak_rss_mb"]}
 
 
 def run_crypten(py: Path, model: Path, x: np.ndarray, threads: int, timeout_s: float) -> dict[str, Any]:
@@ -183,7 +192,7 @@ def run_crypten(py: Path, model: Path, x: np.ndarray, threads: int, timeout_s: f
         common = ["--model", str(model), "--input", str(tmp / "input.npy"), "--threads", str(threads),
                   "--rendezvous", f"file://{tmp / 'rendezvous'}"]
         roles = ("ttp", "model-owner", "data-owner")
-        b0, p0 = loopback_tx()
+        b0, p0, c0 = *loopback_tx(), children_cpu_s()
         t = time.perf_counter()
         procs = {r: subprocess.Popen(
             [str(py), str(HERE / "_crypten_party.py"), "--role", r, "--stats", str(tmp / f"{r}.json"),
@@ -205,7 +214,7 @@ def run_crypten(py: Path, model: Path, x: np.ndarray, threads: int, timeout_s: f
                     os.killpg(p.pid, signal.SIGKILL)
                     p.wait()
         wall = time.perf_counter() - t
-        b1, p1 = loopback_tx()
+        b1, p1, c1 = *loopback_tx(), children_cpu_s()
         stats = {r: json.loads((tmp / f"{r}.json").read_text()) for r in roles}
         out = np.load(tmp / "output.npy")
     parties = ("model-owner", "data-owner")
@@ -217,7 +226,7 @@ def run_crypten(py: Path, model: Path, x: np.ndarray, threads: int, timeout_s: f
             "own_bytes": int(sum(stats[r]["comm"]["bytes"] for r in parties) / 2),
             "own_comm": {r: stats[r]["comm"] for r in roles},
             "rounds": max(int(stats[r]["comm"]["rounds"]) for r in parties),
-            "cpu_s": {r: stats[r]["cpu_s"] for r in roles},
+            "cpu_s_total": round(c1 - c0, 3), "cpu_s": {r: stats[r]["cpu_s"] for r in roles},
             "peak_rss_mb": {r: stats[r]["peak_rss_mb"] for r in roles}}
 
 
@@ -237,6 +246,20 @@ def enter_netns() -> None:
     cmd = ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
            sys.executable, *sys.argv]
     sys.exit(subprocess.run(cmd, env={**os.environ, IN_NETNS: "1"}).returncode)
+
+
+def privmed_source() -> dict[str, Any]:
+    """Which privmed was measured: the work tree is shared, so say whether src/ had edits."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout.strip()
+    return {"commit": git("rev-parse", "--short", "HEAD"), "src_modified": bool(git("status", "--porcelain", "--", "src"))}
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
 def fmt_bytes(n: float) -> str:
@@ -272,6 +295,7 @@ def main() -> None:
     print(f"{args.model} {shape}: load average {load_before} before the run "
           f"(2-core machine shared with other engineers' jobs)", flush=True)
 
+    source = privmed_source()
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="peer-model-") as tmp:
         cmodel = Path(tmp) / "crypten_copy.onnx"
@@ -282,8 +306,6 @@ def main() -> None:
             cr = run_crypten(cpy, cmodel, x, args.crypten_threads, args.timeout)
             pm["max_abs_err"] = float(np.max(np.abs(pm.pop("outputs") - ref)))
             cr["max_abs_err"] = float(np.max(np.abs(apply_final(final_op, cr.pop("outputs")) - ref)))
-            for res in (pm, cr):  # CPU seconds are less disturbed by other jobs than wall time
-                res["cpu_s_total"] = round(sum(res["cpu_s"].values()), 3)
             ratios = {k: round(cr[k] / pm[k], 2) for k in ("wall_s", "online_s", "cpu_s_total", "loopback_bytes", "rounds")}
             runs.append({"run": i, "load_after_privmed": load_mid, "load_after_crypten": loadavg(),
                          "privmed": pm, "crypten": cr, "ratio_crypten_over_privmed": ratios})
@@ -294,7 +316,8 @@ def main() -> None:
     med = {k: statistics.median(r["ratio_crypten_over_privmed"][k] for r in runs) for k in runs[0]["ratio_crypten_over_privmed"]}
     summary = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} cores, Python {platform.python_version()}",
+        "privmed": source,
         "model": args.model, "model_file": str(model.relative_to(ROOT)), "input": shape,
         "load_average_before": load_before, "load_average_after": loadavg(),
         "note": ("shared 2-core machine: other engineers' jobs ran alongside; compare ratios, not absolute "
