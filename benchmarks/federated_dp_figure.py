@@ -74,7 +74,7 @@ def figure(points: dict[tuple[int, str, Any], list[float]], out: Path) -> None:
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4), sharey=True, squeeze=False)
     xs = {e: (math.log2(e) if e != "inf" else 5.3) for e in EPSILONS}
     for ax, n in zip(axes[0], sizes, strict=True):
-        for recipe, label in _recipes(points).items():
+        for recipe, label in RECIPES.items():  # the figure: the two recipes; variants in the table
             eps = [e for e in EPSILONS if points.get((n, recipe, e))]
             if not eps:
                 continue
