@@ -242,6 +242,7 @@ class FederatedConfig:
         from privmed.models.scatter import ScatterHead, scattering_channels
         from privmed.models.zoo import build_model
 
+        model: Any
         if self.recipe == "scatter":
             side = self.image_size // 2**SCATTER_J
             model = ScatterHead(scattering_channels(SCATTER_J, SCATTER_L), len(self.labels), side)

@@ -275,7 +275,7 @@ def _average_views(model: nn.Module, views: int) -> None:
     for p in model.parameters():
         grad_sample = getattr(p, "grad_sample", None)
         if isinstance(grad_sample, torch.Tensor):
-            p.grad_sample = grad_sample.reshape(-1, views, *grad_sample.shape[1:]).mean(dim=1)
+            p.grad_sample = grad_sample.reshape(-1, views, *grad_sample.shape[1:]).mean(dim=1)  # type: ignore[attr-defined]
 
 
 def _run_epochs(

@@ -24,6 +24,7 @@ DP noise perturbs the raw weights.
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -106,13 +107,14 @@ class Scattering2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 1 or x.shape[2] % 2**self.J or x.shape[3] % 2**self.J:
             raise ValueError(f"scattering: expected (N, 1, H, W) with H, W multiples of {2**self.J}, got {tuple(x.shape)}")
-        order1 = self._modulus_conv(x, self.order1_weight)
+        order1 = self._modulus_conv(x, cast(torch.Tensor, self.order1_weight))
         parts = [x, order1]
         for j1, (offset, count) in enumerate(self.order2):
-            parts.append(self._modulus_conv(order1[:, offset : offset + count], getattr(self, f"order2_weight_{j1}")))
+            weight = cast(torch.Tensor, getattr(self, f"order2_weight_{j1}"))
+            parts.append(self._modulus_conv(order1[:, offset : offset + count], weight))
         u = torch.cat(parts, dim=1)
         padded = F.pad(u, (self.phi_pad,) * 4, mode="reflect")
-        return F.conv2d(padded, self.phi_weight, stride=2**self.J, groups=self.out_channels)
+        return F.conv2d(padded, cast(torch.Tensor, self.phi_weight), stride=2**self.J, groups=self.out_channels)
 
 
 class WSConv2d(nn.Conv2d):
@@ -137,8 +139,8 @@ def fold_weight_standardization(model: nn.Module) -> nn.Module:
     the same function, exported as one Conv instead of reductions over the weights."""
     for name, child in list(model.named_children()):
         if isinstance(child, WSConv2d):
-            conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                             child.padding, bias=child.bias is not None)  # fmt: skip
+            conv = nn.Conv2d(child.in_channels, child.out_channels, cast(Any, child.kernel_size),
+                             cast(Any, child.stride), cast(Any, child.padding), bias=child.bias is not None)  # fmt: skip
             with torch.no_grad():
                 conv.weight.copy_(child.standardized()[0])
                 if child.bias is not None and conv.bias is not None:
@@ -151,7 +153,7 @@ def fold_weight_standardization(model: nn.Module) -> nn.Module:
 
 def _ws_conv_grad_sample(
     layer: WSConv2d, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
+) -> dict[Any, torch.Tensor]:
     """Per-sample gradients of a WSConv2d for Opacus (its generic functorch path is ~5x slower).
 
     1. per-sample gradient g w.r.t. the standardised kernel: unfold the input and contract
@@ -162,13 +164,13 @@ def _ws_conv_grad_sample(
     """
     x = activations[0].to(backprops.dtype)
     n = x.shape[0]
-    out: dict[nn.Parameter, torch.Tensor] = {}
+    out: dict[Any, torch.Tensor] = {}
     if n == 0:
         out[layer.weight] = torch.zeros_like(layer.weight).unsqueeze(0)
         if layer.bias is not None and layer.bias.requires_grad:
             out[layer.bias] = torch.zeros_like(layer.bias).unsqueeze(0)
         return out
-    cols = F.unfold(x, layer.kernel_size, padding=layer.padding, stride=layer.stride)  # (n, i*k*k, L)
+    cols = F.unfold(x, layer.kernel_size, padding=cast(Any, layer.padding), stride=layer.stride)  # (n, i*k*k, L)
     grads = backprops.reshape(n, layer.out_channels, -1)  # (n, o, L)
     if layer.weight.requires_grad:
         g = torch.einsum("nol,npl->nop", grads, cols)  # w.r.t. w_hat, (n, o, i*k*k)
