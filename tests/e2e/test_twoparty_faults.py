@@ -1,10 +1,12 @@
-"""Faults in a two-party session (`privmed party --parties 2`, two processes, mutual TLS, no
-dealer): a peer killed or hung mid-run is named by the other within its receive deadline (plus
-process start-up margin), with the step; a data owner whose certificate comes from another CA
-is refused by the model owner and nothing runs.
+"""Two-party sessions by `privmed party --parties 2` (two processes, mutual TLS, no dealer).
+
+An honest run writes the output, equal to onnxruntime's. Faults: a peer killed or hung mid-run
+is named by the other within its receive deadline (plus process start-up margin), with the
+step; a data owner whose certificate comes from another CA is refused by the model owner and
+nothing runs.
 
 The model: ``export_cnn`` at 1x32x32, 4 channels, 6 extra conv+ReLU blocks: an online walk of
-about 20 layers after a few seconds of offline phase, so a fault after layer 3 lands online.
+about 20 layers after the offline phase, so a fault after layer 3 lands online.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.e2e.conftest import CertSet, PartyRun, TinyModel, export_cnn, free_port
@@ -94,3 +97,16 @@ def test_data_owner_with_a_certificate_from_another_ca_is_refused(tmp_path: Path
     assert "model-owner refused the TLS connection" in run.message("data-owner"), run.report()
     assert "CERTIFICATE_VERIFY_FAILED" in run.message("model-owner"), run.report()
     assert not (tmp_path / "out.npy").exists()
+
+
+def test_both_roles_by_privmed_party_match_onnxruntime(tmp_path: Path, session_ca: CertSet, cnn: TinyModel) -> None:
+    """Tolerance 2e-3 on probabilities: as ``test_twoparty_infer`` (f = 16, a few ulp per ReLU
+    layer through 9 layers; measured about 1e-5)."""
+    run = PartyRun(tmp_path, write_session_2p(tmp_path / "session.toml", session_ca, free_port(), timeout_s=30.0))
+    try:
+        _start(run, cnn)
+        ended = run.wait_exits(("data-owner", "model-owner"), 120.0)
+    finally:
+        run.kill_all()
+    assert all(t is not None for t in ended.values()) and run.code("data-owner") == 0 and run.code("model-owner") == 0, run.report()
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), cnn.expected, rtol=0, atol=2e-3)
