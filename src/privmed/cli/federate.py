@@ -40,7 +40,10 @@ def _schedule(args: argparse.Namespace, smallest_site: int | None) -> tuple[str,
         plan = plan_dp(args.dp_epsilon, args.dp_delta, smallest_site, max_grad_norm=args.max_grad_norm)
         return recipe, plan.rounds, plan.batch_size, lr, plan.reason
     if args.rounds is None:
-        raise InputError("--rounds: required unless --dp-epsilon lets the accountant choose (federate simulate)")
+        raise InputError(
+            "--rounds: required unless --dp-epsilon lets the accountant choose rounds and batch"
+            " (simulate; run: with --dp-plan-site-size)"
+        )
     return recipe, args.rounds, args.batch_size or 16, lr, None
 
 
