@@ -37,6 +37,7 @@ from privmed.ir.walk import run_plan
 from privmed.mpc.correlation.requests import Request
 from privmed.mpc.twoparty.he_layers import lower
 from privmed.mpc.twoparty.protocols import (
+    MAX_EINSUM_EXPANSION,
     MAX_RING_BITS,
     ProductsNotSupported,
     Recorder,
@@ -72,6 +73,13 @@ def schedule(plan: Plan, batch: int, batch_index: int) -> list[tuple[str, Reques
     return rec.log
 
 
+def _expansion(equation: str, x_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> int:
+    """Elements of an einsum's full expansion (every axis of the equation once)."""
+    xl, yl = equation.split("->")[0].split(",")
+    sizes = dict(zip(xl, x_shape, strict=True)) | dict(zip(yl, y_shape, strict=True))
+    return int(np.prod(list(sizes.values())))
+
+
 def check_two_party(plan: Plan) -> tuple[int, int]:
     """Refuse, in one line, a plan the two-party mode cannot run; else the rings
     (shares' ring bits, HE ring bits), from the public plan alone (both parties run it before
@@ -80,15 +88,18 @@ def check_two_party(plan: Plan) -> tuple[int, int]:
     Narrow mode (l, l), l = ``ring_bits``: plans without products of two secrets whose
     comparisons fit l <= ``MAX_RING_BITS``. Wide mode (64, ``MAX_RING_BITS``) otherwise:
     shares over Z_2^64 as in the dealer mode, each HE layer's result extended back to 64 bits
-    and comparisons run on their own width. Refused: matrix products of two secrets (einsum:
-    attention) and linear layers Cheetah's encodings do not cover (3-D kernels).
+    and comparisons run on their own width. Refused: einsums of two secrets (attention) whose
+    expansion exceeds ``MAX_EINSUM_EXPANSION`` and linear layers Cheetah's encodings do not
+    cover (3-D kernels).
     """
     steps = schedule(plan, 1, 0)
-    einsums = sorted({plan.nodes[r.node_index].id for what, r in steps if what == "product" and r.product and r.product.equation})
-    if einsums:
+    too_big = sorted({plan.nodes[r.node_index].id for what, r in steps if what == "product" and r.product and r.product.equation
+                      and _expansion(r.product.equation, r.product.x_shape, r.product.y_shape) > MAX_EINSUM_EXPANSION})  # fmt: skip
+    if too_big:
         raise ProductsNotSupported(
-            "two-party mode cannot run matrix products of two secret tensors yet (attention: no two-party matrix "
-            f"triples): {', '.join(einsums[:6])}" + (f" and {len(einsums) - 6} more" if len(einsums) > 6 else "")
+            f"two-party mode: matrix products of two secret tensors larger than {MAX_EINSUM_EXPANSION} expanded elements "
+            f"(attention over many tokens) are not supported yet: {', '.join(too_big[:6])}"
+            + (f" and {len(too_big) - 6} more" if len(too_big) > 6 else "")
         )
     for what, r in steps:
         if what == "linear" and r.linear is not None and r.linear.kind != "channel_scale":  # scales: by OT, any shape

@@ -1,5 +1,6 @@
 """Products of two secret tensors in the two-party mode: Beaver triples made offline by Gilboa's
-OT multiplication (``arith.multiply``), consumed online by the usual one-round opening.
+OT multiplication (``arith.multiply``), consumed online by the usual one-round opening;
+elementwise (with broadcasting), squares, and einsums of two secret tensors (attention).
 
 Broadcasting as the executor's ``multiply`` (y broadcast over x by numpy's rules): the triple's
 b has y's exact shape and c = a * broadcast(b), so the opened e = y - b is y-shaped and every
@@ -25,12 +26,50 @@ U64 = np.uint64
 
 @dataclass
 class ProductMaterial:
-    """One party's shares of a (x's shape), b (y's shape; None for a square) and c = a b."""
+    """One party's shares of a (x's shape), b (y's shape; None for a square) and c = a b
+    (with ``equation``: c = einsum(equation, a, b))."""
 
     a: np.ndarray
     b: np.ndarray | None
     c: np.ndarray
     bits: int
+    equation: str = ""
+
+
+def _expanded(equation: str, x_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> tuple[str, str, str, str, tuple[int, ...]]:
+    """(x labels, y labels, out labels, all labels in first-seen order, the full shape)."""
+    ins, out = equation.split("->")
+    xl, yl = ins.split(",")
+    labels = "".join(dict.fromkeys(xl + yl))
+    sizes = dict(zip(xl, x_shape, strict=True)) | dict(zip(yl, y_shape, strict=True))
+    return xl, yl, out, labels, tuple(sizes[c] for c in labels)
+
+
+def _broadcast(v: np.ndarray, own: str, labels: str, full: tuple[int, ...]) -> np.ndarray:
+    """v (axes ``own``) laid out over every label of ``labels`` (missing ones broadcast)."""
+    order = "".join(c for c in labels if c in own)
+    moved = np.einsum(f"{own}->{order}", v)
+    shape = tuple(full[i] if c in own else 1 for i, c in enumerate(labels))
+    return np.ascontiguousarray(np.broadcast_to(moved.reshape(shape), full))
+
+
+def einsum_offline(ot: OTSession, tag: str, is_data_owner: bool, equation: str, x_shape: tuple[int, ...], y_shape: tuple[int, ...],
+                   bits: int, stream: Stream) -> ProductMaterial:  # fmt: skip
+    """A matrix Beaver triple (a, b, einsum(a, b)) by expansion: a and b are laid out over every
+    axis of the equation, multiplied elementwise by ``arith.multiply`` (Gilboa), and the product
+    is summed over the contracted axes (local, linear). Correct for any einsum of two operands
+    that names every axis; the cost grows with the full expansion: 24 l bytes per element of
+    prod(all axis sizes) (Q K^T with T tokens and width d: T^2 d elements), so it suits the
+    small attention blocks of imaging models, not long sequences. Rounds 2.
+    Security: ``arith.multiply`` on uniform a, b (repeating a choice bit across the expansion
+    is fine: every COT is independent).
+    """
+    mask = ring_mask(bits)
+    a = stream.uint64(x_shape) & mask
+    b = stream.uint64(y_shape) & mask
+    xl, yl, out, labels, full = _expanded(equation, x_shape, y_shape)
+    prod = multiply(ot, tag, is_data_owner, _broadcast(a, xl, labels, full), _broadcast(b, yl, labels, full), bits)
+    return ProductMaterial(a, b, np.einsum(f"{labels}->{out}", prod) & mask, bits, equation)
 
 
 def product_offline(ot: OTSession, tag: str, is_data_owner: bool, x_shape: tuple[int, ...], y_shape: tuple[int, ...] | None,
@@ -72,6 +111,10 @@ def product_online(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, 
     if y is None or mat.b is None:
         z = mat.c + U64(2) * d * mat.a
         return (z + d * d if is_data_owner else z) & mask
+    if mat.equation:  # z = c + einsum(d, b) + einsum(a, e) (+ einsum(d, e)): bilinear
+        e = opened[x.size :].reshape(y.shape)
+        z = mat.c + np.einsum(mat.equation, d, mat.b) + np.einsum(mat.equation, mat.a, e)
+        return (z + np.einsum(mat.equation, d, e) if is_data_owner else z) & mask
     e = np.broadcast_to(opened[x.size :].reshape(y.shape), x.shape)
     z = mat.c + d * np.broadcast_to(mat.b, x.shape) + mat.a * e
     return (z + d * e if is_data_owner else z) & mask

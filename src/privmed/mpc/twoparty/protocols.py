@@ -43,7 +43,9 @@ every product, a Beaver triple by Gilboa OT (``products.product_offline``). The 
   no probabilistic wrap while |x| < 2^(ring-2)).
 - ``sign``: ``compare.drelu`` then ``compare.b2a``.
 - ``multiply`` / ``square``: ``products.product_online`` (1 round, |x| + |y| elements each).
-  ``einsum`` (attention's matrix products of two secrets): refused, no matrix triples yet.
+  ``einsum`` (attention's matrix products of two secrets): the same opening with a matrix
+  triple made by expansion (``products.einsum_offline``: cost grows with the product of every
+  axis size, so einsums past ``MAX_EINSUM_EXPANSION`` are refused).
 - ``reveal``: the model owner sends its share (1 message, |x| elements); the data owner checks
   every element is in the ring.
 
@@ -73,7 +75,12 @@ from privmed.mpc.twoparty.compare import ring_mask
 from privmed.mpc.twoparty.he_linear import HESession, he_linear, he_setup, online_linear
 from privmed.mpc.twoparty.offline import ReluMaterial, relu_offline, relu_online
 from privmed.mpc.twoparty.ot import OTSession, ot_setup
-from privmed.mpc.twoparty.products import ProductMaterial, product_offline, product_online
+from privmed.mpc.twoparty.products import (
+    ProductMaterial,
+    einsum_offline,
+    product_offline,
+    product_online,
+)
 from privmed.mpc.twoparty.scale import channel_scale_shares
 from privmed.mpc.twoparty.seal_io import HEParams, SealIO
 from privmed.net.channel import Channel
@@ -82,10 +89,11 @@ U64 = np.uint64
 MIN_RING_BITS = 38
 MAX_RING_BITS = 43  # t = 2^l with room for flooding 17-bit weights over 64 channel blocks (he_encoding.flood_bits)
 DEFAULT_WEIGHT_BITS = 16
+MAX_EINSUM_EXPANSION = 1 << 20  # elements of an einsum's full expansion: 1.5 GB of OT per party at 2^20
 
 
 class ProductsNotSupported(ProtocolError):
-    """A matrix product of two secret tensors in two-party mode (no matrix triples yet)."""
+    """A matrix product of two secret tensors too large for triples by expansion."""
 
 
 def ring_bits(plan: Plan) -> int:
@@ -258,9 +266,13 @@ def prepare_offline(s: TwoPartySession, plan: Plan, steps: list[tuple[str, Reque
             s.offline_rounds += 3
         elif what == "product" and req.product is not None:
             ps = req.product
-            y_shape = None if ps.square else ps.y_shape
-            out.items[req.label] = product_offline(s.ot, f"off/{req.label}", s.is_data_owner, ps.x_shape, y_shape, s.bits,
-                                                   s.prg.stream(req.key))  # fmt: skip
+            if ps.equation:
+                out.items[req.label] = einsum_offline(s.ot, f"off/{req.label}", s.is_data_owner, ps.equation, ps.x_shape,
+                                                      ps.y_shape, s.bits, s.prg.stream(req.key))  # fmt: skip
+            else:
+                y_shape = None if ps.square else ps.y_shape
+                out.items[req.label] = product_offline(s.ot, f"off/{req.label}", s.is_data_owner, ps.x_shape, y_shape, s.bits,
+                                                       s.prg.stream(req.key))  # fmt: skip
             s.offline_rounds += 2
     return out
 
@@ -347,7 +359,9 @@ class TwoPartyOnline(Protocols):
         return product_online(self.s.ot, req.label, self.is_data_owner, x & self.s.ring, None, mat)
 
     def _einsum(self, req: Request, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        raise ProductsNotSupported(f"{req.label}: two-party mode has no matrix triples for products of two secret matrices yet")
+        mat: ProductMaterial = self.offline.take(req.label, ProductMaterial)
+        self.s.rounds += 1
+        return product_online(self.s.ot, req.label, self.is_data_owner, x & self.s.ring, y & self.s.ring, mat)
 
     def reveal(self, x: np.ndarray) -> np.ndarray | None:
         """Open x to the data owner only: the model owner sends its share (1 message, |x|
