@@ -303,3 +303,24 @@ def test_prelu_and_unfoldable_batchnorm_equal_the_reference(tmp_path: Path) -> N
     ref_ring, _ = run_plan(plan, FixedBackend(plan, weights, x.astype(np.float64)), 1)
     ref = postprocess(ref_ring, plan.node(plan.output_name).attrs.get("post", {}))
     np.testing.assert_allclose(out, ref, rtol=0, atol=64 * 2.0**-plan.frac_bits)
+
+
+def test_model_owner_reveal_outside_the_ring_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model owner whose output share has bits above 2^l (narrow ring): the data owner
+    refuses it with one line instead of decoding a wrapped value."""
+    import privmed.runtime.twoparty as rt
+    from privmed.mpc.twoparty.protocols import TwoPartyOnline
+
+    class Lying(TwoPartyOnline):
+        def reveal(self, x: np.ndarray) -> np.ndarray | None:
+            if self.is_data_owner:
+                return super().reveal(x)
+            self.s.ch.send(f"b{self.batch_index}:{self.node}/reveal", (x & self.s.ring) | np.uint64(1 << 63))
+            return None
+
+    monkeypatch.setattr(rt, "TwoPartyOnline", Lying)
+    rng = np.random.default_rng(11)
+    x = rand(rng, 1, 2, 6, 6, scale=1.0)
+    plan, weights = compile_model(_tiny(tmp_path, rng), calibration=x)
+    with pytest.raises(RuntimeError, match=r"ProtocolError: .*/reveal: expected elements of Z_2\^\d+ from the model owner"):
+        run_two(lambda ch: data_owner_2p(ch, x), lambda ch: model_owner_2p(ch, plan, weights), timeout_s=20)
