@@ -88,7 +88,6 @@ from privmed.net.channel import Channel
 U64 = np.uint64
 MIN_RING_BITS = 38
 MAX_RING_BITS = 43  # t = 2^l with room for flooding 17-bit weights over 64 channel blocks (he_encoding.flood_bits)
-DEFAULT_WEIGHT_BITS = 16
 MAX_EINSUM_EXPANSION = 1 << 20  # elements of an einsum's full expansion: 1.5 GB of OT per party at 2^20
 
 
@@ -104,7 +103,9 @@ def ring_bits(plan: Plan) -> int:
 
 
 def check_headroom(plan: Plan, bits: int) -> None:
-    """Model owner: every calibrated value (with the compiler's margin) fits |x| < 2^(l-2)."""
+    """Model owner: every calibrated value (with the compiler's margin) fits |x| < 2^(l-2), l
+    the HE ring. The report keeps one figure for the whole plan, so in the wide ring this is
+    stricter than needed (only linear layers' inputs and outputs pass through Z_2^l)."""
     report = plan.report
     if "headroom_bits" not in report:
         return
