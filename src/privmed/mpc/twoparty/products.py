@@ -12,11 +12,13 @@ compiler); ``bits`` is kept as a parameter for tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from privmed.crypto.prg import Stream
 from privmed.errors import ProtocolError
+from privmed.mpc.beaver import Ring, Triple, beaver
 from privmed.mpc.twoparty.arith import multiply
 from privmed.mpc.twoparty.compare import ring_mask
 from privmed.mpc.twoparty.ot import OTSession
@@ -88,33 +90,46 @@ def product_offline(ot: OTSession, tag: str, is_data_owner: bool, x_shape: tuple
     return ProductMaterial(a, b, multiply(ot, tag, is_data_owner, a, wide, bits), bits)
 
 
-def product_online(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, y: np.ndarray | None, mat: ProductMaterial) -> np.ndarray:
-    """Shares of x * y (y broadcast over x), or of x * x when y is None (Beaver 1991).
+@dataclass
+class _RingPeer:
+    """What ``privmed.mpc.beaver.beaver`` needs of a party, over Z_2^bits: the exchange checks
+    that every element the peer sends lies in the ring."""
 
-    1. Each party sends d_i = x_i - a_i and e_i = y_i - b_i (one round; |x| + |y| elements).
-    2. d = x - a and e = y - b are public; z_i = c_i + d b_i + a_i e, and the data owner adds
-       d e (square: z_i = c_i + 2 d a_i, data owner + d^2). Then z0 + z1 = (d + a)(e + b) = x y.
-    Security: d, e are masked by a, b, uniform and used once; nothing else is sent.
+    ch: Any
+    is_data_owner: bool
+    bits: int
+    rounds: int = 0
+
+    def exchange(self, tag: str, mine: np.ndarray) -> np.ndarray:
+        self.ch.send(tag, mine)
+        theirs = self.ch.recv(tag, U64, mine.shape)
+        if np.any(theirs > ring_mask(self.bits)):
+            raise ProtocolError(f"{tag}: expected elements of Z_2^{self.bits} from the peer")
+        self.rounds += 1
+        return theirs
+
+
+def product_online(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, y: np.ndarray | None, mat: ProductMaterial) -> np.ndarray:
+    """Shares of x * y (y broadcast over x), of x * x when y is None, or of the einsum of x and
+    y: ``privmed.mpc.beaver.beaver`` over Z_2^bits with the OT-made triple (Beaver 1991).
+
+    One round; |x| + |y| ring elements each way (|x| for a square). Security: d and e are
+    masked by a and b, uniform in Z_2^bits and used once; nothing else is sent.
     """
     mask = ring_mask(mat.bits)
     if x.shape != mat.a.shape or (y is None) != (mat.b is None) or (y is not None and mat.b is not None and y.shape != mat.b.shape):
         raise ProtocolError(f"{tag}: the product's material does not have the shape of its operands")
-    mine = ((x - mat.a) & mask).reshape(-1)
-    if y is not None and mat.b is not None:
-        mine = np.concatenate([mine, ((y - mat.b) & mask).reshape(-1)])
-    ot.ch.send(f"{tag}/de", mine)
-    theirs = ot.ch.recv(f"{tag}/de", U64, mine.shape)
-    if np.any(theirs > mask):
-        raise ProtocolError(f"{tag}/de: expected elements of Z_2^{mat.bits} from the peer")
-    opened = (mine + theirs) & mask
-    d = opened[: x.size].reshape(x.shape)
-    if y is None or mat.b is None:
-        z = mat.c + U64(2) * d * mat.a
-        return (z + d * d if is_data_owner else z) & mask
-    if mat.equation:  # z = c + einsum(d, b) + einsum(a, e) (+ einsum(d, e)): bilinear
-        e = opened[x.size :].reshape(y.shape)
-        z = mat.c + np.einsum(mat.equation, d, mat.b) + np.einsum(mat.equation, mat.a, e)
-        return (z + np.einsum(mat.equation, d, e) if is_data_owner else z) & mask
-    e = np.broadcast_to(opened[x.size :].reshape(y.shape), x.shape)
-    z = mat.c + d * np.broadcast_to(mat.b, x.shape) + mat.a * e
-    return (z + d * e if is_data_owner else z) & mask
+    ring = Ring(lambda u, v: (u + v) & mask, lambda u, v: (u - v) & mask)
+    if mat.equation:
+        equation = mat.equation
+
+        def bilinear(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+            return np.einsum(equation, u, v) & mask
+    else:
+
+        def bilinear(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+            return (u * v) & mask
+
+    peer = _RingPeer(ot.ch, is_data_owner, mat.bits)
+    b = mat.a if y is None else mat.b
+    return beaver(peer, tag, x & mask, None if y is None else y & mask, Triple(mat.a, b, mat.c), bilinear, ring)  # type: ignore[arg-type]
