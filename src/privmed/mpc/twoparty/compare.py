@@ -39,6 +39,8 @@ from __future__ import annotations
 import numpy as np
 
 from privmed.crypto.prg import Stream
+from privmed.mpc.beaver import BITS, beaver
+from privmed.mpc.beaver import Triple as BeaverTriple
 from privmed.mpc.twoparty.ot import OTSession, ot16_recv, ot16_send, random_ot_recv, random_ot_send
 from privmed.net.channel import Channel
 
@@ -84,14 +86,22 @@ def and_triples(ot: OTSession, tag: str, n: int, stream: Stream) -> tuple[np.nda
 Triple = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
+class _BitPeer:
+    """What ``privmed.mpc.beaver.beaver`` needs of a party, for 0/1 bit arrays sent packed."""
+
+    def __init__(self, ch: Channel, is_data_owner: bool) -> None:
+        self.ch, self.is_data_owner, self.rounds = ch, is_data_owner, 0
+
+    def exchange(self, tag: str, mine: np.ndarray) -> np.ndarray:
+        self.rounds += 1
+        return exchange_bits(self.ch, tag, mine)
+
+
 def _and(ch: Channel, tag: str, is_data_owner: bool, x: np.ndarray, y: np.ndarray, triple: Triple) -> np.ndarray:
-    """XOR-shared x AND y with a bit triple: open d = x ^ a, e = y ^ b (1 round, 2 bits each)."""
+    """XOR-shared x AND y with a bit triple: ``privmed.mpc.beaver.beaver`` over GF(2) with
+    B = AND (open d = x ^ a, e = y ^ b: 1 round, 2 bits each)."""
     a, b, c = triple
-    both = np.concatenate([x ^ a, y ^ b])
-    opened = both ^ exchange_bits(ch, tag, both)
-    d, e = opened[: len(x)], opened[len(x) :]
-    z = c ^ (d & b) ^ (e & a)
-    return z ^ (d & e) if is_data_owner else z
+    return beaver(_BitPeer(ch, is_data_owner), tag, x, y, BeaverTriple(a, b, c), np.bitwise_and, BITS)  # type: ignore[arg-type]
 
 
 def tree_ands(m: int) -> int:
