@@ -1,6 +1,6 @@
 """Truncation and ReLU protocols on extreme inputs: no catastrophic error, ever.
 
-The truncation of ``privmed.mpc.nonlinear`` is exact up to +1 ulp for every |x| < 2^62 (no
+The truncation of ``privmed.mpc.compare`` is exact up to +1 ulp for every |x| < 2^62 (no
 probabilistic wrap), so over a million inputs spread over the whole admissible range, including
 values next to +-2^61 and to 0, every result must be floor(x / 2^s) or floor(x / 2^s) + 1.
 """

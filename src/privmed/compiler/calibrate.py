@@ -1,7 +1,7 @@
 """Choose the fixed-point scale and comparison widths from a calibration input.
 
 For every node we record the largest |value| seen in float on the calibration input (bound B).
-The ring holds values up to 2^62 safely (``privmed.mpc.nonlinear`` needs |x| < 2^62), so with a
+The ring holds values up to 2^62 safely (``privmed.mpc.compare`` needs |x| < 2^62), so with a
 safety margin of ``margin`` bits (a factor 2^margin over calibration) the fractional bits f
 must satisfy log2(B) + margin + k f <= 61 for every node at scale k f. The comparison width of a
 ReLU / max is l = ceil(log2(B * 2^scale)) + margin bits: an input beyond 2^l would get the wrong

@@ -43,7 +43,7 @@ class StreamKey:
 
     batch: int  # batch number in the session, or SESSION
     node: int  # index of the node in the plan
-    purpose: int  # what the material is for (``privmed.mpc.correlated.Purpose``)
+    purpose: int  # what the material is for (``privmed.mpc.correlation.requests.Purpose``)
     step: int = 0  # sub-step within the node (max-pool level, normalisation step)
 
     def __post_init__(self) -> None:
