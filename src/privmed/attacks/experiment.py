@@ -48,6 +48,7 @@ from privmed.errors import InputError
 log = logging.getLogger(__name__)
 
 FORMAT = "privmed-attack-report"
+SCATTER = "scatter"  # the scatter recipe (federated/recipes.py) as a target
 DELTA = 1e-5  # delta of the per-round epsilon shown beside each DP configuration
 
 
@@ -87,8 +88,45 @@ def build_global_model(plan: AttackPlan, num_outputs: int) -> nn.Module:
     """
     from privmed.models.zoo import build_model
 
+    if plan.model == SCATTER:
+        return scatter_target(plan, num_outputs)
     torch.manual_seed(plan.seed)
     model = build_model(plan.model, 1, num_outputs, norm=plan.norm, features=plan.features)
+    if plan.weights is not None:
+        _load_checkpoint(model, plan)
+    return model
+
+
+def scatter_target(plan: AttackPlan, num_outputs: int) -> nn.Module:
+    """The scatter recipe's model as one network on images: frozen scattering, then the head.
+
+    Both parts come from the recipe's own builders (``recipes.feature_extractor`` and
+    ``baselines.initial_model``, i.e. ``FederatedConfig.build_model`` seeded as round 0 of a
+    run), so the head is the one ``privmed federate --recipe scatter`` trains. The
+    attacker knows the public transform; its filters are buffers, so the update
+    (``trainable_names``) is the head's parameters only, in the head's order. A site
+    computes the features once and trains the head on them; running the transform inside
+    the forward pass gives the same update and lets the inversion differentiate through it.
+    ``plan.weights`` (a scatter run's round checkpoint) is loaded into the head;
+    ``plan.norm`` and ``plan.features`` do not apply.
+    """
+    from privmed.federated.baselines import initial_model
+    from privmed.federated.config import FederatedConfig
+    from privmed.federated.recipes import feature_extractor
+
+    config = FederatedConfig(
+        model="small-cnn", rounds=1, labels=tuple(f"finding_{k}" for k in range(num_outputs)),
+        sites=("attacked", "other"), image_size=plan.image_size, recipe=SCATTER, seed=plan.seed, secagg=None,
+    )  # fmt: skip
+    config.check()  # the recipe's image-size rule (a multiple of 8)
+    head = initial_model(config)
+    if plan.weights is not None:
+        _load_checkpoint(head, plan)
+    return nn.Sequential(feature_extractor(SCATTER), head)
+
+
+def _load_checkpoint(model: nn.Module, plan: AttackPlan) -> None:
+    """Set ``model``'s federated parameters from the round checkpoint ``plan.weights``."""
     if plan.weights is not None:
         from privmed.federated.arrays import federated_names, set_arrays
 
@@ -102,7 +140,6 @@ def build_global_model(plan: AttackPlan, num_outputs: int) -> nn.Module:
         if names != federated_names(model):
             raise InputError(f"{path}: parameters do not match {plan.model} (norm {plan.norm}, features {plan.features})")
         set_arrays(model, arrays)
-    return model
 
 
 def round_epsilon(dp_sigma: float, steps: int, delta: float = DELTA) -> float | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from privmed.errors import InputError
 
-MODELS = ("small-cnn", "resnet18", "densenet121")
+MODELS = ("small-cnn", "resnet18", "densenet121", "scatter")
 
 
 def _parse_list(text: str, kind: type, what: str) -> tuple[Any, ...]:
@@ -40,7 +40,9 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="attack_command", metavar="COMMAND")
 
     p = sub.add_parser("invert", help="invert updates for every configuration and write a report")
-    p.add_argument("--model", required=True, choices=MODELS)
+    p.add_argument("--model", required=True, choices=MODELS,
+                   help="zoo network trained end to end, or scatter: the scatter recipe (public scattering + the head, "
+                   "whose update is attacked; the recipe trains at --lr 0.5)")  # fmt: skip
     p.add_argument("--data", required=True, help="study folder (privmed data layouts, with a site column)")
     p.add_argument("--out", required=True, help="attack folder: attack.json, grids/, curves.png, report.md/.html")
     p.add_argument("--batch-size", default="1,4,16", help="images per site, comma-separated (1,4,16)")
