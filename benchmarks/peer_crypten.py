@@ -333,7 +333,7 @@ def main() -> None:
     dest = args.out / f"peer_crypten_{args.model}.json"
     dest.write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
-    print(f"written to {dest}")
+    print(f"written to {dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest}")
 
 
 if __name__ == "__main__":
