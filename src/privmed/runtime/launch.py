@@ -106,51 +106,71 @@ def run_local_session(
         ids = ephemeral_session(tmp / "certs")
         eps = {r: Endpoint("127.0.0.1", 0, tmp / f"{r}.port") for r in ("model-owner", "dealer")}
         write_config(tmp / "session.toml", ids, eps, timeout_s, connect_timeout_s=min(60.0, timeout_s))
-        base = [sys.executable, "-m", "privmed.cli.main", "party", "--config", str(tmp / "session.toml")]
-        extra = {
-            "model-owner": ["--model", str(model_path)]
-            + (["--calibration", str(calibration)] if calibration else [])
+        children = {"dealer": [], "model-owner": model_owner_args(model_path, calibration, frac_bits, input_shape)}
+
+        def data_owner(relay: Callable[..., None]) -> tuple[np.ndarray | None, dict[str, Any]]:
+            return run_role("data-owner", load_config(tmp / "session.toml"), x=x, chunk=chunk, progress=relay, expect_plan=expect_plan)
+
+        out, stats = run_with_children(tmp, [], children, data_owner, progress, timeout_s, stall_s)
+    return SessionResult(out, merge_roles(stats, time.perf_counter() - t0))
+
+
+def model_owner_args(model_path: Path, calibration: Path | None, frac_bits: int | None, input_shape: list[int] | None) -> list[str]:
+    """``privmed party`` options of a local model owner."""
+    return (["--model", str(model_path)] + (["--calibration", str(calibration)] if calibration else [])
             + (["--frac-bits", str(frac_bits)] if frac_bits else [])
-            + (["--input-shape", ",".join(map(str, input_shape))] if input_shape else []),
-            "dealer": [],
-        }
-        # three roles share the machine: one BLAS thread each avoids spinning threads
-        # fighting over the cores (measured: 56 -> 34 CPU-seconds for DenseNet-121 on 2 cores)
-        threads = os.environ.get("PRIVMED_BLAS_THREADS", "1")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
-        procs = {
-            role: subprocess.Popen(
-                base + ["--role", role, "--stats", str(tmp / f"{role}.stats.json")] + extra[role],
-                stdout=subprocess.DEVNULL,
-                stderr=open(tmp / f"{role}.err", "wb"),  # noqa: SIM115 - closed with the process
-                env=env,
-                start_new_session=True,
-            )
-            for role in ("dealer", "model-owner")
-        }
-        watchdog = Watchdog(stall_s if stall_s is not None else timeout_s * 20, lambda: _kill(procs))
+            + (["--input-shape", ",".join(map(str, input_shape))] if input_shape else []))  # fmt: skip
+
+
+def run_with_children(
+    tmp: Path,
+    party_options: list[str],
+    children: dict[str, list[str]],
+    data_owner: Callable[[Callable[..., None]], tuple[np.ndarray | None, dict[str, Any]]],
+    progress: Callable[[dict[str, Any]], None] | None,
+    timeout_s: float,
+    stall_s: float | None,
+) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
+    """Start each of ``children`` (role -> ``privmed party`` options; ``party_options`` for all)
+    with ``tmp/session.toml``, run ``data_owner(progress relay)`` in this process, and return
+    (the output, every role's stats). A failure anywhere is raised as one line, root cause first.
+    """
+    base = [sys.executable, "-m", "privmed.cli.main", "party", *party_options, "--config", str(tmp / "session.toml")]
+    # the roles share the machine: one BLAS thread each avoids spinning threads
+    # fighting over the cores (measured: 56 -> 34 CPU-seconds for DenseNet-121 on 2 cores)
+    threads = os.environ.get("PRIVMED_BLAS_THREADS", "1")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+    procs = {
+        role: subprocess.Popen(
+            base + ["--role", role, "--stats", str(tmp / f"{role}.stats.json")] + options,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp / f"{role}.err", "wb"),  # noqa: SIM115 - closed with the process
+            env=env,
+            start_new_session=True,
+        )
+        for role, options in children.items()
+    }
+    watchdog = Watchdog(stall_s if stall_s is not None else timeout_s * 20, lambda: _kill(procs))
+    try:
+        with _blas_threads(int(threads)):  # as the children: no BLAS threads fighting over the cores
+            out, do_stats = data_owner(_relay(progress, watchdog))
+    except PrivmedError as exc:
+        raise _session_error(exc, procs, tmp, watchdog) from None
+    finally:
+        watchdog.stop()
         try:
-            with _blas_threads(int(threads)):  # as the children: no BLAS threads fighting over the cores
-                out, do_stats = run_role("data-owner", load_config(tmp / "session.toml"), x=x, chunk=chunk,
-                                         progress=_relay(progress, watchdog), expect_plan=expect_plan)  # fmt: skip
-        except PrivmedError as exc:
-            raise _session_error(exc, procs, tmp, watchdog) from None
+            for p in procs.values():
+                p.wait(timeout=timeout_s)
         finally:
-            watchdog.stop()
-            try:
-                for p in procs.values():
-                    p.wait(timeout=timeout_s)
-            finally:
-                _kill(procs)
-        codes = {r: p.returncode for r, p in procs.items()}
-        if any(codes.values()):
-            errs = {r: _first_error((tmp / f"{r}.err").read_text(errors="replace")) for r, c in codes.items() if c}
-            raise PeerError("; ".join(f"{r}: {e}" for r, e in errs.items()))
-        stats = {r: json.loads((tmp / f"{r}.stats.json").read_text()) for r in procs}
-        stats["data-owner"] = do_stats
+            _kill(procs)
+    codes = {r: p.returncode for r, p in procs.items()}
+    if any(codes.values()):
+        errs = {r: _first_error((tmp / f"{r}.err").read_text(errors="replace")) for r, c in codes.items() if c}
+        raise PeerError("; ".join(f"{r}: {e}" for r, e in errs.items()))
+    stats = {r: json.loads((tmp / f"{r}.stats.json").read_text()) for r in procs}
+    stats["data-owner"] = do_stats
     assert out is not None
-    wall = time.perf_counter() - t0
-    return SessionResult(out, merge_roles(stats, wall))
+    return out, stats
 
 
 @contextlib.contextmanager

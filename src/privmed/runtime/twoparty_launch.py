@@ -26,9 +26,7 @@ the peer's role name as in the three-party mode) and opens the session with a fr
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,19 +37,11 @@ from typing import Any
 import numpy as np
 
 from privmed.crypto.certs import Identity, ephemeral_session
-from privmed.errors import ConfigError, InputError, PeerError, PrivmedError
+from privmed.errors import ConfigError, InputError
 from privmed.net.channel import Channel, FailureGroup
 from privmed.net.tls import connect
 from privmed.runtime.config import Endpoint, SessionConfig
-from privmed.runtime.launch import (
-    SessionResult,
-    Watchdog,
-    _first_error,
-    _kill,
-    _relay,
-    _session_error,
-    check_input,
-)
+from privmed.runtime.launch import SessionResult, check_input, model_owner_args, run_with_children
 from privmed.runtime.party import _await_hello, _channel, _hello, _listen, _resolve_port
 from privmed.runtime.twoparty import data_owner_2p, merge_two, model_owner_2p
 
@@ -213,29 +203,10 @@ def run_local_session_2p(
         tmp = Path(tmp_s)
         ids = ephemeral_session(tmp / "certs")
         write_config_2p(tmp / "session.toml", ids, Endpoint("127.0.0.1", 0, tmp / "model-owner.port"), timeout_s, min(60.0, timeout_s))
-        cmd = [sys.executable, "-m", "privmed.cli.main", "party", "--parties", "2", "--config", str(tmp / "session.toml"),
-               "--role", "model-owner", "--stats", str(tmp / "model-owner.stats.json"), "--model", str(model_path)]  # fmt: skip
-        cmd += (["--calibration", str(calibration)] if calibration else []) + (["--frac-bits", str(frac_bits)] if frac_bits else [])
-        cmd += ["--input-shape", ",".join(map(str, input_shape))] if input_shape else []
-        threads = os.environ.get("PRIVMED_BLAS_THREADS", "1")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
-        procs = {"model-owner": subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "model-owner.err", "wb"),  # noqa: SIM115
-                                                 env=env, start_new_session=True)}  # fmt: skip
-        watchdog = Watchdog(stall_s if stall_s is not None else timeout_s * 20, lambda: _kill(procs))
-        try:
-            out, do_stats = run_role_2p("data-owner", load_config_2p(tmp / "session.toml"), x=x, chunk=chunk,
-                                        progress=_relay(progress, watchdog), expect_plan=expect_plan)  # fmt: skip
-        except PrivmedError as exc:
-            raise _session_error(exc, procs, tmp, watchdog) from None
-        finally:
-            watchdog.stop()
-            try:
-                procs["model-owner"].wait(timeout=timeout_s)
-            finally:
-                _kill(procs)
-        code = procs["model-owner"].returncode
-        if code:
-            raise PeerError(f"model-owner: {_first_error((tmp / 'model-owner.err').read_text(errors='replace'))}")
-        stats = {"model-owner": json.loads((tmp / "model-owner.stats.json").read_text()), "data-owner": do_stats}
-    assert out is not None
+        children = {"model-owner": model_owner_args(model_path, calibration, frac_bits, input_shape)}
+
+        def data_owner(relay: Callable[..., None]) -> tuple[np.ndarray | None, dict[str, Any]]:
+            return run_role_2p("data-owner", load_config_2p(tmp / "session.toml"), x=x, chunk=chunk, progress=relay, expect_plan=expect_plan)
+
+        out, stats = run_with_children(tmp, ["--parties", "2"], children, data_owner, progress, timeout_s, stall_s)
     return SessionResult(out, merge_two(stats, time.perf_counter() - t0))
