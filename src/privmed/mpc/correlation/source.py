@@ -96,10 +96,7 @@ class DealerSource(CorrelationSource):
             tables = dealer.recv(f"{req.label}/T", np.uint16, (2, spec.chunks, spec.n))
             sh.lt_tables, sh.eq_tables = tables[0], tables[1]
             sh.e_mask, pos = flat[:nb], nb
-        for lvl, k in enumerate(levels):
-            a, b, _ = sh.triples[lvl]
-            sh.triples[lvl] = (a, b, flat[pos : pos + k * nb].reshape(k, nb))
-            pos += k * nb
+        _fill_triples(sh, flat, pos, levels, nb)
         return sh
 
     def thresholds(self, req: Request) -> NonlinearShares:
@@ -115,9 +112,15 @@ class DealerSource(CorrelationSource):
         sh.lt_tables, sh.eq_tables = tables[0], tables[1]
         levels = ands_per_level(spec.chunks)
         flat = dealer.recv(f"{req.label}/B", np.uint8, (nb + sum(levels) * nb,))
-        sh.e_mask, pos = flat[:nb], nb
-        for lvl, k in enumerate(levels):
-            a, b, _ = sh.triples[lvl]
-            sh.triples[lvl] = (a, b, flat[pos : pos + k * nb].reshape(k, nb))
-            pos += k * nb
+        sh.e_mask = flat[:nb]
+        _fill_triples(sh, flat, nb, levels, nb)
         return sh
+
+
+def _fill_triples(sh: NonlinearShares, flat: np.ndarray, pos: int, levels: list[int], nb: int) -> None:
+    """The dealer's AND-triple corrections (packed, ``levels[i]`` gates of ``nb`` bytes per tree
+    level, from ``flat[pos:]``) as the z of the seeded triples."""
+    for lvl, k in enumerate(levels):
+        a, b, _ = sh.triples[lvl]
+        sh.triples[lvl] = (a, b, flat[pos : pos + k * nb].reshape(k, nb))
+        pos += k * nb
