@@ -53,6 +53,25 @@ DONE_TIMEOUT_S = 24 * 3600.0
 MAX_BATCH_ELEMENTS = 1 << 32  # batch size x the plan's largest tensor: caps what a batch may allocate
 
 
+def plan_info(plan: Plan) -> dict[str, Any]:
+    """What the data owner's stats record of the plan it accepted (``runtime.stats.PlanInfo``)."""
+    return {"frac_bits": plan.frac_bits, "fingerprint": plan.fingerprint(), "nodes": len(plan.nodes),
+            "comparisons": _comparisons(plan)}  # fmt: skip
+
+
+def next_batch(to_data: Channel, plan: Plan, *, first: bool, others: list[Channel] | None = None) -> int:
+    """The data owner's next batch size, checked against the plan before anything is allocated
+    for it; 0 ends the session (the channel is then finished). Waits after the first batch may
+    last a whole batch's computation (``DONE_TIMEOUT_S``)."""
+    for c in [to_data, *(others or [])]:
+        c.step = "waiting for the next batch"
+    batch = int(to_data.recv("batch", np.int64, (1,), timeout_s=None if first else DONE_TIMEOUT_S)[0])
+    _check_batch_size(batch, plan, "data-owner")
+    if batch == 0:
+        to_data.finish()
+    return batch
+
+
 def _check_batch_size(batch: int, plan: Plan, peer: str) -> None:
     largest = max(int(np.prod(n.shape)) for n in plan.nodes)
     if batch < 0 or batch * largest > MAX_BATCH_ELEMENTS:
@@ -210,8 +229,7 @@ def data_owner(
         c.finish()
     stats = _stats("data-owner", t0, chans, party.rounds, layers)
     stats["batches"] = per_batch
-    stats["plan"] = {"frac_bits": plan.frac_bits, "fingerprint": plan.fingerprint(), "nodes": len(plan.nodes),
-                     "comparisons": _comparisons(plan)}
+    stats["plan"] = plan_info(plan)
     return np.concatenate(outputs), stats
 
 
@@ -255,16 +273,10 @@ def model_owner(to_data: Channel, to_dealer: Channel, plan: Plan, weights: Priva
     party: Party | None = None
     cache: dict[str, np.ndarray] = {}
     layers: list[dict[str, Any]] = []
-    per_batch = []
+    per_batch: list[dict[str, Any]] = []
     chans = [to_data, to_dealer]
-    for index in range(1 << 62):
-        for c in chans:
-            c.step = "waiting for the next batch"
-        batch = int(to_data.recv("batch", np.int64, (1,), timeout_s=DONE_TIMEOUT_S if index else None)[0])
-        _check_batch_size(batch, plan, "data-owner")
-        if batch == 0:
-            to_data.finish()
-            break
+    while batch := next_batch(to_data, plan, first=not per_batch, others=[to_dealer]):
+        index = len(per_batch)
         b0 = sum(c.counters.bytes_sent for c in chans)
         if party is None:
             seed = bytes(to_dealer.recv("seed", np.uint8, (SEED_BYTES,)))
@@ -291,13 +303,7 @@ def dealer(to_data: Channel, to_model: Channel) -> dict[str, Any]:
     prgs: tuple[PRG, PRG, PRG] | None = None
     layers: list[dict[str, Any]] = []
     per_batch: list[dict[str, Any]] = []
-    while True:
-        to_data.step = "waiting for the next batch"
-        batch = int(to_data.recv("batch", np.int64, (1,), timeout_s=DONE_TIMEOUT_S if per_batch else None)[0])
-        _check_batch_size(batch, plan, "data-owner")
-        if batch == 0:
-            to_data.finish()
-            break
+    while batch := next_batch(to_data, plan, first=not per_batch):
         if prgs is None:
             prgs = (PRG.fresh(), PRG.fresh(), PRG.fresh())
             to_data.send("seed", np.frombuffer(prgs[0].seed, np.uint8))

@@ -52,15 +52,14 @@ from privmed.net.channel import Channel
 from privmed.ring.fixed import decode
 from privmed.runtime.backend import SecureBackend
 from privmed.runtime.session import (
-    DONE_TIMEOUT_S,
     LayerTracker,
     Progress,
     _batch_progress,
     _check_batch,
-    _check_batch_size,
-    _comparisons,
     _stats,
     _sum_layers,
+    next_batch,
+    plan_info,
     receive_plan,
 )
 from privmed.runtime.stats import SessionStats, merge_roles
@@ -194,8 +193,7 @@ def data_owner_2p(
     to_model.finish()
     stats = _stats("data-owner", t0, [to_model], s.rounds, layers)
     _totals(stats, per_batch, setup)
-    stats["plan"] = {"frac_bits": plan.frac_bits, "fingerprint": plan.fingerprint(), "nodes": len(plan.nodes),
-                     "comparisons": _comparisons(plan)}  # fmt: skip
+    stats["plan"] = plan_info(plan)
     stats["ring_bits"], stats["he_ring_bits"] = bits, he_bits
     return np.concatenate(outputs), stats
 
@@ -215,13 +213,7 @@ def model_owner_2p(to_data: Channel, plan: Plan, weights: PrivateWeights, progre
     layers: list[dict[str, Any]] = []
     per_batch: list[dict[str, Any]] = []
     index = 0
-    while True:
-        to_data.step = "waiting for the next batch"
-        batch = int(to_data.recv("batch", np.int64, (1,), timeout_s=DONE_TIMEOUT_S if index else None)[0])
-        _check_batch_size(batch, plan, "data-owner")
-        if batch == 0:
-            to_data.finish()
-            break
+    while batch := next_batch(to_data, plan, first=index == 0):
         if s is None:
             s = _open(to_data, False, bits, he_bits, setup)
         tracker = LayerTracker(cast(Any, s), [to_data], plan, None)
