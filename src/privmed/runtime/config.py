@@ -101,7 +101,9 @@ def _path(base: Path, section: dict[str, Any], key: str, where: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def load_config(path: Path) -> SessionConfig:
+def load_config(path: Path, roles: tuple[str, ...] = ROLES) -> SessionConfig:
+    """The session file of ``roles`` (the three of the dealer mode, or data owner and model
+    owner of the two-party mode); every table and key checked (``check_table``)."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -110,13 +112,15 @@ def load_config(path: Path) -> SessionConfig:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: not a valid TOML session file: {exc}") from exc
     base = path.parent
-    extra = sorted(set(raw) - {"session", *ROLES})
+    if "dealer" in raw and "dealer" not in roles:
+        raise ConfigError(f"{path}: a two-party session file has no [dealer] table (remove it, or run without --parties 2)")
+    extra = sorted(set(raw) - {"session", *roles})
     if extra:
-        raise ConfigError(f"{path}: unknown table [{extra[0]}] (expected session, {', '.join(ROLES)})")
+        raise ConfigError(f"{path}: unknown table [{extra[0]}] (expected session, {', '.join(roles)})")
     sess = check_table(raw, "session", _SESSION, str(path))
     ca = _path(base, sess, "ca", f"{path} [session]")
     identities, endpoints = {}, {}
-    for role in ROLES:
+    for role in roles:
         sec = check_table(raw, role, _ROLE if role == "data-owner" else _LISTENER, str(path))
         where = f"{path} [{role}]"
         identities[role] = Identity(role, _path(base, sec, "cert", where), _path(base, sec, "key", where), ca)
@@ -126,10 +130,11 @@ def load_config(path: Path) -> SessionConfig:
     return SessionConfig(path, identities, endpoints, float(sess.get("timeout_s", 60.0)), float(sess.get("connect_timeout_s", 30.0)))
 
 
-def write_config(path: Path, identities: dict[str, Identity], endpoints: dict[str, Endpoint], timeout_s: float, connect_timeout_s: float) -> None:
-    """Write a session file (used for local runs and by ``privmed certs``)."""
-    lines = ["[session]", f'ca = "{identities["dealer"].ca}"', f"timeout_s = {timeout_s}", f"connect_timeout_s = {connect_timeout_s}", ""]
-    for role in ROLES:
+def write_config(path: Path, identities: dict[str, Identity], endpoints: dict[str, Endpoint], timeout_s: float,
+                 connect_timeout_s: float, roles: tuple[str, ...] = ROLES) -> None:
+    """Write a session file of ``roles`` (used for local runs and by ``privmed certs``)."""
+    lines = ["[session]", f'ca = "{identities["data-owner"].ca}"', f"timeout_s = {timeout_s}", f"connect_timeout_s = {connect_timeout_s}", ""]
+    for role in roles:
         ident = identities[role]
         lines += [f"[{role}]", f'cert = "{ident.cert}"', f'key = "{ident.key}"']
         if role in endpoints:

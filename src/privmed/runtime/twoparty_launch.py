@@ -27,7 +27,6 @@ the peer's role name as in the three-party mode) and opens the session with a fr
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,79 +39,22 @@ from privmed.crypto.certs import Identity, ephemeral_session
 from privmed.errors import ConfigError, InputError
 from privmed.net.channel import Channel, FailureGroup
 from privmed.net.tls import connect
-from privmed.runtime.config import Endpoint, SessionConfig
+from privmed.runtime.config import Endpoint, SessionConfig, load_config, write_config
 from privmed.runtime.launch import SessionResult, check_input, model_owner_args, run_with_children
 from privmed.runtime.party import _await_hello, _channel, _hello, _listen, _resolve_port
 from privmed.runtime.twoparty import data_owner_2p, merge_two, model_owner_2p
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 ROLES_2P = ("data-owner", "model-owner")
-_KEYS = {"session": {"ca", "timeout_s", "connect_timeout_s"}, "data-owner": {"cert", "key"},
-         "model-owner": {"cert", "key", "host", "port", "port_file"}}  # fmt: skip
 
 
 def load_config_2p(path: Path) -> SessionConfig:
     """A two-party session file (see the module docstring); one-line errors naming the table."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: session file not found") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: not a valid TOML session file: {exc}") from None
-    if "dealer" in raw:
-        raise ConfigError(f"{path}: a two-party session file has no [dealer] table (remove it, or run without --parties 2)")
-    for name, keys in _KEYS.items():
-        sec = raw.get(name)
-        if not isinstance(sec, dict):
-            raise ConfigError(f"{path}: missing table [{name}]")
-        unknown = sorted(set(sec) - keys)
-        if unknown:
-            raise ConfigError(f"{path} [{name}]: unknown key {unknown[0]!r} (expected {', '.join(sorted(keys))})")
-    extra = sorted(set(raw) - set(_KEYS))
-    if extra:
-        raise ConfigError(f"{path}: unknown table [{extra[0]}] (expected session, data-owner, model-owner)")
-    base = path.parent
-
-    def file(sec: str, key: str) -> Path:
-        value = raw[sec].get(key)
-        if not isinstance(value, str):
-            raise ConfigError(f"{path} [{sec}]: '{key}' must be a path string, got {value!r}")
-        p = Path(value)
-        return p if p.is_absolute() else base / p
-
-    ca = file("session", "ca")
-    idents = {r: Identity(r, file(r, "cert"), file(r, "key"), ca) for r in ROLES_2P}
-    mo = raw["model-owner"]
-    host, port = mo.get("host"), mo.get("port")
-    if not isinstance(host, str) or isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ConfigError(f"{path} [model-owner]: needs host (string) and port (0..65535), got {host!r}, {port!r}")
-    pf = mo.get("port_file")
-    timeouts = []
-    for key, default in (("timeout_s", 60.0), ("connect_timeout_s", 30.0)):
-        value = raw["session"].get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"{path} [session]: '{key}' must be a positive number, got {value!r}")
-        timeouts.append(float(value))
-    endpoints = {"model-owner": Endpoint(host, port, (base / pf) if isinstance(pf, str) else None)}
-    return SessionConfig(path, idents, endpoints, timeouts[0], timeouts[1])
+    return load_config(path, ROLES_2P)
 
 
 def write_config_2p(path: Path, identities: dict[str, Identity], model_owner: Endpoint, timeout_s: float, connect_timeout_s: float) -> None:
     """Write a two-party session file (local runs)."""
-    lines = ["[session]", f'ca = "{identities["data-owner"].ca}"', f"timeout_s = {timeout_s}", f"connect_timeout_s = {connect_timeout_s}", ""]
-    for role in ROLES_2P:
-        lines += [f"[{role}]", f'cert = "{identities[role].cert}"', f'key = "{identities[role].key}"']
-        if role == "model-owner":
-            lines += [f'host = "{model_owner.host}"', f"port = {model_owner.port}"]
-            if model_owner.port_file:
-                lines.append(f'port_file = "{model_owner.port_file}"')
-        lines.append("")
-    path.write_text("\n".join(lines))
+    write_config(path, identities, {"model-owner": model_owner}, timeout_s, connect_timeout_s, ROLES_2P)
 
 
 def connect_two(role: str, cfg: SessionConfig, on_listening: Callable[[], None] | None = None) -> Channel:
