@@ -149,16 +149,27 @@ def _fold_batchnorm(graph: OnnxGraph) -> None:
     graph.nodes = [n for n in graph.nodes if id(n) not in drop]
 
 
+def _const_value(graph: OnnxGraph, producer: dict[str, OnnxNode], name: str) -> np.ndarray | None:
+    """The value of ``name`` if it is a constant (an initializer or a Constant node's output)."""
+    if name in graph.consts:
+        return graph.consts[name]
+    p = producer.get(name)
+    return np.asarray(p.attrs["value"]) if p is not None and p.op == "Constant" and "value" in p.attrs else None
+
+
+def _sole_consumer(graph: OnnxGraph, cons: dict[str, list[OnnxNode]], name: str, op: str) -> OnnxNode | None:
+    """The one node reading ``name``, if it is an ``op`` and ``name`` is not the graph output."""
+    c = cons.get(name, [])
+    return c[0] if len(c) == 1 and c[0].op == op and name != graph.output_name else None
+
+
 def _fuse_activations(graph: OnnxGraph) -> None:
     """Swish and GELU subgraphs -> one node each (see the module docstring)."""
     cons = consumers(graph)
     producer = {o: n for n in graph.nodes for o in n.outputs}
 
     def value(name: str) -> np.ndarray | None:
-        if name in graph.consts:
-            return graph.consts[name]
-        p = producer.get(name)
-        return np.asarray(p.attrs["value"]) if p is not None and p.op == "Constant" and "value" in p.attrs else None
+        return _const_value(graph, producer, name)
 
     def near(name: str, target: float) -> bool:
         v = value(name)
@@ -169,8 +180,7 @@ def _fuse_activations(graph: OnnxGraph) -> None:
         return rest[0] if len(n.inputs) == 2 and len(rest) == 1 else None
 
     def sole(name: str, op: str) -> OnnxNode | None:
-        c = cons.get(name, [])
-        return c[0] if len(c) == 1 and c[0].op == op and name != graph.output_name else None
+        return _sole_consumer(graph, cons, name, op)
 
     drop: set[int] = set()
     for s in graph.nodes:
@@ -198,14 +208,10 @@ def _fuse_layernorm(graph: OnnxGraph) -> None:
     producer = {o: n for n in graph.nodes for o in n.outputs}
 
     def value(name: str) -> np.ndarray | None:
-        if name in graph.consts:
-            return graph.consts[name]
-        p = producer.get(name)
-        return np.asarray(p.attrs["value"]) if p is not None and p.op == "Constant" and "value" in p.attrs else None
+        return _const_value(graph, producer, name)
 
     def only(name: str, op: str) -> OnnxNode | None:
-        c = cons.get(name, [])
-        return c[0] if len(c) == 1 and c[0].op == op and name != graph.output_name else None
+        return _sole_consumer(graph, cons, name, op)
 
     def axes(n: OnnxNode) -> list[int] | None:
         a = value(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1] else n.attrs.get("axes")
