@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from privmed.compiler import calibrate, onnx_front
-from privmed.compiler.lower import Lowerer, check_supported
+from privmed.compiler.lower import check_supported
 from privmed.errors import ModelError
 from privmed.ir.check import PlanError, check_plan
 from privmed.ir.plan import Plan, PrivateWeights
@@ -34,9 +34,7 @@ def compile_model(
     Raises ModelError (one line, listing all unsupported ops) on a bad model.
     """
     graph = onnx_front.load(Path(path), input_shape)
-    check_supported(graph, Path(path))
-    low = Lowerer(graph)
-    low.run()
+    low = check_supported(graph, Path(path))  # the lowering, done once
     weights = PrivateWeights(float_weight=low.float_weight, float_bias=low.float_bias)
     plan = Plan(low.nodes, 0, graph.input_name, list(graph.input_shape), low.nodes[-1].id, graph.name)
     cal = default_calibration(plan.input_shape) if calibration is None else np.asarray(calibration, dtype=np.float64)

@@ -379,16 +379,18 @@ FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
 SECRET_OPS = frozenset(name[3:] for name in dir(Lowerer) if name.startswith("op_"))
 
 
-def check_supported(graph: OnnxGraph, path: Path) -> None:
+def check_supported(graph: OnnxGraph, path: Path) -> Lowerer:
     """Refuse, in one line listing all of them, the ops that neither the lowering nor constant
-    folding knows; then lower the graph once (no calibration, cheap) so that ops refused in
-    context (a cubic Resize, a Transpose that moves the batch axis) are reported before any party
-    starts."""
+    folding knows; then lower the graph (no calibration, cheap) so that ops refused in context
+    (a cubic Resize, a Transpose that moves the batch axis) are reported before any party
+    starts. Returns the lowering, which the compiler goes on with."""
     bad = sorted({f"{n.op} ({n.name})" for n in graph.nodes if n.op not in SECRET_OPS | CONST_OPS})
     if bad:
         ops = sorted({n.op for n in graph.nodes if n.op not in SECRET_OPS | CONST_OPS})
         raise ModelError(f"{path}: unsupported ONNX ops {', '.join(ops)} in nodes: {'; '.join(bad[:20])}" + (" ..." if len(bad) > 20 else ""))
+    low = Lowerer(graph)
     try:
-        Lowerer(graph).run()
+        low.run()
     except ModelError as exc:
         raise ModelError(f"{path}: {exc}") from None
+    return low
