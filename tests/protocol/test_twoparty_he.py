@@ -92,9 +92,44 @@ def test_he_other_layer_kinds_are_exact_mod_2_to_the_l(kind, x_shape, w_shape, s
     assert got.shape == want.shape and np.array_equal(got, want)
 
 
-def test_3d_kernels_are_refused_by_name() -> None:
-    with pytest.raises(RuntimeError, match="HE linear layer for kind 'conv' \\(3-d\\) is not implemented"):
-        _secure("conv", _spec_t((1, 1, 1), (1, 1, 1), (0,) * 6), (1, 1, 2, 2, 2), (1, 1, 1, 1, 1))
+@pytest.mark.parametrize(
+    ("kind", "x_shape", "w_shape", "spec"),
+    [
+        ("conv", (1, 2, 6, 6, 6), (4, 2, 3, 3, 3), _spec_t((3, 3, 3), (1, 1, 1), (1,) * 6)),
+        # stride, asymmetric pads, dilation, groups, batch 2 (space-to-depth in 3-D)
+        ("conv", (2, 4, 7, 8, 9), (6, 2, 3, 3, 2), _spec_t((3, 3, 2), (2, 1, 2), (1, 0, 1, 1, 1, 0), dil=(1, 2, 1), groups=2)),
+        ("conv", (1, 3, 11, 10, 9), (2, 3, 3, 2, 3), _spec_t((3, 2, 3), (3, 2, 1), (0, 1, 2, 1, 0, 0), dil=(2, 1, 1))),  # stride 3
+        ("conv", (1, 40, 12, 12, 12), (3, 40, 1, 1, 1), _spec_t((1, 1, 1), (1, 1, 1), (0,) * 6)),  # several channel blocks
+        ("conv", (1, 1, 30, 30, 30), (2, 1, 3, 3, 3), _spec_t((3, 3, 3), (1, 1, 1), (1,) * 6)),  # several spatial tiles
+        ("conv", (2, 3, 5, 5, 5), (3, 1, 3, 3, 3), _spec_t((3, 3, 3), (1, 1, 1), (1,) * 6, groups=3)),  # depthwise
+        ("conv_transpose", (1, 4, 3, 4, 5), (4, 3, 2, 2, 2), _spec_t((2, 2, 2), (2, 2, 2), (0,) * 6)),  # U-Net up
+        ("conv_transpose", (2, 4, 3, 3, 4), (4, 1, 3, 3, 3), _spec_t((3, 3, 3), (2, 2, 1), (1, 1, 1, 1, 0, 1), groups=2, op=(1, 0, 0))),
+        ("conv_transpose", (1, 2, 4, 3, 3), (2, 2, 2, 3, 2), _spec_t((2, 3, 2), (1, 2, 3), (0, 2, 0, 1, 0, 0), dil=(2, 1, 1))),
+        ("channel_scale", (2, 3, 4, 5, 6), (3,), None),
+    ],
+)
+def test_he_3d_layers_are_exact_mod_2_to_the_l(kind, x_shape, w_shape, spec) -> None:  # type: ignore[no-untyped-def]
+    # Execute
+    got, want, _ = _secure(kind, spec, x_shape, w_shape)
+
+    # Assert
+    assert got.shape == want.shape and np.array_equal(got, want)
+
+
+def test_3d_packing_puts_c_d_h_w_blocks_in_one_polynomial() -> None:
+    # 1 -> 16 channels, 3x3x3, pad 1, on 32^3 (a MONAI 3-D U-Net's first layer): whole
+    # (depth-slab x H x W) tiles of the padded volume, overlapping by kd - 1 = 2 slices
+    g = geometry("conv", _spec_t((3, 3, 3), (1, 1, 1), (1,) * 6), (1, 1, 32, 32, 32), (16, 1, 3, 3, 3), 8192)
+    t = g.tiling
+    assert t is not None and t.cw * t.volume <= 8192 and t.k == (3, 3, 3)
+    assert len(g.targets()) == np.prod(t.out) and g.targets().max() < 8192
+    assert np.prod([t.tiles[d] * t.out[d] for d in range(3)]) >= 32**3
+    assert g.input_polys() == t.n_tiles and g.output_polys() == 16 * t.n_tiles
+
+
+def test_4d_kernels_are_refused_by_name() -> None:
+    with pytest.raises(RuntimeError, match="HE linear layer for kind 'conv' \\(4-d\\) is not implemented"):
+        _secure("conv", _spec_t((1, 1, 1, 1), (1, 1, 1, 1), (0,) * 8), (1, 1, 2, 2, 2, 2), (1, 1, 1, 1, 1, 1))
 
 
 def test_he_offline_mask_correlation_and_a_wider_ring() -> None:

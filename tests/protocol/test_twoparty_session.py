@@ -160,27 +160,35 @@ def test_crafted_plan_is_refused_before_anything_is_sent(tmp_path: Path) -> None
 
 
 def test_plan_the_two_party_mode_cannot_run_is_refused_by_the_data_owner(tmp_path: Path) -> None:
-    """A well-formed plan with a 3-D convolution (no HE encoding): refused after the plan
-    check, before the batch size, with the abort as the first message."""
+    """A well-formed plan with a product of two secret tensors too large for triples by
+    expansion (x x^T over 256 tokens): refused after the plan check, before the batch size,
+    with the abort as the first message. (3-D convolutions, refused here before, now run.)"""
     rng = np.random.default_rng(3)
-    path = build(tmp_path / "c3.onnx", [H("Conv", ["x", "w"], ["y"])], {"w": rand(rng, 2, 1, 3, 3, 3)}, [1, 1, 4, 4, 4])
-    plan, _ = compile_model(path)
+    nodes = [H("Transpose", ["x"], ["t"], perm=[0, 2, 1]), H("MatMul", ["x", "t"], ["y"])]
+    plan, _ = compile_model(build(tmp_path / "big.onnx", nodes, {}, [1, 256, 32]))
     d_m, m_d = in_process_pair("data-owner", "model-owner", bytes(16), 5)
     errors: list[BaseException] = []
 
     def data_owner() -> None:
         try:
-            data_owner_2p(d_m, rand(rng, 1, 1, 4, 4, 4))
+            data_owner_2p(d_m, rand(rng, 1, 256, 32))
         except BaseException as exc:  # noqa: BLE001 - inspected below
             errors.append(exc)
 
     t = threading.Thread(target=data_owner)
     t.start()
     m_d.send_text("plan", plan.to_json())
-    with pytest.raises(PeerError, match="data owner refused the plan: two-party mode: node"):
+    with pytest.raises(PeerError, match="data owner refused the plan: two-party mode: matrix products"):
         m_d.recv("batch", np.int64, (1,))
     t.join(10)
     assert len(errors) == 1 and isinstance(errors[0], ProtocolError)
+
+
+def test_3d_convolutions_pass_the_two_party_check(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    nodes = [H("Conv", ["x", "w"], ["c"], pads=[1] * 6, strides=[2, 1, 1]), H("ConvTranspose", ["c", "v"], ["y"], strides=[2, 2, 2])]
+    plan, _ = compile_model(build(tmp_path / "c3.onnx", nodes, {"w": rand(rng, 2, 1, 3, 3, 3), "v": rand(rng, 2, 3, 2, 2, 2)}, [1, 1, 4, 4, 4]))
+    assert check_two_party(plan)[0] < 64  # narrow ring: no products
 
 
 def test_model_owner_gone_mid_session_data_owner_names_it_within_the_deadline(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ Modules, in dependency order:
 - ``seal_io``      BFV parameter set (N = 8192, log2 q = 218, t = 2^l) and raw numpy <-> SEAL
                    conversion through TenSEAL's ``sealapi`` (imported lazily: optional extra).
 - ``he_encoding``  Cheetah's coefficient packing of convolutions and matrix products (pure).
-- ``he_layers``    every linear-layer kind as a 2-D conv or a matmul (public data movement).
+- ``he_layers``    every linear-layer kind as a stride-1 2-D / 3-D conv or a matmul (public data movement).
 - ``he_linear``    shares over Z_2^l of L(W, x) by BFV with the model owner's plaintext weights
                    (offline on a random mask, then ``online_linear``: one message).
 - ``ot``           base OT (Chou-Orlandi over X25519), IKNP OT extension, 1-out-of-16 OT.

@@ -17,13 +17,23 @@ is a plan parameter), and ``compare`` works for any l.
 
 Encodings (all indices public, derived from shapes only):
 
-- conv (2-D; groups, stride, dilation, padding): the padded input is cut into tiles of Cw
-  channels x Hw x Ww with Cw Hw Ww <= N, overlapping by kh - 1 / kw - 1; input polynomial
-  x(X) = sum x[c, i, j] X^(c Hw Ww + i Ww + j); kernel polynomial for output channel m
-  k(X) = sum w[m, c, a, b] X^(O - c Hw Ww - a Ww - b), O = (Cw - 1) Hw Ww + (kh - 1) Ww + kw - 1.
-  Coefficient O + i Ww + j of x k is the stride-1 output at (i, j) (Cheetah's HomConv; no
-  negacyclic wrap reaches these indices since Cw Hw Ww <= N). Dilation is applied to the
-  kernel (zeros), stride by subsampling the stride-1 output.
+- conv (2-D and 3-D; groups, dilation, padding; stride by subsampling, though ``he_layers``
+  hands over stride-1 convs only): the padded input of each group is cut into tiles of Cw
+  channels x Dw x Hw x Ww (2-D: no Dw) with Cw Dw Hw Ww <= N, overlapping by kd - 1 / kh - 1 /
+  kw - 1 (the halo), so the tiles' stride-1 outputs cover the whole output once; input
+  polynomial x(X) = sum x[c, i, j, k] X^(c Dw Hw Ww + i Hw Ww + j Ww + k); kernel polynomial
+  for output channel m, reversed, k(X) = sum w[m, c, a, b, e] X^(O - c Dw Hw Ww - a Hw Ww -
+  b Ww - e), O = (Cw - 1) Dw Hw Ww + (kd - 1) Hw Ww + (kh - 1) Ww + kw - 1. Coefficient
+  O + i Hw Ww + j Ww + k of x k is sum_{c,a,b,e} x[c, i + a, j + b, k + e] w[m, c, a, b, e],
+  the stride-1 output at (i, j, k) (Cheetah's HomConv with one more axis). Why exactly: a
+  term x[c, i', j', k'] w[c2, a, b, e] lands at O + (c - c2) Dw Hw Ww + (i' - a) Hw Ww +
+  (j' - b) Ww + (k' - e); at a target the differences (k' - e) - k, (j' - b) - j, (i' - a) - i
+  are smaller in size than Ww, Hw, Dw, so they are 0 and c = c2; exponents reach at most
+  O + Cw Dw Hw Ww - 1 < O + N, so the terms past X^N wrap (negated) below O, under every
+  target (targets lie in [O, Cw Dw Hw Ww)).
+  Channel blocks (C > Cw) are summed homomorphically: one reply per output channel and tile.
+  Dilation is applied to the kernel (zeros). The tile extents minimise bytes
+  (``conv_tiling``, every extent tried).
 - matmul x (B, K) @ W (K, M): per row, nk inputs and nm outputs per polynomial (nk nm <= N);
   x(X) = sum_j x_j X^j, w(X) = sum w[j, i] X^(i nk + nk - 1 - j); coefficient i nk + nk - 1
   of the product is sum_j x_j w[j, i].
@@ -44,89 +54,113 @@ U64 = np.uint64
 
 @dataclass(frozen=True)
 class ConvTiling:
-    """Public tile geometry of one group of a 2-D convolution (stride 1, padded input)."""
+    """Public tile geometry of one group of an n-D convolution (n = 2 or 3; stride 1, padded
+    input): ``cw`` channels of a ``win`` tile per polynomial, laid out row-major."""
 
     cw: int  # channels per polynomial
-    hw: int  # input tile height (with halo)
-    ww: int  # input tile width (with halo)
-    kh: int  # dilated kernel height
-    kw: int
+    win: tuple[int, ...]  # input tile extent per spatial axis (with halo)
+    k: tuple[int, ...]  # dilated kernel extent per spatial axis
     n_cb: int  # channel blocks
-    tiles_h: int
-    tiles_w: int
+    tiles: tuple[int, ...]  # tiles per spatial axis
 
     @property
-    def out_h(self) -> int:
-        return self.hw - self.kh + 1
+    def out(self) -> tuple[int, ...]:
+        """Stride-1 outputs per tile and axis."""
+        return tuple(w - k + 1 for w, k in zip(self.win, self.k, strict=True))
 
     @property
-    def out_w(self) -> int:
-        return self.ww - self.kw + 1
+    def n_tiles(self) -> int:
+        return math.prod(self.tiles)
+
+    @property
+    def volume(self) -> int:
+        return math.prod(self.win)
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        """Coefficient distance of one step along each spatial axis (row-major)."""
+        return tuple(math.prod(self.win[d + 1 :]) for d in range(len(self.win)))
 
     @property
     def offset(self) -> int:
-        return (self.cw - 1) * self.hw * self.ww + (self.kh - 1) * self.ww + self.kw - 1
+        return (self.cw - 1) * self.volume + sum((k - 1) * s for k, s in zip(self.k, self.steps, strict=True))
+
+    def targets(self) -> np.ndarray:
+        """Coefficients carrying the stride-1 outputs of a tile, row-major over ``out``."""
+        return (self.offset + _grid(self.out, self.steps)).reshape(-1)
 
 
-def conv_tiling(n: int, channels: int, hp: int, wp: int, kh: int, kw: int, m_out: int) -> ConvTiling:
+def _grid(extent: tuple[int, ...], steps: tuple[int, ...]) -> np.ndarray:
+    """sum_d i_d steps[d] over the index grid of ``extent`` (shape ``extent``)."""
+    nd = len(extent)
+    acc = np.zeros((1,) * nd, dtype=np.int64)
+    for d in range(nd):
+        acc = acc + (np.arange(extent[d], dtype=np.int64) * steps[d]).reshape((1,) * d + (-1,) + (1,) * (nd - d - 1))
+    return acc
+
+
+MAX_BLOCKS_3D = 64  # channel blocks summed per 3-D reply: flooding room at l = 43 for 17-bit weights
+
+
+def conv_tiling(n: int, channels: int, padded: tuple[int, ...], k: tuple[int, ...], m_out: int,
+                max_blocks: int | None = None) -> ConvTiling:
     """Tile sizes minimising bytes on the wire: about 24 N per (seeded) input ciphertext and
-    16 (N + T) per reply (2 primes, c1 and the T result coefficients of c0); products break ties."""
-    best: tuple[float, ConvTiling] | None = None
-    for hw in range(kh, hp + 1):
-        for ww in range(kw, wp + 1):
-            if hw * ww > n:
-                break
-            cw = min(channels, n // (hw * ww))
-            tiling = ConvTiling(cw, hw, ww, kh, kw, -(-channels // cw), -(-(hp - kh + 1) // (hw - kh + 1)),
-                                -(-(wp - kw + 1) // (ww - kw + 1)))
-            tiles = tiling.tiles_h * tiling.tiles_w
-            results = (hw - kh + 1) * (ww - kw + 1)
-            cost = 24 * n * tiling.n_cb * tiles + 16 * (n + results) * m_out * tiles + m_out * tiling.n_cb * tiles
-            if best is None or cost < best[0]:
-                best = (cost, tiling)
-    if best is None:
-        raise ValueError(f"a {kh}x{kw} kernel tile does not fit in N = {n} coefficients")
-    return best[1]
+    16 (N + T) per reply (2 primes, c1 and the T result coefficients of c0); products break
+    ties; among equal costs the first in row-major order of the tile extents wins. Every tile
+    extent with k <= extent <= padded and volume <= N is tried (vectorised). With
+    ``max_blocks``, tilings summing more channel blocks per reply are skipped where another
+    fits (the flooding bound grows with the blocks summed: ``flood_bits``)."""
+    nd = len(padded)
+    ranges = [np.arange(k[d], min(padded[d], n // max(1, math.prod(k) // k[d])) + 1, dtype=np.int64) for d in range(nd)]
+    if any(r.size == 0 for r in ranges):
+        raise ValueError(f"a {'x'.join(map(str, k))} kernel tile does not fit in N = {n} coefficients")
+    win = [g.reshape(-1) for g in np.meshgrid(*ranges, indexing="ij")]
+    vol = np.prod(np.stack(win), axis=0)
+    keep = vol <= n
+    if not keep.any():
+        raise ValueError(f"a {'x'.join(map(str, k))} kernel tile does not fit in N = {n} coefficients")
+    win, vol = [w[keep] for w in win], vol[keep]
+    cw = np.minimum(channels, n // vol)
+    n_cb = -(-channels // cw)
+    outs = [w - k[d] + 1 for d, w in enumerate(win)]
+    tiles = np.prod(np.stack([-(-(padded[d] - k[d] + 1) // outs[d]) for d in range(nd)]), axis=0)
+    results = np.prod(np.stack(outs), axis=0)
+    cost = 24 * n * n_cb * tiles + 16 * (n + results) * m_out * tiles + m_out * n_cb * tiles
+    if max_blocks is not None and np.any(n_cb <= max_blocks):
+        cost = np.where(n_cb <= max_blocks, cost, np.iinfo(np.int64).max)
+    i = int(np.argmin(cost))
+    ext = tuple(int(w[i]) for w in win)
+    return ConvTiling(int(cw[i]), ext, tuple(k), int(n_cb[i]),
+                      tuple(-(-(padded[d] - k[d] + 1) // (ext[d] - k[d] + 1)) for d in range(nd)))
 
 
 def _dilate(weight: np.ndarray, dil: tuple[int, ...]) -> np.ndarray:
-    m, c, kh, kw = weight.shape
-    out = np.zeros((m, c, dil[0] * (kh - 1) + 1, dil[1] * (kw - 1) + 1), dtype=weight.dtype)
-    out[:, :, :: dil[0], :: dil[1]] = weight
+    k = weight.shape[2:]
+    out = np.zeros(weight.shape[:2] + tuple(d * (kk - 1) + 1 for d, kk in zip(dil, k, strict=True)), dtype=weight.dtype)
+    out[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dil)] = weight
     return out
 
 
 def _conv_input_polys(x: np.ndarray, t: ConvTiling, n: int) -> np.ndarray:
-    """x (C, Hp, Wp) -> (n_cb * tiles, N) coefficient vectors (zero beyond the edges)."""
-    c_all, hp, wp = x.shape
-    polys = np.zeros((t.n_cb, t.tiles_h, t.tiles_w, n), dtype=U64)
+    """x (C, *padded) -> (n_cb * tiles, N) coefficient vectors (zero beyond the edges)."""
+    polys = np.zeros((t.n_cb, t.n_tiles, n), dtype=U64)
+    size = t.cw * t.volume
     for cb in range(t.n_cb):
-        for ti in range(t.tiles_h):
-            for tj in range(t.tiles_w):
-                i0, j0 = ti * t.out_h, tj * t.out_w
-                block = x[cb * t.cw : (cb + 1) * t.cw, i0 : i0 + t.hw, j0 : j0 + t.ww]
-                tile = np.zeros((t.cw, t.hw, t.ww), dtype=U64)
-                tile[: block.shape[0], : block.shape[1], : block.shape[2]] = block
-                polys[cb, ti, tj, : t.cw * t.hw * t.ww] = tile.reshape(-1)
+        for ti, idx in enumerate(np.ndindex(*t.tiles)):
+            block = x[(slice(cb * t.cw, (cb + 1) * t.cw),) + tuple(slice(i * o, i * o + w) for i, o, w in zip(idx, t.out, t.win, strict=True))]
+            tile = np.zeros((t.cw,) + t.win, dtype=U64)
+            tile[tuple(slice(0, s) for s in block.shape)] = block
+            polys[cb, ti, :size] = tile.reshape(-1)
     return polys.reshape(-1, n)
 
 
 def _conv_kernel_poly(w: np.ndarray, t: ConvTiling, n: int, mask: int) -> np.ndarray:
-    """One output channel's kernel for one channel block, w (cw', kh, kw) signed -> N coeffs."""
+    """One output channel's kernel for one channel block, w (cw', *k) signed -> N coeffs:
+    w[c, a] at O - c volume - sum_d a_d steps_d (reversed, so that x k has the outputs at O + ...)."""
     poly = np.zeros(n, dtype=np.int64)
-    c = np.arange(w.shape[0]).reshape(-1, 1, 1)
-    a = np.arange(t.kh).reshape(1, -1, 1)
-    b = np.arange(t.kw).reshape(1, 1, -1)
-    poly[(t.offset - c * t.hw * t.ww - a * t.ww - b).reshape(-1)] = w.reshape(-1)
+    c = np.arange(w.shape[0], dtype=np.int64).reshape((-1,) + (1,) * len(t.k))
+    poly[(t.offset - c * t.volume - _grid(t.k, t.steps)).reshape(-1)] = w.reshape(-1)
     return poly.view(U64) & U64(mask)
-
-
-def _conv_extract(coeffs: np.ndarray, t: ConvTiling, ho: int, wo: int) -> np.ndarray:
-    """(tiles, N) product coefficients -> stride-1 output map (ho, wo)."""
-    idx = t.offset + np.arange(t.out_h).reshape(-1, 1) * t.ww + np.arange(t.out_w).reshape(1, -1)
-    vals = coeffs.reshape(t.tiles_h, t.tiles_w, -1)[:, :, idx]  # (th, tw, oh, ow)
-    full = vals.transpose(0, 2, 1, 3).reshape(t.tiles_h * t.out_h, t.tiles_w * t.out_w)
-    return full[:ho, :wo]
 
 
 @dataclass(frozen=True)
@@ -148,41 +182,39 @@ class Geometry:
     def targets(self) -> np.ndarray:
         """Coefficient indices of each output polynomial that carry results (the rest are not sent)."""
         if self.tiling is not None:
-            t = self.tiling
-            return (t.offset + np.arange(t.out_h).reshape(-1, 1) * t.ww + np.arange(t.out_w).reshape(1, -1)).reshape(-1)
+            return self.tiling.targets()
         return np.arange(self.nm) * self.nk + self.nk - 1
 
     def input_polys(self) -> int:
         if self.tiling is not None:
             t = self.tiling
-            return self.x_shape[0] * self.groups * t.n_cb * t.tiles_h * t.tiles_w
+            return self.x_shape[0] * self.groups * t.n_cb * t.n_tiles
         rows = int(np.prod(self.x_shape[:-1]))
         return rows * -(-self.x_shape[-1] // self.nk)
 
     def output_polys(self) -> int:
         if self.tiling is not None:
-            t = self.tiling
-            return self.x_shape[0] * self.w_shape[0] * t.tiles_h * t.tiles_w
+            return self.x_shape[0] * self.w_shape[0] * self.tiling.n_tiles
         rows = int(np.prod(self.x_shape[:-1]))
         return rows * -(-self.w_shape[-1] // self.nm)
 
 
 def geometry(kind: str, spec: ConvSpec | None, x_shape: tuple[int, ...], w_shape: tuple[int, ...], n: int) -> Geometry:
-    """The public packing of one layer; raises for kinds not implemented yet."""
+    """The public packing of one layer (2-D / 3-D conv or matmul; ``he_layers`` lowers the rest)."""
     if kind == "matmul":
         k, m = w_shape
         if x_shape[-1] != k:
             raise ValueError(f"matmul: expected x (..., {k}), got {x_shape}")
         nm = min(m, max(1, n // k))
         return Geometry(kind, x_shape, w_shape, None, nk=min(k, n // nm), nm=nm)
-    if kind != "conv" or spec is None or spec.ndim != 2:
-        raise NotImplementedError(f"HE linear layer for kind {kind!r} with ndim != 2 or no spec is not implemented")
+    if kind != "conv" or spec is None or spec.ndim not in (2, 3):
+        raise NotImplementedError(f"HE linear layer for kind {kind!r} with ndim not in (2, 3) or no spec is not implemented")
+    nd = spec.ndim
     m_out, cg = w_shape[:2]
-    hp = x_shape[2] + spec.pads[0] + spec.pads[2]
-    wp = x_shape[3] + spec.pads[1] + spec.pads[3]
-    kh = spec.dilations[0] * (spec.kernel[0] - 1) + 1
-    kw = spec.dilations[1] * (spec.kernel[1] - 1) + 1
-    return Geometry(kind, x_shape, w_shape, spec, conv_tiling(n, cg, hp, wp, kh, kw, m_out // spec.groups))
+    padded = tuple(x_shape[2 + d] + spec.pads[d] + spec.pads[nd + d] for d in range(nd))
+    extent = tuple(spec.dilations[d] * (spec.kernel[d] - 1) + 1 for d in range(nd))
+    cap = MAX_BLOCKS_3D if nd == 3 else None  # 2-D tilings unchanged (their byte figures are documented)
+    return Geometry(kind, x_shape, w_shape, spec, conv_tiling(n, cg, padded, extent, m_out // spec.groups, cap))
 
 
 def encode_input(g: Geometry, x: np.ndarray, n: int) -> np.ndarray:
@@ -225,15 +257,16 @@ def weight_polys(g: Geometry, w: np.ndarray, slot: int, n: int, mask: int) -> li
 
 
 def decode_output(g: Geometry, coeffs: np.ndarray) -> np.ndarray:
-    """(output_polys, N) product coefficients -> the layer output (N_b, M, Ho, Wo) or (..., M)."""
+    """(output_polys, N) product coefficients -> the layer output (N_b, M, *O) or (..., M)."""
     if g.tiling is not None and g.spec is not None:
         t, spec = g.tiling, g.spec
-        nb, m_out = g.x_shape[0], g.w_shape[0]
-        ho1 = g.x_shape[2] + spec.pads[0] + spec.pads[2] - t.kh + 1
-        wo1 = g.x_shape[3] + spec.pads[1] + spec.pads[3] - t.kw + 1
-        per = coeffs.reshape(nb, m_out, t.tiles_h * t.tiles_w, -1)
-        full = np.stack([np.stack([_conv_extract(per[b, m], t, ho1, wo1) for m in range(m_out)]) for b in range(nb)])
-        return np.ascontiguousarray(full[:, :, :: spec.strides[0], :: spec.strides[1]])
+        nd, nb, m_out = len(t.k), g.x_shape[0], g.w_shape[0]
+        o1 = tuple(g.x_shape[2 + d] + spec.pads[d] + spec.pads[nd + d] - t.k[d] + 1 for d in range(nd))
+        vals = coeffs.reshape((nb, m_out) + t.tiles + (-1,))[..., t.targets()].reshape((nb, m_out) + t.tiles + t.out)
+        order = (0, 1) + tuple(a for d in range(nd) for a in (2 + d, 2 + nd + d))  # (tile, offset) per axis
+        full = vals.transpose(order).reshape((nb, m_out) + tuple(t.tiles[d] * t.out[d] for d in range(nd)))
+        keep = tuple(slice(0, o1[d], spec.strides[d]) for d in range(nd))
+        return np.ascontiguousarray(full[(slice(None), slice(None)) + keep])
     m_all = g.w_shape[-1]
     rows = int(np.prod(g.x_shape[:-1]))
     ob = -(-m_all // g.nm)
@@ -247,7 +280,7 @@ def block_plan(g: Geometry) -> list[tuple[int, list[int]]]:
     plan: list[tuple[int, list[int]]] = []
     if g.tiling is not None:
         t = g.tiling
-        tiles = t.tiles_h * t.tiles_w
+        tiles = t.n_tiles
         mg = g.w_shape[0] // g.groups
         for b in range(g.x_shape[0]):
             for m in range(g.w_shape[0]):

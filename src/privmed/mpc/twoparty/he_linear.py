@@ -81,9 +81,9 @@ def he_linear(
     weight_bits: int = 16,
     stream: Stream | None = None,
 ) -> np.ndarray:
-    """Shares over Z_2^l of L(W, x0 + x1) for every kind of ``ring.linalg.linear`` (conv 1-D/2-D,
-    conv_transpose 1-D/2-D, matmul, channel_scale; ``he_layers`` lowers them to 2-D conv or
-    matmul): the data owner passes x (its share x0, or a random mask
+    """Shares over Z_2^l of L(W, x0 + x1) for every kind of ``ring.linalg.linear`` (conv 1-D/2-D/3-D,
+    conv_transpose 1-D/2-D/3-D, matmul, channel_scale; ``he_layers`` lowers them to stride-1
+    2-D / 3-D conv or matmul): the data owner passes x (its share x0, or a random mask
     A), the model owner passes weight (signed int64, |w| < 2^weight_bits), optionally x (its share
     x1), and a PRG stream for its masks. Returns this party's share, values in [0, 2^l).
 
@@ -117,6 +117,16 @@ def he_linear(
     tighter circuit-privacy argument: it costs bits of modulus (``flood_bits``), not time.
     A simulator for the data owner encrypts its own uniform output polynomial under the public
     key and floods it the same way.
+
+    3-D convolutions (and 3-D conv-transposes, lowered to them) change nothing in this
+    argument: a kernel polynomial is still N coefficients with |w| < 2^weight_bits, at most
+    Cw kd kh kw <= N of them non-zero, so the per-product noise bound behind ``flood_bits``
+    (N 2^weight_bits (t + 19)) holds as for 2-D; the only layer-dependent term is the number
+    of channel blocks summed into one reply, which ``flood_bits`` takes from the block plan
+    (3-D tilings keep it at most ``he_encoding.MAX_BLOCKS_3D`` = 64 where possible, the count
+    ``protocols.MAX_RING_BITS`` = 43 leaves room for with 17-bit weights). The coefficients
+    outside the T targets, where partial sums of the halo and of other kernel offsets land,
+    are masked by R like the rest and their c0 part is not even sent.
     """
     io, params = he.io, he.io.params
     n, t_mask = params.n, (1 << params.plain_bits) - 1
