@@ -61,6 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--stats", type=Path, help="this role's stats JSON")
     q.add_argument("--expect-plan", metavar="SHA256", help="data owner: refuse any plan but this fingerprint")
     add_parties_option(q)
+    q.add_argument("--precompute", type=int, metavar="N",
+                   help="--parties 2, both roles: prepare the offline phase of N batches (--chunk images each, default 1) "
+                        "before any image exists, each party keeping its part in --store; no --input")  # fmt: skip
+    q.add_argument("--store", type=Path, metavar="DIR",
+                   help="--parties 2: this party's directory of precomputed sets; later sessions with the same peer and plan "
+                        "run one set per batch online only (each set deleted when used), others compute offline inline")  # fmt: skip
     q.add_argument("--progress-jsonl", action="store_true", help=argparse.SUPPRESS)
     q.set_defaults(func=cmd_party)
 
@@ -263,14 +269,18 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_party(args: argparse.Namespace) -> int:
+    from privmed.cli.precompute import check_store_args, store_lines
     from privmed.runtime.config import load_config
     from privmed.runtime.party import run_role
 
+    check_store_args(args)
+    kwargs: dict[str, Any] = {}
     if args.parties == 2:
         from privmed.runtime.twoparty_launch import load_config_2p as load_config  # type: ignore[assignment]
         from privmed.runtime.twoparty_launch import run_role_2p as run_role  # type: ignore[assignment]
+
+        kwargs.update(store=args.store, precompute=args.precompute)
     cfg = load_config(args.config)
-    kwargs: dict[str, Any] = {}
     if args.role == "model-owner":
         if not args.model:
             raise InputError("the model owner needs --model")
@@ -283,7 +293,10 @@ def cmd_party(args: argparse.Namespace) -> int:
             raise InputError(f"{model}: model file not found")
         # compiled once the port is bound (see runtime.party.connect_role)
         kwargs["plan_and_weights"] = lambda: compile_model(model, calibration=cal, frac_bits=args.frac_bits, input_shape=shape)
-    if args.role == "data-owner":
+    if args.role == "data-owner" and args.precompute is not None:
+        kwargs["chunk"] = args.chunk
+        kwargs["expect_plan"] = args.expect_plan
+    elif args.role == "data-owner":
         if not args.input or not args.output:
             raise InputError("the data owner needs --input and --output")
         kwargs["x"], _ = load_inputs(args.input, None, args.preprocess)
@@ -311,7 +324,9 @@ def cmd_party(args: argparse.Namespace) -> int:
         np.save(args.output, out)
     if args.stats:
         args.stats.write_text(json.dumps(stats))
-    if args.role == "data-owner" and not args.progress_jsonl:
+    for line in store_lines(stats) if args.parties == 2 else []:
+        print(line, file=sys.stderr)
+    if args.role == "data-owner" and not args.progress_jsonl and args.precompute is None:
         print(f"output {tuple(out.shape) if out is not None else ()} written to {args.output}")
     return 0
 

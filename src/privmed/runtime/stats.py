@@ -63,6 +63,10 @@ class SessionStats:
     # two-party mode: the input-independent phase (HE on masks, OT material) inside wall_s
     offline_s: float = 0.0
     offline_bytes: int = 0
+    # two-party mode: bytes of the online phases (both roles), and how many batches took their
+    # offline material from a store made earlier by ``--precompute`` (their offline_s is the load)
+    online_bytes: int = 0
+    precomputed_batches: int = 0
 
     @property
     def bytes_total(self) -> int:
@@ -85,6 +89,7 @@ class SessionStats:
             layers=[LayerCost(**layer) for layer in raw.get("layers", [])],
             batches=[BatchCost(**b) for b in raw.get("batches", [])],
             offline_s=float(raw.get("offline_s", 0.0)), offline_bytes=int(raw.get("offline_bytes", 0)),
+            online_bytes=int(raw.get("online_bytes", 0)), precomputed_batches=int(raw.get("precomputed_batches", 0)),
         )  # fmt: skip
 
 

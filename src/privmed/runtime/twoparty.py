@@ -30,6 +30,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from privmed.crypto.prg import PRG
 from privmed.errors import InputError, PrivmedError, ProtocolError
 from privmed.ir.ops import postprocess
 from privmed.ir.plan import Plan, PrivateWeights
@@ -39,6 +40,7 @@ from privmed.mpc.twoparty.he_layers import lower
 from privmed.mpc.twoparty.protocols import (
     MAX_EINSUM_EXPANSION,
     MAX_RING_BITS,
+    Offline,
     ProductsNotSupported,
     Recorder,
     TwoPartyOnline,
@@ -48,6 +50,7 @@ from privmed.mpc.twoparty.protocols import (
     prepare_offline,
     ring_bits,
 )
+from privmed.mpc.twoparty.stored import Rings, offline_from_arrays, ot_from_arrays, ot_label
 from privmed.net.channel import Channel
 from privmed.ring.fixed import decode
 from privmed.runtime.backend import SecureBackend
@@ -63,6 +66,7 @@ from privmed.runtime.session import (
     receive_plan,
 )
 from privmed.runtime.stats import SessionStats, merge_roles
+from privmed.runtime.twoparty_store import StoreUse, answer_offer, offer_set
 
 
 def schedule(plan: Plan, batch: int, batch_index: int) -> list[tuple[str, Request]]:
@@ -116,19 +120,64 @@ def _sent(ch: Channel) -> int:
     return ch.counters.bytes_sent
 
 
-def _batch(s: TwoPartySession, plan: Plan, index: int, n: int, tracker: LayerTracker,
-           weights: PrivateWeights | None = None, x: np.ndarray | None = None) -> tuple[np.ndarray | None, dict[str, Any]]:
-    """Offline then online phase of one batch; returns (output ring values or None, costs)."""
-    t0, b0, r0 = time.perf_counter(), _sent(s.ch), s.rounds
-    o0 = s.offline_rounds
-    offline = prepare_offline(s, plan, schedule(plan, n, index), weights)
-    t1, b1 = time.perf_counter(), _sent(s.ch)
+def _recv(ch: Channel) -> int:
+    return ch.counters.bytes_recv
+
+
+def _batch(s: TwoPartySession, plan: Plan, index: int, n: int, tracker: LayerTracker, offline: Offline, start: tuple[float, int, int, int],
+           weights: PrivateWeights | None = None, x: np.ndarray | None = None) -> tuple[np.ndarray | None, dict[str, Any]]:  # fmt: skip
+    """The online phase of one batch after its offline phase (inline or from a store) that
+    began at ``start`` = (time, bytes sent, bytes received, offline rounds before it); returns
+    (output ring values or None, costs)."""
+    t0, b0, r0, o0 = start
+    t1, b1, r1 = time.perf_counter(), _sent(s.ch), _recv(s.ch)
+    rounds0 = s.rounds
     backend = SecureBackend(plan, TwoPartyOnline(s, index, offline), weights=weights, x=x)
     out, _ = run_plan(plan, backend, n, on_node=tracker)
     t2 = time.perf_counter()
     return out, {"index": index, "n": n, "time_s": round(t2 - t0, 4), "bytes_sent": _sent(s.ch) - b0,
-                 "rounds": s.rounds - r0, "offline_s": round(t1 - t0, 4), "offline_bytes": b1 - b0, "offline_rounds": s.offline_rounds - o0,
-                 "online_s": round(t2 - t1, 4), "online_bytes": _sent(s.ch) - b1}  # fmt: skip
+                 "rounds": s.rounds - rounds0, "offline_s": round(t1 - t0, 4), "offline_bytes": b1 - b0, "offline_rounds": o0,
+                 "offline_bytes_recv": r1 - r0, "online_s": round(t2 - t1, 4), "online_bytes": _sent(s.ch) - b1,
+                 "online_bytes_recv": _recv(s.ch) - r1}  # fmt: skip
+
+
+class _Offline:
+    """Where a party's batches get their offline material: a stored set when both parties hold
+    one that matches (``twoparty_store``), else ``prepare_offline`` on a session opened on
+    first need (HE key and base OTs)."""
+
+    def __init__(self, ch: Channel, is_data_owner: bool, plan: Plan, bits: int, he_bits: int, store: StoreUse | None,
+                 peer: str, weights: PrivateWeights | None = None) -> None:  # fmt: skip
+        self.ch, self.is_data_owner, self.plan, self.weights, self.store = ch, is_data_owner, plan, weights, store
+        self.bits, self.he_bits, self.peer = bits, he_bits, peer
+        self.inline: TwoPartySession | None = None
+        self.setup: dict[str, float] = {}
+        self.prg = PRG.fresh()
+
+    def binding(self, n: int) -> dict[str, Any]:
+        return {"plan": self.plan.fingerprint(), "peer": self.peer, "batch": n, "bits": self.bits, "he_bits": self.he_bits}
+
+    def _build(self, steps: list[tuple[str, Request]]) -> Any:
+        def build(path: Any, arrays: dict[str, np.ndarray], sid: str, index: int) -> tuple[TwoPartySession, Offline]:
+            offline = offline_from_arrays(str(path), Rings(self.is_data_owner, self.bits, self.he_bits), steps, arrays)
+            ot = ot_from_arrays(self.ch, ot_label(sid, index), self.is_data_owner, arrays)
+            return TwoPartySession(self.ch, self.is_data_owner, self.bits, self.he_bits, ot, None, self.prg), offline
+
+        return build
+
+    def get(self, index: int, n: int) -> tuple[TwoPartySession, Offline, tuple[float, int, int, int]]:
+        """(session, checked offline material, start of the offline phase) for batch ``index``."""
+        start = (time.perf_counter(), _sent(self.ch), _recv(self.ch))
+        steps = schedule(self.plan, n, index)
+        negotiate = offer_set if self.is_data_owner else answer_offer
+        stored = negotiate(self.ch, self.store, self.binding(n), self._build(steps))
+        if stored is not None:
+            return *stored, (*start, 0)
+        if self.inline is None:
+            self.inline = _open(self.ch, self.is_data_owner, self.bits, self.he_bits, self.setup)
+        o0 = self.inline.offline_rounds
+        offline = prepare_offline(self.inline, self.plan, steps, self.weights)
+        return self.inline, offline, (*start, self.inline.offline_rounds - o0)
 
 
 def _open(ch: Channel, is_data_owner: bool, bits: int, he_bits: int, setup: dict[str, float]) -> TwoPartySession:
@@ -139,12 +188,16 @@ def _open(ch: Channel, is_data_owner: bool, bits: int, he_bits: int, setup: dict
     return s
 
 
-def _totals(stats: dict[str, Any], per_batch: list[dict[str, Any]], setup: dict[str, float]) -> None:
+def _totals(stats: dict[str, Any], per_batch: list[dict[str, Any]], setup: dict[str, float], store: StoreUse | None) -> None:
     """Per-batch costs and totals; the session set-up (key, base OTs) counts as offline."""
     stats["batches"] = per_batch
-    for key in ("offline_s", "online_s", "offline_bytes", "online_bytes", "offline_rounds"):
+    stats["rounds"] = sum(b["rounds"] for b in per_batch)
+    for key in ("offline_s", "online_s", "offline_bytes", "online_bytes", "offline_rounds", "offline_bytes_recv", "online_bytes_recv"):
         total = sum(b[key] for b in per_batch) + setup.get(key, 0)
         stats[key] = round(total, 4) if key.endswith("_s") else int(total)
+    stats["precomputed_batches"] = len(store.used) if store else 0
+    if store is not None:
+        stats["store"] = store.summary()
 
 
 def data_owner_2p(
@@ -154,21 +207,15 @@ def data_owner_2p(
     total_batches: int | None = None,
     expect_plan: str | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    store: StoreUse | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The data owner's side (see the module docstring). Returns (outputs, stats)."""
+    """The data owner's side (see the module docstring). Returns (outputs, stats). With
+    ``store``, each batch runs on a precomputed set when both parties hold a matching one."""
     t0 = time.perf_counter()
     if isinstance(batches, np.ndarray):
         batches, total_batches = [batches], 1
-    plan = receive_plan(to_model, [], None, expect_plan)
-    try:
-        bits, he_bits = check_two_party(plan)
-    except PrivmedError as exc:
-        to_model.abort(f"data owner refused the plan: {exc}")
-        raise
-    if on_plan:
-        on_plan(plan)
-    s: TwoPartySession | None = None
-    setup: dict[str, float] = {}
+    plan, bits, he_bits = accept_plan(to_model, expect_plan, on_plan)
+    source = _Offline(to_model, True, plan, bits, he_bits, store, store.peer if store else "")
     outputs: list[np.ndarray] = []
     per_batch: list[dict[str, Any]] = []
     layers: list[dict[str, Any]] = []
@@ -179,28 +226,40 @@ def data_owner_2p(
             to_model.abort(f"data owner rejected its input: {problem}")
             raise InputError(problem)
         to_model.send("batch", np.array([x.shape[0]], dtype=np.int64))
-        if s is None:
-            s = _open(to_model, True, bits, he_bits, setup)
+        s, offline, start = source.get(index, int(x.shape[0]))
         tracker = LayerTracker(cast(Any, s), [to_model], plan, _batch_progress(progress, index, total_batches))
-        ring_out, cost = _batch(s, plan, index, int(x.shape[0]), tracker, x=x.astype(np.float64))
+        ring_out, cost = _batch(s, plan, index, int(x.shape[0]), tracker, offline, start, x=x.astype(np.float64))
         assert ring_out is not None  # the data owner's reveal returns the value
         outputs.append(postprocess(decode(ring_out, out_node.scale), out_node.attrs.get("post", {})).astype(np.float32))
         layers = _sum_layers(layers, tracker.layers)
         per_batch.append(cost)
-    if s is None:
+    if not per_batch:
         raise InputError("no input batches")
     to_model.send("batch", np.zeros(1, np.int64))
     to_model.finish()
-    stats = _stats("data-owner", t0, [to_model], s.rounds, layers)
-    _totals(stats, per_batch, setup)
+    stats = _stats("data-owner", t0, [to_model], 0, layers)
+    _totals(stats, per_batch, source.setup, store)
     stats["plan"] = plan_info(plan)
     stats["ring_bits"], stats["he_ring_bits"] = bits, he_bits
     return np.concatenate(outputs), stats
 
 
-def model_owner_2p(to_data: Channel, plan: Plan, weights: PrivateWeights, progress: Progress | None = None) -> dict[str, Any]:
-    """The model owner's side; the weights never leave this function's process."""
-    t0 = time.perf_counter()
+def accept_plan(to_model: Channel, expect_plan: str | None, on_plan: Callable[[Plan], None] | None) -> tuple[Plan, int, int]:
+    """Data owner: the model owner's plan, checked as in the dealer mode and for this mode
+    (refused with an abort naming the reason); returns (plan, ring bits, HE ring bits)."""
+    plan = receive_plan(to_model, [], None, expect_plan)
+    try:
+        bits, he_bits = check_two_party(plan)
+    except PrivmedError as exc:
+        to_model.abort(f"data owner refused the plan: {exc}")
+        raise
+    if on_plan:
+        on_plan(plan)
+    return plan, bits, he_bits
+
+
+def send_plan(to_data: Channel, plan: Plan) -> tuple[int, int]:
+    """Model owner: check the plan fits this mode, send it; returns the rings."""
     try:
         bits, he_bits = check_two_party(plan)
         check_headroom(plan, he_bits)
@@ -208,21 +267,28 @@ def model_owner_2p(to_data: Channel, plan: Plan, weights: PrivateWeights, progre
         to_data.abort(f"model owner cannot run this model in two-party mode: {exc}")
         raise
     to_data.send_text("plan", plan.to_json())
-    s: TwoPartySession | None = None
-    setup: dict[str, float] = {}
+    return bits, he_bits
+
+
+def model_owner_2p(to_data: Channel, plan: Plan, weights: PrivateWeights, progress: Progress | None = None,
+                   store: StoreUse | None = None) -> dict[str, Any]:  # fmt: skip
+    """The model owner's side; the weights never leave this function's process. With
+    ``store``, a batch the data owner offers a matching precomputed set for runs online only."""
+    t0 = time.perf_counter()
+    bits, he_bits = send_plan(to_data, plan)
+    source = _Offline(to_data, False, plan, bits, he_bits, store, store.peer if store else "", weights)
     layers: list[dict[str, Any]] = []
     per_batch: list[dict[str, Any]] = []
     index = 0
     while batch := next_batch(to_data, plan, first=index == 0):
-        if s is None:
-            s = _open(to_data, False, bits, he_bits, setup)
+        s, offline, start = source.get(index, batch)
         tracker = LayerTracker(cast(Any, s), [to_data], plan, None)
-        _, cost = _batch(s, plan, index, batch, tracker, weights=weights)
+        _, cost = _batch(s, plan, index, batch, tracker, offline, start, weights=weights)
         layers = _sum_layers(layers, tracker.layers)
         per_batch.append(cost)
         index += 1
-    stats = _stats("model-owner", t0, [to_data], s.rounds if s else 0, layers)
-    _totals(stats, per_batch, setup)
+    stats = _stats("model-owner", t0, [to_data], 0, layers)
+    _totals(stats, per_batch, source.setup, store)
     return stats
 
 
@@ -240,4 +306,6 @@ def merge_two(per_role: dict[str, dict[str, Any]], wall_s: float) -> SessionStat
     merged.online_s = float(do.get("online_s", merged.online_s))
     merged.offline_s = float(do.get("offline_s", 0.0))
     merged.offline_bytes = sum(int(s.get("offline_bytes", 0)) for s in per_role.values())
+    merged.online_bytes = sum(int(s.get("online_bytes", 0)) for s in per_role.values())
+    merged.precomputed_batches = int(do.get("precomputed_batches", 0))
     return merged

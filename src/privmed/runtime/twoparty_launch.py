@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from privmed.crypto.certs import Identity, ephemeral_session
+from privmed.crypto.csr import fingerprint_der
 from privmed.errors import ConfigError, InputError
 from privmed.net.channel import Channel, FailureGroup
 from privmed.net.tls import connect
@@ -43,6 +44,8 @@ from privmed.runtime.config import Endpoint, SessionConfig, load_config, write_c
 from privmed.runtime.launch import SessionResult, check_input, model_owner_args, run_with_children
 from privmed.runtime.party import _await_hello, _channel, _hello, _listen, _resolve_port
 from privmed.runtime.twoparty import data_owner_2p, merge_two, model_owner_2p
+from privmed.runtime.twoparty_precompute import data_owner_precompute, model_owner_precompute
+from privmed.runtime.twoparty_store import check_writable, open_use
 
 ROLES_2P = ("data-owner", "model-owner")
 
@@ -57,8 +60,9 @@ def write_config_2p(path: Path, identities: dict[str, Identity], model_owner: En
     write_config(path, identities, {"model-owner": model_owner}, timeout_s, connect_timeout_s, ROLES_2P)
 
 
-def connect_two(role: str, cfg: SessionConfig, on_listening: Callable[[], None] | None = None) -> Channel:
-    """This role's one channel: the model owner listens and accepts only the data owner's
+def connect_two(role: str, cfg: SessionConfig, on_listening: Callable[[], None] | None = None) -> tuple[Channel, str]:
+    """This role's one channel and the peer's certificate fingerprint (``sha256:<hex>`` of its
+    DER, what a store is bound to): the model owner listens and accepts only the data owner's
     certificate; the data owner connects and sends a fresh 16-byte session id."""
     deadline = time.monotonic() + cfg.connect_timeout_s
     ident = cfg.identities[role]
@@ -69,7 +73,7 @@ def connect_two(role: str, cfg: SessionConfig, on_listening: Callable[[], None] 
         sock = connect(ident, "model-owner", ep.host, port, max(0.1, deadline - time.monotonic()))
         ch = _channel(role, "model-owner", sock, cfg, group)
         _hello(ch, os.urandom(16))
-        return ch
+        return ch, fingerprint_der(sock.getpeercert(binary_form=True) or b"")
     if role != "model-owner":
         raise ConfigError(f"role {role!r} does not exist in a two-party session (data-owner or model-owner)")
     lst = _listen(cfg, role)
@@ -79,7 +83,7 @@ def connect_two(role: str, cfg: SessionConfig, on_listening: Callable[[], None] 
         _, sock = lst.accept({"data-owner"}, max(0.1, deadline - time.monotonic()))
         ch = _channel(role, "data-owner", sock, cfg, group)
         _await_hello(ch, cfg.connect_timeout_s)
-        return ch
+        return ch, fingerprint_der(sock.getpeercert(binary_form=True) or b"")
     finally:
         lst.close()
 
@@ -94,25 +98,41 @@ def run_role_2p(
     progress: Callable[..., None] | None = None,
     expect_plan: str | None = None,
     on_plan: Callable[[Any], None] | None = None,
+    store: Path | None = None,
+    precompute: int | None = None,
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
-    """``runtime.party.run_role`` for the two-party mode (same arguments and results)."""
+    """``runtime.party.run_role`` for the two-party mode (same arguments and results).
+
+    ``store``: this party's directory of precomputed sets (``twoparty_store``). With
+    ``precompute`` N, a precompute session fills it (no input; the data owner's ``chunk`` is
+    the batch size of a set, default 1) and returns (None, stats); without, batches use
+    matching sets when the peer holds them too, else compute their offline phase inline."""
+    if precompute is not None:
+        if store is None:
+            raise InputError("--precompute needs --store DIR (where this party keeps its part)")
+        check_writable(store)  # before connecting: unused sets would be lost
     compiled: list[tuple[Any, Any]] = []
 
     def prepare() -> None:
         compiled.append(plan_and_weights() if callable(plan_and_weights) else plan_and_weights)  # type: ignore[arg-type]
 
-    ch = connect_two(role, cfg, prepare if role == "model-owner" else None)
+    ch, peer = connect_two(role, cfg, prepare if role == "model-owner" else None)
     failed = False
     try:
+        if role == "data-owner" and precompute is not None and store is not None:
+            return None, data_owner_precompute(ch, store, precompute, chunk or 1, peer, expect_plan, on_plan)
+        use = open_use(store, role, peer)
         if role == "data-owner":
             if x is None:
                 raise InputError("the data owner needs an input")
             step = chunk or len(x)
             parts = [x[i : i + step] for i in range(0, len(x), step)]
-            return data_owner_2p(ch, iter(parts), progress, len(parts), expect_plan=expect_plan, on_plan=on_plan)
+            return data_owner_2p(ch, iter(parts), progress, len(parts), expect_plan=expect_plan, on_plan=on_plan, store=use)
         if not compiled or compiled[0] is None:
             raise InputError("the model owner needs a model")
-        return None, model_owner_2p(ch, *compiled[0], progress=progress)
+        if precompute is not None and store is not None:
+            return None, model_owner_precompute(ch, *compiled[0], store, precompute, peer)
+        return None, model_owner_2p(ch, *compiled[0], progress=progress, store=use)
     except BaseException as exc:
         failed = True
         ch.abort(f"{role} failed: {exc}")

@@ -126,7 +126,7 @@ class TwoPartySession:
     bits: int  # the shares' ring Z_2^bits: l (narrow mode) or 64 (wide mode)
     he_bits: int  # the HE plaintext ring of linear layers (= bits in narrow mode)
     ot: OTSession
-    he: HESession
+    he: HESession | None  # None in a session whose offline material comes from a store
     prg: PRG
     rounds: int = 0  # online rounds (each protocol's stated count)
     offline_rounds: int = 0  # set-up and offline phases
@@ -238,6 +238,8 @@ def prepare_offline(s: TwoPartySession, plan: Plan, steps: list[tuple[str, Reque
     """
     if not s.is_data_owner and weights is None:
         raise ValueError("prepare_offline: the model owner must pass its weights")
+    if s.he is None:
+        raise ValueError("prepare_offline: the session has no HE set-up (open_session)")
     out = Offline()
     for what, req in steps:
         if what == "linear" and req.linear is not None:

@@ -1,0 +1,160 @@
+"""Precomputed two-party correlations (``--precompute`` / ``--store``) in process: a store of 2
+sets made before any input, used once each by later sessions whose output equals the inline
+session's; files private and deleted when used; a set used twice, a set whose arrays or
+binding were altered refused in one line naming the file; stores that do not match the
+session (other plan, other peer, other batch size, empty) fall back to the inline offline
+phase with a one-line note.
+
+The model: the shipped demo (``chest_smallcnn.onnx``, 1x64x64). Tolerance against the inline
+two-party output: both are the same protocol on the same plan, differing only in the random
+masks and in each truncation's floor-or-floor-1 (``compare.truncate``), so within the bound of
+``test_twoparty_session`` (64 ulp of the fixed-point output, applied to probabilities through
+a sigmoid whose slope is at most 1/4).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from privmed.compiler.compile import compile_model
+from tests.protocol.twoparty_harness import run_two
+
+pytest.importorskip("tenseal", reason="tenseal not installed: pip install 'privmed[twoparty]'")
+
+from privmed.mpc.twoparty.stored import StoreError  # noqa: E402
+from privmed.runtime.twoparty import data_owner_2p, merge_two, model_owner_2p  # noqa: E402
+from privmed.runtime.twoparty_precompute import data_owner_precompute, model_owner_precompute  # noqa: E402
+from privmed.runtime.twoparty_store import Store, StoreUse, check_writable, open_use  # noqa: E402
+
+DEMO = Path(__file__).resolve().parents[2] / "src/privmed/assets/models/chest_smallcnn.onnx"
+DO_CERT, MO_CERT = "sha256:" + "d" * 64, "sha256:" + "m" * 64
+
+
+@pytest.fixture(scope="module")
+def demo() -> tuple:
+    plan, weights = compile_model(DEMO)
+    x = np.random.default_rng(0).standard_normal((3, 1, 64, 64)).astype(np.float32)
+    return plan, weights, x
+
+
+def _precompute(root: Path, plan, weights, sets: int = 2, batch: int = 1) -> tuple[dict, dict]:
+    do, mo, _ = run_two(lambda ch: data_owner_precompute(ch, root / "do", sets, batch, MO_CERT),
+                        lambda ch: model_owner_precompute(ch, plan, weights, root / "mo", sets, DO_CERT), timeout_s=60)  # fmt: skip
+    return do, mo
+
+
+def _session(root: Path, plan, weights, x: np.ndarray, *, do_peer: str = MO_CERT, mo_peer: str = DO_CERT, chunk: int = 1,
+             do_dir: str = "do", mo_dir: str = "mo") -> tuple[np.ndarray, dict, dict, StoreUse | None, StoreUse | None]:  # fmt: skip
+    do_use, mo_use = open_use(root / do_dir, "data-owner", do_peer), open_use(root / mo_dir, "model-owner", mo_peer)
+    parts = [x[i : i + chunk] for i in range(0, len(x), chunk)]
+    (out, do_stats), mo_stats, _ = run_two(lambda ch: data_owner_2p(ch, iter(parts), total_batches=len(parts), store=do_use),
+                                           lambda ch: model_owner_2p(ch, plan, weights, store=mo_use), timeout_s=60)  # fmt: skip
+    return out, do_stats, mo_stats, do_use, mo_use
+
+
+def test_precomputed_sets_run_online_only_once_each_and_match_the_inline_session(tmp_path: Path, demo: tuple) -> None:
+    plan, weights, x = demo
+    do_pre, mo_pre = _precompute(tmp_path, plan, weights)
+    assert do_pre["offline_bytes"] > 1_000_000 and mo_pre["offline_bytes"] > 1_000_000 and do_pre["online_s"] == 0
+    for role in ("do", "mo"):
+        root = tmp_path / role
+        assert stat.S_IMODE(root.stat().st_mode) == 0o700
+        assert sorted(p.name for p in root.iterdir()) == ["set-0000.npz", "set-0001.npz", "store.json"]
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in root.iterdir())
+    ids = {json.loads((tmp_path / r / "store.json").read_text())["store"] for r in ("do", "mo")}
+    assert len(ids) == 1  # both parties agreed on one id
+
+    inline, inline_stats, _, _, _ = _session(tmp_path, plan, weights, x[:1], do_dir="none-do", mo_dir="none-mo")
+    outs = []
+    for i in range(2):
+        out, do_stats, mo_stats, do_use, mo_use = _session(tmp_path, plan, weights, x[:1])
+        assert do_use and mo_use and do_use.used == mo_use.used == [i] and not do_use.note
+        assert do_stats["precomputed_batches"] == 1 and do_stats["offline_bytes"] < 1000 and mo_stats["offline_bytes"] < 1000
+        assert do_stats["online_bytes"] == inline_stats["online_bytes"]  # the same online phase
+        stats = merge_two({"data-owner": do_stats, "model-owner": mo_stats}, 1.0)
+        assert stats.precomputed_batches == 1 and stats.online_bytes > 0
+        assert not (tmp_path / "do" / f"set-{i:04d}.npz").exists() and not (tmp_path / "mo" / f"set-{i:04d}.npz").exists()
+        outs.append(out)
+    ulp = 2.0**-plan.frac_bits
+    for out in outs:
+        np.testing.assert_allclose(out, inline, rtol=0, atol=16 * ulp)
+    # a third session: the store is empty, the batch computes its offline phase inline
+    out, do_stats, _, do_use, _ = _session(tmp_path, plan, weights, x[:1])
+    assert do_use and do_use.used == [] and "no precomputed set left" in do_use.note and "\n" not in do_use.note
+    assert do_stats["precomputed_batches"] == 0 and do_stats["offline_bytes"] > 1_000_000
+    np.testing.assert_allclose(out, inline, rtol=0, atol=16 * ulp)
+
+
+def test_a_set_used_twice_is_refused(tmp_path: Path, demo: tuple) -> None:
+    plan, weights, x = demo
+    _precompute(tmp_path, plan, weights, sets=1)
+    shutil.copytree(tmp_path / "do", tmp_path / "do-copy")
+    _session(tmp_path, plan, weights, x[:1])
+    # the set file restored: refused by the owner's own record
+    shutil.copy(tmp_path / "do-copy" / "set-0000.npz", tmp_path / "do" / "set-0000.npz")
+    with pytest.raises(StoreError, match=r"do/set-0000\.npz: set 0 of store \w+ was already used; a correlation is never used twice"):
+        Store.open(tmp_path / "do", "data-owner")
+    # the whole directory restored (its record too): refused by the peer's record
+    with pytest.raises(RuntimeError, match=r"mo/store\.json: the data owner offered set 0 of store \w+, which this party already used"):
+        _session(tmp_path, plan, weights, x[:1], do_dir="do-copy")
+    # and precomputing over unused sets is refused before connecting
+    with pytest.raises(StoreError, match=r"do-copy: holds 1 unused precomputed sets"):
+        check_writable(tmp_path / "do-copy")
+
+
+def _rewrite(path: Path, change) -> None:
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    change(arrays)
+    path.unlink()
+    np.savez(path, **arrays)
+
+
+def test_a_tampered_set_is_refused_naming_the_file(tmp_path: Path, demo: tuple) -> None:
+    plan, weights, x = demo
+    _precompute(tmp_path, plan, weights, sets=2)
+    shutil.copytree(tmp_path / "do", tmp_path / "do2")
+
+    def shorter(arrays: dict) -> None:
+        arrays["0.mask"] = arrays["0.mask"][..., :-1]
+
+    _rewrite(tmp_path / "do" / "set-0000.npz", shorter)
+    with pytest.raises(RuntimeError, match=r"do/set-0000\.npz: array 0\.mask is uint64 \(1, 1, 64, 63\), the plan implies uint64 \(1, 1, 64, 64\)"):
+        _session(tmp_path, plan, weights, x[:1])
+
+    def other_plan(arrays: dict) -> None:
+        meta = json.loads(bytes(arrays["meta"]))
+        arrays["meta"] = np.frombuffer(json.dumps(meta | {"plan": "0" * 64}).encode(), np.uint8)
+
+    _rewrite(tmp_path / "do2" / "set-0000.npz", other_plan)
+    with pytest.raises(RuntimeError, match=r"do2/set-0000\.npz: bound to plan '0000000000.*', its store .*store\.json says"):
+        _session(tmp_path, plan, weights, x[:1], do_dir="do2")
+    assert (tmp_path / "mo" / "set-0000.npz").exists()  # refused before the model owner used its half
+
+
+@pytest.mark.parametrize("case", ["batch", "peer", "plan"])
+def test_a_store_that_does_not_match_falls_back_in_one_line(tmp_path: Path, demo: tuple, case: str) -> None:
+    plan, weights, x = demo
+    _precompute(tmp_path, plan, weights, sets=1)
+    kwargs: dict = {}
+    if case == "batch":
+        x, kwargs = x[:2], {"chunk": 2}
+        want = "holds sets of batch size 1, this batch has 2"
+    elif case == "peer":
+        kwargs = {"do_peer": "sha256:" + "e" * 64}
+        want = "was precomputed with another peer"
+    else:
+        plan2, weights2 = compile_model(DEMO, frac_bits=plan.frac_bits - 1)
+        plan, weights = plan2, weights2
+        want = "was precomputed for plan"
+    out, do_stats, mo_stats, do_use, mo_use = _session(tmp_path, plan, weights, x[:1] if case != "batch" else x, **kwargs)
+    assert do_use and want in do_use.note and do_use.note.endswith("offline phase computed inline") and "\n" not in do_use.note
+    assert do_stats["precomputed_batches"] == 0 and do_stats["offline_bytes"] > 1_000_000
+    assert (tmp_path / "do" / "set-0000.npz").exists() and (tmp_path / "mo" / "set-0000.npz").exists()  # kept for a matching session
+    assert out.shape[0] == (2 if case == "batch" else 1)
