@@ -21,8 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnx import helper
 
 from privmed.compiler.compile import compile_model
+from privmed.ir.ops import postprocess
+from privmed.ir.walk import run_plan
+from privmed.reference.executors import FixedBackend
+from tests.protocol.onnx_models import build, rand
 from tests.protocol.twoparty_harness import run_two
 
 pytest.importorskip("tenseal", reason="tenseal not installed: pip install 'privmed[twoparty]'")
@@ -32,6 +37,7 @@ from privmed.runtime.twoparty import data_owner_2p, merge_two, model_owner_2p  #
 from privmed.runtime.twoparty_precompute import data_owner_precompute, model_owner_precompute  # noqa: E402
 from privmed.runtime.twoparty_store import Store, StoreUse, check_writable, open_use  # noqa: E402
 
+H = helper.make_node
 DEMO = Path(__file__).resolve().parents[2] / "src/privmed/assets/models/chest_smallcnn.onnx"
 DO_CERT, MO_CERT = "sha256:" + "d" * 64, "sha256:" + "m" * 64
 
@@ -70,25 +76,42 @@ def test_precomputed_sets_run_online_only_once_each_and_match_the_inline_session
     ids = {json.loads((tmp_path / r / "store.json").read_text())["store"] for r in ("do", "mo")}
     assert len(ids) == 1  # both parties agreed on one id
 
-    inline, inline_stats, _, _, _ = _session(tmp_path, plan, weights, x[:1], do_dir="none-do", mo_dir="none-mo")
-    outs = []
-    for i in range(2):
-        out, do_stats, mo_stats, do_use, mo_use = _session(tmp_path, plan, weights, x[:1])
-        assert do_use and mo_use and do_use.used == mo_use.used == [i] and not do_use.note
-        assert do_stats["precomputed_batches"] == 1 and do_stats["offline_bytes"] < 1000 and mo_stats["offline_bytes"] < 1000
-        assert do_stats["online_bytes"] == inline_stats["online_bytes"]  # the same online phase
-        stats = merge_two({"data-owner": do_stats, "model-owner": mo_stats}, 1.0)
-        assert stats.precomputed_batches == 1 and stats.online_bytes > 0
-        assert not (tmp_path / "do" / f"set-{i:04d}.npz").exists() and not (tmp_path / "mo" / f"set-{i:04d}.npz").exists()
-        outs.append(out)
+    inline, inline_stats, _, _, _ = _session(tmp_path, plan, weights, x[:2], do_dir="none-do", mo_dir="none-mo")
     ulp = 2.0**-plan.frac_bits
-    for out in outs:
-        np.testing.assert_allclose(out, inline, rtol=0, atol=16 * ulp)
-    # a third session: the store is empty, the batch computes its offline phase inline
-    out, do_stats, _, do_use, _ = _session(tmp_path, plan, weights, x[:1])
-    assert do_use and do_use.used == [] and "no precomputed set left" in do_use.note and "\n" not in do_use.note
-    assert do_stats["precomputed_batches"] == 0 and do_stats["offline_bytes"] > 1_000_000
+    out, do_stats, mo_stats, do_use, mo_use = _session(tmp_path, plan, weights, x[:1])
+    assert do_use and mo_use and do_use.used == mo_use.used == [0] and not do_use.note
+    assert do_stats["precomputed_batches"] == 1 and do_stats["offline_bytes"] < 1000 and mo_stats["offline_bytes"] < 1000
+    assert do_stats["online_bytes"] == inline_stats["batches"][0]["online_bytes"]  # the same online phase
+    stats = merge_two({"data-owner": do_stats, "model-owner": mo_stats}, 1.0)
+    assert stats.precomputed_batches == 1 and stats.online_bytes > 0
+    assert not (tmp_path / "do" / "set-0000.npz").exists() and not (tmp_path / "mo" / "set-0000.npz").exists()
+    np.testing.assert_allclose(out, inline[:1], rtol=0, atol=16 * ulp)
+    # two images in one session: the last set, then the store is empty and the HE/OT set-up runs inline
+    out, do_stats, _, do_use, mo_use = _session(tmp_path, plan, weights, x[:2])
+    assert do_use and mo_use and do_use.used == mo_use.used == [1]
+    assert do_use.inline == 1 and "no precomputed set left (2 used)" in do_use.note and "\n" not in do_use.note
+    first, second = do_stats["batches"]
+    assert first["offline_bytes"] < 1000 < 1_000_000 < second["offline_bytes"] and do_stats["precomputed_batches"] == 1
     np.testing.assert_allclose(out, inline, rtol=0, atol=16 * ulp)
+    assert sorted(p.name for p in (tmp_path / "do").iterdir()) == ["store.json"]
+
+
+def test_the_wide_ring_products_and_channel_scales_run_from_a_store(tmp_path: Path) -> None:
+    """Instance norm (Beaver products by OT, results extended to Z_2^64) and a PReLU (its slope
+    a per-channel scale by vector COTs): every kind of stored material. Tolerance: the inline
+    session's for this model (``test_twoparty_session``: rtol 3e-3 + atol 2e-3)."""
+    rng = np.random.default_rng(1)
+    nodes = [H("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), H("InstanceNormalization", ["c", "s", "b"], ["n"]),
+             H("PRelu", ["n", "slope"], ["y"])]  # fmt: skip
+    inits = {"w": rand(rng, 3, 2, 3, 3), "s": rand(rng, 3) + 1.0, "b": rand(rng, 3), "slope": rand(rng, 3, 1, 1) * 0.2}
+    x = rand(rng, 1, 2, 5, 5, scale=1.0)
+    plan, weights = compile_model(build(tmp_path / "norm.onnx", nodes, inits, [1, 2, 5, 5]), calibration=x)
+    _precompute(tmp_path, plan, weights, sets=1)
+    out, do_stats, _, do_use, _ = _session(tmp_path, plan, weights, x)
+    assert do_use and do_use.used == [0] and do_stats["ring_bits"] == 64 and do_stats["precomputed_batches"] == 1
+    ref_ring, _ = run_plan(plan, FixedBackend(plan, weights, x.astype(np.float64)), 1)
+    ref = postprocess(ref_ring, plan.node(plan.output_name).attrs.get("post", {}))
+    np.testing.assert_allclose(out, ref, rtol=3e-3, atol=2e-3)
 
 
 def test_a_set_used_twice_is_refused(tmp_path: Path, demo: tuple) -> None:

@@ -36,12 +36,12 @@ def store_lines(stats: dict[str, Any]) -> list[str]:
         return [f"precomputed {store['sets']} sets of {store['batch']} image(s) into {store['dir']} (store {store['store']}): {off} "
                 f"({human_bytes(stats.get('offline_bytes', 0))} sent, {human_bytes(stats.get('offline_bytes_recv', 0))} received)"]  # fmt: skip
     lines = []
-    if store:
+    if store and store["used"]:
         batches = len(stats.get("batches", []))
         lines.append(f"store {store['dir']}: {len(store['used'])} of {batches} batches ran on precomputed sets (online only), "
                      f"{store['left']} sets left")  # fmt: skip
-        if store["note"]:
-            lines.append(store["note"])
+    if store and store["note"]:
+        lines.append(store["note"])
     on = f"online {stats.get('online_s', 0.0):.2f} s, {human_bytes(stats.get('online_bytes', 0) + stats.get('online_bytes_recv', 0))}"
     lines.append(f"{off}; {on} (sent and received)")
     return lines

@@ -71,9 +71,10 @@ def connect_two(role: str, cfg: SessionConfig, on_listening: Callable[[], None] 
         ep = cfg.endpoints["model-owner"]
         port = _resolve_port(ep, deadline, "model-owner")
         sock = connect(ident, "model-owner", ep.host, port, max(0.1, deadline - time.monotonic()))
+        peer = fingerprint_der(sock.getpeercert(binary_form=True) or b"")  # before the channel's I/O thread owns it
         ch = _channel(role, "model-owner", sock, cfg, group)
         _hello(ch, os.urandom(16))
-        return ch, fingerprint_der(sock.getpeercert(binary_form=True) or b"")
+        return ch, peer
     if role != "model-owner":
         raise ConfigError(f"role {role!r} does not exist in a two-party session (data-owner or model-owner)")
     lst = _listen(cfg, role)
@@ -81,9 +82,10 @@ def connect_two(role: str, cfg: SessionConfig, on_listening: Callable[[], None] 
         if on_listening:
             on_listening()
         _, sock = lst.accept({"data-owner"}, max(0.1, deadline - time.monotonic()))
+        peer = fingerprint_der(sock.getpeercert(binary_form=True) or b"")
         ch = _channel(role, "data-owner", sock, cfg, group)
         _await_hello(ch, cfg.connect_timeout_s)
-        return ch, fingerprint_der(sock.getpeercert(binary_form=True) or b"")
+        return ch, peer
     finally:
         lst.close()
 
