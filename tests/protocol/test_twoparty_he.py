@@ -21,12 +21,14 @@ from privmed.mpc.twoparty.seal_io import HEParams, SealIO  # noqa: E402
 U64 = np.uint64
 
 
-def _secure(kind: str, spec: ConvSpec | None, x_shape: tuple[int, ...], w_shape: tuple[int, ...], *, wb: int = 8, bits: int = 37, seed: int = 0, mask_only: bool = False):  # type: ignore[no-untyped-def]
+def _secure(kind: str, spec: ConvSpec | None, x_shape: tuple[int, ...], w_shape: tuple[int, ...], *, wb: int = 8, bits: int = 37, seed: int = 0, mask_only: bool = False, zero_out: int | None = None):  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 2**64 - 1, x_shape, dtype=U64, endpoint=True)
     x0 = rng.integers(0, 2**64 - 1, x_shape, dtype=U64, endpoint=True)
     x1 = None if mask_only else x - x0
     w = rng.integers(-(2**wb) + 1, 2**wb, w_shape, dtype=np.int64)
+    if zero_out is not None:  # an all-zero slice of the weights (a pruned channel)
+        w[zero_out] = 0
     params = HEParams(plain_bits=bits)
 
     def data_owner(ch):  # type: ignore[no-untyped-def]
@@ -105,6 +107,9 @@ def test_he_other_layer_kinds_are_exact_mod_2_to_the_l(kind, x_shape, w_shape, s
         ("conv_transpose", (1, 4, 3, 4, 5), (4, 3, 2, 2, 2), _spec_t((2, 2, 2), (2, 2, 2), (0,) * 6)),  # U-Net up
         ("conv_transpose", (2, 4, 3, 3, 4), (4, 1, 3, 3, 3), _spec_t((3, 3, 3), (2, 2, 1), (1, 1, 1, 1, 0, 1), groups=2, op=(1, 0, 0))),
         ("conv_transpose", (1, 2, 4, 3, 3), (2, 2, 2, 3, 2), _spec_t((2, 3, 2), (1, 2, 3), (0, 2, 0, 1, 0, 0), dil=(2, 1, 1))),
+        # large enough for the polyphase (sub-pixel) lowering: no zero-upsampled input
+        ("conv_transpose", (2, 16, 8, 8, 8), (16, 1, 3, 3, 3), _spec_t((3, 3, 3), (2, 2, 2), (1,) * 6, groups=2, op=(1, 1, 1))),
+        ("conv_transpose", (1, 16, 8, 9, 8), (16, 3, 3, 2, 3), _spec_t((3, 2, 3), (2, 2, 3), (1, 0, 2, 0, 1, 1), dil=(1, 2, 1), op=(1, 0, 2))),
         ("channel_scale", (2, 3, 4, 5, 6), (3,), None),
     ],
 )
@@ -125,6 +130,33 @@ def test_3d_packing_puts_c_d_h_w_blocks_in_one_polynomial() -> None:
     assert len(g.targets()) == np.prod(t.out) and g.targets().max() < 8192
     assert np.prod([t.tiles[d] * t.out[d] for d in range(3)]) >= 32**3
     assert g.input_polys() == t.n_tiles and g.output_polys() == 16 * t.n_tiles
+
+
+@pytest.mark.parametrize(
+    ("kind", "x_shape", "w_shape", "spec"),
+    [
+        ("conv", (1, 3, 40, 40, 40), (2, 3, 1, 1, 1), _spec_t((1, 1, 1), (2, 2, 2), (0,) * 6)),  # 7 of 8 phases: no taps
+        ("conv", (1, 2, 6, 6, 6), (3, 2, 3, 3, 3), _spec_t((3, 3, 3), (1, 1, 1), (1,) * 6)),  # output channel 0 all zero
+    ],
+)
+def test_all_zero_kernel_blocks_give_exact_zeros(kind, x_shape, w_shape, spec) -> None:  # type: ignore[no-untyped-def]
+    # SEAL refuses a product by the zero polynomial; such blocks are left out of the sum
+    got, want, _ = _secure(kind, spec, x_shape, w_shape, zero_out=0 if w_shape[0] == 3 else None)
+    assert np.array_equal(got, want)
+
+
+def test_large_3d_conv_transpose_is_lowered_without_upsampling() -> None:
+    # a U-Net's way up, 32 x 16^3 -> 16 x 32^3: one stride-1 conv of x itself with 8 phases
+    # as output channels (2x2x2 taps), about half the bytes of the zero-upsampled form
+    from privmed.mpc.twoparty.he_layers import _transpose, _wire_bytes, lower
+
+    spec = _spec_t((3, 3, 3), (2, 2, 2), (1,) * 6, op=(1, 1, 1))
+    low = lower("conv_transpose", spec, (1, 32, 16, 16, 16), (32, 16, 3, 3, 3))
+    assert low.x_shape == (1, 32, 17, 17, 17) and low.w_shape == (128, 32, 2, 2, 2)
+    upsampled = _transpose(spec, (1, 32, 16, 16, 16), (32, 16, 3, 3, 3), lambda y: y)
+    assert _wire_bytes(low, 8192) < 0.6 * _wire_bytes(upsampled, 8192)
+    # small ones keep the upsampled form where it is cheaper (fewer reply ciphertexts)
+    assert lower("conv_transpose", spec, (1, 8, 4, 4, 4), (8, 4, 3, 3, 3)).x_shape == (1, 8, 7, 7, 7)
 
 
 def test_4d_kernels_are_refused_by_name() -> None:

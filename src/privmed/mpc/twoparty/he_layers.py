@@ -13,7 +13,12 @@ zero-upsampling a share are exact):
   waste of output coefficients.
 - conv_transpose (1-D / 2-D / 3-D): a stride-1 conv of the zero-upsampled input with the
   flipped, group-transposed kernel, the construction ``ring.linalg.conv_transpose`` uses
-  (cropping for negative pads is done on the input).
+  (cropping for negative pads is done on the input). Strided 3-D ones may instead go
+  polyphase (sub-pixel): one stride-1 conv of x itself with prod(s) times the output
+  channels (one per output phase), then depth-to-space, so the input is not prod(s) times
+  larger (8x in 3-D at stride 2); the cheaper in bytes of the two is taken (small layers
+  keep the upsampled form: fewer replies). 2-D keeps the upsampled form (its figures in
+  docs/twoparty.md were measured so).
 - channel_scale: a depthwise 1x1 conv (groups = channels); a 3-D input as (D H, W).
 
 Kernels of 4 or more spatial dimensions are refused (``NotImplementedError`` names the kind).
@@ -21,12 +26,14 @@ Kernels of 4 or more spatial dimensions are refused (``NotImplementedError`` nam
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from privmed.mpc.twoparty.he_encoding import geometry
 from privmed.ring.linalg import ConvSpec, pad_spatial
 
 Map = Callable[[np.ndarray], np.ndarray]
@@ -59,8 +66,9 @@ def _as_2d(spec: ConvSpec) -> ConvSpec:
     return ConvSpec((1,) + spec.kernel, (1,) + spec.strides, (0, spec.pads[0], 0, spec.pads[1]), (1,) + spec.dilations, spec.groups, op)
 
 
-def lower(kind: str, spec: ConvSpec | None, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> Lowered:
-    """The stride-1 conv / matmul form of one layer (see the module docstring)."""
+def lower(kind: str, spec: ConvSpec | None, x_shape: tuple[int, ...], w_shape: tuple[int, ...], n: int = 8192) -> Lowered:
+    """The stride-1 conv / matmul form of one layer (see the module docstring); n, the
+    polynomial degree, only serves to choose between two lowerings by their bytes."""
     if kind == "matmul":
         return Lowered(kind, None, x_shape, w_shape, _same, _same, _same)
     if kind == "channel_scale":
@@ -84,7 +92,11 @@ def lower(kind: str, spec: ConvSpec | None, x_shape: tuple[int, ...], w_shape: t
         return y if spec.ndim != 1 else y.reshape(y.shape[:2] + y.shape[3:])
 
     if kind == "conv_transpose":
-        return _transpose(s2, x4, w4, back)
+        upsampled = _transpose(s2, x4, w4, back)
+        if spec.ndim != 3 or all(v == 1 for v in spec.strides):  # 2-D: as measured in docs/twoparty.md
+            return upsampled
+        phases = _transpose_polyphase(s2, x4, w4, back)
+        return min((phases, upsampled), key=lambda low: _wire_bytes(low, n))
     if any(s != 1 for s in s2.strides):
         return _space_to_depth(s2, x4, w4, back)
     return Lowered("conv", s2, x4, w4, lambda a: a.reshape(x4), lambda w: w.reshape(w4), back)
@@ -149,3 +161,56 @@ def _transpose(spec: ConvSpec, x_shape: tuple[int, ...], w_shape: tuple[int, ...
         return np.ascontiguousarray(flipped[(slice(None), slice(None)) + (slice(None, None, -1),) * nd])
 
     return Lowered("conv", inner, (n_batch, channels) + cropped, (g * mg, cg) + spec.kernel, x_map, w_map, back)
+
+
+def _wire_bytes(low: Lowered, n: int) -> int:
+    """Bytes on the wire of a lowered layer, estimated as ``he_encoding.conv_tiling`` does."""
+    g = geometry(low.kind, low.spec, low.x_shape, low.w_shape, n)
+    return 24 * n * g.input_polys() + 16 * (n + len(g.targets())) * g.output_polys()
+
+
+def _transpose_polyphase(spec: ConvSpec, x_shape: tuple[int, ...], w_shape: tuple[int, ...], back: Map) -> Lowered:
+    """conv_transpose with strides s as one stride-1 conv of x itself (no zero-upsampling) with
+    prod(s) times the output channels, then depth-to-space (sub-pixel convolution). Per axis,
+    output o = s q + r takes the taps k with r + pb - dil k = 0 (mod s) at input q + j_k,
+    j_k = (r + pb - dil k) / s: an inner kernel of L = max j - min j + 1 taps on x shifted by
+    min j. The input is prod(s) times smaller than the upsampled one; each phase r is its own
+    output channel."""
+    nd, g = spec.ndim, spec.groups
+    n_batch, channels = x_shape[:2]
+    cg, mg = channels // g, w_shape[1]
+    s, size_in = spec.strides, x_shape[2:]
+    out = spec.transpose_out_shape(size_in)
+    q = tuple(-(-out[d] // s[d]) for d in range(nd))
+    taps = [[[(k, (r + spec.pads[d] - spec.dilations[d] * k) // s[d]) for k in range(spec.kernel[d])
+              if (r + spec.pads[d] - spec.dilations[d] * k) % s[d] == 0] for r in range(s[d])] for d in range(nd)]  # fmt: skip
+    lo = tuple(min(j for phase in taps[d] for _, j in phase) for d in range(nd))
+    span = tuple(max(j for phase in taps[d] for _, j in phase) - lo[d] + 1 for d in range(nd))
+    xin = tuple(q[d] + span[d] - 1 for d in range(nd))
+    phases = math.prod(s)
+
+    def x_map(a: np.ndarray) -> np.ndarray:  # xp[u] = x[u + lo] (zero outside x)
+        xp = np.zeros((n_batch, channels) + xin, dtype=a.dtype)
+        src = tuple(slice(max(0, lo[d]), min(size_in[d], xin[d] + lo[d])) for d in range(nd))
+        dst = tuple(slice(sl.start - lo[d], sl.stop - lo[d]) for d, sl in enumerate(src))
+        xp[(slice(None), slice(None)) + dst] = a.reshape(x_shape)[(slice(None), slice(None)) + src]
+        return xp
+
+    def w_map(w: np.ndarray) -> np.ndarray:
+        wg = w.reshape((g, cg, mg) + spec.kernel)
+        v = np.zeros((g, mg) + s + (cg,) + span, dtype=w.dtype)
+        for r in np.ndindex(*s):
+            for combo in itertools.product(*(taps[d][r[d]] for d in range(nd))):
+                ks = tuple(k for k, _ in combo)
+                js = tuple(j - lo[d] for d, (_, j) in enumerate(combo))
+                v[(slice(None), slice(None)) + r + (slice(None),) + js] = np.swapaxes(wg[(slice(None),) * 3 + ks], 1, 2)
+        return v.reshape((g * mg * phases, cg) + span)
+
+    def y_map(z: np.ndarray) -> np.ndarray:
+        split = z.reshape((n_batch, g * mg) + s + q)
+        order = (0, 1) + tuple(a for d in range(nd) for a in (2 + nd + d, 2 + d))
+        full = split.transpose(order).reshape((n_batch, g * mg) + tuple(q[d] * s[d] for d in range(nd)))
+        return back(np.ascontiguousarray(full[(slice(None), slice(None)) + tuple(slice(0, o) for o in out)]))
+
+    inner = ConvSpec(span, (1,) * nd, (0,) * (2 * nd), (1,) * nd, g)
+    return Lowered("conv", inner, (n_batch, channels) + xin, (g * mg * phases, cg) + span, x_map, w_map, y_map)

@@ -173,21 +173,32 @@ def he_linear(
     masks = stream.uint64((n_out, n)) & U64(t_mask)
     noise = _flood_noise(stream, n_out, n, flood, io.primes[: k_top - 1])
     replies = np.empty((n_out, k_top - 1, n + len(targets)), dtype=U64)
-    cache: dict[int, list[Any]] = {}
+    # SEAL refuses a product by the zero polynomial (a transparent result): a kernel block that
+    # is all zero (a phase with no taps after space-to-depth or polyphase, or weights all 0) is
+    # multiplied by a stand-in (the constant 1) for the same work and left out of the sum
+    stand_in = _ntt_plain(io, np.eye(1, n, dtype=U64)[0], first)
+    cache: dict[int, list[tuple[Any, bool]]] = {}
     for o in sorted(range(len(plan)), key=lambda i: plan[i][0]):  # by weight slot: encode each once
         slot, inputs = plan[o]
         if slot not in cache:  # keep only the current slot's NTT plaintexts in memory
             cache.clear()
-            cache[slot] = [_ntt_plain(io, p, first) for p in weight_polys(g, w_low, slot, n, t_mask)]
-        acc = io.s.Ciphertext()
+            cache[slot] = [(_ntt_plain(io, p, first), not p.any()) for p in weight_polys(g, w_low, slot, n, t_mask)]
+        acc: Any = None
         prod = io.s.Ciphertext()
         for j, idx in enumerate(inputs):
-            if j == 0:
-                ev.multiply_plain(ntt_in[idx], cache[slot][j], acc)
+            pt, is_zero = cache[slot][j]
+            ev.multiply_plain(ntt_in[idx], stand_in if is_zero else pt, prod)
+            if is_zero:
+                continue
+            if acc is None:
+                acc, prod = prod, io.s.Ciphertext()
             else:
-                ev.multiply_plain(ntt_in[idx], cache[slot][j], prod)
                 ev.add_inplace(acc, prod)
-        ev.transform_from_ntt_inplace(acc)
+        if acc is None:  # every block zero: the product is an encryption of 0
+            acc = io.s.Ciphertext()
+            he.encryptor.encrypt_zero(acc)
+        else:
+            ev.transform_from_ntt_inplace(acc)
         ev.sub_plain_inplace(acc, io.plaintext(masks[o]))
         zero = io.s.Ciphertext()
         he.encryptor.encrypt_zero(zero)
