@@ -1,7 +1,8 @@
 """3-D convolutions in the two-party mode (no dealer), end to end: Conv / strided Conv /
 ConvTranspose with 3-D kernels by HE (``mpc/twoparty/he_encoding``'s 3-D coefficient packing)
 through `privmed infer --parties 2` (two processes over mutual TLS) and a MONAI 3-D U-Net
-through the two-party launcher, against onnxruntime.
+through the two-party launcher, against onnxruntime; `privmed segment --mode 3d --parties 2`
+against the thresholded volume.
 
 Tolerance: as ``test_twoparty_infer`` (f = 16 fractional bits): each ReLU / truncation adds
 at most 2 ulp, amplified by the next layers' weights (|w| <= ~1.5, at most 4 x 27 terms),
@@ -66,6 +67,31 @@ def test_3d_conv_relu_conv_transpose_two_processes_no_dealer_matches_onnxruntime
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-3)
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert set(stats["bytes_sent"]) == {"data-owner", "model-owner"} and stats["offline_bytes"] > 0
+
+
+def test_segment_mode_3d_two_parties_gives_the_threshold_mask(tmp_path: Path) -> None:
+    """`privmed segment --mode 3d --parties 2` on 8^3 patches of a CT phantom with the 1x1x1-conv
+    threshold model of test_segment_support: the mask equals the thresholded volume (the
+    steep threshold needs --frac-bits 10 to fit the two-party ring's headroom)."""
+    import nibabel as nib
+
+    from privmed.cli.main import main as privmed_main
+    from privmed.data.synth_ct import ct_affine, ct_phantom
+    from privmed.data.writers import write_nifti
+    from tests.unit.test_segment_support import threshold_labels, threshold_model
+
+    # Prepare
+    hu = np.rint(ct_phantom(np.random.default_rng(12), (16, 20, 24))[0])
+    ct = write_nifti(tmp_path / "ct.nii.gz", hu.astype(np.int16), ct_affine((16, 20, 24), (2.0, 0.8, 0.8)))
+    model = threshold_model(tmp_path / "t3.onnx", 3, 8)
+
+    # Execute
+    code = privmed_main(["segment", "--model", str(model), "--input", str(ct), "--output", str(tmp_path / "m.nii.gz"),
+                         "--mode", "3d", "--parties", "2", "--frac-bits", "10"])  # fmt: skip
+
+    # Assert
+    assert code == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "m.nii.gz")).dataobj), threshold_labels(hu))
 
 
 @pytest.mark.slow
