@@ -138,6 +138,7 @@ class SecureEngine:
     expect_plan : refuse any plan whose SHA-256 fingerprint differs.
     parties : 3 (data owner, model owner, dealer) or 2 (no dealer:
         ``privmed.runtime.twoparty_launch.run_local_session_2p``).
+    store : two parties only: the directory of precomputed offline material (``--store``).
     """
 
     chunk: int | None = None
@@ -148,12 +149,16 @@ class SecureEngine:
     expect_plan: str | None = None
     name: str = "secure"
     parties: int = 3
+    store: Path | None = None
 
     def run(self, card: ModelCard, inputs: np.ndarray, *, default_chunk: int | None = None) -> EngineRun:
         from privmed.runtime.launch import run_local_session
 
+        extra: dict[str, Any] = {}
         if self.parties == 2:
             from privmed.runtime.twoparty_launch import run_local_session_2p as run_local_session  # type: ignore[assignment]
+
+            extra = {"store": self.store} if self.store else {}
 
         chunk = self.chunk or default_chunk
         if chunk is not None and chunk < 1:
@@ -162,7 +167,7 @@ class SecureEngine:
         result = run_local_session(
             card.path, np.ascontiguousarray(inputs, dtype=np.float32), timeout_s=self.timeout_s, workdir=self.workdir,
             progress=self.progress, calibration=self.compile.calibration, frac_bits=self.compile.frac_bits,
-            input_shape=shape, chunk=chunk if len(inputs) > 1 else None, expect_plan=self.expect_plan,
+            input_shape=shape, chunk=chunk if len(inputs) > 1 else None, expect_plan=self.expect_plan, **extra,
         )  # fmt: skip
         return EngineRun(self.name, result.outputs, result.stats)
 

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", type=Path, nargs="+",
                    help=".npy (N, C, H, W), image files (DICOM, PNG, NIfTI) or folders of them (read recursively, "
                         "sorted); or --from-pacs")
-    p.add_argument("--output", required=True, type=Path,
+    p.add_argument("--output", type=Path,
                    help="where the data owner writes the output: .npy (float32, one row per input) or .csv "
                         "(one row per image file, one column per model output, named from the model's labels); "
                         "for DICOM inputs also a DICOM SR (TID 1500): result.dcm for one image, or a folder "
@@ -44,6 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preprocess", type=Path, help="preprocessing JSON for image inputs (default: <model>.preprocess.json)")
     p.add_argument("--expect-plan", metavar="SHA256", help="refuse any plan but this fingerprint (printed by every run)")
     add_parties_option(p)
+    p.add_argument("--precompute", type=int, metavar="N",
+                   help="--parties 2: prepare the offline phase of N batches (--chunk images each) into --store, no --input")
+    p.add_argument("--store", type=Path, metavar="DIR",
+                   help="--parties 2: precomputed offline material (DIR/data-owner, DIR/model-owner, and a local CA in DIR/pki); "
+                        "each batch uses one set online only if one matches, else computes its offline phase inline")  # fmt: skip
     add_pacs_options(p, job=True)
     p.set_defaults(func=cmd_infer)
 
@@ -211,6 +216,8 @@ def write_outputs(path: Path, outputs: np.ndarray, rows: list[Path], model: Path
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    if args.output is None and args.precompute is None:
+        raise InputError("--output is required (where the data owner writes the output)")
     if args.service is not None:
         if args.parties == 2:
             raise InputError("--service runs with the vendor's dealer service; --parties 2 is for local or `privmed party` sessions")
@@ -219,6 +226,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
         return cmd_infer_service(args)
     if args.model is None:
         raise InputError("--model is required (or --service with --model-name)")
+    if args.precompute is not None or args.store is not None:
+        from privmed.cli.precompute import check_infer_store_args, precompute_local
+
+        check_infer_store_args(args)
+        if args.precompute is not None:
+            return precompute_local(args)
     if args.from_pacs is not None or args.input is None:
         from privmed.cli.pacs import job_input
 
@@ -245,7 +258,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         print(f"{len(rows)} inputs from {len(set(rows))} files, batches of {args.chunk}, one session", file=sys.stderr)
     engine = SecureEngine(chunk=args.chunk, timeout_s=args.timeout, progress=LayerProgress(),
                           compile=CompileOptions(args.frac_bits, args.calibration), expect_plan=args.expect_plan,
-                          parties=args.parties)  # fmt: skip
+                          parties=args.parties, store=args.store)  # fmt: skip
     result = engine.run(card, x)
     print(f"plan {result.stats.plan.fingerprint if result.stats.plan else '?'} (pin it with --expect-plan)")
     if args.stats:
@@ -264,6 +277,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
         from privmed.cli.pacs import store_result
 
         store_result(args, written)
+    if result.stats.store:
+        from privmed.cli.precompute import store_lines
+
+        print("\n".join(store_lines({"store": result.stats.store, "batches": result.stats.batches})[:-1]))
     print(summary_table(result.stats))
     return 0
 

@@ -45,3 +45,37 @@ def store_lines(stats: dict[str, Any]) -> list[str]:
     on = f"online {stats.get('online_s', 0.0):.2f} s, {human_bytes(stats.get('online_bytes', 0) + stats.get('online_bytes_recv', 0))}"
     lines.append(f"{off}; {on} (sent and received)")
     return lines
+
+
+def check_infer_store_args(args: argparse.Namespace) -> None:
+    """``privmed infer``: --precompute / --store only with --parties 2, locally."""
+    if args.parties != 2:
+        raise InputError("--precompute and --store are for the two-party mode (--parties 2)")
+    if args.service is not None:
+        raise InputError("--precompute and --store run local two-party sessions, not --service")
+    if args.precompute is not None:
+        if args.store is None:
+            raise InputError("--precompute needs --store DIR")
+        if args.precompute < 1:
+            raise InputError(f"--precompute: expected at least 1 set, got {args.precompute}")
+        if args.input or args.output or args.from_pacs:
+            raise InputError("--precompute runs before any image exists: no --input, --output or --from-pacs")
+
+
+def precompute_local(args: argparse.Namespace) -> int:
+    """``privmed infer --parties 2 --precompute N --store DIR``: both roles on this machine fill
+    their stores; prints what was made and its offline cost."""
+    from privmed.runtime.twoparty_launch import run_local_session_2p
+
+    result = run_local_session_2p(args.model, None, timeout_s=args.timeout, calibration=args.calibration, frac_bits=args.frac_bits,
+                                  chunk=args.chunk, expect_plan=args.expect_plan, store=args.store, precompute=args.precompute)  # fmt: skip
+    s = result.stats
+    print(f"plan {s.plan.fingerprint if s.plan else '?'} (pin it with --expect-plan)")
+    print(f"precomputed {args.precompute} sets of {args.chunk} image(s): {args.store}/data-owner, {args.store}/model-owner "
+          f"(each party's own part); offline {s.offline_s:.2f} s, {human_bytes(s.offline_bytes)} sent in all "
+          f"(data owner {human_bytes(s.bytes_sent.get('data-owner', 0))}, model owner {human_bytes(s.bytes_sent.get('model-owner', 0))})")  # fmt: skip
+    if args.stats:
+        import json
+
+        args.stats.write_text(json.dumps(s.to_dict(), indent=1))
+    return 0

@@ -67,6 +67,7 @@ class SessionStats:
     # offline material from a store made earlier by ``--precompute`` (their offline_s is the load)
     online_bytes: int = 0
     precomputed_batches: int = 0
+    store: dict[str, Any] = field(default_factory=dict)  # the data owner's store: dir, sets used and left, fallback note
 
     @property
     def bytes_total(self) -> int:
@@ -90,6 +91,7 @@ class SessionStats:
             batches=[BatchCost(**b) for b in raw.get("batches", [])],
             offline_s=float(raw.get("offline_s", 0.0)), offline_bytes=int(raw.get("offline_bytes", 0)),
             online_bytes=int(raw.get("online_bytes", 0)), precomputed_batches=int(raw.get("precomputed_batches", 0)),
+            store=dict(raw.get("store", {})),
         )  # fmt: skip
 
 

@@ -308,4 +308,5 @@ def merge_two(per_role: dict[str, dict[str, Any]], wall_s: float) -> SessionStat
     merged.offline_bytes = sum(int(s.get("offline_bytes", 0)) for s in per_role.values())
     merged.online_bytes = sum(int(s.get("online_bytes", 0)) for s in per_role.values())
     merged.precomputed_batches = int(do.get("precomputed_batches", 0))
+    merged.store = dict(do.get("store", {}))
     return merged

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from privmed.crypto.certs import Identity, ephemeral_session
+from privmed.crypto.certs import Identity, ephemeral_session, init_ca, issue
 from privmed.crypto.csr import fingerprint_der
 from privmed.errors import ConfigError, InputError
 from privmed.net.channel import Channel, FailureGroup
@@ -145,7 +145,7 @@ def run_role_2p(
 
 def run_local_session_2p(
     model_path: Path,
-    inputs: np.ndarray,
+    inputs: np.ndarray | None,
     *,
     timeout_s: float = 120.0,
     workdir: Path | None = None,
@@ -156,21 +156,63 @@ def run_local_session_2p(
     chunk: int | None = None,
     stall_s: float | None = None,
     expect_plan: str | None = None,
+    store: Path | None = None,
+    precompute: int | None = None,
 ) -> SessionResult:
     """``runtime.launch.run_local_session`` without a dealer: this process is the data owner,
     the model owner is one child process (``privmed party --parties 2 --role model-owner``),
-    TCP + mutual TLS on 127.0.0.1 with an OS-assigned port and an ephemeral CA."""
-    x = np.ascontiguousarray(inputs, dtype=np.float32) if isinstance(inputs, np.ndarray) and inputs.dtype.kind == "f" else inputs
-    check_input(Path(model_path), x, input_shape)
+    TCP + mutual TLS on 127.0.0.1 with an OS-assigned port and an ephemeral CA.
+
+    With ``store`` (``privmed infer --parties 2 --store DIR``): each role keeps its own store
+    in ``DIR/data-owner`` and ``DIR/model-owner``, and the CA and both certificates live in
+    ``DIR/pki`` (made on first use, one year) so that a later run presents the same peer
+    certificates the store is bound to. With ``precompute`` N, ``inputs`` is None and the run
+    fills the stores (N batches of ``chunk`` images, default 1); its outputs are empty."""
+    store = Path(store).resolve() if store is not None else None  # the session file and the child name it
+    if precompute is not None:
+        if store is None:
+            raise InputError("--precompute needs --store DIR")
+        check_input(Path(model_path), np.zeros((1, *(input_shape or _model_shape(model_path))), np.float32), input_shape)
+        for role in ROLES_2P:
+            check_writable(store / role)
+        x = None
+    else:
+        x = np.ascontiguousarray(inputs, dtype=np.float32) if isinstance(inputs, np.ndarray) and inputs.dtype.kind == "f" else inputs
+        check_input(Path(model_path), x, input_shape)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="privmed-2p-", dir=workdir) as tmp_s:
         tmp = Path(tmp_s)
-        ids = ephemeral_session(tmp / "certs")
+        ids = local_identities(store / "pki") if store else ephemeral_session(tmp / "certs")
         write_config_2p(tmp / "session.toml", ids, Endpoint("127.0.0.1", 0, tmp / "model-owner.port"), timeout_s, min(60.0, timeout_s))
-        children = {"model-owner": model_owner_args(model_path, calibration, frac_bits, input_shape)}
+        mo_args = model_owner_args(model_path, calibration, frac_bits, input_shape)
+        if store:
+            mo_args += ["--store", str(store / "model-owner")] + (["--precompute", str(precompute)] if precompute else [])
+        do_store = store / "data-owner" if store else None
 
         def data_owner(relay: Callable[..., None]) -> tuple[np.ndarray | None, dict[str, Any]]:
-            return run_role_2p("data-owner", load_config_2p(tmp / "session.toml"), x=x, chunk=chunk, progress=relay, expect_plan=expect_plan)
+            out, stats = run_role_2p("data-owner", load_config_2p(tmp / "session.toml"), x=x, chunk=chunk, progress=relay,
+                                     expect_plan=expect_plan, store=do_store, precompute=precompute)  # fmt: skip
+            return (out if out is not None else np.zeros((0,), np.float32)), stats  # a precompute run has no output
 
-        out, stats = run_with_children(tmp, ["--parties", "2"], children, data_owner, progress, timeout_s, stall_s)
-    return SessionResult(out, merge_two(stats, time.perf_counter() - t0))
+        out, stats = run_with_children(tmp, ["--parties", "2"], {"model-owner": mo_args}, data_owner, progress, timeout_s, stall_s)
+    merged = merge_two(stats, time.perf_counter() - t0)
+    return SessionResult(out, merged)
+
+
+def _model_shape(model_path: Path) -> list[int]:
+    from privmed.compiler import onnx_front
+
+    return list(onnx_front.load(Path(model_path), None).input_shape)
+
+
+def local_identities(pki: Path) -> dict[str, Identity]:
+    """A local CA and the two roles' certificates kept in ``pki`` (made on first use): local
+    runs with a store need the same peer certificates every time."""
+    if not (pki / "ca.pem").exists():
+        init_ca(pki, name="privmed local store CA", days=365)
+        return {role: issue(pki, role, days=365) for role in ROLES_2P}
+    ids = {role: Identity(role, pki / f"{role}.pem", pki / f"{role}.key", pki / "ca.pem") for role in ROLES_2P}
+    for ident in ids.values():
+        if not ident.cert.exists() or not ident.key.exists():
+            raise ConfigError(f"{pki}: the local CA has no {ident.name} certificate ({ident.cert.name}, {ident.key.name})")
+    return ids
