@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +81,24 @@ def test_precompute_two_sets_then_two_online_only_sessions_and_a_fallback(tmp_pa
     assert "which this party already used; a correlation is never used twice" in run.message("model-owner")
     assert "mo-store/store.json" in run.message("data-owner")
     assert not (tmp_path / "again.npy").exists()
+
+
+def test_privmed_infer_precompute_then_store(tmp_path: Path) -> None:
+    """The local form: ``privmed infer --parties 2 --precompute 1 --store DIR`` (no input), then
+    ``--store DIR`` runs online only and a second run falls back inline, saying so once."""
+    x = np.random.default_rng(4).standard_normal((1, 1, 64, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    base = [sys.executable, "-m", "privmed.cli.main", "infer", "--parties", "2", "--model", str(DEMO), "--store", str(tmp_path / "st")]
+    pre = subprocess.run([*base, "--precompute", "1"], capture_output=True, text=True, timeout=240)
+    assert pre.returncode == 0 and "precomputed 1 sets of 1 image(s)" in pre.stdout, pre.stdout + pre.stderr
+    assert sorted(p.name for p in (tmp_path / "st").iterdir()) == ["data-owner", "model-owner", "pki"]
+    sess = ort.InferenceSession(str(DEMO), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    for i, expect in enumerate(["1 of 1 batches ran on precomputed sets (online only), 0 sets left", "offline phase computed inline"]):
+        run = subprocess.run([*base, "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / f"y{i}.npy"),
+                              "--stats", str(tmp_path / f"s{i}.json")], capture_output=True, text=True, timeout=240)  # fmt: skip
+        assert run.returncode == 0 and expect in run.stdout, run.stdout + run.stderr
+        np.testing.assert_allclose(np.load(tmp_path / f"y{i}.npy"), want, rtol=0, atol=2e-3)
+        stats = json.loads((tmp_path / f"s{i}.json").read_text())
+        assert stats["precomputed_batches"] == (1 - i) and stats["online_bytes"] > 0
+    assert "offline from the store" not in run.stdout  # the summary of the inline run shows its own offline phase
