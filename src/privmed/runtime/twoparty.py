@@ -93,7 +93,7 @@ def check_two_party(plan: Plan) -> tuple[int, int]:
     shares over Z_2^64 as in the dealer mode, each HE layer's result extended back to 64 bits
     and comparisons run on their own width. Refused: einsums of two secrets (attention) whose
     expansion exceeds ``MAX_EINSUM_EXPANSION`` and linear layers Cheetah's encodings do not
-    cover (3-D kernels).
+    cover (kernels of 4 or more spatial dimensions).
     """
     steps = schedule(plan, 1, 0)
     too_big = sorted({plan.nodes[r.node_index].id for what, r in steps if what == "product" and r.product and r.product.equation
