@@ -75,6 +75,8 @@ def test_precomputed_sets_run_online_only_once_each_and_match_the_inline_session
         assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in root.iterdir())
     ids = {json.loads((tmp_path / r / "store.json").read_text())["store"] for r in ("do", "mo")}
     assert len(ids) == 1  # both parties agreed on one id
+    seeds = [np.load(tmp_path / "do" / f"set-{k:04d}.npz", allow_pickle=False)["ot.sender"] for k in (0, 1)]
+    assert not np.array_equal(*seeds)  # base-OT seeds derived per set: one file says nothing of another's OTs
 
     inline, inline_stats, _, _, _ = _session(tmp_path, plan, weights, x[:2], do_dir="none-do", mo_dir="none-mo")
     ulp = 2.0**-plan.frac_bits

@@ -13,7 +13,8 @@ Order (every message checked by tag, dtype and shape, every receive with a deadl
    size, rings);
 4. set-up (``open_session``: BFV public key, base OTs), then for k < N: ``prepare_offline``
    for the plan's schedule as batch k (stream keys and labels unique per set), written as
-   ``set-k.npz`` with the IKNP state (continued later under a per-set label);
+   ``set-k.npz`` with the IKNP state (seeds derived per set, continued later under a
+   per-set label);
 5. data owner: sends N (done); both record the costs in their manifests.
 
 Nothing depends on an input. Stats: ``offline_s`` / ``offline_bytes`` (/ ``_recv``) are steps
@@ -33,7 +34,7 @@ import numpy as np
 from privmed.errors import InputError, ProtocolError
 from privmed.ir.plan import Plan, PrivateWeights
 from privmed.mpc.twoparty.protocols import prepare_offline
-from privmed.mpc.twoparty.stored import offline_arrays
+from privmed.mpc.twoparty.stored import offline_arrays, ot_label
 from privmed.net.channel import Channel
 from privmed.runtime.session import _check_batch_size, _stats, plan_info
 from privmed.runtime.twoparty import _open, accept_plan, schedule, send_plan
@@ -94,7 +95,7 @@ def _precompute(ch: Channel, is_data_owner: bool, plan: Plan, bits: int, he_bits
     for k in range(sets):
         ch.step = f"precomputing set {k + 1} of {sets}"
         steps = schedule(plan, batch, k)
-        store.add(k, offline_arrays(prepare_offline(s, plan, steps, weights), s.ot, steps))
+        store.add(k, offline_arrays(prepare_offline(s, plan, steps, weights), s.ot, steps, ot_label(sid, k)))
     if is_data_owner:
         ch.send("store/done", np.array([sets], np.int64))
     elif int(ch.recv("store/done", np.int64, (1,))[0]) != sets:

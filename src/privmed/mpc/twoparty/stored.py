@@ -15,10 +15,11 @@ store id both parties agreed on, the plan's fingerprint and the peer's certifica
 Security: nothing here sends anything. Reading material back is safe only if it is used once
 (a mask or pad used for two inputs reveals their difference); the store deletes a set before
 its online phase starts and records its index as used, and ``ReluMaterial.spent`` and
-``Offline.take`` keep the in-memory copy single-use. The IKNP state (delta, base-OT seeds) of
-the precompute session is stored with each set and continued under a label unique to the
-store and set (``ot_label``): the PRG expansions and hash keys of IKNP are functions of that
-label, so no OT index of one set coincides with another's or with the precompute session's.
+``Offline.take`` keep the in-memory copy single-use. The IKNP state of the precompute session
+(delta, base-OT seeds) is stored with each set, the seeds derived per set
+(``offline_arrays``), and continued under a label unique to the store and set (``ot_label``):
+the PRG expansions and hash keys of IKNP are functions of that label and of the derived
+seeds, so no OT of one set coincides with another's or with the precompute session's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from privmed.crypto.prg import PRG
 from privmed.errors import InputError
 from privmed.mpc.correlation.requests import Request
 from privmed.mpc.twoparty.compare import CHUNK, tree_ands
@@ -101,12 +103,22 @@ def expected_arrays(s: Rings, steps: list[tuple[str, Request]]) -> dict[str, Spe
     return specs
 
 
-def offline_arrays(offline: Offline, ot: OTSession, steps: list[tuple[str, Request]]) -> dict[str, np.ndarray]:
-    """``offline`` (made for ``steps``, not yet used) and the IKNP state as named arrays."""
+def _derive(seed: bytes, label: str) -> bytes:
+    """A base-OT seed for one stored set: PRF(seed, label) (AES-CTR keyed by the seed)."""
+    return bytes(PRG(seed).stream(f"{label}/base-seed").bytes(16))
+
+
+def offline_arrays(offline: Offline, ot: OTSession, steps: list[tuple[str, Request]], label: str) -> dict[str, np.ndarray]:
+    """``offline`` (made for ``steps``, not yet used) and the IKNP state for ``label`` as named
+    arrays. The base-OT seeds are stored derived (``_derive``): each side derives its own the
+    same way, so the IKNP correlation holds (a party that knew one seed of a pair knows its
+    derived value only), and one set's file reveals nothing of another set's OTs or of the
+    precompute session's (PRF outputs under keys it does not hold); delta is the session's."""
     out: dict[str, np.ndarray] = {
         "ot.delta": np.asarray(ot.delta, np.uint8),
-        "ot.sender": np.frombuffer(b"".join(ot.sender_seeds), np.uint8).reshape(KAPPA, 16),
-        "ot.receiver": np.frombuffer(b"".join(k0 + k1 for k0, k1 in ot.receiver_seeds), np.uint8).reshape(KAPPA, 2, 16),
+        "ot.sender": np.frombuffer(b"".join(_derive(k, label) for k in ot.sender_seeds), np.uint8).reshape(KAPPA, 16),
+        "ot.receiver": np.frombuffer(b"".join(_derive(k0, label) + _derive(k1, label) for k0, k1 in ot.receiver_seeds),
+                                     np.uint8).reshape(KAPPA, 2, 16),  # fmt: skip
     }
     for j, (_, req) in enumerate(steps):
         item = offline.items.get(req.label)
