@@ -8,8 +8,8 @@ Tolerance: as ``test_twoparty_infer`` (f = 16 fractional bits): each ReLU / trun
 at most 2 ulp, amplified by the next layers' weights (|w| <= ~1.5, at most 4 x 27 terms),
 and weights and inputs are rounded to 2^-17; 2e-3 is ~130 ulp, above that bound, far below
 a wrong comparison or a wrong HE coefficient (a wrong packing index moves outputs by O(1)).
-The U-Net (PReLU) uses the dealer mode's bound for MONAI U-Nets (test_ops: rtol 3e-3,
-atol 2e-3).
+The U-Nets (PReLU; batch or instance norm) use the dealer mode's bound for MONAI U-Nets
+(test_ops: rtol 3e-3, atol 2e-3).
 """
 
 from __future__ import annotations
@@ -95,11 +95,12 @@ def test_segment_mode_3d_two_parties_gives_the_threshold_mask(tmp_path: Path) ->
 
 
 @pytest.mark.slow
-def test_monai_unet_3d_through_the_two_party_launcher_matches_onnxruntime(tmp_path: Path) -> None:
-    """MONAI UNet(spatial_dims=3, channels=(4, 8), strides=(2,), norm="batch") on 16^3:
-    strided 3-D conv, 3-D conv-transpose, the concatenation, PReLU (per-channel scales by OT);
-    BatchNorm (folded into the convs, narrow ring) rather than the default instance norm,
-    whose Beaver products are another module's (the wide ring, ``test_twoparty_session``)."""
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_monai_unet_3d_through_the_two_party_launcher_matches_onnxruntime(tmp_path: Path, norm: str) -> None:
+    """MONAI UNet(spatial_dims=3, channels=(4, 8), strides=(2,)) on 16^3: strided 3-D conv,
+    3-D conv-transpose, the concatenation, PReLU (per-channel scales by OT); with BatchNorm
+    (folded into the convs: narrow ring) and with MONAI's default instance norm (wide ring:
+    Beaver products, HE results extended back to 64 bits)."""
     import torch
     from monai.networks.nets import UNet
 
@@ -107,7 +108,7 @@ def test_monai_unet_3d_through_the_two_party_launcher_matches_onnxruntime(tmp_pa
 
     # Prepare
     torch.manual_seed(0)
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,), norm="batch").eval()
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,), norm=norm).eval()
     for m in net.modules():  # trained-looking statistics (MONAI's initial ones are 0 and 1)
         if isinstance(m, torch.nn.BatchNorm3d):
             m.running_mean.uniform_(-0.2, 0.2)
