@@ -159,6 +159,18 @@ def test_large_3d_conv_transpose_is_lowered_without_upsampling() -> None:
     assert lower("conv_transpose", spec, (1, 8, 4, 4, 4), (8, 4, 3, 3, 3)).x_shape == (1, 8, 7, 7, 7)
 
 
+def test_3d_tilings_keep_the_flooding_room_of_the_widest_ring() -> None:
+    # 128 channels of 18^3 fill a polynomial each: the cheapest tiling would sum 128 blocks per
+    # reply, past what flooding allows at l = 43 with 17-bit weights; the cap keeps 64
+    from privmed.mpc.twoparty.he_encoding import MAX_BLOCKS_3D
+
+    g = geometry("conv", _spec_t((3, 3, 3), (1, 1, 1), (1,) * 6), (1, 128, 16, 16, 16), (128, 128, 3, 3, 3), 8192)
+    assert g.tiling is not None and g.tiling.n_cb <= MAX_BLOCKS_3D
+    assert flood_bits(HEParams(plain_bits=43), 17, g.tiling.n_cb) > 0
+    with pytest.raises(ValueError, match="flooding needs"):
+        flood_bits(HEParams(plain_bits=43), 17, 128)
+
+
 def test_4d_kernels_are_refused_by_name() -> None:
     with pytest.raises(RuntimeError, match="HE linear layer for kind 'conv' \\(4-d\\) is not implemented"):
         _secure("conv", _spec_t((1, 1, 1, 1), (1, 1, 1, 1), (0,) * 8), (1, 1, 2, 2, 2, 2), (1, 1, 1, 1, 1, 1))
