@@ -313,6 +313,7 @@ def cmd_party(args: argparse.Namespace) -> int:
     if args.role == "data-owner" and args.precompute is not None:
         kwargs["chunk"] = args.chunk
         kwargs["expect_plan"] = args.expect_plan
+        kwargs["on_plan"] = lambda plan: print(f"plan {plan.fingerprint()} accepted (pin it with --expect-plan)", flush=True)
     elif args.role == "data-owner":
         if not args.input or not args.output:
             raise InputError("the data owner needs --input and --output")

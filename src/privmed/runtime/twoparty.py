@@ -182,9 +182,10 @@ class _Offline:
 
 def _open(ch: Channel, is_data_owner: bool, bits: int, he_bits: int, setup: dict[str, float]) -> TwoPartySession:
     """``open_session``, its time and bytes recorded as offline cost."""
-    t0, b0 = time.perf_counter(), _sent(ch)
+    t0, b0, r0 = time.perf_counter(), _sent(ch), _recv(ch)
     s = open_session(ch, is_data_owner, bits, he_bits)
-    setup.update(offline_s=time.perf_counter() - t0, offline_bytes=_sent(ch) - b0, offline_rounds=s.offline_rounds)
+    setup.update(offline_s=time.perf_counter() - t0, offline_bytes=_sent(ch) - b0, offline_bytes_recv=_recv(ch) - r0,
+                 offline_rounds=s.offline_rounds)  # fmt: skip
     return s
 
 
