@@ -16,6 +16,8 @@ Modules, in dependency order:
 - ``offline``      ReLU split into input-independent material (all OT extension) and a light
                    online phase (Beaver's OT precomputation).
 - ``arith``        products of two secrets by Gilboa's OT multiplication; Beaver triples offline.
+- ``stored``       one batch's offline material and IKNP state as named numpy arrays and back,
+                   checked against the plan's schedule (``--precompute``).
 
 None of these is wired into the runtime yet (see docs/twoparty.md for what remains).
 """
