@@ -178,7 +178,7 @@ def relu_dealer(quick: bool) -> None:
     try:
         from privmed.crypto.prg import StreamKey
         from privmed.mpc import compare as nl
-        from privmed.mpc.correlation.expand import nonlinear_correction
+        from privmed.mpc.correlation.dealer import serve
         from privmed.mpc.correlation.requests import NonlinearSpec, Purpose, Request
         from privmed.mpc.correlation.source import DealerSource
         from privmed.mpc.party import Party
@@ -191,12 +191,8 @@ def relu_dealer(quick: bool) -> None:
     s0, s1 = PRG.fresh().seed, PRG.fresh().seed
     d_ch, p1_dealer = in_process_pair("dealer", "model-owner", bytes(16), 60)
     start = time.perf_counter()
-    arith, tables, packed = nonlinear_correction(spec, PRG(s0).stream(req.key), PRG(s1).stream(req.key), PRG.fresh().stream(req.key))
+    serve(req, (PRG(s0), PRG(s1), PRG.fresh()), d_ch)
     dealer_s = time.perf_counter() - start
-    d_ch.send("L/A", arith)
-    d_ch.send("L/B", packed)
-    if tables is not None:
-        d_ch.send("L/T", tables)
     x = np.random.default_rng(3).integers(-(2**38), 2**38, n, dtype=np.int64).view(U64)
     x0 = PRG.fresh().stream("x").uint64(n)
     shares = (x0, x - x0)

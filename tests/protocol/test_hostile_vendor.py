@@ -263,30 +263,47 @@ def test_two_weight_sets_give_plans_that_differ_only_in_integer_widths(tmp_path:
         assert {k: v for k, v in na.items() if k != "attrs"} == {k: v for k, v in nb.items() if k != "attrs"}
         diff = {k for k in set(na["attrs"]) | set(nb["attrs"]) if na["attrs"].get(k) != nb["attrs"].get(k)}
         assert diff <= allowed, (na["id"], diff)
-    assert {k: v for k, v in a.items() if k not in ("nodes", "frac_bits")} == {k: v for k, v in b.items() if k not in ("nodes", "frac_bits")}
+    widths = ("nodes", "frac_bits", "ring_bits")
+    assert {k: v for k, v in a.items() if k not in widths} == {k: v for k, v in b.items() if k not in widths}
     assert "bound" not in json.dumps(a) and "headroom" not in json.dumps(a)
     check_plan(Plan.from_json(json.dumps(b)))
 
 
 def _model_owner_view(plan: Plan, weights: object, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every uint64 word and every byte the model owner receives in a session on ``x``."""
+    """What the model owner receives in a session on ``x``: every ring element as a number in
+    [0, 1) (its value over the size of its ring, Z_2^l or, for the dealer's msb corrections,
+    Z_2^shift), and every other byte (packed bits, tables)."""
     from privmed.net import channel as channel_mod
 
     words: list[np.ndarray] = []
     small: list[np.ndarray] = []
-    original = channel_mod.Channel.recv
+    original, original_ring = channel_mod.Channel.recv, channel_mod.Channel.recv_ring
+    inside: set[int] = set()  # channels inside recv_ring (each party runs in its own thread)
 
     def recording(self, tag, dtype, shape, timeout_s=None, max_bytes=None):  # type: ignore[no-untyped-def]
         arr = original(self, tag, dtype, shape, timeout_s, max_bytes)
-        if self.me == "model-owner" and tag not in ("batch", "seed", "done"):
-            (words if arr.dtype == np.uint64 else small).append(np.asarray(arr).reshape(-1).view(np.uint8 if arr.dtype != np.uint64 else np.uint64))
+        if self.me == "model-owner" and tag not in ("batch", "seed", "done") and id(self) not in inside:
+            assert arr.dtype != np.uint64, f"{tag}: ring elements must come through recv_ring"
+            small.append(np.asarray(arr).reshape(-1).view(np.uint8))
         return arr
 
-    channel_mod.Channel.recv = recording  # type: ignore[method-assign]
+    def recording_ring(self, tag, shape, bits=64, timeout_s=None):  # type: ignore[no-untyped-def]
+        inside.add(id(self))
+        try:
+            arr = original_ring(self, tag, shape, bits, timeout_s).reshape(-1)
+        finally:
+            inside.discard(id(self))
+        if self.me == "model-owner":
+            assert int(arr.max(initial=0)) < 2**bits
+            top = max(0, bits - 53)
+            words.append((arr >> np.uint64(top)).astype(np.float64) / 2.0 ** (bits - top))
+        return arr.reshape(shape)
+
+    channel_mod.Channel.recv, channel_mod.Channel.recv_ring = recording, recording_ring  # type: ignore[method-assign]
     try:
         run_three(plan, weights, x)  # type: ignore[arg-type]
     finally:
-        channel_mod.Channel.recv = original  # type: ignore[method-assign]
+        channel_mod.Channel.recv, channel_mod.Channel.recv_ring = original, original_ring  # type: ignore[method-assign]
     return np.concatenate(words), np.concatenate([s.view(np.uint8) for s in small])
 
 
@@ -299,8 +316,7 @@ def test_model_owner_view_is_uniform_and_independent_of_the_image(demo) -> None:
     w_dark, b_dark = _model_owner_view(plan, weights, dark)
     w_bright, b_bright = _model_owner_view(plan, weights, bright)
     assert w_dark.size == w_bright.size > 100_000 and b_dark.size == b_bright.size > 10_000  # same message sizes
-    u_dark = (w_dark >> np.uint64(11)).astype(np.float64) / 2.0**53
-    u_bright = (w_bright >> np.uint64(11)).astype(np.float64) / 2.0**53
+    u_dark, u_bright = w_dark, w_bright
     # p-values are uniform under the simulation claim; 1e-4 keeps false alarms rare
     assert stats.kstest(u_dark, "uniform").pvalue > 1e-4
     assert stats.kstest(u_bright, "uniform").pvalue > 1e-4
@@ -391,8 +407,7 @@ def test_model_owner_view_with_smooth_activations_and_softmax_is_uniform(tmp_pat
     w_dark, b_dark = _model_owner_view(plan, weights, dark)
     w_bright, b_bright = _model_owner_view(plan, weights, bright)
     assert w_dark.size == w_bright.size > 50_000 and b_dark.size == b_bright.size > 10_000
-    u_dark = (w_dark >> np.uint64(11)).astype(np.float64) / 2.0**53
-    u_bright = (w_bright >> np.uint64(11)).astype(np.float64) / 2.0**53
+    u_dark, u_bright = w_dark, w_bright
     assert stats.kstest(u_dark, "uniform").pvalue > 1e-4
     assert stats.kstest(u_bright, "uniform").pvalue > 1e-4
     assert stats.ks_2samp(u_dark, u_bright).pvalue > 1e-4

@@ -14,33 +14,31 @@ import pytest
 
 from privmed.crypto.prg import PRG, StreamKey
 from privmed.mpc import compare as nl
-from privmed.mpc.correlation.expand import nonlinear_correction
+from privmed.mpc.correlation.dealer import serve
 from privmed.mpc.correlation.requests import NonlinearSpec, Purpose, Request
 from privmed.mpc.correlation.source import DealerSource
 from privmed.mpc.party import Party
 from privmed.net.channel import in_process_pair
+from privmed.ring.fixed import sign_extend
 
 U64 = np.uint64
 
 
-def run_protocol(spec: NonlinearSpec, x: np.ndarray, relu: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Share x, run truncate or relu between two threads, return reconstructed (out, t)."""
+def run_protocol(spec: NonlinearSpec, x: np.ndarray, relu: bool, ring: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Share x, run truncate or relu between two threads over Z_2^ring, return reconstructed
+    (out, t), sign-extended to 64 bits."""
     sid = bytes(16)
     p0_ch, p1_ch = in_process_pair("data-owner", "model-owner", sid, 30)
     d_ch, p1_dealer = in_process_pair("dealer", "model-owner", sid, 30)
     s0, s1 = PRG.fresh().seed, PRG.fresh().seed
-    req = Request("L", StreamKey(0, 0, Purpose.NONLINEAR), 0, nonlinear=spec)
-    arith, tables, packed = nonlinear_correction(spec, PRG(s0).stream(req.key), PRG(s1).stream(req.key), PRG.fresh().stream(req.key))
-    d_ch.send("L/A", arith)
-    d_ch.send("L/B", packed)
-    if tables is not None:
-        d_ch.send("L/T", tables)
+    req = Request("L", StreamKey(0, 0, Purpose.NONLINEAR), 0, nonlinear=spec, ring=ring)
+    serve(req, (PRG(s0), PRG(s1), PRG.fresh()), d_ch)
     x0 = PRG.fresh().stream("share").uint64(x.shape)
     shares = {0: x0, 1: x - x0}
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def party(i: int) -> None:
-        p = Party(i, p0_ch if i == 0 else p1_ch, DealerSource(i, s0 if i == 0 else s1, None if i == 0 else p1_dealer))
+        p = Party(i, p0_ch if i == 0 else p1_ch, DealerSource(i, s0 if i == 0 else s1, None if i == 0 else p1_dealer), ring_bits=ring)
         if relu:
             out[i] = nl.relu(p, req, shares[i])
         else:
@@ -53,7 +51,7 @@ def run_protocol(spec: NonlinearSpec, x: np.ndarray, relu: bool) -> tuple[np.nda
     for t in threads:
         t.join(60)
     assert set(out) == {0, 1}, "a party failed"
-    return out[0][0] + out[1][0], out[0][1] + out[1][1]
+    return sign_extend(out[0][0] + out[1][0], ring), sign_extend(out[0][1] + out[1][1], ring)
 
 
 def spread(rng: np.random.Generator, n: int, top: int) -> np.ndarray:
@@ -83,6 +81,23 @@ def test_relu_with_truncation_is_exact_up_to_one_ulp() -> None:
     expected = np.maximum(floor, 0)
     diff = out.view(np.int64) - expected
     assert set(np.unique(diff)) <= {0, 1}
+    assert set(np.unique(t.view(np.int64) - floor)) <= {0, 1}
+
+
+@pytest.mark.parametrize(("ring", "shift"), [(44, 16), (40, 12), (48, 20)])
+def test_truncation_in_a_narrow_ring_never_wraps(ring: int, shift: int) -> None:
+    """Over Z_2^l the contract is |x| < 2^(l-2); the wire carries ceil(l/8) bytes."""
+    x = spread(np.random.default_rng(ring), 300_000, ring - 3)
+    t, _ = run_protocol(NonlinearSpec(x.size, shift), x, relu=False, ring=ring)
+    assert set(np.unique(t.view(np.int64) - (x.view(np.int64) >> shift))) <= {0, 1}
+
+
+@pytest.mark.parametrize(("ring", "bits"), [(44, 40), (40, 36)])
+def test_relu_in_a_narrow_ring_is_exact_up_to_one_ulp(ring: int, bits: int) -> None:
+    x = spread(np.random.default_rng(bits), 200_000, bits - 1)
+    out, t = run_protocol(NonlinearSpec(x.size, 16, bits, 16, True), x, relu=True, ring=ring)
+    floor = x.view(np.int64) >> 16
+    assert set(np.unique(out.view(np.int64) - np.maximum(floor, 0))) <= {0, 1}
     assert set(np.unique(t.view(np.int64) - floor)) <= {0, 1}
 
 

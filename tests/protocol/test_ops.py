@@ -186,7 +186,9 @@ def test_stream_of_batches_in_one_session_sends_masked_weights_once(tmp_path: Pa
     np.testing.assert_allclose(streamed, ref, atol=4 * 2.0**-plan.frac_bits)
     np.testing.assert_allclose(whole, ref, atol=4 * 2.0**-plan.frac_bits)
     sent = [b["bytes_sent"] for b in stats["model-owner"]["batches"]]
-    assert sent[0] - sent[1] >= 4 * 27 * 8  # batch 0 carried the masked weights, batch 1 did not
+    from privmed.ring.fixed import wire_bytes
+
+    assert sent[0] - sent[1] >= 4 * 27 * wire_bytes(plan.ring_bits)  # batch 0 carried the masked weights, batch 1 did not
 
 
 @pytest.mark.parametrize("affine", [True, False])

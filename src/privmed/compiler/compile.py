@@ -28,8 +28,12 @@ def compile_model(
     frac_bits: int | None = None,
     margin_bits: int = DEFAULT_MARGIN_BITS,
     input_shape: list[int] | None = None,
+    ring_bits: int | None = None,
 ) -> tuple[Plan, PrivateWeights]:
     """Compile an ONNX model for secure inference.
+
+    ``ring_bits`` None picks the smallest ring the calibrated bounds allow
+    (``calibrate.choose_ring_bits``); 64 forces Z_2^64.
 
     Raises ModelError (one line, listing all unsupported ops) on a bad model.
     """
@@ -44,9 +48,15 @@ def compile_model(
     f, limiting = calibrate.choose_frac_bits(plan.nodes, bounds, margin_bits, frac_bits or DEFAULT_FRAC_BITS)
     report = calibrate.finalize(plan.nodes, bounds, f, margin_bits, extras)
     plan.frac_bits = f
+    auto_ring, ring_need = calibrate.choose_ring_bits(plan.nodes, bounds, margin_bits)
+    if ring_bits is not None and ring_bits < ring_need:
+        raise ModelError(f"{path}: ring_bits {ring_bits} is too small: the calibrated values need {ring_need} bits")
+    plan.ring_bits = auto_ring if ring_bits is None else ring_bits
     calibrate.encode_weights(plan.nodes, weights, f)
     report.update(
         frac_bits=f,
+        ring_bits=plan.ring_bits,
+        ring_bits_needed=ring_need,
         margin_bits=margin_bits,
         calibration="given" if calibration is not None else "standard normal (seed 0)",
         nodes=len(plan.nodes),

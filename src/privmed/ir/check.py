@@ -8,7 +8,8 @@ receiver accepts a plan only if:
 2. node ids are unique and match ``ID_PATTERN`` (short, no separators), inputs refer to
    *earlier* nodes (topological order), each op has its arity;
 3. every node's attributes pass the op's schema (``SCHEMA``: required keys, types, ranges; no
-   unknown keys), and the integer caps below bound every dimension and element count;
+   unknown keys), the integer caps below bound every dimension and element count, and the
+   comparison widths fit the plan's ring (``_check_ring``);
 4. there is exactly one ``input`` node, first, of the shape the receiver expects, and exactly
    one ``output`` node, last, named by ``output_name`` (it is revealed to the data owner only);
 5. every declared shape equals the shape recomputed by ``privmed.ir.shapes.infer_shape`` from
@@ -40,7 +41,8 @@ ID_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
 MIN_FRAC_BITS, MAX_FRAC_BITS = 6, 20
 MAX_INTERVALS, MAX_DEGREE = 64, 5  # piecewise-polynomial tables of approx nodes
 MAX_TAPS = 4  # interpolation taps per axis (linear 2, cubic 4)
-PLAN_KEYS = {"version", "model_name", "frac_bits", "input_name", "input_shape", "output_name", "nodes"}
+PLAN_KEYS = {"version", "model_name", "frac_bits", "ring_bits", "input_name", "input_shape", "output_name", "nodes"}
+MIN_RING_BITS, MAX_RING_BITS = 32, 64
 NODE_KEYS = {"id", "op", "inputs", "shape", "scale", "attrs"}
 
 
@@ -290,13 +292,29 @@ def _check_node_fields(node: Node) -> None:
         raise _fail(node, f"scale {problem}")
 
 
+WIDE_ONLY = {"instnorm", "approx", "softmax"}  # their internal sums and powers are bounded for Z_2^64 only
+
+
+def _check_ring(node: Node, ring_bits: int) -> None:
+    """Rule 3 for the ring: a comparison of width l needs l <= ring_bits - 3 (the sign is bit
+    l of x + 2^(ring_bits - 2)); norms and polynomials need Z_2^64."""
+    if ring_bits == 64:
+        return
+    if node.op in WIDE_ONLY:
+        raise _fail(node, f"needs ring_bits 64, the plan says {ring_bits}")
+    width = node.attrs.get("bits")
+    if type(width) is int and width > ring_bits - 3:
+        raise _fail(node, f"comparison width {width} does not fit ring_bits {ring_bits} (at most ring_bits - 3)")
+
+
 def check_plan(plan: Plan, input_shape: list[int] | None = None) -> None:
     """Raise ``PlanError`` unless ``plan`` satisfies rules 2-5 of the module docstring.
 
     ``input_shape`` is the per-sample shape the receiver expects (the data owner's image);
     None checks the plan against its own declared input shape (the dealer, the compiler).
     """
-    for key, rule in (("frac_bits", _int(MIN_FRAC_BITS, MAX_FRAC_BITS)), ("model_name", _text), ("input_name", _text),
+    for key, rule in (("frac_bits", _int(MIN_FRAC_BITS, MAX_FRAC_BITS)), ("ring_bits", _int(MIN_RING_BITS, MAX_RING_BITS)),
+                      ("model_name", _text), ("input_name", _text),
                       ("output_name", _text), ("input_shape", _ints(1, MAX_DIM, 1, MAX_RANK))):
         problem = rule(getattr(plan, key))
         if problem:
@@ -318,6 +336,7 @@ def check_plan(plan: Plan, input_shape: list[int] | None = None) -> None:
         if (node.op == "output") != (i == last):
             raise _fail(node, "the last node, and only it, must be the output (revealed to the data owner only)")
         _check_attrs(node, plan.frac_bits)
+        _check_ring(node, plan.ring_bits)
         missing = [src for src in node.inputs if src not in shapes]
         if missing:
             raise _fail(node, f"inputs {missing} are not earlier nodes (plans are in topological order)")
@@ -353,7 +372,7 @@ def parse_plan(text: str | bytes, input_shape: list[int] | None = None) -> Plan:
             raise _fail(None, f"node #{k} must have exactly the keys {sorted(NODE_KEYS)}")
         nodes.append(Node(**n))
     plan = Plan(nodes=nodes, frac_bits=raw["frac_bits"], input_name=raw["input_name"], input_shape=raw["input_shape"],
-                output_name=raw["output_name"], model_name=raw["model_name"], version=raw["version"])
+                output_name=raw["output_name"], model_name=raw["model_name"], version=raw["version"], ring_bits=raw["ring_bits"])
     check_plan(plan, input_shape)
     return plan
 

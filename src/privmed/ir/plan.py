@@ -9,7 +9,7 @@ The ``PrivateWeights`` (weights and biases of every private linear node, ring-en
 leave the model owner.
 
 Fields that depend on the weights and are public all the same, because the protocols need
-them: ``frac_bits`` and the integer comparison widths (``bits`` of relu / leaky_relu / maxpool;
+them: ``frac_bits``, ``ring_bits`` (the shares' ring, 40-64) and the integer comparison widths (``bits`` of relu / leaky_relu / maxpool;
 ``k_hi``, ``sign_bits``, ``sum_first`` and ``pre`` of instnorm; ``bits`` of approx). Each is a small integer (a handful of
 bits of information per layer); ``tests/protocol/test_hostile_vendor.py`` checks that two
 weight sets of one architecture give plans that differ only there.
@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 
 
 @dataclass
@@ -83,13 +83,16 @@ class Plan:
     output_name: str
     model_name: str = ""
     version: int = PLAN_VERSION
+    # The shares' ring Z_2^ring_bits (40..64): the compiler's bound on every value that meets a
+    # comparison, a truncation or the output, |x| < 2^(ring_bits - 2), with the margin.
+    ring_bits: int = 64
     # The compiler's calibration report (bounds, headroom): model owner only, never sent.
     report: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def public_dict(self) -> dict[str, Any]:
         """What is sent: the architecture (``report`` is left out)."""
         return {
-            "version": self.version, "model_name": self.model_name, "frac_bits": self.frac_bits,
+            "version": self.version, "model_name": self.model_name, "frac_bits": self.frac_bits, "ring_bits": self.ring_bits,
             "input_name": self.input_name, "input_shape": list(self.input_shape),
             "output_name": self.output_name, "nodes": [n.to_dict() for n in self.nodes],
         }

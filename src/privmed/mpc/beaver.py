@@ -41,14 +41,16 @@ Bilinear = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class Ring:
-    """Addition and subtraction of the ring the shares live in."""
+    """Addition and subtraction of the ring the shares live in; ``arith`` rings open their
+    values at the session ring's width (``Party.exchange_ring``)."""
 
     add: Callable[[np.ndarray, np.ndarray], np.ndarray]
     sub: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    arith: bool = True
 
 
-ARITH = Ring(np.add, np.subtract)  # Z_2^64 on uint64 (wraps)
-BITS = Ring(np.bitwise_xor, np.bitwise_xor)  # GF(2), 8 bits packed per byte
+ARITH = Ring(np.add, np.subtract)  # Z_2^l on uint64 (wraps mod 2^64, so mod 2^l), l = Party.ring_bits
+BITS = Ring(np.bitwise_xor, np.bitwise_xor, arith=False)  # GF(2), 8 bits packed per byte
 
 
 @dataclass
@@ -88,13 +90,14 @@ def beaver(
     require_shape(tag, "triple a", triple.a, x.shape)
     if y is None:  # square: open d only
         mine = ring.sub(x, triple.a)
-        d = ring.add(mine, p.exchange(f"{tag}/d", mine.reshape(-1)).reshape(x.shape))
+        opening = p.exchange_ring if ring.arith else p.exchange
+        d = ring.add(mine, opening(f"{tag}/d", mine.reshape(-1)).reshape(x.shape))
         e, b = d, triple.a
     else:
         assert triple.b is not None
         require_shape(tag, "triple b", triple.b, y.shape)
         mine = np.concatenate([ring.sub(x, triple.a).reshape(-1), ring.sub(y, triple.b).reshape(-1)])
-        both = ring.add(mine, p.exchange(f"{tag}/de", mine))
+        both = ring.add(mine, (p.exchange_ring if ring.arith else p.exchange)(f"{tag}/de", mine))
         d, e, b = both[: x.size].reshape(x.shape), both[x.size :].reshape(y.shape), triple.b
     # party 0 knows d and e: it adds B(d, e), folded into B(d, b_0 + e)
     z = ring.add(bilinear(d, ring.add(b, e) if p.is_data_owner else b), bilinear(triple.a, e))
@@ -111,18 +114,18 @@ def _private_y(
     if p.index != MODEL_OWNER:
         assert triple.a is not None and e_shape is not None
         require_shape(tag, "input mask a", triple.a, x.shape)
-        p.peer.send(f"{tag}/E", x - triple.a)  # d's data-owner part: to the model owner only
+        p.send_ring(f"{tag}/E", x - triple.a)  # d's data-owner part: to the model owner only
         if first:
-            cache[e_tag] = p.peer.recv(e_tag, triple.a.dtype, e_shape)  # e = y - b
+            cache[e_tag] = p.recv_ring(e_tag, e_shape)  # e = y - b
         p.rounds += 1
         z = bilinear(triple.a, cache[e_tag])  # z_0 = c_0 + B(a, e)
     else:
         assert y is not None and triple.b is not None
         require_shape(tag, "weight mask b", triple.b, y.shape)
         if first:
-            p.peer.send(e_tag, y - triple.b)
+            p.send_ring(e_tag, y - triple.b)
             cache[e_tag] = np.zeros(0, y.dtype)  # only remember that e was sent
-        d = p.peer.recv(f"{tag}/E", x.dtype, x.shape) + x
+        d = p.recv_ring(f"{tag}/E", x.shape) + x
         p.rounds += 1
         z = y_bilinear(d, y)  # z_1 = c_1 + B(d, b) + B(d, e) = c_1 + B(d, y)
     require_shape(tag, "triple c", triple.c, z.shape)

@@ -46,9 +46,12 @@ from privmed.mpc.beaver import BITS, Triple, beaver
 from privmed.mpc.correlation.expand import NonlinearShares, nibbles
 from privmed.mpc.correlation.requests import CHUNK, Request, merge_schedule, require_shape
 from privmed.mpc.party import Party
-from privmed.ring.fixed import U64, public_const
+from privmed.ring.fixed import U64, public_const, reduce, sign_extend
 
-OFFSET = U64(1 << 62)
+
+def offset(ring: int) -> np.uint64:
+    """2^(l-2): added before the opening so that x' = x + 2^(l-2) is in [0, 2^(l-1))."""
+    return U64(1 << (ring - 2))
 
 
 def _and(p: Party, tag: str, x: np.ndarray, y: np.ndarray, triple: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
@@ -110,8 +113,10 @@ def _open_sign_mask(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, 
     return np.unpackbits(e_mine ^ p.exchange(f"{label}/e", e_mine), count=n).astype(U64)
 
 
-def _open_masked(p: Party, label: str, x: np.ndarray, corr: NonlinearShares) -> np.ndarray:
-    """Step 1: c = x + 2^62 + r, opened to both parties (one round, 8 bytes each way)."""
+def _open_masked(p: Party, req: Request, x: np.ndarray, corr: NonlinearShares) -> np.ndarray:
+    """Step 1: c = x + 2^(l-2) + r mod 2^l, opened to both parties (one round, one packed ring
+    element each way)."""
+    label, ring = req.label, req.ring
     flat = x.reshape(-1)
     require_shape(label, "mask r", corr.r, flat.shape)
     for name in ("r_high", "r_msb", "c_hat", "c_hat_r_high", "c_hat_r_msb"):
@@ -120,29 +125,35 @@ def _open_masked(p: Party, label: str, x: np.ndarray, corr: NonlinearShares) -> 
             require_shape(label, f"correlation {name}", value, flat.shape)
     mine = flat + corr.r
     if p.is_data_owner:
-        mine = mine + OFFSET
-    return mine + p.exchange(f"{label}/c", mine)
+        mine = mine + offset(ring)
+    return reduce(mine + p.exchange_ring(f"{label}/c", mine), ring)
 
 
-def _truncated(p: Party, c: np.ndarray, corr: NonlinearShares, shift: int) -> tuple[np.ndarray, np.ndarray]:
+def _truncated(c: np.ndarray, corr: NonlinearShares, shift: int, ring: int, data_owner: bool) -> tuple[np.ndarray, np.ndarray]:
     """Step 2: shares of t = x >> shift (+1 ulp at most), and the public part P of t."""
-    public = (c >> U64(shift)) - public_const(1 << (62 - shift))
+    public = (c >> U64(shift)) - public_const(1 << (ring - 2 - shift))
     t = -corr.r_high
     if shift:
         assert corr.r_msb is not None
-        wrap_gate = (U64(1) - (c >> U64(63))) << U64(64 - shift)
-        t = t + corr.r_msb * wrap_gate
-    if p.is_data_owner:
+        t = t + corr.r_msb * _wrap_gate(c, shift, ring)
+    if data_owner:
         t = t + public
     return t, public
+
+
+def _wrap_gate(c: np.ndarray, shift: int, ring: int) -> np.ndarray:
+    """(1 - msb(c)) 2^(l - shift): the weight of msb(r) in the truncation (step 2). A multiple
+    of 2^(l - shift), so shares of msb(r) only matter mod 2^shift (the dealer sends them at
+    that width)."""
+    return (U64(1) - (c >> U64(ring - 1))) << U64(ring - shift)
 
 
 def truncate(p: Party, req: Request, x: np.ndarray) -> np.ndarray:
     """Shares of floor(x / 2^s) or that + 1 (steps 1-2). 1 round; 8 B each way; 16 B dealer."""
     assert req.nonlinear is not None
     corr = p.source.nonlinear(req)
-    c = _open_masked(p, req.label, x, corr)
-    t, _ = _truncated(p, c, corr, req.nonlinear.shift)
+    c = _open_masked(p, req, x, corr)
+    t, _ = _truncated(c, corr, req.nonlinear.shift, req.ring, p.is_data_owner)
     return t.reshape(x.shape)
 
 
@@ -151,16 +162,15 @@ def relu(p: Party, req: Request, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     spec = req.nonlinear
     assert spec is not None and spec.relu
     corr = p.source.nonlinear(req)
-    c = _open_masked(p, req.label, x, corr)
-    t, public = _truncated(p, c, corr, spec.shift)
+    c = _open_masked(p, req, x, corr)
+    t, public = _truncated(c, corr, spec.shift, req.ring, p.is_data_owner)
     e = _open_sign_mask(p, req.label, c, corr, spec.n, spec.bits, spec.drop)
     assert corr.c_hat is not None and corr.c_hat_r_high is not None
     flip = U64(1) - U64(2) * e  # 1 - 2e in the ring
     out = flip * public * corr.c_hat - (e * corr.r_high + flip * corr.c_hat_r_high)
     if spec.shift:
         assert corr.r_msb is not None and corr.c_hat_r_msb is not None
-        wrap_gate = (U64(1) - (c >> U64(63))) << U64(64 - spec.shift)
-        out = out + wrap_gate * (e * corr.r_msb + flip * corr.c_hat_r_msb)
+        out = out + _wrap_gate(c, spec.shift, req.ring) * (e * corr.r_msb + flip * corr.c_hat_r_msb)
     if p.is_data_owner:
         out = out + public * e
     return out.reshape(x.shape), t.reshape(x.shape)
@@ -172,7 +182,7 @@ def sign(p: Party, req: Request, x: np.ndarray) -> np.ndarray:
     spec = req.nonlinear
     assert spec is not None and spec.relu and spec.drop == 0
     corr = p.source.nonlinear(req)
-    c = _open_masked(p, req.label, x, corr)
+    c = _open_masked(p, req, x, corr)
     e = _open_sign_mask(p, req.label, c, corr, spec.n, spec.bits, spec.drop)
     assert corr.c_hat is not None
     b = (U64(1) - U64(2) * e) * corr.c_hat  # b = e + (1 - 2e) c_hat
@@ -214,8 +224,8 @@ def sign_thresholds(p: Party, req: Request, x: np.ndarray, thresholds: np.ndarra
     require_shape(req.label, "sign masks c_hat", corr.c_hat, (spec.k * flat.size,))
     mine = flat + corr.r
     if p.is_data_owner:
-        mine = mine + OFFSET
-    c = mine + p.exchange(f"{req.label}/c", mine)
+        mine = mine + offset(req.ring)
+    c = mine + p.exchange_ring(f"{req.label}/c", mine)
     cj = (c[None, :] - thresholds.reshape(-1, 1)).reshape(-1)  # public: the openings of x - t_j
     per_comparison = NonlinearShares(
         r=corr.r, r_high=corr.r_high, lt_tables=np.tile(corr.lt_tables, (1, spec.k)), eq_tables=np.tile(corr.eq_tables, (1, spec.k)),
@@ -229,10 +239,11 @@ def sign_thresholds(p: Party, req: Request, x: np.ndarray, thresholds: np.ndarra
 
 
 def reveal_to_data_owner(p: Party, label: str, x: np.ndarray) -> np.ndarray | None:
-    """Open x to the data owner only (one message, |x| ring elements from the model owner)."""
+    """Open x to the data owner only (one message, |x| ring elements from the model owner),
+    sign-extended from Z_2^l to Z_2^64 so that ``ring.fixed.decode`` reads it."""
     if p.is_data_owner:
-        theirs = p.peer.recv(f"{label}/reveal", U64, x.shape)
+        theirs = p.recv_ring(f"{label}/reveal", x.shape)
         p.rounds += 1
-        return x + theirs
-    p.peer.send(f"{label}/reveal", x)
+        return sign_extend(x + theirs, p.ring_bits)
+    p.send_ring(f"{label}/reveal", x)
     return None

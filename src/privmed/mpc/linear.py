@@ -32,7 +32,8 @@ def private_linear(
     3. Data owner: y0 = L(F, A) + C0.  Model owner: y1 = L(W, E + x1) + C1 + b.
        Then y0 + y1 = L(W - B, A) + L(B, A) + L(W, x - A) + b = L(W, x) + b.
 
-    Rounds: 1 (both messages travel at once). Ring elements sent: |x| by the data owner,
+    Rounds: 1 (both messages travel at once). Ring elements (of Z_2^l, ``Party.ring_bits``,
+    packed at ceil(l / 8) bytes) sent: |x| by the data owner,
     |W| by the model owner once per session (``masked_weights`` caches F on the data owner for
     later batches; B is fixed per session, A and C are fresh per batch), |out| by the dealer to
     the model owner (everything else is seed-expanded).
@@ -47,10 +48,10 @@ def private_linear(
     corr = p.source.linear(req)
 
     def masked(a: np.ndarray, w: np.ndarray) -> np.ndarray:
-        return linear(spec.kind, spec.conv, w, a)
+        return linear(spec.kind, spec.conv, w, a, ring_bits=p.ring_bits)
 
     def real(d: np.ndarray, w: np.ndarray) -> np.ndarray:
-        return linear(spec.kind, spec.conv, w, d, w_bits=weight_bits)
+        return linear(spec.kind, spec.conv, w, d, w_bits=weight_bits, ring_bits=p.ring_bits)
 
     if p.is_data_owner:
         triple = Triple(corr.mask, None, corr.product)

@@ -25,6 +25,7 @@ class Party:
     source: CorrelationSource
     rounds: int = 0
     round_log: dict[str, int] = field(default_factory=dict)
+    ring_bits: int = 64  # the shares' ring Z_2^l (the plan's ``ring_bits``)
 
     @property
     def is_data_owner(self) -> bool:
@@ -36,6 +37,20 @@ class Party:
         theirs = self.peer.recv(tag, mine.dtype, mine.shape)
         self.rounds += 1
         return theirs
+
+    def exchange_ring(self, tag: str, mine: np.ndarray) -> np.ndarray:
+        """Send ``mine`` (ring elements) and receive the peer's of the same shape, each packed
+        at the ring's width on the wire (one round)."""
+        self.peer.send_ring(tag, mine, self.ring_bits)
+        theirs = self.peer.recv_ring(tag, mine.shape, self.ring_bits)
+        self.rounds += 1
+        return theirs
+
+    def send_ring(self, tag: str, x: np.ndarray) -> None:
+        self.peer.send_ring(tag, x, self.ring_bits)
+
+    def recv_ring(self, tag: str, shape: tuple[int, ...]) -> np.ndarray:
+        return self.peer.recv_ring(tag, shape, self.ring_bits)
 
     def exchange_bits(self, tag: str, bits: np.ndarray) -> np.ndarray:
         """Exchange arrays of 0/1 bits packed 8 per byte (one round)."""

@@ -35,8 +35,9 @@ U64 = np.uint64
 class Protocols(ABC):
     """Secure operations on this party's shares, each numbered within the current node."""
 
-    def __init__(self, batch_index: int) -> None:
+    def __init__(self, batch_index: int, ring_bits: int = 64) -> None:
         self.batch_index = batch_index
+        self.ring_bits = ring_bits
         self.node = 0
         self._step = 0
 
@@ -48,7 +49,7 @@ class Protocols(ABC):
         step = self._step
         self._step += 1
         key = StreamKey(self.batch_index, self.node, purpose, step)
-        return Request(f"b{self.batch_index}:{self.node}/{step}", key, self.node, **spec)  # type: ignore[arg-type]
+        return Request(f"b{self.batch_index}:{self.node}/{step}", key, self.node, **spec, ring=self.ring_bits)  # type: ignore[arg-type]
 
     def linear(self, x: np.ndarray, kind: str, conv: ConvSpec | None, w_shape: tuple[int, ...], out_shape: tuple[int, ...],
                weight: np.ndarray | None = None, weight_bits: int | None = None, bias: np.ndarray | None = None) -> np.ndarray:
@@ -122,7 +123,7 @@ class Online(Protocols):
     """The protocols run by one computing party."""
 
     def __init__(self, party: Party, batch_index: int, masked_weights: dict[str, np.ndarray] | None = None) -> None:
-        super().__init__(batch_index)
+        super().__init__(batch_index, party.ring_bits)
         self.p = party
         self.masked_weights = {} if masked_weights is None else masked_weights
 
@@ -165,8 +166,8 @@ class Schedule(Protocols):
 
     is_data_owner = False
 
-    def __init__(self, batch_index: int, serve: Callable[[Request], None]) -> None:
-        super().__init__(batch_index)
+    def __init__(self, batch_index: int, serve: Callable[[Request], None], ring_bits: int = 64) -> None:
+        super().__init__(batch_index, ring_bits)
         self.serve = serve
 
     def _linear(self, req: Request, x: np.ndarray, weight: np.ndarray | None, weight_bits: int | None, bias: np.ndarray | None) -> np.ndarray:

@@ -17,6 +17,7 @@ import numpy as np
 
 from privmed.errors import PeerError
 from privmed.net.frame import HEADER_BYTES, Header, check_header, pack_header, unpack_header
+from privmed.ring.fixed import pack, unpack, wire_bytes
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -146,6 +147,17 @@ class Channel:
             reason = bytes(payload).decode("utf-8", "replace")
             raise PeerError(f"{self.peer} aborted the session: {reason}")
         return np.frombuffer(payload, dtype=hdr.dtype).reshape(hdr.shape)
+
+    def send_ring(self, tag: str, arr: np.ndarray, bits: int = 64) -> None:
+        """Send ring elements of Z_2^bits: uint64 as is for 64 bits, else packed at
+        ``ceil(bits / 8)`` bytes each (``privmed.ring.fixed.pack``, high bits zeroed)."""
+        self.send(tag, arr if bits == 64 else pack(arr, bits))
+
+    def recv_ring(self, tag: str, shape: tuple[int, ...], bits: int = 64, timeout_s: float | None = None) -> np.ndarray:
+        """Receive exactly ``shape`` ring elements of Z_2^bits sent by ``send_ring`` (uint64)."""
+        if bits == 64:
+            return self.recv(tag, np.uint64, shape, timeout_s)
+        return unpack(self.recv(tag, np.uint8, tuple(shape) + (wire_bytes(bits),), timeout_s), bits)
 
     def send_text(self, tag: str, text: str) -> None:
         self.send(tag, np.frombuffer(text.encode("utf-8"), dtype=np.uint8))

@@ -39,3 +39,50 @@ def arith_shift(ring: np.ndarray, shift: int) -> np.ndarray:
 def public_const(value: int) -> np.uint64:
     """An integer constant (possibly negative) as a ring element."""
     return U64(value % (1 << RING_BITS))
+
+
+# -- narrower rings Z_2^l (l <= 64) carried in uint64 arrays ------------------------------------
+#
+# Shares of Z_2^l live in uint64 arrays whose bits above l carry no meaning: Z_2^64 -> Z_2^l is a
+# ring homomorphism, so every sum and product computed mod 2^64 is right mod 2^l. Only what looks
+# at bits (comparisons, truncation, decoding) and what goes on the wire reduces first.
+
+
+def ring_mask(bits: int) -> np.uint64:
+    """2^bits - 1 as a uint64 (all ones for 64)."""
+    return U64((1 << bits) - 1)
+
+
+def reduce(x: np.ndarray, bits: int) -> np.ndarray:
+    """x mod 2^bits (a new array; x itself when bits = 64)."""
+    return x if bits == RING_BITS else np.bitwise_and(x, ring_mask(bits))
+
+
+def sign_extend(x: np.ndarray, bits: int) -> np.ndarray:
+    """The Z_2^bits value x as a Z_2^64 two's-complement value (what ``decode`` reads)."""
+    if bits == RING_BITS:
+        return x
+    up = U64(RING_BITS - bits)
+    return ((np.asarray(x, dtype=U64) << up).view(np.int64) >> np.int64(RING_BITS - bits)).view(U64)
+
+
+def wire_bytes(bits: int) -> int:
+    """Bytes per element of Z_2^bits on the wire."""
+    return -(-bits // 8)
+
+
+def pack(x: np.ndarray, bits: int) -> np.ndarray:
+    """x mod 2^bits as ``wire_bytes(bits)`` little-endian bytes per element: uint8
+    (*x.shape, nbytes). The bits above ``bits`` are zeroed first, so a packed share carries
+    nothing but its value mod 2^bits."""
+    nb = wire_bytes(bits)
+    flat = np.ascontiguousarray(reduce(np.asarray(x, dtype=U64), bits), dtype="<u8")
+    return np.ascontiguousarray(flat.view(np.uint8).reshape(flat.shape + (8,))[..., :nb])
+
+
+def unpack(buf: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of ``pack``: uint8 (*shape, nbytes) -> uint64 (*shape), values below 2^(8 nbytes)."""
+    nb = wire_bytes(bits)
+    out = np.zeros(buf.shape[:-1] + (8,), dtype=np.uint8)
+    out[..., :nb] = buf
+    return out.view("<u8").reshape(buf.shape[:-1]).astype(U64, copy=False)

@@ -32,11 +32,11 @@ LIMB = 22  # three limbs cover 64 bits
 _K_CHUNK = 511  # 511 * (2^22 - 1)^2 < 2^53: a limb dot product over one chunk is exact
 
 
-def _limbs(x: np.ndarray, bits: int) -> np.ndarray:
-    """uint64 x split into ceil(64 / bits) limbs of ``bits`` bits: float64 (count, *x.shape),
-    written in place (one pass per limb, no intermediate copies)."""
+def _limbs(x: np.ndarray, bits: int, ring_bits: int = 64) -> np.ndarray:
+    """The low ``ring_bits`` of uint64 x split into ceil(ring_bits / bits) limbs of ``bits``
+    bits: float64 (count, *x.shape), written in place (one pass per limb, no copies)."""
     mask = U64((1 << bits) - 1)
-    count = -(-64 // bits)
+    count = -(-ring_bits // bits)
     out = np.empty((count,) + x.shape, dtype=np.float64)
     tmp = np.empty(x.shape, dtype=U64)
     for i in range(count):
@@ -46,24 +46,27 @@ def _limbs(x: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-def _matmul_uniform(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Both operands uniform: 22-bit limbs, products a_i b_j with i + j <= 2 (the others only
-    reach bits >= 66), K split into chunks of 511 so every limb dot product is exact."""
+def _matmul_uniform(a: np.ndarray, b: np.ndarray, ring_bits: int = 64) -> np.ndarray:
+    """Both operands uniform: L = ceil(ring_bits / 22) limbs of 22 bits, products a_i b_j
+    with i + j < L (the others only reach bits >= 22 L >= ring_bits), K split into chunks of
+    511 so every limb dot product is exact. Exact mod 2^ring_bits (L = 3 for Z_2^64: six
+    products; L = 2 for rings up to 2^44: three)."""
     out = np.zeros(a.shape[:-1] + b.shape[-1:], dtype=U64)
     k, n = a.shape[-1], b.shape[-1]
-    al, bl = _limbs(a, LIMB), _limbs(b, LIMB)
+    count = -(-ring_bits // LIMB)
+    al, bl = _limbs(a, LIMB, ring_bits), _limbs(b, LIMB, ring_bits)
     for start in range(0, k, _K_CHUNK):
         sl = slice(start, min(k, start + _K_CHUNK))
-        for i in range(3):
-            # a_i times [b_0 | ... | b_{2-i}] in one GEMM (a wider N runs faster)
-            wide = np.concatenate([bl[j][sl] for j in range(3 - i)], axis=1) if i < 2 else bl[0][sl]
+        for i in range(count):
+            # a_i times [b_0 | ... | b_{L-1-i}] in one GEMM (a wider N runs faster)
+            wide = np.concatenate([bl[j][sl] for j in range(count - i)], axis=1) if i < count - 1 else bl[0][sl]
             prod = al[i][..., sl] @ wide
-            for j in range(3 - i):
+            for j in range(count - i):
                 out += prod[..., j * n : (j + 1) * n].astype(U64) << U64(LIMB * (i + j))
     return out
 
 
-def _matmul_small_right(a: np.ndarray, b_signed: np.ndarray, b_bits: int) -> np.ndarray:
+def _matmul_small_right(a: np.ndarray, b_signed: np.ndarray, b_bits: int, ring_bits: int = 64) -> np.ndarray:
     """a uniform uint64 (..., K); b signed int64 (K, N) with |b| < 2^b_bits: one GEMM.
 
     a is split into L-bit limbs with L + b_bits + ceil(log2 K) <= 52, so every limb dot product
@@ -72,16 +75,17 @@ def _matmul_small_right(a: np.ndarray, b_signed: np.ndarray, b_bits: int) -> np.
     k = a.shape[-1]
     limb = min(LIMB, 52 - b_bits - math.ceil(math.log2(max(k, 2))))
     if limb < 12:
-        return _matmul_uniform(a, b_signed.view(U64))
-    prod = _limbs(a, limb) @ b_signed.astype(np.float64)  # (L, ..., K) @ (K, N)
+        return _matmul_uniform(a, b_signed.view(U64), ring_bits)
+    prod = _limbs(a, limb, ring_bits) @ b_signed.astype(np.float64)  # (L, ..., K) @ (K, N)
     out = prod[0].astype(np.int64).view(U64)
     for i in range(1, len(prod)):
         out += prod[i].astype(np.int64).view(U64) << U64(limb * i)
     return out
 
 
-def matmul(a: np.ndarray, b: np.ndarray, *, b_bits: int | None = None) -> np.ndarray:
-    """a @ b mod 2^64 for uint64 a (..., K) and b (K, N).
+def matmul(a: np.ndarray, b: np.ndarray, *, b_bits: int | None = None, ring_bits: int = 64) -> np.ndarray:
+    """a @ b mod 2^ring_bits for uint64 a (..., K) and b (K, N) (bits above ``ring_bits`` of
+    the result are not meaningful when ring_bits < 64).
 
     If ``b_bits`` is given, b holds signed values with |b| < 2^b_bits (two's complement in
     uint64) and a cheaper limb split is used; the result is identical.
@@ -91,8 +95,8 @@ def matmul(a: np.ndarray, b: np.ndarray, *, b_bits: int | None = None) -> np.nda
     a = np.ascontiguousarray(a, dtype=U64)
     b = np.ascontiguousarray(b, dtype=U64)
     if b_bits is not None:
-        return _matmul_small_right(a, b.view(np.int64), b_bits)
-    return _matmul_uniform(a, b)
+        return _matmul_small_right(a, b.view(np.int64), b_bits, ring_bits)
+    return _matmul_uniform(a, b, ring_bits)
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,7 @@ def im2col(x: np.ndarray, spec: ConvSpec) -> tuple[np.ndarray, tuple[int, ...]]:
 TILE_ELEMENTS = 1 << 23  # unfolded patch elements per tile: 64 MB of uint64, ~200 MB of limbs
 
 
-def conv(x: np.ndarray, weight: np.ndarray, spec: ConvSpec, *, w_bits: int | None = None) -> np.ndarray:
+def conv(x: np.ndarray, weight: np.ndarray, spec: ConvSpec, *, w_bits: int | None = None, ring_bits: int = 64) -> np.ndarray:
     """ONNX Conv without bias in Z_2^64: x (N, C, *S), weight (M, C/groups, *k) -> (N, M, *O).
 
     The unfolded input (im2col) is materialised in tiles of at most ``TILE_ELEMENTS`` along
@@ -180,7 +184,7 @@ def conv(x: np.ndarray, weight: np.ndarray, spec: ConvSpec, *, w_bits: int | Non
     wmats = [weight[gi * mg : (gi + 1) * mg].reshape(mg, kg).T for gi in range(g)]
 
     def apply(patches: np.ndarray) -> np.ndarray:
-        outs = [matmul(patches[:, gi * kg : (gi + 1) * kg], wmats[gi], b_bits=w_bits) for gi in range(g)]
+        outs = [matmul(patches[:, gi * kg : (gi + 1) * kg], wmats[gi], b_bits=w_bits, ring_bits=ring_bits) for gi in range(g)]
         return outs[0] if g == 1 else np.concatenate(outs, axis=1)
 
     per_row = ksz * int(np.prod(out_spatial[1:]))  # one step along the first output axis
@@ -198,7 +202,7 @@ def conv(x: np.ndarray, weight: np.ndarray, spec: ConvSpec, *, w_bits: int | Non
 
 
 def conv_transpose(
-    x: np.ndarray, weight: np.ndarray, spec: ConvSpec, *, w_bits: int | None = None
+    x: np.ndarray, weight: np.ndarray, spec: ConvSpec, *, w_bits: int | None = None, ring_bits: int = 64
 ) -> np.ndarray:
     """ONNX ConvTranspose without bias: x (N, C, *S), weight (C, M/groups, *k) -> (N, M, *O).
 
@@ -225,7 +229,7 @@ def conv_transpose(
     w = weight.reshape((g, cg, mg) + spec.kernel)
     w = np.swapaxes(w, 1, 2).reshape((g * mg, cg) + spec.kernel)[flip]
     inner = ConvSpec(spec.kernel, (1,) * n, pads, spec.dilations, g)
-    return conv(up, np.ascontiguousarray(w), inner, w_bits=w_bits)
+    return conv(up, np.ascontiguousarray(w), inner, w_bits=w_bits, ring_bits=ring_bits)
 
 
 def channel_scale(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -234,19 +238,22 @@ def channel_scale(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return x * weight.reshape(shape)
 
 
-def linear(kind: str, spec: ConvSpec | None, weight: np.ndarray, x: np.ndarray, *, w_bits: int | None = None) -> np.ndarray:
-    """The bilinear map L(W, x) of one linear layer, exact in Z_2^64.
+def linear(kind: str, spec: ConvSpec | None, weight: np.ndarray, x: np.ndarray, *, w_bits: int | None = None,
+           ring_bits: int = 64) -> np.ndarray:
+    """The bilinear map L(W, x) of one linear layer, exact in Z_2^ring_bits (the bits above are
+    not meaningful when ring_bits < 64: the GEMMs then skip the limb products that only reach
+    them).
 
     kind: "conv" | "conv_transpose" | "matmul" (x (..., K) @ W (K, N)) | "channel_scale".
     """
     if kind == "conv":
         assert spec is not None
-        return conv(x, weight, spec, w_bits=w_bits)
+        return conv(x, weight, spec, w_bits=w_bits, ring_bits=ring_bits)
     if kind == "conv_transpose":
         assert spec is not None
-        return conv_transpose(x, weight, spec, w_bits=w_bits)
+        return conv_transpose(x, weight, spec, w_bits=w_bits, ring_bits=ring_bits)
     if kind == "matmul":
-        return matmul(x, weight, b_bits=w_bits)
+        return matmul(x, weight, b_bits=w_bits, ring_bits=ring_bits)
     if kind == "channel_scale":
         return channel_scale(x, weight)
     raise ValueError(f"unknown linear kind {kind!r}")

@@ -213,7 +213,7 @@ def data_owner(
             c.send("batch", n)
         if party is None:
             seed = bytes(to_dealer.recv("seed", np.uint8, (SEED_BYTES,)))
-            party = Party(0, to_model, DealerSource(0, seed, None))
+            party = Party(0, to_model, DealerSource(0, seed, None), ring_bits=plan.ring_bits)
         r0 = party.rounds
         tracker = LayerTracker(party, chans, plan, _batch_progress(progress, index, total_batches))
         backend = SecureBackend(plan, Online(party, index, cache), x=x.astype(np.float64))
@@ -280,7 +280,7 @@ def model_owner(to_data: Channel, to_dealer: Channel, plan: Plan, weights: Priva
         b0 = sum(c.counters.bytes_sent for c in chans)
         if party is None:
             seed = bytes(to_dealer.recv("seed", np.uint8, (SEED_BYTES,)))
-            party = Party(1, to_data, DealerSource(1, seed, to_dealer))
+            party = Party(1, to_data, DealerSource(1, seed, to_dealer), ring_bits=plan.ring_bits)
         tracker = LayerTracker(party, chans, plan, None)
         run_plan(plan, SecureBackend(plan, Online(party, index, cache), weights=weights), batch, on_node=tracker)
         layers = _sum_layers(layers, tracker.layers)
@@ -315,7 +315,7 @@ def dealer(to_data: Channel, to_model: Channel) -> dict[str, Any]:
         def serve_request(req: Request, keys: tuple[PRG, PRG, PRG] = keys) -> None:
             serve(req, keys, to_model)
 
-        run_plan(plan, SecureBackend(plan, Schedule(len(per_batch), serve_request)), batch, on_node=tracker)
+        run_plan(plan, SecureBackend(plan, Schedule(len(per_batch), serve_request, plan.ring_bits)), batch, on_node=tracker)
         layers = _sum_layers(layers, tracker.layers)
         per_batch.append({"index": len(per_batch), "n": batch, "bytes_sent": to_model.counters.bytes_sent - b0})
     to_model.step = "waiting for the end of the session"

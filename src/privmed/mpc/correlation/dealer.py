@@ -25,20 +25,24 @@ def serve(req: Request, prgs: tuple[PRG, PRG, PRG], to_model_owner: Channel) -> 
     """
     prg0, prg1, private = prgs
     if req.product is not None:
-        to_model_owner.send(f"{req.label}/P", product_correction(req, prg0, prg1))
+        to_model_owner.send_ring(f"{req.label}/P", product_correction(req, prg0, prg1), req.ring)
     elif req.linear is not None:
-        to_model_owner.send(f"{req.label}/C", linear_correction(req, prg0, prg1))
+        to_model_owner.send_ring(f"{req.label}/C", linear_correction(req, prg0, prg1), req.ring)
     elif req.thresholds is not None:
         bits_key = StreamKey(req.key.batch, req.key.node, Purpose.DEALER_BITS, req.key.step)
         c_hat, sign_tables, sign_bits = thresholds_correction(req.thresholds, prg0.stream(req.key), prg1.stream(req.key), private.stream(bits_key))
-        to_model_owner.send(f"{req.label}/A", c_hat)
+        to_model_owner.send_ring(f"{req.label}/A", c_hat, req.ring)
         to_model_owner.send(f"{req.label}/T", sign_tables)
         to_model_owner.send(f"{req.label}/B", sign_bits)
     else:
         assert req.nonlinear is not None
         bits_key = StreamKey(req.key.batch, req.key.node, Purpose.DEALER_BITS, req.key.step)
-        arith, tables, packed = nonlinear_correction(req.nonlinear, prg0.stream(req.key), prg1.stream(req.key), private.stream(bits_key))
-        to_model_owner.send(f"{req.label}/A", arith)
+        wide, msb, tables, packed = nonlinear_correction(
+            req.nonlinear, prg0.stream(req.key), prg1.stream(req.key), private.stream(bits_key), req.ring
+        )
+        to_model_owner.send_ring(f"{req.label}/A", wide, req.ring)
+        if msb.size:
+            to_model_owner.send_ring(f"{req.label}/M", msb, req.nonlinear.shift)
         to_model_owner.send(f"{req.label}/B", packed)
         if tables is not None:
             to_model_owner.send(f"{req.label}/T", tables)

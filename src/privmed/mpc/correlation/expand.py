@@ -36,6 +36,7 @@ from privmed.mpc.correlation.requests import (
     ands_per_level,
     packed_len,
 )
+from privmed.ring.fixed import reduce
 from privmed.ring.linalg import linear
 
 U64 = np.uint64
@@ -148,20 +149,24 @@ def expand_product(prg: PRG, req: Request, index: int) -> ProductShares:
     return ProductShares(a, b, c)
 
 
-def arith_fields(spec: NonlinearSpec) -> list[str]:
-    """The arithmetic fields the dealer corrects for party 1, in the order it sends them."""
-    names = ["r_high"] + (["r_msb"] if spec.shift else [])
-    if spec.relu:
-        names += ["c_hat", "c_hat_r_high"] + (["c_hat_r_msb"] if spec.shift else [])
-    return names
+def arith_fields(spec: NonlinearSpec) -> tuple[list[str], list[str]]:
+    """The arithmetic fields the dealer corrects for party 1, in the order it sends them:
+    (full-width fields, fields needed only mod 2^shift).
+
+    msb(r) and c_hat msb(r) enter the protocols only multiplied by the wrap gate
+    (1 - msb(c)) 2^(l - shift) (``compare._wrap_gate``), so their shares matter mod 2^shift
+    only, and the dealer sends their corrections at ceil(shift / 8) bytes instead of l / 8."""
+    wide = ["r_high"] + (["c_hat", "c_hat_r_high"] if spec.relu else [])
+    msb = (["r_msb"] + (["c_hat_r_msb"] if spec.relu else [])) if spec.shift else []
+    return wide, msb
 
 
 def linear_correction(req: Request, prg0: PRG, prg1: PRG) -> np.ndarray:
-    """C1 = L(B, A) - C0."""
+    """C1 = L(B, A) - C0 (mod 2^ring: the GEMM skips the limb products above)."""
     spec = req.linear
     assert spec is not None
     p0, p1 = expand_linear(prg0, req, 0), expand_linear(prg1, req, 1)
-    return linear(spec.kind, spec.conv, p1.mask, p0.mask) - p0.product
+    return linear(spec.kind, spec.conv, p1.mask, p0.mask, ring_bits=req.ring) - p0.product
 
 
 def product_correction(req: Request, prg0: PRG, prg1: PRG) -> np.ndarray:
@@ -175,11 +180,14 @@ def product_correction(req: Request, prg0: PRG, prg1: PRG) -> np.ndarray:
     return spec.bilinear(a, b) - p0.c
 
 
-def nonlinear_correction(spec: NonlinearSpec, s0: Stream, s1: Stream, private: Stream) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """(arithmetic corrections (k, n) u64, tables (2, m, n) u16 or None, packed bits u8)."""
+def nonlinear_correction(
+    spec: NonlinearSpec, s0: Stream, s1: Stream, private: Stream, ring: int = 64
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """(full-width corrections (k, n) u64, msb corrections (k', n) u64 (``arith_fields``),
+    tables (2, m, n) u16 or None, packed bits u8), for shares of Z_2^ring."""
     p0, p1 = expand_nonlinear(s0, 0, spec), expand_nonlinear(s1, 1, spec)
-    r = p0.r + p1.r
-    full = {"r_high": r >> U64(spec.shift), "r_msb": r >> U64(63)}
+    r = reduce(p0.r + p1.r, ring)
+    full = {"r_high": r >> U64(spec.shift), "r_msb": r >> U64(ring - 1)}
     bits: list[np.ndarray] = []
     tables = None
     if spec.relu:
@@ -195,14 +203,15 @@ def nonlinear_correction(spec: NonlinearSpec, s0: Stream, s1: Stream, private: S
         tables[1] ^= p0.eq_tables
         r_top = ((r >> U64(spec.bits)) & U64(1)).astype(np.uint8)
         bits.append(np.packbits(r_top ^ c_hat_bits) ^ p0.e_mask)  # type: ignore[operator]
-    names = arith_fields(spec)
-    arith = np.empty((len(names), spec.n), dtype=U64)
-    for i, name in enumerate(names):
-        np.subtract(full[name], getattr(p0, name), out=arith[i])
+    wide, msb = arith_fields(spec)
+    arith = [np.empty((len(names), spec.n), dtype=U64) for names in (wide, msb)]
+    for names, out in zip((wide, msb), arith, strict=True):
+        for i, name in enumerate(names):
+            np.subtract(full[name], getattr(p0, name), out=out[i])
     for (a0, b0, z0), (a1, b1, _) in zip(p0.triples, p1.triples, strict=True):
         bits.append((((a0 ^ a1) & (b0 ^ b1)) ^ z0).reshape(-1))
     packed = np.concatenate(bits) if bits else np.zeros(0, np.uint8)
-    return arith, tables, packed
+    return arith[0], arith[1], tables, packed
 
 
 def nibbles(v: np.ndarray, drop: int, m: int) -> np.ndarray:

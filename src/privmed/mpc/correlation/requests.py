@@ -108,6 +108,7 @@ class Request:
     nonlinear: NonlinearSpec | None = None
     product: ProductSpec | None = None
     thresholds: ThresholdSpec | None = None
+    ring: int = 64  # the shares' ring Z_2^ring (the plan's ``ring_bits``)
 
     @property
     def weight_mask_key(self) -> StreamKey:

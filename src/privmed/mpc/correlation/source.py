@@ -66,14 +66,14 @@ class DealerSource(CorrelationSource):
         sh = expand_linear(self.prg, req, self.index)
         if self.index == 1:
             assert req.linear is not None
-            sh.product = self._from_dealer().recv(f"{req.label}/C", U64, req.linear.out_shape)
+            sh.product = self._from_dealer().recv_ring(f"{req.label}/C", req.linear.out_shape, req.ring)
         return sh
 
     def product(self, req: Request) -> ProductShares:
         sh = expand_product(self.prg, req, self.index)
         if self.index == 1:
             assert req.product is not None
-            sh.c = self._from_dealer().recv(f"{req.label}/P", U64, req.product.out_shape)
+            sh.c = self._from_dealer().recv_ring(f"{req.label}/P", req.product.out_shape, req.ring)
         return sh
 
     def nonlinear(self, req: Request) -> NonlinearShares:
@@ -83,10 +83,14 @@ class DealerSource(CorrelationSource):
         if self.index == 0:
             return sh
         dealer = self._from_dealer()
-        names = arith_fields(spec)
-        arith = dealer.recv(f"{req.label}/A", U64, (len(names), spec.n))
-        for i, name in enumerate(names):
+        wide, msb = arith_fields(spec)
+        arith = dealer.recv_ring(f"{req.label}/A", (len(wide), spec.n), req.ring)
+        for i, name in enumerate(wide):
             setattr(sh, name, arith[i])
+        if msb:  # needed mod 2^shift only (``arith_fields``)
+            low = dealer.recv_ring(f"{req.label}/M", (len(msb), spec.n), spec.shift)
+            for i, name in enumerate(msb):
+                setattr(sh, name, low[i])
         levels = ands_per_level(spec.chunks)
         nb = packed_len(spec.n)
         total = (nb if spec.relu else 0) + sum(levels) * nb
@@ -107,7 +111,7 @@ class DealerSource(CorrelationSource):
             return sh
         dealer = self._from_dealer()
         kn, nb = spec.k * spec.n, packed_len(spec.k * spec.n)
-        sh.c_hat = dealer.recv(f"{req.label}/A", U64, (kn,))
+        sh.c_hat = dealer.recv_ring(f"{req.label}/A", (kn,), req.ring)
         tables = dealer.recv(f"{req.label}/T", np.uint16, (2, spec.chunks, spec.n))
         sh.lt_tables, sh.eq_tables = tables[0], tables[1]
         levels = ands_per_level(spec.chunks)

@@ -108,6 +108,8 @@ class _RingPeer:
         self.rounds += 1
         return theirs
 
+    exchange_ring = exchange  # beaver's arithmetic opening: whole uint64 words, checked above
+
 
 def product_online(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, y: np.ndarray | None, mat: ProductMaterial) -> np.ndarray:
     """Shares of x * y (y broadcast over x), of x * x when y is None, or of the einsum of x and
