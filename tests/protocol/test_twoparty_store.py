@@ -24,8 +24,10 @@ import pytest
 from onnx import helper
 
 from privmed.compiler.compile import compile_model
+from privmed.errors import ProtocolError
 from privmed.ir.ops import postprocess
 from privmed.ir.walk import run_plan
+from privmed.net.channel import in_process_pair
 from privmed.reference.executors import FixedBackend
 from tests.protocol.onnx_models import build, rand
 from tests.protocol.twoparty_harness import run_two
@@ -35,7 +37,7 @@ pytest.importorskip("tenseal", reason="tenseal not installed: pip install 'privm
 from privmed.mpc.twoparty.stored import StoreError  # noqa: E402
 from privmed.runtime.twoparty import data_owner_2p, merge_two, model_owner_2p  # noqa: E402
 from privmed.runtime.twoparty_precompute import data_owner_precompute, model_owner_precompute  # noqa: E402
-from privmed.runtime.twoparty_store import Store, StoreUse, check_writable, open_use  # noqa: E402
+from privmed.runtime.twoparty_store import Store, StoreUse, answer_offer, check_writable, open_use  # noqa: E402
 
 H = helper.make_node
 DEMO = Path(__file__).resolve().parents[2] / "src/privmed/assets/models/chest_smallcnn.onnx"
@@ -59,8 +61,13 @@ def _session(root: Path, plan, weights, x: np.ndarray, *, do_peer: str = MO_CERT
              do_dir: str = "do", mo_dir: str = "mo") -> tuple[np.ndarray, dict, dict, StoreUse | None, StoreUse | None]:  # fmt: skip
     do_use, mo_use = open_use(root / do_dir, "data-owner", do_peer), open_use(root / mo_dir, "model-owner", mo_peer)
     parts = [x[i : i + chunk] for i in range(0, len(x), chunk)]
-    (out, do_stats), mo_stats, _ = run_two(lambda ch: data_owner_2p(ch, iter(parts), total_batches=len(parts), store=do_use),
-                                           lambda ch: model_owner_2p(ch, plan, weights, store=mo_use), timeout_s=60)  # fmt: skip
+    try:
+        (out, do_stats), mo_stats, _ = run_two(lambda ch: data_owner_2p(ch, iter(parts), total_batches=len(parts), store=do_use),
+                                               lambda ch: model_owner_2p(ch, plan, weights, store=mo_use), timeout_s=60)  # fmt: skip
+    finally:
+        for use in (do_use, mo_use):
+            if use:
+                use.close()
     return out, do_stats, mo_stats, do_use, mo_use
 
 
@@ -71,7 +78,7 @@ def test_precomputed_sets_run_online_only_once_each_and_match_the_inline_session
     for role in ("do", "mo"):
         root = tmp_path / role
         assert stat.S_IMODE(root.stat().st_mode) == 0o700
-        assert sorted(p.name for p in root.iterdir()) == ["set-0000.npz", "set-0001.npz", "store.json"]
+        assert sorted(p.name for p in root.iterdir()) == [".lock", "set-0000.npz", "set-0001.npz", "store.json"]
         assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in root.iterdir())
     ids = {json.loads((tmp_path / r / "store.json").read_text())["store"] for r in ("do", "mo")}
     assert len(ids) == 1  # both parties agreed on one id
@@ -95,7 +102,7 @@ def test_precomputed_sets_run_online_only_once_each_and_match_the_inline_session
     first, second = do_stats["batches"]
     assert first["offline_bytes"] < 1000 < 1_000_000 < second["offline_bytes"] and do_stats["precomputed_batches"] == 1
     np.testing.assert_allclose(out, inline, rtol=0, atol=16 * ulp)
-    assert sorted(p.name for p in (tmp_path / "do").iterdir()) == ["store.json"]
+    assert sorted(p.name for p in (tmp_path / "do").iterdir()) == [".lock", "store.json"]
 
 
 def test_the_wide_ring_products_and_channel_scales_run_from_a_store(tmp_path: Path) -> None:
@@ -183,3 +190,20 @@ def test_a_store_that_does_not_match_falls_back_in_one_line(tmp_path: Path, demo
     assert do_stats["precomputed_batches"] == 0 and do_stats["offline_bytes"] > 1_000_000
     assert (tmp_path / "do" / "set-0000.npz").exists() and (tmp_path / "mo" / "set-0000.npz").exists()  # kept for a matching session
     assert out.shape[0] == (2 if case == "batch" else 1)
+
+
+def test_one_session_at_a_time_per_store_and_a_wild_offer_is_refused(tmp_path: Path) -> None:
+    binding = {"store": "ab" * 16, "role": "model-owner", "plan": "0" * 64, "peer": DO_CERT, "batch": 1, "bits": 42, "he_bits": 42}
+    Store.create(tmp_path / "mo", binding).close()
+    use = open_use(tmp_path / "mo", "model-owner", DO_CERT)
+    try:
+        with pytest.raises(StoreError, match=r"mo: in use by another session"):
+            open_use(tmp_path / "mo", "model-owner", DO_CERT)
+        ch0, ch1 = in_process_pair("data-owner", "model-owner", bytes(16), 5.0)
+        ch0.send("store/offer", np.frombuffer(bytes(16) + np.array([1 << 40], "<i8").tobytes(), np.uint8))
+        with pytest.raises(ProtocolError, match=r"data-owner offered precomputed set 1099511627776: expected 0\.\.9999"):
+            answer_offer(ch1, use, {}, lambda *a: None)
+    finally:
+        assert use is not None
+        use.close()
+    open_use(tmp_path / "mo", "model-owner", DO_CERT).close()  # released

@@ -123,18 +123,27 @@ def run_role_2p(
     try:
         if role == "data-owner" and precompute is not None and store is not None:
             return None, data_owner_precompute(ch, store, precompute, chunk or 1, peer, expect_plan, on_plan)
-        use = open_use(store, role, peer)
         if role == "data-owner":
             if x is None:
                 raise InputError("the data owner needs an input")
             step = chunk or len(x)
             parts = [x[i : i + step] for i in range(0, len(x), step)]
-            return data_owner_2p(ch, iter(parts), progress, len(parts), expect_plan=expect_plan, on_plan=on_plan, store=use)
+            use = open_use(store, role, peer)
+            try:
+                return data_owner_2p(ch, iter(parts), progress, len(parts), expect_plan=expect_plan, on_plan=on_plan, store=use)
+            finally:
+                if use:
+                    use.close()
         if not compiled or compiled[0] is None:
             raise InputError("the model owner needs a model")
         if precompute is not None and store is not None:
             return None, model_owner_precompute(ch, *compiled[0], store, precompute, peer)
-        return None, model_owner_2p(ch, *compiled[0], progress=progress, store=use)
+        use = open_use(store, role, peer)
+        try:
+            return None, model_owner_2p(ch, *compiled[0], progress=progress, store=use)
+        finally:
+            if use:
+                use.close()
     except BaseException as exc:
         failed = True
         ch.abort(f"{role} failed: {exc}")

@@ -90,21 +90,24 @@ def _precompute(ch: Channel, is_data_owner: bool, plan: Plan, bits: int, he_bits
     sid = store_id(mine, bytes(ch.recv("store/id", np.uint8, (16,))), is_data_owner)
     binding = {"store": sid, "role": role, "plan": plan.fingerprint(), "peer": peer, "batch": batch, "bits": bits, "he_bits": he_bits}
     store = Store.create(root, binding)
-    setup: dict[str, float] = {}
-    s = _open(ch, is_data_owner, bits, he_bits, setup)
-    for k in range(sets):
-        ch.step = f"precomputing set {k + 1} of {sets}"
-        steps = schedule(plan, batch, k)
-        store.add(k, offline_arrays(prepare_offline(s, plan, steps, weights), s.ot, steps, ot_label(sid, k)))
-    if is_data_owner:
-        ch.send("store/done", np.array([sets], np.int64))
-    elif int(ch.recv("store/done", np.int64, (1,))[0]) != sets:
-        raise ProtocolError(f"data-owner ended the precompute session without its {sets} sets")
-    ch.finish()
-    costs = {"offline_s": round(time.perf_counter() - t1, 4), "offline_bytes": ch.counters.bytes_sent - b1,
-             "offline_bytes_recv": ch.counters.bytes_recv - r1, "offline_rounds": s.offline_rounds, "sets": sets, "batch": batch}  # fmt: skip
-    store.manifest["precompute"] = costs
-    store.save()
+    try:
+        setup: dict[str, float] = {}
+        s = _open(ch, is_data_owner, bits, he_bits, setup)
+        for k in range(sets):
+            ch.step = f"precomputing set {k + 1} of {sets}"
+            steps = schedule(plan, batch, k)
+            store.add(k, offline_arrays(prepare_offline(s, plan, steps, weights), s.ot, steps, ot_label(sid, k)))
+        if is_data_owner:
+            ch.send("store/done", np.array([sets], np.int64))
+        elif int(ch.recv("store/done", np.int64, (1,))[0]) != sets:
+            raise ProtocolError(f"data-owner ended the precompute session without its {sets} sets")
+        ch.finish()
+        costs = {"offline_s": round(time.perf_counter() - t1, 4), "offline_bytes": ch.counters.bytes_sent - b1,
+                 "offline_bytes_recv": ch.counters.bytes_recv - r1, "offline_rounds": s.offline_rounds, "sets": sets, "batch": batch}  # fmt: skip
+        store.manifest["precompute"] = costs
+        store.save()
+    finally:
+        store.close()
     stats = _stats(role, t0, [ch], 0, [])
     stats |= costs | {"online_s": 0.0, "online_bytes": 0, "ring_bits": bits, "he_ring_bits": he_bits,
                       "store": {"dir": str(root), "store": sid, "sets": sets, "batch": batch}}  # fmt: skip

@@ -24,6 +24,7 @@ the plan (tampered, truncated, reused) is an error naming the file.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -67,12 +68,31 @@ def _write_private(path: Path, write: Any) -> None:
         raise
 
 
+def _lock(root: Path) -> int:
+    """An exclusive lock on ``root`` for this session (``DIR/.lock``, released by ``close`` or
+    at exit): two sessions on one store at once could both offer the same set."""
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"{root}: in use by another session (one session at a time per store)") from None
+    return fd
+
+
 @dataclass
 class Store:
     """One party's store: its directory and its manifest (see the module docstring)."""
 
     root: Path
     manifest: dict[str, Any] = field(default_factory=dict)
+    lock_fd: int | None = None
+
+    def close(self) -> None:
+        """Release the session's lock on the directory."""
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     @property
     def path(self) -> Path:
@@ -92,12 +112,18 @@ class Store:
         check_writable(root)
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(root, 0o700)
-        old = cls.open(root, str(binding["role"]))
-        if old is not None:
-            for index in old.manifest["sets"]:
-                old.set_path(index).unlink(missing_ok=True)
-        store = cls(root, {"format": FORMAT, **binding, "sets": [], "used": [], "precompute": {}})
-        store.save()
+        fd = _lock(root)
+        try:
+            check_writable(root)  # again under the lock
+            old = cls.open(root, str(binding["role"]))
+            if old is not None:
+                for index in old.manifest["sets"]:
+                    old.set_path(index).unlink(missing_ok=True)
+            store = cls(root, {"format": FORMAT, **binding, "sets": [], "used": [], "precompute": {}}, fd)
+            store.save()
+        except BaseException:
+            os.close(fd)
+            raise
         return store
 
     def save(self) -> None:
@@ -113,11 +139,25 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------------
     @classmethod
-    def open(cls, root: Path, role: str) -> Store | None:
-        """The store in ``root``, its manifest checked; None if there is none."""
+    def open(cls, root: Path, role: str, lock: bool = False) -> Store | None:
+        """The store in ``root``, its manifest checked (with ``lock``: locked for this session
+        first); None if there is none."""
         path = root / MANIFEST
         if not path.exists():
             return None
+        fd = _lock(root) if lock else None
+        try:
+            store = cls._read(root, role)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        store.lock_fd = fd
+        return store
+
+    @classmethod
+    def _read(cls, root: Path, role: str) -> Store:
+        path = root / MANIFEST
         try:
             manifest = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
@@ -190,7 +230,7 @@ def check_writable(root: Path) -> None:
     still holds unused sets (they would be lost; the peer would keep its halves)."""
     if root.exists() and not root.is_dir():
         raise StoreError(f"{root}: not a directory")
-    if root.is_dir() and any(root.iterdir()) and not (root / MANIFEST).exists():
+    if root.is_dir() and any(not p.name.startswith(".") for p in root.iterdir()) and not (root / MANIFEST).exists():
         raise StoreError(f"{root}: not empty and not a store; give an empty or new directory")
     if (root / MANIFEST).exists():
         try:
@@ -220,6 +260,10 @@ class StoreUse:
         return {"dir": str(self.root), "store": self.store.manifest["store"] if self.store else "", "used": self.used,
                 "inline_batches": self.inline, "left": len(left), "note": self.note, "load_s": round(self.load_s, 4)}  # fmt: skip
 
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
     def fell_back(self, reason: str) -> None:
         self.inline += 1
         if not self.note:
@@ -227,9 +271,11 @@ class StoreUse:
 
 
 def open_use(root: Path | None, role: str, peer: str) -> StoreUse | None:
+    """This party's store for a session with the peer whose certificate is ``peer`` (locked
+    until ``StoreUse.close``); None without ``--store``."""
     if root is None:
         return None
-    return StoreUse(root, role, peer, Store.open(root, role))
+    return StoreUse(root, role, peer, Store.open(root, role, lock=True))
 
 
 # -- per batch: does this batch run on a stored set? ---------------------------------------
