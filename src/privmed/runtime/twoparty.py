@@ -10,16 +10,19 @@ deadline; ``privmed.runtime.session`` is the three-role version of the same step
    run it (``check_two_party``: ring width, no products of two secrets, 2-D linear layers), and
    its input against it; then sends the batch size (or ``abort`` with the reason). Nothing
    derived from the input, and no key, is sent before the plan passed;
-3. set-up once per session (``open_session``): the data owner's BFV public key, base OTs both
-   ways;
-4. per batch: offline phase (``prepare_offline``: HE products on random masks, ReLU OT
-   material; input-independent), then the online walk over the plan;
-5. the output is revealed to the data owner only;
-6. steps 2 (batch size) and 4-5 repeat per batch; batch size 0 ends the session.
+3. per batch, with the batch size: the data owner's offer of a precomputed set (store id and
+   index, or none; ``twoparty_store.offer_set`` / ``answer_offer``); if the model owner
+   accepts, both delete the set and step 5 uses it (no step 4);
+4. otherwise, on first need, the set-up (``open_session``): the data owner's BFV public key,
+   base OTs both ways; then the batch's offline phase (``prepare_offline``: HE products on
+   random masks, ReLU OT material; input-independent);
+5. the online walk over the plan; the output is revealed to the data owner only;
+6. steps 2 (batch size) to 5 repeat per batch; batch size 0 ends the session.
 
 Stats: the roles' dicts have the dealer mode's fields (``merge_two`` builds the same
-``SessionStats``), with ``offline_s`` / ``offline_bytes`` and ``online_s`` / ``online_bytes``
-per batch and in total.
+``SessionStats``), with ``offline_s`` / ``offline_bytes`` (a stored batch's: its load and the
+offer) and ``online_s`` / ``online_bytes`` per batch and in total, bytes received alike
+(``_recv``), ``precomputed_batches`` and the ``store`` summary.
 """
 
 from __future__ import annotations
