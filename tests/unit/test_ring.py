@@ -104,3 +104,29 @@ def test_conv_in_tiles_equals_conv_in_one_piece(monkeypatch: pytest.MonkeyPatch)
     whole = conv(x, w, spec)
     monkeypatch.setattr(linalg, "TILE_ELEMENTS", 300)  # forces one output row per tile
     assert np.array_equal(conv(x, w, spec), whole)
+
+
+@pytest.mark.parametrize("bits", [3, 8, 16, 20, 33, 40, 41, 44, 48, 50, 55, 56, 60, 63, 64])
+def test_pack_keeps_exactly_the_value_mod_2_to_the_ring_and_unpack_inverts_it(bits: int) -> None:
+    from privmed.ring.fixed import pack, unpack, wire_bytes
+
+    x = np.random.default_rng(bits).integers(0, 2**63, (50, 3), dtype=np.uint64) * np.uint64(3)
+    buf = pack(x, bits)
+    assert buf.dtype == np.uint8 and buf.shape == (50, 3, wire_bytes(bits))
+    low = x if bits == 64 else x & np.uint64((1 << bits) - 1)
+    assert np.array_equal(unpack(buf, bits), low)
+    assert np.array_equal(pack(low, bits), buf)  # nothing above bit l reaches the wire
+
+
+@pytest.mark.parametrize("ring", [40, 44, 48, 64])
+def test_narrow_ring_gemm_is_exact_mod_2_to_the_ring(ring: int) -> None:
+    from privmed.ring.linalg import matmul
+
+    rng = np.random.default_rng(ring)
+    a = rng.integers(0, 2**63, (7, 1100), dtype=np.uint64)
+    b = rng.integers(0, 2**63, (1100, 5), dtype=np.uint64)
+    w = rng.integers(-(2**18), 2**18, (1100, 5)).view(np.uint64)
+    mask = np.uint64((1 << ring) - 1) if ring < 64 else np.uint64(2**64 - 1)
+    exact = (a @ b) & mask  # numpy's uint64 matmul wraps mod 2^64
+    assert np.array_equal(matmul(a, b, ring_bits=ring) & mask, exact)
+    assert np.array_equal(matmul(a, w, b_bits=19, ring_bits=ring) & mask, (a @ w) & mask)

@@ -121,9 +121,10 @@ RING_CHOICES = (40, 44, 48, 56, 64)  # 5 or 6 bytes on the wire; <= 44 bits: two
 
 
 def choose_ring_bits(nodes: list[Node], bounds: dict[str, float], margin: int) -> tuple[int, int]:
-    """(ring bits l, bits needed): the smallest of ``RING_CHOICES`` with |x| < 2^(l - 2) for
-    every node's value x at its scale (calibration bound times 2^margin: the truncation's
-    contract, and the output's decoding) and every comparison width <= l - 3. Plans with
+    """(ring bits l, bits needed): the smallest of ``RING_CHOICES`` with |x| < 2^(l - 3) for
+    every node's value x at its scale (calibration bound times 2^margin; the truncation's
+    contract is |x| < 2^(l-2) - 2^(s+1), ``mpc.compare`` step 2, and the output is decoded
+    from l bits) and every comparison width <= l - 3. Plans with
     norms, polynomials or softmax keep Z_2^64 (their internal sums and powers are bounded for
     it); so does a plan that needs more than 56 bits. Call after ``finalize``."""
     need = 0
@@ -131,7 +132,7 @@ def choose_ring_bits(nodes: list[Node], bounds: dict[str, float], margin: int) -
         if n.op in ("instnorm", "approx", "softmax"):
             return 64, 64
         if n.op != "output":
-            need = max(need, math.ceil(_log2(bounds.get(n.id, 0.0) * 2.0**n.scale + 1.0)) + margin + 2)
+            need = max(need, math.ceil(_log2(bounds.get(n.id, 0.0) * 2.0**n.scale + 1.0)) + margin + 3)
         if isinstance(n.attrs.get("bits"), int):
             need = max(need, n.attrs["bits"] + 3)
     return next(r for r in RING_CHOICES if r >= need), need

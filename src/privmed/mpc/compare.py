@@ -1,41 +1,54 @@
 """Truncation, ReLU, sign, signs against many public thresholds with one opening
-(``sign_thresholds``) and the reveal, on shares over Z_2^64 (max-pooling and LeakyReLU are
-built from ReLU by ``privmed.runtime.backend``).
+(``sign_thresholds``) and the reveal, on shares over Z_2^l (l = the plan's ``ring_bits``,
+40-64, carried in uint64 arrays; max-pooling and LeakyReLU are built from ReLU by
+``privmed.runtime.backend``).
 
 All comparisons follow one construction (a dealer-assisted variant of the masked comparison in
 "Improved Primitives for MPC over Mixed Arithmetic-Binary Circuits", Escudero et al., CRYPTO
 2020, with lookup-table chunks as in "One-time truth tables", Ishai et al., TCC 2013, and the
 log-depth prefix merge of Garay-Schoenmakers-Villegas, PKC 2007):
 
-1. Open c = x + 2^62 + r, with r uniform in Z_2^64 from the dealer (one round, one ring element
-   each way). c is uniform whatever x is: perfectly hiding.
+1. Open c = x + 2^(l-2) + r mod 2^l, with r uniform in Z_2^l from the dealer (one round). c is
+   uniform whatever x is: perfectly hiding. When the value is then truncated by s and compared
+   on bits >= s only (a fused ReLU, a truncation), each party sends only the bits [s, l) of its
+   share c_i (ceil((l - s) / 8) bytes instead of ceil(l / 8)), and both take
+   c* = ((c_0 >> s) + (c_1 >> s)) 2^s = c - eps with eps = (c mod 2^s) + carry 2^s in
+   [0, 2^(s+1)): c* is the opening, under the same r, of x* = x - eps, and every later step
+   runs on (x*, c*). The receiver learns c_i >> s of a share masked by uniform r_i: uniform.
 2. Exact truncation by s (Escudero et al. sec. 5.1 "probabilistic truncation" made exact with
-   msb(r)): for |x| < 2^62, x' = x + 2^62 is in [0, 2^63), so x' + r wraps iff msb(r) = 1 and
-   msb(c) = 0. Hence floor(x'/2^s) = (c >> s) - (r >> s) + msb(r)(1 - msb(c)) 2^(64-s) - borrow,
-   where borrow in {0, 1} comes from the low s bits. We drop the borrow: the result is
-   floor(x / 2^s) or that plus one unit in the last place, never anything else -- there is no
-   probabilistic wrap, so a catastrophic error has probability 0 (not merely < 2^-40) as long
-   as |x| < 2^62, which the compiler checks with a margin on calibration data.
-3. Sign: for |x| < 2^l, x < 0 iff bit l of (c - r) mod 2^(l+1) is 1, i.e. c_l XOR r_l XOR
-   [c mod 2^l < r mod 2^l]. The comparison of the public c with the dealer's r is done on bits
-   [d, l) only, in 4-bit chunks: the dealer provides XOR-shared truth tables of [v < r_j] and
-   [v == r_j] for each chunk (4 bytes per chunk), each party looks up its share at c_j, and a
-   log-depth tree of AND gates (Beaver triples on bits) merges chunk results. Ignoring the low d
-   bits can only misjudge the sign when |x| < 2^d; with d = s that is |x / 2^s| < 1 unit in the
-   last place, where ReLU's output is below one unit anyway.
+   msb(r)): for x' = x* + 2^(l-2) in [0, 2^(l-1)), x' + r wraps iff msb(r) = 1 and
+   msb(c*) = 0. Hence floor(x'/2^s) = (c* >> s) - (r >> s) + msb(r)(1 - msb(c*)) 2^(l-s)
+   - borrow, with borrow in {0, 1} from the low s bits, which we drop. With the eps of step 1
+   the result is floor(x / 2^s) + {-1, 0, +1} units in the last place, never anything else:
+   there is no probabilistic wrap, so a catastrophic error has probability 0 (not merely
+   < 2^-40) as long as |x| < 2^(l-2) - 2^(s+1), which the compiler's choice of l guarantees
+   with its margin over calibration data (``compiler.calibrate.choose_ring_bits``).
+3. Sign: for |x| < 2^b (b <= l - 3, checked on receipt of the plan), x < 0 iff bit b of
+   (c - r) mod 2^(b+1) is 1, i.e. c_b XOR r_b XOR [c mod 2^b < r mod 2^b]. The comparison of
+   the public c with the dealer's r is done on bits [d, b) only (d >= s), in 4-bit chunks:
+   the dealer provides XOR-shared truth tables of [v < r_j] and [v == r_j] for each chunk
+   (4 bytes per chunk), each party looks up its share at c_j, and a log-depth tree of AND
+   gates (Beaver triples on bits) merges chunk results. Ignoring the low d bits, and eps, can
+   only misjudge the sign when 0 <= x < 2^(d+1); with d = s that is x / 2^s < 2 units in the
+   last place, where ReLU's output is then 0 instead of at most 1 unit.
 4. Open e = b XOR c_hat where b = [x >= 0] and c_hat is the dealer's random bit (one round,
    one bit each way); then b = e + (1 - 2e) c_hat arithmetically, and
-   b * t (t the truncated value) is linear in the dealer's shares of c_hat, R, c_hat R, M, c_hat M:
-   no further multiplication round.
+   b * t (t the truncated value) is linear in the dealer's shares of c_hat, R, c_hat R, M, c_hat M
+   (R = r >> s, M = msb(r)): no further multiplication round. M and c_hat M enter only
+   multiplied by 2^(l-s), so they are needed mod 2^s only.
 
-Rounds per ReLU: 2 + ceil(log2 m) for m = (l - d) / 4 chunks. Bytes per element and party:
-8 (open c) + (2m - 1) * 2 / 8 (AND openings) + 1/8 (open e); dealer to model owner:
-40 (24 when s = 0) + 4m + about (2m + 1) / 8. Truncation alone: 1 round, 8 bytes per party,
-16 from the dealer.
+Rounds per ReLU: 2 + ceil(log2 m) for m = (b - d) / 4 chunks. Bytes per element and party,
+with w(k) = ceil(k / 8): w(l - s) (open c) + (2m - 1) * 2 / 8 (AND openings) + 1/8 (open e);
+dealer to model owner: 3 w(l) + 2 w(s) (w(l) when s = 0: R, c_hat, c_hat R, M, c_hat M)
++ 4m + about (2m + 1) / 8. Truncation alone: 1 round, w(l - s) bytes per party, w(l) + w(s)
+from the dealer. DenseNet-121 (l = 44, s = 16, b = 40, m = 6): 4 + 3.1 per party and
+18 + 4 + 24 + 1.6 from the dealer per ReLU element, 51.8 bytes in all (77 with Z_2^64 and
+full openings).
 
-Security (semi-honest, non-colluding dealer): every opened value (c, the AND-gate maskings,
-e) is masked by fresh uniform dealer randomness the receiver does not know, so each party's
-view is simulatable from its own input and output.
+Security (semi-honest, non-colluding dealer): every opened value (the c_i >> s, the AND-gate
+maskings, e) is masked by fresh uniform dealer randomness the receiver does not know, so each
+party's view is simulatable from its own input and output; the dealer's corrections are
+masked by the seed-expanded shares of the other party.
 """
 
 from __future__ import annotations
@@ -113,9 +126,10 @@ def _open_sign_mask(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, 
     return np.unpackbits(e_mine ^ p.exchange(f"{label}/e", e_mine), count=n).astype(U64)
 
 
-def _open_masked(p: Party, req: Request, x: np.ndarray, corr: NonlinearShares) -> np.ndarray:
+def _open_masked(p: Party, req: Request, x: np.ndarray, corr: NonlinearShares, low: int = 0) -> np.ndarray:
     """Step 1: c = x + 2^(l-2) + r mod 2^l, opened to both parties (one round, one packed ring
-    element each way)."""
+    element each way); with ``low`` > 0 only the bits [low, l) of each share travel and the
+    result is c* (see the module docstring, step 1)."""
     label, ring = req.label, req.ring
     flat = x.reshape(-1)
     require_shape(label, "mask r", corr.r, flat.shape)
@@ -126,7 +140,10 @@ def _open_masked(p: Party, req: Request, x: np.ndarray, corr: NonlinearShares) -
     mine = flat + corr.r
     if p.is_data_owner:
         mine = mine + offset(ring)
-    return reduce(mine + p.exchange_ring(f"{label}/c", mine), ring)
+    if not low:
+        return reduce(mine + p.exchange_ring(f"{label}/c", mine), ring)
+    high = reduce(mine, ring) >> U64(low)
+    return reduce((high + p.exchange_ring(f"{label}/c", high, ring - low)) << U64(low), ring)
 
 
 def _truncated(c: np.ndarray, corr: NonlinearShares, shift: int, ring: int, data_owner: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +169,7 @@ def truncate(p: Party, req: Request, x: np.ndarray) -> np.ndarray:
     """Shares of floor(x / 2^s) or that + 1 (steps 1-2). 1 round; 8 B each way; 16 B dealer."""
     assert req.nonlinear is not None
     corr = p.source.nonlinear(req)
-    c = _open_masked(p, req, x, corr)
+    c = _open_masked(p, req, x, corr, low=req.nonlinear.shift)
     t, _ = _truncated(c, corr, req.nonlinear.shift, req.ring, p.is_data_owner)
     return t.reshape(x.shape)
 
@@ -162,7 +179,7 @@ def relu(p: Party, req: Request, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     spec = req.nonlinear
     assert spec is not None and spec.relu
     corr = p.source.nonlinear(req)
-    c = _open_masked(p, req, x, corr)
+    c = _open_masked(p, req, x, corr, low=min(spec.shift, spec.drop))
     t, public = _truncated(c, corr, spec.shift, req.ring, p.is_data_owner)
     e = _open_sign_mask(p, req.label, c, corr, spec.n, spec.bits, spec.drop)
     assert corr.c_hat is not None and corr.c_hat_r_high is not None

@@ -38,11 +38,12 @@ class Party:
         self.rounds += 1
         return theirs
 
-    def exchange_ring(self, tag: str, mine: np.ndarray) -> np.ndarray:
-        """Send ``mine`` (ring elements) and receive the peer's of the same shape, each packed
-        at the ring's width on the wire (one round)."""
-        self.peer.send_ring(tag, mine, self.ring_bits)
-        theirs = self.peer.recv_ring(tag, mine.shape, self.ring_bits)
+    def exchange_ring(self, tag: str, mine: np.ndarray, bits: int | None = None) -> np.ndarray:
+        """Send ``mine`` (elements of Z_2^bits, by default the session's ring) and receive the
+        peer's of the same shape, each packed at ceil(bits / 8) bytes (one round)."""
+        bits = self.ring_bits if bits is None else bits
+        self.peer.send_ring(tag, mine, bits)
+        theirs = self.peer.recv_ring(tag, mine.shape, bits)
         self.rounds += 1
         return theirs
 

@@ -71,18 +71,45 @@ def wire_bytes(bits: int) -> int:
     return -(-bits // 8)
 
 
+_SPLIT = {5: np.dtype([("lo", "<u4"), ("hi", "u1")]), 6: np.dtype([("lo", "<u4"), ("hi", "<u2")]),
+          7: np.dtype([("lo", "<u4"), ("mid", "<u2"), ("hi", "u1")])}  # fmt: skip
+
+
 def pack(x: np.ndarray, bits: int) -> np.ndarray:
     """x mod 2^bits as ``wire_bytes(bits)`` little-endian bytes per element: uint8
-    (*x.shape, nbytes). The bits above ``bits`` are zeroed first, so a packed share carries
-    nothing but its value mod 2^bits."""
+    (*x.shape, nbytes). The bits above ``bits`` are zeroed, so a packed share carries nothing
+    but its value mod 2^bits."""
     nb = wire_bytes(bits)
-    flat = np.ascontiguousarray(reduce(np.asarray(x, dtype=U64), bits), dtype="<u8")
-    return np.ascontiguousarray(flat.view(np.uint8).reshape(flat.shape + (8,))[..., :nb])
+    x = np.asarray(x, dtype=U64)
+    split = _SPLIT.get(nb)
+    if split is None:
+        flat = np.ascontiguousarray(reduce(x, bits), dtype="<u8").reshape(-1)
+        return np.ascontiguousarray(flat.view(np.uint8).reshape(-1, 8)[:, :nb]).reshape(x.shape + (nb,))
+    out = np.empty(x.shape, dtype=split)  # field casts truncate: lo = x mod 2^32, ...
+    out["lo"] = x
+    if nb == 7:
+        out["mid"] = x >> U64(32)
+    top = 48 if nb == 7 else 32  # the first bit the "hi" field holds
+    out["hi"] = x >> U64(top)
+    if bits % 8:
+        out["hi"] &= (1 << (bits - top)) - 1
+    return out.view(np.uint8).reshape(x.shape + (nb,))
 
 
 def unpack(buf: np.ndarray, bits: int) -> np.ndarray:
     """Inverse of ``pack``: uint8 (*shape, nbytes) -> uint64 (*shape), values below 2^(8 nbytes)."""
     nb = wire_bytes(bits)
-    out = np.zeros(buf.shape[:-1] + (8,), dtype=np.uint8)
-    out[..., :nb] = buf
-    return out.view("<u8").reshape(buf.shape[:-1]).astype(U64, copy=False)
+    shape = buf.shape[:-1]
+    split = _SPLIT.get(nb)
+    if split is None:
+        out8 = np.zeros(shape + (8,), dtype=np.uint8)
+        out8[..., :nb] = buf
+        return out8.view("<u8").reshape(shape).astype(U64, copy=False)
+    fields = np.ascontiguousarray(buf).reshape(-1).view(split)
+    out = fields["hi"].astype(U64)
+    if nb == 7:
+        out <<= U64(16)
+        out |= fields["mid"]
+    out <<= U64(32)
+    out |= fields["lo"]
+    return out.reshape(shape)
