@@ -51,10 +51,15 @@ def _matmul_uniform(a: np.ndarray, b: np.ndarray, ring_bits: int = 64) -> np.nda
     with i + j < L (the others only reach bits >= 22 L >= ring_bits), K split into chunks of
     511 so every limb dot product is exact. Exact mod 2^ring_bits (L = 3 for Z_2^64: six
     products; L = 2 for rings up to 2^44: three)."""
-    out = np.zeros(a.shape[:-1] + b.shape[-1:], dtype=U64)
-    k, n = a.shape[-1], b.shape[-1]
-    count = -(-ring_bits // LIMB)
-    al, bl = _limbs(a, LIMB, ring_bits), _limbs(b, LIMB, ring_bits)
+    return _uniform_from_limbs(_limbs(a, LIMB, ring_bits), b, ring_bits)
+
+
+def _uniform_from_limbs(al: np.ndarray, b: np.ndarray, ring_bits: int) -> np.ndarray:
+    """``_matmul_uniform`` with a's 22-bit limbs (L, ..., K) already split."""
+    out = np.zeros(al.shape[1:-1] + b.shape[-1:], dtype=U64)
+    k, n = al.shape[-1], b.shape[-1]
+    count = al.shape[0]
+    bl = _limbs(b, LIMB, ring_bits)
     for start in range(0, k, _K_CHUNK):
         sl = slice(start, min(k, start + _K_CHUNK))
         for i in range(count):
@@ -66,17 +71,26 @@ def _matmul_uniform(a: np.ndarray, b: np.ndarray, ring_bits: int = 64) -> np.nda
     return out
 
 
+def _small_limb(k: int, b_bits: int) -> int:
+    """The limb width L of a for ``_matmul_small_right``: L + b_bits + ceil(log2 K) <= 52."""
+    return min(LIMB, 52 - b_bits - math.ceil(math.log2(max(k, 2))))
+
+
 def _matmul_small_right(a: np.ndarray, b_signed: np.ndarray, b_bits: int, ring_bits: int = 64) -> np.ndarray:
     """a uniform uint64 (..., K); b signed int64 (K, N) with |b| < 2^b_bits: one GEMM.
 
     a is split into L-bit limbs with L + b_bits + ceil(log2 K) <= 52, so every limb dot product
     (a signed sum of K terms below 2^(L + b_bits)) is exact in float64.
     """
-    k = a.shape[-1]
-    limb = min(LIMB, 52 - b_bits - math.ceil(math.log2(max(k, 2))))
+    limb = _small_limb(a.shape[-1], b_bits)
     if limb < 12:
         return _matmul_uniform(a, b_signed.view(U64), ring_bits)
-    prod = _limbs(a, limb, ring_bits) @ b_signed.astype(np.float64)  # (L, ..., K) @ (K, N)
+    return _small_from_limbs(_limbs(a, limb, ring_bits), b_signed, limb)
+
+
+def _small_from_limbs(al: np.ndarray, b_signed: np.ndarray, limb: int) -> np.ndarray:
+    """``_matmul_small_right`` with a's ``limb``-bit limbs (L, ..., K) already split."""
+    prod = al @ b_signed.astype(np.float64)  # (L, ..., K) @ (K, N)
     out = prod[0].astype(np.int64).view(U64)
     for i in range(1, len(prod)):
         out += prod[i].astype(np.int64).view(U64) << U64(limb * i)
@@ -188,7 +202,13 @@ def conv(x: np.ndarray, weight: np.ndarray, spec: ConvSpec, *, w_bits: int | Non
         return outs[0] if g == 1 else np.concatenate(outs, axis=1)
 
     per_row = ksz * int(np.prod(out_spatial[1:]))  # one step along the first output axis
-    if n_batch * out_spatial[0] * per_row <= TILE_ELEMENTS:
+    fits = n_batch * out_spatial[0] * per_row <= TILE_ELEMENTS
+    if fits and x.dtype == U64 and int(np.prod(spec.kernel)) > 1:
+        limb = LIMB if w_bits is None else _small_limb(kg, w_bits)
+        if limb >= 12:  # split into limbs before unfolding: prod(kernel) times fewer elements to split
+            y = _conv_limbs_first(x, spec, wmats, limb, w_bits, ring_bits, kg, ksz)
+            return np.ascontiguousarray(np.moveaxis(y.reshape((n_batch,) + tuple(out_spatial) + (m_out,)), -1, 1))
+    if fits:
         y = apply(np.ascontiguousarray(win).reshape(-1, ksz))
         y = y.reshape((n_batch,) + tuple(out_spatial) + (m_out,))
     else:
@@ -199,6 +219,21 @@ def conv(x: np.ndarray, weight: np.ndarray, spec: ConvSpec, *, w_bits: int | Non
                 tile = np.ascontiguousarray(win[b, start : start + step]).reshape(-1, ksz)
                 y[b, start : start + step] = apply(tile).reshape(y[b, start : start + step].shape)
     return np.ascontiguousarray(np.moveaxis(y, -1, 1))
+
+
+def _conv_limbs_first(x: np.ndarray, spec: ConvSpec, wmats: list[np.ndarray], limb: int, w_bits: int | None,
+                      ring_bits: int, kg: int, ksz: int) -> np.ndarray:  # fmt: skip
+    """``conv`` with x split into float64 limbs first and the limbs unfolded (the same sums,
+    the same exact result): rows (N * prod(O), M)."""
+    xl = _limbs(x, limb, ring_bits)  # (L, N, C, *S)
+    count = xl.shape[0]
+    win, _ = im2col(xl.reshape((count * x.shape[0],) + x.shape[1:]), spec)
+    al = np.ascontiguousarray(win).reshape(count, -1, ksz)
+    outs = []
+    for gi, wm in enumerate(wmats):
+        part = al[..., gi * kg : (gi + 1) * kg]
+        outs.append(_uniform_from_limbs(part, wm, ring_bits) if w_bits is None else _small_from_limbs(part, wm.view(np.int64), limb))
+    return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
 
 
 def conv_transpose(
