@@ -107,3 +107,18 @@ def test_relu_without_truncation_is_exact() -> None:
     x = spread(rng, 200_000, bits - 1)
     out, _ = run_protocol(NonlinearSpec(x.size, 0, bits, 0, True), x, relu=True)
     assert np.array_equal(out.view(np.int64), np.maximum(x.view(np.int64), 0))
+
+
+def test_the_lt_table_alone_gives_both_lookups_for_every_public_chunk() -> None:
+    """The dealer XOR-shares only the table of v -> [v < r_j]; each party derives its share of
+    the [v == r_j] table from it (``compare._borrow``): check every (v, r_j) and a random split."""
+    from privmed.mpc.correlation.expand import _lt_tables
+
+    v, r = np.meshgrid(np.arange(16, dtype=np.uint16), np.arange(16, dtype=np.uint16), indexing="ij")
+    split = np.random.default_rng(0).integers(0, 1 << 16, v.shape, dtype=np.uint16)
+    shares = (split, _lt_tables(r) ^ split)
+    one = np.uint16(1)
+    eq_tables = [t ^ (t << one) ^ (one if i == 0 else np.uint16(0)) for i, t in enumerate(shares)]
+    lt = ((shares[0] >> v) ^ (shares[1] >> v)) & one
+    eq = ((eq_tables[0] >> v) ^ (eq_tables[1] >> v)) & one
+    assert np.array_equal(lt, (v < r).astype(np.uint16)) and np.array_equal(eq, (v == r).astype(np.uint16))

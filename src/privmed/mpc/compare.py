@@ -26,9 +26,11 @@ log-depth prefix merge of Garay-Schoenmakers-Villegas, PKC 2007):
 3. Sign: for |x| < 2^b (b <= l - 3, checked on receipt of the plan), x < 0 iff bit b of
    (c - r) mod 2^(b+1) is 1, i.e. c_b XOR r_b XOR [c mod 2^b < r mod 2^b]. The comparison of
    the public c with the dealer's r is done on bits [d, b) only (d >= s), in 4-bit chunks:
-   the dealer provides XOR-shared truth tables of [v < r_j] and [v == r_j] for each chunk
-   (4 bytes per chunk), each party looks up its share at c_j, and a log-depth tree of AND
-   gates (Beaver triples on bits) merges chunk results. Ignoring the low d bits, and eps, can
+   the dealer provides an XOR-shared truth table of v -> [v < r_j] for each chunk (2 bytes
+   per chunk); [v == r_j] = [v - 1 < r_j] XOR [v < r_j] (1 XOR [0 < r_j] at v = 0) is
+   GF(2)-linear in it, so each party derives its share of the [v == r_j] table locally, and
+   looks both up at the public c_j. A log-depth tree of AND gates (Beaver triples on bits)
+   merges chunk results. Ignoring the low d bits, and eps, can
    only misjudge the sign when 0 <= x < 2^(d+1); with d = s that is x / 2^s < 2 units in the
    last place, where ReLU's output is then 0 instead of at most 1 unit.
 4. Open e = b XOR c_hat where b = [x >= 0] and c_hat is the dealer's random bit (one round,
@@ -40,10 +42,10 @@ log-depth prefix merge of Garay-Schoenmakers-Villegas, PKC 2007):
 Rounds per ReLU: 2 + ceil(log2 m) for m = (b - d) / 4 chunks. Bytes per element and party,
 with w(k) = ceil(k / 8): w(l - s) (open c) + (2m - 1) * 2 / 8 (AND openings) + 1/8 (open e);
 dealer to model owner: 3 w(l) + 2 w(s) (w(l) when s = 0: R, c_hat, c_hat R, M, c_hat M)
-+ 4m + about (2m + 1) / 8. Truncation alone: 1 round, w(l - s) bytes per party, w(l) + w(s)
-from the dealer. DenseNet-121 (l = 44, s = 16, b = 40, m = 6): 4 + 3.1 per party and
-18 + 4 + 24 + 1.6 from the dealer per ReLU element, 51.8 bytes in all (77 with Z_2^64 and
-full openings).
++ 2m + about (2m + 1) / 8. Truncation alone: 1 round, w(l - s) bytes per party, w(l) + w(s)
+from the dealer. DenseNet-121 (l = 44, s = 16, b = 40, m = 6, 7 AND gates): 4 + 1.9 per party and
+18 + 4 + 12 + 1 from the dealer per ReLU element, about 47 bytes in all (85 with Z_2^64, full
+openings and dealer tables of both [v < r_j] and [v == r_j]).
 
 Security (semi-honest, non-colluding dealer): every opened value (the c_i >> s, the AND-gate
 maskings, e) is masked by fresh uniform dealer randomness the receiver does not know, so each
@@ -81,12 +83,16 @@ def _borrow(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, bits: in
     """Packed XOR share of [c mod 2^bits < r mod 2^bits] on bits [drop, bits) (step 3)."""
     m = (bits - drop) // CHUNK
     cj = nibbles(c, drop, m)
-    assert corr.lt_tables is not None and corr.eq_tables is not None
-    require_shape(label, "comparison table lt", corr.lt_tables, cj.shape)
-    require_shape(label, "comparison table eq", corr.eq_tables, cj.shape)
+    table = corr.lt_tables
+    assert table is not None
+    require_shape(label, "comparison table", table, cj.shape)
+    # [v == r_j] = [v - 1 < r_j] XOR [v < r_j] (and 1 XOR [0 < r_j] at v = 0): linear in the table
+    eq_table = table ^ (table << np.uint16(1))
+    if p.is_data_owner:
+        eq_table ^= np.uint16(1)
     one = np.uint16(1)
-    lt = np.packbits(((corr.lt_tables >> cj) & one).astype(np.uint8), axis=1)
-    eq = np.packbits(((corr.eq_tables >> cj) & one).astype(np.uint8), axis=1)
+    lt = np.packbits(((table >> cj) & one).astype(np.uint8), axis=1)
+    eq = np.packbits(((eq_table >> cj) & one).astype(np.uint8), axis=1)
     nodes: list[tuple[np.ndarray, np.ndarray | None]] = [(lt[j], eq[j]) for j in range(m)]
     for lvl, pairs in enumerate(merge_schedule(m)):
         xs, ys = [], []
@@ -215,13 +221,14 @@ def sign_thresholds(p: Party, req: Request, x: np.ndarray, thresholds: np.ndarra
 
     1. Open c = x + 2^62 + r once (r uniform per element); then c_j = c - t_j is the opening
        of x - t_j with the same r, computed locally by both parties.
-    2. For each j, steps 3-4 on c_j: look up the XOR-shared truth tables of r's chunks (one
+    2. For each j, steps 3-4 on c_j: look up the XOR-shared tables of r's chunks (one
        set per element, shared by its k comparisons), merge the chunk results with fresh AND
        triples per comparison, open e_j = [x >= t_j] XOR c_hat_j with a fresh c_hat_j.
 
-    Rounds: 2 + ceil(log2 m), as one sign. Bytes per element and party: 8 + k (g / 4 + 1/8)
-    for g AND gates (7 at m = 6), instead of k (8 + g / 4 + 1/8) for k separate signs. Dealer
-    to the model owner: 8k + 4m + about k (g + 1) / 8 bytes per element.
+    Rounds: 2 + ceil(log2 m), as one sign. Bytes per element and party: w + k (g / 4 + 1/8)
+    for g AND gates (7 at m = 6) and w = ceil(l / 8), instead of k (w + g / 4 + 1/8) for k
+    separate signs. Dealer to the model owner: w k + 2m + about k (g + 1) / 8 bytes per
+    element.
     Security (semi-honest, non-colluding dealer): c is uniform (one fresh r per element,
     opened once); the table shares and their lookups are never opened, only combined in AND
     gates whose openings are masked by fresh triples, and each e_j by a fresh c_hat_j, so the
@@ -234,10 +241,9 @@ def sign_thresholds(p: Party, req: Request, x: np.ndarray, thresholds: np.ndarra
     corr = p.source.thresholds(req)
     flat = x.reshape(-1)
     require_shape(req.label, "mask r", corr.r, flat.shape)
-    assert corr.lt_tables is not None and corr.eq_tables is not None and corr.c_hat is not None
+    assert corr.lt_tables is not None and corr.c_hat is not None
     m = spec.chunks
-    require_shape(req.label, "comparison table lt", corr.lt_tables, (m, flat.size))
-    require_shape(req.label, "comparison table eq", corr.eq_tables, (m, flat.size))
+    require_shape(req.label, "comparison table", corr.lt_tables, (m, flat.size))
     require_shape(req.label, "sign masks c_hat", corr.c_hat, (spec.k * flat.size,))
     mine = flat + corr.r
     if p.is_data_owner:
@@ -245,7 +251,7 @@ def sign_thresholds(p: Party, req: Request, x: np.ndarray, thresholds: np.ndarra
     c = mine + p.exchange_ring(f"{req.label}/c", mine)
     cj = (c[None, :] - thresholds.reshape(-1, 1)).reshape(-1)  # public: the openings of x - t_j
     per_comparison = NonlinearShares(
-        r=corr.r, r_high=corr.r_high, lt_tables=np.tile(corr.lt_tables, (1, spec.k)), eq_tables=np.tile(corr.eq_tables, (1, spec.k)),
+        r=corr.r, r_high=corr.r_high, lt_tables=np.tile(corr.lt_tables, (1, spec.k)),
         e_mask=corr.e_mask, triples=corr.triples,
     )  # fmt: skip
     e = _open_sign_mask(p, req.label, cj, per_comparison, cj.size, spec.bits, 0)

@@ -9,15 +9,17 @@ receives. Material per request (n elements, m = (bits - drop) / 4 comparison chu
 - truncation by s: r (both seeded, r = r0 + r1), shares of r_high = r >> s and r_msb = msb(r);
   correction to party 1: 2n ring elements.
 - ReLU (with optional truncation): additionally a random bit c_hat shared arithmetically,
-  shares of c_hat * r_high and c_hat * r_msb, XOR-shared truth tables for [v < r_j] and
-  [v == r_j] of every 4-bit chunk r_j of r's bits [drop, bits), the bit r_bits XOR c_hat
-  (``e_mask``), and AND triples for the comparison tree. Correction to party 1: 5n ring
-  elements (3n when s = 0) + 4m n bytes of tables + about (2m + 1) n / 8 bytes of bits.
+  shares of c_hat * r_high and c_hat * r_msb, the comparison of v with r_j for [v < r_j] and
+  [v == r_j] of every 4-bit chunk r_j of r's bits [drop, bits), given as an XOR-shared truth
+  table of [v < r_j] only (``lt_tables``: [v == r_j] = [v - 1 < r_j] XOR [v < r_j] is linear
+  in it, ``compare._borrow``), the bit r_bits XOR c_hat (``e_mask``), and AND triples for
+  the comparison tree. Correction to party 1: 3n ring elements + 2n elements of Z_2^s (n ring
+  elements when s = 0) + 2m n bytes of tables + about (2m + 1) n / 8 bytes of bits.
 - product x * y (or x * x, or einsum(x, y)): Beaver triple a, b, c = B(a, b); correction
   |B(x, y)| ring elements.
-- k thresholds of n elements: one r per element and its truth tables (shared by the k
+- k thresholds of n elements: one r per element and its tables (shared by the k
   comparisons), and per comparison a fresh c_hat, its e_mask bit and the AND triples.
-  Correction to party 1: k n ring elements + 4m n bytes of tables + about k (2m - 1) n / 8
+  Correction to party 1: k n ring elements + 2m n bytes of tables + about k (2m - 1) n / 8
   bytes of bits.
 """
 
@@ -59,7 +61,6 @@ class NonlinearShares:
     c_hat_r_high: np.ndarray | None = None  # c_hat * (r >> shift)
     c_hat_r_msb: np.ndarray | None = None  # c_hat * msb(r)
     lt_tables: np.ndarray | None = None  # (m, n) uint16, XOR-shared: bit v of entry j is [v < r_j]
-    eq_tables: np.ndarray | None = None  # (m, n) uint16, XOR-shared: bit v of entry j is [v == r_j]
     e_mask: np.ndarray | None = None  # packed XOR shares of bit_l(r) XOR c_hat
     triples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)  # packed AND triples per tree level
 
@@ -93,7 +94,7 @@ def expand_nonlinear(stream: Stream, index: int, spec: NonlinearSpec) -> Nonline
         if spec.relu:
             sh.c_hat, sh.c_hat_r_high = stream.uint64(n), stream.uint64(n)
             sh.c_hat_r_msb = stream.uint64(n) if spec.shift else None
-            sh.lt_tables, sh.eq_tables = stream.uint16((m, n)), stream.uint16((m, n))
+            sh.lt_tables = stream.uint16((m, n))
             sh.e_mask = stream.uint8(nb)
     for k in ands_per_level(m):
         a, b = stream.uint8((k, nb)), stream.uint8((k, nb))
@@ -110,7 +111,7 @@ def expand_thresholds(stream: Stream, index: int, spec: ThresholdSpec) -> Nonlin
     sh = NonlinearShares(r=stream.uint64(n), r_high=np.zeros(0, U64))
     if index == 0:
         sh.c_hat = stream.uint64(kn)
-        sh.lt_tables, sh.eq_tables = stream.uint16((m, n)), stream.uint16((m, n))
+        sh.lt_tables = stream.uint16((m, n))
         sh.e_mask = stream.uint8(nb)
     for k in ands_per_level(m):
         a, b = stream.uint8((k, nb)), stream.uint8((k, nb))
@@ -120,18 +121,12 @@ def expand_thresholds(stream: Stream, index: int, spec: ThresholdSpec) -> Nonlin
 
 
 def thresholds_correction(spec: ThresholdSpec, s0: Stream, s1: Stream, private: Stream) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(c_hat corrections (k n) u64, tables (2, m, n) u16, packed bits: e_mask then triples)."""
+    """(c_hat corrections (k n) u64, tables (m, n) u16, packed bits: e_mask then triples)."""
     p0, p1 = expand_thresholds(s0, 0, spec), expand_thresholds(s1, 1, spec)
-    assert p0.c_hat is not None and p0.lt_tables is not None and p0.eq_tables is not None and p0.e_mask is not None
+    assert p0.c_hat is not None and p0.lt_tables is not None and p0.e_mask is not None
     r = p0.r + p1.r
     c_hat_bits = private.bits(spec.k * spec.n)
-    rj = nibbles(r, 0, spec.chunks)
-    one = np.uint16(1)
-    tables = np.empty((2, spec.chunks, spec.n), dtype=np.uint16)
-    np.subtract(one << rj, one, out=tables[0])
-    np.left_shift(one, rj, out=tables[1])
-    tables[0] ^= p0.lt_tables
-    tables[1] ^= p0.eq_tables
+    tables = _lt_tables(nibbles(r, 0, spec.chunks)) ^ p0.lt_tables
     r_top = np.tile(((r >> U64(spec.bits)) & U64(1)).astype(np.uint8), spec.k)  # the same r for every threshold
     bits = [np.packbits(r_top ^ c_hat_bits) ^ p0.e_mask]
     for (a0, b0, z0), (a1, b1, _) in zip(p0.triples, p1.triples, strict=True):
@@ -184,7 +179,7 @@ def nonlinear_correction(
     spec: NonlinearSpec, s0: Stream, s1: Stream, private: Stream, ring: int = 64
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
     """(full-width corrections (k, n) u64, msb corrections (k', n) u64 (``arith_fields``),
-    tables (2, m, n) u16 or None, packed bits u8), for shares of Z_2^ring."""
+    tables (m, n) u16 or None, packed bits u8), for shares of Z_2^ring."""
     p0, p1 = expand_nonlinear(s0, 0, spec), expand_nonlinear(s1, 1, spec)
     r = reduce(p0.r + p1.r, ring)
     full = {"r_high": r >> U64(spec.shift), "r_msb": r >> U64(ring - 1)}
@@ -194,13 +189,8 @@ def nonlinear_correction(
         c_hat_bits = private.bits(spec.n)
         c_hat = c_hat_bits.astype(U64)
         full.update(c_hat=c_hat, c_hat_r_high=c_hat * full["r_high"], c_hat_r_msb=c_hat * full["r_msb"])
-        rj = nibbles(r, spec.drop, spec.chunks)
-        one = np.uint16(1)
-        tables = np.empty((2, spec.chunks, spec.n), dtype=np.uint16)
-        np.subtract(one << rj, one, out=tables[0])
-        np.left_shift(one, rj, out=tables[1])
-        tables[0] ^= p0.lt_tables
-        tables[1] ^= p0.eq_tables
+        assert p0.lt_tables is not None
+        tables = _lt_tables(nibbles(r, spec.drop, spec.chunks)) ^ p0.lt_tables
         r_top = ((r >> U64(spec.bits)) & U64(1)).astype(np.uint8)
         bits.append(np.packbits(r_top ^ c_hat_bits) ^ p0.e_mask)  # type: ignore[operator]
     wide, msb = arith_fields(spec)
@@ -212,6 +202,11 @@ def nonlinear_correction(
         bits.append((((a0 ^ a1) & (b0 ^ b1)) ^ z0).reshape(-1))
     packed = np.concatenate(bits) if bits else np.zeros(0, np.uint8)
     return arith[0], arith[1], tables, packed
+
+
+def _lt_tables(rj: np.ndarray) -> np.ndarray:
+    """The truth table of v -> [v < r_j] for each 4-bit chunk r_j: bits v = 0 .. r_j - 1 set."""
+    return (np.uint16(1) << rj) - np.uint16(1)
 
 
 def nibbles(v: np.ndarray, drop: int, m: int) -> np.ndarray:

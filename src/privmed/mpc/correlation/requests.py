@@ -21,7 +21,9 @@ from privmed.crypto.prg import SESSION, StreamKey
 from privmed.errors import ProtocolError
 from privmed.ring.linalg import ConvSpec
 
-CHUNK = 4  # bits per comparison chunk (one 16-entry truth table)
+CHUNK = 4  # bits per comparison chunk
+
+
 
 
 class Purpose(IntEnum):

@@ -97,8 +97,7 @@ class DealerSource(CorrelationSource):
         flat = dealer.recv(f"{req.label}/B", np.uint8, (total,))
         pos = 0
         if spec.relu:
-            tables = dealer.recv(f"{req.label}/T", np.uint16, (2, spec.chunks, spec.n))
-            sh.lt_tables, sh.eq_tables = tables[0], tables[1]
+            sh.lt_tables = dealer.recv(f"{req.label}/T", np.uint16, (spec.chunks, spec.n))
             sh.e_mask, pos = flat[:nb], nb
         _fill_triples(sh, flat, pos, levels, nb)
         return sh
@@ -112,8 +111,7 @@ class DealerSource(CorrelationSource):
         dealer = self._from_dealer()
         kn, nb = spec.k * spec.n, packed_len(spec.k * spec.n)
         sh.c_hat = dealer.recv_ring(f"{req.label}/A", (kn,), req.ring)
-        tables = dealer.recv(f"{req.label}/T", np.uint16, (2, spec.chunks, spec.n))
-        sh.lt_tables, sh.eq_tables = tables[0], tables[1]
+        sh.lt_tables = dealer.recv(f"{req.label}/T", np.uint16, (spec.chunks, spec.n))
         levels = ands_per_level(spec.chunks)
         flat = dealer.recv(f"{req.label}/B", np.uint8, (nb + sum(levels) * nb,))
         sh.e_mask = flat[:nb]
