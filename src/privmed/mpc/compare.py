@@ -18,11 +18,14 @@ log-depth prefix merge of Garay-Schoenmakers-Villegas, PKC 2007):
 2. Exact truncation by s (Escudero et al. sec. 5.1 "probabilistic truncation" made exact with
    msb(r)): for x' = x* + 2^(l-2) in [0, 2^(l-1)), x' + r wraps iff msb(r) = 1 and
    msb(c*) = 0. Hence floor(x'/2^s) = (c* >> s) - (r >> s) + msb(r)(1 - msb(c*)) 2^(l-s)
-   - borrow, with borrow in {0, 1} from the low s bits, which we drop. With the eps of step 1
-   the result is floor(x / 2^s) + {-1, 0, +1} units in the last place, never anything else:
-   there is no probabilistic wrap, so a catastrophic error has probability 0 (not merely
-   < 2^-40) as long as |x| < 2^(l-2) - 2^(s+1), which the compiler's choice of l guarantees
-   with its margin over calibration data (``compiler.calibrate.choose_ring_bits``).
+   - borrow, with borrow in {0, 1} from the low s bits, which we drop. The parties' shares
+   of r >> s are those of (r >> s) - carry, carry in {0, 1} (``expand_nonlinear``: each share
+   of r is h_i 2^s + low_i, and only a wrap bit w, needed mod 2^s, comes from the dealer).
+   With eps and carry the result is floor(x / 2^s) + {-1, 0, +1, +2} units in the last
+   place (measured: 5 %, 44 %, 45 %, 5 %), never anything else: there is no probabilistic
+   wrap, so a catastrophic error has probability 0 (not merely < 2^-40) as long as
+   |x| < 2^(l-2) - 2^(s+1), which the compiler's choice of l guarantees with its margin over
+   calibration data (``compiler.calibrate.choose_ring_bits``).
 3. Sign: for |x| < 2^b (b <= l - 3, checked on receipt of the plan), x < 0 iff bit b of
    (c - r) mod 2^(b+1) is 1, i.e. c_b XOR r_b XOR [c mod 2^b < r mod 2^b]. The comparison of
    the public c with the dealer's r is done on bits [d, b) only (d >= s), in 4-bit chunks:
@@ -36,16 +39,16 @@ log-depth prefix merge of Garay-Schoenmakers-Villegas, PKC 2007):
 4. Open e = b XOR c_hat where b = [x >= 0] and c_hat is the dealer's random bit (one round,
    one bit each way); then b = e + (1 - 2e) c_hat arithmetically, and
    b * t (t the truncated value) is linear in the dealer's shares of c_hat, R, c_hat R, M, c_hat M
-   (R = r >> s, M = msb(r)): no further multiplication round. M and c_hat M enter only
-   multiplied by 2^(l-s), so they are needed mod 2^s only.
+   (R = (r >> s) - carry, M = msb(r)): no further multiplication round. M, c_hat M and R's
+   wrap bit w enter only multiplied by 2^(l-s), so they are needed mod 2^s only.
 
 Rounds per ReLU: 2 + ceil(log2 m) for m = (b - d) / 4 chunks. Bytes per element and party,
 with w(k) = ceil(k / 8): w(l - s) (open c) + (2m - 1) * 2 / 8 (AND openings) + 1/8 (open e);
-dealer to model owner: 3 w(l) + 2 w(s) (w(l) when s = 0: R, c_hat, c_hat R, M, c_hat M)
-+ 2m + about (2m + 1) / 8. Truncation alone: 1 round, w(l - s) bytes per party, w(l) + w(s)
-from the dealer. DenseNet-121 (l = 44, s = 16, b = 40, m = 6, 7 AND gates): 4 + 1.9 per party and
-18 + 4 + 12 + 1 from the dealer per ReLU element, about 47 bytes in all (85 with Z_2^64, full
-openings and dealer tables of both [v < r_j] and [v == r_j]).
+dealer to model owner: 2 w(l) + 3 w(s) (c_hat, c_hat R; w, M, c_hat M; 2 w(l) when s = 0)
++ 2m + about (2m + 1) / 8. Truncation alone: 1 round, w(l - s) bytes per party, 2 w(s) from
+the dealer. DenseNet-121 (l = 44, s = 16, b = 40, m = 6, 7 AND gates): 4 + 1.9 per party and
+12 + 6 + 12 + 1 from the dealer per ReLU element, about 43 bytes in all (85 with Z_2^64, full
+openings, a full share of r >> s and dealer tables of both [v < r_j] and [v == r_j]).
 
 Security (semi-honest, non-colluding dealer): every opened value (the c_i >> s, the AND-gate
 maskings, e) is masked by fresh uniform dealer randomness the receiver does not know, so each
@@ -139,7 +142,7 @@ def _open_masked(p: Party, req: Request, x: np.ndarray, corr: NonlinearShares, l
     label, ring = req.label, req.ring
     flat = x.reshape(-1)
     require_shape(label, "mask r", corr.r, flat.shape)
-    for name in ("r_high", "r_msb", "c_hat", "c_hat_r_high", "c_hat_r_msb"):
+    for name in ("r_high", "r_wrap", "r_msb", "c_hat", "c_hat_r_high", "c_hat_r_msb"):
         value = getattr(corr, name)
         if value is not None and value.size:
             require_shape(label, f"correlation {name}", value, flat.shape)
@@ -155,13 +158,21 @@ def _open_masked(p: Party, req: Request, x: np.ndarray, corr: NonlinearShares, l
 def _truncated(c: np.ndarray, corr: NonlinearShares, shift: int, ring: int, data_owner: bool) -> tuple[np.ndarray, np.ndarray]:
     """Step 2: shares of t = x >> shift (+1 ulp at most), and the public part P of t."""
     public = (c >> U64(shift)) - public_const(1 << (ring - 2 - shift))
-    t = -corr.r_high
+    t = -_r_high(corr, shift, ring)
     if shift:
         assert corr.r_msb is not None
         t = t + corr.r_msb * _wrap_gate(c, shift, ring)
     if data_owner:
         t = t + public
     return t, public
+
+
+def _r_high(corr: NonlinearShares, shift: int, ring: int) -> np.ndarray:
+    """This party's share of (r >> s) - carry: h_i - w_i 2^(l-s) (``expand_nonlinear``)."""
+    if not shift:
+        return corr.r_high
+    assert corr.r_wrap is not None
+    return corr.r_high - (corr.r_wrap << U64(ring - shift))
 
 
 def _wrap_gate(c: np.ndarray, shift: int, ring: int) -> np.ndarray:
@@ -190,7 +201,7 @@ def relu(p: Party, req: Request, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     e = _open_sign_mask(p, req.label, c, corr, spec.n, spec.bits, spec.drop)
     assert corr.c_hat is not None and corr.c_hat_r_high is not None
     flip = U64(1) - U64(2) * e  # 1 - 2e in the ring
-    out = flip * public * corr.c_hat - (e * corr.r_high + flip * corr.c_hat_r_high)
+    out = flip * public * corr.c_hat - (e * _r_high(corr, spec.shift, req.ring) + flip * corr.c_hat_r_high)
     if spec.shift:
         assert corr.r_msb is not None and corr.c_hat_r_msb is not None
         out = out + _wrap_gate(c, spec.shift, req.ring) * (e * corr.r_msb + flip * corr.c_hat_r_msb)

@@ -40,7 +40,8 @@ def serve(req: Request, prgs: tuple[PRG, PRG, PRG], to_model_owner: Channel) -> 
         wide, msb, tables, packed = nonlinear_correction(
             req.nonlinear, prg0.stream(req.key), prg1.stream(req.key), private.stream(bits_key), req.ring
         )
-        to_model_owner.send_ring(f"{req.label}/A", wide, req.ring)
+        if wide.size:
+            to_model_owner.send_ring(f"{req.label}/A", wide, req.ring)
         if msb.size:
             to_model_owner.send_ring(f"{req.label}/M", msb, req.nonlinear.shift)
         to_model_owner.send(f"{req.label}/B", packed)

@@ -54,8 +54,9 @@ class LinearShares:
 class NonlinearShares:
     """One party's comparison/truncation material (arithmetic shares unless noted)."""
 
-    r: np.ndarray  # the mask r of the opening c = x + 2^62 + r
-    r_high: np.ndarray  # r >> shift
+    r: np.ndarray  # the mask r of the opening c = x + 2^(l-2) + r, r = h 2^shift + low
+    r_high: np.ndarray  # h: with r_wrap, the shares of r >> shift (``expand_nonlinear``)
+    r_wrap: np.ndarray | None = None  # w, the wrap of h_0 + h_1 (truncations only; needed mod 2^shift)
     r_msb: np.ndarray | None = None  # msb(r) (truncations only)
     c_hat: np.ndarray | None = None  # the dealer's random bit that hides the sign
     c_hat_r_high: np.ndarray | None = None  # c_hat * (r >> shift)
@@ -83,14 +84,28 @@ def expand_linear(prg: PRG, req: Request, index: int) -> LinearShares:
     return LinearShares(prg.stream(req.weight_mask_key).uint64(spec.w_shape), np.zeros(0, dtype=U64))
 
 
-def expand_nonlinear(stream: Stream, index: int, spec: NonlinearSpec) -> NonlinearShares:
-    """Seeded material; bits (e_mask, triples) are kept packed, 8 elements per byte."""
+def expand_nonlinear(stream: Stream, index: int, spec: NonlinearSpec, ring: int = 64) -> NonlinearShares:
+    """Seeded material; bits (e_mask, triples) are kept packed, 8 elements per byte.
+
+    With a shift s > 0, each party's share of the mask is r_i = h_i 2^s + low_i with h_i
+    uniform below 2^(l-s) and low_i below 2^s, so r = r_0 + r_1 is uniform in Z_2^l (each r_i
+    alone is) and r >> s = h_0 + h_1 + carry - w 2^(l-s), where carry = [low_0 + low_1 >= 2^s]
+    and w = [h_0 + h_1 + carry >= 2^(l-s)]. The parties use h_i - w_i 2^(l-s) as their shares
+    of r >> s, i.e. of (r >> s) - carry: the dropped carry adds at most one unit to the
+    truncation (``mpc.compare`` step 2), and w enters only times 2^(l-s), so the dealer
+    corrects it mod 2^s (2 bytes) instead of sending a full share of r >> s."""
     n, nb = spec.n, packed_len(spec.n)
-    sh = NonlinearShares(r=stream.uint64(n), r_high=np.zeros(0, U64))
+    h = stream.uint64(n)
+    if spec.shift:
+        h &= U64((1 << (ring - spec.shift)) - 1)
+        r = (h << U64(spec.shift)) + (stream.uint64(n) & U64((1 << spec.shift) - 1))
+    else:
+        r = h
+    sh = NonlinearShares(r=r, r_high=h)
     m = spec.chunks
     if index == 0:
-        sh.r_high = stream.uint64(n)
-        sh.r_msb = stream.uint64(n) if spec.shift else None
+        if spec.shift:
+            sh.r_wrap, sh.r_msb = stream.uint64(n), stream.uint64(n)
         if spec.relu:
             sh.c_hat, sh.c_hat_r_high = stream.uint64(n), stream.uint64(n)
             sh.c_hat_r_msb = stream.uint64(n) if spec.shift else None
@@ -148,11 +163,11 @@ def arith_fields(spec: NonlinearSpec) -> tuple[list[str], list[str]]:
     """The arithmetic fields the dealer corrects for party 1, in the order it sends them:
     (full-width fields, fields needed only mod 2^shift).
 
-    msb(r) and c_hat msb(r) enter the protocols only multiplied by the wrap gate
-    (1 - msb(c)) 2^(l - shift) (``compare._wrap_gate``), so their shares matter mod 2^shift
-    only, and the dealer sends their corrections at ceil(shift / 8) bytes instead of l / 8."""
-    wide = ["r_high"] + (["c_hat", "c_hat_r_high"] if spec.relu else [])
-    msb = (["r_msb"] + (["c_hat_r_msb"] if spec.relu else [])) if spec.shift else []
+    w (``expand_nonlinear``), msb(r) and c_hat msb(r) enter the protocols only multiplied by
+    2^(l - shift) (``compare._truncated``, ``compare._wrap_gate``), so their shares matter mod
+    2^shift only, and the dealer sends their corrections at ceil(shift / 8) bytes."""
+    wide = ["c_hat", "c_hat_r_high"] if spec.relu else []
+    msb = (["r_wrap", "r_msb"] + (["c_hat_r_msb"] if spec.relu else [])) if spec.shift else []
     return wide, msb
 
 
@@ -180,9 +195,15 @@ def nonlinear_correction(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
     """(full-width corrections (k, n) u64, msb corrections (k', n) u64 (``arith_fields``),
     tables (m, n) u16 or None, packed bits u8), for shares of Z_2^ring."""
-    p0, p1 = expand_nonlinear(s0, 0, spec), expand_nonlinear(s1, 1, spec)
+    p0, p1 = expand_nonlinear(s0, 0, spec, ring), expand_nonlinear(s1, 1, spec, ring)
     r = reduce(p0.r + p1.r, ring)
-    full = {"r_high": r >> U64(spec.shift), "r_msb": r >> U64(ring - 1)}
+    s_ = spec.shift
+    full = {"r_high": r >> U64(s_), "r_msb": r >> U64(ring - 1)}
+    if s_:
+        low = U64((1 << s_) - 1)
+        carry = ((p0.r & low) + (p1.r & low)) >> U64(s_)
+        full["r_wrap"] = (p0.r_high + p1.r_high + carry) >> U64(ring - s_)
+        full["r_high"] = full["r_high"] - carry  # what the parties' shares h_i - w_i 2^(l-s) sum to
     bits: list[np.ndarray] = []
     tables = None
     if spec.relu:

@@ -79,14 +79,15 @@ class DealerSource(CorrelationSource):
     def nonlinear(self, req: Request) -> NonlinearShares:
         spec = req.nonlinear
         assert spec is not None
-        sh = expand_nonlinear(self.prg.stream(req.key), self.index, spec)
+        sh = expand_nonlinear(self.prg.stream(req.key), self.index, spec, req.ring)
         if self.index == 0:
             return sh
         dealer = self._from_dealer()
         wide, msb = arith_fields(spec)
-        arith = dealer.recv_ring(f"{req.label}/A", (len(wide), spec.n), req.ring)
-        for i, name in enumerate(wide):
-            setattr(sh, name, arith[i])
+        if wide:
+            arith = dealer.recv_ring(f"{req.label}/A", (len(wide), spec.n), req.ring)
+            for i, name in enumerate(wide):
+                setattr(sh, name, arith[i])
         if msb:  # needed mod 2^shift only (``arith_fields``)
             low = dealer.recv_ring(f"{req.label}/M", (len(msb), spec.n), spec.shift)
             for i, name in enumerate(msb):
