@@ -1,0 +1,79 @@
+"""Fold a positive per-channel scale in front of a ReLU into the next linear layer.
+
+A BatchNorm whose input is not a convolution's output (DenseNet's norm on the concatenated
+features, pre-activation ResNets) lowers to a private per-channel affine a * x + b, a Beaver
+product with the model owner's a (one round, two ring elements per element), then a ReLU.
+When every a_c > 0, ReLU(a x + b) = a ReLU(x + b / a): the affine becomes a public shift of x
+to scale 2f and a private bias b / a (both local, no message), and a moves into the weights
+of the linear layers that read the ReLU (input channel c of each multiplied by a_c).
+
+Which layers were folded is visible in the plan (an ``upscale`` and a ``bias`` instead of a
+``linear`` of kind ``channel_scale``): one bit per layer that depends on the weights (all of
+that layer's scales positive and at least ``MIN_SCALE``), like the integer widths listed in
+``privmed.ir.plan``. ``MIN_SCALE`` keeps the precision of the folded weights: a W is encoded
+with the same f fractional bits as W, so a small a would lose relative precision.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from privmed.ir.plan import Node
+
+MIN_SCALE = 1.0 / 16
+
+
+def _consumers(nodes: list[Node]) -> dict[str, list[Node]]:
+    out: dict[str, list[Node]] = {n.id: [] for n in nodes}
+    for n in nodes:
+        for src in n.inputs:
+            out[src].append(n)
+    return out
+
+
+def _scalable(n: Node, channels: int) -> bool:
+    """A linear layer whose input channel axis can absorb a per-channel factor."""
+    if n.op != "linear" or len(n.inputs) != 1:
+        return False
+    kind = n.attrs.get("kind")
+    if kind == "conv":
+        return int(n.attrs.get("spec", {}).get("groups", 1)) == 1 and n.attrs["w_shape"][1] == channels
+    return kind == "matmul" and n.attrs["w_shape"][0] == channels
+
+
+def fold_positive_scales(nodes: list[Node], float_weight: dict[str, np.ndarray], float_bias: dict[str, np.ndarray], output: str) -> int:
+    """Rewrite ``nodes`` in place (before calibration; scales are still multiples k of f).
+    Returns the number of folded layers."""
+    by_id = {n.id: n for n in nodes}
+    cons = _consumers(nodes)
+    folded = 0
+    for i, cs in enumerate(list(nodes)):
+        if cs.op != "linear" or cs.attrs.get("kind") != "channel_scale" or cs.scale != 2 or by_id[cs.inputs[0]].scale != 1:
+            continue
+        users = cons[cs.id]
+        if len(users) != 1 or users[0].op != "relu" or users[0].attrs.get("shift_k") != 1 or users[0].id == output:
+            continue
+        relu = users[0]
+        channels = int(cs.shape[0])
+        a = np.asarray(float_weight[cs.id], dtype=np.float64).reshape(-1)
+        if a.size != channels or not np.all(a >= MIN_SCALE):
+            continue
+        readers = cons[relu.id]
+        if not readers or not all(_scalable(r, channels) for r in readers) or (len(cs.shape) != 1 and any(r.attrs["kind"] == "matmul" for r in readers)):
+            continue
+        for r in readers:
+            w = float_weight[r.id]
+            float_weight[r.id] = w * (a.reshape((1, channels) + (1,) * (w.ndim - 2)) if r.attrs["kind"] == "conv" else a.reshape(channels, 1))
+        onnx: Any = cs.attrs.get("onnx", "")
+        b = float_bias.pop(cs.id, None)
+        del float_weight[cs.id]
+        cs.op, cs.attrs = "upscale", {"shift_k": 1, "onnx": onnx}
+        if b is not None:
+            bias = Node(f"{cs.id}_b"[:32], "bias", [cs.id], list(cs.shape), 2, {"onnx": onnx})
+            float_bias[bias.id] = np.asarray(b, dtype=np.float64) / a.reshape((channels,) + (1,) * (len(cs.shape) - 1))
+            nodes.insert(nodes.index(cs) + 1, bias)
+            relu.inputs = [bias.id if src == cs.id else src for src in relu.inputs]
+        folded += 1
+    return folded
