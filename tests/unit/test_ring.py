@@ -106,16 +106,17 @@ def test_conv_in_tiles_equals_conv_in_one_piece(monkeypatch: pytest.MonkeyPatch)
     assert np.array_equal(conv(x, w, spec), whole)
 
 
-@pytest.mark.parametrize("bits", [3, 8, 16, 20, 33, 40, 41, 44, 48, 50, 55, 56, 60, 63, 64])
+@pytest.mark.parametrize("bits", [3, 8, 16, 20, 28, 33, 40, 41, 44, 46, 48, 50, 55, 56, 60, 63, 64])
 def test_pack_keeps_exactly_the_value_mod_2_to_the_ring_and_unpack_inverts_it(bits: int) -> None:
-    from privmed.ring.fixed import pack, unpack, wire_bytes
+    from privmed.ring.fixed import pack, unpack, wire_len
 
-    x = np.random.default_rng(bits).integers(0, 2**63, (50, 3), dtype=np.uint64) * np.uint64(3)
-    buf = pack(x, bits)
-    assert buf.dtype == np.uint8 and buf.shape == (50, 3, wire_bytes(bits))
-    low = x if bits == 64 else x & np.uint64((1 << bits) - 1)
-    assert np.array_equal(unpack(buf, bits), low)
-    assert np.array_equal(pack(low, bits), buf)  # nothing above bit l reaches the wire
+    for count in (1, 2, 7, 150):
+        x = np.random.default_rng(bits).integers(0, 2**63, count, dtype=np.uint64) * np.uint64(3)
+        buf = pack(x, bits)
+        assert buf.dtype == np.uint8 and buf.shape == (wire_len(count, bits),) and buf.size == -(-count * bits // 8)
+        low = x if bits == 64 else x & np.uint64((1 << bits) - 1)
+        assert np.array_equal(unpack(buf, bits, count), low)
+        assert np.array_equal(pack(low, bits), buf)  # nothing above bit l reaches the wire
 
 
 @pytest.mark.parametrize("ring", [40, 44, 48, 64])

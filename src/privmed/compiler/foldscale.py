@@ -49,7 +49,7 @@ def fold_positive_scales(nodes: list[Node], float_weight: dict[str, np.ndarray],
     by_id = {n.id: n for n in nodes}
     cons = _consumers(nodes)
     folded = 0
-    for i, cs in enumerate(list(nodes)):
+    for cs in list(nodes):
         if cs.op != "linear" or cs.attrs.get("kind") != "channel_scale" or cs.scale != 2 or by_id[cs.inputs[0]].scale != 1:
             continue
         users = cons[cs.id]

@@ -8,6 +8,7 @@ naming the peer and the current step (``channel.step``, set by the runtime per l
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -17,7 +18,7 @@ import numpy as np
 
 from privmed.errors import PeerError
 from privmed.net.frame import HEADER_BYTES, Header, check_header, pack_header, unpack_header
-from privmed.ring.fixed import pack, unpack, wire_bytes
+from privmed.ring.fixed import pack, unpack, wire_len
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -149,15 +150,17 @@ class Channel:
         return np.frombuffer(payload, dtype=hdr.dtype).reshape(hdr.shape)
 
     def send_ring(self, tag: str, arr: np.ndarray, bits: int = 64) -> None:
-        """Send ring elements of Z_2^bits: uint64 as is for 64 bits, else packed at
-        ``ceil(bits / 8)`` bytes each (``privmed.ring.fixed.pack``, high bits zeroed)."""
+        """Send ring elements of Z_2^bits: uint64 as is for 64 bits, else packed at bits / 8
+        bytes each (``privmed.ring.fixed.pack``: only the value mod 2^bits is sent)."""
         self.send(tag, arr if bits == 64 else pack(arr, bits))
 
     def recv_ring(self, tag: str, shape: tuple[int, ...], bits: int = 64, timeout_s: float | None = None) -> np.ndarray:
-        """Receive exactly ``shape`` ring elements of Z_2^bits sent by ``send_ring`` (uint64)."""
+        """Receive exactly ``shape`` ring elements of Z_2^bits sent by ``send_ring`` (uint64,
+        each below 2^bits); the frame must have exactly the packed length."""
         if bits == 64:
             return self.recv(tag, np.uint64, shape, timeout_s)
-        return unpack(self.recv(tag, np.uint8, tuple(shape) + (wire_bytes(bits),), timeout_s), bits)
+        count = math.prod(shape)
+        return unpack(self.recv(tag, np.uint8, (wire_len(count, bits),), timeout_s), bits, count).reshape(shape)
 
     def send_text(self, tag: str, text: str) -> None:
         self.send(tag, np.frombuffer(text.encode("utf-8"), dtype=np.uint8))

@@ -67,49 +67,102 @@ def sign_extend(x: np.ndarray, bits: int) -> np.ndarray:
 
 
 def wire_bytes(bits: int) -> int:
-    """Bytes per element of Z_2^bits on the wire."""
+    """Whole bytes per element of Z_2^bits (the part of ``pack`` below bit 8 floor(bits/8) is
+    ``bits // 8`` bytes; the remaining bits are bit-packed across elements)."""
     return -(-bits // 8)
 
 
+def wire_len(count: int, bits: int) -> int:
+    """Bytes of ``count`` elements of Z_2^bits packed by ``pack``: ceil(count bits / 8) up to
+    the byte rounding of the low and high parts."""
+    q, r = divmod(bits, 8)
+    return q * count + (count * r + 7) // 8
+
+
+_WORDS = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_THREE = np.dtype([("lo", "<u2"), ("hi", "u1")])
 _SPLIT = {5: np.dtype([("lo", "<u4"), ("hi", "u1")]), 6: np.dtype([("lo", "<u4"), ("hi", "<u2")]),
           7: np.dtype([("lo", "<u4"), ("mid", "<u2"), ("hi", "u1")])}  # fmt: skip
 
 
-def pack(x: np.ndarray, bits: int) -> np.ndarray:
-    """x mod 2^bits as ``wire_bytes(bits)`` little-endian bytes per element: uint8
-    (*x.shape, nbytes). The bits above ``bits`` are zeroed, so a packed share carries nothing
-    but its value mod 2^bits."""
-    nb = wire_bytes(bits)
-    x = np.asarray(x, dtype=U64)
+def _pack_bytes(x: np.ndarray, nb: int) -> np.ndarray:
+    """The low ``nb`` bytes of each uint64 of flat x, little-endian: uint8 (n * nb,)."""
+    if nb == 8:
+        return np.ascontiguousarray(x, dtype="<u8").view(np.uint8)
+    if nb in _WORDS:
+        return x.astype(_WORDS[nb]).view(np.uint8)  # the cast keeps the low bytes
+    if nb == 3:
+        out3 = np.empty(x.shape, dtype=_THREE)
+        out3["lo"], out3["hi"] = x, x >> U64(16)
+        return out3.view(np.uint8)
     split = _SPLIT.get(nb)
     if split is None:
-        flat = np.ascontiguousarray(reduce(x, bits), dtype="<u8").reshape(-1)
-        return np.ascontiguousarray(flat.view(np.uint8).reshape(-1, 8)[:, :nb]).reshape(x.shape + (nb,))
+        return np.ascontiguousarray(np.ascontiguousarray(x, dtype="<u8").view(np.uint8).reshape(-1, 8)[:, :nb]).reshape(-1)
     out = np.empty(x.shape, dtype=split)  # field casts truncate: lo = x mod 2^32, ...
     out["lo"] = x
     if nb == 7:
         out["mid"] = x >> U64(32)
-    top = 48 if nb == 7 else 32  # the first bit the "hi" field holds
-    out["hi"] = x >> U64(top)
-    if bits % 8:
-        out["hi"] &= (1 << (bits - top)) - 1
-    return out.view(np.uint8).reshape(x.shape + (nb,))
+    out["hi"] = x >> U64(48 if nb == 7 else 32)
+    return out.view(np.uint8)
 
 
-def unpack(buf: np.ndarray, bits: int) -> np.ndarray:
-    """Inverse of ``pack``: uint8 (*shape, nbytes) -> uint64 (*shape), values below 2^(8 nbytes)."""
-    nb = wire_bytes(bits)
-    shape = buf.shape[:-1]
+def _unpack_bytes(buf: np.ndarray, nb: int) -> np.ndarray:
+    """Inverse of ``_pack_bytes``: uint64 (n,)."""
+    if nb == 8:
+        return np.ascontiguousarray(buf).view("<u8").astype(U64, copy=False)
+    if nb in _WORDS:
+        return np.ascontiguousarray(buf).view(_WORDS[nb]).astype(U64)
+    if nb == 3:
+        f3 = np.ascontiguousarray(buf).view(_THREE)
+        return (f3["hi"].astype(U64) << U64(16)) | f3["lo"]
     split = _SPLIT.get(nb)
     if split is None:
-        out8 = np.zeros(shape + (8,), dtype=np.uint8)
-        out8[..., :nb] = buf
-        return out8.view("<u8").reshape(shape).astype(U64, copy=False)
-    fields = np.ascontiguousarray(buf).reshape(-1).view(split)
+        out8 = np.zeros((buf.size // max(nb, 1), 8), dtype=np.uint8)
+        out8[:, :nb] = buf.reshape(-1, nb)
+        return out8.view("<u8").reshape(-1).astype(U64, copy=False)
+    fields = np.ascontiguousarray(buf).view(split)
     out = fields["hi"].astype(U64)
     if nb == 7:
         out <<= U64(16)
         out |= fields["mid"]
     out <<= U64(32)
     out |= fields["lo"]
-    return out.reshape(shape)
+    return out
+
+
+def pack(x: np.ndarray, bits: int) -> np.ndarray:
+    """x mod 2^bits for the wire: uint8 (``wire_len(x.size, bits)``,), the low 8 floor(bits/8)
+    bits of each element as whole little-endian bytes, then the remaining bits % 8 high bits of
+    all elements packed together (two nibbles per byte for 4; ``np.packbits`` otherwise). The
+    bits above ``bits`` are dropped, so a packed share carries nothing but its value mod 2^bits."""
+    q, r = divmod(bits, 8)
+    flat = np.asarray(x, dtype=U64).reshape(-1)
+    low = _pack_bytes(flat, q) if q else np.zeros(0, np.uint8)
+    if not r:
+        return low
+    high = ((flat >> U64(8 * q)) & U64((1 << r) - 1)).astype(np.uint8)
+    if r == 4:
+        if high.size % 2:
+            high = np.append(high, np.uint8(0))
+        tail = high[0::2] | (high[1::2] << np.uint8(4))
+    else:
+        tail = np.packbits(np.unpackbits(high[:, None], axis=1, count=8, bitorder="little")[:, :r].reshape(-1), bitorder="little")
+    return np.concatenate([low, tail])
+
+
+def unpack(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of ``pack``: ``count`` uint64 values below 2^bits from uint8 (wire_len,)."""
+    q, r = divmod(bits, 8)
+    buf = np.asarray(buf, dtype=np.uint8).reshape(-1)
+    out = _unpack_bytes(buf[: q * count], q) if q else np.zeros(count, dtype=U64)
+    if not r:
+        return out
+    tail = buf[q * count :]
+    if r == 4:
+        high = np.empty(2 * tail.size, dtype=np.uint8)
+        high[0::2], high[1::2] = tail & np.uint8(15), tail >> np.uint8(4)
+        high = high[:count]
+    else:
+        b = np.unpackbits(tail, count=count * r, bitorder="little").reshape(count, r)
+        high = np.packbits(b, axis=1, bitorder="little").reshape(-1)
+    return out | (high.astype(U64) << U64(8 * q))
