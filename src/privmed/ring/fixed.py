@@ -79,7 +79,7 @@ def wire_len(count: int, bits: int) -> int:
     return q * count + (count * r + 7) // 8
 
 
-_WORDS = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_WORDS: dict[int, np.dtype] = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4")}
 _THREE = np.dtype([("lo", "<u2"), ("hi", "u1")])
 _SPLIT = {5: np.dtype([("lo", "<u4"), ("hi", "u1")]), 6: np.dtype([("lo", "<u4"), ("hi", "<u2")]),
           7: np.dtype([("lo", "<u4"), ("mid", "<u2"), ("hi", "u1")])}  # fmt: skip
