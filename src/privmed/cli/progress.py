@@ -20,8 +20,8 @@ def human_bytes(n: float) -> str:
 class LayerProgress:
     """One updating line on a terminal; a line every 10% of the layers otherwise."""
 
-    def __init__(self, stream: TextIO = sys.stderr, label: str = "secure inference") -> None:
-        self.stream = stream
+    def __init__(self, stream: TextIO | None = None, label: str = "secure inference") -> None:
+        self.stream = sys.stderr if stream is None else stream  # the stream of now, not of import time
         self.tty = stream.isatty()
         self.label = label
         self._last_decile = -1
