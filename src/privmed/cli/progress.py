@@ -22,7 +22,7 @@ class LayerProgress:
 
     def __init__(self, stream: TextIO | None = None, label: str = "secure inference") -> None:
         self.stream = sys.stderr if stream is None else stream  # the stream of now, not of import time
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
         self.label = label
         self._last_decile = -1
 
