@@ -191,6 +191,9 @@ def conv(x: np.ndarray, weight: np.ndarray, spec: ConvSpec, *, w_bits: int | Non
     n_batch, channels = x.shape[:2]
     m_out = weight.shape[0]
     g = spec.groups
+    pointwise = all(k == 1 for k in spec.kernel) and all(s == 1 for s in spec.strides) and not any(spec.pads)
+    if pointwise and g == 1 and x.dtype == U64 and x[0].size <= TILE_ELEMENTS:
+        return _conv_pointwise(x, weight.reshape(m_out, channels), w_bits, ring_bits)
     cg, mg = channels // g, m_out // g
     win, out_spatial = im2col(x, spec)
     kg = cg * int(np.prod(spec.kernel))
@@ -219,6 +222,42 @@ def conv(x: np.ndarray, weight: np.ndarray, spec: ConvSpec, *, w_bits: int | Non
                 tile = np.ascontiguousarray(win[b, start : start + step]).reshape(-1, ksz)
                 y[b, start : start + step] = apply(tile).reshape(y[b, start : start + step].shape)
     return np.ascontiguousarray(np.moveaxis(y, -1, 1))
+
+
+def _conv_pointwise(x: np.ndarray, w: np.ndarray, w_bits: int | None, ring_bits: int) -> np.ndarray:
+    """A 1x1 convolution as W (M, C) @ x_n (C, H W) per sample, with W on the left: the input
+    and the output keep their (N, C, *S) layout (no unfolding copy, no output transpose).
+    The same limb arithmetic as ``_matmul_uniform`` / ``_matmul_small_right``, transposed."""
+    n_batch, channels = x.shape[:2]
+    xs = np.ascontiguousarray(x).reshape(n_batch, channels, -1)
+    out = np.empty((n_batch, w.shape[0], xs.shape[2]), dtype=U64)
+    limb = LIMB if w_bits is None else _small_limb(channels, w_bits)
+    for b in range(n_batch):
+        if w_bits is not None and limb >= 12:
+            xl = _limbs(xs[b], limb, ring_bits)  # (L, C, HW)
+            prod = w.view(np.int64).astype(np.float64) @ xl  # (L, M, HW)
+            acc = prod[0].astype(np.int64).view(U64)
+            for i in range(1, len(prod)):
+                acc += prod[i].astype(np.int64).view(U64) << U64(limb * i)
+            out[b] = acc
+        else:  # W @ X = (X^T W^T)^T: the uniform product on the transposed limbs
+            out[b] = _uniform_left(w, xs[b], ring_bits)
+    return out.reshape((n_batch, w.shape[0]) + x.shape[2:])
+
+
+def _uniform_left(w: np.ndarray, xm: np.ndarray, ring_bits: int) -> np.ndarray:
+    """w (M, K) @ xm (K, P) mod 2^ring_bits, both uniform (``_matmul_uniform`` with the roles of
+    the operands' axes swapped)."""
+    count = -(-ring_bits // LIMB)
+    wl, xl = _limbs(w, LIMB, ring_bits), _limbs(xm, LIMB, ring_bits)
+    k = w.shape[1]
+    out = np.zeros((w.shape[0], xm.shape[1]), dtype=U64)
+    for start in range(0, k, _K_CHUNK):
+        sl = slice(start, min(k, start + _K_CHUNK))
+        for i in range(count):
+            for j in range(count - i):
+                out += (wl[i][:, sl] @ xl[j][sl]).astype(U64) << U64(LIMB * (i + j))
+    return out
 
 
 def _conv_limbs_first(x: np.ndarray, spec: ConvSpec, wmats: list[np.ndarray], limb: int, w_bits: int | None,
