@@ -192,7 +192,10 @@ def conv(x: np.ndarray, weight: np.ndarray, spec: ConvSpec, *, w_bits: int | Non
     m_out = weight.shape[0]
     g = spec.groups
     pointwise = all(k == 1 for k in spec.kernel) and all(s == 1 for s in spec.strides) and not any(spec.pads)
-    if pointwise and g == 1 and x.dtype == U64 and x[0].size <= TILE_ELEMENTS:
+    if pointwise and g == 1 and x[0].size <= TILE_ELEMENTS:
+        if x.dtype.kind == "f":  # plaintext float path (calibration): W @ x_n, same layout
+            wf = weight.reshape(m_out, channels).astype(x.dtype, copy=False)
+            return np.matmul(wf, x.reshape(n_batch, channels, -1)).reshape((n_batch, m_out) + x.shape[2:])
         return _conv_pointwise(x, weight.reshape(m_out, channels), w_bits, ring_bits)
     cg, mg = channels // g, m_out // g
     win, out_spatial = im2col(x, spec)
