@@ -12,7 +12,10 @@ Fields that depend on the weights and are public all the same, because the proto
 them: ``frac_bits``, ``ring_bits`` (the shares' ring, 40-64) and the integer comparison widths (``bits`` of relu / leaky_relu / maxpool;
 ``k_hi``, ``sign_bits``, ``sum_first`` and ``pre`` of instnorm; ``bits`` of approx). Each is a small integer (a handful of
 bits of information per layer); ``tests/protocol/test_hostile_vendor.py`` checks that two
-weight sets of one architecture give plans that differ only there.
+weight sets of one architecture give plans that differ only there. One more weight-dependent
+bit per BatchNorm in front of a ReLU: whether its scales were all positive and folded into the
+next layer (an ``upscale`` and a ``bias`` node instead of a ``channel_scale`` linear node,
+``privmed.compiler.foldscale``).
 
 Ops (``Node.op``) and their semantics on a secret tensor x at scale ``s`` (fractional bits):
 
