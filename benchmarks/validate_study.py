@@ -82,6 +82,15 @@ def train_fallback_model(work: Path, seed: int = 1) -> Path:
                        metadata={"privmed.labels": json.dumps(study.findings)})  # fmt: skip
 
 
+def findings_record(summary: dict) -> dict[str, dict]:
+    """Per finding, the pooled statistics of a report's summary.json that the docs quote."""
+    return {f["finding"]: {
+        "auroc_plain": f["pooled"]["auroc_plain"], "auroc_secure": f["pooled"]["auroc_secure"],
+        "delong_p": f["pooled"]["delong"]["p"], "tost_p": f["pooled"]["tost"]["p"],
+        "max_abs_diff": f["pooled"]["abs_diff"]["max_abs"], "agreement": f["pooled"]["agreement"]["rate"],
+        "sentence": f["sentence"]} for f in summary["findings"]}  # fmt: skip
+
+
 def screenshot(report: Path, png: Path) -> bool:
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -153,11 +162,7 @@ def main() -> int:
         "sites": summary["study"]["sites"], "workers": args.workers,
         "images_per_session": args.per_session,
         "validate_wall_s_this_run": round(t_validate, 1),
-        "findings": {f["finding"]: {
-            "auroc_plain": f["pooled"]["auroc_plain"], "auroc_secure": f["pooled"]["auroc_secure"],
-            "delong_p": f["pooled"]["delong"]["p"], "tost_p": f["pooled"]["tost"]["p"],
-            "max_abs_diff": f["pooled"]["abs_diff"]["max_abs"], "agreement": f["pooled"]["agreement"]["rate"],
-            "sentence": f["sentence"]} for f in summary["findings"]},
+        "findings": findings_record(summary),
         "costs": summary["costs"],
         "screenshot": str(args.screenshot) if shot else None,
     }  # fmt: skip
