@@ -1,9 +1,11 @@
 """Choose the fixed-point scale and comparison widths from a calibration input.
 
 For every node we record the largest |value| seen in float on the calibration input (bound B).
-The ring holds values up to 2^62 safely (``privmed.mpc.compare`` needs |x| < 2^62), so with a
-safety margin of ``margin`` bits (a factor 2^margin over calibration) the fractional bits f
-must satisfy log2(B) + margin + k f <= 61 for every node at scale k f. The comparison width of a
+Z_2^64 holds values up to about 2^62 safely (``privmed.mpc.compare`` needs
+|x| < 2^(l-2) - 2^(s+1) in Z_2^l), so with a safety margin of ``margin`` bits (a factor
+2^margin over calibration) the fractional bits f must satisfy log2(B) + margin + k f <= 61 for
+every node at scale k f; the plan's ring Z_2^l is then the smallest that holds every value with
+the same margin (``choose_ring_bits``). The comparison width of a
 ReLU / max is l = ceil(log2(B * 2^scale)) + margin bits: an input beyond 2^l would get the wrong
 sign, so the margin is the worst-case bound reported to the user.
 """

@@ -1,4 +1,4 @@
-"""Two-party computation on additive shares over Z_2^64 with a dealer.
+"""Two-party computation on additive shares over Z_2^l (the plan's ``ring_bits``) with a dealer.
 
 Modules, in dependency order:
 

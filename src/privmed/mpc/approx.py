@@ -17,15 +17,17 @@ scale f, K intervals (K - 1 knots) and degree d = 3:
 
 Rounds: (2 + ceil(log2 m)) + 4 + 1, m = bits / 4 comparison chunks (10 for m = 6).
 Bytes per element and party: 8 + (K - 1)(g / 4 + 1/8) (the comparisons; g AND gates in the
-comparison tree, 7 for m = 6) + 16 (square and its truncation) + 24 (product and truncation) +
-16 d (the final product) = 1.875 (K - 1) + 96 at m = 6, e.g. Sigmoid and Tanh (12 knots) 120 B,
-Erf and GELU (11) 118 B, SiLU (16) 127 B (measured: data owner's bytes sent per element; with
-a separate opening per knot it was 207, 197 and 246 B). Dealer to the model owner:
-8 (K - 1) + 4m + (K - 1)(g + 1) / 8 (comparisons) + 8 + 8 + 2 * 16 + 8 d bytes per element
-(the two products' c, the two truncations' r_high and r_msb, the final product's c).
+comparison tree, 7 for m = 6) + 14 (square and its truncation, which opens bits [f, 64) of
+each share) + 22 (product and truncation) + 16 d (the final product) = 1.875 (K - 1) + 92 at
+m = 6: measured on 2026-11-30 (data owner's bytes sent per element, a 4x32x32 input) Tanh
+(12 knots) 115.0 B and Erf (11) 113.1 B (120 and 118 B with full openings and a separate
+r >> f share; 197-207 B with a separate opening per knot). Dealer to the model owner:
+8 (K - 1) + 2m + (K - 1)(g + 1) / 8 (comparisons) + 8 + 8 + 2 * 4 + 8 d bytes per element
+(the two products' c, the two truncations' wrap bit and msb(r) at 16 bits, the final
+product's c): measured 168.4 B (Tanh) and 159.4 B (Erf).
 Error: the table's fit error (measured at fit time, <= 1e-4 for every shipped function over
 the whole real line) plus ``privmed.ir.approx.fixed_point_error`` (3e-5 at f = 16) plus the
-truncations' +1 ulp, which the secure result adds to the reference's.
+truncations' -1..+2 ulp, which the secure result adds to the reference's.
 
 Security (semi-honest, non-colluding dealer): the composition of protocols each of whose
 views is simulatable (``compare.sign_thresholds``, ``arith`` Beaver products, ``compare.truncate``), each

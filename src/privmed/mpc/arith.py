@@ -1,6 +1,6 @@
 """Products of two secret tensors, with broadcasting, squares, and einsums (matrix products of
 two secret tensors): ``privmed.mpc.beaver`` with B = elementwise product or the einsum over
-Z_2^64."""
+Z_2^l (the plan's ring)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def square(p: Party, req: Request, x: np.ndarray) -> np.ndarray:
 
 def einsum(p: Party, req: Request, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Shares of einsum(x, y) for two secret tensors (attention's Q K^T and P V): ``beaver``
-    with B the einsum, bilinear over Z_2^64 (SecureML, Mohassel-Zhang, S&P 2017, sec. 4.1, for
+    with B the einsum, bilinear over Z_2^l (SecureML, Mohassel-Zhang, S&P 2017, sec. 4.1, for
     matrix products; CrypTen's generic ``beaver_protocol``).
 
     One round; |x| + |y| ring elements each way; dealer to model owner: |einsum(x, y)|

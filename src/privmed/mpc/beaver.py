@@ -3,7 +3,7 @@ private-weight linear layers are all this function with a different map and ring
 
 Beaver (CRYPTO 1991); the matrix/convolution form is SecureML's (Mohassel-Zhang, S&P 2017,
 sec. 4.1) and CrypTen's generic ``beaver_protocol``. For a map B, bilinear over the ring
-(Z_2^64 with +, or GF(2)^n with XOR), and a triple a, b, c = B(a, b) shared between the
+(Z_2^l with +, l the plan's ``ring_bits``, or GF(2)^n with XOR), and a triple a, b, c = B(a, b) shared between the
 parties:
 
 1. Open d = x - a and e = y - b (one round). Who learns what depends on who holds y:

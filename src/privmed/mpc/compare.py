@@ -156,7 +156,7 @@ def _open_masked(p: Party, req: Request, x: np.ndarray, corr: NonlinearShares, l
 
 
 def _truncated(c: np.ndarray, corr: NonlinearShares, shift: int, ring: int, data_owner: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Step 2: shares of t = x >> shift (+1 ulp at most), and the public part P of t."""
+    """Step 2: shares of t = x >> shift (-1 to +2 ulp), and the public part P of t."""
     public = (c >> U64(shift)) - public_const(1 << (ring - 2 - shift))
     t = -_r_high(corr, shift, ring)
     if shift:
@@ -230,7 +230,7 @@ def sign_thresholds(p: Party, req: Request, x: np.ndarray, thresholds: np.ndarra
     t_j, shape (k, *x.shape), for |x - t_j| < 2^bits: steps 1, 3 and 4 with ONE opening of
     x for all k comparisons (piecewise approximations compare x with every knot).
 
-    1. Open c = x + 2^62 + r once (r uniform per element); then c_j = c - t_j is the opening
+    1. Open c = x + 2^(l-2) + r once (r uniform per element); then c_j = c - t_j is the opening
        of x - t_j with the same r, computed locally by both parties.
     2. For each j, steps 3-4 on c_j: look up the XOR-shared tables of r's chunks (one
        set per element, shared by its k comparisons), merge the chunk results with fresh AND

@@ -58,7 +58,7 @@ class Protocols(ABC):
         return self._linear(self._request(Purpose.LINEAR, linear=spec), x, weight, weight_bits, bias)
 
     def truncate(self, x: np.ndarray, shift: int) -> np.ndarray:
-        """Shares of x >> shift, exact up to +1 ulp (``mpc.compare.truncate``)."""
+        """Shares of x >> shift, exact to -1..+2 ulp (``mpc.compare.truncate``)."""
         return self._truncate(self._request(Purpose.NONLINEAR, nonlinear=NonlinearSpec(x.size, shift)), x)
 
     def relu(self, x: np.ndarray, shift: int, bits: int, drop: int) -> tuple[np.ndarray, np.ndarray]:
