@@ -137,7 +137,11 @@ def test_broadcast_mask_attack_is_refused(demo) -> None:
     (lambda raw: raw["nodes"][-1].__setitem__("id", "elsewhere"), "does not name the output node"),
     (lambda raw: raw["nodes"][2]["attrs"].__setitem__("shift", 99), "shift must be an integer"),
     (lambda raw: raw.__setitem__("frac_bits", 40), "frac_bits must be an integer"),
-], ids=["order", "huge-dim", "extra-output", "input-shape", "extra-attr", "unknown-op", "output-name", "range", "frac-bits"])
+    (lambda raw: raw.__setitem__("ring_bits", 80), "ring_bits must be an integer"),
+    (lambda raw: raw.__setitem__("ring_bits", 36), "does not fit ring_bits 36"),
+    (lambda raw: raw.pop("ring_bits"), "top-level keys must be"),
+], ids=["order", "huge-dim", "extra-output", "input-shape", "extra-attr", "unknown-op", "output-name", "range", "frac-bits",
+        "ring-range", "ring-too-narrow", "ring-missing"])
 def test_crafted_plan_classes_are_refused(demo, mutate, rule) -> None:
     raw = _raw(demo[0])
     mutate(raw)
@@ -362,8 +366,9 @@ def _node_of(raw: dict, op: str) -> dict:
     (lambda raw: _node_of(raw, "interp")["attrs"]["weights"][0].append([0.5] * 8), "same length"),
     (lambda raw: _node_of(raw, "interp")["attrs"].update(taps=[[[0] * 8] * 4] * 2 + [[[0] * 8] * 4], weights=[[[0.5] * 8] * 4] * 3),
      "tap lists"),
+    (lambda raw: raw.__setitem__("ring_bits", 48), "needs ring_bits 64"),
 ], ids=["knots-order", "knot-grid", "ragged-coeffs", "too-many-intervals", "unknown-fn", "softmax-axis", "einsum-batch-letter",
-        "einsum-shape", "mul-broadcast", "interp-taps", "interp-weights", "interp-rank"])  # fmt: skip
+        "einsum-shape", "mul-broadcast", "interp-taps", "interp-weights", "interp-rank", "narrow-ring-polynomial"])  # fmt: skip
 def test_crafted_issue13_attributes_are_refused(issue13_plan: Plan, mutate, rule) -> None:
     """A hostile model owner's tables, equations and taps are checked like every attribute:
     they decide which masks are drawn and how large, so nothing unchecked reaches a protocol."""
