@@ -58,6 +58,8 @@ masked by the seed-expanded shares of the other party.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from privmed.mpc.beaver import BITS, Triple, beaver
@@ -155,16 +157,30 @@ def _open_masked(p: Party, req: Request, x: np.ndarray, corr: NonlinearShares, l
     return reduce((high + p.exchange_ring(f"{label}/c", high, ring - low)) << U64(low), ring)
 
 
-def _truncated(c: np.ndarray, corr: NonlinearShares, shift: int, ring: int, data_owner: bool) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class _Truncation:
+    """Step 2 on one opening: this party's shares t of x >> shift, the public part P of t,
+    its share R of (r >> s) - carry and the wrap gate, each computed once (ReLU reuses them)."""
+
+    t: np.ndarray
+    public: np.ndarray
+    r_high: np.ndarray
+    gate: np.ndarray | None
+
+
+def _truncated(c: np.ndarray, corr: NonlinearShares, shift: int, ring: int, data_owner: bool) -> _Truncation:
     """Step 2: shares of t = x >> shift (-1 to +2 ulp), and the public part P of t."""
     public = (c >> U64(shift)) - public_const(1 << (ring - 2 - shift))
-    t = -_r_high(corr, shift, ring)
+    r_high = _r_high(corr, shift, ring)
+    t = -r_high
+    gate = None
     if shift:
         assert corr.r_msb is not None
-        t = t + corr.r_msb * _wrap_gate(c, shift, ring)
+        gate = _wrap_gate(c, shift, ring)
+        t = t + corr.r_msb * gate
     if data_owner:
         t = t + public
-    return t, public
+    return _Truncation(t, public, r_high, gate)
 
 
 def _r_high(corr: NonlinearShares, shift: int, ring: int) -> np.ndarray:
@@ -183,12 +199,12 @@ def _wrap_gate(c: np.ndarray, shift: int, ring: int) -> np.ndarray:
 
 
 def truncate(p: Party, req: Request, x: np.ndarray) -> np.ndarray:
-    """Shares of floor(x / 2^s) or that + 1 (steps 1-2). 1 round; 8 B each way; 16 B dealer."""
+    """Shares of floor(x / 2^s) + {-1, 0, 1, 2} ulp (steps 1-2). 1 round; ceil((l - s) / 8)
+    bytes each way; 2 ceil(s / 8) from the dealer (see the module docstring)."""
     assert req.nonlinear is not None
     corr = p.source.nonlinear(req)
     c = _open_masked(p, req, x, corr, low=req.nonlinear.shift)
-    t, _ = _truncated(c, corr, req.nonlinear.shift, req.ring, p.is_data_owner)
-    return t.reshape(x.shape)
+    return _truncated(c, corr, req.nonlinear.shift, req.ring, p.is_data_owner).t.reshape(x.shape)
 
 
 def relu(p: Party, req: Request, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -197,17 +213,17 @@ def relu(p: Party, req: Request, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     assert spec is not None and spec.relu
     corr = p.source.nonlinear(req)
     c = _open_masked(p, req, x, corr, low=min(spec.shift, spec.drop))
-    t, public = _truncated(c, corr, spec.shift, req.ring, p.is_data_owner)
+    tr = _truncated(c, corr, spec.shift, req.ring, p.is_data_owner)
     e = _open_sign_mask(p, req.label, c, corr, spec.n, spec.bits, spec.drop)
     assert corr.c_hat is not None and corr.c_hat_r_high is not None
     flip = U64(1) - U64(2) * e  # 1 - 2e in the ring
-    out = flip * public * corr.c_hat - (e * _r_high(corr, spec.shift, req.ring) + flip * corr.c_hat_r_high)
-    if spec.shift:
+    out = flip * tr.public * corr.c_hat - (e * tr.r_high + flip * corr.c_hat_r_high)
+    if tr.gate is not None:
         assert corr.r_msb is not None and corr.c_hat_r_msb is not None
-        out = out + _wrap_gate(c, spec.shift, req.ring) * (e * corr.r_msb + flip * corr.c_hat_r_msb)
+        out = out + tr.gate * (e * corr.r_msb + flip * corr.c_hat_r_msb)
     if p.is_data_owner:
-        out = out + public * e
-    return out.reshape(x.shape), t.reshape(x.shape)
+        out = out + tr.public * e
+    return out.reshape(x.shape), tr.t.reshape(x.shape)
 
 
 def sign(p: Party, req: Request, x: np.ndarray) -> np.ndarray:

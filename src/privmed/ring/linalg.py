@@ -90,7 +90,11 @@ def _matmul_small_right(a: np.ndarray, b_signed: np.ndarray, b_bits: int, ring_b
 
 def _small_from_limbs(al: np.ndarray, b_signed: np.ndarray, limb: int) -> np.ndarray:
     """``_matmul_small_right`` with a's ``limb``-bit limbs (L, ..., K) already split."""
-    prod = al @ b_signed.astype(np.float64)  # (L, ..., K) @ (K, N)
+    return _combine(al @ b_signed.astype(np.float64), limb)  # (L, ..., K) @ (K, N)
+
+
+def _combine(prod: np.ndarray, limb: int) -> np.ndarray:
+    """sum_i prod[i] 2^(limb i) mod 2^64 for exact signed float64 limb products (L, ...)."""
     out = prod[0].astype(np.int64).view(U64)
     for i in range(1, len(prod)):
         out += prod[i].astype(np.int64).view(U64) << U64(limb * i)
@@ -235,26 +239,24 @@ def _conv_pointwise(x: np.ndarray, w: np.ndarray, w_bits: int | None, ring_bits:
     xs = np.ascontiguousarray(x).reshape(n_batch, channels, -1)
     out = np.empty((n_batch, w.shape[0], xs.shape[2]), dtype=U64)
     limb = LIMB if w_bits is None else _small_limb(channels, w_bits)
-    for b in range(n_batch):
-        if w_bits is not None and limb >= 12:
-            xl = _limbs(xs[b], limb, ring_bits)  # (L, C, HW)
-            prod = w.view(np.int64).astype(np.float64) @ xl  # (L, M, HW)
-            acc = prod[0].astype(np.int64).view(U64)
-            for i in range(1, len(prod)):
-                acc += prod[i].astype(np.int64).view(U64) << U64(limb * i)
-            out[b] = acc
-        else:  # W @ X = (X^T W^T)^T: the uniform product on the transposed limbs
-            out[b] = _uniform_left(w, xs[b], ring_bits)
+    if w_bits is not None and limb >= 12:
+        wf = w.view(np.int64).astype(np.float64)  # once for all samples
+        for b in range(n_batch):
+            out[b] = _combine(wf @ _limbs(xs[b], limb, ring_bits), limb)  # (M, C) @ (L, C, HW)
+    else:
+        wl = _limbs(w, LIMB, ring_bits)  # once for all samples
+        for b in range(n_batch):
+            out[b] = _uniform_left(wl, xs[b], ring_bits)
     return out.reshape((n_batch, w.shape[0]) + x.shape[2:])
 
 
-def _uniform_left(w: np.ndarray, xm: np.ndarray, ring_bits: int) -> np.ndarray:
-    """w (M, K) @ xm (K, P) mod 2^ring_bits, both uniform (``_matmul_uniform`` with the roles of
-    the operands' axes swapped)."""
-    count = -(-ring_bits // LIMB)
-    wl, xl = _limbs(w, LIMB, ring_bits), _limbs(xm, LIMB, ring_bits)
-    k = w.shape[1]
-    out = np.zeros((w.shape[0], xm.shape[1]), dtype=U64)
+def _uniform_left(wl: np.ndarray, xm: np.ndarray, ring_bits: int) -> np.ndarray:
+    """W (M, K) @ xm (K, P) mod 2^ring_bits, both uniform, from W's 22-bit limbs wl (L, M, K)
+    (``_matmul_uniform`` with the operands' roles swapped, so the result is (M, P))."""
+    count = wl.shape[0]
+    xl = _limbs(xm, LIMB, ring_bits)
+    k = wl.shape[2]
+    out = np.zeros((wl.shape[1], xm.shape[1]), dtype=U64)
     for start in range(0, k, _K_CHUNK):
         sl = slice(start, min(k, start + _K_CHUNK))
         for i in range(count):

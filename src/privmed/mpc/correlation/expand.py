@@ -6,8 +6,9 @@ receives. Material per request (n elements, m = (bits - drop) / 4 comparison chu
 
 - linear layer L(W, x): party 0 gets A (input mask) and C0; party 1 gets B (weight mask, fixed
   for the session) and C1 = L(B, A) - C0 (correction, |out| ring elements).
-- truncation by s: r (both seeded, r = r0 + r1), shares of r_high = r >> s and r_msb = msb(r);
-  correction to party 1: 2n ring elements.
+- truncation by s: r (both seeded, r = r0 + r1, each r_i = h_i 2^s + low_i), shares of
+  (r >> s) - carry from the seeds up to a wrap bit w, and shares of msb(r); correction to
+  party 1: w and msb(r), 2n elements of Z_2^s (``expand_nonlinear``).
 - ReLU (with optional truncation): additionally a random bit c_hat shared arithmetically,
   shares of c_hat * r_high and c_hat * r_msb, the comparison of v with r_j for [v < r_j] and
   [v == r_j] of every 4-bit chunk r_j of r's bits [drop, bits), given as an XOR-shared truth
@@ -111,10 +112,7 @@ def expand_nonlinear(stream: Stream, index: int, spec: NonlinearSpec, ring: int 
             sh.c_hat_r_msb = stream.uint64(n) if spec.shift else None
             sh.lt_tables = stream.uint16((m, n))
             sh.e_mask = stream.uint8(nb)
-    for k in ands_per_level(m):
-        a, b = stream.uint8((k, nb)), stream.uint8((k, nb))
-        z = stream.uint8((k, nb)) if index == 0 else np.zeros((k, nb), np.uint8)
-        sh.triples.append((a, b, z))
+    sh.triples = _and_triples(stream, index, m, nb)
     return sh
 
 
@@ -128,10 +126,7 @@ def expand_thresholds(stream: Stream, index: int, spec: ThresholdSpec) -> Nonlin
         sh.c_hat = stream.uint64(kn)
         sh.lt_tables = stream.uint16((m, n))
         sh.e_mask = stream.uint8(nb)
-    for k in ands_per_level(m):
-        a, b = stream.uint8((k, nb)), stream.uint8((k, nb))
-        z = stream.uint8((k, nb)) if index == 0 else np.zeros((k, nb), np.uint8)
-        sh.triples.append((a, b, z))
+    sh.triples = _and_triples(stream, index, m, nb)
     return sh
 
 
@@ -144,9 +139,24 @@ def thresholds_correction(spec: ThresholdSpec, s0: Stream, s1: Stream, private: 
     tables = _lt_tables(nibbles(r, 0, spec.chunks)) ^ p0.lt_tables
     r_top = np.tile(((r >> U64(spec.bits)) & U64(1)).astype(np.uint8), spec.k)  # the same r for every threshold
     bits = [np.packbits(r_top ^ c_hat_bits) ^ p0.e_mask]
-    for (a0, b0, z0), (a1, b1, _) in zip(p0.triples, p1.triples, strict=True):
-        bits.append((((a0 ^ a1) & (b0 ^ b1)) ^ z0).reshape(-1))
+    bits += _and_corrections(p0, p1)
     return c_hat_bits.astype(U64) - p0.c_hat, tables, np.concatenate(bits)
+
+
+def _and_triples(stream: Stream, index: int, m: int, nb: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The seeded AND triples of an m-chunk comparison tree, ``nb`` packed bytes per gate: a and
+    b for both parties, z seeded for party 0 (party 1's z is the dealer's correction)."""
+    triples = []
+    for k in ands_per_level(m):
+        a, b = stream.uint8((k, nb)), stream.uint8((k, nb))
+        z = stream.uint8((k, nb)) if index == 0 else np.zeros((k, nb), np.uint8)
+        triples.append((a, b, z))
+    return triples
+
+
+def _and_corrections(p0: NonlinearShares, p1: NonlinearShares) -> list[np.ndarray]:
+    """Party 1's z = (a0 ^ a1) & (b0 ^ b1) ^ z0 of every tree level, flat packed bytes."""
+    return [(((a0 ^ a1) & (b0 ^ b1)) ^ z0).reshape(-1) for (a0, b0, z0), (a1, b1, _) in zip(p0.triples, p1.triples, strict=True)]
 
 
 def expand_product(prg: PRG, req: Request, index: int) -> ProductShares:
@@ -219,8 +229,7 @@ def nonlinear_correction(
     for names, out in zip((wide, msb), arith, strict=True):
         for i, name in enumerate(names):
             np.subtract(full[name], getattr(p0, name), out=out[i])
-    for (a0, b0, z0), (a1, b1, _) in zip(p0.triples, p1.triples, strict=True):
-        bits.append((((a0 ^ a1) & (b0 ^ b1)) ^ z0).reshape(-1))
+    bits += _and_corrections(p0, p1)
     packed = np.concatenate(bits) if bits else np.zeros(0, np.uint8)
     return arith[0], arith[1], tables, packed
 

@@ -43,13 +43,10 @@ from privmed.mpc.beaver import BITS, beaver
 from privmed.mpc.beaver import Triple as BeaverTriple
 from privmed.mpc.twoparty.ot import OTSession, ot16_recv, ot16_send, random_ot_recv, random_ot_send
 from privmed.net.channel import Channel
+from privmed.ring.fixed import ring_mask
 
 U64 = np.uint64
 CHUNK = 4
-
-
-def ring_mask(bits: int) -> np.uint64:
-    return U64((1 << bits) - 1)
 
 
 def as_ring(keys: np.ndarray, bits: int) -> np.ndarray:

@@ -84,6 +84,7 @@ from privmed.mpc.twoparty.products import (
 from privmed.mpc.twoparty.scale import channel_scale_shares
 from privmed.mpc.twoparty.seal_io import HEParams, SealIO
 from privmed.net.channel import Channel
+from privmed.ring.fixed import sign_extend
 
 U64 = np.uint64
 MIN_RING_BITS = 38
@@ -379,9 +380,7 @@ class TwoPartyOnline(Protocols):
         if np.any(theirs > s.ring):
             raise ProtocolError(f"{label}: expected elements of Z_2^{s.bits} from the model owner")
         s.rounds += 1
-        value = (mine + theirs) & s.ring
-        top = U64(1 << (s.bits - 1))
-        return np.where(value >= top, value | ~s.ring, value)
+        return sign_extend((mine + theirs) & s.ring, s.bits)
 
 
 def open_session(ch: Channel, is_data_owner: bool, bits: int, he_bits: int | None = None) -> TwoPartySession:
