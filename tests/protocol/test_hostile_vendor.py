@@ -248,6 +248,22 @@ def test_frames_are_checked_before_allocation() -> None:
         c.recv("batch", np.int64, (1,))
 
 
+def test_packed_ring_frames_of_another_length_or_dtype_are_refused() -> None:
+    """A peer's Z_2^l elements must arrive as exactly wire_len(count, l) bytes: a frame one byte
+    longer, or whole uint64 words instead, is refused from its header, before its payload is
+    read or anything is unpacked (the count and width are the receiver's own)."""
+    from privmed.ring.fixed import wire_len
+
+    a, b = in_process_pair("data-owner", "model-owner", bytes(16), 1)
+    b.send("x/c", np.zeros(wire_len(10, 44) + 1, np.uint8))
+    with pytest.raises(ProtocolError, match=r"shape \(56,\), expected \(55,\)"):
+        a.recv_ring("x/c", (10,), 44)
+    c, d = in_process_pair("data-owner", "model-owner", bytes(16), 1)
+    d.send("x/c", np.zeros(10, np.uint64))
+    with pytest.raises(ProtocolError, match="dtype uint64, expected uint8"):
+        c.recv_ring("x/c", (10,), 44)
+
+
 def test_two_weight_sets_give_plans_that_differ_only_in_integer_widths(tmp_path: Path) -> None:
     import onnx
     from onnx import numpy_helper
