@@ -63,6 +63,28 @@ def onnxruntime_output(model: Path, x: np.ndarray) -> np.ndarray:
     return np.asarray(sess.run(None, {sess.get_inputs()[0].name: x})[0])
 
 
+def export_gated_vit(path: Path) -> Path:
+    """MONAI's ViT (2 layers, hidden 48, 4 heads, a 3-class head, 32x32 input, 8x8 patches)
+    behind an AttentionUnet-style gate x * sigmoid(conv(x)), seed 0, exported to ``path``
+    (input "image"): LayerNorm, GELU, softmax inside, Q K^T and P V, the class token."""
+    import torch
+    from monai.networks.nets import ViT
+
+    class GatedViT(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = torch.nn.Conv2d(1, 1, 3, padding=1)
+            self.vit = ViT(in_channels=1, img_size=(32, 32), patch_size=(8, 8), spatial_dims=2, hidden_size=48, mlp_dim=96,
+                           num_layers=2, num_heads=4, classification=True, num_classes=3)  # fmt: skip
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.vit(x * torch.sigmoid(self.gate(x)))[0]
+
+    torch.manual_seed(0)
+    torch.onnx.export(GatedViT().eval(), torch.zeros(1, 1, 32, 32), str(path), opset_version=17, dynamo=False, input_names=["image"])
+    return path
+
+
 def export_cnn(
     directory: Path, *, channels: int, size: int, depth: int, batch: int, seed: int
 ) -> TinyModel:

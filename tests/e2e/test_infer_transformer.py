@@ -16,29 +16,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
+
+from .conftest import export_gated_vit
 
 pytest.importorskip("einops")
 
 
 @pytest.mark.slow
 def test_gated_vit_through_privmed_infer_matches_onnxruntime(tmp_path: Path) -> None:
-    from monai.networks.nets import ViT
-
-    class GatedViT(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.gate = torch.nn.Conv2d(1, 1, 3, padding=1)
-            self.vit = ViT(in_channels=1, img_size=(32, 32), patch_size=(8, 8), spatial_dims=2, hidden_size=48, mlp_dim=96,
-                           num_layers=2, num_heads=4, classification=True, num_classes=3)  # fmt: skip
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.vit(x * torch.sigmoid(self.gate(x)))[0]
-
-    torch.manual_seed(0)
-    net = GatedViT().eval()
-    path = tmp_path / "gated_vit.onnx"
-    torch.onnx.export(net, torch.zeros(1, 1, 32, 32), str(path), opset_version=17, dynamo=False, input_names=["image"])
+    path = export_gated_vit(tmp_path / "gated_vit.onnx")
     x = np.random.default_rng(0).standard_normal((1, 1, 32, 32)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     cmd = [sys.executable, "-m", "privmed.cli.main", "infer", "--model", str(path), "--input", str(tmp_path / "x.npy"),

@@ -21,6 +21,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from .conftest import export_gated_vit
+
 pytest.importorskip("tenseal", reason="tenseal not installed: pip install 'privmed[twoparty]'")
 
 DEMO = Path(__file__).resolve().parents[2] / "src/privmed/assets/models/chest_smallcnn.onnx"
@@ -85,22 +87,7 @@ def test_gated_vit_two_parties_matches_onnxruntime(tmp_path: Path) -> None:
     P V, a Sigmoid gate) through `privmed infer --parties 2`: the wide ring, Beaver products and
     matrix triples from OT. Tolerance as there, 2e-3 (measured 2.9e-4, 2026-11-30)."""
     pytest.importorskip("einops")
-    import torch
-    from monai.networks.nets import ViT
-
-    class GatedViT(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.gate = torch.nn.Conv2d(1, 1, 3, padding=1)
-            self.vit = ViT(in_channels=1, img_size=(32, 32), patch_size=(8, 8), spatial_dims=2, hidden_size=48, mlp_dim=96,
-                           num_layers=2, num_heads=4, classification=True, num_classes=3)  # fmt: skip
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.vit(x * torch.sigmoid(self.gate(x)))[0]
-
-    torch.manual_seed(0)
-    path = tmp_path / "gated_vit.onnx"
-    torch.onnx.export(GatedViT().eval(), torch.zeros(1, 1, 32, 32), str(path), opset_version=17, dynamo=False, input_names=["image"])
+    path = export_gated_vit(tmp_path / "gated_vit.onnx")
     x = np.random.default_rng(0).standard_normal((1, 1, 32, 32)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     cmd = [sys.executable, "-m", "privmed.cli.main", "infer", "--parties", "2", "--model", str(path), "--input",
