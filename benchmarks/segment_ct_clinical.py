@@ -47,6 +47,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+from _paths import shown_args  # noqa: E402
 from segment_bench import export_default, in_child, machine  # noqa: E402
 
 SEED = 18
@@ -176,7 +177,7 @@ def run_mode(
     d, n = st["shape"][0], st["items"]
     sec_wall, plain_wall = sec["total"]["wall_s"], plain["costs"]["total"]["wall_s"]
     return {
-        "mode": mode, "source": source, "command": "privmed " + " ".join(cmd), "input_kind": st["kind"], "shape": st["shape"],
+        "mode": mode, "source": source, "command": "privmed " + " ".join(shown_args(cmd)), "input_kind": st["kind"], "shape": st["shape"],
         "ct_slices": d, "network_slices": n, "batches": sec["batches"], "batch_size": sec["batch_size"],
         "secure": {
             "wall_s": round(sec_wall, 2), "online_s": round(sec["total"]["online_s"], 2),
@@ -252,7 +253,7 @@ def main() -> None:
         ap.error("--slices must be >= 1 and --side >= 16 (the phantom's smallest side)")
     work = args.out / "segment_ct_clinical"
     work.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"machine": machine(), "argv": sys.argv[1:]}
+    report: dict[str, Any] = {"machine": machine(), "argv": shown_args(sys.argv[1:])}
     report["source"] = source_state()
     print(json.dumps(report["machine"]), flush=True)
     folder, report["volume"] = series(work, args.slices, args.side)

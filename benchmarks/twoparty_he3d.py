@@ -22,15 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from twoparty_primitives import two  # noqa: E402
+from twoparty_primitives import measure_he_layer  # noqa: E402
 
-from privmed.crypto.prg import PRG  # noqa: E402
-from privmed.ring.linalg import ConvSpec, linear  # noqa: E402
+from privmed.ring.linalg import ConvSpec  # noqa: E402
 
-U64 = np.uint64
 N = 8192
 
 LAYERS = [
@@ -70,25 +66,8 @@ def per_depth_2d(x_shape: tuple[int, ...], w_shape: tuple[int, ...], spec: ConvS
 
 
 def run_layer(name: str, kind: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], spec: ConvSpec) -> dict[str, Any]:
-    from privmed.mpc.twoparty.he_linear import he_linear, he_setup
-    from privmed.mpc.twoparty.seal_io import HEParams, SealIO
-
-    rng = np.random.default_rng(0)
-    params = HEParams()
-    mask = U64((1 << params.plain_bits) - 1)
-    x0 = rng.integers(0, 1 << params.plain_bits, x_shape, dtype=U64)
-    w = rng.integers(-(2**11), 2**11, w_shape, dtype=np.int64)
-    ios = [SealIO(params), SealIO(params)]
-    hes: dict[int, Any] = {}
-    two(lambda ch: hes.__setitem__(0, he_setup(ios[0], ch, True)), lambda ch: hes.__setitem__(1, he_setup(ios[1], ch, False)))
-    r = two(
-        lambda ch: he_linear(hes[0], ch, "c", kind, spec, x_shape, w_shape, x=x0),
-        lambda ch: he_linear(hes[1], ch, "c", kind, spec, x_shape, w_shape, weight=w, weight_bits=12, stream=PRG.fresh().stream("m")),
-    )
-    ok = bool(np.array_equal((r[0] + r[1]) & mask, linear(kind, spec, w.view(U64), x0) & mask))
-    for io in ios:
-        io.close()
-    n_out = int(np.prod(r[0].shape))
+    r = measure_he_layer(kind, spec, x_shape, w_shape)
+    ok, n_out = r["exact"], r["outputs"]
     out = {"layer": name, "exact": ok, "outputs": n_out, "wall_s": round(r["wall"], 2), "cpu_data_owner_s": round(r["cpu0"], 2),
            "cpu_model_owner_s": round(r["cpu1"], 2), "bytes_data_owner": r["bytes"][0], "bytes_model_owner": r["bytes"][1],
            "bytes_per_output": round(sum(r["bytes"]) / n_out, 1), **counts(kind, spec, x_shape, w_shape)}  # fmt: skip

@@ -16,19 +16,17 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _paths import shown  # noqa: E402
+
 DEMO = ROOT / "src/privmed/assets/models/chest_smallcnn.onnx"
-
-
-def _shown(path: Path) -> str:
-    """A path as the results record it: relative to the repository when inside it."""
-    path = path.resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
 
 
 def _cpu() -> str:
@@ -67,7 +65,7 @@ def main() -> None:
     shape = [d if isinstance(d, int) else 1 for d in sess.get_inputs()[0].shape]
     x = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
     ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
-    result: dict = {"model": _shown(model), "input_shape": shape, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    result: dict = {"model": shown(model), "input_shape": shape, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                     "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
                     "load_before": os.getloadavg(), "modes": {}}  # fmt: skip
     for parties in (int(m) for m in args.modes.split(",")):

@@ -58,13 +58,13 @@ def two(f0: Callable[[Channel], Any], f1: Callable[[Channel], Any]) -> dict[str,
     return out
 
 
-def he_conv(quick: bool) -> None:
+def measure_he_layer(kind: str, spec: ConvSpec, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> dict[str, Any]:
+    """One HE linear layer between two threads on a random mask and 12-bit weights: wall, CPU
+    and bytes of each party (``two``), whether the shares equal the ring result, the output
+    count and the plaintext bits."""
     from privmed.mpc.twoparty.he_linear import he_linear, he_setup
     from privmed.mpc.twoparty.seal_io import HEParams, SealIO
 
-    c, hw, m = (32, 28, 16) if quick else (128, 56, 32)
-    x_shape, w_shape = (1, c, hw, hw), (m, c, 3, 3)
-    spec = ConvSpec((3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
     rng = np.random.default_rng(0)
     params = HEParams()
     mask = U64((1 << params.plain_bits) - 1)
@@ -72,19 +72,29 @@ def he_conv(quick: bool) -> None:
     w = rng.integers(-(2**11), 2**11, w_shape, dtype=np.int64)
     ios = [SealIO(params), SealIO(params)]
     hes: dict[int, Any] = {}
-    two(lambda ch: hes.__setitem__(0, he_setup(ios[0], ch, True)), lambda ch: hes.__setitem__(1, he_setup(ios[1], ch, False)))
-    r = two(
-        lambda ch: he_linear(hes[0], ch, "c", "conv", spec, x_shape, w_shape, x=x0),
-        lambda ch: he_linear(hes[1], ch, "c", "conv", spec, x_shape, w_shape, weight=w, weight_bits=12, stream=PRG.fresh().stream("m")),
-    )
-    ok = np.array_equal((r[0] + r[1]) & mask, linear("conv", spec, w.view(U64), x0) & mask)
-    n_out = int(np.prod(r[0].shape))
-    print(f"HE conv {c}x{hw}x{hw} -> {m} ch 3x3 pad 1 (N={params.n}, t=2^{params.plain_bits}): exact={ok}")
+    try:
+        two(lambda ch: hes.__setitem__(0, he_setup(ios[0], ch, True)), lambda ch: hes.__setitem__(1, he_setup(ios[1], ch, False)))
+        r = two(
+            lambda ch: he_linear(hes[0], ch, "c", kind, spec, x_shape, w_shape, x=x0),
+            lambda ch: he_linear(hes[1], ch, "c", kind, spec, x_shape, w_shape, weight=w, weight_bits=12, stream=PRG.fresh().stream("m")),
+        )
+    finally:
+        for io in ios:
+            io.close()
+    r["exact"] = bool(np.array_equal((r[0] + r[1]) & mask, linear(kind, spec, w.view(U64), x0) & mask))
+    r["outputs"] = int(np.prod(r[0].shape))
+    r["n"], r["plain_bits"] = params.n, params.plain_bits
+    return r
+
+
+def he_conv(quick: bool) -> None:
+    c, hw, m = (32, 28, 16) if quick else (128, 56, 32)
+    spec = ConvSpec((3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    r = measure_he_layer("conv", spec, (1, c, hw, hw), (m, c, 3, 3))
+    print(f"HE conv {c}x{hw}x{hw} -> {m} ch 3x3 pad 1 (N={r['n']}, t=2^{r['plain_bits']}): exact={r['exact']}")
     print(f"  wall {r['wall']:.2f} s (CPU data owner {r['cpu0']:.2f} s, model owner {r['cpu1']:.2f} s); "
           f"sent: data owner {r['bytes'][0] / 1e6:.1f} MB, model owner {r['bytes'][1] / 1e6:.1f} MB; "
-          f"{sum(r['bytes']) / n_out:.0f} B per output element (both parties)")
-    for io in ios:
-        io.close()
+          f"{sum(r['bytes']) / r['outputs']:.0f} B per output element (both parties)")
 
 
 def ot16(quick: bool) -> None:

@@ -31,6 +31,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _paths import shown  # noqa: E402
+
 ASSET = ROOT / "src" / "privmed" / "assets" / "models" / "chest_smallcnn.onnx"
 SIDE = 64
 
@@ -156,7 +159,7 @@ def main() -> int:
     shot = screenshot(out / "report.html", args.screenshot)
     record = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
-        "model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model),
+        "model": shown(model),
         "model_seconds": round(t_model, 1), "study_seed": args.seed,
         "images": summary["study"]["n_ok"], "errors": summary["study"]["n_error"],
         "sites": summary["study"]["sites"], "workers": args.workers,
@@ -164,7 +167,7 @@ def main() -> int:
         "validate_wall_s_this_run": round(t_validate, 1),
         "findings": findings_record(summary),
         "costs": summary["costs"],
-        "screenshot": str(args.screenshot) if shot else None,
+        "screenshot": shown(args.screenshot) if shot else None,
     }  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(record, indent=2) + "\n")

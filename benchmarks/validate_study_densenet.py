@@ -46,6 +46,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from _paths import shown, shown_args  # noqa: E402
 from segment_bench import machine  # noqa: E402
 from segment_ct_clinical import source_state  # noqa: E402
 from validate_study import findings_record  # noqa: E402
@@ -202,8 +203,8 @@ def main() -> int:
     record = {
         "date": started["date"], "machine": started, "finished": time.strftime("%Y-%m-%d %H:%M %Z"),
         "load_1_5_15_at_end": [round(v, 2) for v in os.getloadavg()],
-        "source": source_state(), "argv": sys.argv[1:],
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "source": source_state(), "argv": shown_args(sys.argv[1:]),
+        "config": {k: (shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "full_size": (args.sites, args.images, args.size) == (7, 1149, 224),
         "site_sizes": st["n_per_site"],
         "phases_wall_s": {k: None if v is None else round(v, 1) for k, v in phases.items()},
@@ -214,7 +215,7 @@ def main() -> int:
         "images_ok": st["n_ok"], "images_error": st["n_error"], "sites": st["sites"],
         "findings": findings_record(summary),
         "costs_per_image": costs,
-        "results_dir": str(results),
+        "results_dir": shown(results),
     }  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "validate_study_densenet.json"
