@@ -131,3 +131,41 @@ def test_narrow_ring_gemm_is_exact_mod_2_to_the_ring(ring: int) -> None:
     exact = (a @ b) & mask  # numpy's uint64 matmul wraps mod 2^64
     assert np.array_equal(matmul(a, b, ring_bits=ring) & mask, exact)
     assert np.array_equal(matmul(a, w, b_bits=19, ring_bits=ring) & mask, (a @ w) & mask)
+
+
+def _unfolded_conv(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
+    """Oracle for a groups=1 conv: the unfolded patches times W with numpy's uint64 matmul
+    (wraps mod 2^64, no limbs)."""
+    from privmed.ring.linalg import im2col
+
+    win, out = im2col(x, spec)
+    rows = np.ascontiguousarray(win).reshape(-1, w[0].size) @ w.reshape(w.shape[0], -1).T
+    return np.moveaxis(rows.reshape((x.shape[0],) + tuple(out) + (w.shape[0],)), -1, 1)
+
+
+@pytest.mark.parametrize("ring", [40, 44, 64])
+@pytest.mark.parametrize("case", [
+    ((1, 8, 7, 9), (3, 8, 3, 3), (1, 1, 1, 1), (1, 1)),  # DenseNet's 3x3, odd sizes
+    ((2, 9, 6, 8), (4, 9, 3, 2), (0, 1, 2, 1), (2, 1)),  # batch 2, uneven kernel, pads and dilation
+    ((1, 600, 5, 5), (3, 600, 3, 3), (1, 1, 1, 1), (1, 1)),  # C > one K chunk (511)
+    ((1, 8, 5, 6, 4), (2, 8, 3, 3, 3), (1,) * 6, (1, 1, 1)),  # 3-D
+])  # fmt: skip
+def test_stride1_conv_by_shifted_slices_is_exact(case, ring: int) -> None:  # type: ignore[no-untyped-def]
+    """``conv`` computes stride-1 convolutions with >= 8 input channels as one GEMM per kernel
+    tap on shifted slices of the padded input; exact mod 2^ring for uniform weights and for
+    small signed weights, against the unfolded uint64 product."""
+    x_shape, w_shape, pads, dil = case
+    rng = np.random.default_rng(sum(x_shape) + ring)
+    spec = ConvSpec(w_shape[2:], (1,) * len(dil), pads, dil, 1)
+    x = rng.integers(0, 2**64, x_shape, dtype=U64)
+    mask = np.uint64((1 << ring) - 1) if ring < 64 else np.uint64(2**64 - 1)
+    uniform = rng.integers(0, 2**64, w_shape, dtype=U64)
+    small = rng.integers(-(2**13), 2**13, w_shape).view(U64)
+    for w, bits in ((uniform, None), (small, 14)):
+        got = conv(x, w, spec, w_bits=bits, ring_bits=ring)
+        assert got.flags.c_contiguous
+        assert np.array_equal(got & mask, _unfolded_conv(x, w, spec) & mask)
+    xf = rng.standard_normal(x_shape)
+    wf = rng.standard_normal(w_shape)
+    want = _unfolded_conv(xf, wf, spec)
+    assert np.allclose(conv(xf, wf, spec), want, rtol=1e-12, atol=1e-9 * np.abs(want).max())

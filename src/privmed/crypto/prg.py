@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 SEED_BYTES = 16
 MAX_STREAM_BYTES = 16 << 32  # 2^32 AES blocks: the counter stays in the last 4 bytes
 SESSION = 0xFFFFFFFF  # StreamKey.batch of material fixed for a whole session
+_ZERO_CHUNK = 1 << 18  # plaintext block of AES-CTR per call: stays in cache
+_ZEROS = memoryview(bytes(_ZERO_CHUNK))
 
 
 @dataclass(frozen=True)
@@ -87,31 +89,39 @@ class Stream:
         self._limit = limit
         self._used = 0
 
-    def bytes(self, n: int) -> bytearray:
-        """n keystream bytes (AES-CTR of zeros), written straight into a new buffer."""
+    def _keystream(self, n: int) -> np.ndarray:
+        """n keystream bytes (AES-CTR of zeros) as a new uint8 array: encrypted from a shared
+        all-zero block of ``_ZERO_CHUNK`` bytes straight into the (uninitialised) result, so no
+        buffer is zeroed or copied per call."""
         self._used += n
         if self._limit is not None and self._used > self._limit:
             raise ValueError(f"PRG stream exhausted: more than {self._limit} bytes from one key")
-        out = bytearray(n + 15)
-        self._enc.update_into(memoryview(bytearray(n)), out)
-        del out[n:]
-        return out
+        out = np.empty(n + 16, dtype=np.uint8)  # update_into needs 15 bytes of room past the data
+        view = memoryview(out)
+        for pos in range(0, n, _ZERO_CHUNK):
+            k = min(_ZERO_CHUNK, n - pos)
+            self._enc.update_into(_ZEROS[:k], view[pos:])
+        return out[:n]
+
+    def bytes(self, n: int) -> bytearray:
+        """n keystream bytes (AES-CTR of zeros)."""
+        return bytearray(self._keystream(n))
 
     def uint64(self, shape: tuple[int, ...] | int) -> np.ndarray:
         """Uniform elements of Z_2^64."""
         count = int(np.prod(shape))
-        return np.frombuffer(self.bytes(8 * count), dtype=np.uint64).reshape(shape)
+        return self._keystream(8 * count).view(np.uint64).reshape(shape)
 
     def uint8(self, shape: tuple[int, ...] | int) -> np.ndarray:
         count = int(np.prod(shape))
-        return np.frombuffer(self.bytes(count), dtype=np.uint8).reshape(shape)
+        return self._keystream(count).reshape(shape)
 
     def uint16(self, shape: tuple[int, ...] | int) -> np.ndarray:
         count = int(np.prod(shape))
-        return np.frombuffer(self.bytes(2 * count), dtype=np.uint16).reshape(shape)
+        return self._keystream(2 * count).view(np.uint16).reshape(shape)
 
     def bits(self, shape: tuple[int, ...] | int) -> np.ndarray:
         """Uniform bits as a uint8 array of 0/1."""
         count = int(np.prod(shape))
-        packed = np.frombuffer(self.bytes((count + 7) // 8), dtype=np.uint8)
+        packed = self._keystream((count + 7) // 8)
         return np.unpackbits(packed, count=count).reshape(shape)

@@ -201,6 +201,8 @@ def conv(x: np.ndarray, weight: np.ndarray, spec: ConvSpec, *, w_bits: int | Non
             wf = weight.reshape(m_out, channels).astype(x.dtype, copy=False)
             return np.matmul(wf, x.reshape(n_batch, channels, -1)).reshape((n_batch, m_out) + x.shape[2:])
         return _conv_pointwise(x, weight.reshape(m_out, channels), w_bits, ring_bits)
+    if (x.dtype == U64 or x.dtype.kind == "f") and g == 1 and channels >= 8 and all(s == 1 for s in spec.strides) and int(np.prod(spec.kernel)) > 1:
+        return _conv_shifted(x, weight, spec, w_bits, ring_bits)
     cg, mg = channels // g, m_out // g
     win, out_spatial = im2col(x, spec)
     kg = cg * int(np.prod(spec.kernel))
@@ -263,6 +265,80 @@ def _uniform_left(wl: np.ndarray, xm: np.ndarray, ring_bits: int) -> np.ndarray:
             for j in range(count - i):
                 out += (wl[i][:, sl] @ xl[j][sl]).astype(U64) << U64(LIMB * (i + j))
     return out
+
+
+def _conv_shifted(x: np.ndarray, weight: np.ndarray, spec: ConvSpec, w_bits: int | None, ring_bits: int) -> np.ndarray:
+    """A stride-1 convolution as one GEMM per kernel tap on contiguous slices of the flattened
+    padded input (no unfolding): with the input padded and flattened to (C, P), tap t reads
+    x_flat[:, off_t : off_t + R] where off_t is the tap's flat offset and R covers the output
+    rows at the padded width; the positions past the output width wrap and are cropped.
+
+    The limb products of each tap are summed in float64 before the one conversion to Z_2^l:
+    for the small-weight case the limb width is chosen for K = C * prod(kernel) terms exactly
+    as ``_small_limb`` does for the unfolded GEMM; for the uniform case at most ``_K_CHUNK``
+    channel-terms are summed before a conversion. Exact mod 2^ring_bits, the same sums as
+    ``conv`` with im2col, without its prod(kernel)-fold copy and output transpose.
+    """
+    n = spec.ndim
+    n_batch, channels = x.shape[:2]
+    m_out = weight.shape[0]
+    sp = tuple(x.shape[2 + d] + spec.pads[d] + spec.pads[n + d] for d in range(n))
+    out_spatial = spec.out_shape(x.shape[2:])
+    inner = int(np.prod(sp[1:]))
+    strides_flat = [int(np.prod(sp[d + 1 :])) for d in range(n)]
+    taps = list(np.ndindex(*spec.kernel))
+    offsets = [sum(t[d] * spec.dilations[d] * strides_flat[d] for d in range(n)) for t in taps]
+    rows = out_spatial[0] * inner
+    flat_len = max(offsets) + rows
+    xf = np.zeros((n_batch, channels, max(flat_len, int(np.prod(sp)))), dtype=x.dtype)
+    inside = (slice(None), slice(None)) + tuple(slice(spec.pads[d], spec.pads[d] + x.shape[2 + d]) for d in range(n))
+    xf[:, :, : int(np.prod(sp))].reshape((n_batch, channels) + sp)[inside] = x  # zero padding written in place
+    wt = np.moveaxis(weight.reshape(m_out, channels, -1), -1, 0)  # (T, M, C)
+    out = np.empty((n_batch, m_out, rows), dtype=x.dtype)
+    if x.dtype.kind == "f":  # plaintext float path (calibration), same layout code
+        wf = np.ascontiguousarray(wt, dtype=x.dtype)
+        for b in range(n_batch):
+            out[b] = wf[0] @ xf[b, :, offsets[0] : offsets[0] + rows]
+            for t in range(1, len(taps)):
+                out[b] += wf[t] @ xf[b, :, offsets[t] : offsets[t] + rows]
+        small = False
+    small = w_bits is not None and _small_limb(channels * len(taps), w_bits) >= 12
+    if small:
+        limb = _small_limb(channels * len(taps), w_bits)  # type: ignore[arg-type]
+        wf = np.ascontiguousarray(wt).view(np.int64).astype(np.float64)
+        for b in range(n_batch):
+            xl = _limbs(xf[b], limb, ring_bits)  # (L, C, P)
+            acc = np.zeros((xl.shape[0], m_out, rows))
+            tmp = np.empty_like(acc)
+            for t, off in enumerate(offsets):
+                np.matmul(wf[t], xl[:, :, off : off + rows], out=tmp)
+                acc += tmp
+            out[b] = _combine(acc, limb)
+    elif x.dtype == U64:
+        wl = _limbs(np.ascontiguousarray(wt), LIMB, ring_bits)  # (L, T, M, C)
+        count = wl.shape[0]
+        # for limb j of x, the weight limbs i < count - j stacked along M: one GEMM per (tap, j)
+        stacks = [np.ascontiguousarray(wl[: count - j].transpose(1, 0, 2, 3).reshape(len(taps), (count - j) * m_out, channels))
+                  for j in range(count)]  # fmt: skip
+        c_step = min(channels, _K_CHUNK)
+        pieces = [(t, c0) for t in range(len(taps)) for c0 in range(0, channels, c_step)]
+        per_flush = max(1, _K_CHUNK // c_step)
+        for b in range(n_batch):
+            xl = _limbs(xf[b], LIMB, ring_bits)
+            res = np.zeros((m_out, rows), dtype=U64)
+            for start in range(0, len(pieces), per_flush):
+                accs = [np.zeros(((count - j) * m_out, rows)) for j in range(count)]
+                for t, c0 in pieces[start : start + per_flush]:
+                    off, cs = offsets[t], slice(c0, c0 + c_step)
+                    for j in range(count):
+                        accs[j] += stacks[j][t][:, cs] @ xl[j, cs, off : off + rows]
+                for j in range(count):
+                    for i in range(count - j):
+                        res += accs[j][i * m_out : (i + 1) * m_out].astype(U64) << U64(LIMB * (i + j))
+            out[b] = res
+    grid = out.reshape((n_batch, m_out, out_spatial[0]) + tuple(sp[1:]))
+    crop = (slice(None), slice(None), slice(None)) + tuple(slice(0, o) for o in out_spatial[1:])
+    return np.ascontiguousarray(grid[crop])
 
 
 def _conv_limbs_first(x: np.ndarray, spec: ConvSpec, wmats: list[np.ndarray], limb: int, w_bits: int | None,

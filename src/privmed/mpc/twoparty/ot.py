@@ -189,7 +189,7 @@ def ot_setup(ch: Channel, label: str, prg: PRG, is_data_owner: bool) -> OTSessio
 
 
 def _expand(seed: bytes, label: str, nbytes: int) -> np.ndarray:
-    return np.frombuffer(PRG(seed).stream(label).bytes(nbytes), dtype=np.uint8)
+    return PRG(seed).stream(label).uint8(nbytes)
 
 
 def random_ot_send(ot: OTSession, tag: str, m: int) -> tuple[np.ndarray, np.ndarray]:
