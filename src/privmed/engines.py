@@ -138,7 +138,11 @@ class SecureEngine:
     expect_plan : refuse any plan whose SHA-256 fingerprint differs.
     parties : 3 (data owner, model owner, dealer) or 2 (no dealer:
         ``privmed.runtime.twoparty_launch.run_local_session_2p``).
-    store : two parties only: the directory of precomputed offline material (``--store``).
+    store : two parties only: the directory of precomputed offline material (``--store``;
+        ``DIR/data-owner``, ``DIR/model-owner`` and the local CA ``DIR/pki``). Without an
+        explicit ``chunk``, batches take the stored sets' batch size; a last, shorter batch is
+        padded up to it with copies of the last input while sets are left (their outputs are
+        dropped), so it runs on a set too instead of computing a whole offline phase inline.
     """
 
     chunk: int | None = None
@@ -163,13 +167,50 @@ class SecureEngine:
         chunk = self.chunk or default_chunk
         if chunk is not None and chunk < 1:
             raise InputError(f"--chunk {chunk}: expected a positive batch size")
+        x = np.ascontiguousarray(inputs, dtype=np.float32)
+        n, pad = len(x), 0
+        if self.parties == 2 and self.store:
+            chunk, pad = self._fit_to_store(n, chunk)
+            x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x  # a real input again: in range wherever it is
         shape = list(card.input_shape) if min(card.input_shape, default=1) > 0 else None
         result = run_local_session(
-            card.path, np.ascontiguousarray(inputs, dtype=np.float32), timeout_s=self.timeout_s, workdir=self.workdir,
+            card.path, x, timeout_s=self.timeout_s, workdir=self.workdir,
             progress=self.progress, calibration=self.compile.calibration, frac_bits=self.compile.frac_bits,
-            input_shape=shape, chunk=chunk if len(inputs) > 1 else None, expect_plan=self.expect_plan, **extra,
+            input_shape=shape, chunk=chunk if len(x) > 1 else None, expect_plan=self.expect_plan, **extra,
         )  # fmt: skip
-        return EngineRun(self.name, result.outputs, result.stats)
+        if pad:
+            result.stats.store["padded"] = pad
+        return EngineRun(self.name, result.outputs[:n], result.stats)
+
+    def _fit_to_store(self, n: int, chunk: int | None) -> tuple[int | None, int]:
+        """(batch size, copies of the last input to append) so that ``n`` inputs use the local store's sets:
+        its sets' batch size unless ``--chunk`` was given, and a short last batch padded while
+        the store holds a set for it (otherwise it would compute its offline phase inline)."""
+        from privmed.runtime.twoparty_store import held_sets
+
+        held = held_sets(Path(self.store).resolve() / "data-owner") if self.store else None
+        if held is None:
+            return chunk, 0
+        batch, left = held
+        chunk = self.chunk or batch
+        pad = (-n) % chunk if chunk == batch and left > n // chunk else 0
+        return chunk, pad
+
+    def precompute(self, card: ModelCard, sets: int, chunk: int) -> SessionStats:
+        """Two parties with a store: both roles on this machine fill ``store`` with ``sets``
+        offline phases of ``chunk`` inputs each, before any input exists (as ``privmed infer
+        --precompute``); returns the precompute session's costs."""
+        if self.parties != 2 or self.store is None:
+            raise InputError("--precompute needs --parties 2 and --store DIR")
+        from privmed.runtime.twoparty_launch import run_local_session_2p
+
+        shape = list(card.input_shape) if min(card.input_shape, default=1) > 0 else None
+        result = run_local_session_2p(
+            card.path, None, timeout_s=self.timeout_s, workdir=self.workdir, calibration=self.compile.calibration,
+            frac_bits=self.compile.frac_bits, input_shape=shape, chunk=chunk, expect_plan=self.expect_plan,
+            store=self.store, precompute=sets,
+        )  # fmt: skip
+        return result.stats
 
 
 @dataclass

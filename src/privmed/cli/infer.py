@@ -278,9 +278,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
         store_result(args, written)
     if result.stats.store:
-        from privmed.cli.precompute import store_lines
+        from privmed.cli.precompute import session_store_lines
 
-        print("\n".join(store_lines({"store": result.stats.store, "batches": result.stats.batches})[:-1]))
+        print("\n".join(session_store_lines(result.stats)))
     print(summary_table(result.stats))
     return 0
 

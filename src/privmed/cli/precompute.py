@@ -1,13 +1,18 @@
-"""``privmed party --parties 2 --precompute N --store DIR`` and ``--store DIR``: the argument
-checks and the one-line summaries a party prints about its store and its costs."""
+"""``--precompute N --store DIR`` and ``--store DIR`` of the two-party mode (``privmed party``,
+and the local ``infer``, ``validate`` and ``segment``): the argument checks and the one-line
+summaries about a store and the offline / online costs."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from privmed.cli.progress import human_bytes
 from privmed.errors import InputError
+
+if TYPE_CHECKING:
+    from privmed.runtime.stats import SessionStats
 
 
 def check_store_args(args: argparse.Namespace) -> None:
@@ -47,19 +52,54 @@ def store_lines(stats: dict[str, Any]) -> list[str]:
     return lines
 
 
-def check_infer_store_args(args: argparse.Namespace) -> None:
-    """``privmed infer``: --precompute / --store only with --parties 2, locally."""
+def check_local_store_args(args: argparse.Namespace, inputs: tuple[str, ...]) -> None:
+    """``privmed infer / validate / segment``: --precompute / --store only with --parties 2;
+    --precompute N needs --store and runs without any of ``inputs`` (the options that name images)."""
+    if args.precompute is None and args.store is None:
+        return
     if args.parties != 2:
         raise InputError("--precompute and --store are for the two-party mode (--parties 2)")
-    if args.service is not None:
-        raise InputError("--precompute and --store run local two-party sessions, not --service")
     if args.precompute is not None:
         if args.store is None:
             raise InputError("--precompute needs --store DIR")
         if args.precompute < 1:
             raise InputError(f"--precompute: expected at least 1 set, got {args.precompute}")
-        if args.input or args.output or args.from_pacs:
-            raise InputError("--precompute runs before any image exists: no --input, --output or --from-pacs")
+        if any(getattr(args, option[2:].replace("-", "_"), None) for option in inputs):
+            named = f"{', '.join(inputs[:-1])} or {inputs[-1]}" if len(inputs) > 1 else inputs[0]
+            raise InputError(f"--precompute runs before any image exists: no {named}")
+
+
+def check_infer_store_args(args: argparse.Namespace) -> None:
+    """``privmed infer``: --precompute / --store only with --parties 2, locally."""
+    if args.parties == 2 and args.service is not None:
+        raise InputError("--precompute and --store run local two-party sessions, not --service")
+    check_local_store_args(args, ("--input", "--output", "--from-pacs"))
+
+
+def precomputed_line(stats: SessionStats, sets: int, chunk: int, store: Path, unit: str = "image") -> str:
+    """What a local precompute run made (``privmed infer / validate / segment --precompute``)."""
+    sent = stats.bytes_sent
+    return (f"precomputed {sets} sets of {chunk} {unit}(s): {store}/data-owner, {store}/model-owner "
+            f"(each party's own part); offline {stats.offline_s:.2f} s, {human_bytes(stats.offline_bytes)} sent in all "
+            f"(data owner {human_bytes(sent.get('data-owner', 0))}, model owner {human_bytes(sent.get('model-owner', 0))})")  # fmt: skip
+
+
+def phases_line(offline_s: float, offline_bytes: int, online_s: float, online_bytes: int) -> str:
+    """A two-party run's input-independent and online phases, both parties' bytes sent."""
+    return (f"offline {offline_s:.2f} s, {human_bytes(offline_bytes)}; online {online_s:.2f} s, {human_bytes(online_bytes)} "
+            "(sent by both parties)")  # fmt: skip
+
+
+def session_store_lines(stats: SessionStats) -> list[str]:
+    """A local run with --store (infer, segment): batches on stored sets and sets left, why a
+    batch fell back (one line), and a padded last batch."""
+    if not stats.store:
+        return []
+    lines = store_lines({"store": stats.store, "batches": stats.batches})[:-1]
+    if stats.store.get("padded"):
+        lines.append(f"last batch padded with {stats.store['padded']} copies of its last input to the sets' batch size "
+                     "(their outputs dropped)")  # fmt: skip
+    return lines
 
 
 def precompute_local(args: argparse.Namespace) -> int:
@@ -71,9 +111,7 @@ def precompute_local(args: argparse.Namespace) -> int:
                                   chunk=args.chunk, expect_plan=args.expect_plan, store=args.store, precompute=args.precompute)  # fmt: skip
     s = result.stats
     print(f"plan {s.plan.fingerprint if s.plan else '?'} (pin it with --expect-plan)")
-    print(f"precomputed {args.precompute} sets of {args.chunk} image(s): {args.store}/data-owner, {args.store}/model-owner "
-          f"(each party's own part); offline {s.offline_s:.2f} s, {human_bytes(s.offline_bytes)} sent in all "
-          f"(data owner {human_bytes(s.bytes_sent.get('data-owner', 0))}, model owner {human_bytes(s.bytes_sent.get('model-owner', 0))})")  # fmt: skip
+    print(precomputed_line(s, args.precompute, args.chunk, args.store))
     if args.stats:
         import json
 

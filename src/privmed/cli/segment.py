@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, type=Path, help="segmentation ONNX (the model owner's secret)")
     p.add_argument("--input", type=Path, help="NIfTI volume (.nii, .nii.gz) or a DICOM series folder; or --from-pacs")
-    p.add_argument("--output", required=True, type=Path,
+    p.add_argument("--output", type=Path,
                    help="mask to write: .nii/.nii.gz (label map with the input affine) or, for a DICOM series, "
                         ".dcm (a DICOM Segmentation referencing the series, one segment per class)")
     p.add_argument("--series", metavar="UID", help="DICOM folder with several series: the SeriesInstanceUID to segment")
@@ -61,6 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     from privmed.cli.infer import add_parties_option
 
     add_parties_option(p)
+    p.add_argument("--precompute", type=int, metavar="N",
+                   help="--parties 2: prepare the offline phase of N batches (--chunk slices/patches each, default the "
+                        "memory-bound batch size) into --store before any volume exists; no --input or --output")
+    p.add_argument("--store", type=Path, metavar="DIR",
+                   help="--parties 2: precomputed offline material (DIR/data-owner, DIR/model-owner, a local CA in DIR/pki); "
+                        "each batch uses one set online only if one matches, else computes its offline phase inline; "
+                        "without --chunk, batches take the sets' size")
     p.add_argument("--plaintext", action="store_true",
                    help="INSECURE: run the model with onnxruntime on this machine instead (needs the weights)")  # fmt: skip
     p.add_argument("--compare-plaintext", action="store_true",
@@ -75,8 +82,32 @@ def _dice_table(secure: Any, plain: Any, classes: tuple[str, ...]) -> dict[str, 
     return {name: dice(secure == i, plain == i) for i, name in enumerate(classes) if i > 0}
 
 
+def _precompute(args: argparse.Namespace) -> int:
+    """``--parties 2 --precompute N --store DIR``: N sets for batches of ``--chunk`` slices or
+    patches (default: the memory-bound batch size ``auto_chunk``, which a later run with this
+    store and no --chunk takes from the sets), before any volume exists."""
+    from privmed.cli.precompute import precomputed_line
+    from privmed.engines import CompileOptions, ModelCard, SecureEngine
+    from privmed.segment.engines import auto_chunk
+    from privmed.segment.model import load_model
+
+    if args.chunk is not None and args.chunk < 1:
+        raise InputError(f"--chunk {args.chunk}: expected a positive batch size")
+    model = load_model(args.model, args.preprocess, args.patch)
+    chunk = args.chunk or auto_chunk(model, 1 << 30)
+    engine = SecureEngine(timeout_s=args.timeout, compile=CompileOptions(args.frac_bits, args.calibration),
+                          expect_plan=args.expect_plan, parties=2, store=args.store)  # fmt: skip
+    stats = engine.precompute(model.card or ModelCard.read(model.path, model.input_shape), args.precompute, chunk)
+    print(f"plan {stats.plan.fingerprint if stats.plan else '?'} (pin it with --expect-plan)")
+    print(precomputed_line(stats, args.precompute, chunk, args.store, "patch" if model.spatial_dims == 3 else "slice"))
+    if args.stats:
+        args.stats.parent.mkdir(parents=True, exist_ok=True)
+        args.stats.write_text(json.dumps({"precompute": stats.to_dict()}, indent=1) + "\n")
+    return 0
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
-    if args.from_pacs is not None or args.input is None:
+    if args.precompute is None and (args.from_pacs is not None or args.input is None):
         from privmed.cli.pacs import job_input
 
         with job_input(args, need_one_series=True) as folder:  # retrieved into a temporary folder
@@ -92,6 +123,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from privmed.segment.volume import check_mask_path, read_volume, write_mask
 
     t0 = time.perf_counter()
+    from privmed.cli.precompute import check_local_store_args
+
+    check_local_store_args(args, ("--input", "--output", "--from-pacs"))
+    if args.store is not None and (args.plaintext or args.compare_plaintext):
+        raise InputError("--store holds the secure engine's offline material; not with --plaintext or --compare-plaintext")
+    if args.precompute is not None:
+        return _precompute(args)
+    if args.output is None:
+        raise InputError("--output is required (the mask to write)")
     check_mask_path(args.output)
     if args.to_pacs and args.output.suffix.lower() != ".dcm":
         raise InputError(f"{args.output}: --to-pacs stores a DICOM SEG: give --output NAME.dcm")
@@ -112,7 +152,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         engine = PlaintextEngine()
     else:
         engine = SecureEngine(chunk=args.chunk, timeout_s=args.timeout, compile=CompileOptions(args.frac_bits, args.calibration), expect_plan=args.expect_plan,
-                              progress=LayerProgress(label=f"secure segmentation ({mode})"), parties=args.parties)  # fmt: skip
+                              progress=LayerProgress(label=f"secure segmentation ({mode})"), parties=args.parties, store=args.store)  # fmt: skip
     side = "x".join(map(str, model.side))
     source = getattr(args, "source_label", None) or volume.source  # what the user named, not a temp folder
     print(f"{engine.name} segmentation: {source} {volume.array.shape} ({volume.kind}), mode {mode}, "
@@ -143,6 +183,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print(f"plan {seg.run.stats.plan.fingerprint} (pin it with --expect-plan)")
     print(f"costs ({engine.name}):")
     print("\n".join(summary.format_costs(costs, engine.name)))
+    if seg.run.stats.store:
+        from privmed.cli.precompute import session_store_lines
+
+        print("\n".join("  " + line for line in session_store_lines(seg.run.stats)))
     report: dict[str, Any] = {
         "input": str(source), "shape": list(seg.labels.shape), "kind": volume.kind,
         "affine": np.asarray(volume.affine).tolist(), "model": str(model.path), "mode": mode,

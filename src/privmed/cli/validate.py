@@ -27,12 +27,11 @@ def register(subparsers: Any) -> None:
     )
     v.add_argument(
         "--data",
-        required=True,
         type=Path,
-        help="study folder (any layout privmed data inspect reads)",
+        help="study folder (any layout privmed data inspect reads); required unless --precompute",
     )
     v.add_argument(
-        "--out", required=True, type=Path, help="results folder (created; reused to resume)"
+        "--out", type=Path, help="results folder (created; reused to resume); required unless --precompute"
     )
     v.add_argument("--workers", type=int, default=1, help="secure sessions at once (default 1)")
     v.add_argument(
@@ -63,6 +62,13 @@ def register(subparsers: Any) -> None:
     from privmed.cli.infer import add_parties_option
 
     add_parties_option(v)
+    v.add_argument("--precompute", type=int, metavar="N",
+                   help="--parties 2: prepare the offline phase of N images (one set each) into --store before the "
+                        "study, then stop; no --data or --out")  # fmt: skip
+    v.add_argument("--store", type=Path, metavar="DIR",
+                   help="--parties 2: precomputed offline material (DIR/data-owner, DIR/model-owner, a local CA in DIR/pki); "
+                        "each image uses one set online only if one matches, else computes its offline phase inline; "
+                        "--workers 1")  # fmt: skip
     v.set_defaults(func=run_validate)
 
     r = subparsers.add_parser(
@@ -133,18 +139,55 @@ def _print_summary(summary: dict[str, Any], html: Path, js: Path) -> None:
     print(f"report: {html}\nsummary: {js}")
 
 
+def _precompute(args: argparse.Namespace) -> int:
+    """``--parties 2 --precompute N --store DIR``: N sets of one image (a study runs one image
+    per batch), before the study."""
+    from privmed.cli.precompute import precomputed_line
+    from privmed.engines import CompileOptions, ModelCard, SecureEngine
+
+    engine = SecureEngine(timeout_s=args.timeout, compile=CompileOptions(args.frac_bits, args.calibration),
+                          expect_plan=args.expect_plan, parties=2, store=args.store)  # fmt: skip
+    stats = engine.precompute(ModelCard.read(args.model.resolve()), args.precompute, 1)
+    print(f"plan {stats.plan.fingerprint if stats.plan else '?'} (pin it with --expect-plan)")
+    print(precomputed_line(stats, args.precompute, 1, args.store))
+    return 0
+
+
+def _phase_lines(phases: Any) -> list[str]:
+    """The two-party run's offline and online costs and what it took from its store."""
+    from privmed.cli.precompute import phases_line
+
+    lines = [f"two-party sessions ({phases.sessions}, {phases.batches} images): "
+             + phases_line(phases.offline_s, phases.offline_bytes, phases.online_s, phases.online_bytes)]  # fmt: skip
+    if phases.store:
+        lines.append(f"store {phases.store['dir']}: {phases.precomputed_batches} of {phases.batches} images ran on precomputed "
+                     f"sets (online only), {phases.store['left']} sets left")  # fmt: skip
+    more = [f"(and {len(phases.notes) - 3} more reasons)"] if len(phases.notes) > 3 else []
+    return lines + phases.notes[:3] + more
+
+
 def run_validate(args: argparse.Namespace) -> int:
+    from privmed.cli.precompute import check_local_store_args
     from privmed.engines import CompileOptions
+    from privmed.errors import InputError
     from privmed.evaluate.report import build_report
     from privmed.evaluate.runner import ValidateOptions, run_validation
 
+    check_local_store_args(args, ("--data", "--out"))
+    if args.precompute is not None:
+        return _precompute(args)
+    if args.data is None or args.out is None:
+        raise InputError("--data and --out are required (or --parties 2 --precompute N --store DIR)")
     opts = ValidateOptions(workers=args.workers, limit=args.limit, timeout_s=args.timeout,
                            retry_errors=args.retry_errors, margin=args.margin, threshold=args.threshold,
                            images_per_session=args.per_session, expect_plan=args.expect_plan,
-                           compile=CompileOptions(args.frac_bits, args.calibration), parties=args.parties)  # fmt: skip
+                           compile=CompileOptions(args.frac_bits, args.calibration), parties=args.parties,
+                           store=args.store)  # fmt: skip
     run = run_validation(args.model, args.data, args.out, opts, progress=_progress_printer())
     print(f"validate: {run.processed} images run now ({run.ok} ok, {run.failed} failed), "
           f"{run.already_done} already stored, {run.total} in study, {_hms(run.elapsed_s)} elapsed")  # fmt: skip
+    if run.phases is not None:
+        print("\n".join(_phase_lines(run.phases)))
     if args.no_report:
         return 0
     html, js, summary = build_report(args.out)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -165,3 +167,42 @@ def split_session_costs(stats: SessionStats, n_images: int, wall_s: float) -> li
             bytes_by_role=by_role, rounds=rounds_i[i], cpu_s=dict(cpu), peak_rss_mb=dict(peak),
         ))  # fmt: skip
     return costs
+
+
+@dataclass
+class PhaseTotals:
+    """The two-party sessions of one validation run, summed (``add`` is called from the worker
+    threads): offline (input-independent: inline, or the load of sets precomputed into a
+    ``--store``) and online time and bytes sent by both parties, the batches (images) run and
+    how many of them consumed a stored set; ``store`` as in ``SessionStats.store`` over the run
+    (sets used, sets left after the last session, the distinct fallback reasons)."""
+
+    sessions: int = 0
+    batches: int = 0
+    offline_s: float = 0.0
+    offline_bytes: int = 0
+    online_s: float = 0.0
+    online_bytes: int = 0
+    precomputed_batches: int = 0
+    store: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, stats: SessionStats) -> None:
+        """Count one finished session (a no-op for sessions without an offline phase: three parties)."""
+        if not (stats.offline_bytes or stats.precomputed_batches or stats.store):
+            return
+        with self._lock:
+            self.sessions += 1
+            self.batches += len(stats.batches)
+            self.offline_s += stats.offline_s
+            self.offline_bytes += stats.offline_bytes
+            self.online_s += stats.online_s
+            self.online_bytes += stats.online_bytes
+            self.precomputed_batches += stats.precomputed_batches
+            if stats.store:
+                used = self.store.get("used", []) + list(stats.store.get("used", []))
+                self.store = {**stats.store, "used": used}
+                note = str(stats.store.get("note", ""))
+                if note and note not in self.notes:
+                    self.notes.append(note)

@@ -29,6 +29,12 @@ recorded as ``error``. The study goes on (``retry_errors`` runs those again late
 image and stops the study, and so do ``max_consecutive_failures`` failures in a row, which
 almost always mean a broken setup.
 
+Two parties (``parties=2``): no dealer; with ``store`` (``--store DIR``, made by ``privmed
+validate --parties 2 --precompute N``) each image's batch runs on one precomputed set when
+one matches, else computes its offline phase inline (``privmed.runtime.twoparty_store``);
+one session at a time per store, so ``workers`` must be 1. ``RunSummary.phases`` sums the
+run's offline and online costs and the sets consumed.
+
 Crash safety: a group's results are stored only once its session has finished, one row per
 transaction, so a process killed mid-group loses at most that group's unstored work, and
 the rerun runs exactly the images without a row.
@@ -44,7 +50,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +58,7 @@ import numpy as np
 
 from privmed.engines import CompileOptions, ModelCard, SecureEngine
 from privmed.errors import InputError, ModelError, PrivmedError
-from privmed.evaluate.costs import split_session_costs
+from privmed.evaluate.costs import PhaseTotals, split_session_costs
 from privmed.evaluate.store import ImageResult, ResultStore
 from privmed.evaluate.study import (
     Prepared,
@@ -88,6 +94,7 @@ class ValidateOptions:
     parties: int = 3  # 2: no dealer (privmed.runtime.twoparty_launch)
     expect_plan: str | None = None  # SHA-256 of the only plan the data owner accepts
     compile: CompileOptions = CompileOptions()  # what infer deploys: frac bits, calibration
+    store: Path | None = None  # parties 2: precomputed offline material (one set per image, privmed.runtime.twoparty_store)
 
 
 @dataclass(frozen=True)
@@ -113,14 +120,17 @@ class RunSummary:
     ok: int
     failed: int
     elapsed_s: float
+    phases: PhaseTotals | None = None  # two parties: offline / online costs and stored sets consumed
 
 
-def engine_secure_infer(card: ModelCard, engine: SecureEngine, plans: set[str] | None = None) -> SecureInfer:
+def engine_secure_infer(card: ModelCard, engine: SecureEngine, plans: set[str] | None = None,
+                        phases: PhaseTotals | None = None) -> SecureInfer:  # fmt: skip
     """The real secure inference (``privmed.engines.SecureEngine``) on the study's model card.
 
     Batches of one: the N inputs of a group go through one session one per batch, so the
     engine reports each image's own time, bytes and rounds in ``stats.batches``. Every
-    accepted plan's fingerprint is added to ``plans``.
+    accepted plan's fingerprint is added to ``plans``, every session's offline / online costs
+    to ``phases``.
     """
 
     def run(model_path: Path, inputs: np.ndarray) -> tuple[np.ndarray, SessionStats]:
@@ -129,6 +139,8 @@ def engine_secure_infer(card: ModelCard, engine: SecureEngine, plans: set[str] |
         done = engine.run(card, inputs, default_chunk=1)
         if plans is not None and done.stats.plan is not None:
             plans.add(done.stats.plan.fingerprint)
+        if phases is not None:
+            phases.add(done.stats)
         return np.asarray(done.outputs, dtype=np.float32), done.stats
 
     return run
@@ -225,12 +237,15 @@ def run_validation(
         raise InputError(f"--workers: expected at least 1, got {options.workers}")
     if options.images_per_session < 1:
         raise InputError(f"--per-session: expected at least 1, got {options.images_per_session}")
+    if options.store is not None and options.workers > 1:  # a store serves one session at a time (its lock)
+        raise InputError(f"--store: a store serves one session at a time; use --workers 1, got {options.workers}")
     model_path = Path(model_path).resolve()
     study = StudyModel(model_path, Path(data_dir))
     plans: set[str] = set()
     engine = SecureEngine(chunk=1, timeout_s=options.timeout_s, compile=options.compile, expect_plan=options.expect_plan,
-                          parties=options.parties)
-    secure_infer = secure_infer or engine_secure_infer(study.card, engine, plans)
+                          parties=options.parties, store=options.store)  # fmt: skip
+    phases = PhaseTotals()
+    secure_infer = secure_infer or engine_secure_infer(study.card, engine, plans, phases)
     records = list(study.study.records)
     if options.limit is not None:
         records = records[: max(0, options.limit)]
@@ -256,8 +271,9 @@ def run_validation(
         already = len(records) - len(todo)
         log.info("%d images, %d already stored, %d to run", len(records), already, len(todo))
         try:
-            return _run_pool(study, todo, already, len(records), model_path, secure_infer, run_id,
-                             store, options, progress)  # fmt: skip
+            run = _run_pool(study, todo, already, len(records), model_path, secure_infer, run_id,
+                            store, options, progress)  # fmt: skip
+            return replace(run, phases=phases) if phases.sessions else run
         finally:
             if plans:  # the plan(s) the data owner accepted in this run
                 earlier = set(store.meta().get("plan_fingerprints", []))

@@ -242,6 +242,14 @@ def check_writable(root: Path) -> None:
             raise StoreError(f"{root}: holds {len(left)} unused precomputed sets of store {manifest.get('store')}; use them or give another --store")
 
 
+def held_sets(root: Path, role: str = "data-owner") -> tuple[int, int] | None:
+    """(batch size of a set, sets left) in this party's store ``root`` (its manifest checked as
+    ``Store.open``, not locked), or None if ``root`` holds no store yet. Lets a local run size its
+    batches to the sets before the session starts."""
+    store = Store.open(root, role)
+    return (int(store.manifest["batch"]), len(store.remaining)) if store is not None else None
+
+
 @dataclass
 class StoreUse:
     """A party's store during a session: what it is bound to now and what happened."""

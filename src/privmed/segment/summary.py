@@ -17,7 +17,9 @@ slices/patches. Per item = batch time and bytes / K (rounds are shared by the K 
 batch: a batch costs the network's rounds once). The masked weights travel once, inside the
 first batch; with two or more batches their cost shows as ``first_batch_extra_bytes`` (first
 batch minus the median of the others). Bytes outside every batch (plan, seeds, end of session)
-are ``outside_batches_bytes``.
+are ``outside_batches_bytes``. In the two-party mode the totals also split offline (the
+input-independent phase: inline, or the load of sets precomputed into a ``--store``) from
+online time and bytes, and count the batches that ran on stored sets.
 """
 
 from __future__ import annotations
@@ -95,6 +97,9 @@ def cost_summary(stats: SessionStats, n_items: int, unit: str) -> dict[str, Any]
             "rounds": stats.rounds,
         },
     }
+    if stats.offline_bytes or stats.precomputed_batches:  # two parties: input-independent phase, inline or from a store
+        out["total"] |= {"offline_s": stats.offline_s, "offline_bytes": stats.offline_bytes, "online_bytes": stats.online_bytes,
+                         "precomputed_batches": stats.precomputed_batches}  # fmt: skip
     if stats.peak_rss_mb:
         out["peak_rss_mb"] = dict(stats.peak_rss_mb)
     if stats.cpu_s:
@@ -136,6 +141,13 @@ def format_costs(costs: dict[str, Any], engine: str) -> list[str]:
             f"  once per session: {_mb(costs['outside_batches_bytes'])} outside batches (plan, seeds)"
             + (f", {_mb(extra)} extra in the first batch (masked weights)" if extra is not None else "")
         )
+        if "offline_s" in tot:
+            stored = tot["precomputed_batches"]
+            lines.append(
+                f"  offline {tot['offline_s']:.2f} s, {_mb(tot['offline_bytes'])}"
+                + (f" (from the store for {stored} of {costs['batches']} batches)" if stored else "")
+                + f"; online {tot['online_s']:.2f} s, {_mb(tot['online_bytes'])} (sent by both parties)"
+            )
         if "peak_rss_mb" in costs:
             rss = ", ".join(f"{r} {m:.0f} MB" for r, m in costs["peak_rss_mb"].items())
             lines.append(f"  peak memory: {rss}")
