@@ -173,3 +173,22 @@ def test_segment_consumes_stored_sets_pads_the_last_batch_and_matches_the_inline
     want = threshold_labels(hu)
     for name in ("m1", "m0", "m2"):
         np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / f"{name}.nii.gz")).dataobj), want)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--parties", "2", "--precompute", "2", "--store", "st"], "--precompute needs --chunk K, the slices or patches per set (at most"),
+        (["--parties", "2", "--precompute", "2", "--chunk", "4", "--store", "st", "--output", "m.nii.gz"], "no --input, --output or --from-pacs"),
+        (["--store", "st", "--input", "ct.nii.gz", "--output", "m.nii.gz"], "for the two-party mode (--parties 2)"),
+        (["--parties", "2", "--store", "st", "--input", "ct.nii.gz", "--output", "m.nii.gz", "--plaintext"], "not with --plaintext"),
+    ],
+)
+def test_segment_store_options_refused_in_one_line(tmp_path: Path, argv: list[str], message: str,
+                                                   capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    model = _relu_threshold_model(tmp_path / "t2.onnx")
+    assert main(["segment", "--model", str(model), *argv]) != 0
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "st").exists() and not (tmp_path / "m.nii.gz").exists()

@@ -62,8 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     add_parties_option(p)
     p.add_argument("--precompute", type=int, metavar="N",
-                   help="--parties 2: prepare the offline phase of N batches (--chunk slices/patches each, default the "
-                        "memory-bound batch size) into --store before any volume exists; no --input or --output")
+                   help="--parties 2: prepare the offline phase of N batches of --chunk slices/patches into --store "
+                        "before any volume exists; no --input or --output")
     p.add_argument("--store", type=Path, metavar="DIR",
                    help="--parties 2: precomputed offline material (DIR/data-owner, DIR/model-owner, a local CA in DIR/pki); "
                         "each batch uses one set online only if one matches, else computes its offline phase inline; "
@@ -83,18 +83,20 @@ def _dice_table(secure: Any, plain: Any, classes: tuple[str, ...]) -> dict[str, 
 
 
 def _precompute(args: argparse.Namespace) -> int:
-    """``--parties 2 --precompute N --store DIR``: N sets for batches of ``--chunk`` slices or
-    patches (default: the memory-bound batch size ``auto_chunk``, which a later run with this
-    store and no --chunk takes from the sets), before any volume exists."""
+    """``--parties 2 --precompute N --store DIR --chunk K``: N sets for batches of K slices or
+    patches (a later run with this store and no --chunk takes K from the sets), before any
+    volume exists. K has no default: the run's default (``auto_chunk``) depends on the number
+    of slices or patches, unknown here, and its memory bound alone is thousands for small models."""
     from privmed.cli.precompute import precomputed_line
     from privmed.engines import CompileOptions, ModelCard, SecureEngine
     from privmed.segment.engines import auto_chunk
     from privmed.segment.model import load_model
 
-    if args.chunk is not None and args.chunk < 1:
-        raise InputError(f"--chunk {args.chunk}: expected a positive batch size")
     model = load_model(args.model, args.preprocess, args.patch)
-    chunk = args.chunk or auto_chunk(model, 1 << 30)
+    if args.chunk is None or args.chunk < 1:
+        raise InputError(f"--precompute needs --chunk K, the slices or patches per set (at most {auto_chunk(model, 1 << 30)} "
+                         "for this model's batch memory), got " + ("none" if args.chunk is None else str(args.chunk)))  # fmt: skip
+    chunk = args.chunk
     engine = SecureEngine(timeout_s=args.timeout, compile=CompileOptions(args.frac_bits, args.calibration),
                           expect_plan=args.expect_plan, parties=2, store=args.store)  # fmt: skip
     stats = engine.precompute(model.card or ModelCard.read(model.path, model.input_shape), args.precompute, chunk)
