@@ -120,6 +120,10 @@ class Stream:
         count = int(np.prod(shape))
         return self._keystream(2 * count).view(np.uint16).reshape(shape)
 
+    def uint32(self, shape: tuple[int, ...] | int) -> np.ndarray:
+        count = int(np.prod(shape))
+        return self._keystream(4 * count).view(np.uint32).reshape(shape)
+
     def bits(self, shape: tuple[int, ...] | int) -> np.ndarray:
         """Uniform bits as a uint8 array of 0/1."""
         count = int(np.prod(shape))

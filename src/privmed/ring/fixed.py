@@ -140,13 +140,13 @@ def pack(x: np.ndarray, bits: int) -> np.ndarray:
     low = _pack_bytes(flat, q) if q else np.zeros(0, np.uint8)
     if not r:
         return low
+    if r == 4:  # byte q of each element, read in place (no 64-bit shifts), two nibbles per byte
+        byte_q = np.ascontiguousarray(flat, dtype="<u8").view(np.uint8).reshape(-1, 8)[:, q]
+        tail = byte_q[0::2] & np.uint8(15)
+        tail[: byte_q.size // 2] |= byte_q[1::2] << np.uint8(4)
+        return np.concatenate([low, tail])
     high = ((flat >> U64(8 * q)) & U64((1 << r) - 1)).astype(np.uint8)
-    if r == 4:
-        if high.size % 2:
-            high = np.append(high, np.uint8(0))
-        tail = high[0::2] | (high[1::2] << np.uint8(4))
-    else:
-        tail = np.packbits(np.unpackbits(high[:, None], axis=1, count=8, bitorder="little")[:, :r].reshape(-1), bitorder="little")
+    tail = np.packbits(np.unpackbits(high[:, None], axis=1, count=8, bitorder="little")[:, :r].reshape(-1), bitorder="little")
     return np.concatenate([low, tail])
 
 
@@ -158,11 +158,11 @@ def unpack(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
     if not r:
         return out
     tail = buf[q * count :]
-    if r == 4:
-        high = np.empty(2 * tail.size, dtype=np.uint8)
-        high[0::2], high[1::2] = tail & np.uint8(15), tail >> np.uint8(4)
-        high = high[:count]
-    else:
-        b = np.unpackbits(tail, count=count * r, bitorder="little").reshape(count, r)
-        high = np.packbits(b, axis=1, bitorder="little").reshape(-1)
+    if r == 4:  # the nibbles written straight into byte q of each little-endian element (zero there)
+        by = out.view(np.uint8).reshape(-1, 8)
+        np.bitwise_and(tail[: (count + 1) // 2], np.uint8(15), out=by[0::2, q])
+        np.right_shift(tail[: count // 2], np.uint8(4), out=by[1::2, q])
+        return out
+    b = np.unpackbits(tail, count=count * r, bitorder="little").reshape(count, r)
+    high = np.packbits(b, axis=1, bitorder="little").reshape(-1)
     return out | (high.astype(U64) << U64(8 * q))

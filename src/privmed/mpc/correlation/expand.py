@@ -98,22 +98,32 @@ def expand_nonlinear(stream: Stream, index: int, spec: NonlinearSpec, ring: int 
     n, nb = spec.n, packed_len(spec.n)
     h = stream.uint64(n)
     if spec.shift:
+        narrow = _narrow(stream, spec.shift)  # values needed mod 2^shift: drawn at that width
         h &= U64((1 << (ring - spec.shift)) - 1)
-        r = (h << U64(spec.shift)) + (stream.uint64(n) & U64((1 << spec.shift) - 1))
+        r = (h << U64(spec.shift)) + (narrow(n) & U64((1 << spec.shift) - 1))
     else:
         r = h
     sh = NonlinearShares(r=r, r_high=h)
     m = spec.chunks
     if index == 0:
         if spec.shift:
-            sh.r_wrap, sh.r_msb = stream.uint64(n), stream.uint64(n)
+            sh.r_wrap, sh.r_msb = narrow(n), narrow(n)
         if spec.relu:
             sh.c_hat, sh.c_hat_r_high = stream.uint64(n), stream.uint64(n)
-            sh.c_hat_r_msb = stream.uint64(n) if spec.shift else None
+            sh.c_hat_r_msb = narrow(n) if spec.shift else None
             sh.lt_tables = stream.uint16((m, n))
             sh.e_mask = stream.uint8(nb)
     sh.triples = _and_triples(stream, index, m, nb)
     return sh
+
+
+def _narrow(stream: Stream, bits: int):  # type: ignore[no-untyped-def]
+    """The stream's draw of uniform values needed mod 2^bits only: uint16 or uint32 words when
+    they hold ``bits`` (numpy widens them to uint64 in arithmetic with the shares), else uint64.
+    Uniform mod 2^bits either way; fewer keystream bytes."""
+    if bits <= 16:
+        return stream.uint16
+    return stream.uint32 if bits <= 32 else stream.uint64
 
 
 def expand_thresholds(stream: Stream, index: int, spec: ThresholdSpec) -> NonlinearShares:
