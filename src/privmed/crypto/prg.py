@@ -97,7 +97,7 @@ class Stream:
         if self._limit is not None and self._used > self._limit:
             raise ValueError(f"PRG stream exhausted: more than {self._limit} bytes from one key")
         out = np.empty(n + 16, dtype=np.uint8)  # update_into needs 15 bytes of room past the data
-        view = memoryview(out)
+        view = memoryview(out)  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
         for pos in range(0, n, _ZERO_CHUNK):
             k = min(_ZERO_CHUNK, n - pos)
             self._enc.update_into(_ZEROS[:k], view[pos:])
