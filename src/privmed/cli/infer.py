@@ -301,15 +301,15 @@ def cmd_party(args: argparse.Namespace) -> int:
     if args.role == "model-owner":
         if not args.model:
             raise InputError("the model owner needs --model")
-        from privmed.compiler.compile import compile_model
+        from privmed.compiler.cache import compile_cached
 
         cal = np.load(args.calibration) if args.calibration else None
         shape = [int(s) for s in args.input_shape.split(",")] if args.input_shape else None
         model = args.model
         if not model.exists():
             raise InputError(f"{model}: model file not found")
-        # compiled once the port is bound (see runtime.party.connect_role)
-        kwargs["plan_and_weights"] = lambda: compile_model(model, calibration=cal, frac_bits=args.frac_bits, input_shape=shape)
+        # compiled (or read from the plan cache) once the port is bound (see runtime.party.connect_role)
+        kwargs["plan_and_weights"] = lambda: compile_cached(model, calibration=cal, frac_bits=args.frac_bits, input_shape=shape)
     if args.role == "data-owner" and args.precompute is not None:
         kwargs["chunk"] = args.chunk
         kwargs["expect_plan"] = args.expect_plan

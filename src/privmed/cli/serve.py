@@ -47,7 +47,7 @@ def _named(items: list[str], flag: str) -> dict[str, Path]:
 
 
 def _compile_models(args: argparse.Namespace) -> dict[str, Any]:
-    from privmed.compiler.compile import compile_model
+    from privmed.compiler.cache import compile_cached
     from privmed.runtime.service_roles import ServedModel
 
     models = _named(args.model, "--model")
@@ -60,7 +60,7 @@ def _compile_models(args: argparse.Namespace) -> dict[str, Any]:
         if not path.exists():
             raise InputError(f"{path}: model file not found (--model {name}={path})")
         cal = np.load(cals[name], allow_pickle=False) if name in cals else None
-        plan, weights = compile_model(path, calibration=cal, frac_bits=args.frac_bits)
+        plan, weights = compile_cached(path, calibration=cal, frac_bits=args.frac_bits)
         served[name] = ServedModel(name, plan, weights, plan.fingerprint())
         print(f"model {name}: {path.name}, plan {plan.fingerprint()}", flush=True)
     return served
