@@ -40,7 +40,10 @@ log-depth prefix merge of Garay-Schoenmakers-Villegas, PKC 2007):
    one bit each way); then b = e + (1 - 2e) c_hat arithmetically, and
    b * t (t the truncated value) is linear in the dealer's shares of c_hat, R, c_hat R, M, c_hat M
    (R = (r >> s) - carry, M = msb(r)): no further multiplication round. M, c_hat M and R's
-   wrap bit w enter only multiplied by 2^(l-s), so they are needed mod 2^s only.
+   wrap bit w enter only multiplied by 2^(l-s), so they are needed mod 2^s only. With t_i
+   this party's share of t and u_i its share of c_hat t (c_hat P - c_hat R + gate c_hat M, P
+   public), b t = e t + (1 - 2e) c_hat t, so each party outputs u_i where e = 0 and
+   t_i - u_i where e = 1 (a select on the public e, no further arithmetic).
 
 Rounds per ReLU: 2 + ceil(log2 m) for m = (b - d) / 4 chunks. Bytes per element and party,
 with w(k) = ceil(k / 8): w(l - s) (open c) + (2m - 1) * 2 / 8 (AND openings) + 1/8 (open e);
@@ -95,9 +98,7 @@ def _borrow(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, bits: in
     eq_table = table ^ (table << np.uint16(1))
     if p.is_data_owner:
         eq_table ^= np.uint16(1)
-    one = np.uint16(1)
-    lt = np.packbits(((table >> cj) & one).astype(np.uint8), axis=1)
-    eq = np.packbits(((eq_table >> cj) & one).astype(np.uint8), axis=1)
+    lt, eq = _lookup(table, cj), _lookup(eq_table, cj)
     nodes: list[tuple[np.ndarray, np.ndarray | None]] = [(lt[j], eq[j]) for j in range(m)]
     for lvl, pairs in enumerate(merge_schedule(m)):
         xs, ys = [], []
@@ -126,15 +127,22 @@ def _borrow(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, bits: in
     return nodes[0][0]
 
 
+def _lookup(table: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Bit ``index`` of each 16-bit table entry (m, n), packed 8 per byte along n."""
+    bits = np.empty(table.shape, dtype=np.uint8)
+    np.bitwise_and(table >> index, np.uint16(1), out=bits, casting="unsafe")  # the cast keeps 0/1
+    return np.packbits(bits, axis=1)
+
+
 def _open_sign_mask(p: Party, label: str, c: np.ndarray, corr: NonlinearShares, n: int, bits: int, drop: int) -> np.ndarray:
-    """Steps 3-4 up to the opening: e = [x >= 0] XOR c_hat, public, as 0/1 ring elements."""
+    """Steps 3-4 up to the opening: e = [x >= 0] XOR c_hat, public, as 0/1 uint8."""
     assert corr.e_mask is not None
     borrow = _borrow(p, label, c, corr, bits, drop)
     require_shape(label, "sign mask", corr.e_mask, borrow.shape)
     e_mine = borrow ^ corr.e_mask
     if p.is_data_owner:
         e_mine ^= np.packbits((1 ^ ((c >> U64(bits)) & U64(1))).astype(np.uint8))
-    return np.unpackbits(e_mine ^ p.exchange(f"{label}/e", e_mine), count=n).astype(U64)
+    return np.unpackbits(e_mine ^ p.exchange(f"{label}/e", e_mine), count=n)
 
 
 def _open_masked(p: Party, req: Request, x: np.ndarray, corr: NonlinearShares, low: int = 0) -> np.ndarray:
@@ -214,15 +222,16 @@ def relu(p: Party, req: Request, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     corr = p.source.nonlinear(req)
     c = _open_masked(p, req, x, corr, low=min(spec.shift, spec.drop))
     tr = _truncated(c, corr, spec.shift, req.ring, p.is_data_owner)
-    e = _open_sign_mask(p, req.label, c, corr, spec.n, spec.bits, spec.drop)
+    e = _open_sign_mask(p, req.label, c, corr, spec.n, spec.bits, spec.drop).view(bool)
     assert corr.c_hat is not None and corr.c_hat_r_high is not None
-    flip = U64(1) - U64(2) * e  # 1 - 2e in the ring
-    out = flip * tr.public * corr.c_hat - (e * tr.r_high + flip * corr.c_hat_r_high)
+    # b t = e t + (1 - 2e) c_hat t, and this party's share of c_hat t is
+    # u = c_hat P - (c_hat R) + gate (c_hat M): the output share is u where e = 0, t - u where e = 1
+    u = corr.c_hat * tr.public
+    u -= corr.c_hat_r_high
     if tr.gate is not None:
-        assert corr.r_msb is not None and corr.c_hat_r_msb is not None
-        out = out + tr.gate * (e * corr.r_msb + flip * corr.c_hat_r_msb)
-    if p.is_data_owner:
-        out = out + tr.public * e
+        assert corr.c_hat_r_msb is not None
+        u += tr.gate * corr.c_hat_r_msb
+    out = np.where(e, tr.t - u, u)
     return out.reshape(x.shape), tr.t.reshape(x.shape)
 
 
@@ -233,7 +242,7 @@ def sign(p: Party, req: Request, x: np.ndarray) -> np.ndarray:
     assert spec is not None and spec.relu and spec.drop == 0
     corr = p.source.nonlinear(req)
     c = _open_masked(p, req, x, corr)
-    e = _open_sign_mask(p, req.label, c, corr, spec.n, spec.bits, spec.drop)
+    e = _open_sign_mask(p, req.label, c, corr, spec.n, spec.bits, spec.drop).astype(U64)
     assert corr.c_hat is not None
     b = (U64(1) - U64(2) * e) * corr.c_hat  # b = e + (1 - 2e) c_hat
     if p.is_data_owner:
@@ -281,7 +290,7 @@ def sign_thresholds(p: Party, req: Request, x: np.ndarray, thresholds: np.ndarra
         r=corr.r, r_high=corr.r_high, lt_tables=np.tile(corr.lt_tables, (1, spec.k)),
         e_mask=corr.e_mask, triples=corr.triples,
     )  # fmt: skip
-    e = _open_sign_mask(p, req.label, cj, per_comparison, cj.size, spec.bits, 0)
+    e = _open_sign_mask(p, req.label, cj, per_comparison, cj.size, spec.bits, 0).astype(U64)
     b = (U64(1) - U64(2) * e) * corr.c_hat
     if p.is_data_owner:
         b = b + e
