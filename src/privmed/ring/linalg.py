@@ -255,15 +255,16 @@ def _conv_pointwise(x: np.ndarray, w: np.ndarray, w_bits: int | None, ring_bits:
 def _uniform_left(wl: np.ndarray, xm: np.ndarray, ring_bits: int) -> np.ndarray:
     """W (M, K) @ xm (K, P) mod 2^ring_bits, both uniform, from W's 22-bit limbs wl (L, M, K)
     (``_matmul_uniform`` with the operands' roles swapped, so the result is (M, P))."""
-    count = wl.shape[0]
+    count, m, k = wl.shape
     xl = _limbs(xm, LIMB, ring_bits)
-    k = wl.shape[2]
-    out = np.zeros((wl.shape[1], xm.shape[1]), dtype=U64)
+    out = np.zeros((m, xm.shape[1]), dtype=U64)
     for start in range(0, k, _K_CHUNK):
         sl = slice(start, min(k, start + _K_CHUNK))
-        for i in range(count):
-            for j in range(count - i):
-                out += (wl[i][:, sl] @ xl[j][sl]).astype(U64) << U64(LIMB * (i + j))
+        for j in range(count):
+            # the weight limbs i < count - j stacked along M: one GEMM per limb j of x
+            prod = wl[: count - j, :, sl].reshape((count - j) * m, -1) @ xl[j][sl]
+            for i in range(count - j):
+                out += prod[i * m : (i + 1) * m].astype(U64) << U64(LIMB * (i + j))
     return out
 
 
