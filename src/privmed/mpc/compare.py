@@ -237,7 +237,8 @@ def relu(p: Party, req: Request, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def sign(p: Party, req: Request, x: np.ndarray) -> np.ndarray:
     """Arithmetic shares (scale 0) of the bit [x >= 0], for |x| < 2^bits (steps 1, 3, 4 with
-    s = 0 and drop = 0: exact). Same rounds and bytes as a ReLU without truncation."""
+    s = 0 and drop = 0: exact). Same rounds and party-to-party bytes as a ReLU without
+    truncation; the dealer sends c_hat's correction but not c_hat R's (no select follows)."""
     spec = req.nonlinear
     assert spec is not None and spec.relu and spec.drop == 0
     corr = p.source.nonlinear(req)

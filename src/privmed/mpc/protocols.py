@@ -68,7 +68,7 @@ class Protocols(ABC):
 
     def sign(self, x: np.ndarray, bits: int) -> np.ndarray:
         """Arithmetic shares of [x >= 0] (``mpc.compare.sign``)."""
-        spec = NonlinearSpec(x.size, 0, bits, 0, True)
+        spec = NonlinearSpec(x.size, 0, bits, 0, True, select=False)
         return self._sign(self._request(Purpose.NONLINEAR, nonlinear=spec), x)
 
     def sign_thresholds(self, x: np.ndarray, thresholds: np.ndarray, bits: int) -> np.ndarray:

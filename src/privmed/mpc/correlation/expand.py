@@ -109,8 +109,10 @@ def expand_nonlinear(stream: Stream, index: int, spec: NonlinearSpec, ring: int 
         if spec.shift:
             sh.r_wrap, sh.r_msb = narrow(n), narrow(n)
         if spec.relu:
-            sh.c_hat, sh.c_hat_r_high = stream.uint64(n), stream.uint64(n)
-            sh.c_hat_r_msb = narrow(n) if spec.shift else None
+            sh.c_hat = stream.uint64(n)
+            if spec.select:
+                sh.c_hat_r_high = stream.uint64(n)
+                sh.c_hat_r_msb = narrow(n) if spec.shift else None
             sh.lt_tables = stream.uint16((m, n))
             sh.e_mask = stream.uint8(nb)
     sh.triples = _and_triples(stream, index, m, nb)
@@ -186,8 +188,9 @@ def arith_fields(spec: NonlinearSpec) -> tuple[list[str], list[str]]:
     w (``expand_nonlinear``), msb(r) and c_hat msb(r) enter the protocols only multiplied by
     2^(l - shift) (``compare._truncated``, ``compare._wrap_gate``), so their shares matter mod
     2^shift only, and the dealer sends their corrections at ceil(shift / 8) bytes."""
-    wide = ["c_hat", "c_hat_r_high"] if spec.relu else []
-    msb = (["r_wrap", "r_msb"] + (["c_hat_r_msb"] if spec.relu else [])) if spec.shift else []
+    select = spec.relu and spec.select
+    wide = (["c_hat"] + (["c_hat_r_high"] if select else [])) if spec.relu else []
+    msb = (["r_wrap", "r_msb"] + (["c_hat_r_msb"] if select else [])) if spec.shift else []
     return wide, msb
 
 
@@ -229,7 +232,9 @@ def nonlinear_correction(
     if spec.relu:
         c_hat_bits = private.bits(spec.n)
         c_hat = c_hat_bits.astype(U64)
-        full.update(c_hat=c_hat, c_hat_r_high=c_hat * full["r_high"], c_hat_r_msb=c_hat * full["r_msb"])
+        full["c_hat"] = c_hat
+        if spec.select:
+            full.update(c_hat_r_high=c_hat * full["r_high"], c_hat_r_msb=c_hat * full["r_msb"])
         assert p0.lt_tables is not None
         tables = _lt_tables(nibbles(r, spec.drop, spec.chunks)) ^ p0.lt_tables
         r_top = ((r >> U64(spec.bits)) & U64(1)).astype(np.uint8)

@@ -53,7 +53,8 @@ class NonlinearSpec:
     shift: int
     bits: int = 0  # comparison width l (|x| < 2^l)
     drop: int = 0  # low bits ignored by the comparison
-    relu: bool = False
+    relu: bool = False  # a comparison: tables, AND triples, c_hat
+    select: bool = True  # with relu: also c_hat (r >> shift) and c_hat msb(r) for the ReLU select (not for a sign)
 
     @property
     def chunks(self) -> int:
