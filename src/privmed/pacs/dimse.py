@@ -91,6 +91,11 @@ def _association(cfg: PacsConfig, ae: Any, **kwargs: Any) -> Iterator[Any]:
         raise PeerError(f"PACS {cfg.name}: not reachable ({reason}); is it running and is the port right?") from None
     t0 = time.monotonic()
     assoc = ae.associate(cfg.host, cfg.port, ae_title=cfg.aet, tls_args=tls, **kwargs)
+    if not (assoc.is_established or assoc.is_rejected) and time.monotonic() - t0 < cfg.timeout_s / 2:
+        # dropped before any answer (a busy PACS can close a new connection): one more try
+        # within the same deadline; a PACS that wants TLS drops the second one the same way
+        time.sleep(0.5)
+        assoc = ae.associate(cfg.host, cfg.port, ae_title=cfg.aet, tls_args=tls, **kwargs)
     if not assoc.is_established:
         if assoc.is_rejected:
             why = f"rejected the association from {cfg.calling_aet!r} (does it know this AE title, and is it called {cfg.aet!r}?)"
