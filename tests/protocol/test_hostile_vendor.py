@@ -264,6 +264,21 @@ def test_packed_ring_frames_of_another_length_or_dtype_are_refused() -> None:
         c.recv_ring("x/c", (10,), 44)
 
 
+def test_a_dealer_sending_a_relu_select_correction_for_a_sign_is_refused() -> None:
+    """A sign needs only c_hat's correction from the dealer (``NonlinearSpec.select`` False):
+    the model owner expects one row of Z_2^l elements, from its own spec, so a dealer that also
+    sends c_hat (r >> s) (the frame a ReLU's select would take) is refused from the header."""
+    from privmed.mpc.correlation.source import DealerSource
+    from privmed.ring.fixed import wire_len
+
+    mo, dealer = in_process_pair("model-owner", "dealer", bytes(16), 1)
+    spec = NonlinearSpec(10, 0, 16, 0, True, select=False)
+    req = Request("b0:3/0", StreamKey(0, 3, Purpose.NONLINEAR), 3, nonlinear=spec, ring=44)
+    dealer.send(f"{req.label}/A", np.zeros(wire_len(2 * 10, 44), np.uint8))  # two rows: c_hat and c_hat R
+    with pytest.raises(ProtocolError, match=rf"shape \({wire_len(20, 44)},\), expected \({wire_len(10, 44)},\)"):
+        DealerSource(1, bytes(16), mo).nonlinear(req)
+
+
 def test_two_weight_sets_give_plans_that_differ_only_in_integer_widths(tmp_path: Path) -> None:
     import onnx
     from onnx import numpy_helper

@@ -3,6 +3,7 @@ damaged entry."""
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
@@ -56,18 +57,20 @@ def test_other_options_models_or_compiler_source_get_their_own_entry(tmp_path: P
 
 
 def test_a_damaged_entry_is_compiled_again_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+                                                         caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     monkeypatch.setenv("PRIVMED_CACHE_DIR", str(tmp_path / "plans"))
     model = model_path()
     compile_cached(model)
     npz = next((tmp_path / "plans").glob("*.npz"))
     npz.write_bytes(b"not a zip file")
-    again = compile_cached(model)
-    err = capsys.readouterr().err.strip().splitlines()
+    with caplog.at_level(logging.WARNING, logger="privmed.compiler.cache"):
+        again = compile_cached(model)
+    err = [r.getMessage() for r in caplog.records]
     assert len(err) == 1 and "unreadable" in err[0] and "compiling again" in err[0]
     _same(again, compile_model(model))
+    caplog.clear()
     _same(compile_cached(model), again)  # the entry was replaced
-    assert capsys.readouterr().err == ""
+    assert caplog.records == []
 
 
 def test_the_cache_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,8 @@ The entry lives in ``$PRIVMED_CACHE_DIR`` (default ``$XDG_CACHE_HOME/privmed/pla
 calibration report, the weight widths and the weights' layout) and ``<key>.npz`` (the weights,
 one flat array per field, loaded with ``allow_pickle=False``), both written 0600 and renamed into place, since they hold the
 vendor's weights exactly as the ONNX file does. ``PRIVMED_PLAN_CACHE=off`` turns the cache
-off. A damaged entry is compiled again and replaced (one line on stderr). The cache is the
+off. A damaged entry is compiled again and replaced (one warning line in the log, on stderr
+under the CLI). The cache is the
 model owner's own file on its own disk: nothing in it comes from a peer, and the data owner
 still checks every plan it receives (``ir.check.parse_plan``).
 """
@@ -25,8 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from privmed.ir.plan import Plan, PrivateWeights
+
+log = logging.getLogger(__name__)
 
 _SOURCES = ("compiler", "ir", "ring", "reference")
 _FIELDS = ("weight", "bias", "float_weight", "float_bias")
@@ -90,12 +93,12 @@ def compile_cached(path: Path, *, calibration: np.ndarray | None = None, frac_bi
         try:
             return _load(meta, arrays)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            print(f"privmed: plan cache entry {meta} unreadable ({exc}): compiling again", file=sys.stderr)
+            log.warning("plan cache entry %s unreadable (%s): compiling again", meta, exc)
     plan, weights = fresh()
     try:
         _store(root, key, plan, weights)
     except (OSError, TypeError, ValueError) as exc:  # a read-only home, a report that is not JSON
-        print(f"privmed: plan not cached in {root} ({exc})", file=sys.stderr)
+        log.warning("plan not cached in %s (%s)", root, exc)
     return plan, weights
 
 

@@ -246,25 +246,39 @@ def _conv_pointwise(x: np.ndarray, w: np.ndarray, w_bits: int | None, ring_bits:
         for b in range(n_batch):
             out[b] = _combine(wf @ _limbs(xs[b], limb, ring_bits), limb)  # (M, C) @ (L, C, HW)
     else:
-        wl = _limbs(w, LIMB, ring_bits)  # once for all samples
+        stacks = _stacked_limbs(_limbs(w, LIMB, ring_bits))  # once for all samples
         for b in range(n_batch):
-            out[b] = _uniform_left(wl, xs[b], ring_bits)
+            out[b] = _uniform_left(stacks, xs[b], ring_bits)
     return out.reshape((n_batch, w.shape[0]) + x.shape[2:])
 
 
-def _uniform_left(wl: np.ndarray, xm: np.ndarray, ring_bits: int) -> np.ndarray:
-    """W (M, K) @ xm (K, P) mod 2^ring_bits, both uniform, from W's 22-bit limbs wl (L, M, K)
-    (``_matmul_uniform`` with the operands' roles swapped, so the result is (M, P))."""
-    count, m, k = wl.shape
+def _stacked_limbs(wl: np.ndarray) -> list[np.ndarray]:
+    """For each limb j of the other operand, W's 22-bit limbs i < L - j stacked along M:
+    wl (L, ..., M, K) -> [(..., (L - j) M, K) for j < L], so that one GEMM per j gives every
+    product a_i b_j that reaches below 2^(22 L) (``_add_stacked`` adds them up)."""
+    count = wl.shape[0]
+    return [np.ascontiguousarray(np.moveaxis(wl[: count - j], 0, -3).reshape(wl.shape[1:-2] + ((count - j) * wl.shape[-2], wl.shape[-1])))
+            for j in range(count)]  # fmt: skip
+
+
+def _add_stacked(out: np.ndarray, prod: np.ndarray, j: int, count: int) -> None:
+    """out += sum_i prod[i M : (i + 1) M] 2^(22 (i + j)) mod 2^64: the exact float64 products
+    of one GEMM on ``_stacked_limbs(...)[j]`` (M = out's rows)."""
+    m = out.shape[0]
+    for i in range(count - j):
+        out += prod[i * m : (i + 1) * m].astype(U64) << U64(LIMB * (i + j))
+
+
+def _uniform_left(stacks: list[np.ndarray], xm: np.ndarray, ring_bits: int) -> np.ndarray:
+    """W (M, K) @ xm (K, P) mod 2^ring_bits, both uniform, from ``_stacked_limbs`` of W's 22-bit
+    limbs (``_matmul_uniform`` with the operands' roles swapped, so the result is (M, P))."""
+    count, k = len(stacks), xm.shape[0]
     xl = _limbs(xm, LIMB, ring_bits)
-    out = np.zeros((m, xm.shape[1]), dtype=U64)
+    out = np.zeros((stacks[0].shape[0] // count, xm.shape[1]), dtype=U64)
     for start in range(0, k, _K_CHUNK):
         sl = slice(start, min(k, start + _K_CHUNK))
         for j in range(count):
-            # the weight limbs i < count - j stacked along M: one GEMM per limb j of x
-            prod = wl[: count - j, :, sl].reshape((count - j) * m, -1) @ xl[j][sl]
-            for i in range(count - j):
-                out += prod[i * m : (i + 1) * m].astype(U64) << U64(LIMB * (i + j))
+            _add_stacked(out, stacks[j][:, sl] @ xl[j][sl], j, count)
     return out
 
 
@@ -302,10 +316,8 @@ def _conv_shifted(x: np.ndarray, weight: np.ndarray, spec: ConvSpec, w_bits: int
             out[b] = wf[0] @ xf[b, :, offsets[0] : offsets[0] + rows]
             for t in range(1, len(taps)):
                 out[b] += wf[t] @ xf[b, :, offsets[t] : offsets[t] + rows]
-        small = False
-    small = w_bits is not None and _small_limb(channels * len(taps), w_bits) >= 12
-    if small:
-        limb = _small_limb(channels * len(taps), w_bits)  # type: ignore[arg-type]
+    elif w_bits is not None and _small_limb(channels * len(taps), w_bits) >= 12:
+        limb = _small_limb(channels * len(taps), w_bits)
         wf = np.ascontiguousarray(wt).view(np.int64).astype(np.float64)
         for b in range(n_batch):
             xl = _limbs(xf[b], limb, ring_bits)  # (L, C, P)
@@ -315,12 +327,9 @@ def _conv_shifted(x: np.ndarray, weight: np.ndarray, spec: ConvSpec, w_bits: int
                 np.matmul(wf[t], xl[:, :, off : off + rows], out=tmp)
                 acc += tmp
             out[b] = _combine(acc, limb)
-    elif x.dtype == U64:
-        wl = _limbs(np.ascontiguousarray(wt), LIMB, ring_bits)  # (L, T, M, C)
-        count = wl.shape[0]
-        # for limb j of x, the weight limbs i < count - j stacked along M: one GEMM per (tap, j)
-        stacks = [np.ascontiguousarray(wl[: count - j].transpose(1, 0, 2, 3).reshape(len(taps), (count - j) * m_out, channels))
-                  for j in range(count)]  # fmt: skip
+    else:
+        stacks = _stacked_limbs(_limbs(np.ascontiguousarray(wt), LIMB, ring_bits))  # [(T, (L - j) M, C)]: one GEMM per (tap, j)
+        count = len(stacks)
         c_step = min(channels, _K_CHUNK)
         pieces = [(t, c0) for t in range(len(taps)) for c0 in range(0, channels, c_step)]
         per_flush = max(1, _K_CHUNK // c_step)
@@ -334,8 +343,7 @@ def _conv_shifted(x: np.ndarray, weight: np.ndarray, spec: ConvSpec, w_bits: int
                     for j in range(count):
                         accs[j] += stacks[j][t][:, cs] @ xl[j, cs, off : off + rows]
                 for j in range(count):
-                    for i in range(count - j):
-                        res += accs[j][i * m_out : (i + 1) * m_out].astype(U64) << U64(LIMB * (i + j))
+                    _add_stacked(res, accs[j], j, count)
             out[b] = res
     grid = out.reshape((n_batch, m_out, out_spatial[0]) + tuple(sp[1:]))
     crop = (slice(None), slice(None), slice(None)) + tuple(slice(0, o) for o in out_spatial[1:])
