@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sqlite3
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from privmed.evaluate.analysis import format_p, json_ready, sentence, summarize_study
 from privmed.evaluate.report import build_report
-from privmed.evaluate.store import ImageResult, ResultStore
+from privmed.evaluate.store import DB_NAME, ImageResult, ResultStore
 
 FINDINGS = ["opacity", "effusion"]
 
@@ -43,6 +44,7 @@ def _fill(tmp_path, n_per_site: int = 60, scale: float = 2e-4, bias: float = 0.0
                                       plain_output=plain, secure_output=secure, plain_s=0.002,
                                       secure_s=1.0 + i / n_per_site, bytes_by_role={"data-owner": 1000 + i, "dealer": 5000},
                                       rounds=15, peak_rss_mb={"data-owner": 90.0, "dealer": 80.0},
+                                      offline_s=0.5 + i / n_per_site, offline_bytes=5000, online_bytes=1000 + i,
                                       started_at=1000.0 + i, finished_at=1001.0 + i, run_id=site))  # fmt: skip
                 truth["labels"].append(y)
                 truth["plain"].append(plain[0])
@@ -79,6 +81,15 @@ def test_summary_numbers_match_oracles(tmp_path) -> None:
     assert c["bytes_by_role"]["dealer"]["max"] == 5000
     # two runs of 60 images, each spanning 60 s: one image per second, 121 images
     assert c["projected_study_s"] == pytest.approx(121.0)
+    # offline and online per image beside the totals, in the JSON and on the page
+    assert c["offline_s"]["median"] == pytest.approx(np.median(0.5 + np.arange(60) / 60))
+    assert c["offline_bytes"]["median"] == 5000 and c["offline_bytes"]["n"] == 120
+    assert c["online_bytes"]["median"] == pytest.approx(np.median(1000 + np.arange(60)))
+    assert c["online_bytes"]["median"] + c["offline_bytes"]["median"] == c["bytes_total"]["median"]
+    page = html_path.read_text()
+    assert _cost_row(page, "of which offline phase") == ["5.00 kB", "5.00 kB – 5.00 kB", "5.00 kB", "120"]
+    assert _cost_row(page, "of which online phase")[0] == "1.03 kB"  # median 1029.5 bytes
+    assert _cost_row(page, "of which offline phase (input-independent)")[0] == "991.7 ms"  # 0.5 + 29.5/60 s
     # the page shows the sentences and embeds three decodable PNGs
     html = html_path.read_text()
     for f in summary["findings"]:
@@ -86,6 +97,15 @@ def test_summary_numbers_match_oracles(tmp_path) -> None:
     pngs = [chunk.split("'")[0] for chunk in html.split("data:image/png;base64,")[1:]]
     assert len(pngs) == 3 and all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert "NaN" not in json_path.read_text()
+
+
+def _cost_row(page: str, label: str) -> list[str]:
+    """The cells after ``label`` in the cost table (median, IQR, max, n); [] if no such row."""
+    start = page.find(f"<td class=l>{label}</td>")
+    if start < 0:
+        return []
+    row = page[start : page.index("</tr>", start)]
+    return [cell.split("</td>")[0] for cell in row.split("<td>")[1:]]
 
 
 def _summary(tmp_path, **kw: float) -> dict:
@@ -139,3 +159,27 @@ def test_report_of_a_study_where_every_image_failed(tmp_path) -> None:
     assert summary["study"]["n_ok"] == 0 and summary["costs"]["projected_study_s"] is None
     assert summary["findings"][0]["sentence"].startswith("opacity: AUROC not computable")
     assert "PeerError: x" in html_path.read_text() and "data:image/png" not in html_path.read_text()
+
+
+def test_database_from_before_the_offline_online_split_still_reports(tmp_path) -> None:
+    # Prepare: a study stored before the split (the three columns dropped again)
+    _fill(tmp_path)
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    for column in ("offline_s", "offline_bytes", "online_bytes"):
+        db.execute(f"ALTER TABLE results DROP COLUMN {column}")
+    db.commit()
+    db.close()
+    # Execute
+    html_path, json_path, summary = build_report(tmp_path)
+    # Assert: every other number as before; the phases unmeasured and not shown as zero
+    c = json.loads(json_path.read_text())["costs"]
+    assert summary["study"]["n_ok"] == 120 and c["bytes_total"]["n"] == 120
+    assert c["offline_bytes"] == {"n": 0, "median": None, "q1": None, "q3": None, "iqr": None, "mean": None,
+                                  "max": None}  # fmt: skip
+    assert c["offline_s"]["n"] == 0 and c["online_bytes"]["n"] == 0
+    page = html_path.read_text()
+    assert _cost_row(page, "bytes sent per image, all roles") and not _cost_row(page, "of which offline phase")
+    assert "Two parties: the offline phase" not in page
+    # the reopened database now has the columns (NULL in the old rows), so a resumed study adds to it
+    columns = {row[1] for row in sqlite3.connect(tmp_path / DB_NAME).execute("PRAGMA table_info(results)")}
+    assert {"offline_s", "offline_bytes", "online_bytes"} <= columns

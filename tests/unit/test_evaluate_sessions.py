@@ -4,9 +4,12 @@ multi-image session's cost is shared out over its images (costs.split_session_co
 The stats below are a real 4-image session of the shipped model (run_local_session with
 chunk=1, 2026-11-22), so the expectations are computed by hand from numbers the engine
 actually reports: batch 0 carries the masked weights (138,472 bytes more than the others).
+REAL_2P is a real 3-image two-party session (run_local_session_2p, chunk=1, 2026-11-30).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -28,6 +31,23 @@ REAL_4 = {
         {"index": 2, "n": 1, "time_s": 0.0542, "rounds": 26, "bytes": 1537624},
         {"index": 3, "n": 1, "time_s": 0.0507, "rounds": 26, "bytes": 1537624},
     ],
+}  # fmt: skip
+
+
+# Per batch, from the two roles' own records (not in SessionStats): offline phase of the data
+# owner 3.2926, 2.0508, 2.9455 s; online 1,663,376 bytes (both roles) every batch; batch 0
+# also holds the set-up (HE key, base OTs: 541,416 bytes). The engine's offline totals count
+# that set-up a second time (8.6111 s, 77,410,170 bytes).
+REAL_2P = {
+    "wall_s": 9.679, "online_s": 0.3619, "rounds": 126, "bytes_total": 81862180,
+    "bytes_sent": {"model-owner": 66312938, "data-owner": 15549242},
+    "cpu_s": {"model-owner": 4.213, "data-owner": 1.903}, "peak_rss_mb": {"model-owner": 116.2, "data-owner": 122.4},
+    "batches": [
+        {"index": 0, "n": 1, "time_s": 3.3799, "rounds": 42, "bytes": 27647238},
+        {"index": 1, "n": 1, "time_s": 2.1834, "rounds": 42, "bytes": 27105822},
+        {"index": 2, "n": 1, "time_s": 3.0875, "rounds": 42, "bytes": 27105822},
+    ],
+    "offline_s": 8.6111, "offline_bytes": 77410170, "online_bytes": 4990128,
 }  # fmt: skip
 
 
@@ -65,6 +85,27 @@ def test_real_session_weights_and_setup_are_shared_evenly() -> None:
     assert sum(c.secure_s for c in costs) == pytest.approx(1.6)
     assert costs[2].cpu_s["dealer"] == pytest.approx(0.481 / 4)
     assert costs[3].peak_rss_mb == REAL_4["peak_rss_mb"]  # a session's peak does not divide
+    # the dealer mode does not report its phases apart: left unmeasured, not zero
+    assert all(c.offline_bytes is None and c.online_bytes is None and math.isnan(c.offline_s) for c in costs)
+
+
+def test_two_party_session_splits_each_image_into_offline_and_online() -> None:
+    # Execute
+    costs = split_session_costs(S(REAL_2P), 3, wall_s=9.7)
+    # Assert: bytes. Online: the same walk for every image, 1,663,376 each (the roles'
+    # records); offline: the rest of the image's bytes, so the two add up to its total
+    totals = [sum(c.bytes_by_role.values()) for c in costs]
+    assert [c.online_bytes for c in costs] == [1663376] * 3
+    assert [c.offline_bytes + c.online_bytes for c in costs] == totals and sum(totals) == 81862180
+    # offline per image = its batch's offline phase (batch 0 without the set-up: 25,442,446 like
+    # the others) + a third of the set-up and of the 3,298 bytes outside any batch (plan, control)
+    assert [c.offline_bytes for c in costs] == pytest.approx([25442446 + (541416 + 3298) / 3] * 3, abs=1)
+    # time: online an even share of the data owner's online phases; offline its batch less
+    # that share, plus a third of batch 0's set-up, summing to the data owner's offline phases
+    assert all(c.online_s == pytest.approx(0.3619 / 3) for c in costs)
+    assert sum(c.offline_s for c in costs) == pytest.approx(3.2926 + 2.0508 + 2.9455, abs=1e-3)
+    assert costs[1].offline_s == pytest.approx(2.1834 - 0.3619 / 3 + (3.3799 - (2.1834 + 3.0875) / 2) / 3)
+    assert all(c.secure_s > c.offline_s + c.online_s for c in costs)  # + process start, TLS, plan
 
 
 def test_one_image_session_is_charged_the_whole_session() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from privmed.errors import InputError
-from privmed.evaluate.store import DB_NAME, ImageResult, ResultStore
+from privmed.evaluate.store import DB_NAME, ImageResult, ResultStore, _add_missing_columns
 
 
 def _ok(image_id: str, value: float) -> ImageResult:
@@ -19,7 +19,7 @@ def _ok(image_id: str, value: float) -> ImageResult:
         secure_output=np.array([[0.25, 0.5, value + 1e-4]], np.float32),
         plain_s=0.01, secure_s=2.5, bytes_by_role={"data-owner": 10, "dealer": 30}, rounds=7,
         peak_rss_mb={"data-owner": 90.5}, cpu_s={"dealer": 0.25}, started_at=100.0, finished_at=102.5, run_id="r1",
-        session_images=16,
+        session_images=16, offline_s=2.0, offline_bytes=28, online_bytes=12,
     )  # fmt: skip
 
 
@@ -38,11 +38,12 @@ def test_round_trip(tmp_path) -> None:
     assert row.bytes_by_role == {"data-owner": 10, "dealer": 30} and row.peak_rss_mb == {
         "data-owner": 90.5
     }
-    # the total is stored for SQL queries
-    total = (
-        sqlite3.connect(tmp_path / DB_NAME).execute("SELECT bytes_total FROM results").fetchone()
-    )
-    assert total == (40,)
+    assert (row.offline_s, row.offline_bytes, row.online_bytes) == (2.0, 28, 12)
+    # the total is stored for SQL queries, beside its offline and online parts
+    total = sqlite3.connect(tmp_path / DB_NAME).execute(
+        "SELECT bytes_total, offline_bytes + online_bytes FROM results"
+    ).fetchone()
+    assert total == (40, 40)
 
 
 def test_ok_row_is_never_overwritten_but_error_row_is(tmp_path) -> None:
@@ -101,4 +102,26 @@ def test_database_from_before_a_new_column_still_opens(tmp_path) -> None:
         rows = {r.image_id: r for r in store.rows()}
     assert rows["old"].cpu_s == {} and rows["old"].truth_mask is None
     assert rows["old"].session_images is None
+    assert rows["old"].offline_bytes is None and rows["old"].online_bytes is None and np.isnan(rows["old"].offline_s)
     assert rows["new"].cpu_s == {"dealer": 0.25} and rows["new"].session_images == 16
+    assert rows["new"].offline_bytes == 28
+
+
+def test_read_only_database_from_before_the_phase_columns_still_reads(tmp_path) -> None:
+    # Prepare: a database written before the offline/online split, opened read-only (an
+    # archived study): the columns cannot be added
+    with ResultStore.open(tmp_path) as store:
+        store.put(_ok("img1", 0.5))
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    for column in ("offline_s", "offline_bytes", "online_bytes"):
+        db.execute(f"ALTER TABLE results DROP COLUMN {column}")
+    db.commit()
+    db.close()
+    ro = sqlite3.connect(f"{(tmp_path / DB_NAME).as_uri()}?mode=ro", uri=True, isolation_level=None)
+    # Execute
+    _add_missing_columns(ro)
+    (row,) = list(ResultStore(tmp_path / DB_NAME, ro).rows())
+    ro.close()
+    # Assert: the rest of the row as stored, the phases unmeasured
+    assert row.bytes_by_role == {"data-owner": 10, "dealer": 30} and row.session_images == 16
+    assert row.offline_bytes is None and row.online_bytes is None and np.isnan(row.offline_s)

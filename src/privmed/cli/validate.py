@@ -136,7 +136,20 @@ def _print_summary(summary: dict[str, Any], html: Path, js: Path) -> None:
               f"{'-' if rounds is None else f'{rounds:.0f}'} rounds; "
               f"projected study time {_hms(projected)} with {c['workers']} worker(s)"
               + _per_session(c))  # fmt: skip
+    phases = _phases_per_image(c)
+    if phases:
+        print(phases)
     print(f"report: {html}\nsummary: {js}")
+
+
+def _phases_per_image(costs: dict[str, Any]) -> str:
+    """Median offline and online time and bytes per image, or "" if the engine did not split them."""
+    median = {k: (costs.get(k) or {}).get("median") for k in ("offline_s", "online_s", "offline_bytes", "online_bytes")}
+    if median["offline_bytes"] is None or median["online_bytes"] is None:
+        return ""
+    off_s, on_s = (("-" if t is None else f"{t:.2f} s") for t in (median["offline_s"], median["online_s"]))
+    return (f"  of which offline {off_s}, {median['offline_bytes'] / 1e6:.2f} MB; "
+            f"online {on_s}, {median['online_bytes'] / 1e6:.2f} MB (medians per image)")  # fmt: skip
 
 
 def _precompute(args: argparse.Namespace) -> int:

@@ -201,7 +201,11 @@ def _mask_stats(arrays: StudyArrays, threshold: float) -> dict[str, Any]:
 
 
 def cost_stats(rows: list[ImageResult], n_study: int, workers: int) -> dict[str, Any]:
-    """Per-image costs (median, IQR, max) and projected time for the whole study."""
+    """Per-image costs (median, IQR, max) and projected time for the whole study.
+
+    ``offline_s`` / ``offline_bytes`` / ``online_bytes`` count only the images whose engine
+    reported its phases apart (two parties; ``n`` = 0 for a dealer-mode or older study).
+    """
     ok = [r for r in rows if r.status == "ok"]
     roles = sorted(
         {k for r in ok for k in r.bytes_by_role} | {k for r in ok for k in r.peak_rss_mb}
@@ -225,7 +229,10 @@ def cost_stats(rows: list[ImageResult], n_study: int, workers: int) -> dict[str,
         "secure_s": asdict(summarize(secure_s)),
         "plain_s": asdict(summarize(col(lambda r: r.plain_s))),
         "online_s": asdict(summarize(col(lambda r: r.online_s))),
+        "offline_s": asdict(summarize(col(lambda r: r.offline_s))),
         "bytes_total": asdict(summarize(col(lambda r: sum(r.bytes_by_role.values()) if r.bytes_by_role else None))),
+        "offline_bytes": asdict(summarize(col(lambda r: r.offline_bytes))),
+        "online_bytes": asdict(summarize(col(lambda r: r.online_bytes))),
         "rounds": asdict(summarize(col(lambda r: r.rounds))),
         "session_images": asdict(summarize(col(lambda r: r.session_images))),
         "bytes_by_role": {k: asdict(summarize(col(lambda r, k=k: r.bytes_by_role.get(k)))) for k in roles},

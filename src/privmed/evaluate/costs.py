@@ -66,7 +66,12 @@ def observed_study_seconds(started: np.ndarray, finished: np.ndarray, n_images: 
 
 @dataclass(frozen=True)
 class ImageCost:
-    """One image's share of a secure session that ran several images (see split_session_costs)."""
+    """One image's share of a secure session that ran several images (see split_session_costs).
+
+    ``offline_s`` / ``offline_bytes`` / ``online_bytes`` are NaN / None when the engine does
+    not report the phases apart (the dealer mode: its correlated randomness is sent during the
+    session, so ``online_s`` is its only phase figure).
+    """
 
     secure_s: float
     online_s: float
@@ -74,6 +79,9 @@ class ImageCost:
     rounds: int | None
     cpu_s: dict[str, float]
     peak_rss_mb: dict[str, float]
+    offline_s: float = float("nan")
+    offline_bytes: int | None = None
+    online_bytes: int | None = None
 
 
 def apportion(total: int, weights: list[float]) -> list[int]:
@@ -116,7 +124,8 @@ def split_session_costs(stats: SessionStats, n_images: int, wall_s: float) -> li
       bytes for the shipped 17,404-parameter model. Its excess over the median later batch
       is moved to the one-off part, so the weights, too, are shared out over the session
       instead of being charged to whichever image came first. This relies on every batch
-      running the same plan on one input, which holds for ``chunk=1``.
+      running the same plan on one input, which holds for ``chunk=1``. (In the two-party
+      mode batch 0 likewise carries the session's set-up: the HE key and base OTs.)
 
     ``bytes_by_role``: the engine reports per-batch bytes summed over roles only, so each
     image's bytes are split over roles in proportion to the roles' session totals.
@@ -124,6 +133,9 @@ def split_session_costs(stats: SessionStats, n_images: int, wall_s: float) -> li
     peak, which does not divide. Without ``stats.batches`` (an engine that does not report
     them, or a batch count that differs from ``n_images``) every total is divided evenly.
     Integer quantities (bytes, rounds) are split with :func:`apportion`, so they sum exactly.
+
+    Offline and online phases (two parties: the engine reports ``online_bytes``): see
+    :func:`_phase_split`; otherwise they stay unmeasured (NaN / None).
     """
     n = int(n_images)
     if n < 1:
@@ -154,6 +166,14 @@ def split_session_costs(stats: SessionStats, n_images: int, wall_s: float) -> li
     t_own = sum(own_time)
     secure_extra = max(0.0, float(wall_s) - t_own) / n
     online_extra = max(0.0, float(online) - t_own) / n if online is not None else float("nan")
+    online_i = [t + online_extra for t in own_time]
+    offline_i: list[float] = [float("nan")] * n
+    offline_bytes_i: list[int | None] = [None] * n
+    online_bytes_i: list[int | None] = [None] * n
+    if stats.online_bytes > 0:  # the engine reports its phases apart (two parties)
+        times = [b.time_s for b in batches]
+        offline_i, online_i, off_b, on_b = _phase_split(stats, bytes_i, own_time, times)
+        offline_bytes_i, online_bytes_i = list(off_b), list(on_b)
     roles = list(role_bytes)
     cpu = {k: v / n for k, v in stats.cpu_s.items()}
     peak = dict(stats.peak_rss_mb)
@@ -163,10 +183,45 @@ def split_session_costs(stats: SessionStats, n_images: int, wall_s: float) -> li
             zip(roles, apportion(bytes_i[i], [role_bytes[r] for r in roles]), strict=True)
         )
         costs.append(ImageCost(
-            secure_s=own_time[i] + secure_extra, online_s=own_time[i] + online_extra,
+            secure_s=own_time[i] + secure_extra, online_s=online_i[i],
             bytes_by_role=by_role, rounds=rounds_i[i], cpu_s=dict(cpu), peak_rss_mb=dict(peak),
+            offline_s=offline_i[i], offline_bytes=offline_bytes_i[i], online_bytes=online_bytes_i[i],
         ))  # fmt: skip
     return costs
+
+
+def _phase_split(stats: SessionStats, bytes_i: list[int], own_time: list[float],
+                 batch_time: list[float]) -> tuple[list[float], list[float], list[int], list[int]]:  # fmt: skip
+    """(offline_s, online_s, offline_bytes, online_bytes) per image of a two-party session.
+
+    The engine reports the online phase per session only (``online_s``: the data owner's
+    online walks; ``online_bytes``: both roles'), and every image's online walk runs the same
+    plan on one input, so each image gets an even share: exact for bytes (the message sizes
+    follow from the plan's shapes; 1,663,376 bytes per image of the shipped model, every
+    batch), an average for time. Offline is everything else:
+
+    - bytes: ``offline_bytes = bytes_i - online_bytes``, i.e. its own batch's offline phase
+      (inline, or only the offer of a stored set) plus its share of the session's one-off
+      part (HE key, base OTs, the plan, control frames), so offline + online = the image's
+      total exactly. The engine's own ``offline_bytes`` is not used: it counts the set-up
+      twice (inside batch 0 and again as set-up).
+    - time: its own batch's time (offline and online phase of the data owner, batch 0 without
+      the set-up) less its online share, plus an even share of the set-up. Process starts,
+      compilation and TLS are in neither phase, only in ``secure_s``.
+
+    Without per-batch costs the engine's ``offline_s`` (set-up twice) is divided evenly.
+    """
+    n = len(bytes_i)
+    online_s = [stats.online_s / n] * n
+    shares = apportion(stats.online_bytes, [1.0] * n)
+    online_bytes = [min(b, o) for b, o in zip(bytes_i, shares, strict=True)]
+    offline_bytes = [b - o for b, o in zip(bytes_i, online_bytes, strict=True)]
+    if batch_time:
+        setup = max(0.0, sum(batch_time) - sum(own_time)) / n
+        offline_s = [max(0.0, t - o) + setup for t, o in zip(own_time, online_s, strict=True)]
+    else:
+        offline_s = [stats.offline_s / n] * n
+    return offline_s, online_s, offline_bytes, online_bytes
 
 
 @dataclass

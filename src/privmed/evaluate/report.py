@@ -104,10 +104,14 @@ _FINDING_HEAD = ["n", "pos/neg", "AUROC plaintext [95% CI]", "AUROC secure [95% 
 
 
 def _cost_table(c: dict[str, Any]) -> str:
+    nothing: dict[str, Any] = {}  # a summary.json written before the offline/online split
     rows = [("secure inference time per image", c["secure_s"], _duration),
-            ("secure online phase per image (engine's timer)", c["online_s"], _duration),
+            ("of which offline phase (input-independent)", c.get("offline_s", nothing), _duration),
+            ("of which online phase (engine's timer)", c["online_s"], _duration),
             ("plaintext inference time per image", c["plain_s"], _duration),
             ("bytes sent per image, all roles", c["bytes_total"], _bytes),
+            ("of which offline phase", c.get("offline_bytes", nothing), _bytes),
+            ("of which online phase", c.get("online_bytes", nothing), _bytes),
             ("communication rounds per image", c["rounds"], lambda x: _num(x, ".0f")),
             ("images per secure session", c.get("session_images", {}), lambda x: _num(x, ".0f"))]  # fmt: skip
     rows += [(f"bytes sent by {role}", v, _bytes) for role, v in c["bytes_by_role"].items()]
@@ -123,6 +127,14 @@ def _cost_table(c: dict[str, Any]) -> str:
         iqr = f"{fmt(s['q1'])} – {fmt(s['q3'])}" if s.get("q1") is not None else "–"
         body.append(_row([escape(label), fmt(s["median"]), iqr, fmt(s["max"]), str(s["n"])]))
     return "<table>" + "".join(body) + "</table>"
+
+
+_PHASES_NOTE = ("Two parties: the offline phase is the input-independent work (HE products on random masks "
+                "and OT material, or only the load of a set precomputed with --precompute, plus an even "
+                "share of the session's set-up: HE key, base OTs, the plan); the online phase is the walk "
+                "over the plan on the image, the same for every image, so each image gets an even share "
+                "of its session's. An image's offline and online bytes add up to its total; process "
+                "start, compilation and TLS count in the total time only.")  # fmt: skip
 
 
 def _mask_table(masks: dict[str, Any]) -> str:
@@ -203,7 +215,8 @@ def render_html(summary: dict[str, Any], figures: dict[str, str]) -> str:
              + ("<p class=note>Images shared secure sessions: each image's time, bytes and rounds are "
                 "its own batch plus an even share of its session's one-off part (process start, TLS, "
                 "masked weights); CPU time is the session's divided evenly, peak memory the session's.</p>"
-                if ((costs.get("session_images") or {}).get("max") or 1) > 1 else ""))  # fmt: skip
+                if ((costs.get("session_images") or {}).get("max") or 1) > 1 else "")
+             + (f"<p class=note>{_PHASES_NOTE}</p>" if (costs.get("offline_bytes") or {}).get("n") else ""))  # fmt: skip
     if summary["errors"]:
         h.append(
             f"<h2>Failed images ({len(summary['errors'])})</h2><table>"

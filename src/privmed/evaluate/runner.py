@@ -33,7 +33,8 @@ Two parties (``parties=2``): no dealer; with ``store`` (``--store DIR``, made by
 validate --parties 2 --precompute N``) each image's batch runs on one precomputed set when
 one matches, else computes its offline phase inline (``privmed.runtime.twoparty_store``);
 one session at a time per store, so ``workers`` must be 1. ``RunSummary.phases`` sums the
-run's offline and online costs and the sets consumed.
+run's offline and online costs and the sets consumed; each image's row has its own offline and
+online time and bytes (``split_session_costs``).
 
 Crash safety: a group's results are stored only once its session has finished, one row per
 transaction, so a process killed mid-group loses at most that group's unstored work, and
@@ -184,6 +185,7 @@ def _secure_session(prepared: list[Prepared], model_path: Path, secure_infer: Se
         r.secure_output = secure[i : i + 1]
         r.secure_s, r.online_s, r.rounds = cost.secure_s, cost.online_s, cost.rounds
         r.bytes_by_role, r.cpu_s, r.peak_rss_mb = cost.bytes_by_role, cost.cpu_s, cost.peak_rss_mb
+        r.offline_s, r.offline_bytes, r.online_bytes = cost.offline_s, cost.offline_bytes, cost.online_bytes
         r.session_images = len(prepared)
         r.status, r.error, r.finished_at = "ok", "", finished
 

@@ -63,6 +63,9 @@ CREATE TABLE IF NOT EXISTS results (
     finished_at REAL,
     run_id TEXT,
     session_images INTEGER,
+    offline_s REAL,
+    offline_bytes INTEGER,
+    online_bytes INTEGER,
     PRIMARY KEY (site, image_id)
 );
 """
@@ -93,6 +96,10 @@ class ImageResult:
     run_id: str = ""
     # images that shared this image's secure session (its costs are shares of that session's)
     session_images: int | None = None
+    # the input-independent and online phases (two parties); offline + online bytes = total
+    offline_s: float = float("nan")
+    offline_bytes: int | None = None
+    online_bytes: int | None = None
 
 
 def _to_npy(a: np.ndarray | None) -> bytes | None:
@@ -133,8 +140,16 @@ def _real(x: float) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 
+# columns added after the first release, in the order they were added: read as NULL where absent
+_NEWER_COLUMNS = ("session_images", "offline_s", "offline_bytes", "online_bytes")
+
+
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    """Add columns introduced after a database was created (all nullable; old rows get NULL)."""
+    """Add columns introduced after a database was created (all nullable; old rows get NULL).
+
+    A database that cannot be written to (a study archived read-only) is left as it is:
+    :meth:`ResultStore.rows` reads the missing columns as NULL.
+    """
     have = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
     table = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS results") :]
     for line in table.splitlines()[1:]:
@@ -144,7 +159,12 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
             and parts[0] not in have
             and parts[1] in ("TEXT", "BLOB", "REAL", "INTEGER")
         ):
-            conn.execute(f"ALTER TABLE results ADD COLUMN {parts[0]} {parts[1]}")
+            try:
+                conn.execute(f"ALTER TABLE results ADD COLUMN {parts[0]} {parts[1]}")
+            except sqlite3.OperationalError as exc:
+                if "readonly" not in str(exc):
+                    raise
+                log.info("read-only results database without column %s: read as NULL", parts[0])
 
 
 class ResultStore:
@@ -259,7 +279,8 @@ class ResultStore:
             "bytes_by_role": _map_json(r.bytes_by_role), "rounds": r.rounds,
             "peak_rss_mb": _map_json(r.peak_rss_mb), "cpu_s": _map_json(r.cpu_s),
             "started_at": _real(r.started_at), "finished_at": _real(r.finished_at), "run_id": r.run_id,
-            "session_images": r.session_images,
+            "session_images": r.session_images, "offline_s": _real(r.offline_s),
+            "offline_bytes": r.offline_bytes, "online_bytes": r.online_bytes,
         }  # fmt: skip
         columns = ", ".join(values)
         updates = ", ".join(f"{c} = excluded.{c}" for c in values if c not in ("site", "image_id"))
@@ -280,6 +301,7 @@ class ResultStore:
         try:
             cur = self._conn.execute("SELECT * FROM results ORDER BY rowid")
             for row in cur:
+                new = {c: row[c] for c in _NEWER_COLUMNS if c in row.keys()}  # absent: read-only old file
                 yield ImageResult(
                     site=row["site"],
                     image_id=row["image_id"],
@@ -300,7 +322,10 @@ class ResultStore:
                     started_at=_nan_if_none(row["started_at"]),
                     finished_at=_nan_if_none(row["finished_at"]),
                     run_id=row["run_id"] or "",
-                    session_images=row["session_images"],
+                    session_images=new.get("session_images"),
+                    offline_s=_nan_if_none(new.get("offline_s")),
+                    offline_bytes=new.get("offline_bytes"),
+                    online_bytes=new.get("online_bytes"),
                 )
         finally:
             self._conn.row_factory = None
