@@ -130,8 +130,8 @@ def _cost_table(c: dict[str, Any]) -> str:
 
 
 _PHASES_NOTE = ("Two parties: the offline phase is the input-independent work (HE products on random masks "
-                "and OT material, or only the load of a set precomputed with --precompute, plus an even "
-                "share of the session's set-up: HE key, base OTs, the plan); the online phase is the walk "
+                "and OT material, or only the load of a set precomputed with --precompute) plus the image's "
+                "share of the session's set-up (HE key, base OTs) and plan; the online phase is the walk "
                 "over the plan on the image, the same for every image, so each image gets an even share "
                 "of its session's. An image's offline and online bytes add up to its total; process "
                 "start, compilation and TLS count in the total time only.")  # fmt: skip
