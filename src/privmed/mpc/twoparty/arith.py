@@ -17,7 +17,7 @@ import numpy as np
 
 from privmed.crypto.prg import Stream
 from privmed.mpc.twoparty.compare import as_ring, ring_mask
-from privmed.mpc.twoparty.ot import OTSession, random_ot_recv, random_ot_send
+from privmed.mpc.twoparty.ot import OTSession, random_ot_both
 
 U64 = np.uint64
 
@@ -48,8 +48,8 @@ def multiply(ot: OTSession, tag: str, is_data_owner: bool, x: np.ndarray, y: np.
     xs, ys = x.reshape(-1) & mask, y.reshape(-1) & mask
     n = xs.size
     choice = _bits_of(xs, bits)
-    received = as_ring(random_ot_recv(ot, f"{tag}/g", choice), bits)
-    k0, k1 = random_ot_send(ot, f"{tag}/g", n * bits)
+    got, (k0, k1) = random_ot_both(ot, f"{tag}/g", choice, n * bits)
+    received = as_ring(got, bits)
     h0, h1 = as_ring(k0, bits), as_ring(k1, bits)
     powers = (U64(1) << np.arange(bits, dtype=U64)).reshape(1, -1)
     delta = (ys.reshape(-1, 1) * powers).reshape(-1)

@@ -41,7 +41,14 @@ import numpy as np
 from privmed.crypto.prg import Stream
 from privmed.mpc.beaver import BITS, beaver
 from privmed.mpc.beaver import Triple as BeaverTriple
-from privmed.mpc.twoparty.ot import OTSession, ot16_recv, ot16_send, random_ot_recv, random_ot_send
+from privmed.mpc.twoparty.ot import (
+    OTSession,
+    ot16_recv,
+    ot16_send,
+    random_ot_both,
+    random_ot_recv,
+    random_ot_send,
+)
 from privmed.net.channel import Channel
 from privmed.ring.fixed import ring_mask
 
@@ -73,8 +80,8 @@ def and_triples(ot: OTSession, tag: str, n: int, stream: Stream) -> tuple[np.nda
     OTs (``ot``); a_i, b_i are uniform and independent of the peer's view.
     """
     b = stream.bits(n)
-    mine = random_ot_recv(ot, f"{tag}/a", b)[:, 0] & 1
-    k0, k1 = random_ot_send(ot, f"{tag}/a", n)
+    got, (k0, k1) = random_ot_both(ot, f"{tag}/a", b, n)
+    mine = got[:, 0] & 1
     m0, m1 = k0[:, 0] & 1, k1[:, 0] & 1
     a = m0 ^ m1
     return a, b, (a & b) ^ m0 ^ mine
@@ -247,8 +254,7 @@ def mux(ot: OTSession, tag: str, is_data_owner: bool, d: np.ndarray, x: np.ndarr
     receiver lacks, and the outputs are fresh additive shares.
     """
     di = d.astype(U64)
-    mine = random_ot_recv(ot, f"{tag}/mux", d)  # my choice d_i in the peer's COT
-    k0, k1 = random_ot_send(ot, f"{tag}/mux", len(d))
+    mine, (k0, k1) = random_ot_both(ot, f"{tag}/mux", d, len(d))  # my choice d_i in the peer's COT
     h0, h1 = as_ring(k0, bits), as_ring(k1, bits)
     delta = (U64(1) - U64(2) * di) * x
     ot.ch.send(f"{tag}/mux/e", (h0 + delta - h1) & ring_mask(bits))

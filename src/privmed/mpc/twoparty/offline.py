@@ -46,6 +46,7 @@ from privmed.mpc.twoparty.compare import (
 from privmed.mpc.twoparty.ot import (
     OTSession,
     pack_small,
+    random_ot_both,
     random_ot_recv,
     random_ot_send,
     unpack_small,
@@ -100,8 +101,8 @@ def relu_offline(ot: OTSession, tag: str, is_data_owner: bool, n: int, bits: int
         pads = np.bitwise_xor.reduce(keys_r[np.arange(n * m), :, choices], axis=1) & np.uint8(3)
         masks = (np.zeros((0, 0), np.uint8), np.zeros((0, 0), np.uint8))
     recv_choice = stream.bits(n)
-    recv_key = as_ring(random_ot_recv(ot, f"{tag}/mux", recv_choice), bits)
-    s0, s1 = random_ot_send(ot, f"{tag}/mux", n)
+    got, (s0, s1) = random_ot_both(ot, f"{tag}/mux", recv_choice, n)
+    recv_key = as_ring(got, bits)
     return ReluMaterial(n, bits, drop, pads, choices, triples, (as_ring(s0, bits), as_ring(s1, bits)), recv_choice, recv_key, masks)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -159,9 +160,22 @@ class TCCRHash:
         return z ^ y
 
 
+class COTEngine(Protocol):
+    """Another source of random OTs behind an ``OTSession`` (``silent_ot.FerretEngine``): the
+    same three calls as the IKNP functions below, with the same message flow per call pair
+    (the receiver's message first), so the protocols above do not see which engine runs."""
+
+    def random_send(self, tag: str, m: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def random_recv(self, tag: str, choices: np.ndarray) -> np.ndarray: ...
+
+    def random_both(self, tag: str, choices: np.ndarray, m: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]: ...
+
+
 @dataclass
 class OTSession:
-    """One party's OT state: IKNP sender (delta s, seeds k_i^{s_i}) and receiver (seed pairs)."""
+    """One party's OT state: IKNP sender (delta s, seeds k_i^{s_i}) and receiver (seed pairs);
+    ``silent``, when set, serves the random OTs instead (IKNP then only bootstrapped it)."""
 
     ch: Channel
     label: str
@@ -173,6 +187,7 @@ class OTSession:
     sent: int = 0  # OTs done with this party as sender (indexes batches and tweaks)
     received: int = 0
     random_ots: int = 0  # counters for summaries
+    silent: COTEngine | None = None
 
     @property
     def delta_packed(self) -> np.ndarray:
@@ -192,9 +207,36 @@ def _expand(seed: bytes, label: str, nbytes: int) -> np.ndarray:
     return PRG(seed).stream(label).uint8(nbytes)
 
 
+def iknp_cot_send(ot: OTSession, tag: str, m: int) -> tuple[int, np.ndarray]:
+    """IKNP sender, steps 1-2 of ``random_ot_send``: (index of the first OT, rows q_j (m, 16)
+    uint8), a correlated OT with delta s: the receiver holds t_j = q_j ^ r_j s."""
+    mb = (m + 7) // 8
+    batch = f"{ot.label}/x{ot.sent}"
+    u = ot.ch.recv(tag, np.uint8, (KAPPA, mb))
+    q = np.stack([_expand(k, batch, mb) for k in ot.sender_seeds])
+    q ^= u * ot.delta.reshape(-1, 1)
+    first = ot.sent
+    ot.sent += m
+    return first, transpose_bits(q)[:m]
+
+
+def iknp_cot_recv(ot: OTSession, tag: str, choices: np.ndarray) -> tuple[int, np.ndarray]:
+    """IKNP receiver, step 1 of ``random_ot_recv`` and the transpose: (index of the first OT,
+    rows t_j (m, 16) uint8) with t_j = q_j ^ r_j s for the sender's q_j and s."""
+    m = len(choices)
+    mb = (m + 7) // 8
+    batch = f"{ot.label}/x{ot.received}"
+    t = np.stack([_expand(k0, batch, mb) for k0, _ in ot.receiver_seeds])
+    u = t ^ np.stack([_expand(k1, batch, mb) for _, k1 in ot.receiver_seeds]) ^ np.packbits(choices)
+    ot.ch.send(tag, u)
+    first = ot.received
+    ot.received += m
+    return first, transpose_bits(t)[:m]
+
+
 def random_ot_send(ot: OTSession, tag: str, m: int) -> tuple[np.ndarray, np.ndarray]:
     """IKNP sender: m random OTs; returns (k0, k1), each (m, 16) uint8 (IKNP03 sec. 3,
-    random-OT form: no sender message).
+    random-OT form: no sender message). With ``ot.silent`` set, that engine serves the call.
 
     1. Receive U (KAPPA x m bits) from the receiver (``random_ot_recv``).
     2. Q_i = G(k_i^{s_i}) ^ s_i U_i for each base seed, so row j of Q is t_j ^ r_j s.
@@ -203,21 +245,17 @@ def random_ot_send(ot: OTSession, tag: str, m: int) -> tuple[np.ndarray, np.ndar
     Security: see ``random_ot_recv``; the receiver learns only k_{r_j, j} = H(j, t_j), since
     the other key needs s, which it never sees (correlation robustness of H, GKWY20).
     """
-    mb = (m + 7) // 8
-    batch = f"{ot.label}/x{ot.sent}"
-    u = ot.ch.recv(tag, np.uint8, (KAPPA, mb))
-    q = np.stack([_expand(k, batch, mb) for k in ot.sender_seeds])
-    q ^= u * ot.delta.reshape(-1, 1)
-    rows = transpose_bits(q)[:m]
-    k0 = ot.send_hash(ot.sent, rows)
-    k1 = ot.send_hash(ot.sent, rows ^ ot.delta_packed)
-    ot.sent += m
     ot.random_ots += m
-    return k0, k1
+    if ot.silent is not None:
+        return ot.silent.random_send(tag, m)
+    first, rows = iknp_cot_send(ot, tag, m)
+    k0 = ot.send_hash(first, rows)
+    return k0, ot.send_hash(first, rows ^ ot.delta_packed)
 
 
 def random_ot_recv(ot: OTSession, tag: str, choices: np.ndarray) -> np.ndarray:
     """IKNP receiver: keys k_{r_j, j} for choice bits r (m,) uint8 0/1; (m, 16) uint8.
+    With ``ot.silent`` set, that engine serves the call.
 
     1. T_i = G(k_i^0), U_i = T_i ^ G(k_i^1) ^ r for each of the KAPPA base-seed pairs; send U.
     2. Key j = H(j, t_j) with t_j row j of T (bit transpose).
@@ -227,16 +265,24 @@ def random_ot_recv(ot: OTSession, tag: str, choices: np.ndarray) -> np.ndarray:
     pseudorandom whatever r is (simulator: send uniform bits); the receiver's view is its own
     randomness plus the sender's base-OT messages.
     """
-    m = len(choices)
-    mb = (m + 7) // 8
-    batch = f"{ot.label}/x{ot.received}"
-    t = np.stack([_expand(k0, batch, mb) for k0, _ in ot.receiver_seeds])
-    u = t ^ np.stack([_expand(k1, batch, mb) for _, k1 in ot.receiver_seeds]) ^ np.packbits(choices)
-    ot.ch.send(tag, u)
-    keys = ot.recv_hash(ot.received, transpose_bits(t)[:m])
-    ot.received += m
-    ot.random_ots += m
-    return keys
+    ot.random_ots += len(choices)
+    if ot.silent is not None:
+        return ot.silent.random_recv(tag, choices)
+    first, rows = iknp_cot_recv(ot, tag, choices)
+    return ot.recv_hash(first, rows)
+
+
+def random_ot_both(ot: OTSession, tag: str, choices: np.ndarray, m: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """This party as receiver (``choices``, in the peer's OTs) and as sender (m OTs) at once:
+    (my keys, (k0, k1)). The peer makes the mirror call. Same rounds and bytes as
+    ``random_ot_recv`` then ``random_ot_send``, which is what IKNP runs; a silent engine
+    must see both halves together, so that each party sends what its peer waits for before
+    it waits itself (``silent_ot.FerretEngine.random_both``)."""
+    if ot.silent is not None:
+        ot.random_ots += len(choices) + m
+        return ot.silent.random_both(tag, choices, m)
+    mine = random_ot_recv(ot, tag, choices)
+    return mine, random_ot_send(ot, tag, m)
 
 
 # -- chosen-message and 1-out-of-16 OT on top of random OT ---------------------------------
