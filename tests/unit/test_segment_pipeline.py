@@ -77,7 +77,7 @@ def test_tri_axial_on_an_anisotropic_volume_is_the_mean_of_three_resized_views(t
     model = load_model(threshold_model(tmp_path / "t.onnx", 2, 16))
 
     # Execute
-    seg = segment_volume(hu, model, PlaintextEngine(), "tri-axial")
+    seg = segment_volume(hu, model, PlaintextEngine(), "tri-axial", view_slices="all")
 
     # Assert against numpy: per view, resize each slice to 16 x 16, apply the model, resize back
     norm = normalised(hu.astype(np.float64))
@@ -89,6 +89,44 @@ def test_tri_axial_on_an_anisotropic_volume_is_the_mean_of_three_resized_views(t
     np.testing.assert_allclose(seg.probabilities[1], fused, atol=2e-5)  # float32 network vs float64
     decided = np.abs(fused - 0.5) > 1e-4
     np.testing.assert_array_equal(seg.labels[decided], (fused > 0.5)[decided])
+
+
+def test_tri_axial_at_the_network_grid_resamples_long_views_along_their_slice_axis(tmp_path: Path) -> None:
+    # Prepare: 40 x 20 x 12 voxels through a 16 x 16 network: the axial (40) and coronal (20)
+    # stacks are longer than 16 and are resampled to 16 slices; the sagittal (12) is not
+    hu = _hu((40, 20, 12), seed=9)
+    model = load_model(threshold_model(tmp_path / "t.onnx", 2, 16))
+
+    # Execute
+    seg = segment_volume(hu, model, PlaintextEngine(), "tri-axial")
+    every = segment_volume(hu, model, PlaintextEngine(), "tri-axial", view_slices="all")
+
+    # Assert against numpy with the general N-D resize: per view, the stack (in HU) resized to
+    # min(n, 16) slices, each slice windowed, normalised and resized to 16 x 16, the model, and
+    # the stack resized back
+    assert seg.n_items == 16 + 16 + 12 and every.n_items == 40 + 20 + 12
+    fused = np.zeros(hu.shape)
+    for axis in range(3):
+        stack = np.moveaxis(hu.astype(np.float64), axis, 0)
+        taken = resize(stack, (min(len(stack), 16), *stack.shape[1:]))
+        fg = np.stack([_softmax_fg(resize(normalised(s), (16, 16))) for s in taken])
+        fused += np.moveaxis(resize(fg, stack.shape), 0, axis) / 3
+    np.testing.assert_allclose(seg.probabilities[1], fused, atol=5e-5)  # float32 path vs float64
+    decided = np.abs(fused - 0.5) > 1e-3
+    np.testing.assert_array_equal(seg.labels[decided], (fused > 0.5)[decided])
+    # the same decisions as every slice, up to the edges the coarser sampling blurs
+    agree = (seg.labels == every.labels).mean()
+    assert agree > 0.97, agree
+
+
+@pytest.mark.parametrize(("n", "n_out"), [(37, 16), (16, 16), (9, 16), (300, 256)])
+def test_resample_axis_is_resize_on_one_axis(n: int, n_out: int) -> None:
+    from privmed.segment.views import resample_axis
+
+    stack = np.random.default_rng(n).standard_normal((n, 5, 7)).astype(np.float32)
+    got = resample_axis(stack, n_out)
+    assert got.shape == (n_out, 5, 7) and got.dtype == np.float32
+    np.testing.assert_allclose(got, resize(stack, (n_out, 5, 7)), atol=2e-6)
 
 
 def test_3d_resample_runs_on_a_coarser_grid_and_comes_back(tmp_path: Path) -> None:

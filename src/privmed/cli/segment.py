@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("auto", "2d", "tri-axial", "3d"), default="auto",
                    help="2d: axial slices; tri-axial: axial+coronal+sagittal fused (2.5D); 3d: sliding-window "
                         "patches (default: 3d for a 3-D model, else 2d)")  # fmt: skip
+    p.add_argument("--all-slices", action="store_true",
+                   help="tri-axial: run every slice of every view (default: a view with more slices than the network's "
+                        "side is resampled to that many along its slice axis, and back)")  # fmt: skip
     p.add_argument("--patch", type=int, help="3d: patch side (default and only choice for a static model: its input side)")
     p.add_argument("--overlap", type=float, default=0.25, help="3d: fraction of a patch shared with its neighbour (0.25)")
     p.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian",
@@ -146,6 +149,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.preprocess, args.patch)
     mode = args.mode if args.mode != "auto" else ("3d" if model.spatial_dims == 3 else "2d")
     model.check_mode(mode)
+    if args.all_slices and mode != "tri-axial":
+        raise InputError(f"--all-slices applies to --mode tri-axial only, got --mode {mode}")
     volume = read_volume(args.input, series_uid=args.series)
     if args.output.suffix.lower() == ".dcm" and not volume.kind.startswith("dicom"):
         raise InputError(f"{args.output}: a DICOM SEG needs a DICOM series as --input, got a {volume.kind} file")
@@ -159,7 +164,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     source = getattr(args, "source_label", None) or volume.source  # what the user named, not a temp folder
     print(f"{engine.name} segmentation: {source} {volume.array.shape} ({volume.kind}), mode {mode}, "
           f"model input {side}", file=sys.stderr)  # fmt: skip
-    kwargs = {"overlap": args.overlap, "blend": args.blend, "resample": args.resample}
+    kwargs = {"overlap": args.overlap, "blend": args.blend, "resample": args.resample,
+              "view_slices": "all" if args.all_slices else "grid"}
     seg = segment_volume(volume.array, model, engine, mode, **kwargs)
     if args.output.suffix.lower() == ".dcm":
         from privmed.cli.dicom_results import write_segmentation
@@ -195,7 +201,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "engine": engine.name, "classes": list(model.classes), "items": seg.n_items,
         "unit": seg.prepared.unit, "volumes": vols, "costs": costs, "seconds": seg.seconds,
         "settings": {"overlap": args.overlap, "blend": args.blend, "patch": list(model.side),
-                     "resample": list(args.resample) if args.resample else None, "chunk": args.chunk},
+                     "resample": list(args.resample) if args.resample else None, "chunk": args.chunk,
+                     "view_slices": kwargs["view_slices"]},
     }  # fmt: skip
     if args.compare_plaintext:
         plain = segment_volume(volume.array, model, PlaintextEngine(), mode, **kwargs)

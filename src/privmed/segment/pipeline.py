@@ -11,8 +11,11 @@ Modes (``model.MODES``):
   the slice (linear, pixel centres aligned) and stacked.
 - ``tri-axial`` (2.5D): the axial, coronal and sagittal stacks (``views``) each go through
   the same 2-D network; the three probability volumes are averaged voxel by voxel, then the
-  label is the argmax (for a one-channel Sigmoid model: probability > 0.5). All D + H + W
-  slices run in one session.
+  label is the argmax (for a one-channel Sigmoid model: probability > 0.5). By default
+  (``view_slices="grid"``) a stack with more slices than the network's side S is resampled
+  along its slice axis to S slices first and its probabilities resampled back
+  (``views.resample_axis``): min(D, S) + min(H, S) + min(W, S) network slices, all in one
+  session. ``view_slices="all"`` runs every one of the D + H + W slices.
 - ``3d``: the whole volume is windowed and normalised once (``Preprocess`` with no resize),
   optionally resampled to ``resample`` voxels, padded by edge replication to at least one
   patch, and cut into overlapping P^3 patches (``views.patch_boxes``); patch probabilities
@@ -40,14 +43,16 @@ from privmed.segment.model import MODES, SegmentationModel
 log = logging.getLogger(__name__)
 
 VIEWS_2D = {"2d": ("axial",), "tri-axial": ("axial", "coronal", "sagittal")}
+VIEW_SLICES = ("grid", "all")
 
 
 @dataclass
 class Prepared:
     """Network inputs for one volume and what ``assemble`` needs to put outputs back.
 
-    ``parts`` lists, in input order, ``(view, n_items, item_shape)`` for 2-D modes, or one
-    ``("patches", n, patch)`` entry for 3-D. ``boxes`` are the 3-D windows in the padded
+    ``parts`` lists, in input order, ``(view, n_items, view_shape)`` for 2-D modes (the view's
+    stack in the volume, ``(n_slices, rows, cols)``; n_items < n_slices when the stack was
+    resampled to the network's grid), or one ``("patches", n, patch)`` entry for 3-D. ``boxes`` are the 3-D windows in the padded
     (and resampled) grid ``grid``; ``crop`` removes the padding.
     """
 
@@ -90,8 +95,12 @@ def prepare(
     *,
     overlap: float = 0.25,
     resample: tuple[int, int, int] | None = None,
+    view_slices: str = "grid",
 ) -> Prepared:
-    """Network inputs ``(N, C, *model.side)`` float32 for ``volume`` in ``mode``."""
+    """Network inputs ``(N, C, *model.side)`` float32 for ``volume`` in ``mode``.
+
+    ``view_slices`` (tri-axial only): "grid" resamples a stack longer than the network's side
+    to that many slices (module docstring), "all" keeps every slice."""
     from privmed.data.preprocess import resize
 
     shape = _check_volume(volume)
@@ -102,12 +111,19 @@ def prepare(
     if mode in VIEWS_2D:
         if resample is not None:
             raise InputError("--resample applies to --mode 3d only")
+        if view_slices not in VIEW_SLICES:
+            raise InputError(f"view slices {view_slices!r}: expected one of {', '.join(VIEW_SLICES)}")
         items: list[np.ndarray] = []
         parts: list[tuple[str, int, tuple[int, ...]]] = []
         for view in VIEWS_2D[mode]:
             slices = views.stack(volume, view)
-            items.extend(pre.apply(s) for s in slices)
-            parts.append((view, len(slices), tuple(slices.shape[1:])))
+            side = int(max(model.side))
+            if mode == "tri-axial" and view_slices == "grid" and len(slices) > side:
+                taken = views.resample_axis(slices, side)
+            else:
+                taken = slices
+            items.extend(pre.apply(s) for s in taken)
+            parts.append((view, len(taken), tuple(slices.shape)))
         return Prepared(mode, np.stack(items).astype(np.float32), shape, parts, "slice")
     whole = replace(pre, size=None).apply(volume)  # (C, D, H, W): window + normalisation only
     if resample is not None:
@@ -134,11 +150,11 @@ def assemble(prepared: Prepared, probabilities: np.ndarray, *, blend: str = "gau
     if prepared.mode in VIEWS_2D:
         total = np.zeros((k, *prepared.shape), dtype=np.float64)
         start = 0
-        for view, n, item_shape in prepared.parts:
+        for view, n, view_shape in prepared.parts:
             part = np.moveaxis(probabilities[start : start + n], 1, 0)  # (K, n, S, S)
             start += n
-            if part.shape[2:] != item_shape:  # per slice: the slice axis keeps its size, so no mixing
-                part = np.stack([resize(c, (n, *item_shape)) for c in part])
+            if part.shape[1:] != view_shape:  # in plane, and along the slice axis if resampled
+                part = np.stack([resize(c, view_shape) for c in part])
             views.put_stack(total, part, view)
         return (total / len(prepared.parts)).astype(np.float32)
     weight = views.blend_weights(probabilities.shape[2:], blend)
@@ -162,12 +178,13 @@ def segment_volume(
     overlap: float = 0.25,
     blend: str = "gaussian",
     resample: tuple[int, int, int] | None = None,
+    view_slices: str = "grid",
 ) -> Segmentation:
     """Segment ``volume`` ``(D, H, W)`` (modality units) with ``model`` run by ``engine``."""
     views.blend_weights((1,), blend)  # reject a bad --blend before any work
     seconds: dict[str, Any] = {}
     t0 = time.perf_counter()
-    prepared = prepare(volume, model, mode, overlap=overlap, resample=resample)
+    prepared = prepare(volume, model, mode, overlap=overlap, resample=resample, view_slices=view_slices)
     seconds["prepare_s"] = time.perf_counter() - t0
     log.info("%s: %d %ss of %s", mode, len(prepared.inputs), prepared.unit, model.side)
     t1 = time.perf_counter()

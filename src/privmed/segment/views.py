@@ -7,6 +7,15 @@ three stacks of the 2.5D method are
 - coronal:  ``volume[:, h, :]``  (H slices of D x W),
 - sagittal: ``volume[:, :, w]``  (W slices of D x H).
 
+Slices at the network's grid (tri-axial, default): a stack with more slices than the network's
+side S is first resampled along its slice axis to S slices (``resample_axis``, in the
+modality's units, as a thicker reconstruction would average them), so that each
+view is sampled along its slice axis no finer than the network sees it in plane. A 512 x 512 x
+300 CT through a 256 x 256 network then needs 256 + 256 + 256 network slices, not 300 + 512 +
+512; the coronal and sagittal stacks were 2x finer along their slice axis than in plane, which
+the network's in-plane resize throws away anyway. The probabilities come back to every slice by
+the same linear interpolation that brings them back in plane.
+
 Sliding windows (3D): along an axis of length L >= P (patch side P), window starts are
 ``0, s, 2s, ...`` with stride ``s = max(1, floor(P * (1 - overlap)))`` and a last window
 flush with the end (``L - P``), so every voxel is covered and no window leaves the volume.
@@ -39,6 +48,32 @@ def stack(volume: np.ndarray, view: str) -> np.ndarray:
     """The slices of ``view`` as an array ``(n_slices, rows, cols)`` (a view, no copy)."""
     axis = AXES[view]
     return np.moveaxis(volume, axis, 0)
+
+
+def resample_axis(stack_: np.ndarray, n_out: int) -> np.ndarray:
+    """``stack_`` ``(n, rows, cols)`` resampled to ``(n_out, rows, cols)`` float32 along axis 0.
+
+    The same map as ``privmed.data.preprocess.resize`` on that one axis (output slice j samples
+    the input at (j + 0.5) * n / n_out - 0.5, linear, edges replicated; a shrinking axis is first
+    smoothed with a Gaussian of sigma (f - 1) / 2, f = n / n_out), without the full-volume
+    coordinate grids ``resize`` builds: two float32 copies of the stack at most.
+    """
+    from scipy import ndimage
+
+    n = int(stack_.shape[0])
+    if n_out < 1:
+        raise InputError(f"resample_axis: expected a positive slice count, got {n_out}")
+    src = np.asarray(stack_, dtype=np.float32)
+    if n_out == n:
+        return src
+    factor = n / n_out
+    if factor > 1.0:
+        src = ndimage.gaussian_filter1d(src, (factor - 1.0) / 2.0, axis=0, mode="nearest")
+    pos = np.clip((np.arange(n_out) + 0.5) * factor - 0.5, 0.0, n - 1.0)
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, n - 1)
+    w = (pos - lo).astype(np.float32)[:, None, None]
+    return (1.0 - w) * src[lo] + w * src[hi]
 
 
 def put_stack(target: np.ndarray, slices: np.ndarray, view: str) -> None:
