@@ -66,6 +66,10 @@ def test_conv_relu_maxpool_gemm_equals_the_fixed_point_reference(tmp_path: Path)
     np.testing.assert_allclose(out, ref, rtol=0, atol=64 * ulp)
     assert do_stats["ring_bits"] == ring_bits(plan) <= 43  # narrow mode: no products
     assert len(do_stats["batches"]) == 2 and all(b["offline_bytes"] > b["online_bytes"] > 0 for b in do_stats["batches"])
+    for role in (do_stats, mo_stats):  # the set-up (HE key, base OTs) counted once, inside batch 0
+        assert role["offline_bytes"] == sum(b["offline_bytes"] for b in role["batches"])
+        assert role["offline_bytes"] + role["online_bytes"] <= role["bytes_sent"]
+        assert role["offline_s"] + role["online_s"] <= role["wall_s"]
     stats = merge_two({"data-owner": do_stats, "model-owner": mo_stats}, 1.0)
     assert set(stats.bytes_sent) == {"data-owner", "model-owner"} and stats.rounds == do_stats["rounds"] > 0
 

@@ -193,11 +193,15 @@ def _open(ch: Channel, is_data_owner: bool, bits: int, he_bits: int, setup: dict
 
 
 def _totals(stats: dict[str, Any], per_batch: list[dict[str, Any]], setup: dict[str, float], store: StoreUse | None) -> None:
-    """Per-batch costs and totals; the session set-up (key, base OTs) counts as offline."""
+    """Per-batch costs and totals; the session set-up (key, base OTs) counts as offline.
+
+    The set-up's time and bytes are already inside the offline cost of the first batch that
+    computed its material inline (``_Offline.get`` starts that batch's clock and byte counts
+    before opening the session); only its rounds, counted apart, are added here."""
     stats["batches"] = per_batch
     stats["rounds"] = sum(b["rounds"] for b in per_batch)
     for key in ("offline_s", "online_s", "offline_bytes", "online_bytes", "offline_rounds", "offline_bytes_recv", "online_bytes_recv"):
-        total = sum(b[key] for b in per_batch) + setup.get(key, 0)
+        total = sum(b[key] for b in per_batch) + (setup.get(key, 0) if key == "offline_rounds" else 0)
         stats[key] = round(total, 4) if key.endswith("_s") else int(total)
     stats["precomputed_batches"] = len(store.used) if store else 0
     if store is not None:
