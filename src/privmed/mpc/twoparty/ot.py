@@ -16,6 +16,12 @@
 
 Every party runs both an IKNP sender and an IKNP receiver (``OTSession``): comparisons need
 OTs in both directions. Randomness: seeds from ``privmed.crypto.prg.PRG`` only.
+
+A session can instead take its random OTs from a silent engine (``OTSession.silent``, Ferret in
+``silent_ot``, bootstrapped from this IKNP's raw COTs, ``iknp_cot_send`` / ``iknp_cot_recv``):
+``random_ot_send`` / ``random_ot_recv`` / ``random_ot_both`` forward to it, so ``ot16_*`` and
+the protocols above run unchanged. A silent receiver may have to wait for its sender's next
+extension, so a caller that is receiver and sender at once uses ``random_ot_both``.
 """
 
 from __future__ import annotations

@@ -60,6 +60,7 @@ reveal).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,7 @@ from privmed.mpc.twoparty.products import (
 )
 from privmed.mpc.twoparty.scale import channel_scale_shares
 from privmed.mpc.twoparty.seal_io import HEParams, SealIO
+from privmed.mpc.twoparty.silent_ot import FERRET_MEDIUM, attach_ferret
 from privmed.net.channel import Channel
 from privmed.ring.fixed import sign_extend
 
@@ -383,11 +385,37 @@ class TwoPartyOnline(Protocols):
         return sign_extend((mine + theirs) & s.ring, s.bits)
 
 
-def open_session(ch: Channel, is_data_owner: bool, bits: int, he_bits: int | None = None) -> TwoPartySession:
-    """Once per session: the data owner's BFV public key (``he_setup``, t = 2^l) and base OTs
-    both ways (``ot_setup``); each party draws its own PRG seed from the OS."""
+OT_ENGINES = ("iknp", "ferret")
+DEFAULT_OT_ENGINE = "iknp"
+OT_ENGINE_ENV = "PRIVMED_2P_OT_ENGINE"  # read at session set-up when no engine is passed
+
+
+def agree_ot_engine(ch: Channel, engine: str) -> None:
+    """Both parties state their OT engine (one round, a few bytes each) and stop, naming both,
+    if they differ: the engines' messages differ, so a mismatch would otherwise fail later on
+    an unexpected message."""
+    if engine not in OT_ENGINES:
+        raise ValueError(f"two-party OT engine: expected one of {', '.join(OT_ENGINES)}, got {engine!r}")
+    ch.send_text("ot-engine", engine)
+    theirs = ch.recv_text("ot-engine", 16)
+    if theirs != engine:
+        raise ProtocolError(f"two-party OT engine: this party runs {engine}, {ch.peer} runs {theirs[:16]!r}")
+
+
+def open_session(ch: Channel, is_data_owner: bool, bits: int, he_bits: int | None = None, ot_engine: str | None = None) -> TwoPartySession:
+    """Once per session: the data owner's BFV public key (``he_setup``, t = 2^l), the OT engine
+    agreed (``agree_ot_engine``), base OTs both ways (``ot_setup``) and, for ``"ferret"``,
+    Ferret's bootstrap (``silent_ot.attach_ferret``, ``FERRET_MEDIUM``: 1.2 MB each way); each
+    party draws its own PRG seed from the OS. ``ot_engine`` None takes the environment's
+    ``PRIVMED_2P_OT_ENGINE`` (how a benchmark switches both processes), else ``DEFAULT_OT_ENGINE``."""
+    engine = ot_engine or os.environ.get(OT_ENGINE_ENV) or DEFAULT_OT_ENGINE
     prg = PRG.fresh()
     he_bits = bits if he_bits is None else he_bits
     he = he_setup(SealIO(HEParams(plain_bits=he_bits)), ch, is_data_owner)
+    agree_ot_engine(ch, engine)
     ot = ot_setup(ch, "privmed-2p", prg, is_data_owner)
-    return TwoPartySession(ch, is_data_owner, bits, he_bits, ot, he, prg, offline_rounds=3)  # key 1, base OTs 2
+    rounds = 4  # key 1, engine 1, base OTs 2
+    if engine == "ferret":
+        attach_ferret(ot, prg, is_data_owner, FERRET_MEDIUM)
+        rounds += 1
+    return TwoPartySession(ch, is_data_owner, bits, he_bits, ot, he, prg, offline_rounds=rounds)

@@ -126,6 +126,15 @@ def _public_key(label: str) -> bytes:
     return hashlib.sha256(f"privmed/ferret/{label}".encode()).digest()[:16]
 
 
+def _xor_fold(a: np.ndarray) -> np.ndarray:
+    """XOR over axis 1 of a (T, 2^j, ...) array by halving (contiguous XORs; numpy's reduce
+    along a middle axis is several times slower)."""
+    while a.shape[1] > 1:
+        half = a.shape[1] // 2
+        a = a[:, :half] ^ a[:, half:]
+    return a[:, 0]
+
+
 class GGM:
     """Level-by-level GGM expansion of many trees with G(x) = (pi_0(x) ^ x, pi_1(x) ^ x)."""
 
@@ -147,7 +156,7 @@ class GGM:
         sums = np.empty((len(seeds), depth, 2, 2), dtype=U64)
         for level in range(depth):
             kids = self.children(nodes)  # (T, W, 2, 2)
-            sums[:, level] = np.bitwise_xor.reduce(kids, axis=1)
+            sums[:, level] = _xor_fold(kids)
             nodes = kids.reshape(len(seeds), -1, 2)
         return nodes, sums
 
@@ -166,7 +175,7 @@ class GGM:
         for level in range(depth):
             kids = self.children(nodes)  # (T, W, 2, 2)
             side = off_path[:, level].astype(np.int64)
-            side_sum = np.bitwise_xor.reduce(kids[rows, :, side], axis=1)  # (T, 2)
+            side_sum = _xor_fold(kids)[rows, side]  # (T, 2)
             kids[rows, path, side] = learned[:, level] ^ side_sum ^ kids[rows, path, side]
             kids[rows, path, 1 - side] = 0
             path = 2 * path + (1 - side)
@@ -257,7 +266,7 @@ class _Sender:
             leaves, sums = self.ggm.expand(self.stream.uint64((last - first, 2)), p.depth)
             msg[first:last, : p.depth] = sums[:, :, 0] ^ pads0[first:last]
             msg[first:last, p.depth : 2 * p.depth] = sums[:, :, 1] ^ pads1[first:last]
-            msg[first:last, -1] = np.bitwise_xor.reduce(leaves, axis=1) ^ self.delta
+            msg[first:last, -1] = _xor_fold(leaves) ^ self.delta
             out[first << p.depth : last << p.depth] = leaves.reshape(-1, 2)
         self.ch.send(f"{self.label}/spcot", msg)
         self.code.apply(out, self.base[nodes:])
@@ -306,7 +315,7 @@ class _Receiver:
             last = min(first + per, p.t)
             leaves, alpha = self.ggm.punctured(learned[first:last], tree_b[first:last])
             rows = np.arange(last - first)
-            leaves[rows, alpha] = msg[first:last, -1] ^ np.bitwise_xor.reduce(leaves, axis=1)
+            leaves[rows, alpha] = msg[first:last, -1] ^ _xor_fold(leaves)
             out[first << p.depth : last << p.depth] = leaves.reshape(-1, 2)
             out_bits[((rows + first) << p.depth) + alpha] = 1
         self.code.apply(out, self.base[nodes:], out_bits, self.base_bits[nodes:])

@@ -1,0 +1,127 @@
+"""OT engines of the two-party mode, measured in one run: IKNP and Ferret silent OT
+(``mpc/twoparty/silent_ot``) for random OTs and for the ReLU's offline material.
+
+Both parties run as threads over the in-process transport (as ``twoparty_primitives.py``), so
+wall time holds both parties' compute on the shared cores; CPU is per-party thread CPU time;
+bytes are what each party sent, 136-byte frame headers included.
+
+Per engine: the set-up (base OTs; for Ferret also the IKNP bootstrap of its base COTs), then
+m random OTs in each direction at once (``random_ot_both``, as the comparison layer calls
+it), then ``offline.relu_offline`` for n ReLUs over Z_2^42 comparing 26 bits (drop 16: the
+DenseNet-121 64x64 plan's ReLUs). A "random OT" below is one OT in one direction; its cost
+counts both parties (CPU of both, bytes sent by both).
+
+    nice -n 19 .venv/bin/python benchmarks/twoparty_silent_ot.py                 # m = 2^21, n = 2^16
+    nice -n 19 .venv/bin/python benchmarks/twoparty_silent_ot.py --large         # also FERRET_LARGE, m = 2^24
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from privmed.crypto.prg import PRG
+from privmed.mpc.twoparty import offline
+from privmed.mpc.twoparty.ot import OTSession, ot_setup, random_ot_both
+from privmed.mpc.twoparty.silent_ot import FERRET_LARGE, FERRET_MEDIUM, FerretParams, attach_ferret
+from privmed.net.channel import Channel, in_process_pair
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _paths import shown  # noqa: E402
+
+
+def two(f0: Callable[[Channel], Any], f1: Callable[[Channel], Any], ch: tuple[Channel, Channel]) -> dict[str, Any]:
+    """Run both parties on channels ``ch``; results, wall, CPU and bytes sent per party."""
+    out: dict[str, Any] = {}
+    before = [c.counters.bytes_sent for c in ch]
+
+    def role(i: int, f: Callable[[Channel], Any]) -> None:
+        try:
+            c0 = time.thread_time()
+            out[i] = f(ch[i])
+            out[f"cpu{i}"] = time.thread_time() - c0
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            out[f"err{i}"] = exc
+            ch[i].close()
+
+    threads = [threading.Thread(target=role, args=(i, f)) for i, f in enumerate((f0, f1))]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out["wall"] = time.perf_counter() - start
+    for i in (0, 1):
+        if f"err{i}" in out:
+            raise out[f"err{i}"]
+    out["bytes"] = tuple(c.counters.bytes_sent - b for c, b in zip(ch, before, strict=True))
+    return out
+
+
+def _row(r: dict[str, Any], count: int) -> dict[str, Any]:
+    cpu = r["cpu0"] + r["cpu1"]
+    return {
+        "wall_s": round(r["wall"], 3), "cpu_s": [round(r["cpu0"], 3), round(r["cpu1"], 3)], "bytes": list(r["bytes"]),
+        "count": count, "us_cpu_per": round(cpu / count * 1e6, 4), "us_wall_per": round(r["wall"] / count * 1e6, 4),
+        "bytes_per": round(sum(r["bytes"]) / count, 4),
+    }  # fmt: skip
+
+
+def measure(engine: str, params: FerretParams | None, m: int, n_relu: int) -> dict[str, Any]:
+    ch = in_process_pair("data-owner", "model-owner", os.urandom(16), 1200)
+    sessions: dict[int, OTSession] = {}
+
+    def setup(i: int) -> Callable[[Channel], None]:
+        def run(c: Channel) -> None:
+            prg = PRG.fresh()
+            sessions[i] = ot_setup(c, "bench", prg, i == 0)
+            if params is not None:
+                attach_ferret(sessions[i], prg, i == 0, params)
+        return run
+
+    result: dict[str, Any] = {"engine": engine, "params": None if params is None else params.__dict__}
+    result["setup"] = _row(two(setup(0), setup(1), ch), 1)
+    choices = [PRG.fresh().stream("c").bits(m) for _ in range(2)]
+
+    def rot(i: int) -> Callable[[Channel], None]:
+        return lambda c: (random_ot_both(sessions[i], "r", choices[i], m), None)[1]
+
+    result["random_ot"] = _row(two(rot(0), rot(1), ch), 2 * m)
+
+    def relu(i: int) -> Callable[[Channel], None]:
+        return lambda c: (offline.relu_offline(sessions[i], "relu", i == 0, n_relu, 42, PRG.fresh().stream("s"), 16), None)[1]
+
+    result["relu_offline"] = _row(two(relu(0), relu(1), ch), n_relu)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", type=int, default=1 << 21, help="random OTs per direction")
+    ap.add_argument("--relu", type=int, default=1 << 16, help="ReLUs for the offline-material run")
+    ap.add_argument("--large", action="store_true", help="also FERRET_LARGE (10.6M COTs per extension; ~1 GB of RAM)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "twoparty_silent_ot.json")
+    args = ap.parse_args()
+    runs: list[tuple[str, FerretParams | None, int]] = [("iknp", None, args.m), ("ferret-medium", FERRET_MEDIUM, args.m)]
+    if args.large:
+        runs.append(("ferret-large", FERRET_LARGE, max(args.m, 1 << 24)))
+    report = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "load_before": os.getloadavg(), "cores": os.cpu_count(),
+        "runs": [measure(name, params, m, args.relu) for name, params, m in runs],
+    }  # fmt: skip
+    report["load_after"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"written {shown(args.out)}")
+
+
+if __name__ == "__main__":
+    main()
