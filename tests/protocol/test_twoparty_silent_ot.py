@@ -243,3 +243,33 @@ def test_precomputed_relu_and_products_on_ferret(ferret_in_compare_tests: None, 
 def test_extension_and_low_bit_relu_on_ferret(ferret_in_compare_tests: None) -> None:
     compare_tests.test_extension_to_a_wider_ring_is_exact(37, 64)
     compare_tests.test_relu_ignoring_low_bits_errs_only_below_2_to_the_drop(True)
+
+
+def test_parties_on_different_ot_engines_stop_and_name_both() -> None:
+    from privmed.mpc.twoparty.protocols import agree_ot_engine
+
+    # Execute / Assert: each party refuses, before any OT message
+    with pytest.raises(RuntimeError) as err:
+        run_two(lambda ch: agree_ot_engine(ch, "ferret"), lambda ch: agree_ot_engine(ch, "iknp"))
+    assert "this party runs ferret, model-owner runs 'iknp'" in str(err.value)
+    assert "this party runs iknp, data-owner runs 'ferret'" in str(err.value)
+
+
+def test_two_party_sessions_on_ferret_equal_the_reference(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session tests' own models and tolerances, with ``open_session`` on Ferret
+    (``FERRET_MEDIUM``): ReLU material, truncations and the per-channel scales' COTs."""
+    pytest.importorskip("tenseal", reason="tenseal not installed: pip install 'privmed[twoparty]'")
+    from privmed.mpc.twoparty import protocols
+    from tests.protocol import test_twoparty_session as session_tests
+
+    engines: list[so.FerretEngine] = []
+
+    def attach(*args: Any) -> so.FerretEngine:
+        engines.append(so.attach_ferret(*args))
+        return engines[-1]
+
+    monkeypatch.setenv(protocols.OT_ENGINE_ENV, "ferret")
+    monkeypatch.setattr(protocols, "attach_ferret", attach)
+    session_tests.test_conv_relu_maxpool_gemm_equals_the_fixed_point_reference(tmp_path)
+    session_tests.test_prelu_and_unfoldable_batchnorm_equal_the_reference(tmp_path)
+    assert len(engines) == 4 and all(e.sent + e.received > 0 for e in engines)  # two sessions, both parties
