@@ -85,7 +85,7 @@ def test_ggm_receiver_learns_every_leaf_but_the_punctured_one() -> None:
     rebuilt, alpha = ggm.punctured(learned, off_path)
 
     # Assert: alpha is the path of the complemented sides, every other leaf equal, alpha's unknown
-    want_alpha = ((1 - off_path.astype(np.int64)) << np.arange(5, -1, -1)).sum(axis=1)
+    want_alpha = ((1 - off_path.astype(np.int64)) << np.arange(6)).sum(axis=1)  # first level lowest
     assert np.array_equal(alpha, want_alpha)
     for tree in range(5):
         others = np.arange(64) != alpha[tree]
@@ -121,7 +121,7 @@ def test_mpcot_puts_one_delta_per_block_at_the_point_the_base_bits_choose(monkey
     assert np.array_equal(w, s ^ np.where(e[:, None] == 1, delta, U64(0)))
     blocks = e.reshape(P.t, 1 << P.depth)
     assert np.array_equal(blocks.sum(axis=1), np.ones(P.t))
-    alpha = ((1 - tree_bits.reshape(P.t, P.depth).astype(np.int64)) << np.arange(P.depth - 1, -1, -1)).sum(axis=1)
+    alpha = ((1 - tree_bits.reshape(P.t, P.depth).astype(np.int64)) << np.arange(P.depth)).sum(axis=1)
     assert np.array_equal(blocks.argmax(axis=1), alpha)
 
 

@@ -127,42 +127,48 @@ def _public_key(label: str) -> bytes:
 
 
 def _xor_fold(a: np.ndarray) -> np.ndarray:
-    """XOR over axis 1 of a (T, 2^j, ...) array by halving (contiguous XORs; numpy's reduce
+    """XOR over axis -2 of a (..., 2^j, 2) array by halving (contiguous XORs; numpy's reduce
     along a middle axis is several times slower)."""
-    while a.shape[1] > 1:
-        half = a.shape[1] // 2
-        a = a[:, :half] ^ a[:, half:]
-    return a[:, 0]
+    while a.shape[-2] > 1:
+        half = a.shape[-2] // 2
+        a = a[..., :half, :] ^ a[..., half:, :]
+    return a[..., 0, :]
 
 
 class GGM:
-    """Level-by-level GGM expansion of many trees with G(x) = (pi_0(x) ^ x, pi_1(x) ^ x)."""
+    """Level-by-level GGM expansion of many trees with G(x) = (pi_0(x) ^ x, pi_1(x) ^ x).
+
+    Layout: a level of W nodes per tree is (T, W, 2) uint64; the next level is every node's
+    child 0, then every node's child 1, so node j's children are j and W + j, and a leaf's
+    index has the first level's side as its lowest bit (the order is a public relabelling of
+    GGM's leaves; it keeps every XOR contiguous)."""
 
     def __init__(self, label: str) -> None:
         self._keys = (_public_key(f"{label}/ggm0"), _public_key(f"{label}/ggm1"))
 
     def children(self, nodes: np.ndarray) -> np.ndarray:
-        """(..., 2) uint64 nodes -> (..., 2, 2): [..., side, :] is child ``side`` of each node."""
-        flat = np.ascontiguousarray(nodes).reshape(-1, 2)
-        out = np.empty((len(flat), 2, 2), dtype=U64)
+        """(T, W, 2) uint64 nodes -> (T, 2, W, 2): [:, side, j] is child ``side`` of node j."""
+        raw = np.ascontiguousarray(nodes).tobytes()
+        out = np.empty((nodes.shape[0], 2, *nodes.shape[1:]), dtype=U64)
         for side, key in enumerate(self._keys):
             enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
-            out[:, side] = np.frombuffer(enc.update(flat.tobytes()), dtype="<u8").reshape(-1, 2) ^ flat
-        return out.reshape(*nodes.shape[:-1], 2, 2)
+            np.bitwise_xor(np.frombuffer(enc.update(raw), dtype="<u8").reshape(nodes.shape), nodes, out=out[:, side])
+        return out
 
     def expand(self, seeds: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """Sender: seeds (T, 2) -> (leaves (T, 2^depth, 2), level sums (T, depth, 2 sides, 2))."""
         nodes = seeds.reshape(-1, 1, 2)
         sums = np.empty((len(seeds), depth, 2, 2), dtype=U64)
         for level in range(depth):
-            kids = self.children(nodes)  # (T, W, 2, 2)
+            kids = self.children(nodes)  # (T, 2, W, 2)
             sums[:, level] = _xor_fold(kids)
             nodes = kids.reshape(len(seeds), -1, 2)
         return nodes, sums
 
     def punctured(self, learned: np.ndarray, off_path: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Receiver: from the off-path sums ``learned`` (T, depth, 2) and the off-path sides
-        ``off_path`` (T, depth) 0/1, every leaf but the path's (left 0) and the path alpha (T,).
+        ``off_path`` (T, depth) 0/1, every leaf but the path's (left 0) and the path alpha (T,),
+        alpha = sum_i (1 - off_path_i) 2^i in this layout.
 
         Level by level: expand every known node (the path node is 0, its children garbage),
         then the path node's off-path child is the learned sum XOR the same side's children of
@@ -173,12 +179,12 @@ class GGM:
         nodes = np.zeros((trees, 1, 2), dtype=U64)
         path = np.zeros(trees, dtype=np.int64)
         for level in range(depth):
-            kids = self.children(nodes)  # (T, W, 2, 2)
+            kids = self.children(nodes)  # (T, 2, W, 2)
             side = off_path[:, level].astype(np.int64)
             side_sum = _xor_fold(kids)[rows, side]  # (T, 2)
-            kids[rows, path, side] = learned[:, level] ^ side_sum ^ kids[rows, path, side]
-            kids[rows, path, 1 - side] = 0
-            path = 2 * path + (1 - side)
+            kids[rows, side, path] = learned[:, level] ^ side_sum ^ kids[rows, side, path]
+            kids[rows, 1 - side, path] = 0
+            path = path + ((1 - side) << level)
             nodes = kids.reshape(trees, -1, 2)
         return nodes, path
 
