@@ -31,7 +31,8 @@ labels anywhere gets Dice 1.0 (``privmed.evaluate.masks.dice``); ``voxels_secure
 
     python benchmarks/segment_ct_clinical.py [--slices 300] [--side 512] [--modes 2d,tri-axial] [--out DIR]
 
-Writes DIR/segment_ct_clinical.json (default DIR: benchmarks/results) and keeps the series,
+Writes DIR/segment_ct_clinical.json (default DIR: benchmarks/results; a mode not run this time
+keeps its record from the file's earlier run, marked ``from_earlier_run``) and keeps the series,
 model, masks, stats and CLI logs in DIR/segment_ct_clinical/ (regenerated only when missing).
 """
 
@@ -296,6 +297,11 @@ def main() -> None:
         print(json.dumps(r), flush=True)
     report["machine_after"] = machine()
     out = args.out / "segment_ct_clinical.json"
+    if out.exists():  # modes not run now keep their earlier record (each carries its own source and load)
+        earlier = json.loads(out.read_text())
+        for mode, record in earlier.get("modes", {}).items():
+            if mode not in report["modes"] and earlier.get("volume", {}).get("shape") == report["volume"].get("shape"):
+                report["modes"][mode] = {**record, "from_earlier_run": {"machine": earlier.get("machine"), "source": earlier.get("source")}}
     out.write_text(json.dumps(report, indent=1, default=float) + "\n")
     print(table(list(report["modes"].values())))
     print(f"wrote {out}")
