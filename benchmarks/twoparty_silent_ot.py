@@ -13,6 +13,12 @@ counts both parties (CPU of both, bytes sent by both).
 
     nice -n 19 .venv/bin/python benchmarks/twoparty_silent_ot.py                 # m = 2^21, n = 2^16
     nice -n 19 .venv/bin/python benchmarks/twoparty_silent_ot.py --large         # also FERRET_LARGE, m = 2^24
+    nice -n 19 .venv/bin/python benchmarks/twoparty_silent_ot.py --densenet 64   # end to end, both engines
+
+``--densenet SIZE`` runs MONAI DenseNet-121 (exported once, as ``twoparty_modes.py --densenet``)
+through ``benchmarks/twoparty_modes.py --modes 2`` (two processes over TLS, the harness of the
+docs' 422 s figure) once per engine, one after the other, the engine chosen for both processes
+by ``PRIVMED_2P_OT_ENGINE``; writes results/twoparty_silent_ot_densenet121_SIZE.json.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -103,13 +110,44 @@ def measure(engine: str, params: FerretParams | None, m: int, n_relu: int) -> di
     return result
 
 
+def densenet_ab(size: int, engines: list[str], out: Path, timeout: float) -> None:
+    """Both engines end to end on DenseNet-121 at size x size (module docstring)."""
+    from densenet121_infer import export  # type: ignore[import-not-found]
+
+    work = out.parent / f"silent_ot_densenet121_{size}"
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / f"densenet121_{size}.onnx"
+    if not model.exists():
+        export(model, size, 0)
+    report: dict[str, Any] = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "model": shown(model), "runs": {}}
+    for engine in engines:
+        env = {**os.environ, "PRIVMED_2P_OT_ENGINE": engine}
+        load = os.getloadavg()
+        cmd = [sys.executable, str(Path(__file__).parent / "twoparty_modes.py"), "--model", str(model), "--modes", "2",
+               "--timeout", str(timeout), "--out", str(work / engine)]  # fmt: skip
+        subprocess.run(cmd, env=env, check=True)
+        row = json.loads((work / engine / f"twoparty_densenet121_{size}.json").read_text())
+        report["runs"][engine] = {"load_before": load, **row["modes"]["2-party"]}
+        print(f"{engine}: {json.dumps(report['runs'][engine])}", flush=True)
+    report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    path = out.parent / f"twoparty_silent_ot_densenet121_{size}.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"written {shown(path)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=1 << 21, help="random OTs per direction")
     ap.add_argument("--relu", type=int, default=1 << 16, help="ReLUs for the offline-material run")
     ap.add_argument("--large", action="store_true", help="also FERRET_LARGE (10.6M COTs per extension; ~1 GB of RAM)")
+    ap.add_argument("--densenet", type=int, metavar="SIZE", help="DenseNet-121 end to end with both engines instead")
+    ap.add_argument("--engines", default="iknp,ferret", help="engines for --densenet, in run order")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="per-message deadline for --densenet")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "twoparty_silent_ot.json")
     args = ap.parse_args()
+    if args.densenet:
+        densenet_ab(args.densenet, args.engines.split(","), args.out, args.timeout)
+        return
     runs: list[tuple[str, FerretParams | None, int]] = [("iknp", None, args.m), ("ferret-medium", FERRET_MEDIUM, args.m)]
     if args.large:
         runs.append(("ferret-large", FERRET_LARGE, max(args.m, 1 << 24)))

@@ -27,8 +27,12 @@ Costs per element and party (m = ceil((l - 1) / 4) chunks, T = 2m - 3 AND gates;
 5 + ceil(log2 m) rounds (triples 1, OT16 2, ANDs ceil(log2 m), MUX 2).
 Truncation: 8 B and 16 B, 2 rounds.
 
-Security (semi-honest, two parties, no dealer): every message is either an IKNP matrix
-(pseudorandom to its receiver), a table or correction masked by a one-time pad from an OT key
+Byte counts here are IKNP's (16 B per random OT); on the Ferret engine (``silent_ot``) a random
+OT costs 1 bit plus ~0.4 B of amortised extension instead, the rest unchanged.
+
+Security (semi-honest, two parties, no dealer): every message is either an OT-extension
+message (an IKNP matrix, or Ferret's level sums and choice flips: pseudorandom to its
+receiver), a table or correction masked by a one-time pad from an OT key
 the receiver lacks, or an AND-gate opening masked by a triple used once; each party's view is
 simulated by uniform strings plus its own output shares, and the protocols compose
 sequentially (CrypTFlow2 sec. 3-4).

@@ -157,13 +157,21 @@ class TCCRHash:
         self._aes = Cipher(algorithms.AES(hashlib.sha256(f"tccr/{label}".encode()).digest()[:16]), modes.ECB())
 
     def __call__(self, first_index: int, x: np.ndarray) -> np.ndarray:
-        """x (m, 16) uint8 -> (m, 16) uint8, tweaks first_index .. first_index + m - 1."""
+        """x (m, 16) uint8 -> (m, 16) uint8, tweaks first_index .. first_index + m - 1.
+
+        AES straight into preallocated buffers (``update_into`` wants 15 spare bytes) and the
+        XORs on 64-bit words: the same function, about half the time of a bytes round trip."""
+        m = len(x)
         enc = self._aes.encryptor()
-        y = np.frombuffer(enc.update(np.ascontiguousarray(x).tobytes()), dtype=np.uint8).reshape(-1, 16)
-        tweak = np.zeros((len(x), 2), dtype="<u8")
-        tweak[:, 0] = np.arange(first_index, first_index + len(x), dtype=np.uint64)
-        z = np.frombuffer(enc.update((y ^ tweak.view(np.uint8)).tobytes()), dtype=np.uint8).reshape(-1, 16)
-        return z ^ y
+        y = np.empty(16 * m + 16, dtype=np.uint8)
+        enc.update_into(memoryview(np.ascontiguousarray(x).reshape(-1)), memoryview(y))  # type: ignore[arg-type]
+        y64 = y[: 16 * m].view("<u8").reshape(m, 2)
+        tweaked = y64.copy()
+        tweaked[:, 0] ^= np.arange(first_index, first_index + m, dtype=np.uint64)
+        z = np.empty(16 * m + 16, dtype=np.uint8)
+        enc.update_into(memoryview(tweaked.reshape(-1).view(np.uint8)), memoryview(z))  # type: ignore[arg-type]
+        z[: 16 * m].view("<u8").reshape(m, 2)[:] ^= y64
+        return z[: 16 * m].reshape(m, 16)
 
 
 class COTEngine(Protocol):
