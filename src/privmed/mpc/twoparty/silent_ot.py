@@ -1,8 +1,8 @@
 """Silent correlated OT: Ferret's primal-LPN COT extension, semi-honest (numpy).
 
 Follows Yang, Weng, Lan, Zhang, Wang, "Ferret: Fast Extension for coRRElated oT with small
-communication", CCS 2020 (sec. 3-4, the semi-honest protocol with regular noise); the code is
-written from the paper's description, with EMP-OT's parameter sets.
+communication", CCS 2020 (the semi-honest COT extension from primal LPN with regular noise);
+written from the paper's description, with the parameter sets of its authors' EMP-OT.
 
 A correlated OT (COT) with global Delta: the sender holds Delta and blocks q_i, the receiver
 bits b_i and blocks t_i = q_i ^ b_i Delta (128-bit blocks, held here as (m, 2) uint64).
@@ -41,19 +41,28 @@ Random and chosen-choice OT on top (``FerretEngine``; the ``ot.COTEngine`` calls
 sends d = r ^ b (packed, 1 bit per OT); S's keys are k_0 = H(j, q ^ d Delta) and
 k_1 = H(j, q ^ (1 - d) Delta), R's is H(j, t) = k_r (Beaver's derandomisation). Rounds: 1
 (R to S), as IKNP's call; bytes: m / 8 instead of 16 m. 1-out-of-16 OT (``ot.ot16_*``) and
-the chosen-message COTs of ``compare`` run on these unchanged.
+the chosen-message COTs of ``compare`` run on these unchanged. Extensions run inside the
+calls, when a side's buffer is empty (both sides count the same OTs, so they agree when): a
+receiver may then wait for its sender's level message, so ``random_both`` makes and sends its
+own extensions before it waits, and two parties that are receiver and sender at once (AND
+triples, MUX, Gilboa products) use it, never ``random_recv`` then ``random_send``.
 
 Security, semi-honest only (there is **no consistency check**: Ferret's malicious check and
-its extra COTs are left out, so a cheating sender could e.g. send inconsistent level sums and
-learn a bit of alpha; the session model, DESIGN.md sec. 1, is semi-honest). Simulating R: its
-view is S's level messages and c; the sums off the path are determined by its output, the
-sums on the path are masked by H(q ^ Delta-side) of base COTs whose other key it lacks
-(correlation robustness), and c is determined by its output w. Simulating S: S receives
+its extra COTs are left out, so a cheating sender could make R's output depend on alpha and
+learn bits of it from R's later behaviour (selective failure); the session model, DESIGN.md
+sec. 1, is semi-honest). Simulating R: its view is S's level messages and c; the sum off the
+path at each level follows from R's output, the sum on the path side is masked by the hash of
+the base-COT key R does not hold (correlation robustness of H), and c follows from w. Simulating S: S receives
 only d = r ^ b with b pseudorandom given S's view (primal LPN with regular noise for A, a
 random local code; EMP-OT uses the same code shape), so d is simulated by uniform bits.
 The GGM leaves off R's point are pseudorandom to R (GGM over the PRG above), which is what
 the LPN output needs. The matrix's column indices are drawn by rejection sampling, so they
 are uniform in [0, k).
+
+``open_session`` uses ``FERRET_MEDIUM``: its matrix (24 MB of indices) is drawn once and kept,
+and its k base blocks (1.1 MB) stay in cache during the gathers; ``FERRET_LARGE`` would redraw
+424 MB of indices per extension and gather from 9.4 MB, several times slower per COT in numpy
+(docs/twoparty.md, "Silent OT"), for bytes that are already negligible (0.4 B per COT).
 
 Parameters (128-bit security for primal LPN with regular noise, as chosen by Ferret's
 authors in EMP-OT, emp-ot/ferret/constants.h): ``FERRET_LARGE`` n = 10,608,640,
@@ -76,8 +85,8 @@ from privmed.mpc.twoparty.ot import OTSession, TCCRHash, iknp_cot_recv, iknp_cot
 from privmed.net.channel import Channel
 
 U64 = np.uint64
-D = 10  # non-zeros per row of the LPN matrix (Ferret sec. 6)
-_LPN_ROWS = 1 << 15  # rows of A per chunk: the gather (rows x D x 3 words) stays ~8 MB
+D = 10  # non-zeros per row of the LPN matrix (Ferret's local code)
+_LPN_ROWS = 1 << 15  # rows of A per chunk: each gather is 512 kB of blocks
 _GGM_LEAVES = 1 << 18  # leaves per chunk of trees expanded together (memory bound)
 _LPN_CACHE_BYTES = 64 << 20
 
