@@ -378,11 +378,14 @@ class FerretEngine:
         packed = self.ch.recv(f"{tag}/d", np.uint8, ((m + 7) // 8,))
         if m % 8 and packed[-1] & np.uint8((1 << (8 - m % 8)) - 1):
             raise ProtocolError(f"silent OT {tag}: padding bits of the choice flips from {self.ch.peer} are not zero")
-        d = np.unpackbits(packed, count=m).astype(bool)
+        flips = np.unpackbits(packed, count=m).astype(U64)
+        np.negative(flips, out=flips)  # d = 1 -> all ones: q0 = q ^ d Delta without a branch
         delta = self.sender.delta
-        q0 = q ^ np.where(d[:, None], delta, U64(0))
+        q0 = flips[:, None] & delta
+        q0 ^= q
         k0 = self.send_hash(self.sent, _raw(q0))
-        k1 = self.send_hash(self.sent, _raw(q0 ^ delta))
+        q0 ^= delta
+        k1 = self.send_hash(self.sent, _raw(q0))
         self.sent += m
         return k0, k1
 
