@@ -131,6 +131,8 @@ def test_lpn_map_equals_a_dense_gf2_product_on_a_small_instance() -> None:
     code = so.LPNCode("lpn-test", n, k)
     stream = PRG.fresh().stream("x")
     base, base_bits = stream.uint64((k, 2)), stream.bits(k)
+    # signalling / quiet NaN and infinity bit patterns: the gather moves blocks as complex128
+    base[:3] = [[0x7FF0000000000001, 0xFFF0000000000001], [0x7FF8000000000000, 0x7FF0000000000000], [0, 1]]
     out, out_bits = stream.uint64((n, 2)), stream.bits(n)
     want, want_bits = out.copy(), out_bits.copy()
     dense = np.zeros((n, k), dtype=np.uint8)
