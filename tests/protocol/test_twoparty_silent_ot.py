@@ -157,7 +157,7 @@ def test_lpn_map_equals_a_dense_gf2_product_on_a_small_instance() -> None:
     assert np.array_equal(so.LPNCode("lpn-test", n, k).columns(1), code.columns(1))  # both parties derive the same A
 
 
-@pytest.mark.parametrize("m", [7, 10_000])
+@pytest.mark.parametrize("m", [0, 7, 10_000])
 def test_random_and_chosen_choice_ots_on_ferret_match_the_definition(m: int) -> None:
     # Prepare
     rng = np.random.default_rng(m)
@@ -175,7 +175,7 @@ def test_random_and_chosen_choice_ots_on_ferret_match_the_definition(m: int) -> 
     for got, (k0, k1), c in ((got1, keys0, c1), (got0, keys1, c0), (second0, keys2, c0)):
         assert np.array_equal(got, np.where(c[:, None] == 1, k1, k0))
         assert np.all(np.any(got != np.where(c[:, None] == 1, k0, k1), axis=1))
-    assert not np.array_equal(keys2[0], keys1[0])
+    assert m == 0 or not np.array_equal(keys2[0], keys1[0])
     assert ch1.counters.by_step["session setup"] < 16 * 2 * m + 16 * P.reserve + 40_000
 
 

@@ -302,7 +302,9 @@ class _Sender:
             self.pos += len(got)
             need -= len(got)
             parts.append(got)
-        return np.concatenate(parts) if len(parts) != 1 else parts[0]
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=U64)
 
 
 class _Receiver:
@@ -354,6 +356,8 @@ class _Receiver:
             parts.append(got)
         if len(parts) == 1:
             return bit_parts[0], parts[0]
+        if not parts:
+            return np.zeros(0, dtype=np.uint8), np.zeros((0, 2), dtype=U64)
         return np.concatenate(bit_parts), np.concatenate(parts)
 
 
@@ -367,6 +371,7 @@ class FerretEngine:
         self.received = 0
 
     def _flips_out(self, tag: str, choices: np.ndarray) -> np.ndarray:
+        """Receiver: send d = r ^ b for the next COTs, return H(j, t_j)."""
         bits, t = self.receiver.take(len(choices))
         self.ch.send(f"{tag}/d", np.packbits(choices.astype(np.uint8) ^ bits))
         keys = self.recv_hash(self.received, _raw(t))
@@ -374,6 +379,8 @@ class FerretEngine:
         return keys
 
     def _flips_in(self, tag: str, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sender: receive d (checked: length, zero padding), return H(j, q_j ^ d_j Delta) and
+        H(j, q_j ^ (1 - d_j) Delta)."""
         m = len(q)
         packed = self.ch.recv(f"{tag}/d", np.uint8, ((m + 7) // 8,))
         if m % 8 and packed[-1] & np.uint8((1 << (8 - m % 8)) - 1):
@@ -410,7 +417,7 @@ def attach_ferret(ot: OTSession, prg: PRG, is_data_owner: bool, params: FerretPa
     serve ``ot``'s random OTs from now on (both parties call this at the same point).
 
     Rounds: 1 (each party's IKNP matrix; no extension runs until a call needs COTs).
-    Bytes per party: 16 ``reserve`` (9.5 MB for ``FERRET_LARGE``, 1.2 MB for ``FERRET_MEDIUM``).
+    Bytes per party: 16 ``reserve`` (9.7 MB for ``FERRET_LARGE``, 1.2 MB for ``FERRET_MEDIUM``).
     The IKNP COTs are the Ferret sender's base COTs with Delta = IKNP's s (rows q_j, t_j before
     the hash, which is the COT functionality IKNP realises); choice bits from this party's PRG.
     """
