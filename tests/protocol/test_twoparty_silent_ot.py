@@ -258,8 +258,10 @@ def test_parties_on_different_ot_engines_stop_and_name_both() -> None:
 
 
 def test_two_party_sessions_on_ferret_equal_the_reference(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The session tests' own models and tolerances, with ``open_session`` on Ferret
-    (``FERRET_MEDIUM``): ReLU material, truncations and the per-channel scales' COTs."""
+    """The session tests' own models and tolerances, with ``open_session`` on Ferret: ReLU
+    material, truncations and the per-channel scales' COTs. With the test parameters an
+    extension (3,272 COTs) runs every few calls, so extensions fall inside every kind of
+    OT call of the executor's offline and online phases (none may wait on its peer)."""
     pytest.importorskip("tenseal", reason="tenseal not installed: pip install 'privmed[twoparty]'")
     from privmed.mpc.twoparty import protocols
     from tests.protocol import test_twoparty_session as session_tests
@@ -272,6 +274,8 @@ def test_two_party_sessions_on_ferret_equal_the_reference(tmp_path: Any, monkeyp
 
     monkeypatch.setenv(protocols.OT_ENGINE_ENV, "ferret")
     monkeypatch.setattr(protocols, "attach_ferret", attach)
+    monkeypatch.setattr(protocols, "FERRET_MEDIUM", P)
     session_tests.test_conv_relu_maxpool_gemm_equals_the_fixed_point_reference(tmp_path)
     session_tests.test_prelu_and_unfoldable_batchnorm_equal_the_reference(tmp_path)
-    assert len(engines) == 4 and all(e.sent + e.received > 0 for e in engines)  # two sessions, both parties
+    counts = [(e.sender.extensions, e.receiver.extensions) for e in engines]  # measured (3, 8), (8, 3), (2, 1), (1, 2)
+    assert len(engines) == 4 and min(min(c) for c in counts) >= 1 and min(counts[0]) >= 3
