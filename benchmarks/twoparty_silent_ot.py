@@ -110,7 +110,7 @@ def measure(engine: str, params: FerretParams | None, m: int, n_relu: int) -> di
     return result
 
 
-def densenet_ab(size: int, engines: list[str], out: Path, timeout: float) -> None:
+def densenet_ab(size: int, engines: list[str], out: Path, timeout: float, tag: str) -> None:
     """Both engines end to end on DenseNet-121 at size x size (module docstring)."""
     from densenet121_infer import export  # type: ignore[import-not-found]
 
@@ -130,7 +130,7 @@ def densenet_ab(size: int, engines: list[str], out: Path, timeout: float) -> Non
         report["runs"][engine] = {"load_before": load, **row["modes"]["2-party"]}
         print(f"{engine}: {json.dumps(report['runs'][engine])}", flush=True)
     report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-    path = out.parent / f"twoparty_silent_ot_densenet121_{size}.json"
+    path = out.parent / f"twoparty_silent_ot_densenet121_{size}{tag}.json"
     path.write_text(json.dumps(report, indent=1))
     print(f"written {shown(path)}")
 
@@ -143,10 +143,11 @@ def main() -> None:
     ap.add_argument("--densenet", type=int, metavar="SIZE", help="DenseNet-121 end to end with both engines instead")
     ap.add_argument("--engines", default="iknp,ferret", help="engines for --densenet, in run order")
     ap.add_argument("--timeout", type=float, default=1800.0, help="per-message deadline for --densenet")
+    ap.add_argument("--tag", default="", help="suffix of the --densenet result file (a second sitting keeps the first)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "twoparty_silent_ot.json")
     args = ap.parse_args()
     if args.densenet:
-        densenet_ab(args.densenet, args.engines.split(","), args.out, args.timeout)
+        densenet_ab(args.densenet, args.engines.split(","), args.out, args.timeout, args.tag)
         return
     runs: list[tuple[str, FerretParams | None, int]] = [("iknp", None, args.m), ("ferret-medium", FERRET_MEDIUM, args.m)]
     if args.large:
