@@ -6,6 +6,7 @@ wall time holds both parties' compute on the shared cores; CPU is per-party thre
 bytes are what each party sent, 136-byte frame headers included.
 
 Per engine: the set-up (base OTs; for Ferret also the IKNP bootstrap of its base COTs), then
+m raw correlated OTs each way (IKNP's rows before the hash; Ferret's extension output), then
 m random OTs in each direction at once (``random_ot_both``, as the comparison layer calls
 it), then ``offline.relu_offline`` for n ReLUs over Z_2^42 comparing 26 bits (drop 16: the
 DenseNet-121 64x64 plan's ReLUs). A "random OT" below is one OT in one direction; its cost
@@ -36,8 +37,20 @@ from typing import Any
 
 from privmed.crypto.prg import PRG
 from privmed.mpc.twoparty import offline
-from privmed.mpc.twoparty.ot import OTSession, ot_setup, random_ot_both
-from privmed.mpc.twoparty.silent_ot import FERRET_LARGE, FERRET_MEDIUM, FerretParams, attach_ferret
+from privmed.mpc.twoparty.ot import (
+    OTSession,
+    iknp_cot_recv,
+    iknp_cot_send,
+    ot_setup,
+    random_ot_both,
+)
+from privmed.mpc.twoparty.silent_ot import (
+    FERRET_LARGE,
+    FERRET_MEDIUM,
+    FerretEngine,
+    FerretParams,
+    attach_ferret,
+)
 from privmed.net.channel import Channel, in_process_pair
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -96,6 +109,22 @@ def measure(engine: str, params: FerretParams | None, m: int, n_relu: int) -> di
     result: dict[str, Any] = {"engine": engine, "params": None if params is None else params.__dict__}
     result["setup"] = _row(two(setup(0), setup(1), ch), 1)
     choices = [PRG.fresh().stream("c").bits(m) for _ in range(2)]
+
+    def cot(i: int) -> Callable[[Channel], None]:
+        """Raw COTs, m each way, no hash: IKNP's rows (receiver's matrix first), Ferret's
+        buffers (sender's extensions first)."""
+
+        def run(c: Channel) -> None:
+            engine = sessions[i].silent
+            if isinstance(engine, FerretEngine):
+                engine.sender.take(m)
+                engine.receiver.take(m)
+            else:
+                iknp_cot_recv(sessions[i], "c", choices[i])
+                iknp_cot_send(sessions[i], "c", m)
+        return run
+
+    result["cot"] = _row(two(cot(0), cot(1), ch), 2 * m)
 
     def rot(i: int) -> Callable[[Channel], None]:
         return lambda c: (random_ot_both(sessions[i], "r", choices[i], m), None)[1]
