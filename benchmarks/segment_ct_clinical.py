@@ -10,10 +10,10 @@ to the model's 256 x 256 input (``segment.pipeline.prepare``) and the probabilit
                     --mode MODE --compare-plaintext --stats stats_MODE.json
 
 for each of ``--modes`` (``2d``: the D axial slices; ``tri-axial``: the axial, coronal and
-sagittal stacks, each at the network's grid: min(D, 256) + min(H, 256) + min(W, 256) slices,
-``segment.views``). For tri-axial, the cost of sampling each view at the network's grid is
-measured too: the same CLI with ``--plaintext --all-slices`` (all D + H + W slices, onnxruntime)
-and Dice between that mask and the secure one. The model is privmed's default 2-D U-Net
+sagittal stacks, each at the network's grid with ``--view-slices grid``: min(D, 256) +
+min(H, 256) + min(W, 256) slices, ``segment.views``). For tri-axial, every-slice fusion is run
+too, in plaintext: the same CLI with ``--plaintext --view-slices all`` (all D + H + W slices,
+onnxruntime) and Dice between that mask and the secure one. The model is privmed's default 2-D U-Net
 (``privmed.models.zoo``, features (16, 16, 32, 64, 128, 16)) with a final Softmax, exported
 to ONNX from a seeded initialisation exactly as ``benchmarks/segment_bench.py`` does: time,
 bytes and rounds do not depend on the weight values (the masks mean nothing clinically; Dice
@@ -162,6 +162,8 @@ def run_mode(
     stats_path.unlink(missing_ok=True)
     cmd = ["segment", "--model", str(model), "--input", str(folder), "--output", str(mask), "--mode", mode,
            "--compare-plaintext", "--stats", str(stats_path), "--timeout", str(timeout)]  # fmt: skip
+    if mode == "tri-axial":
+        cmd += ["--view-slices", "grid"]
     if chunk:
         cmd += ["--chunk", str(chunk)]
     load_before = [round(v, 2) for v in os.getloadavg()]
@@ -219,7 +221,7 @@ def all_slices(model: Path, folder: Path, work: Path, grid_mask: Path, classes: 
 
     mask = work / "mask_tri-axial_all_slices.nii.gz"
     cmd = ["segment", "--model", str(model), "--input", str(folder), "--output", str(mask),
-           "--mode", "tri-axial", "--all-slices", "--plaintext"]  # fmt: skip
+           "--mode", "tri-axial", "--view-slices", "all", "--plaintext"]  # fmt: skip
     print(f"tri-axial, every slice, plaintext: privmed {' '.join(cmd)}", flush=True)
     cli = run_cli(cmd, work, "tri-axial_all_slices")
     if cli["rc"] != 0:

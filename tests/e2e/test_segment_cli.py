@@ -161,7 +161,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path, capsys: pytest.CaptureF
         (["--model", m2, "--input", png], r"xray\.png: not a volume: expected a NIfTI file"),
         (["--model", m2, "--input", ct, "--mode", "3d"], r"m2\.onnx: --mode 3d needs a 3-D U-Net"),
         (["--model", m3, "--input", ct, "--mode", "tri-axial"], r"m3\.onnx: --mode tri-axial needs a 2-D U-Net"),
-        (["--model", m2, "--input", ct, "--all-slices"], r"--all-slices applies to --mode tri-axial only, got --mode 2d"),
+        (["--model", m2, "--input", ct, "--view-slices", "grid"], r"--view-slices applies to --mode tri-axial only, got --mode 2d"),
         (["--model", tmp_path / "junk.onnx", "--input", ct], r"junk\.onnx: not a readable ONNX model"),
         (["--model", m3, "--input", ct, "--patch", "32"], r"--patch 32: m3\.onnx takes a fixed input of \(8, 8, 8\)"),
         (["--model", m2, "--input", ct, "--output", tmp_path / "m.png"], r"m\.png: expected a \.nii, \.nii\.gz or \.dcm \(DICOM SEG\) output"),

@@ -46,9 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("auto", "2d", "tri-axial", "3d"), default="auto",
                    help="2d: axial slices; tri-axial: axial+coronal+sagittal fused (2.5D); 3d: sliding-window "
                         "patches (default: 3d for a 3-D model, else 2d)")  # fmt: skip
-    p.add_argument("--all-slices", action="store_true",
-                   help="tri-axial: run every slice of every view (default: a view with more slices than the network's "
-                        "side is resampled to that many along its slice axis, and back)")  # fmt: skip
+    p.add_argument("--view-slices", choices=("all", "grid"), default=None,
+                   help="tri-axial: all (default) runs every slice of every view; grid resamples a view with more slices "
+                        "than the network's side to that many along its slice axis, and back (fewer slices, slightly "
+                        "lower agreement with every-slice fusion: docs/segment.md)")  # fmt: skip
     p.add_argument("--patch", type=int, help="3d: patch side (default and only choice for a static model: its input side)")
     p.add_argument("--overlap", type=float, default=0.25, help="3d: fraction of a patch shared with its neighbour (0.25)")
     p.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian",
@@ -149,8 +150,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.preprocess, args.patch)
     mode = args.mode if args.mode != "auto" else ("3d" if model.spatial_dims == 3 else "2d")
     model.check_mode(mode)
-    if args.all_slices and mode != "tri-axial":
-        raise InputError(f"--all-slices applies to --mode tri-axial only, got --mode {mode}")
+    if args.view_slices is not None and mode != "tri-axial":
+        raise InputError(f"--view-slices applies to --mode tri-axial only, got --mode {mode}")
     volume = read_volume(args.input, series_uid=args.series)
     if args.output.suffix.lower() == ".dcm" and not volume.kind.startswith("dicom"):
         raise InputError(f"{args.output}: a DICOM SEG needs a DICOM series as --input, got a {volume.kind} file")
@@ -165,7 +166,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     print(f"{engine.name} segmentation: {source} {volume.array.shape} ({volume.kind}), mode {mode}, "
           f"model input {side}", file=sys.stderr)  # fmt: skip
     kwargs = {"overlap": args.overlap, "blend": args.blend, "resample": args.resample,
-              "view_slices": "all" if args.all_slices else "grid"}
+              "view_slices": args.view_slices or "all"}
     seg = segment_volume(volume.array, model, engine, mode, **kwargs)
     if args.output.suffix.lower() == ".dcm":
         from privmed.cli.dicom_results import write_segmentation

@@ -12,10 +12,10 @@ Modes (``model.MODES``):
 - ``tri-axial`` (2.5D): the axial, coronal and sagittal stacks (``views``) each go through
   the same 2-D network; the three probability volumes are averaged voxel by voxel, then the
   label is the argmax (for a one-channel Sigmoid model: probability > 0.5). By default
-  (``view_slices="grid"``) a stack with more slices than the network's side S is resampled
+  (``view_slices="all"``) every one of the D + H + W slices runs, all in one session. With
+  ``view_slices="grid"`` a stack with more slices than the network's side S is resampled
   along its slice axis to S slices first and its probabilities resampled back
-  (``views.resample_axis``): min(D, S) + min(H, S) + min(W, S) network slices, all in one
-  session. ``view_slices="all"`` runs every one of the D + H + W slices.
+  (``views.resample_axis``): min(D, S) + min(H, S) + min(W, S) network slices.
 - ``3d``: the whole volume is windowed and normalised once (``Preprocess`` with no resize),
   optionally resampled to ``resample`` voxels, padded by edge replication to at least one
   patch, and cut into overlapping P^3 patches (``views.patch_boxes``); patch probabilities
@@ -95,12 +95,12 @@ def prepare(
     *,
     overlap: float = 0.25,
     resample: tuple[int, int, int] | None = None,
-    view_slices: str = "grid",
+    view_slices: str = "all",
 ) -> Prepared:
     """Network inputs ``(N, C, *model.side)`` float32 for ``volume`` in ``mode``.
 
-    ``view_slices`` (tri-axial only): "grid" resamples a stack longer than the network's side
-    to that many slices (module docstring), "all" keeps every slice."""
+    ``view_slices`` (tri-axial only): "all" keeps every slice, "grid" resamples a stack longer
+    than the network's side to that many slices (module docstring)."""
     from privmed.data.preprocess import resize
 
     shape = _check_volume(volume)
@@ -178,7 +178,7 @@ def segment_volume(
     overlap: float = 0.25,
     blend: str = "gaussian",
     resample: tuple[int, int, int] | None = None,
-    view_slices: str = "grid",
+    view_slices: str = "all",
 ) -> Segmentation:
     """Segment ``volume`` ``(D, H, W)`` (modality units) with ``model`` run by ``engine``."""
     views.blend_weights((1,), blend)  # reject a bad --blend before any work

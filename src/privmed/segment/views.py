@@ -7,7 +7,7 @@ three stacks of the 2.5D method are
 - coronal:  ``volume[:, h, :]``  (H slices of D x W),
 - sagittal: ``volume[:, :, w]``  (W slices of D x H).
 
-Slices at the network's grid (tri-axial, default): a stack with more slices than the network's
+Slices at the network's grid (tri-axial, ``--view-slices grid``; the default runs every slice): a stack with more slices than the network's
 side S is first resampled along its slice axis to S slices (``resample_axis``, in the
 modality's units, as a thicker reconstruction would average them), so that each
 view is sampled along its slice axis no finer than the network sees it in plane. A 512 x 512 x
