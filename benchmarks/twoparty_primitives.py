@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,30 +31,11 @@ U64 = np.uint64
 
 
 def two(f0: Callable[[Channel], Any], f1: Callable[[Channel], Any]) -> dict[str, Any]:
-    """Run both parties; return results, wall time, CPU per party and bytes sent per party."""
-    ch = in_process_pair("data-owner", "model-owner", os.urandom(16), 600)
-    out: dict[str, Any] = {}
+    """Run both parties on fresh in-process channels; results, wall, CPU and bytes sent per party
+    (``twoparty_silent_ot.two``)."""
+    from twoparty_silent_ot import two as two_on
 
-    def role(i: int, f: Callable[[Channel], Any]) -> None:
-        try:
-            out[i] = f(ch[i])
-            out[f"cpu{i}"] = time.thread_time()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-            out[f"err{i}"] = exc
-            ch[i].close()
-
-    threads = [threading.Thread(target=role, args=(i, f)) for i, f in enumerate((f0, f1))]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    out["wall"] = time.perf_counter() - start
-    for i in (0, 1):
-        if f"err{i}" in out:
-            raise out[f"err{i}"]
-    out["bytes"] = (ch[0].counters.bytes_sent, ch[1].counters.bytes_sent)
-    return out
+    return two_on(f0, f1, in_process_pair("data-owner", "model-owner", os.urandom(16), 600))
 
 
 def measure_he_layer(kind: str, spec: ConvSpec, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> dict[str, Any]:
