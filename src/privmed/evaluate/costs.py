@@ -206,13 +206,13 @@ def _phase_split(stats: SessionStats, bytes_i: list[int], own_time: list[float],
       = the image's total exactly. The set-up is inside the first batch that computes its
       offline phase inline: shared out evenly when that is batch 0 (see above), charged to
       that image when a session starts on stored sets. The engine's own ``offline_bytes`` is
-      not used: it counts the set-up twice (inside that batch and again as set-up).
+      not used: it leaves out the plan and the control frames.
     - time: its own batch's time (the data owner's offline and online phase, batch 0 without
       the set-up) less its online share, at least 0 (an image on a stored set: a few ms,
       within the online phase's spread), plus its share of batch 0's set-up. Process starts,
       compilation and TLS are in neither phase, only in ``secure_s``.
 
-    Without per-batch costs the engine's ``offline_s`` (set-up twice) is divided evenly.
+    Without per-batch costs the engine's ``offline_s`` is divided evenly.
     """
     n = len(bytes_i)
     online_s = [stats.online_s / n] * n
