@@ -207,6 +207,21 @@ def test_choice_flips_with_padding_bits_set_are_refused() -> None:
     assert ProtocolError.__name__ in str(err.value)
 
 
+def test_a_level_message_of_the_wrong_shape_is_refused_before_use() -> None:
+    # Prepare: a sender whose extension message has one GGM tree fewer than the parameters imply
+    def party(ot: OTSession, is_do: bool) -> Any:
+        if is_do:
+            short = np.zeros((P.t - 1, 2 * P.depth + 1, 2), U64)
+            ot.ch.send(f"{_engine(ot).sender.label}/spcot", short)
+            return None
+        return random_ot_recv(ot, "r", np.zeros(5, np.uint8))  # the first call extends
+
+    # Execute / Assert: the receiver checks the frame against its own parameters
+    with pytest.raises(RuntimeError) as err:
+        _on_both(party)
+    assert ProtocolError.__name__ in str(err.value) and f"shape ({P.t - 1}, {2 * P.depth + 1}, 2), expected ({P.t}," in str(err.value)
+
+
 @pytest.fixture
 def ferret_in_compare_tests(monkeypatch: pytest.MonkeyPatch) -> None:
     """The comparison tests' own code and oracles, with every OT session on Ferret."""
