@@ -359,3 +359,34 @@ def test_positive_batchnorm_scales_before_a_relu_fold_into_the_next_conv(tmp_pat
     sum_w = float(np.abs(inits["w"]).reshape(3, -1).sum(axis=1).max())
     bound = (3 * sum_w + 9 * c * (6.0 + 2.0) + 4) * ulp
     np.testing.assert_allclose(secure, expected, rtol=0, atol=bound)
+
+
+def test_dense_block_concatenation_is_not_truncated_and_shifted_back(tmp_path: Path, rng: np.random.Generator) -> None:
+    """DenseNet's pattern: two convolution outputs (scale 2f) concatenated, then BatchNorm with
+    positive scales, ReLU, Conv. The BatchNorm's product needs its input at f, so the
+    concatenation used to be truncated and, once the scale folded into the next conv, shifted
+    straight back to 2f; the plan now has no truncation before the ReLU (its fused truncation
+    is the only one), one comparison layer fewer, and the same bound against onnxruntime."""
+    c = 3
+    inits = {"w1": rand(rng, c, 2, 3, 3), "w2": rand(rng, c, 2, 1, 1), "g": rng.uniform(0.5, 2.0, 2 * c).astype(np.float32),
+             "b": rng.normal(0, 0.5, 2 * c).astype(np.float32), "m": rng.normal(0, 0.2, 2 * c).astype(np.float32),
+             "v": rng.uniform(0.5, 1.5, 2 * c).astype(np.float32), "w3": rand(rng, 2, 2 * c, 3, 3)}  # fmt: skip
+    nodes = [H("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]), H("Conv", ["x", "w2"], ["c2"]),
+             H("Concat", ["c1", "c2"], ["cat"], axis=1), H("BatchNormalization", ["cat", "g", "b", "m", "v"], ["n"]),
+             H("Relu", ["n"], ["r"]), H("Conv", ["r", "w3"], ["y"], pads=[1, 1, 1, 1])]  # fmt: skip
+    p = build(tmp_path / "m.onnx", nodes, inits, [2, 2, 6, 6])
+    x = rand(rng, 2, 2, 6, 6, scale=1.0)
+    plan, weights = compile_model(p, calibration=x)
+    assert plan.report["folded_scales"] == 1 and plan.report["dropped_round_trips"] == 1
+    ops = [n.op for n in plan.nodes]
+    assert "upscale" not in ops and ops.count("trunc") <= 1 and ops.index("relu") < (ops.index("trunc") if "trunc" in ops else len(ops))
+    assert plan.node(plan.nodes[ops.index("relu")].inputs[0]).op == "bias"
+    secure, _ = run_three(plan, weights, x)
+    expected = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    # as in the folding test: the first convs within 1 ulp + rounding of 18 products (inputs
+    # below 4), the ReLU within 2 ulp more (+1 for the folded weights), the last conv sums
+    # 54 products of those
+    ulp = 2.0**-plan.frac_bits
+    sum_w = float(np.abs(inits["w3"]).reshape(2, -1).sum(axis=1).max())
+    bound = (sum_w * (3 + 18 * 6.0) + 9 * 2 * c * (6.0 + 2.0) + 4) * ulp
+    np.testing.assert_allclose(secure, expected, rtol=0, atol=bound)
