@@ -171,7 +171,7 @@ def he_linear(
         ev.transform_to_ntt_inplace(ct)
         ntt_in.append(ct)
     masks = stream.uint64((n_out, n)) & U64(t_mask)
-    noise = _flood_noise(stream, n_out, n, flood, io.primes[: k_top - 1])
+    noise = _flood_noise(stream, n_out, len(targets), flood, io.primes[: k_top - 1])  # only the c0 coefficients sent
     replies = np.empty((n_out, k_top - 1, n + len(targets)), dtype=U64)
     # SEAL refuses a product by the zero polynomial (a transparent result): a kernel block that
     # is all zero (a phase with no taps after space-to-depth or polyphase, or weights all 0) is
@@ -206,7 +206,7 @@ def he_linear(
         ev.mod_switch_to_next_inplace(acc)
         data = io.ct_array(acc)
         replies[o, :, :n] = data[1]
-        replies[o, :, n:] = _add_mod(data[0][:, targets], noise[o][:, targets], io.primes[: k_top - 1])
+        replies[o, :, n:] = _add_mod(data[0][:, targets], noise[o], io.primes[: k_top - 1])
     ch.send(f"{label}/he/y", replies)
     share = low.y_map(decode_output(g, masks))
     if x is not None:

@@ -64,6 +64,58 @@ class HEParams:
         return sum(self.data_bits[:-1])
 
 
+def _seal_header(raw: bytes) -> tuple[int, int] | None:
+    """(compression mode, total size) of a SEALHeader (magic 0xA15E, 16 bytes), else None."""
+    if len(raw) < 16:
+        return None
+    magic, header_size, _major, _minor, mode, _reserved, size = struct.unpack_from("<HBBBBHQ", raw)
+    return (mode, size) if magic == 0xA15E and header_size == 16 else None
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+
+
+def _zstd_stored(frame: bytes) -> bytes | None:
+    """The content of one zstd frame (RFC 8878, sec. 3.1.1) whose blocks are all raw or RLE
+    (stored, not entropy-coded), else None: what zstd emits for incompressible data, read
+    without a zstd library. Checksum and dictionary fields are skipped (our own objects)."""
+    if len(frame) < 6 or struct.unpack_from("<I", frame)[0] != _ZSTD_MAGIC:
+        return None
+    fhd = frame[4]
+    fcs_flag, single, checksum, dict_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 2) & 1, fhd & 3
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag] + ((1 if single else 0), 2, 4, 8)[fcs_flag]
+    parts: list[bytes] = []
+    while pos + 3 <= len(frame):
+        header = int.from_bytes(frame[pos : pos + 3], "little")
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        pos += 3
+        if kind == 0:  # raw
+            if pos + size > len(frame):
+                return None
+            parts.append(frame[pos : pos + size])
+            pos += size
+        elif kind == 1:  # RLE: one byte repeated
+            if pos + 1 > len(frame):
+                return None
+            parts.append(frame[pos : pos + 1] * size)
+            pos += 1
+        else:  # compressed (or reserved): needs a real decoder
+            return None
+        if last:
+            return b"".join(parts) if pos + 4 * checksum == len(frame) else None
+    return None
+
+
+def _seal_body(raw: bytes) -> bytes | None:
+    """The uncompressed body of a SEAL serialization (mode none, or zstd with stored blocks)."""
+    head = _seal_header(raw)
+    if head is None or head[1] != len(raw):
+        return None
+    if head[0] == 0:
+        return raw[16:]
+    return _zstd_stored(raw[16:]) if head[0] == 2 else None
+
+
 class SealIO:
     """A SEAL context for ``HEParams`` plus raw conversions; owns a private temporary folder."""
 
@@ -121,10 +173,37 @@ class SealIO:
         return out
 
     def ct_array(self, ct: Any) -> np.ndarray:
-        """Raw RNS data (size, k, N) of a ciphertext."""
-        arr = ct.dyn_array()
+        """Raw RNS data (size, k, N) of a ciphertext (our own object, not a peer's).
+
+        Read from SEAL's own serialization when its zstd frame holds only stored blocks (what
+        SEAL writes for coefficients uniform modulo 60-bit primes, which zstd cannot shrink):
+        about 0.2 ms instead of 6 ms for the element-by-element ``DynArray.at`` path, which
+        stays the fallback for any other frame (same values either way; a test compares)."""
         shape = (ct.size(), ct.coeff_modulus_size(), self.params.n)
+        fast = self._ct_data(ct, shape)
+        if fast is not None:
+            return fast
+        arr = ct.dyn_array()
         return np.fromiter(map(arr.at, range(arr.size())), dtype=U64, count=arr.size()).reshape(shape)
+
+    def _ct_data(self, ct: Any, shape: tuple[int, int, int]) -> np.ndarray | None:
+        """``ct_array`` from ``ct.save``: SEALHeader (16 B), then the members (parms_id 32 B,
+        is_ntt_form 1 B, size, N, k, scale, correction factor: 8 B each) and the data as a
+        DynArray (its own 16 B header, count, the uint64 values); None if anything differs."""
+        path = self._path("ct-out")
+        ct.save(path)
+        with open(path, "rb") as f:
+            raw = f.read()
+        body = _seal_body(raw)
+        count = shape[0] * shape[1] * shape[2]
+        members = 32 + 1 + 5 * 8
+        if body is None or len(body) != members + 16 + 8 + 8 * count:
+            return None
+        size, n, k = struct.unpack_from("<QQQ", body, 33)
+        inner = _seal_header(body[members : members + 16])
+        if (size, k, n) != shape or inner != (0, 16 + 8 + 8 * count) or struct.unpack_from("<Q", body, members + 16)[0] != count:
+            return None
+        return np.frombuffer(body, dtype="<u8", count=count, offset=members + 24).astype(U64).reshape(shape)
 
     def ciphertext(self, data: np.ndarray, parms_id: list[int], ntt: bool = False) -> Any:
         """A SEAL ciphertext from raw RNS data (size, k, N); entries must be below their primes."""
