@@ -121,6 +121,30 @@ def test_he_3d_layers_are_exact_mod_2_to_the_l(kind, x_shape, w_shape, spec) -> 
     assert got.shape == want.shape and np.array_equal(got, want)
 
 
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "spec"),
+    [
+        ((1, 256, 4, 4), (64, 256, 1, 1), _spec((1, 1))),  # DenseNet-121's late 1x1 convs, small
+        ((1, 64, 4, 4), (16, 64, 3, 3), _spec((3, 3), pads=(1, 1, 1, 1))),  # and its 3x3 ones
+        ((2, 4, 30, 30), (10, 2, 3, 3), _spec((3, 3), pads=(1, 1, 1, 1), groups=2)),  # groups, batch, 5 channels in 3 + 2
+    ],
+)
+def test_small_convs_put_several_output_channels_in_one_reply(x_shape, w_shape, spec) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: the tiling batches outputs (Mw channels spaced Cw x volume apart, Mw Cw volume <= N)
+    g = geometry("conv", spec, x_shape, w_shape, 8192)
+    t = g.tiling
+    assert t is not None and t.mw > 1 and t.mw * t.cw * t.volume <= 8192
+    assert len(set(g.targets().tolist())) == t.mw * np.prod(t.out) and g.targets().max() < 8192
+    assert g.output_polys() < x_shape[0] * w_shape[0] * t.n_tiles
+
+    # Execute
+    got, want, (_, ch1) = _secure("conv", spec, x_shape, w_shape)
+
+    # Assert: exact, and the model owner sent the batched replies only
+    assert np.array_equal(got, want)
+    assert ch1.counters.bytes_sent == g.output_polys() * 2 * (8192 + len(g.targets())) * 8 + 136
+
+
 def test_3d_packing_puts_c_d_h_w_blocks_in_one_polynomial() -> None:
     # 1 -> 16 channels, 3x3x3, pad 1, on 32^3 (a MONAI 3-D U-Net's first layer): whole
     # (depth-slab x H x W) tiles of the padded volume, overlapping by kd - 1 = 2 slices

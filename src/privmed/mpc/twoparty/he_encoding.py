@@ -31,9 +31,19 @@ Encodings (all indices public, derived from shapes only):
   are smaller in size than Ww, Hw, Dw, so they are 0 and c = c2; exponents reach at most
   O + Cw Dw Hw Ww - 1 < O + N, so the terms past X^N wrap (negated) below O, under every
   target (targets lie in [O, Cw Dw Hw Ww)).
-  Channel blocks (C > Cw) are summed homomorphically: one reply per output channel and tile.
-  Dilation is applied to the kernel (zeros). The tile extents minimise bytes
-  (``conv_tiling``, every extent tried).
+  Channel blocks (C > Cw) are summed homomorphically: one reply per output group and tile.
+  Output batching (2-D): a reply carries Mw output channels, the kernel polynomial being
+  sum_j X^(j D) k_j(X) with D = Cw Dw Hw Ww and Mw D <= N (Cheetah's n_w k_w m_w <= N for
+  matrix products, applied to a conv tile); channel j's outputs sit at j D + O + ... . Why
+  exactly: x k_j has its terms at exponents j D + [0, O + D - 1], and channel j's targets at
+  j D + [O, D - 1]; a term of j' < j reaches at most (j - 1) D + O + D - 1 < j D + O, one of
+  j' > j starts at j' D >= j D + D; so only channel j's own terms (the argument above) reach
+  its targets; exponents reach at most Mw D + O - 1 <= N + O - 1, so the wrapped terms land
+  below O, under no target. A layer with a few hundred outputs per channel (DenseNet-121's
+  late 1x1 and 3x3 convs) then sends a handful of replies instead of one per output channel
+  (DenseNet-121 64x64: 1,419 replies instead of 10,242, for 1,008 input ciphertexts instead
+  of 231). Dilation is applied to the kernel (zeros). The tile extents, block widths and Mw
+  minimise bytes (``conv_tiling``, every combination tried).
 - matmul x (B, K) @ W (K, M): per row, nk inputs and nm outputs per polynomial (nk nm <= N);
   x(X) = sum_j x_j X^j, w(X) = sum w[j, i] X^(i nk + nk - 1 - j); coefficient i nk + nk - 1
   of the product is sum_j x_j w[j, i].
@@ -62,6 +72,7 @@ class ConvTiling:
     k: tuple[int, ...]  # dilated kernel extent per spatial axis
     n_cb: int  # channel blocks
     tiles: tuple[int, ...]  # tiles per spatial axis
+    mw: int = 1  # output channels per reply polynomial, spaced cw * volume apart (mw cw volume <= N)
 
     @property
     def out(self) -> tuple[int, ...]:
@@ -86,8 +97,10 @@ class ConvTiling:
         return (self.cw - 1) * self.volume + sum((k - 1) * s for k, s in zip(self.k, self.steps, strict=True))
 
     def targets(self) -> np.ndarray:
-        """Coefficients carrying the stride-1 outputs of a tile, row-major over ``out``."""
-        return (self.offset + _grid(self.out, self.steps)).reshape(-1)
+        """Coefficients carrying the stride-1 outputs of a tile: (output channel j < mw of the
+        reply, then row-major over ``out``), channel j shifted by j cw volume."""
+        shift = (np.arange(self.mw, dtype=np.int64) * self.cw * self.volume).reshape((-1,) + (1,) * len(self.out))
+        return (self.offset + shift + _grid(self.out, self.steps)).reshape(-1)
 
 
 def _grid(extent: tuple[int, ...], steps: tuple[int, ...]) -> np.ndarray:
@@ -100,16 +113,23 @@ def _grid(extent: tuple[int, ...], steps: tuple[int, ...]) -> np.ndarray:
 
 
 MAX_BLOCKS_3D = 64  # channel blocks summed per 3-D reply: flooding room at l = 43 for 17-bit weights
+MAX_BLOCKS_2D = 64  # the same cap for 2-D tilings, which since output batching may choose thin blocks
 
 
 def conv_tiling(n: int, channels: int, padded: tuple[int, ...], k: tuple[int, ...], m_out: int,
-                max_blocks: int | None = None) -> ConvTiling:
+                max_blocks: int | None = None, batch_outputs: bool = False) -> ConvTiling:
     """Tile sizes minimising bytes on the wire: about 24 N per (seeded) input ciphertext and
-    16 (N + T) per reply (2 primes, c1 and the T result coefficients of c0); products break
-    ties; among equal costs the first in row-major order of the tile extents wins. Every tile
-    extent with k <= extent <= padded and volume <= N is tried (vectorised). With
+    16 (N + mw T) per reply (2 primes, c1 and the mw T result coefficients of c0); products
+    break ties; among equal costs the first in row-major order of the tile extents wins. Every
+    tile extent with k <= extent <= padded and volume <= N is tried (vectorised). With
     ``max_blocks``, tilings summing more channel blocks per reply are skipped where another
-    fits (the flooding bound grows with the blocks summed: ``flood_bits``)."""
+    fits (the flooding bound grows with the blocks summed: ``flood_bits``).
+
+    Without ``batch_outputs`` a polynomial holds as many channels as fit (cw = N // volume)
+    and a reply one output channel (mw = 1). With it, every block width cw = ceil(C / b) is
+    tried too, and a reply carries mw = N // (cw volume) output channels (fewer, if the same
+    number of replies needs fewer): small layers (a few hundred outputs per channel) then
+    send a few replies instead of one per output channel."""
     nd = len(padded)
     ranges = [np.arange(k[d], min(padded[d], n // max(1, math.prod(k) // k[d])) + 1, dtype=np.int64) for d in range(nd)]
     if any(r.size == 0 for r in ranges):
@@ -121,17 +141,24 @@ def conv_tiling(n: int, channels: int, padded: tuple[int, ...], k: tuple[int, ..
         raise ValueError(f"a {'x'.join(map(str, k))} kernel tile does not fit in N = {n} coefficients")
     win, vol = [w[keep] for w in win], vol[keep]
     cw = np.minimum(channels, n // vol)
+    if batch_outputs:  # every (tile extent, block width) pair: widths ceil(C / b), b = 1..C
+        widths = np.unique(-(-channels // np.arange(1, channels + 1, dtype=np.int64)))
+        pick, width = np.nonzero(widths.reshape(1, -1) <= cw.reshape(-1, 1))
+        win, vol, cw = [w[pick] for w in win], vol[pick], widths[width]
     n_cb = -(-channels // cw)
+    mw = np.minimum(m_out, n // (cw * vol)) if batch_outputs else np.ones_like(cw)
+    n_og = -(-m_out // mw)
+    mw = -(-m_out // n_og)  # the same number of replies with the fewest channels each
     outs = [w - k[d] + 1 for d, w in enumerate(win)]
     tiles = np.prod(np.stack([-(-(padded[d] - k[d] + 1) // outs[d]) for d in range(nd)]), axis=0)
     results = np.prod(np.stack(outs), axis=0)
-    cost = 24 * n * n_cb * tiles + 16 * (n + results) * m_out * tiles + m_out * n_cb * tiles
+    cost = 24 * n * n_cb * tiles + 16 * (n + mw * results) * n_og * tiles + n_og * n_cb * tiles
     if max_blocks is not None and np.any(n_cb <= max_blocks):
         cost = np.where(n_cb <= max_blocks, cost, np.iinfo(np.int64).max)
     i = int(np.argmin(cost))
     ext = tuple(int(w[i]) for w in win)
     return ConvTiling(int(cw[i]), ext, tuple(k), int(n_cb[i]),
-                      tuple(-(-(padded[d] - k[d] + 1) // (ext[d] - k[d] + 1)) for d in range(nd)))
+                      tuple(-(-(padded[d] - k[d] + 1) // (ext[d] - k[d] + 1)) for d in range(nd)), int(mw[i]))
 
 
 def _dilate(weight: np.ndarray, dil: tuple[int, ...]) -> np.ndarray:
@@ -155,11 +182,13 @@ def _conv_input_polys(x: np.ndarray, t: ConvTiling, n: int) -> np.ndarray:
 
 
 def _conv_kernel_poly(w: np.ndarray, t: ConvTiling, n: int, mask: int) -> np.ndarray:
-    """One output channel's kernel for one channel block, w (cw', *k) signed -> N coeffs:
-    w[c, a] at O - c volume - sum_d a_d steps_d (reversed, so that x k has the outputs at O + ...)."""
+    """The kernels of up to mw output channels for one channel block, w (mw', cw', *k) signed
+    -> N coeffs: w[j, c, a] at j cw volume + O - c volume - sum_d a_d steps_d (reversed, so
+    that x k has channel j's outputs at j cw volume + O + ...)."""
     poly = np.zeros(n, dtype=np.int64)
-    c = np.arange(w.shape[0], dtype=np.int64).reshape((-1,) + (1,) * len(t.k))
-    poly[(t.offset - c * t.volume - _grid(t.k, t.steps)).reshape(-1)] = w.reshape(-1)
+    j = np.arange(w.shape[0], dtype=np.int64).reshape((-1, 1) + (1,) * len(t.k))
+    c = np.arange(w.shape[1], dtype=np.int64).reshape((1, -1) + (1,) * len(t.k))
+    poly[(j * t.cw * t.volume + t.offset - c * t.volume - _grid(t.k, t.steps)).reshape(-1)] = w.reshape(-1)
     return poly.view(U64) & U64(mask)
 
 
@@ -192,9 +221,15 @@ class Geometry:
         rows = int(np.prod(self.x_shape[:-1]))
         return rows * -(-self.x_shape[-1] // self.nk)
 
+    def output_groups(self) -> int:
+        """Conv: replies per tile, batch element and group (mw output channels each)."""
+        if self.tiling is None:
+            raise ValueError("output_groups: a conv geometry only")
+        return -(-(self.w_shape[0] // self.groups) // self.tiling.mw)
+
     def output_polys(self) -> int:
         if self.tiling is not None:
-            return self.x_shape[0] * self.w_shape[0] * self.tiling.n_tiles
+            return self.x_shape[0] * self.groups * self.output_groups() * self.tiling.n_tiles
         rows = int(np.prod(self.x_shape[:-1]))
         return rows * -(-self.w_shape[-1] // self.nm)
 
@@ -213,8 +248,9 @@ def geometry(kind: str, spec: ConvSpec | None, x_shape: tuple[int, ...], w_shape
     m_out, cg = w_shape[:2]
     padded = tuple(x_shape[2 + d] + spec.pads[d] + spec.pads[nd + d] for d in range(nd))
     extent = tuple(spec.dilations[d] * (spec.kernel[d] - 1) + 1 for d in range(nd))
-    cap = MAX_BLOCKS_3D if nd == 3 else None  # 2-D tilings unchanged (their byte figures are documented)
-    return Geometry(kind, x_shape, w_shape, spec, conv_tiling(n, cg, padded, extent, m_out // spec.groups, cap))
+    # 3-D tilings keep one output channel per reply (their byte figures are documented)
+    cap = MAX_BLOCKS_3D if nd == 3 else MAX_BLOCKS_2D
+    return Geometry(kind, x_shape, w_shape, spec, conv_tiling(n, cg, padded, extent, m_out // spec.groups, cap, batch_outputs=nd == 2))
 
 
 def encode_input(g: Geometry, x: np.ndarray, n: int) -> np.ndarray:
@@ -238,12 +274,16 @@ def encode_input(g: Geometry, x: np.ndarray, n: int) -> np.ndarray:
 
 
 def weight_polys(g: Geometry, w: np.ndarray, slot: int, n: int, mask: int) -> list[np.ndarray]:
-    """Model owner: the kernel polynomials of one output slot (conv: output channel ``slot``,
+    """Model owner: the kernel polynomials of one output slot (conv: output group ``slot``, the
+    output channels gi mg + og mw + j, j < mw, of conv group gi = slot // groups' output groups,
     one per channel block; matmul: output block ``slot``, one per input block). w is signed."""
     if g.tiling is not None and g.spec is not None:
         t = g.tiling
-        wd = _dilate(w[slot : slot + 1], g.spec.dilations)[0]
-        return [_conv_kernel_poly(wd[cb * t.cw : (cb + 1) * t.cw], t, n, mask) for cb in range(t.n_cb)]
+        mg, n_og = g.w_shape[0] // g.groups, g.output_groups()
+        first = (slot // n_og) * mg + (slot % n_og) * t.mw
+        last = min(first + t.mw, (slot // n_og + 1) * mg)
+        wd = _dilate(w[first:last], g.spec.dilations)
+        return [_conv_kernel_poly(wd[:, cb * t.cw : (cb + 1) * t.cw], t, n, mask) for cb in range(t.n_cb)]
     k = w.shape[0]
     polys = []
     for ib in range(-(-k // g.nk)):
@@ -261,8 +301,12 @@ def decode_output(g: Geometry, coeffs: np.ndarray) -> np.ndarray:
     if g.tiling is not None and g.spec is not None:
         t, spec = g.tiling, g.spec
         nd, nb, m_out = len(t.k), g.x_shape[0], g.w_shape[0]
+        mg, n_og = m_out // g.groups, g.output_groups()
         o1 = tuple(g.x_shape[2 + d] + spec.pads[d] + spec.pads[nd + d] - t.k[d] + 1 for d in range(nd))
-        vals = coeffs.reshape((nb, m_out) + t.tiles + (-1,))[..., t.targets()].reshape((nb, m_out) + t.tiles + t.out)
+        # replies (b, group, output group, tile) -> channels (b, group, output group, j) per tile
+        per = coeffs.reshape((nb, g.groups, n_og, t.n_tiles, -1))[..., t.targets()].reshape((nb, g.groups, n_og, t.n_tiles, t.mw, -1))
+        per = per.transpose(0, 1, 2, 4, 3, 5).reshape((nb, g.groups, n_og * t.mw, t.n_tiles, -1))[:, :, :mg]
+        vals = per.reshape((nb, m_out) + t.tiles + t.out)
         order = (0, 1) + tuple(a for d in range(nd) for a in (2 + d, 2 + nd + d))  # (tile, offset) per axis
         full = vals.transpose(order).reshape((nb, m_out) + tuple(t.tiles[d] * t.out[d] for d in range(nd)))
         keep = tuple(slice(0, o1[d], spec.strides[d]) for d in range(nd))
@@ -280,13 +324,12 @@ def block_plan(g: Geometry) -> list[tuple[int, list[int]]]:
     plan: list[tuple[int, list[int]]] = []
     if g.tiling is not None:
         t = g.tiling
-        tiles = t.n_tiles
-        mg = g.w_shape[0] // g.groups
+        tiles, n_og = t.n_tiles, g.output_groups()
         for b in range(g.x_shape[0]):
-            for m in range(g.w_shape[0]):
-                base = (b * g.groups + m // mg) * t.n_cb * tiles
+            for slot in range(g.groups * n_og):  # output group og of conv group gi = slot // n_og
+                base = (b * g.groups + slot // n_og) * t.n_cb * tiles
                 for tile in range(tiles):
-                    plan.append((m, [base + cb * tiles + tile for cb in range(t.n_cb)]))
+                    plan.append((slot, [base + cb * tiles + tile for cb in range(t.n_cb)]))
         return plan
     rows = int(np.prod(g.x_shape[:-1]))
     nin = -(-g.x_shape[-1] // g.nk)

@@ -127,6 +127,15 @@ def he_linear(
     ``protocols.MAX_RING_BITS`` = 43 leaves room for with 17-bit weights). The coefficients
     outside the T targets, where partial sums of the halo and of other kernel offsets land,
     are masked by R like the rest and their c0 part is not even sent.
+
+    Output batching (2-D convs, ``he_encoding.conv_tiling``: a reply carries Mw output
+    channels) changes nothing either: a kernel polynomial sum_j X^(j D) k_j(X) still has at
+    most N non-zero coefficients with |w| < 2^weight_bits, so the per-product bound is the same;
+    the channel blocks summed per reply are capped at ``he_encoding.MAX_BLOCKS_2D`` = 64 where a
+    tiling allows and ``flood_bits`` is computed from the block plan as before; the
+    cross-channel terms land outside the targets (``he_encoding``'s proof), so, like the halo's
+    partial sums, their c0 coefficients are not sent. Flooding noise is drawn for the T sent c0
+    coefficients only: decryption is coefficient-wise in c0, and the unsent ones are zero.
     """
     io, params = he.io, he.io.params
     n, t_mask = params.n, (1 << params.plain_bits) - 1
