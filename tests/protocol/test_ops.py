@@ -390,3 +390,45 @@ def test_dense_block_concatenation_is_not_truncated_and_shifted_back(tmp_path: P
     sum_w = float(np.abs(inits["w3"]).reshape(2, -1).sum(axis=1).max())
     bound = (sum_w * (3 + 18 * 6.0) + 9 * 2 * c * (6.0 + 2.0) + 4) * ulp
     np.testing.assert_allclose(secure, expected, rtol=0, atol=bound)
+
+
+def test_stem_maxpool_runs_before_its_relu_and_the_first_block_stays_at_2f(tmp_path: Path, rng: np.random.Generator) -> None:
+    """A DenseNet stem and first dense layer: Conv -> ReLU -> MaxPool(3x3, stride 2, pad 1),
+    then Concat(pool, Conv(BN-folded ReLU(pool))) -> BN -> ReLU -> Conv. The plan runs the
+    max-pool on the conv's output at 2f (comparisons from bit f up) and the ReLU after it on a
+    quarter of the elements; the concatenation stays at 2f (the conv output untruncated, the
+    pool shifted up), so no truncation is left before the last conv. Secure within the bound
+    below of onnxruntime and of the fixed-point reference."""
+    c = 3
+    inits = {"w0": rand(rng, c, 1, 3, 3), "g1": rng.uniform(0.5, 2.0, c).astype(np.float32), "b1": rng.normal(0, 0.5, c).astype(np.float32),
+             "m1": rng.normal(0, 0.2, c).astype(np.float32), "v1": rng.uniform(0.5, 1.5, c).astype(np.float32),
+             "w1": rand(rng, c, c, 3, 3), "g2": rng.uniform(0.5, 2.0, 2 * c).astype(np.float32),
+             "b2": rng.normal(0, 0.5, 2 * c).astype(np.float32), "m2": rng.normal(0, 0.2, 2 * c).astype(np.float32),
+             "v2": rng.uniform(0.5, 1.5, 2 * c).astype(np.float32), "w2": rand(rng, 2, 2 * c, 1, 1)}  # fmt: skip
+    nodes = [H("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]), H("Relu", ["c0"], ["r0"]),
+             H("MaxPool", ["r0"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             H("BatchNormalization", ["p", "g1", "b1", "m1", "v1"], ["n1"]), H("Relu", ["n1"], ["r1"]),
+             H("Conv", ["r1", "w1"], ["c1"], pads=[1, 1, 1, 1]), H("Concat", ["p", "c1"], ["cat"], axis=1),
+             H("BatchNormalization", ["cat", "g2", "b2", "m2", "v2"], ["n2"]), H("Relu", ["n2"], ["r2"]),
+             H("Conv", ["r2", "w2"], ["y"])]  # fmt: skip
+    p = build(tmp_path / "m.onnx", nodes, inits, [2, 1, 12, 12])
+    x = rand(rng, 2, 1, 12, 12, scale=1.0)
+    plan, weights = compile_model(p, calibration=x)
+    assert plan.report["maxpool_before_relu"] == 1 and plan.report["lifted_concats"] == 1
+    ops = [n.op for n in plan.nodes]
+    pool = plan.nodes[ops.index("maxpool")]
+    assert ops[ops.index("maxpool") + 1] == "relu" and pool.attrs["drop"] == plan.frac_bits and pool.scale == 2 * plan.frac_bits
+    assert "trunc" not in ops[: len(ops) - 2] and plan.node(plan.nodes[ops.index("concat")].id).scale == 2 * plan.frac_bits
+    secure, _ = run_three(plan, weights, x)
+    ref_ring, _ = run_plan(plan, FixedBackend(plan, weights, x.astype(np.float64)), x.shape[0])
+    ref = postprocess(ref_ring, plan.node(plan.output_name).attrs.get("post", {}))
+    expected = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ulp = 2.0**-plan.frac_bits
+    # against the reference: the max-pool's 4 levels misjudge pairs closer than 2 ulp (<= 8 ulp),
+    # the ReLUs add 2 ulp each, then the 3x3 conv (|w| sums below 5) and the last 1x1 conv
+    sum_w1 = float(np.abs(inits["w1"]).reshape(c, -1).sum(axis=1).max()) * 2.0
+    sum_w2 = float(np.abs(inits["w2"]).reshape(2, -1).sum(axis=1).max()) * 2.0
+    drift = (10 + 2) * (1 + sum_w1) + 2
+    np.testing.assert_allclose(secure, ref, rtol=0, atol=(drift * sum_w2 + 4) * ulp)
+    rounding = 9 * c * (6.0 + 2.0) + 9 * (4.0 + 2.0)  # the two 3x3 convs' weights and inputs
+    np.testing.assert_allclose(secure, expected, rtol=0, atol=((drift + rounding) * sum_w2 + 4) * ulp)

@@ -95,9 +95,9 @@ def finalize(nodes: list[Node], bounds: dict[str, float], f: int, margin: int, e
             n.attrs["bits"] = _width(in_bound * 2.0 ** (k_in * f), margin, n.attrs["shift"])
             n.attrs["drop"] = n.attrs["shift"]
             compared += int(np.prod(n.shape))
-        elif n.op == "maxpool":
-            n.attrs["bits"] = _width(2 * in_bound * 2.0 ** (k_in * f), margin, 0)
-            n.attrs["drop"] = 0
+        elif n.op == "maxpool":  # above scale f (``foldscale.maxpool_before_relu``) only bits >= f compare
+            n.attrs["drop"] = (k_in - 1) * f
+            n.attrs["bits"] = _width(2 * in_bound * 2.0 ** (k_in * f), margin, n.attrs["drop"])
             compared += int(np.prod(n.shape)) * (int(np.prod(n.attrs["kernel"])) - 1)
         elif n.op == "softmax":  # max tree: x_i - x_j; knots: z - t_j; 1/S guess: S - 2^k, S <= L
             length = n.shape[n.attrs["axis"]]

@@ -111,3 +111,87 @@ def drop_round_trips(nodes: list[Node], output: str) -> int:
             removed.add(tr.id)
     nodes[:] = [n for n in nodes if n.id not in removed]
     return sum(1 for i in removed if by_id[i].op == "upscale")
+
+
+def maxpool_before_relu(nodes: list[Node], output: str) -> int:
+    """Swap ReLU -> MaxPool into MaxPool -> ReLU where the max-pool is the ReLU's only reader:
+    ReLU is monotone, so max(ReLU(x)) = ReLU(max(x)) (edge padding repeats window values), and
+    the ReLU then compares a window's one output instead of its every input: a ResNet or
+    DenseNet stem (3x3 stride-2 pool) runs a quarter of its first ReLU. A fused truncation
+    stays with the ReLU, so the max-pool sees the input at 2f; its comparisons then skip the
+    low f bits (``calibrate.finalize`` sets ``drop``), as the fused ReLU's own do, so they
+    cost what they cost at f. Rewrites ``nodes`` in place (before calibration); returns the
+    number of pairs swapped."""
+    by_id = {n.id: n for n in nodes}
+    cons = _consumers(nodes)
+    swapped = 0
+    for pool in list(nodes):
+        if pool.op != "maxpool":
+            continue
+        relu = by_id[pool.inputs[0]]
+        if relu.op != "relu" or relu.id == output or cons[relu.id] != [pool] or relu.attrs.get("shift_k") not in (0, 1):
+            continue
+        src = by_id[relu.inputs[0]]
+        if src.scale != relu.scale + relu.attrs["shift_k"]:
+            continue
+        for reader in cons[pool.id]:
+            reader.inputs = [relu.id if i == pool.id else i for i in reader.inputs]
+        pool.inputs, pool.scale = [src.id], src.scale
+        relu.inputs, relu.shape = [pool.id], list(pool.shape)
+        nodes.remove(relu)
+        nodes.insert(nodes.index(pool) + 1, relu)
+        cons = _consumers(nodes)
+        swapped += 1
+    return swapped
+
+
+def lift_concats(nodes: list[Node], output: str) -> int:
+    """Keep a concatenation at scale 2f when every reader only shifts it there: its inputs that
+    were truncations of 2f values (convolution outputs) are read untruncated, its other inputs
+    at f are shifted up (local), and its readers' upscales go. A concatenation qualifies when
+    each of its readers is an upscale by f or another qualifying concatenation (DenseNet's
+    first dense block: the stem's pool at f joined by convolution outputs at 2f; the later
+    blocks start from an average pool at 2f and need no lift). Rewrites ``nodes`` in place
+    (before calibration, after ``drop_round_trips``); returns the number of concatenations
+    lifted."""
+    by_id = {n.id: n for n in nodes}
+    cons = _consumers(nodes)
+
+    def shifts_back(reader: Node) -> bool:
+        return reader.op == "upscale" and reader.attrs.get("shift_k") == 1 and reader.id != output
+
+    def truncated_2f(n: Node) -> bool:
+        return n.op == "trunc" and n.attrs.get("shift_k") == 1 and by_id[n.inputs[0]].scale == 2
+
+    lifted: set[str] = set()
+    for cat in reversed(nodes):
+        if (cat.op == "concat" and cat.scale == 1 and cat.id != output and cons[cat.id]
+                and all(shifts_back(r) or r.id in lifted for r in cons[cat.id])
+                and any(truncated_2f(by_id[i]) for i in cat.inputs)):  # fmt: skip
+            lifted.add(cat.id)
+    removed: set[str] = set()
+    for cat in [n for n in nodes if n.id in lifted]:
+        new_inputs = []
+        for j, src_id in enumerate(cat.inputs):
+            src = by_id[src_id]
+            if truncated_2f(src):
+                new_inputs.append(src.inputs[0])
+                cons[src.id].remove(cat)
+                if not cons[src.id] and src.id != output:
+                    removed.add(src.id)
+            elif src_id in lifted:
+                new_inputs.append(src_id)
+            else:
+                up = Node(f"{cat.id[:28]}_u{j}", "upscale", [src_id], list(src.shape), 2, {"shift_k": 1, "onnx": cat.attrs.get("onnx", "")})
+                nodes.insert(nodes.index(cat), up)
+                by_id[up.id] = up
+                new_inputs.append(up.id)
+        cat.inputs, cat.scale = new_inputs, 2
+        for reader in cons[cat.id]:
+            if reader.id in lifted:
+                continue
+            for r2 in cons[reader.id]:
+                r2.inputs = [cat.id if i == reader.id else i for i in r2.inputs]
+            removed.add(reader.id)
+    nodes[:] = [n for n in nodes if n.id not in removed]
+    return len(lifted)

@@ -199,7 +199,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     "prelu": {"shift": SHIFT, "bits": WIDTH, "drop": SHIFT, "w_shape": _ints(1, MAX_DIM, 1, 1)},
     "trunc": {"shift": SHIFT},
     "upscale": {"shift": SHIFT},
-    "maxpool": {**WINDOW, "dilations": _ints(1, 64, 1, 3), "bits": WIDTH, "drop": _int(0, 0)},
+    "maxpool": {**WINDOW, "dilations": _ints(1, 64, 1, 3), "bits": WIDTH, "drop": _int(0, 60)},
     "avgpool": {**WINDOW, "count_include_pad": _bool},
     "instnorm": {"eps": _float(1e-12, 1.0), "affine": _bool, "kind": _enum("channel_scale"), "w_shape": _ints(1, MAX_DIM, 1, 1),
                  "frac_bits": _int(MIN_FRAC_BITS, MAX_FRAC_BITS), "k_lo": _int(-64, 64), "k_hi": _int(-64, 64),
@@ -252,8 +252,8 @@ def _check_attrs(node: Node, frac_bits: int) -> None:
         raise _fail(node, "a convolution spec is required for conv kinds and only for them")
     if op in ("relu", "leaky_relu", "prelu") and (a["drop"] != a["shift"] or a["bits"] <= a["drop"] or (a["bits"] - a["drop"]) % 4):
         raise _fail(node, "comparison window must be drop = shift < bits with bits - drop a multiple of 4")
-    if op == "maxpool" and a["bits"] % 4:
-        raise _fail(node, "comparison width must be a multiple of 4")
+    if op == "maxpool" and (a["bits"] <= a["drop"] or (a["bits"] - a["drop"]) % 4):
+        raise _fail(node, "comparison window must be drop < bits with bits - drop a multiple of 4")
     if op == "instnorm" and (a["frac_bits"] != frac_bits or a["k_lo"] > a["k_hi"] or a["sign_bits"] % 4):
         raise _fail(node, "instnorm frac_bits must equal the plan's, k_lo <= k_hi, sign_bits a multiple of 4")
     if op == "add" and a["signs"][0] != 1 or op == "add" and a["signs"][1] == 0:

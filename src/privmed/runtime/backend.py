@@ -88,6 +88,9 @@ class SecureBackend(RingOps):
 
         Windows use edge padding: for pad < kernel the replicated border value lies in the
         same window, so the max is unchanged (and padding shares is a public linear map).
+        With ``drop`` = d > 0 (a max-pool moved before its ReLU, at scale 2f, d = f) the
+        comparisons read bits >= d only: a pair closer than 2^(d+1) may yield the smaller one,
+        so the result is within levels * 2^(d+1) of the max (2 ulp of f per level).
         """
         a = node.attrs
         pr = self._at(node)
@@ -99,7 +102,7 @@ class SecureBackend(RingOps):
             half = k // 2
             lo, hi = win[:, 0 : 2 * half : 2], win[:, 1 : 2 * half : 2]
             diff = np.ascontiguousarray(lo - hi)
-            rel, _ = pr.relu(diff, 0, a["bits"], 0)
+            rel, _ = pr.relu(diff, 0, a["bits"], a["drop"])
             merged = hi + rel.reshape(diff.shape)
             win = np.concatenate([merged, win[:, 2 * half :]], axis=1) if k % 2 else merged
         return win.reshape(lead)
