@@ -432,3 +432,20 @@ def test_stem_maxpool_runs_before_its_relu_and_the_first_block_stays_at_2f(tmp_p
     np.testing.assert_allclose(secure, ref, rtol=0, atol=(drift * sum_w2 + 4) * ulp)
     rounding = 9 * c * (6.0 + 2.0) + 9 * (4.0 + 2.0)  # the two 3x3 convs' weights and inputs
     np.testing.assert_allclose(secure, expected, rtol=0, atol=((drift + rounding) * sum_w2 + 4) * ulp)
+
+
+@pytest.mark.parametrize("c_in,moved", [(4, True), (12, False)])
+def test_average_pool_moves_before_a_pointwise_conv(tmp_path: Path, rng: np.random.Generator, c_in: int, moved: bool) -> None:
+    """DenseNet's transition: ReLU -> Conv 1x1 (with bias) -> AveragePool 2x2. The pool moves in
+    front of the conv (which then multiplies a quarter of the pixels) when the truncation in
+    front of the conv is no larger than the one it replaces (C_in <= 4 C_out: 4 -> 2 channels
+    yes, 12 -> 2 no). Either way within the usual bound of onnxruntime."""
+    inits = {"w": rand(rng, 2, c_in, 1, 1), "b": rand(rng, 2)}
+    nodes = [H("Relu", ["x"], ["r"]), H("Conv", ["r", "w", "b"], ["c"]), H("AveragePool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    p = build(tmp_path / "m.onnx", nodes, inits, [2, c_in, 8, 6])
+    x = rand(rng, 2, c_in, 8, 6, scale=1.0)
+    plan, _ = compile_model(p, calibration=x)
+    ops = [n.op for n in plan.nodes]
+    assert plan.report["pool_before_pointwise_conv"] == int(moved)
+    assert (ops.index("avgpool") < ops.index("linear")) == moved
+    _check(p, x, k_terms=c_in)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from privmed.compiler import calibrate, onnx_front
-from privmed.compiler.foldscale import drop_round_trips, fold_positive_scales, lift_concats, maxpool_before_relu
+from privmed.compiler.foldscale import drop_round_trips, fold_positive_scales, lift_concats, maxpool_before_relu, pool_before_pointwise_conv
 from privmed.compiler.lower import check_supported
 from privmed.errors import ModelError
 from privmed.ir.check import PlanError, check_plan
@@ -44,6 +44,7 @@ def compile_model(
     round_trips = drop_round_trips(low.nodes, low.nodes[-1].id)
     lifted = lift_concats(low.nodes, low.nodes[-1].id)
     pools_first = maxpool_before_relu(low.nodes, low.nodes[-1].id)
+    pooled_convs = pool_before_pointwise_conv(low.nodes, low.nodes[-1].id)
     weights = PrivateWeights(float_weight=low.float_weight, float_bias=low.float_bias)
     plan = Plan(low.nodes, 0, graph.input_name, list(graph.input_shape), low.nodes[-1].id, graph.name)
     cal = default_calibration(plan.input_shape) if calibration is None else np.asarray(calibration, dtype=np.float64)
@@ -66,6 +67,7 @@ def compile_model(
         dropped_round_trips=round_trips,
         lifted_concats=lifted,
         maxpool_before_relu=pools_first,
+        pool_before_pointwise_conv=pooled_convs,
         margin_bits=margin_bits,
         calibration="given" if calibration is not None else "standard normal (seed 0)",
         nodes=len(plan.nodes),

@@ -195,3 +195,47 @@ def lift_concats(nodes: list[Node], output: str) -> int:
             removed.add(reader.id)
     nodes[:] = [n for n in nodes if n.id not in removed]
     return len(lifted)
+
+
+def pool_before_pointwise_conv(nodes: list[Node], output: str) -> int:
+    """Average-pool before a 1x1 convolution instead of after it: both are linear and the conv
+    acts per pixel, so pool(conv(x) + b) = conv(pool(x)) + b when the pool has no padding.
+    The conv then runs on 1 / (kernel area) of the pixels, and the truncation the pool needs
+    in front of it (its input at f) becomes the conv's (on C_in pixels / area instead of
+    C_out pixels): DenseNet's transitions (256 -> 128 channels, 2x2 pool) truncate half as many
+    elements and multiply a quarter. Applied only where the truncation does not grow
+    (C_in <= C_out * area). Rewrites ``nodes`` in place (before calibration); returns the
+    number of pairs moved."""
+    by_id = {n.id: n for n in nodes}
+    cons = _consumers(nodes)
+    moved = 0
+    for conv in list(nodes):
+        spec = conv.attrs.get("spec", {})
+        if not (conv.op == "linear" and conv.attrs.get("kind") == "conv" and len(cons[conv.id]) == 1 and conv.scale == 2
+                and all(v == 1 for v in spec.get("kernel", [0])) and all(v == 1 for v in spec.get("strides", [0]))
+                and not any(spec.get("pads", [1])) and spec.get("groups") == 1 and conv.id != output):  # fmt: skip
+            continue
+        tr = cons[conv.id][0]
+        if tr.op != "trunc" or tr.attrs.get("shift_k") != 1 or len(cons[tr.id]) != 1 or tr.id == output:
+            continue
+        pool = cons[tr.id][0]
+        if pool.op != "avgpool" or any(pool.attrs["pads"]) or pool.id == output:
+            continue
+        src = by_id[conv.inputs[0]]
+        area = int(np.prod(pool.attrs["kernel"]))
+        if src.scale != 1 or src.shape[0] > conv.shape[0] * area:
+            continue
+        spatial = list(pool.shape[1:])
+        readers = cons[pool.id]
+        pool.inputs, pool.shape = [src.id], [src.shape[0], *spatial]
+        tr.inputs, tr.shape = [pool.id], list(pool.shape)
+        conv.inputs, conv.shape = [tr.id], [conv.shape[0], *spatial]
+        for reader in readers:
+            reader.inputs = [conv.id if i == pool.id else i for i in reader.inputs]
+        for n in (pool, tr, conv):
+            nodes.remove(n)
+        first_reader = min(nodes.index(r) for r in readers) if readers else len(nodes)
+        nodes[first_reader:first_reader] = [pool, tr, conv]
+        cons = _consumers(nodes)
+        moved += 1
+    return moved
