@@ -449,3 +449,24 @@ def test_average_pool_moves_before_a_pointwise_conv(tmp_path: Path, rng: np.rand
     assert plan.report["pool_before_pointwise_conv"] == int(moved)
     assert (ops.index("avgpool") < ops.index("linear")) == moved
     _check(p, x, k_terms=c_in)
+
+
+@pytest.mark.parametrize("attrs", [{"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, {"kernel_shape": [3, 2], "strides": [1, 1]}])
+def test_overlapping_maxpool_reduces_one_axis_at_a_time_exactly(tmp_path: Path, rng: np.random.Generator, attrs: dict) -> None:
+    """Overlapping windows are reduced axis by axis (fewer comparisons, as many rounds); the
+    max is exact at f (no dropped bits), so the secure result equals the fixed-point
+    reference bit for bit, and the rounds are those of one tree over the whole window."""
+    from privmed.runtime.backend import separable_plan
+
+    p = build(tmp_path / "m.onnx", [H("MaxPool", ["x"], ["y"], **attrs)], {}, [2, 2, 7, 9])
+    x = rand(rng, 2, 2, 7, 9, scale=2.0)
+    plan, weights = compile_model(p, calibration=x)
+    pool = next(n for n in plan.nodes if n.op == "maxpool")
+    assert separable_plan([7, 9], pool.shape[1:], pool.attrs) == [[0], [1]]
+    secure, stats = run_three(plan, weights, x)
+    ref_ring, _ = run_plan(plan, FixedBackend(plan, weights, x.astype(np.float64)), x.shape[0])
+    np.testing.assert_array_equal(secure, postprocess(ref_ring, plan.node(plan.output_name).attrs.get("post", {})))
+    window = int(np.prod(attrs["kernel_shape"]))
+    levels = int(np.ceil(np.log2(window)))
+    relu_rounds = 2 + int(np.ceil(np.log2(max(1, (pool.attrs["bits"] - pool.attrs["drop"]) // 4))))
+    assert stats["data-owner"]["rounds"] <= levels * relu_rounds + 1  # + the output's reveal
