@@ -154,6 +154,7 @@ class SecureEngine:
     name: str = "secure"
     parties: int = 3
     store: Path | None = None
+    ot_engine: str | None = None  # two parties: "ferret" | "iknp" (``--ot-engine``); None: the default
 
     def run(self, card: ModelCard, inputs: np.ndarray, *, default_chunk: int | None = None) -> EngineRun:
         from privmed.runtime.launch import run_local_session
@@ -162,7 +163,7 @@ class SecureEngine:
         if self.parties == 2:
             from privmed.runtime.twoparty_launch import run_local_session_2p as run_local_session  # type: ignore[assignment]
 
-            extra = {"store": self.store} if self.store else {}
+            extra = ({"store": self.store} if self.store else {}) | ({"ot_engine": self.ot_engine} if self.ot_engine else {})
 
         chunk = self.chunk or default_chunk
         if chunk is not None and chunk < 1:

@@ -292,5 +292,7 @@ def test_two_party_sessions_on_ferret_equal_the_reference(tmp_path: Any, monkeyp
     monkeypatch.setattr(protocols, "FERRET_MEDIUM", P)
     session_tests.test_conv_relu_maxpool_gemm_equals_the_fixed_point_reference(tmp_path)
     session_tests.test_prelu_and_unfoldable_batchnorm_equal_the_reference(tmp_path)
-    counts = [(e.sender.extensions, e.receiver.extensions) for e in engines]  # measured (3, 8), (8, 3), (2, 1), (1, 2)
-    assert len(engines) == 4 and min(min(c) for c in counts) >= 1 and min(counts[0]) >= 3
+    # measured (4, 2), (2, 4), (2, 1), (1, 2) since the compiler moved max-pools before their ReLUs
+    # (a86045f: fewer comparisons); (3, 8), (8, 3), (2, 1), (1, 2) before
+    counts = [(e.sender.extensions, e.receiver.extensions) for e in engines]
+    assert len(engines) == 4 and min(min(c) for c in counts) >= 1 and min(counts[0]) >= 2

@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", type=Path, metavar="DIR",
                    help="--parties 2: precomputed offline material (DIR/data-owner, DIR/model-owner, and a local CA in DIR/pki); "
                         "each batch uses one set online only if one matches, else computes its offline phase inline")  # fmt: skip
+    add_ot_engine_option(p)
     add_pacs_options(p, job=True)
     p.set_defaults(func=cmd_infer)
 
@@ -72,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--store", type=Path, metavar="DIR",
                    help="--parties 2: this party's directory of precomputed sets; later sessions with the same peer and plan "
                         "run one set per batch online only (each set deleted when used), others compute offline inline")  # fmt: skip
+    add_ot_engine_option(q)
     q.add_argument("--progress-jsonl", action="store_true", help=argparse.SUPPRESS)
     q.set_defaults(func=cmd_party)
 
@@ -95,6 +97,19 @@ def add_parties_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parties", type=int, choices=[2, 3], default=3,
                    help="3 (default): data owner, model owner and a dealer for correlated randomness; 2: no third "
                         "party (HE linear layers, OT comparisons; slower, see docs/twoparty.md)")  # fmt: skip
+
+
+def add_ot_engine_option(p: argparse.ArgumentParser) -> None:
+    """``--ot-engine`` of the two-party mode (infer, party)."""
+    p.add_argument("--ot-engine", choices=["ferret", "iknp"],
+                   help="--parties 2: the OT extension, overriding the session file's [session] ot_engine (default "
+                        "ferret, silent OT; iknp sends 16 B per OT); both parties must run the same")  # fmt: skip
+
+
+def check_ot_engine_arg(args: argparse.Namespace) -> None:
+    """--ot-engine only where there are two parties."""
+    if getattr(args, "ot_engine", None) is not None and args.parties != 2:
+        raise InputError(f"--ot-engine {args.ot_engine}: the OT engine is for the two-party mode (--parties 2)")
 
 
 def load_input(path: Path, model: Path | None, preprocess: Path | None) -> np.ndarray:
@@ -218,6 +233,7 @@ def write_outputs(path: Path, outputs: np.ndarray, rows: list[Path], model: Path
 def cmd_infer(args: argparse.Namespace) -> int:
     if args.output is None and args.precompute is None:
         raise InputError("--output is required (where the data owner writes the output)")
+    check_ot_engine_arg(args)
     if args.service is not None:
         if args.parties == 2:
             raise InputError("--service runs with the vendor's dealer service; --parties 2 is for local or `privmed party` sessions")
@@ -258,7 +274,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         print(f"{len(rows)} inputs from {len(set(rows))} files, batches of {args.chunk}, one session", file=sys.stderr)
     engine = SecureEngine(chunk=args.chunk, timeout_s=args.timeout, progress=LayerProgress(),
                           compile=CompileOptions(args.frac_bits, args.calibration), expect_plan=args.expect_plan,
-                          parties=args.parties, store=args.store)  # fmt: skip
+                          parties=args.parties, store=args.store, ot_engine=args.ot_engine)  # fmt: skip
     result = engine.run(card, x)
     print(f"plan {result.stats.plan.fingerprint if result.stats.plan else '?'} (pin it with --expect-plan)")
     if args.stats:
@@ -291,12 +307,13 @@ def cmd_party(args: argparse.Namespace) -> int:
     from privmed.runtime.party import run_role
 
     check_store_args(args)
+    check_ot_engine_arg(args)
     kwargs: dict[str, Any] = {}
     if args.parties == 2:
         from privmed.runtime.twoparty_launch import load_config_2p as load_config  # type: ignore[assignment]
         from privmed.runtime.twoparty_launch import run_role_2p as run_role  # type: ignore[assignment]
 
-        kwargs.update(store=args.store, precompute=args.precompute)
+        kwargs.update(store=args.store, precompute=args.precompute, ot_engine=args.ot_engine)
     cfg = load_config(args.config)
     if args.role == "model-owner":
         if not args.model:

@@ -108,7 +108,8 @@ def precompute_local(args: argparse.Namespace) -> int:
     from privmed.runtime.twoparty_launch import run_local_session_2p
 
     result = run_local_session_2p(args.model, None, timeout_s=args.timeout, calibration=args.calibration, frac_bits=args.frac_bits,
-                                  chunk=args.chunk, expect_plan=args.expect_plan, store=args.store, precompute=args.precompute)  # fmt: skip
+                                  chunk=args.chunk, expect_plan=args.expect_plan, store=args.store, precompute=args.precompute,
+                                  ot_engine=args.ot_engine)  # fmt: skip
     s = result.stats
     print(f"plan {s.plan.fingerprint if s.plan else '?'} (pin it with --expect-plan)")
     print(precomputed_line(s, args.precompute, args.chunk, args.store))

@@ -34,7 +34,7 @@ wrong types, ports outside 0..65535 and non-positive timeouts are each refused i
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +61,12 @@ class SessionConfig:
     endpoints: dict[str, Endpoint]  # model-owner, dealer
     timeout_s: float
     connect_timeout_s: float
+    options: dict[str, Any] = field(default_factory=dict)  # a mode's own [session] keys (``session_schema``)
 
 
 Schema = dict[str, tuple[type | tuple[type, ...], bool]]  # key -> (type, required)
 _SESSION: Schema = {"ca": (str, True), "timeout_s": ((int, float), False), "connect_timeout_s": ((int, float), False)}
+SESSION_SCHEMA = _SESSION  # what every [session] table may hold; a mode extends it (``load_config``)
 _ROLE: Schema = {"cert": (str, True), "key": (str, True)}
 _LISTENER: Schema = {**_ROLE, "host": (str, True), "port": (int, True), "port_file": (str, False)}
 
@@ -101,9 +103,11 @@ def _path(base: Path, section: dict[str, Any], key: str, where: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def load_config(path: Path, roles: tuple[str, ...] = ROLES) -> SessionConfig:
+def load_config(path: Path, roles: tuple[str, ...] = ROLES, session_schema: Schema | None = None) -> SessionConfig:
     """The session file of ``roles`` (the three of the dealer mode, or data owner and model
-    owner of the two-party mode); every table and key checked (``check_table``)."""
+    owner of the two-party mode); every table and key checked (``check_table``). A mode with
+    keys of its own in ``[session]`` passes its ``session_schema`` (a superset of the common
+    one); those keys come back in ``options``."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -117,7 +121,7 @@ def load_config(path: Path, roles: tuple[str, ...] = ROLES) -> SessionConfig:
     extra = sorted(set(raw) - {"session", *roles})
     if extra:
         raise ConfigError(f"{path}: unknown table [{extra[0]}] (expected session, {', '.join(roles)})")
-    sess = check_table(raw, "session", _SESSION, str(path))
+    sess = check_table(raw, "session", session_schema or _SESSION, str(path))
     ca = _path(base, sess, "ca", f"{path} [session]")
     identities, endpoints = {}, {}
     for role in roles:
@@ -127,13 +131,16 @@ def load_config(path: Path, roles: tuple[str, ...] = ROLES) -> SessionConfig:
         if role != "data-owner":
             pf = sec.get("port_file")
             endpoints[role] = Endpoint(str(sec["host"]), int(sec["port"]), (base / pf) if pf else None)
-    return SessionConfig(path, identities, endpoints, float(sess.get("timeout_s", 60.0)), float(sess.get("connect_timeout_s", 30.0)))
+    options = {k: v for k, v in sess.items() if k not in _SESSION}
+    return SessionConfig(path, identities, endpoints, float(sess.get("timeout_s", 60.0)), float(sess.get("connect_timeout_s", 30.0)), options)
 
 
 def write_config(path: Path, identities: dict[str, Identity], endpoints: dict[str, Endpoint], timeout_s: float,
-                 connect_timeout_s: float, roles: tuple[str, ...] = ROLES) -> None:
-    """Write a session file of ``roles`` (used for local runs and by ``privmed certs``)."""
-    lines = ["[session]", f'ca = "{identities["data-owner"].ca}"', f"timeout_s = {timeout_s}", f"connect_timeout_s = {connect_timeout_s}", ""]
+                 connect_timeout_s: float, roles: tuple[str, ...] = ROLES, options: dict[str, str] | None = None) -> None:
+    """Write a session file of ``roles`` (used for local runs and by ``privmed certs``);
+    ``options``: a mode's own ``[session]`` keys (string values)."""
+    lines = ["[session]", f'ca = "{identities["data-owner"].ca}"', f"timeout_s = {timeout_s}", f"connect_timeout_s = {connect_timeout_s}"]
+    lines += [f'{key} = "{value}"' for key, value in (options or {}).items()] + [""]
     for role in roles:
         ident = identities[role]
         lines += [f"[{role}]", f'cert = "{ident.cert}"', f'key = "{ident.key}"']

@@ -150,8 +150,9 @@ class _Offline:
     first need (HE key and base OTs)."""
 
     def __init__(self, ch: Channel, is_data_owner: bool, plan: Plan, bits: int, he_bits: int, store: StoreUse | None,
-                 peer: str, weights: PrivateWeights | None = None) -> None:  # fmt: skip
+                 peer: str, weights: PrivateWeights | None = None, ot_engine: str | None = None) -> None:  # fmt: skip
         self.ch, self.is_data_owner, self.plan, self.weights, self.store = ch, is_data_owner, plan, weights, store
+        self.ot_engine = ot_engine
         self.bits, self.he_bits, self.peer = bits, he_bits, peer
         self.inline: TwoPartySession | None = None
         self.setup: dict[str, float] = {}
@@ -177,16 +178,17 @@ class _Offline:
         if stored is not None:
             return *stored, (*start, 0)
         if self.inline is None:
-            self.inline = _open(self.ch, self.is_data_owner, self.bits, self.he_bits, self.setup)
+            self.inline = _open(self.ch, self.is_data_owner, self.bits, self.he_bits, self.setup, self.ot_engine)
         o0 = self.inline.offline_rounds
         offline = prepare_offline(self.inline, self.plan, steps, self.weights)
         return self.inline, offline, (*start, self.inline.offline_rounds - o0)
 
 
-def _open(ch: Channel, is_data_owner: bool, bits: int, he_bits: int, setup: dict[str, float]) -> TwoPartySession:
-    """``open_session``, its time and bytes recorded as offline cost."""
+def _open(ch: Channel, is_data_owner: bool, bits: int, he_bits: int, setup: dict[str, float], ot_engine: str | None = None) -> TwoPartySession:
+    """``open_session`` (``ot_engine`` None: the environment's, else the default), its time and
+    bytes recorded as offline cost."""
     t0, b0, r0 = time.perf_counter(), _sent(ch), _recv(ch)
-    s = open_session(ch, is_data_owner, bits, he_bits)
+    s = open_session(ch, is_data_owner, bits, he_bits, ot_engine=ot_engine)
     setup.update(offline_s=time.perf_counter() - t0, offline_bytes=_sent(ch) - b0, offline_bytes_recv=_recv(ch) - r0,
                  offline_rounds=s.offline_rounds)  # fmt: skip
     return s
@@ -216,14 +218,16 @@ def data_owner_2p(
     expect_plan: str | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     store: StoreUse | None = None,
+    ot_engine: str | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The data owner's side (see the module docstring). Returns (outputs, stats). With
-    ``store``, each batch runs on a precomputed set when both parties hold a matching one."""
+    ``store``, each batch runs on a precomputed set when both parties hold a matching one;
+    ``ot_engine`` for an inline offline phase (``protocols.open_session``)."""
     t0 = time.perf_counter()
     if isinstance(batches, np.ndarray):
         batches, total_batches = [batches], 1
     plan, bits, he_bits = accept_plan(to_model, expect_plan, on_plan)
-    source = _Offline(to_model, True, plan, bits, he_bits, store, store.peer if store else "")
+    source = _Offline(to_model, True, plan, bits, he_bits, store, store.peer if store else "", ot_engine=ot_engine)
     outputs: list[np.ndarray] = []
     per_batch: list[dict[str, Any]] = []
     layers: list[dict[str, Any]] = []
@@ -279,12 +283,12 @@ def send_plan(to_data: Channel, plan: Plan) -> tuple[int, int]:
 
 
 def model_owner_2p(to_data: Channel, plan: Plan, weights: PrivateWeights, progress: Progress | None = None,
-                   store: StoreUse | None = None) -> dict[str, Any]:  # fmt: skip
+                   store: StoreUse | None = None, ot_engine: str | None = None) -> dict[str, Any]:  # fmt: skip
     """The model owner's side; the weights never leave this function's process. With
     ``store``, a batch the data owner offers a matching precomputed set for runs online only."""
     t0 = time.perf_counter()
     bits, he_bits = send_plan(to_data, plan)
-    source = _Offline(to_data, False, plan, bits, he_bits, store, store.peer if store else "", weights)
+    source = _Offline(to_data, False, plan, bits, he_bits, store, store.peer if store else "", weights, ot_engine)
     layers: list[dict[str, Any]] = []
     per_batch: list[dict[str, Any]] = []
     index = 0

@@ -9,6 +9,7 @@ is refused so that a three-party file is not silently half-used)::
     ca = "certs/ca.pem"
     timeout_s = 60
     connect_timeout_s = 30
+    ot_engine = "ferret"      # optional: "ferret" (default) or "iknp"; both parties must agree
 
     [data-owner]
     cert = "certs/data-owner.pem"
@@ -19,6 +20,11 @@ is refused so that a three-party file is not silently half-used)::
     port = 7100
     cert = "certs/model-owner.pem"
     key = "certs/model-owner.key"
+
+``ot_engine`` chooses the OT extension (``mpc.twoparty.protocols.OT_ENGINES``); the CLI's
+``--ot-engine`` overrides it, and without either the environment's ``PRIVMED_2P_OT_ENGINE``,
+else the default (Ferret), applies. Both parties state their engine at set-up and stop, naming
+both, if they differ.
 
 The model owner listens; the data owner connects (mutual TLS 1.3, certificates checked for
 the peer's role name as in the three-party mode) and opens the session with a fresh id.
@@ -38,9 +44,17 @@ import numpy as np
 from privmed.crypto.certs import Identity, ephemeral_session, init_ca, issue
 from privmed.crypto.csr import fingerprint_der
 from privmed.errors import ConfigError, InputError
+from privmed.mpc.twoparty.protocols import OT_ENGINES
 from privmed.net.channel import Channel, FailureGroup
 from privmed.net.tls import connect
-from privmed.runtime.config import Endpoint, SessionConfig, load_config, write_config
+from privmed.runtime.config import (
+    SESSION_SCHEMA,
+    Endpoint,
+    Schema,
+    SessionConfig,
+    load_config,
+    write_config,
+)
 from privmed.runtime.launch import SessionResult, check_input, model_owner_args, run_with_children
 from privmed.runtime.party import _await_hello, _channel, _hello, _listen, _resolve_port
 from privmed.runtime.twoparty import data_owner_2p, merge_two, model_owner_2p
@@ -48,16 +62,29 @@ from privmed.runtime.twoparty_precompute import data_owner_precompute, model_own
 from privmed.runtime.twoparty_store import check_writable, open_use
 
 ROLES_2P = ("data-owner", "model-owner")
+_SESSION_2P: Schema = {**SESSION_SCHEMA, "ot_engine": (str, False)}
+
+
+def check_ot_engine(engine: str | None, where: str) -> str | None:
+    """``engine`` if it names an OT engine (or is None), else a one-line ConfigError."""
+    if engine is not None and engine not in OT_ENGINES:
+        raise ConfigError(f"{where}: 'ot_engine' must be one of {', '.join(repr(e) for e in OT_ENGINES)}, got {engine!r}")
+    return engine
 
 
 def load_config_2p(path: Path) -> SessionConfig:
-    """A two-party session file (see the module docstring); one-line errors naming the table."""
-    return load_config(path, ROLES_2P)
+    """A two-party session file (see the module docstring); one-line errors naming the table,
+    and for ``ot_engine`` the file and the bad value."""
+    cfg = load_config(path, ROLES_2P, _SESSION_2P)
+    check_ot_engine(cfg.options.get("ot_engine"), f"{path} [session]")
+    return cfg
 
 
-def write_config_2p(path: Path, identities: dict[str, Identity], model_owner: Endpoint, timeout_s: float, connect_timeout_s: float) -> None:
-    """Write a two-party session file (local runs)."""
-    write_config(path, identities, {"model-owner": model_owner}, timeout_s, connect_timeout_s, ROLES_2P)
+def write_config_2p(path: Path, identities: dict[str, Identity], model_owner: Endpoint, timeout_s: float, connect_timeout_s: float,
+                    ot_engine: str | None = None) -> None:  # fmt: skip
+    """Write a two-party session file (local runs); ``ot_engine`` only if given."""
+    options = {"ot_engine": ot_engine} if ot_engine is not None and check_ot_engine(ot_engine, str(path)) else None
+    write_config(path, identities, {"model-owner": model_owner}, timeout_s, connect_timeout_s, ROLES_2P, options)
 
 
 def connect_two(role: str, cfg: SessionConfig, on_listening: Callable[[], None] | None = None) -> tuple[Channel, str]:
@@ -102,8 +129,11 @@ def run_role_2p(
     on_plan: Callable[[Any], None] | None = None,
     store: Path | None = None,
     precompute: int | None = None,
+    ot_engine: str | None = None,
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """``runtime.party.run_role`` for the two-party mode (same arguments and results).
+
+    ``ot_engine`` (``--ot-engine``) overrides the session file's ``[session] ot_engine``.
 
     ``store``: this party's directory of precomputed sets (``twoparty_store``). With
     ``precompute`` N, a precompute session fills it (no input; the data owner's ``chunk`` is
@@ -113,6 +143,7 @@ def run_role_2p(
         if store is None:
             raise InputError("--precompute needs --store DIR (where this party keeps its part)")
         check_writable(store)  # before connecting: unused sets would be lost
+    engine = check_ot_engine(ot_engine, "--ot-engine") or cfg.options.get("ot_engine")
     compiled: list[tuple[Any, Any]] = []
 
     def prepare() -> None:
@@ -122,7 +153,7 @@ def run_role_2p(
     failed = False
     try:
         if role == "data-owner" and precompute is not None and store is not None:
-            return None, data_owner_precompute(ch, store, precompute, chunk or 1, peer, expect_plan, on_plan)
+            return None, data_owner_precompute(ch, store, precompute, chunk or 1, peer, expect_plan, on_plan, ot_engine=engine)
         if role == "data-owner":
             if x is None:
                 raise InputError("the data owner needs an input")
@@ -130,17 +161,18 @@ def run_role_2p(
             parts = [x[i : i + step] for i in range(0, len(x), step)]
             use = open_use(store, role, peer)
             try:
-                return data_owner_2p(ch, iter(parts), progress, len(parts), expect_plan=expect_plan, on_plan=on_plan, store=use)
+                return data_owner_2p(ch, iter(parts), progress, len(parts), expect_plan=expect_plan, on_plan=on_plan, store=use,
+                                     ot_engine=engine)  # fmt: skip
             finally:
                 if use:
                     use.close()
         if not compiled or compiled[0] is None:
             raise InputError("the model owner needs a model")
         if precompute is not None and store is not None:
-            return None, model_owner_precompute(ch, *compiled[0], store, precompute, peer)
+            return None, model_owner_precompute(ch, *compiled[0], store, precompute, peer, ot_engine=engine)
         use = open_use(store, role, peer)
         try:
-            return None, model_owner_2p(ch, *compiled[0], progress=progress, store=use)
+            return None, model_owner_2p(ch, *compiled[0], progress=progress, store=use, ot_engine=engine)
         finally:
             if use:
                 use.close()
@@ -167,6 +199,7 @@ def run_local_session_2p(
     expect_plan: str | None = None,
     store: Path | None = None,
     precompute: int | None = None,
+    ot_engine: str | None = None,
 ) -> SessionResult:
     """``runtime.launch.run_local_session`` without a dealer: this process is the data owner,
     the model owner is one child process (``privmed party --parties 2 --role model-owner``),
@@ -176,7 +209,9 @@ def run_local_session_2p(
     in ``DIR/data-owner`` and ``DIR/model-owner``, and the CA and both certificates live in
     ``DIR/pki`` (made on first use, one year) so that a later run presents the same peer
     certificates the store is bound to. With ``precompute`` N, ``inputs`` is None and the run
-    fills the stores (N batches of ``chunk`` images, default 1); its outputs are empty."""
+    fills the stores (N batches of ``chunk`` images, default 1); its outputs are empty.
+    ``ot_engine`` goes into the session file both roles read (``--ot-engine``)."""
+    check_ot_engine(ot_engine, "--ot-engine")
     store = Path(store).resolve() if store is not None else None  # the session file and the child name it
     if precompute is not None:
         if store is None:
@@ -192,7 +227,8 @@ def run_local_session_2p(
     with tempfile.TemporaryDirectory(prefix="privmed-2p-", dir=workdir) as tmp_s:
         tmp = Path(tmp_s)
         ids = local_identities(store / "pki") if store else ephemeral_session(tmp / "certs")
-        write_config_2p(tmp / "session.toml", ids, Endpoint("127.0.0.1", 0, tmp / "model-owner.port"), timeout_s, min(60.0, timeout_s))
+        write_config_2p(tmp / "session.toml", ids, Endpoint("127.0.0.1", 0, tmp / "model-owner.port"), timeout_s, min(60.0, timeout_s),
+                        ot_engine)  # fmt: skip
         mo_args = model_owner_args(model_path, calibration, frac_bits, input_shape)
         if store:
             mo_args += ["--store", str(store / "model-owner")] + (["--precompute", str(precompute)] if precompute else [])

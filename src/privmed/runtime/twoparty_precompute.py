@@ -44,7 +44,7 @@ MAX_SETS = 10000
 
 
 def data_owner_precompute(to_model: Channel, root: Path, sets: int, batch: int, peer: str, expect_plan: str | None = None,
-                          on_plan: Callable[[Plan], None] | None = None) -> dict[str, Any]:  # fmt: skip
+                          on_plan: Callable[[Plan], None] | None = None, ot_engine: str | None = None) -> dict[str, Any]:  # fmt: skip
     """The data owner's side: ``sets`` batches of ``batch`` images into ``root``. Returns stats."""
     if not 1 <= sets <= MAX_SETS or batch < 1:
         raise InputError(f"--precompute: expected 1..{MAX_SETS} sets of at least 1 image, got {sets} of {batch}")
@@ -56,12 +56,13 @@ def data_owner_precompute(to_model: Channel, root: Path, sets: int, batch: int, 
         to_model.abort(f"data owner: {exc}")
         raise InputError(str(exc)) from None
     to_model.send("precompute", np.array([sets, batch], np.int64))
-    stats = _precompute(to_model, True, plan, bits, he_bits, root, sets, batch, peer, None, t0)
+    stats = _precompute(to_model, True, plan, bits, he_bits, root, sets, batch, peer, None, t0, ot_engine)
     stats["plan"] = plan_info(plan)
     return stats
 
 
-def model_owner_precompute(to_data: Channel, plan: Plan, weights: PrivateWeights, root: Path, sets: int, peer: str) -> dict[str, Any]:
+def model_owner_precompute(to_data: Channel, plan: Plan, weights: PrivateWeights, root: Path, sets: int, peer: str,
+                           ot_engine: str | None = None) -> dict[str, Any]:  # fmt: skip
     """The model owner's side: at most ``sets`` batches into ``root``, as the data owner asks."""
     t0 = time.perf_counter()
     bits, he_bits = send_plan(to_data, plan)
@@ -76,11 +77,11 @@ def model_owner_precompute(to_data: Channel, plan: Plan, weights: PrivateWeights
     except ProtocolError as exc:
         to_data.abort(f"model owner refused the precompute request: {exc}")
         raise
-    return _precompute(to_data, False, plan, bits, he_bits, root, asked, batch, peer, weights, t0)
+    return _precompute(to_data, False, plan, bits, he_bits, root, asked, batch, peer, weights, t0, ot_engine)
 
 
 def _precompute(ch: Channel, is_data_owner: bool, plan: Plan, bits: int, he_bits: int, root: Path, sets: int, batch: int,
-                peer: str, weights: PrivateWeights | None, t0: float) -> dict[str, Any]:  # fmt: skip
+                peer: str, weights: PrivateWeights | None, t0: float, ot_engine: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Steps 3-5 of the module docstring, for either role."""
     role = "data-owner" if is_data_owner else "model-owner"
     t1, b1, r1 = time.perf_counter(), ch.counters.bytes_sent, ch.counters.bytes_recv
@@ -92,7 +93,7 @@ def _precompute(ch: Channel, is_data_owner: bool, plan: Plan, bits: int, he_bits
     store = Store.create(root, binding)
     try:
         setup: dict[str, float] = {}
-        s = _open(ch, is_data_owner, bits, he_bits, setup)
+        s = _open(ch, is_data_owner, bits, he_bits, setup, ot_engine)
         for k in range(sets):
             ch.step = f"precomputing set {k + 1} of {sets}"
             steps = schedule(plan, batch, k)

@@ -29,7 +29,7 @@ from privmed.mpc.twoparty.he_encoding import (
     signed_weights,
     weight_polys,
 )
-from privmed.mpc.twoparty.he_layers import lower
+from privmed.mpc.twoparty.he_layers import Lowered, lower
 from privmed.mpc.twoparty.seal_io import SealIO
 from privmed.net.channel import Channel
 from privmed.ring.linalg import ConvSpec
@@ -137,51 +137,109 @@ def he_linear(
     partial sums, their c0 coefficients are not sent. Flooding noise is drawn for the T sent c0
     coefficients only: decryption is coefficient-wise in c0, and the unsent ones are zero.
     """
-    io, params = he.io, he.io.params
-    n, t_mask = params.n, (1 << params.plain_bits) - 1
-    low = lower(kind, spec, x_shape, w_shape)  # conv-transpose, 1-D, channel scale -> 2-D conv
-    g: Geometry = geometry(low.kind, low.spec, low.x_shape, low.w_shape, n)
-    plan = block_plan(g)
-    n_in, n_out, targets = g.input_polys(), g.output_polys(), g.targets()
-    k_top = len(params.data_bits)
+    layer = he_layer(he, label, kind, spec, x_shape, w_shape)
     if he.is_data_owner:
         if x is None:
             raise ValueError("he_linear: the data owner must pass its input share or mask")
-        polys = encode_input(g, low.x_map(x.reshape(x_shape) & U64(t_mask)), n)
-        blobs = [io.to_bytes(he.encryptor.encrypt_symmetric(io.plaintext(polys[i]))) for i in range(n_in)]
-        ch.send(f"{label}/he/len", np.array([len(b) for b in blobs], dtype=U64))
-        ch.send(f"{label}/he/x", np.frombuffer(b"".join(blobs), dtype=np.uint8))
-        replies = ch.recv(f"{label}/he/y", U64, (n_out, k_top - 1, n + len(targets)))
-        io.check_rns(replies, f"{label}: reply ciphertexts")
-        level = io.ctx.first_context_data().next_context_data().parms_id()
-        out = np.empty((n_out, n), dtype=U64)
-        for i in range(n_out):
-            data = np.zeros((2, k_top - 1, n), dtype=U64)
-            data[0][:, targets] = replies[i, :, n:]  # other c0 coefficients only decrypt to unused slots
-            data[1] = replies[i, :, :n]
-            pt = io.s.Plaintext()
-            he.decryptor.decrypt(io.ciphertext(data, level), pt)
-            out[i] = io.plain_coeffs(pt)
-        return low.y_map(decode_output(g, out))
+        send_inputs(he, ch, layer, x)
+        return recv_outputs(he, ch, layer)
     if weight is None or stream is None:
         raise ValueError("he_linear: the model owner must pass its weights and a PRG stream")
-    w = signed_weights(weight.reshape(w_shape), weight_bits)
-    w_low = low.w_map(w)
-    flood = flood_bits(params, weight_bits, max(len(ins) for _, ins in plan))
-    lengths = ch.recv(f"{label}/he/len", U64, (n_in,))
+    replies, share = evaluate(he, layer, recv_inputs(he, ch, layer), weight, weight_bits, stream, x)
+    ch.send(f"{label}/he/y", replies)
+    return share
+
+
+@dataclass(frozen=True)
+class HELayer:
+    """What both parties derive from a layer's public shapes for ``he_linear``: its lowering to
+    a stride-1 conv or a matmul, the packing, which input polynomials each reply sums."""
+
+    label: str
+    kind: str
+    spec: ConvSpec | None
+    x_shape: tuple[int, ...]
+    w_shape: tuple[int, ...]
+    low: Lowered
+    g: Geometry
+    plan: list[tuple[int, list[int]]]
+    targets: np.ndarray
+
+    @property
+    def n_in(self) -> int:
+        return self.g.input_polys()
+
+    @property
+    def n_out(self) -> int:
+        return self.g.output_polys()
+
+
+def he_layer(he: HESession, label: str, kind: str, spec: ConvSpec | None, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> HELayer:
+    """The public geometry of one ``he_linear`` (pure; both parties compute the same)."""
+    low = lower(kind, spec, x_shape, w_shape)  # conv-transpose, 1-D, channel scale -> 2-D conv
+    g = geometry(low.kind, low.spec, low.x_shape, low.w_shape, he.io.params.n)
+    return HELayer(label, kind, spec, tuple(x_shape), tuple(w_shape), low, g, block_plan(g), g.targets())
+
+
+def send_inputs(he: HESession, ch: Channel, layer: HELayer, x: np.ndarray) -> None:
+    """Data owner, step 1 of ``he_linear``: x encoded, encrypted, sent (lengths, then the blobs)."""
+    io, n, t_mask = he.io, he.io.params.n, (1 << he.io.params.plain_bits) - 1
+    polys = encode_input(layer.g, layer.low.x_map(x.reshape(layer.x_shape) & U64(t_mask)), n)
+    blobs = [io.to_bytes(he.encryptor.encrypt_symmetric(io.plaintext(polys[i]))) for i in range(layer.n_in)]
+    ch.send(f"{layer.label}/he/len", np.array([len(b) for b in blobs], dtype=U64))
+    ch.send(f"{layer.label}/he/x", np.frombuffer(b"".join(blobs), dtype=np.uint8))
+
+
+def recv_outputs(he: HESession, ch: Channel, layer: HELayer) -> np.ndarray:
+    """Data owner, step 3 of ``he_linear``: the replies (shape and residues checked), decrypted;
+    its share, values in [0, 2^l)."""
+    io, n, k_top = he.io, he.io.params.n, len(he.io.params.data_bits)
+    targets = layer.targets
+    replies = ch.recv(f"{layer.label}/he/y", U64, (layer.n_out, k_top - 1, n + len(targets)))
+    io.check_rns(replies, f"{layer.label}: reply ciphertexts")
+    level = io.ctx.first_context_data().next_context_data().parms_id()
+    out = np.empty((layer.n_out, n), dtype=U64)
+    for i in range(layer.n_out):
+        data = np.zeros((2, k_top - 1, n), dtype=U64)
+        data[0][:, targets] = replies[i, :, n:]  # other c0 coefficients only decrypt to unused slots
+        data[1] = replies[i, :, :n]
+        pt = io.s.Plaintext()
+        he.decryptor.decrypt(io.ciphertext(data, level), pt)
+        out[i] = io.plain_coeffs(pt)
+    return layer.low.y_map(decode_output(layer.g, out))
+
+
+def recv_inputs(he: HESession, ch: Channel, layer: HELayer) -> list[bytes]:
+    """Model owner, step 1 of ``he_linear``: the data owner's ciphertext blobs, each length
+    bounded (SEAL validates each blob when ``evaluate`` loads it)."""
+    n, k_top = he.io.params.n, len(he.io.params.data_bits)
+    lengths = ch.recv(f"{layer.label}/he/len", U64, (layer.n_in,))
     if np.any(lengths < 16) or np.any(lengths > 16 * 2 * k_top * n + 4096):
-        raise ProtocolError(f"{label}: expected ciphertext sizes up to {16 * 2 * k_top * n + 4096} bytes")
-    blob = bytes(ch.recv(f"{label}/he/x", np.uint8, (int(lengths.sum()),)))
-    ends = np.cumsum(lengths.astype(np.int64))
+        raise ProtocolError(f"{layer.label}: expected ciphertext sizes up to {16 * 2 * k_top * n + 4096} bytes")
+    blob = bytes(ch.recv(f"{layer.label}/he/x", np.uint8, (int(lengths.sum()),)))
+    ends = np.cumsum(lengths.astype(np.int64)).tolist()
+    return [blob[end - int(size) : end] for end, size in zip(ends, lengths.tolist(), strict=True)]
+
+
+def evaluate(he: HESession, layer: HELayer, blobs: list[bytes], weight: np.ndarray, weight_bits: int, stream: Stream,
+             x: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Model owner, step 2 of ``he_linear``, no channel: (the replies to send, its share). Uses
+    only this party's SEAL objects and ``stream``, so it may run beside the OT protocols."""
+    io, params = he.io, he.io.params
+    n, t_mask, k_top = params.n, (1 << params.plain_bits) - 1, len(params.data_bits)
+    g, plan, targets = layer.g, layer.plan, layer.targets
+    w = signed_weights(weight.reshape(layer.w_shape), weight_bits)
+    w_low = layer.low.w_map(w)
+    flood = flood_bits(params, weight_bits, max(len(ins) for _, ins in plan))
     ev, first = io.evaluator, io.ctx.first_parms_id()
     ntt_in = []
-    for i in range(n_in):
-        ct = io.load_fresh_ciphertext(blob[ends[i] - int(lengths[i]) : ends[i]], f"{label}: input ciphertext {i}")
+    for i, blob in enumerate(blobs):
+        ct = io.load_fresh_ciphertext(blob, f"{layer.label}: input ciphertext {i}")
         ev.transform_to_ntt_inplace(ct)
         ntt_in.append(ct)
-    masks = stream.uint64((n_out, n)) & U64(t_mask)
-    noise = _flood_noise(stream, n_out, len(targets), flood, io.primes[: k_top - 1])  # only the c0 coefficients sent
-    replies = np.empty((n_out, k_top - 1, n + len(targets)), dtype=U64)
+    masks = stream.uint64((layer.n_out, n)) & U64(t_mask)
+    noise = _flood_noise(stream, layer.n_out, len(targets), flood, io.primes[: k_top - 1])  # only the c0 coefficients sent
+    replies = np.empty((layer.n_out, k_top - 1, n + len(targets)), dtype=U64)
     # SEAL refuses a product by the zero polynomial (a transparent result): a kernel block that
     # is all zero (a phase with no taps after space-to-depth or polyphase, or weights all 0) is
     # multiplied by a stand-in (the constant 1) for the same work and left out of the sum
@@ -213,14 +271,13 @@ def he_linear(
         he.encryptor.encrypt_zero(zero)
         ev.add_inplace(acc, zero)
         ev.mod_switch_to_next_inplace(acc)
-        data = io.ct_array(acc)
-        replies[o, :, :n] = data[1]
-        replies[o, :, n:] = _add_mod(data[0][:, targets], noise[o], io.primes[: k_top - 1])
-    ch.send(f"{label}/he/y", replies)
-    share = low.y_map(decode_output(g, masks))
+        rns = io.ct_array(acc)
+        replies[o, :, :n] = rns[1]
+        replies[o, :, n:] = _add_mod(rns[0][:, targets], noise[o], io.primes[: k_top - 1])
+    share = layer.low.y_map(decode_output(g, masks))
     if x is not None:
-        share = share + plaintext_product(kind, spec, w, x.reshape(x_shape), params.plain_bits)
-    return share & U64(t_mask)
+        share = share + plaintext_product(layer.kind, layer.spec, w, x.reshape(layer.x_shape), params.plain_bits)
+    return replies, share & U64(t_mask)
 
 
 def _ntt_plain(io: SealIO, coeffs: np.ndarray, parms_id: list[int]) -> Any:

@@ -73,7 +73,8 @@ from privmed.mpc.correlation.requests import Request
 from privmed.mpc.protocols import Protocols
 from privmed.mpc.twoparty import compare
 from privmed.mpc.twoparty.compare import ring_mask
-from privmed.mpc.twoparty.he_linear import HESession, he_linear, he_setup, online_linear
+from privmed.mpc.twoparty.he_linear import HESession, he_layer, he_setup, online_linear
+from privmed.mpc.twoparty.he_offline import ModelOwnerLayer, overlapped
 from privmed.mpc.twoparty.offline import ReluMaterial, relu_offline, relu_online
 from privmed.mpc.twoparty.ot import OTSession, ot_setup
 from privmed.mpc.twoparty.products import (
@@ -234,52 +235,62 @@ def prepare_offline(s: TwoPartySession, plan: Plan, steps: list[tuple[str, Reque
     1. ``steps``: the batch's secret ops in consumption order, from walking the plan with
        ``Recorder`` and the online executor (``privmed.runtime.twoparty.schedule``).
     2. Each linear layer: the data owner draws A uniform in Z_2^l of the input's exact shape
-       (its own PRG, key of the request) and both run ``he_linear`` on it: shares of L(W, A).
-    3. Each ReLU (with ``drop`` as the plan says): ``offline.relu_offline`` for |x| elements.
-    Rounds: 1 per linear layer + 3 per ReLU node. Bytes: ``he_linear`` and ``relu_offline``.
-    Security: nothing here depends on the input; A is seen by the model owner only encrypted.
+       (its own PRG, key of the request); both get shares of L(W, A): by ``he_linear`` for
+       every layer but per-channel scales, all of them beside step 3 (``he_offline.overlapped``:
+       the data owner's ciphertexts of every layer first, the model owner's products in a
+       worker thread, the replies after step 3), and by vector COTs (``scale``) for scales.
+    3. In the schedule's order, each per-channel scale's COTs, each ReLU's OT material
+       (``offline.relu_offline``, with ``drop`` as the plan says), each product's triple.
+    Rounds: 1 for all HE layers + 1 per per-channel scale + 3 per ReLU node + 2 per product.
+    Bytes: ``he_linear``, ``scale``, ``relu_offline``, ``products``.
+    Security: nothing here depends on the input; A is seen by the model owner only encrypted;
+    the order is the public schedule's (``he_offline``: parallel composition).
     """
     if not s.is_data_owner and weights is None:
         raise ValueError("prepare_offline: the model owner must pass its weights")
     if s.he is None:
         raise ValueError("prepare_offline: the session has no HE set-up (open_session)")
+    he = s.he
     out = Offline()
-    for what, req in steps:
-        if what == "linear" and req.linear is not None:
-            spec = req.linear
-            node_id = plan.nodes[req.node_index].id
+    he_steps = [(req, req.linear) for what, req in steps if what == "linear" and req.linear is not None and req.linear.kind != "channel_scale"]
+    layers = [he_layer(he, f"off/{req.label}", spec.kind, spec.conv, spec.x_shape, spec.w_shape) for req, spec in he_steps]
+    masks, private = None, None
+    if s.is_data_owner:
+        masks = [s.prg.stream(req.key).uint64(spec.x_shape) & ring_mask(s.he_bits) for req, spec in he_steps]
+    elif weights is not None:
+        ids = [plan.nodes[req.node_index].id for req, _ in he_steps]
+        private = [ModelOwnerLayer(weights.weight[nid], _weight_bits(weights, nid), s.prg.stream(req.key))
+                   for nid, (req, _) in zip(ids, he_steps, strict=True)]  # fmt: skip
+
+    def ot_steps() -> None:
+        for what, req in steps:
             tag = f"off/{req.label}"
-            if spec.kind == "channel_scale":  # vector COTs: HE would spend a ciphertext per channel
+            if what == "linear" and req.linear is not None and req.linear.kind == "channel_scale":  # HE: a ciphertext per channel
+                spec = req.linear
                 mask = s.prg.stream(req.key).uint64(spec.x_shape) & ring_mask(s.he_bits) if s.is_data_owner else None
-                weight = weights.weight[node_id] if weights is not None else None
+                weight = weights.weight[plan.nodes[req.node_index].id] if weights is not None else None
                 share = channel_scale_shares(s.ot, tag, s.is_data_owner, spec.x_shape, s.he_bits, mask=mask, weight=weight)
                 out.items[req.label] = LinearMaterial(mask, share)
-            elif s.is_data_owner:
-                mask = s.prg.stream(req.key).uint64(spec.x_shape) & ring_mask(s.he_bits)
-                share = he_linear(s.he, s.ch, tag, spec.kind, spec.conv, spec.x_shape, spec.w_shape, x=mask)
-                out.items[req.label] = LinearMaterial(mask, share)
-            else:
-                assert weights is not None
-                share = he_linear(s.he, s.ch, tag, spec.kind, spec.conv, spec.x_shape, spec.w_shape,
-                                  weight=weights.weight[node_id], weight_bits=_weight_bits(weights, node_id),
-                                  stream=s.prg.stream(req.key))  # fmt: skip
-                out.items[req.label] = LinearMaterial(None, share)
-            s.offline_rounds += 1
-        elif what == "relu" and req.nonlinear is not None:
-            nl = req.nonlinear
-            out.items[req.label] = relu_offline(s.ot, f"off/{req.label}", s.is_data_owner, nl.n, s.width(nl.bits),
-                                                s.prg.stream(req.key), nl.drop)  # fmt: skip
-            s.offline_rounds += 3
-        elif what == "product" and req.product is not None:
-            ps = req.product
-            if ps.equation:
-                out.items[req.label] = einsum_offline(s.ot, f"off/{req.label}", s.is_data_owner, ps.equation, ps.x_shape,
-                                                      ps.y_shape, s.bits, s.prg.stream(req.key))  # fmt: skip
-            else:
-                y_shape = None if ps.square else ps.y_shape
-                out.items[req.label] = product_offline(s.ot, f"off/{req.label}", s.is_data_owner, ps.x_shape, y_shape, s.bits,
-                                                       s.prg.stream(req.key))  # fmt: skip
-            s.offline_rounds += 2
+                s.offline_rounds += 1
+            elif what == "relu" and req.nonlinear is not None:
+                nl = req.nonlinear
+                out.items[req.label] = relu_offline(s.ot, tag, s.is_data_owner, nl.n, s.width(nl.bits), s.prg.stream(req.key), nl.drop)
+                s.offline_rounds += 3
+            elif what == "product" and req.product is not None:
+                ps = req.product
+                if ps.equation:
+                    out.items[req.label] = einsum_offline(s.ot, tag, s.is_data_owner, ps.equation, ps.x_shape, ps.y_shape, s.bits,
+                                                          s.prg.stream(req.key))  # fmt: skip
+                else:
+                    y_shape = None if ps.square else ps.y_shape
+                    out.items[req.label] = product_offline(s.ot, tag, s.is_data_owner, ps.x_shape, y_shape, s.bits,
+                                                           s.prg.stream(req.key))  # fmt: skip
+                s.offline_rounds += 2
+
+    shares = overlapped(he, s.ch, layers, ot_steps, masks=masks, private=private)
+    for k, ((req, _), share) in enumerate(zip(he_steps, shares, strict=True)):
+        out.items[req.label] = LinearMaterial(masks[k] if masks is not None else None, share)
+    s.offline_rounds += 1 if layers else 0
     return out
 
 

@@ -1,0 +1,90 @@
+"""The HE layers of an offline phase run beside its OT steps (``he_offline.overlapped``):
+every layer's shares exact against the ring's linear algebra, the OT steps run between the
+ciphertexts and the replies, and a bad ciphertext found by the model owner's worker thread
+stops the session with the layer named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from privmed.crypto.prg import PRG
+from privmed.mpc.twoparty.ot import ot_setup, random_ot_both
+from privmed.ring.linalg import ConvSpec, linear
+from tests.protocol.twoparty_harness import run_two
+
+pytest.importorskip("tenseal", reason="tenseal not installed: pip install 'privmed[twoparty]'")
+
+from privmed.mpc.twoparty.he_linear import he_layer, he_setup  # noqa: E402
+from privmed.mpc.twoparty.he_offline import ModelOwnerLayer, overlapped  # noqa: E402
+from privmed.mpc.twoparty.seal_io import HEParams, SealIO  # noqa: E402
+
+U64 = np.uint64
+BITS = 40
+LAYERS = [  # (kind, spec, x_shape, w_shape): a batched-output conv, a strided one, a matmul
+    ("conv", ConvSpec((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), (1, 16, 4, 4), (8, 16, 3, 3)),
+    ("conv", ConvSpec((3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1), (1, 3, 9, 9), (4, 3, 3, 3)),
+    ("matmul", None, (1, 40), (40, 6)),
+]
+
+
+def _session(corrupt_layer: int | None = None):  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(3)
+    masks = [rng.integers(0, 1 << BITS, x, dtype=U64) for _, _, x, _ in LAYERS]
+    weights = [rng.integers(-127, 128, w, dtype=np.int64) for _, _, _, w in LAYERS]
+    order: list[str] = []
+
+    def ot_steps(ot, who):  # type: ignore[no-untyped-def]
+        def run() -> None:
+            order.append(f"{who} ot")
+            random_ot_both(ot, "ot", np.ones(8, np.uint8), 8)
+        return run
+
+    def data_owner(ch):  # type: ignore[no-untyped-def]
+        he = he_setup(SealIO(HEParams(plain_bits=BITS)), ch, True)
+        ot = ot_setup(ch, "t", PRG.fresh(), True)
+        layers = [he_layer(he, f"L{i}", *spec) for i, spec in enumerate(LAYERS)]
+        if corrupt_layer is not None:  # one byte of one input ciphertext flipped on the way out
+            real = he.io.to_bytes
+            calls = iter(range(10**6))
+            first = sum(layer.n_in for layer in layers[:corrupt_layer])
+
+            def to_bytes(obj):  # type: ignore[no-untyped-def]
+                blob = bytearray(real(obj))
+                if next(calls) == first:
+                    blob[40] ^= 0xFF
+                return bytes(blob)
+
+            he.io.to_bytes = to_bytes  # type: ignore[method-assign]
+        return overlapped(he, ch, layers, ot_steps(ot, "data-owner"), masks=masks)
+
+    def model_owner(ch):  # type: ignore[no-untyped-def]
+        he = he_setup(SealIO(HEParams(plain_bits=BITS)), ch, False)
+        ot = ot_setup(ch, "t", PRG.fresh(), False)
+        layers = [he_layer(he, f"L{i}", *spec) for i, spec in enumerate(LAYERS)]
+        private = [ModelOwnerLayer(w, 8, PRG.fresh().stream(f"he{i}")) for i, w in enumerate(weights)]
+        return overlapped(he, ch, layers, ot_steps(ot, "model-owner"), private=private)
+
+    y0, y1, _ = run_two(data_owner, model_owner, timeout_s=30)
+    return masks, weights, y0, y1, order
+
+
+def test_overlapped_layers_give_exact_shares_of_every_layer() -> None:
+    # Execute
+    masks, weights, y0, y1, order = _session()
+
+    # Assert: shares of L(W, A) mod 2^l per layer, and each party ran its OT steps once
+    for (kind, spec, _, _), a, w, s0, s1 in zip(LAYERS, masks, weights, y0, y1, strict=True):
+        want = linear(kind, spec, w.view(U64), a) & U64((1 << BITS) - 1)
+        assert np.array_equal((s0 + s1) & U64((1 << BITS) - 1), want)
+    assert sorted(order) == ["data-owner ot", "model-owner ot"]
+
+
+def test_bad_ciphertext_seen_by_the_worker_stops_both_parties_naming_the_layer() -> None:
+    # Execute / Assert: SEAL refuses layer 1's first input in the worker; the model owner
+    # raises it after its OT steps, the data owner sees the peer gone
+    with pytest.raises(RuntimeError) as err:
+        _session(corrupt_layer=1)
+    text = str(err.value)
+    assert "model-owner:" in text and "L1: input ciphertext 0" in text
+    assert "data-owner:" in text
