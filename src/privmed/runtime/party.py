@@ -17,6 +17,7 @@ from privmed.net.tls import TlsChannel, connect
 from privmed.net.tls_listen import Listener
 from privmed.runtime import session
 from privmed.runtime.config import Endpoint, SessionConfig
+from privmed.runtime.memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
 ZERO_SESSION = bytes(16)
@@ -123,6 +124,7 @@ def run_role(
 
     Data owner: ``expect_plan`` refuses any plan whose SHA-256 fingerprint differs;
     ``on_plan`` sees the accepted plan before any input-derived message is sent."""
+    keep_freed_memory()  # also a role started by hand on its own host (``privmed.runtime.memory``)
     compiled: list[tuple[Any, Any]] = []
 
     def prepare() -> None:
