@@ -449,3 +449,27 @@ def test_model_owner_view_with_smooth_activations_and_softmax_is_uniform(tmp_pat
     assert stats.ks_2samp(u_dark, u_bright).pvalue > 1e-4
     for view in (b_dark, b_bright):
         assert stats.chisquare(np.bincount(view, minlength=256)).pvalue > 1e-4
+
+
+@pytest.mark.parametrize("drop, rule", [(None, "comparison window"), (2, "comparison window"), (61, "drop must be")],
+                         ids=["drop-at-bits", "drop-off-chunk", "drop-out-of-range"])  # fmt: skip
+def test_crafted_maxpool_comparison_window_is_refused(tmp_path: Path, drop, rule) -> None:
+    """A max-pool before its ReLU compares from bit ``drop`` up (the compiler sets drop = f for
+    a pool at 2f); a plan whose window is empty, not whole 4-bit chunks or out of range is
+    refused before the data owner draws a mask or sends anything but the abort."""
+    from onnx import helper
+
+    from .onnx_models import build, rand
+
+    h = helper.make_node
+    model = build(tmp_path / "stem.onnx", [
+        h("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), h("Relu", ["c"], ["r"]),
+        h("MaxPool", ["r"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+    ], {"w": rand(np.random.default_rng(2), 2, 1, 3, 3)}, [1, 1, 8, 8])  # fmt: skip
+    plan = compile_model(model)[0]
+    raw = _raw(plan)
+    pool = _node_of(raw, "maxpool")["attrs"]
+    assert pool["drop"] == plan.frac_bits  # the honest plan: the pool runs before its ReLU, at 2f
+    parse_plan(json.dumps(raw), plan.input_shape)
+    pool["drop"] = pool["bits"] if drop is None else (pool["bits"] - drop if drop == 2 else drop)
+    _refused(raw, _image(plan), rule)
