@@ -12,9 +12,11 @@ from privmed.mpc.twoparty.ot import (
     ot16_recv,
     ot16_send,
     ot_setup,
+    pack_small,
     random_ot_recv,
     random_ot_send,
     transpose_bits,
+    unpack_small,
 )
 from privmed.net.channel import Channel
 from tests.protocol.twoparty_harness import run_two
@@ -103,6 +105,23 @@ def test_bit_transpose_equals_the_unpacked_definition(mb: int) -> None:
     rows = np.random.default_rng(mb).integers(0, 256, (128, mb), dtype=np.uint8)
     want = np.packbits(np.unpackbits(rows, axis=1).T, axis=1)
     assert np.array_equal(transpose_bits(rows), want)
+
+
+@pytest.mark.parametrize(("bits", "cols"), [(1, 16), (2, 16), (4, 16), (4, 2), (8, 16)])
+def test_small_values_pack_msb_first_as_defined(bits: int, cols: int) -> None:
+    # Prepare: the definition, byte j = sum_i v[8 j / bits + i] << (8 - bits - bits i)
+    values = np.random.default_rng(bits).integers(0, 1 << bits, (37, cols), dtype=np.uint8)
+    per = 8 // bits
+    want = np.zeros((37, cols // per), dtype=np.int64)
+    for i in range(per):
+        want += values[:, i::per].astype(np.int64) << (8 - bits - bits * i)
+
+    # Execute
+    packed = pack_small(values, bits)
+
+    # Assert: the bytes, and the way back
+    assert packed.dtype == np.uint8 and np.array_equal(packed, want)
+    assert np.array_equal(unpack_small(packed, bits), values)
 
 
 def test_base_ot_receiver_points_do_not_reveal_the_choice_by_their_sign(monkeypatch: pytest.MonkeyPatch) -> None:
