@@ -8,7 +8,10 @@ Modules, in dependency order:
 - ``he_encoding``  Cheetah's coefficient packing of convolutions and matrix products (pure).
 - ``he_layers``    every linear-layer kind as a stride-1 2-D / 3-D conv or a matmul (public data movement).
 - ``he_linear``    shares over Z_2^l of L(W, x) by BFV with the model owner's plaintext weights
-                   (offline on a random mask, then ``online_linear``: one message).
+                   (offline on a random mask, then ``online_linear``: one message); its three
+                   steps also as functions (``send_inputs``, ``evaluate``, ``recv_outputs``).
+- ``he_offline``   a batch's HE layers beside its OT steps: ciphertexts of every layer first, the
+                   model owner's products in a worker thread, the replies after.
 - ``ot``           base OT (Chou-Orlandi over X25519), IKNP OT extension, 1-out-of-16 OT.
 - ``compare``      CrypTFlow2's millionaires' protocol, AND triples by OT, DReLU / ReLU / MUX on
                    arithmetic shares over Z_2^l, bit-to-arithmetic conversion, truncation
@@ -19,5 +22,6 @@ Modules, in dependency order:
 - ``stored``       one batch's offline material and IKNP state as named numpy arrays and back,
                    checked against the plan's schedule (``--precompute``).
 
-None of these is wired into the runtime yet (see docs/twoparty.md for what remains).
+(Also ``silent_ot``, ``products``, ``scale`` and ``protocols``: docs/twoparty.md lists every
+module; ``protocols.TwoPartyOnline`` is what the runtime runs.)
 """
