@@ -209,7 +209,7 @@ class SecureEngine:
         result = run_local_session_2p(
             card.path, None, timeout_s=self.timeout_s, workdir=self.workdir, calibration=self.compile.calibration,
             frac_bits=self.compile.frac_bits, input_shape=shape, chunk=chunk, expect_plan=self.expect_plan,
-            store=self.store, precompute=sets,
+            store=self.store, precompute=sets, ot_engine=self.ot_engine,
         )  # fmt: skip
         return result.stats
 

@@ -84,6 +84,42 @@ def test_ot_engine_option_needs_two_parties_and_a_known_engine(tmp_path: Path, c
     assert info.value.code == 2 and "invalid choice: 'silent' (choose from 'ferret', 'iknp')" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["validate", "--model", "m.onnx", "--data", "d", "--out", "o"],
+                                  ["segment", "--model", "m.onnx", "--input", "ct.nii.gz", "--output", "mask.nii.gz"]])  # fmt: skip
+def test_ot_engine_option_of_validate_and_segment_needs_two_parties(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute / Assert: refused before anything is read
+    code = main([*argv, "--ot-engine", "ferret"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "privmed: error: --ot-engine ferret: the OT engine is for the two-party mode (--parties 2)\n"
+
+
+def test_local_engine_writes_its_ot_engine_for_both_roles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the local launcher replaced by a recorder (what infer / validate / segment build)
+    from privmed.engines import ModelCard, SecureEngine
+    from privmed.runtime import twoparty_launch
+
+    seen: list[dict[str, Any]] = []
+
+    class Result:
+        outputs = np.zeros((1, 3), np.float32)
+        stats = None
+
+    def record(model: Path, x: Any, **kwargs: Any) -> Result:
+        seen.append(kwargs)
+        return Result()
+
+    monkeypatch.setattr(twoparty_launch, "run_local_session_2p", record)
+    card = ModelCard.read(_tiny(tmp_path, np.random.default_rng(0)))
+
+    # Execute
+    SecureEngine(parties=2, ot_engine="iknp").run(card, np.zeros((1, 2, 6, 6), np.float32))
+    SecureEngine(parties=2, store=tmp_path / "st", ot_engine="iknp").precompute(card, 1, 1)
+    SecureEngine(parties=2).run(card, np.zeros((1, 2, 6, 6), np.float32))
+
+    # Assert: passed on when chosen, left to the default otherwise
+    assert [k.get("ot_engine") for k in seen] == ["iknp", "iknp", None]
+
+
 def test_the_chosen_engine_reaches_the_session_over_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: the environment says ferret, and Ferret may not be attached
     rng = np.random.default_rng(0)

@@ -100,7 +100,7 @@ def add_parties_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_ot_engine_option(p: argparse.ArgumentParser) -> None:
-    """``--ot-engine`` of the two-party mode (infer, party)."""
+    """``--ot-engine`` of the two-party mode (infer, party, validate, segment)."""
     p.add_argument("--ot-engine", choices=["ferret", "iknp"],
                    help="--parties 2: the OT extension, overriding the session file's [session] ot_engine (default "
                         "ferret, silent OT; iknp sends 16 B per OT); both parties must run the same")  # fmt: skip

@@ -62,9 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", type=Path, help="model owner's calibration input (.npy) for the fixed-point scale")
     p.add_argument("--frac-bits", type=int, help="fixed-point fractional bits (default: chosen from calibration, at most 16)")
     p.add_argument("--preprocess", type=Path, help="preprocessing JSON (default: <model>.preprocess.json)")
-    from privmed.cli.infer import add_parties_option
+    from privmed.cli.infer import add_ot_engine_option, add_parties_option
 
     add_parties_option(p)
+    add_ot_engine_option(p)
     p.add_argument("--precompute", type=int, metavar="N",
                    help="--parties 2: prepare the offline phase of N batches of --chunk slices/patches into --store "
                         "before any volume exists; no --input or --output")
@@ -102,7 +103,7 @@ def _precompute(args: argparse.Namespace) -> int:
                          "for this model's batch memory), got " + ("none" if args.chunk is None else str(args.chunk)))  # fmt: skip
     chunk = args.chunk
     engine = SecureEngine(timeout_s=args.timeout, compile=CompileOptions(args.frac_bits, args.calibration),
-                          expect_plan=args.expect_plan, parties=2, store=args.store)  # fmt: skip
+                          expect_plan=args.expect_plan, parties=2, store=args.store, ot_engine=args.ot_engine)  # fmt: skip
     stats = engine.precompute(model.card or ModelCard.read(model.path, model.input_shape), args.precompute, chunk)
     print(f"plan {stats.plan.fingerprint if stats.plan else '?'} (pin it with --expect-plan)")
     print(precomputed_line(stats, args.precompute, chunk, args.store, "patch" if model.spatial_dims == 3 else "slice"))
@@ -113,6 +114,9 @@ def _precompute(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    from privmed.cli.infer import check_ot_engine_arg
+
+    check_ot_engine_arg(args)
     if args.precompute is None and (args.from_pacs is not None or args.input is None):
         from privmed.cli.pacs import job_input
 
@@ -160,7 +164,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         engine = PlaintextEngine()
     else:
         engine = SecureEngine(chunk=args.chunk, timeout_s=args.timeout, compile=CompileOptions(args.frac_bits, args.calibration), expect_plan=args.expect_plan,
-                              progress=LayerProgress(label=f"secure segmentation ({mode})"), parties=args.parties, store=args.store)  # fmt: skip
+                              progress=LayerProgress(label=f"secure segmentation ({mode})"), parties=args.parties, store=args.store,
+                              ot_engine=args.ot_engine)  # fmt: skip
     side = "x".join(map(str, model.side))
     source = getattr(args, "source_label", None) or volume.source  # what the user named, not a temp folder
     print(f"{engine.name} segmentation: {source} {volume.array.shape} ({volume.kind}), mode {mode}, "

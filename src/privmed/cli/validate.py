@@ -59,9 +59,10 @@ def register(subparsers: Any) -> None:
     v.add_argument("--calibration", type=Path, help="model owner: calibration input (.npy), as `privmed infer --calibration`")
     v.add_argument("--expect-plan", metavar="SHA256", help="refuse any plan but this fingerprint (stored with the results)")
     v.add_argument("--no-report", action="store_true", help="skip writing report.html at the end")
-    from privmed.cli.infer import add_parties_option
+    from privmed.cli.infer import add_ot_engine_option, add_parties_option
 
     add_parties_option(v)
+    add_ot_engine_option(v)
     v.add_argument("--precompute", type=int, metavar="N",
                    help="--parties 2: prepare the offline phase of N images (one set each) into --store before the "
                         "study, then stop; no --data or --out")  # fmt: skip
@@ -159,7 +160,7 @@ def _precompute(args: argparse.Namespace) -> int:
     from privmed.engines import CompileOptions, ModelCard, SecureEngine
 
     engine = SecureEngine(timeout_s=args.timeout, compile=CompileOptions(args.frac_bits, args.calibration),
-                          expect_plan=args.expect_plan, parties=2, store=args.store)  # fmt: skip
+                          expect_plan=args.expect_plan, parties=2, store=args.store, ot_engine=args.ot_engine)  # fmt: skip
     stats = engine.precompute(ModelCard.read(args.model.resolve()), args.precompute, 1)
     print(f"plan {stats.plan.fingerprint if stats.plan else '?'} (pin it with --expect-plan)")
     print(precomputed_line(stats, args.precompute, 1, args.store))
@@ -180,12 +181,14 @@ def _phase_lines(phases: Any) -> list[str]:
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    from privmed.cli.infer import check_ot_engine_arg
     from privmed.cli.precompute import check_local_store_args
     from privmed.engines import CompileOptions
     from privmed.errors import InputError
     from privmed.evaluate.report import build_report
     from privmed.evaluate.runner import ValidateOptions, run_validation
 
+    check_ot_engine_arg(args)
     check_local_store_args(args, ("--data", "--out"))
     if args.precompute is not None:
         return _precompute(args)
@@ -195,7 +198,7 @@ def run_validate(args: argparse.Namespace) -> int:
                            retry_errors=args.retry_errors, margin=args.margin, threshold=args.threshold,
                            images_per_session=args.per_session, expect_plan=args.expect_plan,
                            compile=CompileOptions(args.frac_bits, args.calibration), parties=args.parties,
-                           store=args.store)  # fmt: skip
+                           store=args.store, ot_engine=args.ot_engine)  # fmt: skip
     run = run_validation(args.model, args.data, args.out, opts, progress=_progress_printer())
     print(f"validate: {run.processed} images run now ({run.ok} ok, {run.failed} failed), "
           f"{run.already_done} already stored, {run.total} in study, {_hms(run.elapsed_s)} elapsed")  # fmt: skip

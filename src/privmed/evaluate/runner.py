@@ -96,6 +96,7 @@ class ValidateOptions:
     expect_plan: str | None = None  # SHA-256 of the only plan the data owner accepts
     compile: CompileOptions = CompileOptions()  # what infer deploys: frac bits, calibration
     store: Path | None = None  # parties 2: precomputed offline material (one set per image, privmed.runtime.twoparty_store)
+    ot_engine: str | None = None  # parties 2: "ferret" | "iknp" (--ot-engine); None: the session default
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,7 @@ def run_validation(
     study = StudyModel(model_path, Path(data_dir))
     plans: set[str] = set()
     engine = SecureEngine(chunk=1, timeout_s=options.timeout_s, compile=options.compile, expect_plan=options.expect_plan,
-                          parties=options.parties, store=options.store)  # fmt: skip
+                          parties=options.parties, store=options.store, ot_engine=options.ot_engine)  # fmt: skip
     phases = PhaseTotals()
     secure_infer = secure_infer or engine_secure_infer(study.card, engine, plans, phases)
     records = list(study.study.records)
