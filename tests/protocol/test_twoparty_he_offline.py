@@ -1,7 +1,7 @@
 """The HE layers of an offline phase run beside its OT steps (``he_offline.overlapped``):
 every layer's shares exact against the ring's linear algebra, the OT steps run between the
-ciphertexts and the replies, and a bad ciphertext found by the model owner's worker thread
-stops the session with the layer named."""
+ciphertexts and the replies, and a bad ciphertext found by the model owner's worker thread or
+helper process stops the session with the layer named."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ LAYERS = [  # (kind, spec, x_shape, w_shape): a batched-output conv, a strided o
 ]
 
 
-def _session(corrupt_layer: int | None = None):  # type: ignore[no-untyped-def]
+def _session(corrupt_layer: int | None = None, helper: bool = False):  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(3)
     masks = [rng.integers(0, 1 << BITS, x, dtype=U64) for _, _, x, _ in LAYERS]
     weights = [rng.integers(-127, 128, w, dtype=np.int64) for _, _, _, w in LAYERS]
@@ -63,15 +63,16 @@ def _session(corrupt_layer: int | None = None):  # type: ignore[no-untyped-def]
         ot = ot_setup(ch, "t", PRG.fresh(), False)
         layers = [he_layer(he, f"L{i}", *spec) for i, spec in enumerate(LAYERS)]
         private = [ModelOwnerLayer(w, 8, PRG.fresh().stream(f"he{i}")) for i, w in enumerate(weights)]
-        return overlapped(he, ch, layers, ot_steps(ot, "model-owner"), private=private)
+        return overlapped(he, ch, layers, ot_steps(ot, "model-owner"), private=private, helper=helper)
 
     y0, y1, _ = run_two(data_owner, model_owner, timeout_s=30)
     return masks, weights, y0, y1, order
 
 
-def test_overlapped_layers_give_exact_shares_of_every_layer() -> None:
-    # Execute
-    masks, weights, y0, y1, order = _session()
+@pytest.mark.parametrize("helper", [False, True], ids=["thread", "process"])
+def test_overlapped_layers_give_exact_shares_of_every_layer(helper: bool) -> None:
+    # Execute: the model owner's products in its worker thread, or in a helper process
+    masks, weights, y0, y1, order = _session(helper=helper)
 
     # Assert: shares of L(W, A) mod 2^l per layer, and each party ran its OT steps once
     for (kind, spec, _, _), a, w, s0, s1 in zip(LAYERS, masks, weights, y0, y1, strict=True):
@@ -80,11 +81,12 @@ def test_overlapped_layers_give_exact_shares_of_every_layer() -> None:
     assert sorted(order) == ["data-owner ot", "model-owner ot"]
 
 
-def test_bad_ciphertext_seen_by_the_worker_stops_both_parties_naming_the_layer() -> None:
-    # Execute / Assert: SEAL refuses layer 1's first input in the worker; the model owner
-    # raises it after its OT steps, the data owner sees the peer gone
+@pytest.mark.parametrize("helper", [False, True], ids=["thread", "process"])
+def test_bad_ciphertext_seen_by_the_worker_stops_both_parties_naming_the_layer(helper: bool) -> None:
+    # Execute / Assert: SEAL refuses layer 1's first input in the worker (or the helper
+    # process); the model owner raises it after its OT steps, the data owner sees the peer gone
     with pytest.raises(RuntimeError) as err:
-        _session(corrupt_layer=1)
+        _session(corrupt_layer=1, helper=helper)
     text = str(err.value)
     assert "model-owner:" in text and "L1: input ciphertext 0" in text
     assert "data-owner:" in text

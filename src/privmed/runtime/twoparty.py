@@ -27,6 +27,7 @@ offer) and ``online_s`` / ``online_bytes`` per batch and in total, bytes receive
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -286,7 +287,7 @@ def model_owner_2p(to_data: Channel, plan: Plan, weights: PrivateWeights, progre
                    store: StoreUse | None = None, ot_engine: str | None = None) -> dict[str, Any]:  # fmt: skip
     """The model owner's side; the weights never leave this function's process. With
     ``store``, a batch the data owner offers a matching precomputed set for runs online only."""
-    t0 = time.perf_counter()
+    t0, helpers0 = time.perf_counter(), helper_usage()
     bits, he_bits = send_plan(to_data, plan)
     source = _Offline(to_data, False, plan, bits, he_bits, store, store.peer if store else "", weights, ot_engine)
     layers: list[dict[str, Any]] = []
@@ -301,7 +302,27 @@ def model_owner_2p(to_data: Channel, plan: Plan, weights: PrivateWeights, progre
         index += 1
     stats = _stats("model-owner", t0, [to_data], 0, layers)
     _totals(stats, per_batch, source.setup, store)
+    add_helpers(stats, helpers0)
     return stats
+
+
+def helper_usage() -> tuple[float, float]:
+    """(CPU seconds, peak RSS in MB) of this process's finished child processes so far: the
+    model owner's HE helpers (``he_offline.HEHelper``, each joined when its offline phase ends)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
+
+
+def add_helpers(stats: dict[str, Any], before: tuple[float, float]) -> None:
+    """Count the HE helpers that ran since ``before`` in the role's costs: their CPU in
+    ``cpu_s`` (and ``helper_cpu_s``), the largest one's peak RSS added to ``peak_rss_mb`` (they
+    run beside the role's process; ``helper_peak_rss_mb``)."""
+    cpu, rss = helper_usage()
+    if cpu - before[0] > 0:
+        stats["helper_cpu_s"] = round(cpu - before[0], 3)
+        stats["cpu_s"] = round(stats["cpu_s"] + cpu - before[0], 3)
+        stats["helper_peak_rss_mb"] = round(rss, 1)
+        stats["peak_rss_mb"] = round(stats["peak_rss_mb"] + rss, 1)
 
 
 def merge_two(per_role: dict[str, dict[str, Any]], wall_s: float) -> SessionStats:

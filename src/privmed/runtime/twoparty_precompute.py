@@ -37,7 +37,14 @@ from privmed.mpc.twoparty.protocols import prepare_offline
 from privmed.mpc.twoparty.stored import offline_arrays, ot_label
 from privmed.net.channel import Channel
 from privmed.runtime.session import _check_batch_size, _stats, plan_info
-from privmed.runtime.twoparty import _open, accept_plan, schedule, send_plan
+from privmed.runtime.twoparty import (
+    _open,
+    accept_plan,
+    add_helpers,
+    helper_usage,
+    schedule,
+    send_plan,
+)
 from privmed.runtime.twoparty_store import Store, store_id
 
 MAX_SETS = 10000
@@ -64,7 +71,7 @@ def data_owner_precompute(to_model: Channel, root: Path, sets: int, batch: int, 
 def model_owner_precompute(to_data: Channel, plan: Plan, weights: PrivateWeights, root: Path, sets: int, peer: str,
                            ot_engine: str | None = None) -> dict[str, Any]:  # fmt: skip
     """The model owner's side: at most ``sets`` batches into ``root``, as the data owner asks."""
-    t0 = time.perf_counter()
+    t0, helpers0 = time.perf_counter(), helper_usage()
     bits, he_bits = send_plan(to_data, plan)
     to_data.step = "waiting for the data owner's precompute request"
     asked, batch = (int(v) for v in to_data.recv("precompute", np.int64, (2,), timeout_s=None))
@@ -77,7 +84,9 @@ def model_owner_precompute(to_data: Channel, plan: Plan, weights: PrivateWeights
     except ProtocolError as exc:
         to_data.abort(f"model owner refused the precompute request: {exc}")
         raise
-    return _precompute(to_data, False, plan, bits, he_bits, root, asked, batch, peer, weights, t0, ot_engine)
+    stats = _precompute(to_data, False, plan, bits, he_bits, root, asked, batch, peer, weights, t0, ot_engine)
+    add_helpers(stats, helpers0)
+    return stats
 
 
 def _precompute(ch: Channel, is_data_owner: bool, plan: Plan, bits: int, he_bits: int, root: Path, sets: int, batch: int,

@@ -45,6 +45,7 @@ class HESession:
     is_data_owner: bool
     encryptor: Any  # data owner: symmetric (secret key); model owner: public key
     decryptor: Any = None
+    public_key: np.ndarray | None = None  # model owner: the key as received (for a helper process)
 
 
 def he_setup(io: SealIO, ch: Channel, is_data_owner: bool) -> HESession:
@@ -65,7 +66,7 @@ def he_setup(io: SealIO, ch: Channel, is_data_owner: bool) -> HESession:
         return HESession(io, True, s.Encryptor(io.ctx, secret), s.Decryptor(io.ctx, secret))
     pk = ch.recv("he/pk", U64, (2, len(io.primes), io.params.n))
     io.check_rns(pk, "public key")
-    return HESession(io, False, s.Encryptor(io.ctx, io.public_key(pk)))
+    return HESession(io, False, s.Encryptor(io.ctx, io.public_key(pk)), public_key=pk)
 
 
 def he_linear(
@@ -225,20 +226,44 @@ def evaluate(he: HESession, layer: HELayer, blobs: list[bytes], weight: np.ndarr
              x: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Model owner, step 2 of ``he_linear``, no channel: (the replies to send, its share). Uses
     only this party's SEAL objects and ``stream``, so it may run beside the OT protocols."""
+    w, masks, noise = draw(he, layer, weight, weight_bits, stream)
+    replies = replies_of(he, layer, blobs, layer.low.w_map(w), masks, noise)
+    return replies, model_owner_share(he, layer, masks, w, x)
+
+
+def draw(he: HESession, layer: HELayer, weight: np.ndarray, weight_bits: int, stream: Stream) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Model owner: (signed weights, checked against ``weight_bits``; the masks R, one per reply
+    and coefficient, uniform mod t; the flooding noise, residues per reply, prime and result
+    coefficient), all protocol randomness of one layer, from ``stream``."""
+    params = he.io.params
+    w = signed_weights(weight.reshape(layer.w_shape), weight_bits)
+    flood = flood_bits(params, weight_bits, max(len(ins) for _, ins in layer.plan))
+    masks = stream.uint64((layer.n_out, params.n)) & U64((1 << params.plain_bits) - 1)
+    noise = _flood_noise(stream, layer.n_out, len(layer.targets), flood, he.io.primes[: len(params.data_bits) - 1])  # c0 sent only
+    return w, masks, noise
+
+
+def model_owner_share(he: HESession, layer: HELayer, masks: np.ndarray, w: np.ndarray, x: np.ndarray | None = None) -> np.ndarray:
+    """Model owner's share: R at the result coefficients, plus L(W, x1) if it holds x1."""
+    bits = he.io.params.plain_bits
+    share = layer.low.y_map(decode_output(layer.g, masks))
+    if x is not None:
+        share = share + plaintext_product(layer.kind, layer.spec, w, x.reshape(layer.x_shape), bits)
+    return share & U64((1 << bits) - 1)
+
+
+def replies_of(he: HESession, layer: HELayer, blobs: list[bytes], w_low: np.ndarray, masks: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Model owner: the reply array of one layer (step 2 of ``he_linear``) from the data
+    owner's ciphertext blobs, the lowered signed weights and the drawn masks and noise."""
     io, params = he.io, he.io.params
     n, t_mask, k_top = params.n, (1 << params.plain_bits) - 1, len(params.data_bits)
     g, plan, targets = layer.g, layer.plan, layer.targets
-    w = signed_weights(weight.reshape(layer.w_shape), weight_bits)
-    w_low = layer.low.w_map(w)
-    flood = flood_bits(params, weight_bits, max(len(ins) for _, ins in plan))
     ev, first = io.evaluator, io.ctx.first_parms_id()
     ntt_in = []
     for i, blob in enumerate(blobs):
         ct = io.load_fresh_ciphertext(blob, f"{layer.label}: input ciphertext {i}")
         ev.transform_to_ntt_inplace(ct)
         ntt_in.append(ct)
-    masks = stream.uint64((layer.n_out, n)) & U64(t_mask)
-    noise = _flood_noise(stream, layer.n_out, len(targets), flood, io.primes[: k_top - 1])  # only the c0 coefficients sent
     replies = np.empty((layer.n_out, k_top - 1, n + len(targets)), dtype=U64)
     # SEAL refuses a product by the zero polynomial (a transparent result): a kernel block that
     # is all zero (a phase with no taps after space-to-depth or polyphase, or weights all 0) is
@@ -274,10 +299,7 @@ def evaluate(he: HESession, layer: HELayer, blobs: list[bytes], weight: np.ndarr
         rns = io.ct_array(acc)
         replies[o, :, :n] = rns[1]
         replies[o, :, n:] = _add_mod(rns[0][:, targets], noise[o], io.primes[: k_top - 1])
-    share = layer.low.y_map(decode_output(g, masks))
-    if x is not None:
-        share = share + plaintext_product(layer.kind, layer.spec, w, x.reshape(layer.x_shape), params.plain_bits)
-    return replies, share & U64(t_mask)
+    return replies
 
 
 def _ntt_plain(io: SealIO, coeffs: np.ndarray, parms_id: list[int]) -> Any:

@@ -39,10 +39,13 @@ evaluated and the replies until sent.
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -51,12 +54,19 @@ from privmed.errors import PrivmedError
 from privmed.mpc.twoparty.he_linear import (
     HELayer,
     HESession,
+    draw,
     evaluate,
+    he_layer,
+    model_owner_share,
     recv_inputs,
     recv_outputs,
+    replies_of,
     send_inputs,
 )
+from privmed.mpc.twoparty.seal_io import HEParams, SealIO
 from privmed.net.channel import Channel
+
+HELPER_MIN_PRODUCTS = 2000  # below this many HE products per batch a helper process costs more than it saves
 
 
 @dataclass(frozen=True)
@@ -75,10 +85,13 @@ def overlapped(
     ot_steps: Callable[[], None],
     masks: list[np.ndarray] | None = None,
     private: list[ModelOwnerLayer] | None = None,
+    helper: bool | None = None,
 ) -> list[np.ndarray]:
     """This party's shares of L(W, A) for every layer (see the module docstring), with
     ``ot_steps`` (the batch's OT steps, run by the caller's thread) between steps 1 and 3.
-    The data owner passes ``masks`` (A per layer), the model owner ``private``."""
+    The data owner passes ``masks`` (A per layer), the model owner ``private``; the model
+    owner's products run in a helper process (``HEHelper``) if ``helper``, else in a thread;
+    None: a helper from ``HELPER_MIN_PRODUCTS`` products on."""
     if he.is_data_owner:
         if masks is None or len(masks) != len(layers):
             raise ValueError("overlapped: the data owner passes one mask per layer")
@@ -88,6 +101,10 @@ def overlapped(
         return [recv_outputs(he, ch, layer) for layer in layers]
     if private is None or len(private) != len(layers):
         raise ValueError("overlapped: the model owner passes its weights and a stream per layer")
+    if helper is None:
+        helper = sum(len(ins) for layer in layers for _, ins in layer.plan) >= HELPER_MIN_PRODUCTS
+    if helper:
+        return _in_helper(he, ch, layers, ot_steps, private)
     todo: queue.Queue[tuple[int, list[bytes]] | None] = queue.Queue()
     done: queue.Queue[tuple[np.ndarray, np.ndarray] | BaseException] = queue.Queue()
     stop = threading.Event()
@@ -122,3 +139,71 @@ def overlapped(
     finally:
         stop.set()
         todo.put(None)  # a worker waiting for a job ends; one mid-layer ends after it
+
+
+def _in_helper(he: HESession, ch: Channel, layers: list[HELayer], ot_steps: Callable[[], None],
+               private: list[ModelOwnerLayer]) -> list[np.ndarray]:  # fmt: skip
+    """The model owner's side of ``overlapped`` with its products in an ``HEHelper`` process:
+    this process receives each layer's ciphertexts, draws the layer's masks and flooding noise
+    from its own stream (``he_linear.draw``: the helper draws no protocol randomness) and hands
+    both over; then the OT steps; then the replies, in order."""
+    if he.public_key is None:
+        raise ValueError("overlapped: the model owner's HE session has no public key for a helper")
+    pool = HEHelper(he.io.params, he.public_key)
+    try:
+        pending, shares = [], []
+        for layer, mine in zip(layers, private, strict=True):
+            blobs = recv_inputs(he, ch, layer)
+            w, masks, noise = draw(he, layer, mine.weight, mine.weight_bits, mine.stream)
+            pending.append(pool.submit(layer, blobs, layer.low.w_map(w), masks, noise))
+            shares.append(model_owner_share(he, layer, masks, w))
+        ot_steps()
+        for layer, future in zip(layers, pending, strict=True):
+            try:
+                replies = future.result(timeout=ch.timeout_s)
+            except concurrent.futures.TimeoutError:
+                raise PrivmedError(f"{layer.label}: the HE products took longer than the {ch.timeout_s:.0f} s deadline") from None
+            ch.send(f"{layer.label}/he/y", replies)
+        return shares
+    finally:
+        pool.close()
+
+
+class HEHelper:
+    """The model owner's HE products (``he_linear.replies_of``) in one child process, so that
+    they use a core of their own: SEAL keeps the GIL, so a thread shares the model owner's.
+
+    The child is spawned (a fresh interpreter, no copy of this process's threads or keys), its
+    SEAL context rebuilt from the public parameters and the data owner's public key; it gets
+    each layer's public shapes, the data owner's ciphertexts, the lowered weights and the
+    masks and noise drawn here, and returns the reply array. It holds the weights only while
+    it runs, and it ends with the offline phase (``close``) or with this process (its pipe
+    closes). Enc_pk(0) inside it draws from SEAL's own OS-seeded PRNG, as in this process.
+    """
+
+    def __init__(self, params: HEParams, public_key: np.ndarray) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=_helper_start, initargs=(params, public_key))
+
+    def submit(self, layer: HELayer, blobs: list[bytes], w_low: np.ndarray, masks: np.ndarray,
+               noise: np.ndarray) -> concurrent.futures.Future[np.ndarray]:  # fmt: skip
+        shapes = (layer.label, layer.kind, layer.spec, layer.x_shape, layer.w_shape)
+        return self._pool.submit(_helper_replies, shapes, blobs, w_low, masks, noise)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# The helper process's own HE session, set once by ``_helper_start`` in that process (the
+# pool's initializer); never set in the model owner's process.
+_HELPER_SESSION: dict[str, HESession] = {}
+
+
+def _helper_start(params: HEParams, public_key: np.ndarray) -> None:
+    io = SealIO(params)
+    _HELPER_SESSION["he"] = HESession(io, False, io.s.Encryptor(io.ctx, io.public_key(public_key)), public_key=public_key)
+
+
+def _helper_replies(shapes: tuple[Any, ...], blobs: list[bytes], w_low: np.ndarray, masks: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    he = _HELPER_SESSION["he"]
+    return replies_of(he, he_layer(he, *shapes), blobs, w_low, masks, noise)
