@@ -29,12 +29,19 @@ own stream keys, the OT session's pads), so a party's view is the views of indep
 instances side by side, and the simulator runs each instance's simulator in this order
 (parallel composition of semi-honest protocols on independent inputs).
 
-Threads: SEAL keeps the GIL during its calls (measured here: two threads of SEAL products take
-the time of one), so the worker runs while the main thread waits for the peer or between its
-own steps; the model owner's core stays busy instead of waiting. Every wait has a deadline:
-the main thread waits for a layer's replies at most the channel's receive deadline.
-Memory: the model owner holds the batch's input ciphertexts (about 197 kB each, seeded) until
-evaluated and the replies until sent.
+Where the products run: SEAL keeps the GIL during its calls (measured here: two threads of
+SEAL products take the time of one), so a worker thread only fills the model owner's waits
+(it used one core fully: DenseNet-121 64x64 in 33 s for 26.5 model-owner CPU-seconds). From
+``HELPER_MIN_PRODUCTS`` products per batch the products run in a spawned helper process
+instead (``HEHelper``), on a core of their own: the model owner's process keeps drawing every
+layer's randomness (``he_linear.draw``) and sends every message; the helper gets the public
+shapes, the data owner's ciphertexts, the lowered weights and the drawn masks and noise, and
+returns the replies. Spawning re-imports the launching script as ``__mp_main__`` (as any
+``multiprocessing`` spawn does), so a script that calls the model owner's side in process
+needs the usual ``if __name__ == "__main__"`` guard; ``privmed party`` has one.
+Every wait has a deadline: a layer's replies are awaited at most the channel's receive
+deadline. Memory: the model owner holds the batch's input ciphertexts (about 197 kB each,
+seeded) until evaluated and the replies until sent; the helper holds one layer at a time.
 """
 
 from __future__ import annotations
@@ -179,6 +186,8 @@ class HEHelper:
     masks and noise drawn here, and returns the reply array. It holds the weights only while
     it runs, and it ends with the offline phase (``close``) or with this process (its pipe
     closes). Enc_pk(0) inside it draws from SEAL's own OS-seeded PRNG, as in this process.
+    It is the model owner's own process (same host and user, a local pipe), so no party and
+    no network message is added: the security argument of ``overlapped`` is unchanged.
     """
 
     def __init__(self, params: HEParams, public_key: np.ndarray) -> None:
