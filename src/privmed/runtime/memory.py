@@ -6,7 +6,7 @@ such blocks back to the kernel when freed (``mmap`` above a dynamic threshold, h
 above another), so the next layer faults every page in again: 430 thousand page faults per
 DenseNet-121 image over the three roles. With large blocks taken from the heap and the heap
 never trimmed, the same session takes 130 thousand and about 10 % less CPU (measured on the
-2-core build machine, see ``docs/benchmarks.md``). The resident peak is unchanged (the blocks
+2-core build machine; README, "Measured figures"). The resident peak is unchanged (the blocks
 were in use at the peak anyway); the process keeps its peak until it exits.
 
 ``keep_freed_memory`` sets this in the running process (``mallopt``); ``MALLOC_ENV`` is the
