@@ -3,10 +3,10 @@
 A secure session allocates and frees the same few array sizes layer after layer (a ReLU layer
 of DenseNet-121 at 224x224 makes a dozen temporaries of up to 6.4 MB). glibc's defaults hand
 such blocks back to the kernel when freed (``mmap`` above a dynamic threshold, heap trimming
-above another), so the next layer faults every page in again: 430 thousand page faults per
-DenseNet-121 image over the three roles. With large blocks taken from the heap and the heap
-never trimmed, the same session takes 130 thousand and about 10 % less CPU (measured on the
-2-core build machine; README, "Measured figures"). The resident peak is unchanged (the blocks
+above another), so the next layer faults every page in again: 250-460 thousand page faults
+per DenseNet-121 image over the three roles. With large blocks taken from the heap and the
+heap never trimmed, the same session takes 115-160 thousand and 8-11 % less CPU (two A/B
+sittings on the 2-core build machine; README, "Measured figures"). The resident peak is unchanged (the blocks
 were in use at the peak anyway); the process keeps its peak until it exits.
 
 ``keep_freed_memory`` sets this in the running process (``mallopt``); ``MALLOC_ENV`` is the
