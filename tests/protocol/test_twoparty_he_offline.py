@@ -90,3 +90,43 @@ def test_bad_ciphertext_seen_by_the_worker_stops_both_parties_naming_the_layer(h
     text = str(err.value)
     assert "model-owner:" in text and "L1: input ciphertext 0" in text
     assert "data-owner:" in text
+
+
+def test_helper_process_ends_when_the_model_owner_is_killed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a model owner process with an idle helper, then SIGKILL (no clean-up runs)
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import os, time\n"
+        "from privmed.mpc.twoparty.seal_io import HEParams, SealIO\n"
+        "from privmed.mpc.twoparty.he_offline import HEHelper\n"
+        "if __name__ == '__main__':\n"
+        "    io = SealIO(HEParams())\n"
+        "    pk = io.s.PublicKey(); io.s.KeyGenerator(io.ctx).create_public_key(pk)\n"
+        "    helper = HEHelper(io.params, io.ct_array(pk.data()))\n"
+        "    print(helper._pool.submit(os.getpid).result(), flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None
+    child = int(owner.stdout.readline())
+
+    # Execute
+    owner.send_signal(signal.SIGKILL)
+    owner.wait(10)
+    deadline = time.monotonic() + 10
+
+    # Assert: the helper notices within its check interval and exits
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the helper outlived its killed model owner")

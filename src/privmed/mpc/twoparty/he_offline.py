@@ -48,8 +48,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +76,7 @@ from privmed.mpc.twoparty.seal_io import HEParams, SealIO
 from privmed.net.channel import Channel
 
 HELPER_MIN_PRODUCTS = 2000  # below this many HE products per batch a helper process costs more than it saves
+ORPHAN_CHECK_S = 1.0  # how often a helper checks that the model owner's process still exists
 
 
 @dataclass(frozen=True)
@@ -184,8 +187,8 @@ class HEHelper:
     SEAL context rebuilt from the public parameters and the data owner's public key; it gets
     each layer's public shapes, the data owner's ciphertexts, the lowered weights and the
     masks and noise drawn here, and returns the reply array. It holds the weights only while
-    it runs, and it ends with the offline phase (``close``) or with this process (its pipe
-    closes). Enc_pk(0) inside it draws from SEAL's own OS-seeded PRNG, as in this process.
+    it runs, and it ends with the offline phase (``close``) or, if this process is killed,
+    within ``ORPHAN_CHECK_S`` (it watches its parent: an idle pool worker would wait forever). Enc_pk(0) inside it draws from SEAL's own OS-seeded PRNG, as in this process.
     It is the model owner's own process (same host and user, a local pipe), so no party and
     no network message is added: the security argument of ``overlapped`` is unchanged.
     """
@@ -209,6 +212,14 @@ _HELPER_SESSION: dict[str, HESession] = {}
 
 
 def _helper_start(params: HEParams, public_key: np.ndarray) -> None:
+    parent = os.getppid()
+
+    def orphaned() -> None:  # the pool's pipe does not end an idle helper whose parent was killed
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=orphaned, name="he-helper-parent", daemon=True).start()
     io = SealIO(params)
     _HELPER_SESSION["he"] = HESession(io, False, io.s.Encryptor(io.ctx, io.public_key(public_key)), public_key=public_key)
 
