@@ -188,7 +188,8 @@ class HEHelper:
     each layer's public shapes, the data owner's ciphertexts, the lowered weights and the
     masks and noise drawn here, and returns the reply array. It holds the weights only while
     it runs, and it ends with the offline phase (``close``) or, if this process is killed,
-    within ``ORPHAN_CHECK_S`` (it watches its parent: an idle pool worker would wait forever). Enc_pk(0) inside it draws from SEAL's own OS-seeded PRNG, as in this process.
+    within ``ORPHAN_CHECK_S`` (it watches its parent: an idle pool worker would wait forever).
+    Enc_pk(0) inside it draws from SEAL's own OS-seeded PRNG, as in this process.
     It is the model owner's own process (same host and user, a local pipe), so no party and
     no network message is added: the security argument of ``overlapped`` is unchanged.
     """
