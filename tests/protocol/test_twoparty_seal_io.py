@@ -58,3 +58,18 @@ def test_zstd_frames_of_stored_blocks_are_read_and_others_refused() -> None:
     assert _zstd_stored(_frame([(2, b"\x00\x01", 2)])) is None
     assert _zstd_stored(_frame([(0, b"abc", 3)])[:-1]) is None
     assert _zstd_stored(b"\x00" * 12) is None
+
+
+def test_plaintext_read_at_chosen_coefficients_equals_the_full_read() -> None:
+    # Prepare: a plaintext SEAL stores with fewer than N coefficients (the top ones zero)
+    io = SealIO(HEParams(plain_bits=42))
+    coeffs = np.random.default_rng(2).integers(1, 1 << 42, 5000, dtype=U64)
+    pt = io.plaintext(coeffs)
+    where = np.array([0, 7, 4999, 5000, 8191])
+
+    # Execute
+    full, some = io.plain_coeffs(pt), io.plain_coeffs(pt, where)
+
+    # Assert: the chosen ones as the full read, every other coefficient zero
+    assert np.array_equal(full[:5000], coeffs) and not full[5000:].any()
+    assert np.array_equal(some[where], full[where]) and np.count_nonzero(some) == 3

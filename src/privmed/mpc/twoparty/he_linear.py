@@ -200,13 +200,14 @@ def recv_outputs(he: HESession, ch: Channel, layer: HELayer) -> np.ndarray:
     io.check_rns(replies, f"{layer.label}: reply ciphertexts")
     level = io.ctx.first_context_data().next_context_data().parms_id()
     out = np.empty((layer.n_out, n), dtype=U64)
+    where = np.sort(targets)
     for i in range(layer.n_out):
         data = np.zeros((2, k_top - 1, n), dtype=U64)
         data[0][:, targets] = replies[i, :, n:]  # other c0 coefficients only decrypt to unused slots
         data[1] = replies[i, :, :n]
         pt = io.s.Plaintext()
         he.decryptor.decrypt(io.ciphertext(data, level), pt)
-        out[i] = io.plain_coeffs(pt)
+        out[i] = io.plain_coeffs(pt, where)  # decode_output reads the targets only
     return layer.low.y_map(decode_output(layer.g, out))
 
 

@@ -164,12 +164,15 @@ class SealIO:
         body = struct.pack("<4QQd", 0, 0, 0, 0, coeffs.size, 1.0) + self._dynarray(coeffs)
         return self._load(self.s.Plaintext(), "pt", body)
 
-    def plain_coeffs(self, pt: Any) -> np.ndarray:
-        """The N coefficients of a plaintext (SEAL may store fewer: the rest are zero)."""
+    def plain_coeffs(self, pt: Any, where: np.ndarray | None = None) -> np.ndarray:
+        """The N coefficients of a plaintext (SEAL may store fewer: the rest are zero); with
+        ``where`` (sorted indices), only those are read and the others left zero: SEAL's
+        binding gives one coefficient per call, so a reply's T results cost T calls, not N."""
         out = np.zeros(self.params.n, dtype=U64)
         count = pt.coeff_count()
         arr = pt.dyn_array()
-        out[:count] = np.fromiter(map(arr.at, range(count)), dtype=U64, count=count)
+        idx = np.arange(count) if where is None else where[where < count]
+        out[idx] = np.fromiter(map(arr.at, idx.tolist()), dtype=U64, count=len(idx))
         return out
 
     def ct_array(self, ct: Any) -> np.ndarray:
