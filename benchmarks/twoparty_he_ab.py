@@ -34,7 +34,8 @@ from _paths import shown  # noqa: E402
 
 TWO_PARTY = ["src/privmed/mpc/twoparty", "src/privmed/runtime/twoparty.py", "src/privmed/runtime/twoparty_launch.py",
              "src/privmed/runtime/twoparty_precompute.py", "src/privmed/runtime/twoparty_store.py", "src/privmed/runtime/config.py",
-             "src/privmed/cli/infer.py", "src/privmed/cli/precompute.py", "src/privmed/engines.py"]  # fmt: skip
+             "src/privmed/cli/infer.py", "src/privmed/cli/precompute.py", "src/privmed/cli/validate.py", "src/privmed/cli/segment.py",
+             "src/privmed/evaluate/runner.py", "src/privmed/engines.py"]  # fmt: skip
 
 
 def _git(*args: str) -> str:
