@@ -298,6 +298,27 @@ def test_channel_scale_by_vector_cots_is_exact(x_shape: tuple[int, ...], w_len: 
     np.testing.assert_array_equal((y0 + y1) & ring, want)
 
 
+def test_channel_scale_key_expansion_is_fixed_key_aes_as_documented() -> None:
+    """``scale._expand``: block j of G(key) is pi(key ^ j) ^ key ^ j, pi = AES-128 under
+    SHA-256("privmed/scale/" + label)[:16], two words per block, reduced mod 2^l; one block
+    at a time with ``cryptography`` as the oracle."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from privmed.mpc.twoparty.scale import _expand
+
+    keys = np.random.default_rng(4).integers(0, 256, (3, 16), dtype=np.uint8)
+    pi = Cipher(algorithms.AES(hashlib.sha256(b"privmed/scale/L").digest()[:16]), modes.ECB()).encryptor()
+    want = np.zeros((3, 6), dtype=np.uint64)
+    for i, key in enumerate(keys):
+        for j in range(3):
+            x = key.view("<u8").copy()
+            x[0] ^= np.uint64(j)
+            want[i, 2 * j : 2 * j + 2] = np.frombuffer(pi.update(x.tobytes()), "<u8") ^ x
+    np.testing.assert_array_equal(_expand(keys, "L", 5, 42), want[:, :5] & np.uint64((1 << 42) - 1))
+
+
 def test_prelu_and_unfoldable_batchnorm_equal_the_reference(tmp_path: Path) -> None:
     """Private per-channel scales (PReLU slopes, a BatchNorm after a concat) go through vector
     COTs, not HE; within 64 ulp of the reference as the first test."""
