@@ -15,7 +15,7 @@ from tests.protocol.twoparty_harness import run_two
 
 pytest.importorskip("tenseal", reason="tenseal not installed: pip install 'privmed[twoparty]'")
 
-from privmed.mpc.twoparty.he_linear import he_layer, he_setup  # noqa: E402
+from privmed.mpc.twoparty.he_linear import he_layer, he_setup, recv_inputs  # noqa: E402
 from privmed.mpc.twoparty.he_offline import ModelOwnerLayer, overlapped  # noqa: E402
 from privmed.mpc.twoparty.seal_io import HEParams, SealIO  # noqa: E402
 
@@ -130,3 +130,67 @@ def test_helper_process_ends_when_the_model_owner_is_killed(tmp_path) -> None:  
         time.sleep(0.2)
     os.kill(child, signal.SIGKILL)
     raise AssertionError("the helper outlived its killed model owner")
+
+
+def _honest_and_lying(liar: str, lie):  # type: ignore[no-untyped-def]
+    """An honest party running ``overlapped`` against a peer that follows the protocol up to
+    ``lie(he, ch, layers, ot)``, where it sends something false instead."""
+    rng = np.random.default_rng(5)
+
+    def setup(ch, is_data_owner):  # type: ignore[no-untyped-def]
+        he = he_setup(SealIO(HEParams(plain_bits=BITS)), ch, is_data_owner)
+        ot = ot_setup(ch, "t", PRG.fresh(), is_data_owner)
+        return he, ot, [he_layer(he, f"L{i}", *spec) for i, spec in enumerate(LAYERS)]
+
+    def data_owner(ch):  # type: ignore[no-untyped-def]
+        he, ot, layers = setup(ch, True)
+        if liar == "data-owner":
+            return lie(he, ch, layers, ot)
+        masks = [rng.integers(0, 1 << BITS, x, dtype=U64) for _, _, x, _ in LAYERS]
+        return overlapped(he, ch, layers, lambda: random_ot_both(ot, "ot", np.ones(8, np.uint8), 8), masks=masks)
+
+    def model_owner(ch):  # type: ignore[no-untyped-def]
+        he, ot, layers = setup(ch, False)
+        if liar == "model-owner":
+            return lie(he, ch, layers, ot)
+        private = [ModelOwnerLayer(rng.integers(-127, 128, w, dtype=np.int64), 8, PRG.fresh().stream(f"he{i}"))
+                   for i, (_, _, _, w) in enumerate(LAYERS)]  # fmt: skip
+        return overlapped(he, ch, layers, lambda: random_ot_both(ot, "ot", np.ones(8, np.uint8), 8), private=private)
+
+    with pytest.raises(RuntimeError) as err:
+        run_two(data_owner, model_owner, timeout_s=30)
+    return str(err.value)
+
+
+def test_a_data_owner_announcing_oversized_ciphertexts_is_refused_before_they_are_received() -> None:
+    """The model owner bounds every announced length by what a ciphertext of its own parameters
+    can take (so the whole batch's inputs it holds are bounded by the plan) and refuses the
+    announcement, naming the layer, before it reads or allocates the blobs."""
+
+    def lie(he, ch, layers, ot):  # type: ignore[no-untyped-def]
+        ch.send("L0/he/len", np.full(layers[0].n_in, 1 << 40, dtype=U64))
+
+    text = _honest_and_lying("data-owner", lie)
+    assert "model-owner:" in text and "L0: expected ciphertext sizes up to" in text
+
+
+@pytest.mark.parametrize("lie_kind", ["one-reply-short", "unreduced"])
+def test_a_model_owner_lying_about_its_replies_is_refused_before_decryption(lie_kind: str) -> None:
+    """The data owner receives each layer's replies at the shape it computed from the public
+    layer (frame header checked) and refuses residues not reduced modulo the primes, before
+    anything is loaded into SEAL or combined with its key."""
+
+    def lie(he, ch, layers, ot):  # type: ignore[no-untyped-def]
+        for layer in layers:
+            recv_inputs(he, ch, layer)
+        random_ot_both(ot, "ot", np.ones(8, np.uint8), 8)
+        k, n, t = len(he.io.params.data_bits) - 1, he.io.params.n, len(layers[0].targets)
+        rows = layers[0].n_out - (1 if lie_kind == "one-reply-short" else 0)
+        ch.send("L0/he/y", np.full((rows, k, n + t), (1 << 62) if lie_kind == "unreduced" else 0, dtype=U64))
+
+    text = _honest_and_lying("model-owner", lie)
+    assert "data-owner:" in text
+    if lie_kind == "one-reply-short":
+        assert "unexpected message from model-owner: shape (0, 2, 8320), expected (1, 2, 8320)" in text
+    else:
+        assert "L0: reply ciphertexts: expected coefficients reduced modulo the RNS primes" in text
