@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 
 from privmed.compiler import calibrate, onnx_front
-from privmed.compiler.foldscale import drop_round_trips, fold_positive_scales, lift_concats, maxpool_before_relu, pool_before_pointwise_conv
+from privmed.compiler.foldscale import (
+    drop_round_trips,
+    fold_positive_scales,
+    lift_concats,
+    maxpool_before_relu,
+    pool_before_pointwise_conv,
+)
 from privmed.compiler.lower import check_supported
 from privmed.errors import ModelError
 from privmed.ir.check import PlanError, check_plan

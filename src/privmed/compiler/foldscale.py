@@ -33,6 +33,12 @@ def _consumers(nodes: list[Node]) -> dict[str, list[Node]]:
     return out
 
 
+def _rewire(readers: list[Node], old: str, new: str) -> None:
+    """Make ``readers`` read ``new`` wherever they read ``old``."""
+    for reader in readers:
+        reader.inputs = [new if i == old else i for i in reader.inputs]
+
+
 def _scalable(n: Node, channels: int) -> bool:
     """A linear layer whose input channel axis can absorb a per-channel factor."""
     if n.op != "linear" or len(n.inputs) != 1:
@@ -101,9 +107,8 @@ def drop_round_trips(nodes: list[Node], output: str) -> int:
         if tr.op != "trunc" or tr.attrs.get("shift_k") != 1 or by_id[tr.inputs[0]].scale != up.scale:
             continue
         src = tr.inputs[0]
-        for reader in cons[up.id]:
-            reader.inputs = [src if i == up.id else i for i in reader.inputs]
-            cons[src].append(reader)
+        _rewire(cons[up.id], up.id, src)
+        cons[src] += cons[up.id]
         cons[tr.id].remove(up)
         removed.add(up.id)
         if not cons[tr.id] and tr.id != output:
@@ -134,8 +139,7 @@ def maxpool_before_relu(nodes: list[Node], output: str) -> int:
         src = by_id[relu.inputs[0]]
         if src.scale != relu.scale + relu.attrs["shift_k"]:
             continue
-        for reader in cons[pool.id]:
-            reader.inputs = [relu.id if i == pool.id else i for i in reader.inputs]
+        _rewire(cons[pool.id], pool.id, relu.id)
         pool.inputs, pool.scale = [src.id], src.scale
         relu.inputs, relu.shape = [pool.id], list(pool.shape)
         nodes.remove(relu)
@@ -190,8 +194,7 @@ def lift_concats(nodes: list[Node], output: str) -> int:
         for reader in cons[cat.id]:
             if reader.id in lifted:
                 continue
-            for r2 in cons[reader.id]:
-                r2.inputs = [cat.id if i == reader.id else i for i in r2.inputs]
+            _rewire(cons[reader.id], reader.id, cat.id)
             removed.add(reader.id)
     nodes[:] = [n for n in nodes if n.id not in removed]
     return len(lifted)
@@ -230,8 +233,7 @@ def pool_before_pointwise_conv(nodes: list[Node], output: str) -> int:
         pool.inputs, pool.shape = [src.id], [src.shape[0], *spatial]
         tr.inputs, tr.shape = [pool.id], list(pool.shape)
         conv.inputs, conv.shape = [tr.id], [conv.shape[0], *spatial]
-        for reader in readers:
-            reader.inputs = [conv.id if i == pool.id else i for i in reader.inputs]
+        _rewire(readers, pool.id, conv.id)
         for n in (pool, tr, conv):
             nodes.remove(n)
         first_reader = min(nodes.index(r) for r in readers) if readers else len(nodes)

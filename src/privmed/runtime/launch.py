@@ -33,7 +33,7 @@ from privmed.compiler.lower import check_supported
 from privmed.crypto.certs import ephemeral_session
 from privmed.errors import InputError, PeerError, PrivmedError
 from privmed.runtime.config import Endpoint, write_config
-from privmed.runtime.memory import MALLOC_ENV, keep_freed_memory
+from privmed.runtime.memory import MALLOC_ENV
 from privmed.runtime.stats import SessionStats, merge_roles
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,6 @@ def run_with_children(
     # fighting over the cores (measured: 56 -> 34 CPU-seconds for DenseNet-121 on 2 cores)
     threads = os.environ.get("PRIVMED_BLAS_THREADS", "1")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, **MALLOC_ENV}
-    keep_freed_memory()  # this process runs the data owner
     procs = {
         role: subprocess.Popen(
             base + ["--role", role, "--stats", str(tmp / f"{role}.stats.json")] + options,

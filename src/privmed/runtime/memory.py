@@ -6,11 +6,15 @@ such blocks back to the kernel when freed (``mmap`` above a dynamic threshold, h
 above another), so the next layer faults every page in again: 250-460 thousand page faults
 per DenseNet-121 image over the three roles. With large blocks taken from the heap and the
 heap never trimmed, the same session takes 115-160 thousand and 8-11 % less CPU (two A/B
-sittings on the 2-core build machine; README, "Measured figures"). The resident peak is unchanged (the blocks
-were in use at the peak anyway); the process keeps its peak until it exits.
+sittings on the 2-core build machine; README, "Measured figures"). The resident peak is
+unchanged (the blocks were in use at the peak anyway); the process keeps its peak until it
+exits.
 
-``keep_freed_memory`` sets this in the running process (``mallopt``); ``MALLOC_ENV`` is the
-same for a child's environment. Elsewhere than glibc both do nothing.
+Each role's entry calls ``keep_freed_memory`` (``mallopt`` in the running process:
+``runtime.party.run_role``, ``runtime.twoparty_launch.run_role_2p``); a local session also
+gives its children ``MALLOC_ENV``, the same settings from their first allocation on (and for
+processes they spawn, such as the model owner's HE helper). Elsewhere than glibc both do
+nothing.
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ from privmed.runtime.config import (
     write_config,
 )
 from privmed.runtime.launch import SessionResult, check_input, model_owner_args, run_with_children
+from privmed.runtime.memory import keep_freed_memory
 from privmed.runtime.party import _await_hello, _channel, _hello, _listen, _resolve_port
 from privmed.runtime.twoparty import data_owner_2p, merge_two, model_owner_2p
 from privmed.runtime.twoparty_precompute import data_owner_precompute, model_owner_precompute
@@ -139,6 +140,7 @@ def run_role_2p(
     ``precompute`` N, a precompute session fills it (no input; the data owner's ``chunk`` is
     the batch size of a set, default 1) and returns (None, stats); without, batches use
     matching sets when the peer holds them too, else compute their offline phase inline."""
+    keep_freed_memory()  # as ``run_role`` (``privmed.runtime.memory``)
     if precompute is not None:
         if store is None:
             raise InputError("--precompute needs --store DIR (where this party keeps its part)")
